@@ -1,0 +1,75 @@
+# One entry point: install, protos, test, run, lint, bench. Everything installs from scratch.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+# Debian packages the runtimes need (none yet for the balancer and the storage layer).
+APT_PACKAGES ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help install apt protos check-protos test test-unit test-integration lint format run bench clean
+
+help:
+	@echo "make install   create $(VENV) and install every dependency (Python and Debian)"
+	@echo "make run       start the balancer on 127.0.0.1:50051 (Ctrl-C stops it)"
+	@echo "make test      install, check generated stubs, run every test"
+	@echo "make lint      ruff + mypy"
+	@echo "make protos    regenerate common/pb from protos/"
+	@echo "make bench     run the benchmarks and rewrite bench/RESULTS.md"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+protos: install
+	$(PY) protos/generate.py
+
+# CI fails when the committed stubs differ from what the .proto files generate.
+check-protos: protos
+	@if [ -n "$$(git status --porcelain -- common/pb)" ]; then \
+	  git status --short -- common/pb; git --no-pager diff --stat -- common/pb; \
+	  echo "generated stubs drifted from protos/: run 'make protos' and commit common/pb"; exit 1; \
+	fi
+
+test: install check-protos
+	$(BIN)/pytest -q tests/unit tests/integration tests/e2e
+
+test-unit: install
+	$(BIN)/pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/pytest -q tests/integration tests/e2e
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+run: install
+	$(BIN)/llmlb serve
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
