@@ -1,0 +1,181 @@
+"""Typed configuration, built once per process from flags > environment > ``~/.llmlb/.env`` > defaults.
+
+Every setting has one place here, with the environment variables that set it. ``--help`` of both
+CLIs and the README list the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+T = TypeVar("T")
+
+
+def llmlb_home(env: Mapping[str, str] | None = None) -> Path:
+    """``LLMLB_HOME`` or ``~/.llmlb``: where the .env file, the database and keys live by default."""
+    env = os.environ if env is None else env
+    return Path(env.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parses a dotenv file: ``KEY=value`` lines, ``#`` comments, optional ``export`` and quotes."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return values
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        if key:
+            values[key] = value
+    return values
+
+
+class Settings:
+    """Looks a setting up: a flag value first, then the process environment, then the .env file."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, env_file: Path | None = None) -> None:
+        self.env = dict(os.environ if env is None else env)
+        self.env_file = env_file if env_file is not None else llmlb_home(self.env) / ".env"
+        self.file_values = read_env_file(self.env_file)
+
+    def raw(self, *names: str) -> str | None:
+        for source in (self.env, self.file_values):
+            for name in names:
+                value = source.get(name)
+                if value not in (None, ""):
+                    return value
+        return None
+
+    def get(self, flag: T | None, names: tuple[str, ...], default: T, parse: Callable[[str], T]) -> T:
+        if flag is not None:
+            return flag
+        value = self.raw(*names)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{names[0]}={value!r}: {exc}") from None
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def normalize_origin(url: str) -> str:
+    """``scheme://host[:port]`` in lower case, the form origins are compared in."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"origin {url!r} is not an http(s) URL")
+    default_port = {"http": 80, "https": 443}[parts.scheme]
+    port = parts.port
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default_port else "")
+
+
+def parse_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise ValueError("expected host:port")
+    return f"{host or '0.0.0.0'}:{int(port)}"
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    """Everything the balancer process is told, resolved once at start."""
+
+    home: Path
+    grpc_listen: str = "127.0.0.1:50051"
+    database_url: str = ""
+    catalog_path: Path | None = None
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_token: str | None = None
+    allowed_origins: tuple[str, ...] = (DEFAULT_HF_ENDPOINT,)
+    origin_timeout_s: float = 30.0
+    heartbeat_interval_ms: int = 1000
+    heartbeat_timeout_ms: int = 3000
+    log_format: str = "console"
+    log_level: str = "info"
+
+    def origin_allowed(self, origin: str) -> bool:
+        try:
+            return normalize_origin(origin) in {normalize_origin(o) for o in self.allowed_origins}
+        except ValueError:
+            return False
+
+
+def load_balancer_config(
+    *,
+    grpc_listen: str | None = None,
+    database_url: str | None = None,
+    catalog_path: Path | None = None,
+    hf_endpoint: str | None = None,
+    allowed_origins: tuple[str, ...] | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> BalancerConfig:
+    """Builds the balancer's config: each argument is a CLI flag and wins over the environment."""
+    home = home or llmlb_home(env)
+    s = Settings(env, home / ".env")
+    endpoint = s.get(hf_endpoint, ("HF_ENDPOINT",), DEFAULT_HF_ENDPOINT, str).rstrip("/")
+    origins = s.get(allowed_origins, ("LLMLB_ALLOWED_ORIGINS",), (endpoint,), parse_list)
+    for origin in origins:
+        normalize_origin(origin)  # fail at start on a malformed allowlist entry, not at first use
+    fmt = s.get(log_format, ("LLMLB_LOG_FORMAT",), "console", str).lower()
+    if fmt not in ("console", "json"):
+        raise ValueError(f"LLMLB_LOG_FORMAT={fmt!r}: expected console or json")
+    return BalancerConfig(
+        home=home,
+        grpc_listen=s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen),
+        database_url=s.get(
+            database_url, ("LLMLB_DATABASE_URL",), f"sqlite+aiosqlite:///{home / 'llmlb.db'}", str
+        ),
+        catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), None, Path),
+        hf_endpoint=endpoint,
+        hf_token=s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        allowed_origins=origins,
+        origin_timeout_s=s.get(None, ("LLMLB_ORIGIN_TIMEOUT",), 30.0, float),
+        heartbeat_interval_ms=s.get(None, ("LLMLB_HEARTBEAT_INTERVAL_MS",), 1000, int),
+        heartbeat_timeout_ms=s.get(None, ("LLMLB_HEARTBEAT_TIMEOUT_MS",), 3000, int),
+        log_format=fmt,
+        log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
+    )
+
+
+def resolve_models_dir(flag: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """A node's models dir: ``--models-dir`` > ``XLLM_MODELS_DIR`` > ``LLM_MODELS_DIR`` > default.
+
+    The default is ``$LLMLB_HOME/models`` (``~/.llmlb/models``).
+    """
+    s = Settings(env)
+    default = llmlb_home(s.env) / "models"
+    return s.get(flag, ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), default, Path).expanduser()

@@ -1,0 +1,180 @@
+"""protobuf <-> internal types, in one place: servicers and clients call these and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.types import (
+    Backend,
+    Capability,
+    FileFormat,
+    GpuDevice,
+    ManifestFile,
+    Model,
+    ModelSource,
+    Node,
+    NodeState,
+)
+
+_FORMAT_TO_PB = {
+    FileFormat.GGUF: pb.FILE_FORMAT_GGUF,
+    FileFormat.SAFETENSORS: pb.FILE_FORMAT_SAFETENSORS,
+    FileFormat.METAL: pb.FILE_FORMAT_METAL,
+    FileFormat.ONNX: pb.FILE_FORMAT_ONNX,
+    FileFormat.WHISPER: pb.FILE_FORMAT_WHISPER,
+    FileFormat.CONFIG: pb.FILE_FORMAT_CONFIG,
+    FileFormat.OTHER: pb.FILE_FORMAT_OTHER,
+}
+_FORMAT_FROM_PB: dict[int, FileFormat] = {int(v): k for k, v in _FORMAT_TO_PB.items()}
+
+_BACKEND_TO_PB = {
+    Backend.CUDA: pb.BACKEND_CUDA,
+    Backend.METAL: pb.BACKEND_METAL,
+    Backend.CPU: pb.BACKEND_CPU,
+    Backend.ANY: pb.BACKEND_ANY,
+}
+_BACKEND_FROM_PB: dict[int, Backend] = {int(v): k for k, v in _BACKEND_TO_PB.items()}
+
+_CAPABILITY_TO_PB = {
+    Capability.CHAT: pb.CAPABILITY_CHAT,
+    Capability.COMPLETION: pb.CAPABILITY_COMPLETION,
+    Capability.EMBEDDING: pb.CAPABILITY_EMBEDDING,
+    Capability.TRANSCRIPTION: pb.CAPABILITY_TRANSCRIPTION,
+    Capability.SPEECH: pb.CAPABILITY_SPEECH,
+    Capability.IMAGE: pb.CAPABILITY_IMAGE,
+}
+_CAPABILITY_FROM_PB: dict[int, Capability] = {int(v): k for k, v in _CAPABILITY_TO_PB.items()}
+
+_NODE_STATE_TO_PB = {
+    NodeState.ONLINE: pb.NODE_STATE_ONLINE,
+    NodeState.OFFLINE: pb.NODE_STATE_OFFLINE,
+    NodeState.DRAINING: pb.NODE_STATE_DRAINING,
+}
+_NODE_STATE_FROM_PB: dict[int, NodeState] = {int(v): k for k, v in _NODE_STATE_TO_PB.items()}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def from_timestamp(ts: Timestamp, present: bool) -> datetime | None:
+    return ts.ToDatetime(tzinfo=UTC) if present else None
+
+
+def backend_to_pb(backend: Backend) -> pb.Backend.ValueType:
+    return _BACKEND_TO_PB[backend]
+
+
+def backend_from_pb(value: int) -> Backend | None:
+    return _BACKEND_FROM_PB.get(value)
+
+
+def capabilities_to_pb(caps: Iterable[Capability]) -> list[pb.Capability.ValueType]:
+    return [_CAPABILITY_TO_PB[c] for c in caps]
+
+
+def capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
+    return [_CAPABILITY_FROM_PB[v] for v in values if v in _CAPABILITY_FROM_PB]
+
+
+def manifest_file_to_pb(f: ManifestFile) -> pb.ManifestFile:
+    return pb.ManifestFile(
+        filename=f.filename,
+        format=_FORMAT_TO_PB[f.format],
+        size_bytes=f.size_bytes,
+        sha256=f.sha256,
+        backends=[_BACKEND_TO_PB[b] for b in f.backends],
+    )
+
+
+def manifest_file_from_pb(msg: pb.ManifestFile) -> ManifestFile:
+    return ManifestFile(
+        filename=msg.filename,
+        format=_FORMAT_FROM_PB.get(msg.format, FileFormat.OTHER),
+        size_bytes=msg.size_bytes,
+        sha256=msg.sha256,
+        backends=tuple(_BACKEND_FROM_PB[b] for b in msg.backends if b in _BACKEND_FROM_PB) or (Backend.ANY,),
+    )
+
+
+def manifest_to_pb(model: Model, backend: Backend | None = None) -> pb.ModelManifest:
+    """The manifest of ``model``; with ``backend``, only the files that backend needs."""
+    files = [f for f in model.files if backend is None or f.needed_by(backend)]
+    return pb.ModelManifest(
+        model_id=model.id,
+        repo=model.repo_id,
+        revision=model.revision,
+        origin=model.origin,
+        files=[manifest_file_to_pb(f) for f in files],
+        created_at=timestamp(model.created_at),
+    )
+
+
+def model_to_pb(model: Model) -> pb.Model:
+    return pb.Model(
+        id=model.id,
+        name=model.name,
+        source=model.source.value,
+        repo_id=model.repo_id,
+        capabilities=capabilities_to_pb(model.capabilities),
+        tags=model.tags,
+        required_vram_mb=model.required_vram_mb,
+        chat_template=model.chat_template,
+        manifest=manifest_to_pb(model),
+        from_catalog=model.from_catalog,
+        created_at=timestamp(model.created_at),
+        updated_at=timestamp(model.updated_at),
+    )
+
+
+def model_from_pb(msg: pb.Model) -> Model:
+    return Model(
+        id=msg.id,
+        name=msg.name,
+        source=ModelSource(msg.source) if msg.source in ModelSource.__members__.values() else ModelSource.HF,
+        repo_id=msg.repo_id,
+        revision=msg.manifest.revision,
+        origin=msg.manifest.origin,
+        files=[manifest_file_from_pb(f) for f in msg.manifest.files],
+        capabilities=capabilities_from_pb(msg.capabilities),
+        tags=list(msg.tags),
+        required_vram_mb=msg.required_vram_mb,
+        chat_template=msg.chat_template,
+        from_catalog=msg.from_catalog,
+        created_at=from_timestamp(msg.created_at, msg.HasField("created_at")),
+        updated_at=from_timestamp(msg.updated_at, msg.HasField("updated_at")),
+    )
+
+
+def gpu_to_pb(gpu: GpuDevice) -> pb.GpuDevice:
+    return pb.GpuDevice(
+        index=gpu.index, name=gpu.name, memory_total_mb=gpu.memory_total_mb, memory_free_mb=gpu.memory_free_mb
+    )
+
+
+def gpu_from_pb(msg: pb.GpuDevice) -> GpuDevice:
+    return GpuDevice(
+        index=msg.index, name=msg.name, memory_total_mb=msg.memory_total_mb, memory_free_mb=msg.memory_free_mb
+    )
+
+
+def node_to_pb(node: Node) -> pb.Node:
+    return pb.Node(
+        id=node.id,
+        address=node.address,
+        backends=[_BACKEND_TO_PB[b] for b in node.backends],
+        gpus=[gpu_to_pb(g) for g in node.gpus],
+        runtimes=node.runtimes,
+        version=node.version,
+        state=_NODE_STATE_TO_PB[node.state],
+        registered_at=timestamp(node.registered_at),
+        last_seen_at=timestamp(node.last_seen_at),
+    )

@@ -1,0 +1,92 @@
+"""The one error vocabulary: each code with its HTTP status, gRPC status and OpenAI error type.
+
+Nothing else invents error strings for clients: raise ``LlmlbError(ErrorCode.X, "message")`` and the
+gRPC servicers and the HTTP shim translate it through ``ERRORS``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_MODEL_ID = "invalid_model_id"
+    INVALID_REQUEST = "invalid_request"
+    MODEL_NOT_FOUND = "model_not_found"
+    NODE_NOT_FOUND = "node_not_found"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    ORIGIN_UNAUTHORIZED = "origin_unauthorized"
+    ORIGIN_UNREACHABLE = "origin_unreachable"
+    DOWNLOAD_FAILED = "download_failed"
+    INSUFFICIENT_STORAGE = "insufficient_storage"
+    NO_CAPABLE_NODES = "no_capable_nodes"
+    QUEUE_FULL = "queue_full"
+    TIMEOUT = "timeout"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    http_status: int
+    grpc_status: grpc.StatusCode
+    openai_type: str
+
+
+_S = grpc.StatusCode
+ERRORS: dict[ErrorCode, ErrorSpec] = {
+    ErrorCode.INVALID_MODEL_ID: ErrorSpec(400, _S.INVALID_ARGUMENT, "invalid_request_error"),
+    ErrorCode.INVALID_REQUEST: ErrorSpec(400, _S.INVALID_ARGUMENT, "invalid_request_error"),
+    ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.NODE_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.ORIGIN_NOT_ALLOWED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
+    ErrorCode.ORIGIN_UNAUTHORIZED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
+    ErrorCode.ORIGIN_UNREACHABLE: ErrorSpec(502, _S.UNAVAILABLE, "server_error"),
+    ErrorCode.DOWNLOAD_FAILED: ErrorSpec(502, _S.UNAVAILABLE, "server_error"),
+    ErrorCode.INSUFFICIENT_STORAGE: ErrorSpec(507, _S.RESOURCE_EXHAUSTED, "server_error"),
+    ErrorCode.NO_CAPABLE_NODES: ErrorSpec(503, _S.UNAVAILABLE, "server_error"),
+    ErrorCode.QUEUE_FULL: ErrorSpec(429, _S.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    ErrorCode.TIMEOUT: ErrorSpec(504, _S.DEADLINE_EXCEEDED, "timeout_error"),
+    ErrorCode.UNAUTHORIZED: ErrorSpec(401, _S.UNAUTHENTICATED, "authentication_error"),
+    ErrorCode.FORBIDDEN: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
+    ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, _S.RESOURCE_EXHAUSTED, "invalid_request_error"),
+    ErrorCode.CANCELLED: ErrorSpec(499, _S.CANCELLED, "invalid_request_error"),
+    ErrorCode.INTERNAL: ErrorSpec(500, _S.INTERNAL, "server_error"),
+}
+
+# gRPC trailing-metadata key that carries the stable machine code beside the status.
+GRPC_CODE_KEY = "llmlb-error-code"
+
+
+class LlmlbError(Exception):
+    """An error a client is meant to see: a stable code plus a human message."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return ERRORS[self.code]
+
+    def to_openai(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI error body: ``{"error": {"message", "type", "code", "param"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.spec.openai_type,
+                "code": self.code.value,
+                "param": None,
+            }
+        }
+
+    def __repr__(self) -> str:
+        return f"LlmlbError({self.code.value!r}, {self.message!r})"

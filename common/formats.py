@@ -1,0 +1,79 @@
+"""File format and backend classification of repository files, by name alone."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from common.errors import ErrorCode, LlmlbError
+from common.types import Backend, Capability, FileFormat
+
+# Files a repository carries for people, not runtimes; never part of a manifest.
+_DOC_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".html", ".pdf")
+_DOC_NAMES = {".gitattributes", ".gitignore", "license", "license.txt", "notice", "model_card"}
+_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".yaml", ".yml", ".jinja", ".vocab", ".merges")
+# Weight formats of other frameworks that no llmlb runtime loads; skipped to save node disk.
+_FOREIGN_WEIGHTS = (".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".tflite", ".mlmodel", ".npz")
+
+
+def classify(filename: str) -> FileFormat:
+    """The format of a repository file, decided by its name (see DESIGN.md's seed rules)."""
+    name = PurePosixPath(filename).name.lower()
+    if name.endswith(".metal.bin"):
+        return FileFormat.METAL
+    if name.endswith(".gguf"):
+        return FileFormat.GGUF
+    if name.endswith(".safetensors"):
+        return FileFormat.SAFETENSORS
+    if name.endswith(".onnx") or name.endswith(".onnx_data"):
+        return FileFormat.ONNX
+    if name == "model.bin" or (name.startswith("ggml-") and name.endswith(".bin")):
+        return FileFormat.WHISPER  # CTranslate2 whisper weights or ggml whisper weights
+    if name.endswith(_CONFIG_SUFFIXES):
+        return FileFormat.CONFIG
+    return FileFormat.OTHER
+
+
+def backends_for(fmt: FileFormat) -> tuple[Backend, ...]:
+    """Which node backends need a file of this format."""
+    if fmt is FileFormat.METAL:
+        return (Backend.METAL,)
+    return (Backend.ANY,)
+
+
+def is_manifest_file(filename: str) -> bool:
+    """False for documentation and foreign-framework weights, which nodes never need."""
+    path = PurePosixPath(filename)
+    name = path.name.lower()
+    if name in _DOC_NAMES or name.endswith(_DOC_SUFFIXES):
+        return False
+    if any(part.startswith(".") for part in path.parts):
+        return False
+    return not name.endswith(_FOREIGN_WEIGHTS)
+
+
+def capabilities_for(formats: set[FileFormat]) -> list[Capability]:
+    """Capabilities a model has by the formats of its files, when nobody said otherwise."""
+    if FileFormat.GGUF in formats:
+        return [Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDING]
+    if FileFormat.WHISPER in formats:
+        return [Capability.TRANSCRIPTION]
+    if FileFormat.ONNX in formats:
+        return [Capability.SPEECH]
+    if FileFormat.SAFETENSORS in formats or FileFormat.METAL in formats:
+        return [Capability.CHAT, Capability.COMPLETION]
+    return []
+
+
+def check_filename(filename: str) -> str:
+    """A manifest filename must be a relative '/'-path with no '..' or empty segment."""
+    path = PurePosixPath(filename)
+    if (
+        not filename
+        or filename.startswith("/")
+        or "\\" in filename
+        or "\x00" in filename
+        or any(part in ("..", ".", "") for part in filename.split("/"))
+        or path.is_absolute()
+    ):
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"bad file name {filename[:120]!r}")
+    return filename

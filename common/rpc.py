@@ -1,0 +1,106 @@
+"""gRPC plumbing shared by both processes: error mapping on the server side and on the client side."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import grpc
+import grpc.aio
+import structlog
+
+from common.errors import ERRORS, GRPC_CODE_KEY, ErrorCode, LlmlbError
+
+log = structlog.get_logger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Messages up to 64 MiB: transcription uploads and image edits travel in one request.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: LlmlbError) -> None:
+    """Ends the RPC with the error's gRPC status and its machine code in trailing metadata."""
+    await context.abort(
+        error.spec.grpc_status, error.message, trailing_metadata=((GRPC_CODE_KEY, error.code.value),)
+    )
+
+
+async def _unexpected(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: Exception) -> None:
+    log.exception("rpc.failed", rpc=name, error=repr(exc))
+    await abort_with(context, LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
+
+
+def rpc_errors(fn: F) -> F:
+    """Maps ``LlmlbError`` (and anything unexpected) raised by a servicer method to a gRPC status.
+
+    Works for unary and streaming handlers alike; clients never see a Python traceback.
+    """
+    name = fn.__name__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except LlmlbError as exc:
+                await abort_with(context, exc)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _unexpected(context, name, exc)
+
+        return cast(F, stream_wrapper)
+
+    @functools.wraps(fn)
+    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await fn(self, request, context)
+        except LlmlbError as exc:
+            await abort_with(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _unexpected(context, name, exc)
+
+    return cast(F, unary_wrapper)
+
+
+_BY_STATUS: dict[grpc.StatusCode, ErrorCode] = {}
+for _code, _spec in ERRORS.items():
+    _BY_STATUS.setdefault(_spec.grpc_status, _code)
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> LlmlbError:
+    """The ``LlmlbError`` a failed call carries, for clients of llmlb's own services."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    metadata = cast(Sequence[tuple[str, str | bytes]], (trailing() if callable(trailing) else None) or ())
+    code_value = ""
+    for key, value in metadata:
+        if key == GRPC_CODE_KEY:
+            code_value = value if isinstance(value, str) else value.decode()
+    status = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    try:
+        code = ErrorCode(code_value)
+    except ValueError:
+        code = _BY_STATUS.get(status, ErrorCode.INTERNAL)
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return LlmlbError(code, details or status.name.lower())

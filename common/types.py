@@ -1,0 +1,153 @@
+"""Internal types shared by the balancer and the nodes.
+
+Plain dataclasses: protobuf lives only in the servicers' converters, pydantic only in the HTTP shim.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class FileFormat(enum.StrEnum):
+    """What a manifest file is, decided by its name (see ``common.formats``)."""
+
+    GGUF = "gguf"
+    SAFETENSORS = "safetensors"
+    METAL = "metal"
+    ONNX = "onnx"
+    WHISPER = "whisper"
+    CONFIG = "config"
+    OTHER = "other"
+
+
+class Backend(enum.StrEnum):
+    """A compute backend a node offers, and that a manifest file may be needed by."""
+
+    CUDA = "cuda"
+    METAL = "metal"
+    CPU = "cpu"
+    ANY = "any"
+
+
+class Capability(enum.StrEnum):
+    """What a model can be asked to do; routing picks nodes by these."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TRANSCRIPTION = "transcription"
+    SPEECH = "speech"
+    IMAGE = "image"
+
+
+class ModelSource(enum.StrEnum):
+    """Where a model's files originally come from."""
+
+    HF = "hf"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFile:
+    """One file of a model, as the balancer pins it."""
+
+    filename: str
+    format: FileFormat
+    size_bytes: int
+    sha256: str = ""  # empty when the origin does not publish it (small non-LFS files)
+    backends: tuple[Backend, ...] = (Backend.ANY,)
+
+    def needed_by(self, backend: Backend) -> bool:
+        """True when a node running ``backend`` must hold this file."""
+        return Backend.ANY in self.backends or backend in self.backends
+
+
+@dataclass(slots=True)
+class Model:
+    """A catalogue entry with its manifest: everything the balancer knows of one model."""
+
+    id: str
+    name: str
+    source: ModelSource
+    repo_id: str
+    revision: str  # pinned commit sha; empty for a catalogue entry not yet pinned at an origin
+    origin: str  # base URL of the origin the files come from (e.g. https://huggingface.co)
+    files: list[ManifestFile] = field(default_factory=list)
+    capabilities: list[Capability] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    required_vram_mb: int = 0
+    chat_template: str = ""
+    from_catalog: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+
+class NodeState(enum.StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    index: int
+    name: str
+    memory_total_mb: int
+    memory_free_mb: int = 0
+
+
+@dataclass(slots=True)
+class Node:
+    """A node as the balancer records it."""
+
+    id: str
+    address: str
+    backends: list[Backend] = field(default_factory=list)
+    gpus: list[GpuDevice] = field(default_factory=list)
+    runtimes: list[str] = field(default_factory=list)
+    version: str = ""
+    state: NodeState = NodeState.OFFLINE
+    registered_at: datetime | None = None
+    last_seen_at: datetime | None = None
+
+
+class CommandKind(enum.StrEnum):
+    DELETE_MODEL = "delete_model"
+    PREFETCH = "prefetch"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCommand:
+    """A durable instruction for one node; cleared when the node acknowledges it."""
+
+    id: int
+    node_id: str
+    kind: CommandKind
+    model_id: str
+    created_at: datetime | None = None
+
+
+class Scope(enum.StrEnum):
+    API = "api"
+    NODE = "node"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored: only the hash of the secret is kept."""
+
+    id: str
+    name: str
+    prefix: str  # first characters of the secret, shown to operators to tell keys apart
+    secret_hash: str
+    scopes: tuple[Scope, ...]
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None

@@ -1,0 +1,66 @@
+"""Configuration precedence: flags > environment > ~/.llmlb/.env > defaults."""
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_balancer_config, normalize_origin, read_env_file, resolve_models_dir
+
+
+def test_defaults_live_under_home(tmp_path: Path) -> None:
+    cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path)})
+    assert cfg.home == tmp_path
+    assert cfg.database_url == f"sqlite+aiosqlite:///{tmp_path / 'llmlb.db'}"
+    assert cfg.grpc_listen == "127.0.0.1:50051"
+    assert cfg.hf_endpoint == "https://huggingface.co"
+    assert cfg.allowed_origins == ("https://huggingface.co",)
+    assert cfg.hf_token is None
+
+
+def test_flag_beats_env_beats_env_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "# comment\nexport LLMLB_GRPC_LISTEN=127.0.0.1:1111\nHF_TOKEN='from-file'\nLLMLB_LOG_LEVEL=debug\n"
+    )
+    env = {"LLMLB_HOME": str(tmp_path), "LLMLB_GRPC_LISTEN": "127.0.0.1:2222"}
+    assert load_balancer_config(env=env).grpc_listen == "127.0.0.1:2222"
+    assert load_balancer_config(env=env, grpc_listen="127.0.0.1:3333").grpc_listen == "127.0.0.1:3333"
+    cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path)})
+    assert cfg.grpc_listen == "127.0.0.1:1111"
+    assert cfg.hf_token == "from-file"
+    assert cfg.log_level == "debug"
+
+
+def test_allowlist_defaults_to_the_hf_endpoint(tmp_path: Path) -> None:
+    cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9/"})
+    assert cfg.hf_endpoint == "http://127.0.0.1:9"
+    assert cfg.origin_allowed("http://127.0.0.1:9")
+    assert not cfg.origin_allowed("https://huggingface.co")
+
+
+def test_bad_values_fail_at_start_with_the_variable_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="LLMLB_GRPC_LISTEN"):
+        load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_GRPC_LISTEN": "nope"})
+    with pytest.raises(ValueError, match="not an http"):
+        load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_ALLOWED_ORIGINS": "ftp://x"})
+
+
+def test_origins_compare_in_normal_form() -> None:
+    assert normalize_origin("HTTPS://HuggingFace.co:443/") == "https://huggingface.co"
+    assert normalize_origin("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080"
+
+
+def test_models_dir_precedence(tmp_path: Path) -> None:
+    env = {"LLMLB_HOME": str(tmp_path / "home")}
+    assert resolve_models_dir(env=env) == tmp_path / "home" / "models"
+    env["LLM_MODELS_DIR"] = str(tmp_path / "compat")
+    assert resolve_models_dir(env=env) == tmp_path / "compat"
+    env["XLLM_MODELS_DIR"] = str(tmp_path / "xllm")
+    assert resolve_models_dir(env=env) == tmp_path / "xllm"
+    assert resolve_models_dir(tmp_path / "flag", env=env) == tmp_path / "flag"
+
+
+def test_env_file_parsing(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text('A=1\nB="two words"\nC=3 # trailing\n=skip\nnoequals\n')
+    assert read_env_file(path) == {"A": "1", "B": "two words", "C": "3"}
+    assert read_env_file(tmp_path / "missing") == {}
