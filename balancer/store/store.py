@@ -1,0 +1,337 @@
+"""The balancer's metadata store: catalogue and manifests, nodes, durable node commands, API keys.
+
+Transport-neutral and async. It takes and returns only the dataclasses of ``common.types``; rows of
+``balancer.store.tables`` never leave this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from balancer.migrations import upgrade_to_head
+from balancer.store import converters
+from balancer.store.engine import is_memory_sqlite, is_sqlite, make_async_engine, make_sync_engine
+from balancer.store.tables import ApiKeyRow, ManifestFileRow, ModelRow, NodeCommandRow, NodeRow
+from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
+
+log = structlog.get_logger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _migrate(url: URL) -> str | None:
+    """Create the database's directory and migrate it to head (blocking; runs in a worker thread)."""
+    if is_sqlite(url) and url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = make_sync_engine(url)
+    try:
+        # One transaction: a failed migration leaves the schema as it was.
+        with engine.begin() as connection:
+            return upgrade_to_head(connection)
+    finally:
+        engine.dispose()
+
+
+class Store:
+    """Async access to the balancer's metadata. Build it with :meth:`open`; :meth:`close` it at exit."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # One writer at a time (SQLite's own rule), so read-then-write steps in a transaction are atomic.
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        """Open the store at ``url`` (e.g. ``sqlite+aiosqlite:////abs/path/llmlb.db``).
+
+        Creates the file's parent directories and migrates the schema to the newest revision first.
+        In-memory SQLite is refused: the migration and the store would each see a different database.
+        """
+        parsed = make_url(url)
+        if is_memory_sqlite(parsed):
+            raise ValueError("an in-memory SQLite store is not supported; give a file path")
+        revision = await asyncio.to_thread(_migrate, parsed)
+        log.info("store.migrated", url=parsed.render_as_string(hide_password=True), revision=revision)
+        return cls(make_async_engine(parsed))
+
+    async def close(self) -> None:
+        """Close every connection; the store is unusable afterwards."""
+        await self._engine.dispose()
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        """A session whose transaction commits on exit and rolls back on an exception."""
+        async with self._write_lock, self._sessions.begin() as session:
+            yield session
+
+    # models
+
+    async def _model_files(self, session: AsyncSession, model_id: str) -> list[ManifestFileRow]:
+        query = select(ManifestFileRow).where(ManifestFileRow.model_id == model_id)
+        return list(await session.scalars(query.order_by(ManifestFileRow.position)))
+
+    async def upsert_model(self, model: Model) -> Model:
+        """Insert ``model`` or replace its fields and its whole file list, in one transaction.
+
+        An existing model keeps its ``created_at``; a tombstoned one comes back as a new registration.
+        Returns the model as stored.
+        """
+        now = _now()
+        async with self._writing() as session:
+            row = await session.get(ModelRow, model.id)
+            if row is None:
+                row = ModelRow(id=model.id, created_at=converters.optional_utc(model.created_at) or now)
+                session.add(row)
+            elif row.deleted_at is not None:
+                row.created_at = now
+            converters.fill_model_row(row, model)
+            row.deleted_at = None
+            row.updated_at = now
+            await session.flush()  # the model row must exist before its files reference it
+            await session.execute(delete(ManifestFileRow).where(ManifestFileRow.model_id == model.id))
+            files = converters.file_rows(model.id, model.files)
+            session.add_all(files)
+            await session.flush()
+            return converters.model(row, files)
+
+    async def get_model(self, model_id: str) -> Model | None:
+        """The live model ``model_id`` with its files in manifest order; None if unknown or deleted."""
+        async with self._reading() as session:
+            row = await session.get(ModelRow, model_id)
+            if row is None or row.deleted_at is not None:
+                return None
+            return converters.model(row, await self._model_files(session, model_id))
+
+    async def list_models(self) -> list[Model]:
+        """Every live model, sorted by id."""
+        async with self._reading() as session:
+            rows = list(
+                await session.scalars(
+                    select(ModelRow).where(ModelRow.deleted_at.is_(None)).order_by(ModelRow.id)
+                )
+            )
+            files: dict[str, list[ManifestFileRow]] = {row.id: [] for row in rows}
+            query = (
+                select(ManifestFileRow)
+                .join(ModelRow, ModelRow.id == ManifestFileRow.model_id)
+                .where(ModelRow.deleted_at.is_(None))
+                .order_by(ManifestFileRow.model_id, ManifestFileRow.position)
+            )
+            for file in await session.scalars(query):
+                files[file.model_id].append(file)
+            return [converters.model(row, files[row.id]) for row in rows]
+
+    async def delete_model(self, model_id: str) -> bool:
+        """Delete a live model and tell every known node to drop its copy; False if there is none.
+
+        Tombstones the row, removes its files and queues one DELETE_MODEL command per node, all in one
+        transaction, so a crash right after leaves either everything or nothing done.
+        """
+        now = _now()
+        async with self._writing() as session:
+            row = await session.get(ModelRow, model_id)
+            if row is None or row.deleted_at is not None:
+                return False
+            row.deleted_at = now
+            row.updated_at = now
+            await session.execute(delete(ManifestFileRow).where(ManifestFileRow.model_id == model_id))
+            node_ids = list(await session.scalars(select(NodeRow.id).order_by(NodeRow.id)))
+            session.add_all(
+                NodeCommandRow(
+                    node_id=node_id, kind=CommandKind.DELETE_MODEL.value, model_id=model_id, created_at=now
+                )
+                for node_id in node_ids
+            )
+        log.info("store.model_deleted", model_id=model_id, nodes_notified=len(node_ids))
+        return True
+
+    async def seed_catalog(self, models: Sequence[Model]) -> list[str]:
+        """Insert the catalogue models whose id was never stored (live or deleted); return their ids.
+
+        Never overwrites: a model registered at run time, or deleted by an operator, stays as it is.
+        Seeded models are marked ``from_catalog``.
+        """
+        now = _now()
+        new: dict[str, Model] = {}
+        async with self._writing() as session:
+            known = set(await session.scalars(select(ModelRow.id)))
+            for model in models:
+                if model.id in known or model.id in new:
+                    continue
+                new[model.id] = model
+                row = ModelRow(id=model.id, created_at=now, updated_at=now, deleted_at=None)
+                converters.fill_model_row(row, model)
+                row.from_catalog = True
+                session.add(row)
+            await session.flush()  # the model rows must exist before their files reference them
+            for model in new.values():
+                session.add_all(converters.file_rows(model.id, model.files))
+        inserted = list(new)
+        if inserted:
+            log.info("store.catalog_seeded", models=len(inserted))
+        return inserted
+
+    # nodes
+
+    async def upsert_node(self, node: Node) -> Node:
+        """Insert or update ``node``; an existing node keeps its ``registered_at``.
+
+        ``last_seen_at`` defaults to now: registering is contact. Returns the node as stored.
+        """
+        now = _now()
+        async with self._writing() as session:
+            row = await session.get(NodeRow, node.id)
+            if row is None:
+                row = NodeRow(id=node.id, registered_at=converters.optional_utc(node.registered_at) or now)
+                session.add(row)
+            converters.fill_node_row(row, node)
+            row.last_seen_at = converters.optional_utc(node.last_seen_at) or now
+            await session.flush()
+            return converters.node(row)
+
+    async def get_node(self, node_id: str) -> Node | None:
+        """The node ``node_id``, or None if it is unknown."""
+        async with self._reading() as session:
+            row = await session.get(NodeRow, node_id)
+            return None if row is None else converters.node(row)
+
+    async def list_nodes(self) -> list[Node]:
+        """Every known node, sorted by id."""
+        async with self._reading() as session:
+            return [
+                converters.node(row) for row in await session.scalars(select(NodeRow).order_by(NodeRow.id))
+            ]
+
+    async def set_node_state(
+        self, node_id: str, state: NodeState, *, seen_at: datetime | None = None
+    ) -> None:
+        """Record a node's state (and when it was last heard from); an unknown node is ignored."""
+        values: dict[str, object] = {"state": state.value}
+        if seen_at is not None:
+            values["last_seen_at"] = converters.utc(seen_at)
+        async with self._writing() as session:
+            await session.execute(update(NodeRow).where(NodeRow.id == node_id).values(values))
+
+    async def remove_node(self, node_id: str) -> bool:
+        """Forget a node and its pending commands; False if it was unknown."""
+        async with self._writing() as session:
+            # Explicit, so it holds where the database does not enforce ON DELETE CASCADE.
+            await session.execute(delete(NodeCommandRow).where(NodeCommandRow.node_id == node_id))
+            removed = await session.execute(
+                delete(NodeRow).where(NodeRow.id == node_id).returning(NodeRow.id)
+            )
+            found = removed.first() is not None
+        if found:
+            log.info("store.node_removed", node_id=node_id)
+        return found
+
+    # durable node commands
+
+    async def add_command(self, node_id: str, kind: CommandKind, model_id: str) -> NodeCommand:
+        """Queue a command for a node until it acknowledges it. Raises KeyError for an unknown node."""
+        async with self._writing() as session:
+            if await session.get(NodeRow, node_id) is None:
+                raise KeyError(node_id)
+            row = NodeCommandRow(node_id=node_id, kind=kind.value, model_id=model_id, created_at=_now())
+            session.add(row)
+            await session.flush()
+            return converters.command(row)
+
+    async def pending_commands(self, node_id: str) -> list[NodeCommand]:
+        """The commands a node has not acknowledged yet, oldest first."""
+        query = select(NodeCommandRow).where(NodeCommandRow.node_id == node_id).order_by(NodeCommandRow.id)
+        async with self._reading() as session:
+            return [converters.command(row) for row in await session.scalars(query)]
+
+    async def ack_command(self, command_id: int) -> bool:
+        """Clear a command its node has carried out; False if there is no such pending command."""
+        async with self._writing() as session:
+            removed = await session.execute(
+                delete(NodeCommandRow).where(NodeCommandRow.id == command_id).returning(NodeCommandRow.id)
+            )
+            return removed.first() is not None
+
+    # api keys
+
+    async def add_key(self, key: ApiKey) -> ApiKey:
+        """Store a new key; ``created_at`` defaults to now. Raises ValueError if its id or hash exists."""
+        async with self._writing() as session:
+            clash = await session.scalar(
+                select(func.count())
+                .select_from(ApiKeyRow)
+                .where((ApiKeyRow.id == key.id) | (ApiKeyRow.secret_hash == key.secret_hash))
+            )
+            if clash:
+                raise ValueError(f"an API key with id {key.id!r} or the same secret is already stored")
+            row = converters.api_key_row(key, created_at=converters.optional_utc(key.created_at) or _now())
+            session.add(row)
+            await session.flush()
+            return converters.api_key(row)
+
+    async def find_key(self, secret_hash: str) -> ApiKey | None:
+        """The key whose secret hashes to ``secret_hash``, revoked or not (the caller decides)."""
+        async with self._reading() as session:
+            row = await session.scalar(select(ApiKeyRow).where(ApiKeyRow.secret_hash == secret_hash))
+            return None if row is None else converters.api_key(row)
+
+    async def list_keys(self) -> list[ApiKey]:
+        """Every key, revoked ones included, oldest first."""
+        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+        async with self._reading() as session:
+            return [converters.api_key(row) for row in await session.scalars(query)]
+
+    async def revoke_key(self, key_id_or_prefix: str) -> bool:
+        """Revoke the live key with this id, else the one live key with this prefix.
+
+        False when no live key matches. Raises ValueError when a prefix matches several live keys, so
+        an operator never revokes more than the one key they meant.
+        """
+        async with self._writing() as session:
+            row = await session.get(ApiKeyRow, key_id_or_prefix)
+            if row is None:
+                matches = list(
+                    await session.scalars(
+                        select(ApiKeyRow).where(
+                            ApiKeyRow.prefix == key_id_or_prefix, ApiKeyRow.revoked_at.is_(None)
+                        )
+                    )
+                )
+                if len(matches) > 1:
+                    raise ValueError(
+                        f"prefix {key_id_or_prefix!r} matches {len(matches)} keys; give the key id"
+                    )
+                row = matches[0] if matches else None
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = _now()
+        log.info("store.key_revoked", key_id=row.id)
+        return True
+
+    async def touch_key(self, key_id: str, at: datetime) -> None:
+        """Record that a key was used at ``at``; an unknown key is ignored."""
+        async with self._writing() as session:
+            await session.execute(
+                update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=converters.utc(at))
+            )
+
+    async def count_keys(self) -> int:
+        """How many keys were ever stored, revoked ones included."""
+        async with self._reading() as session:
+            return int(await session.scalar(select(func.count()).select_from(ApiKeyRow)) or 0)

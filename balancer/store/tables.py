@@ -1,0 +1,143 @@
+"""Tables of the balancer's metadata store.
+
+Only ``balancer.store`` touches these rows; everything else sees the dataclasses of ``common.types``.
+Every change here needs a matching revision under ``balancer/migrations/versions`` (a unit test fails
+on any drift).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Deterministic constraint names, so migrations can name (and later alter) every constraint.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp; SQLite keeps no zone, so there it is stored as naive UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: the store keeps timezone-aware UTC times only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ModelRow(Base):
+    """A catalogue entry; ``deleted_at`` marks a tombstone so a deleted catalogue model is not re-seeded."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    source: Mapped[str] = mapped_column(String(16))
+    repo_id: Mapped[str] = mapped_column(String(256))
+    revision: Mapped[str] = mapped_column(String(256))
+    origin: Mapped[str] = mapped_column(String(2048))
+    capabilities: Mapped[list[str]] = mapped_column(JSON)
+    tags: Mapped[list[str]] = mapped_column(JSON)
+    required_vram_mb: Mapped[int] = mapped_column(Integer)
+    chat_template: Mapped[str] = mapped_column(Text)
+    from_catalog: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class ManifestFileRow(Base):
+    """One file of a model's manifest; ``position`` keeps the manifest's order."""
+
+    __tablename__ = "manifest_files"
+    __table_args__ = (UniqueConstraint("model_id", "filename"),)
+
+    model_id: Mapped[str] = mapped_column(
+        String(256), ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    filename: Mapped[str] = mapped_column(String(1024))
+    format: Mapped[str] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    backends: Mapped[list[str]] = mapped_column(JSON)
+
+
+class NodeRow(Base):
+    """A node of the fleet as last registered."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    address: Mapped[str] = mapped_column(String(512))
+    backends: Mapped[list[str]] = mapped_column(JSON)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    runtimes: Mapped[list[str]] = mapped_column(JSON)
+    version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class NodeCommandRow(Base):
+    """A command waiting for a node's acknowledgement; the row is deleted when acknowledged."""
+
+    __tablename__ = "node_commands"
+    # AUTOINCREMENT: an acknowledged command's id is never handed to a new command.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(String(256), ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    model_id: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ApiKeyRow(Base):
+    """An API key; only the hash of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    prefix: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(256), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -1,0 +1,455 @@
+"""The balancer's metadata store, on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Column, Integer, MetaData, create_engine
+
+from balancer.migrations import head_revision
+from balancer.store import Store
+from balancer.store.tables import Base
+from common.types import (
+    ApiKey,
+    Backend,
+    Capability,
+    CommandKind,
+    FileFormat,
+    GpuDevice,
+    ManifestFile,
+    Model,
+    ModelSource,
+    Node,
+    NodeState,
+    Scope,
+)
+
+
+def db_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "llmlb.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url(db_path))
+    yield opened
+    await opened.close()
+
+
+def make_model(model_id: str = "org/tiny-gguf", **changes: Any) -> Model:
+    model = Model(
+        id=model_id,
+        name="Tiny",
+        source=ModelSource.HF,
+        repo_id="org/tiny",
+        revision="0123456789abcdef",
+        origin="https://huggingface.co",
+        # Deliberately not alphabetical: the manifest's order must survive.
+        files=[
+            ManifestFile("tiny.gguf", FileFormat.GGUF, 1_000, "a" * 64, (Backend.CUDA, Backend.CPU)),
+            ManifestFile("config.json", FileFormat.CONFIG, 20),
+            ManifestFile("tiny.metal.bin", FileFormat.METAL, 5_000_000_000, "b" * 64, (Backend.METAL,)),
+        ],
+        capabilities=[Capability.CHAT, Capability.COMPLETION],
+        tags=["small", "test"],
+        required_vram_mb=512,
+        chat_template="{{ messages }}",
+    )
+    return dataclasses.replace(model, **changes)
+
+
+def make_node(node_id: str = "node-a", **changes: Any) -> Node:
+    node = Node(
+        id=node_id,
+        address="127.0.0.1:50051",
+        backends=[Backend.CUDA, Backend.CPU],
+        gpus=[GpuDevice(0, "NVIDIA H100", 81_559, 80_000)],
+        runtimes=["llama.cpp", "whisper"],
+        version="0.1.0",
+        state=NodeState.ONLINE,
+    )
+    return dataclasses.replace(node, **changes)
+
+
+def make_key(key_id: str = "key-1", prefix: str = "llmlb_ab", secret_hash: str = "hash-1") -> ApiKey:
+    return ApiKey(
+        id=key_id, name="ci", prefix=prefix, secret_hash=secret_hash, scopes=(Scope.API, Scope.ADMIN)
+    )
+
+
+def without_times(model: Model) -> Model:
+    return dataclasses.replace(model, created_at=None, updated_at=None)
+
+
+# models
+
+
+async def test_model_round_trips_with_files_in_order_and_enums(store: Store) -> None:
+    model = make_model()
+
+    stored = await store.upsert_model(model)
+    fetched = await store.get_model(model.id)
+
+    assert fetched is not None
+    assert without_times(fetched) == model
+    assert fetched == stored
+    assert [f.filename for f in fetched.files] == ["tiny.gguf", "config.json", "tiny.metal.bin"]
+    assert type(fetched.source) is ModelSource
+    assert all(type(c) is Capability for c in fetched.capabilities)
+    assert fetched.files[0].backends == (Backend.CUDA, Backend.CPU)
+    assert all(type(b) is Backend for f in fetched.files for b in f.backends)
+    assert fetched.files[2].size_bytes == 5_000_000_000
+    assert fetched.total_bytes == 5_000_001_020
+
+
+async def test_timestamps_come_back_timezone_aware_utc(store: Store) -> None:
+    before = datetime.now(UTC)
+    stored = await store.upsert_model(make_model())
+    fetched = await store.get_model(stored.id)
+
+    assert fetched is not None and fetched.created_at is not None and fetched.updated_at is not None
+    assert fetched.created_at.tzinfo is UTC
+    assert before <= fetched.created_at <= datetime.now(UTC)
+
+
+async def test_upsert_replaces_files_and_fields_but_keeps_created_at(store: Store) -> None:
+    first = await store.upsert_model(make_model())
+    replacement = make_model(
+        name="Tiny v2",
+        revision="fedcba9876543210",
+        files=[ManifestFile("tiny-q8.gguf", FileFormat.GGUF, 2_000, "c" * 64)],
+        capabilities=[Capability.EMBEDDING],
+    )
+
+    second = await store.upsert_model(replacement)
+    fetched = await store.get_model(replacement.id)
+
+    assert fetched is not None
+    assert without_times(fetched) == replacement
+    assert [f.filename for f in fetched.files] == ["tiny-q8.gguf"]
+    assert fetched.created_at == first.created_at
+    assert first.updated_at is not None and second.updated_at is not None
+    assert second.updated_at >= first.updated_at
+
+
+async def test_concurrent_registrations_of_one_model_store_it_once(store: Store) -> None:
+    results = await asyncio.gather(*(store.upsert_model(make_model(name=f"v{i}")) for i in range(10)))
+
+    models = await store.list_models()
+    assert len(models) == 1
+    assert models[0].name in {r.name for r in results}
+    assert {r.created_at for r in results} == {models[0].created_at}
+    assert [f.filename for f in models[0].files] == ["tiny.gguf", "config.json", "tiny.metal.bin"]
+
+
+async def test_list_models_is_sorted_by_id_and_each_has_its_own_files(store: Store) -> None:
+    await store.upsert_model(make_model("zeta/b", files=[ManifestFile("z.onnx", FileFormat.ONNX, 3)]))
+    await store.upsert_model(make_model("alpha/a"))
+
+    models = await store.list_models()
+
+    assert [m.id for m in models] == ["alpha/a", "zeta/b"]
+    assert [f.filename for f in models[0].files] == ["tiny.gguf", "config.json", "tiny.metal.bin"]
+    assert [f.filename for f in models[1].files] == ["z.onnx"]
+
+
+async def test_unknown_model_is_none(store: Store) -> None:
+    assert await store.get_model("nobody/nothing") is None
+    assert await store.delete_model("nobody/nothing") is False
+
+
+async def test_naive_datetime_is_refused(store: Store) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        await store.upsert_model(make_model(created_at=datetime(2025, 1, 1)))
+    assert await store.list_models() == []
+
+
+# deletion and the catalogue
+
+
+async def test_delete_hides_model_and_queues_one_command_per_known_node(store: Store) -> None:
+    await store.upsert_node(make_node("node-a"))
+    await store.upsert_node(make_node("node-b", state=NodeState.OFFLINE))
+    await store.upsert_model(make_model())
+
+    assert await store.delete_model("org/tiny-gguf") is True
+
+    assert await store.get_model("org/tiny-gguf") is None
+    assert await store.list_models() == []
+    for node_id in ("node-a", "node-b"):
+        pending = await store.pending_commands(node_id)
+        assert [(c.node_id, c.kind, c.model_id) for c in pending] == [
+            (node_id, CommandKind.DELETE_MODEL, "org/tiny-gguf")
+        ]
+    assert await store.delete_model("org/tiny-gguf") is False
+
+
+async def test_delete_is_committed_before_it_returns(db_path: Path, store: Store) -> None:
+    await store.upsert_node(make_node())
+    await store.upsert_model(make_model())
+    await store.delete_model("org/tiny-gguf")
+
+    # A second store on the same file, with the first never closed: as after a crash right after delete.
+    other = await Store.open(db_url(db_path))
+    try:
+        assert await other.get_model("org/tiny-gguf") is None
+        assert [c.model_id for c in await other.pending_commands("node-a")] == ["org/tiny-gguf"]
+    finally:
+        await other.close()
+
+
+async def test_seed_catalog_does_not_resurrect_a_deleted_model_but_upsert_does(store: Store) -> None:
+    catalogue = [make_model("org/tiny-gguf"), make_model("org/other")]
+    assert await store.seed_catalog(catalogue) == ["org/tiny-gguf", "org/other"]
+    await store.delete_model("org/tiny-gguf")
+
+    assert await store.seed_catalog(catalogue) == []
+    assert [m.id for m in await store.list_models()] == ["org/other"]
+
+    revived = await store.upsert_model(make_model("org/tiny-gguf"))
+    fetched = await store.get_model("org/tiny-gguf")
+    assert fetched == revived
+    assert fetched is not None and fetched.files[0].filename == "tiny.gguf"
+
+
+async def test_seed_catalog_never_overwrites_and_marks_catalogue_models(store: Store) -> None:
+    await store.upsert_model(make_model("org/tiny-gguf", name="registered at run time"))
+
+    inserted = await store.seed_catalog(
+        [make_model("org/tiny-gguf", name="catalogue"), make_model("org/new")]
+    )
+
+    assert inserted == ["org/new"]
+    kept = await store.get_model("org/tiny-gguf")
+    seeded = await store.get_model("org/new")
+    assert kept is not None and kept.name == "registered at run time" and kept.from_catalog is False
+    assert seeded is not None and seeded.from_catalog is True
+    assert [f.filename for f in seeded.files] == ["tiny.gguf", "config.json", "tiny.metal.bin"]
+
+
+# nodes
+
+
+async def test_node_round_trips_and_reregistration_keeps_registered_at(store: Store) -> None:
+    first = await store.upsert_node(make_node())
+    second = await store.upsert_node(make_node(address="10.0.0.2:50051", version="0.2.0"))
+    fetched = await store.get_node("node-a")
+
+    assert fetched == second
+    assert fetched is not None
+    assert fetched.registered_at == first.registered_at
+    assert fetched.address == "10.0.0.2:50051"
+    assert fetched.gpus == [GpuDevice(0, "NVIDIA H100", 81_559, 80_000)]
+    assert fetched.backends == [Backend.CUDA, Backend.CPU]
+    assert fetched.runtimes == ["llama.cpp", "whisper"]
+
+
+async def test_set_node_state_records_state_and_last_seen(store: Store) -> None:
+    await store.upsert_node(make_node())
+    seen = datetime(2030, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+
+    await store.set_node_state("node-a", NodeState.DRAINING, seen_at=seen)
+    await store.set_node_state("node-unknown", NodeState.ONLINE)
+
+    node = await store.get_node("node-a")
+    assert node is not None
+    assert node.state is NodeState.DRAINING
+    assert node.last_seen_at == seen
+    assert [n.id for n in await store.list_nodes()] == ["node-a"]
+
+
+async def test_removing_a_node_drops_its_pending_commands(store: Store) -> None:
+    await store.upsert_node(make_node("node-a"))
+    await store.upsert_node(make_node("node-b"))
+    await store.add_command("node-a", CommandKind.PREFETCH, "org/tiny-gguf")
+    await store.add_command("node-b", CommandKind.PREFETCH, "org/tiny-gguf")
+
+    assert await store.remove_node("node-a") is True
+
+    assert await store.get_node("node-a") is None
+    await store.upsert_node(make_node("node-a"))  # the same node registering again starts clean
+    assert await store.pending_commands("node-a") == []
+    assert len(await store.pending_commands("node-b")) == 1
+    assert await store.remove_node("node-gone") is False
+
+
+# durable node commands
+
+
+async def test_pending_commands_are_oldest_first_until_acknowledged(store: Store) -> None:
+    await store.upsert_node(make_node())
+    first = await store.add_command("node-a", CommandKind.PREFETCH, "org/one")
+    second = await store.add_command("node-a", CommandKind.DELETE_MODEL, "org/two")
+
+    assert await store.pending_commands("node-a") == [first, second]
+    assert await store.ack_command(first.id) is True
+    assert await store.pending_commands("node-a") == [second]
+    assert await store.ack_command(first.id) is False
+
+
+async def test_an_acknowledged_command_id_is_never_reused(store: Store) -> None:
+    await store.upsert_node(make_node())
+    old = await store.add_command("node-a", CommandKind.PREFETCH, "org/one")
+    await store.ack_command(old.id)
+
+    new = await store.add_command("node-a", CommandKind.PREFETCH, "org/two")
+
+    assert new.id > old.id
+    assert await store.ack_command(old.id) is False  # a late duplicate ack cannot clear the new command
+    assert await store.pending_commands("node-a") == [new]
+
+
+async def test_command_for_unknown_node_is_refused(store: Store) -> None:
+    with pytest.raises(KeyError):
+        await store.add_command("node-x", CommandKind.PREFETCH, "org/one")
+
+
+# api keys
+
+
+async def test_keys_are_found_by_hash_listed_and_counted(store: Store) -> None:
+    stored = await store.add_key(make_key("key-1", "llmlb_aa", "hash-1"))
+    await store.add_key(make_key("key-2", "llmlb_bb", "hash-2"))
+
+    assert await store.find_key("hash-1") == stored
+    assert stored.created_at is not None and stored.scopes == (Scope.API, Scope.ADMIN)
+    assert await store.find_key("hash-unknown") is None
+    assert [k.id for k in await store.list_keys()] == ["key-1", "key-2"]
+    assert await store.count_keys() == 2
+
+
+async def test_adding_a_key_twice_is_refused(store: Store) -> None:
+    await store.add_key(make_key("key-1", secret_hash="hash-1"))
+    with pytest.raises(ValueError):
+        await store.add_key(make_key("key-1", secret_hash="hash-other"))
+    with pytest.raises(ValueError):
+        await store.add_key(make_key("key-other", secret_hash="hash-1"))
+    assert await store.count_keys() == 1
+
+
+async def test_revoke_by_id_or_prefix_and_revoked_keys_are_still_found(store: Store) -> None:
+    await store.add_key(make_key("key-1", "llmlb_aa", "hash-1"))
+    await store.add_key(make_key("key-2", "llmlb_bb", "hash-2"))
+
+    assert await store.revoke_key("key-1") is True
+    assert await store.revoke_key("llmlb_bb") is True
+    assert await store.revoke_key("key-1") is False
+    assert await store.revoke_key("llmlb_zz") is False
+
+    revoked = await store.find_key("hash-1")
+    assert revoked is not None and revoked.revoked_at is not None
+    assert all(k.revoked_at is not None for k in await store.list_keys())
+    assert await store.count_keys() == 2
+
+
+async def test_revoking_an_ambiguous_prefix_revokes_nothing(store: Store) -> None:
+    await store.add_key(make_key("key-1", "llmlb_aa", "hash-1"))
+    await store.add_key(make_key("key-2", "llmlb_aa", "hash-2"))
+
+    with pytest.raises(ValueError, match="matches 2 keys"):
+        await store.revoke_key("llmlb_aa")
+
+    assert all(k.revoked_at is None for k in await store.list_keys())
+
+
+async def test_touch_key_records_last_use(store: Store) -> None:
+    await store.add_key(make_key())
+    used = datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)
+
+    await store.touch_key("key-1", used)
+
+    key = await store.find_key("hash-1")
+    assert key is not None and key.last_used_at == used
+
+
+# opening, restarts and migrations
+
+
+async def test_everything_survives_a_restart(db_path: Path) -> None:
+    first = await Store.open(db_url(db_path))
+    model = await first.upsert_model(make_model())
+    node = await first.upsert_node(make_node())
+    command = await first.add_command("node-a", CommandKind.PREFETCH, model.id)
+    key = await first.add_key(make_key())
+    await first.close()
+
+    second = await Store.open(db_url(db_path))
+    try:
+        assert await second.get_model(model.id) == model
+        assert await second.get_node(node.id) == node
+        assert await second.pending_commands("node-a") == [command]
+        assert await second.find_key(key.secret_hash) == key
+    finally:
+        await second.close()
+
+
+async def test_reopening_leaves_the_schema_at_head(db_path: Path) -> None:
+    for _ in range(2):
+        store = await Store.open(db_url(db_path))
+        await store.close()
+
+    with sqlite3.connect(db_path) as db:
+        versions = db.execute("SELECT version_num FROM alembic_version").fetchall()
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert versions == [(head_revision(),)]
+    assert head_revision() == "0001"
+    assert {"models", "manifest_files", "nodes", "node_commands", "api_keys"} <= tables
+
+
+async def test_open_creates_parent_directories_from_any_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = tmp_path / "deep" / "er" / "llmlb.db"
+
+    store = await Store.open(db_url(path))
+    await store.upsert_model(make_model())
+    await store.close()
+
+    assert path.is_file()
+
+
+async def test_database_uses_wal_journal_mode(db_path: Path, store: Store) -> None:
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_in_memory_database_is_refused() -> None:
+    with pytest.raises(ValueError, match="in-memory"):
+        await Store.open("sqlite+aiosqlite://")
+
+
+async def test_migrations_match_the_tables_exactly(db_path: Path, store: Store) -> None:
+    engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "compare_server_default": True}
+            )
+            assert compare_metadata(context, Base.metadata) == []
+
+            # The comparison does see drift: one extra column in the tables is reported.
+            drifted = MetaData(naming_convention=Base.metadata.naming_convention)
+            for table in Base.metadata.tables.values():
+                table.to_metadata(drifted)
+            drifted.tables["nodes"].append_column(Column("zone", Integer, nullable=True))
+            diffs = compare_metadata(context, drifted)
+            assert [(d[0], d[2], d[3].name) for d in diffs] == [("add_column", "nodes", "zone")]
+    finally:
+        engine.dispose()
