@@ -1,0 +1,198 @@
+"""The model catalogue's logic, transport-neutral: the gRPC servicers and the HTTP shim both call it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import structlog
+
+from balancer.origin import Origin, PinnedRepo, RemoteFile
+from balancer.store import Store
+from common.errors import ErrorCode, LlmlbError
+from common.formats import backends_for, capabilities_for, check_filename, classify, is_manifest_file
+from common.model_id import derive_model_id, normalize_model_id
+from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
+
+log = structlog.get_logger(__name__)
+
+_RUNNABLE = {FileFormat.GGUF, FileFormat.SAFETENSORS, FileFormat.METAL, FileFormat.ONNX, FileFormat.WHISPER}
+MAX_REPO_ID_LENGTH = 200
+
+
+@dataclass(slots=True)
+class RegisterRequest:
+    """What a caller asks to register; empty fields take the documented defaults."""
+
+    repo_id: str
+    filename: str = ""
+    revision: str = ""
+    model_id: str = ""
+    origin: str = ""
+    name: str = ""
+    capabilities: list[Capability] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    required_vram_mb: int = 0
+    chat_template: str = ""
+
+
+class Registry:
+    """Registers, lists and deletes models; pins every registration to an origin commit.
+
+    Reads are served from memory: this process is the store's only writer, and every write goes
+    through here, so the copy is exact. The store stays the truth across restarts (``load``).
+    """
+
+    def __init__(self, store: Store, origin: Origin) -> None:
+        self._store = store
+        self._origin = origin
+        self._models: dict[str, Model] = {}
+
+    async def load(self) -> None:
+        """Reads every model from the store; call once at start, after seeding."""
+        self._models = {m.id: m for m in await self._store.list_models()}
+
+    async def register(self, req: RegisterRequest) -> Model:
+        repo_id = _check_repo_id(req.repo_id)
+        filename = check_filename(req.filename) if req.filename else ""
+        # Validate the id and the origin before any network traffic.
+        model_id = normalize_model_id(req.model_id) if req.model_id else derive_model_id(repo_id, filename)
+        origin = self._origin.check_allowed(req.origin or self._origin.default)
+        pinned = await self._origin.pin(origin, repo_id, req.revision)
+        chosen = _select_files(pinned, filename)
+        pinned = await self._origin.hash_missing(pinned, {f.filename for f in chosen})
+        by_name = {f.filename: f for f in pinned.files}
+        files = []
+        for f in chosen:
+            fmt = classify(f.filename)
+            remote = by_name[f.filename]
+            files.append(ManifestFile(f.filename, fmt, remote.size_bytes, remote.sha256, backends_for(fmt)))
+        formats = {f.format for f in files}
+        model = Model(
+            id=model_id,
+            name=req.name or model_id,
+            source=ModelSource.HF,
+            repo_id=repo_id,
+            revision=pinned.revision,
+            origin=origin,
+            files=files,
+            capabilities=list(dict.fromkeys(req.capabilities)) or capabilities_for(formats),
+            tags=list(dict.fromkeys(req.tags)),
+            required_vram_mb=req.required_vram_mb or _estimate_vram_mb(files),
+            chat_template=req.chat_template,
+        )
+        existing = self._models.get(model_id)
+        if existing is not None and _same_registration(existing, model):
+            return existing  # idempotent: nothing changed at the origin or in the request
+        stored = await self._store.upsert_model(model)
+        self._models[model_id] = stored
+        log.info(
+            "model.registered",
+            model_id=model_id,
+            repo_id=repo_id,
+            revision=pinned.revision,
+            files=len(files),
+            bytes=stored.total_bytes,
+        )
+        return stored
+
+    async def get(self, model_id: str) -> Model:
+        normal = normalize_model_id(model_id)
+        model = self._models.get(normal)
+        if model is None:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} not found")
+        return model
+
+    async def list_models(self) -> list[Model]:
+        return [self._models[k] for k in sorted(self._models)]
+
+    async def delete(self, model_id: str) -> int:
+        """Drops the model and queues a durable delete for every known node; returns how many."""
+        normal = normalize_model_id(model_id)
+        nodes = await self._store.list_nodes()
+        if not await self._store.delete_model(normal):
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} not found")
+        self._models.pop(normal, None)
+        log.info("model.deleted", model_id=normal, nodes_notified=len(nodes))
+        return len(nodes)
+
+    async def seed(self, catalog: list[Model]) -> list[str]:
+        inserted = await self._store.seed_catalog(catalog)
+        if inserted:
+            log.info("catalog.seeded", models=inserted)
+        await self.load()
+        return inserted
+
+
+def _check_repo_id(repo_id: str) -> str:
+    repo_id = repo_id.strip()
+    if not repo_id:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "repo_id is required")
+    parts = repo_id.split("/")
+    if (
+        len(repo_id) > MAX_REPO_ID_LENGTH
+        or len(parts) > 2
+        or any(not p or p in (".", "..") for p in parts)
+        or any(not (c.isalnum() or c in "-_.") for p in parts for c in p)
+    ):
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"repo_id {repo_id[:80]!r} is not a repository id like 'org/name'",
+        )
+    return repo_id
+
+
+def _select_files(pinned: PinnedRepo, filename: str) -> list[RemoteFile]:
+    """The repository files a model needs: the named file (with its sidecars) or every model file."""
+    where = f"{pinned.repo_id}@{pinned.revision[:12]}"
+    if filename:
+        by_name = {f.filename: f for f in pinned.files}
+        if filename not in by_name:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"file {filename!r} not found in {where}")
+        # Sidecars such as voice.onnx.json travel with voice.onnx.
+        sidecars = [
+            f for f in pinned.files if f.filename != filename and f.filename.startswith(filename + ".")
+        ]
+        if classify(filename) is not FileFormat.GGUF:
+            folder = str(PurePosixPath(filename).parent)
+            sidecars += [
+                f
+                for f in pinned.files
+                if f not in sidecars
+                and str(PurePosixPath(f.filename).parent) == folder
+                and classify(f.filename) is FileFormat.CONFIG
+                and is_manifest_file(f.filename)
+            ]
+        return [by_name[filename], *sorted(sidecars, key=lambda f: f.filename)]
+    chosen = [f for f in pinned.files if is_manifest_file(f.filename)]
+    ggufs = [f.filename for f in chosen if classify(f.filename) is FileFormat.GGUF]
+    if len(ggufs) > 1:
+        shown = ", ".join(sorted(ggufs)[:10]) + (" …" if len(ggufs) > 10 else "")
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"{where} holds {len(ggufs)} GGUF files; name one with filename: {shown}",
+        )
+    if not any(classify(f.filename) in _RUNNABLE for f in chosen):
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{where} holds no model file a runtime can load")
+    return sorted(chosen, key=lambda f: f.filename)
+
+
+def _estimate_vram_mb(files: list[ManifestFile]) -> int:
+    # Weights needed on a CUDA node, plus ~20 % for context and activations.
+    weights = sum(f.size_bytes for f in files if f.format in _RUNNABLE and f.needed_by(Backend.CUDA))
+    return int(weights * 1.2 / (1024 * 1024)) if weights else 0
+
+
+def _same_registration(a: Model, b: Model) -> bool:
+    return (
+        a.repo_id == b.repo_id
+        and a.revision == b.revision
+        and a.origin == b.origin
+        and a.files == b.files
+        and a.name == b.name
+        and a.capabilities == b.capabilities
+        and a.tags == b.tags
+        and a.required_vram_mb == b.required_vram_mb
+        and a.chat_template == b.chat_template
+        and not a.from_catalog
+    )

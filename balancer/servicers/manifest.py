@@ -1,0 +1,52 @@
+"""gRPC ``Manifest`` servicer of the balancer: manifests from the store, bytes proxied from the origin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from balancer.origin import Origin
+from balancer.registry import Registry
+from common import converters
+from common.errors import ErrorCode, LlmlbError
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import rpc_errors
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class ManifestServicer(mgrpc.ManifestServicer):
+    def __init__(self, registry: Registry, origin: Origin) -> None:
+        self._registry = registry
+        self._origin = origin
+
+    @rpc_errors
+    async def GetManifest(self, request: mpb.GetManifestRequest, context: Ctx) -> pb.ModelManifest:
+        model = await self._registry.get(request.model_id)
+        backend = converters.backend_from_pb(request.backend) if request.backend else None
+        return converters.manifest_to_pb(model, backend)
+
+    @rpc_errors
+    async def ReadBlob(self, request: mpb.ReadBlobRequest, context: Ctx) -> AsyncIterator[mpb.BlobChunk]:
+        model = await self._registry.get(request.model_id)
+        file = next((f for f in model.files if f.filename == request.filename), None)
+        if file is None:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{request.filename!r} is not a file of {model.id!r}")
+        if request.offset < 0 or request.length < 0:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "offset and length must not be negative")
+        if request.offset > file.size_bytes or (request.offset == file.size_bytes and file.size_bytes):
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST, f"offset {request.offset} is past the end of the file"
+            )
+        length = min(request.length, file.size_bytes - request.offset) if request.length else 0
+        position = request.offset
+        # Pass-through: each chunk from the origin goes to the caller as it arrives, nothing is kept.
+        async for data in self._origin.stream(
+            model.origin, model.repo_id, model.revision or "main", file.filename, request.offset, length
+        ):
+            yield mpb.BlobChunk(offset=position, data=data, total_size=file.size_bytes, sha256=file.sha256)
+            position += len(data)

@@ -1,0 +1,236 @@
+"""gRPC ``Registry`` servicer: converts messages and calls ``balancer.registry``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc.aio
+import structlog
+
+from balancer.fleet import Fleet, ModelOnNode
+from balancer.registry import RegisterRequest, Registry
+from balancer.sessions import NodeSessions, Session
+from balancer.store import Store
+from common import converters
+from common.config import BalancerConfig
+from common.errors import ErrorCode, LlmlbError
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import rpc_errors
+from common.types import CommandKind, Node, NodeCommand, NodeState
+
+log = structlog.get_logger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+_STATE_TO_PB = {
+    "absent": pb.MODEL_STATE_ABSENT,
+    "downloading": pb.MODEL_STATE_DOWNLOADING,
+    "present": pb.MODEL_STATE_PRESENT,
+    "loading": pb.MODEL_STATE_LOADING,
+    "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+
+_STATE_FROM_PB = {int(v): k for k, v in _STATE_TO_PB.items()}
+
+
+def _node_status_from_pb(node_id: str, msg: pb.ModelNodeStatus) -> ModelOnNode:
+    return ModelOnNode(
+        node_id=node_id,  # from the session, never from the message: a node speaks only for itself
+        model_id=msg.model_id.lower(),
+        state=_STATE_FROM_PB.get(msg.state, "absent"),
+        downloaded_bytes=msg.downloaded_bytes,
+        total_bytes=msg.total_bytes,
+        error=msg.error,
+    )
+
+
+def _command_to_pb(cmd: NodeCommand) -> rpb.BalancerMessage:
+    msg = rpb.NodeCommand(command_id=cmd.id)
+    if cmd.kind is CommandKind.DELETE_MODEL:
+        msg.delete_model.model_id = cmd.model_id
+    else:
+        msg.prefetch.model_id = cmd.model_id
+    return rpb.BalancerMessage(command=msg)
+
+
+def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
+    return pb.ModelNodeStatus(
+        node_id=s.node_id,
+        model_id=s.model_id,
+        state=_STATE_TO_PB.get(s.state, pb.MODEL_STATE_UNSPECIFIED),
+        ready=s.ready,
+        downloaded_bytes=s.downloaded_bytes,
+        total_bytes=s.total_bytes,
+        error=s.error,
+    )
+
+
+class RegistryServicer(rgrpc.RegistryServicer):
+    def __init__(
+        self, registry: Registry, store: Store, fleet: Fleet, sessions: NodeSessions, config: BalancerConfig
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._fleet = fleet
+        self._sessions = sessions
+        self._config = config
+        self._timeout_s = config.heartbeat_timeout_ms / 1000
+
+    def _model_pb(self, model: Any) -> pb.Model:
+        msg = converters.model_to_pb(model)
+        nodes = self._fleet.model_nodes(model.id)
+        msg.nodes.extend(_node_status_to_pb(n) for n in nodes)
+        msg.ready = any(n.ready and self._fleet.is_online(n.node_id) for n in nodes)
+        return msg
+
+    @rpc_errors
+    async def RegisterModel(self, request: rpb.RegisterModelRequest, context: Ctx) -> pb.Model:
+        model = await self._registry.register(
+            RegisterRequest(
+                repo_id=request.repo_id,
+                filename=request.filename,
+                revision=request.revision,
+                model_id=request.model_id,
+                origin=request.origin,
+                name=request.name,
+                capabilities=converters.capabilities_from_pb(request.capabilities),
+                tags=list(request.tags),
+                required_vram_mb=request.required_vram_mb,
+                chat_template=request.chat_template,
+            )
+        )
+        return self._model_pb(model)
+
+    @rpc_errors
+    async def GetModel(self, request: rpb.GetModelRequest, context: Ctx) -> pb.Model:
+        return self._model_pb(await self._registry.get(request.model_id))
+
+    @rpc_errors
+    async def ListModels(self, request: rpb.ListModelsRequest, context: Ctx) -> rpb.ListModelsResponse:
+        return rpb.ListModelsResponse(models=[self._model_pb(m) for m in await self._registry.list_models()])
+
+    @rpc_errors
+    async def DeleteModel(self, request: rpb.DeleteModelRequest, context: Ctx) -> rpb.DeleteModelResponse:
+        notified = await self._registry.delete(request.model_id)
+        model_id = request.model_id.lower()
+        self._fleet.forget_model(model_id)
+        self._sessions.notify_all()  # online nodes get the delete now, offline ones when they reconnect
+        return rpb.DeleteModelResponse(model_id=model_id, nodes_notified=notified)
+
+    @rpc_errors
+    async def GetModelStatus(self, request: rpb.GetModelStatusRequest, context: Ctx) -> rpb.ModelStatus:
+        view = self._fleet.status(await self._registry.get(request.model_id))
+        return rpb.ModelStatus(
+            model_id=view.model_id,
+            status=_STATE_TO_PB[view.status],
+            progress=view.progress,
+            downloaded_bytes=view.downloaded_bytes,
+            total_bytes=view.total_bytes,
+            nodes=[_node_status_to_pb(n) for n in view.nodes],
+        )
+
+    @rpc_errors
+    async def RegisterNode(self, request: rpb.RegisterNodeRequest, context: Ctx) -> rpb.RegisterNodeResponse:
+        if not request.node_id or not request.address:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "node_id and address are required")
+        backends = [b for b in map(converters.backend_from_pb, request.backends) if b is not None]
+        node = await self._store.upsert_node(
+            Node(
+                id=request.node_id,
+                address=request.address,
+                backends=backends,
+                gpus=[converters.gpu_from_pb(g) for g in request.gpus],
+                runtimes=list(request.runtimes),
+                version=request.version,
+                state=NodeState.OFFLINE,  # online once its session opens
+                last_seen_at=datetime.now(UTC),
+            )
+        )
+        return rpb.RegisterNodeResponse(
+            node_id=node.id,
+            heartbeat_interval_ms=self._config.heartbeat_interval_ms,
+            heartbeat_timeout_ms=self._config.heartbeat_timeout_ms,
+        )
+
+    @rpc_errors
+    async def ListNodes(self, request: rpb.ListNodesRequest, context: Ctx) -> rpb.ListNodesResponse:
+        nodes = []
+        for node in await self._store.list_nodes():
+            msg = converters.node_to_pb(node)
+            msg.state = pb.NODE_STATE_ONLINE if self._fleet.is_online(node.id) else pb.NODE_STATE_OFFLINE
+            nodes.append(msg)
+        return rpb.ListNodesResponse(nodes=nodes)
+
+    @rpc_errors
+    async def NodeSession(
+        self, request_iterator: AsyncIterator[rpb.NodeMessage], context: Ctx
+    ) -> AsyncIterator[rpb.BalancerMessage]:
+        inbound = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(inbound), self._timeout_s)
+        except (StopAsyncIteration, TimeoutError):
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "a node session starts with hello") from None
+        if first.WhichOneof("body") != "hello" or not first.hello.node_id:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "a node session starts with hello")
+        node_id = first.hello.node_id
+        if await self._store.get_node(node_id) is None:
+            raise LlmlbError(
+                ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode"
+            )
+        session = await self._sessions.open(node_id)
+        reader = asyncio.create_task(self._read(session, inbound))
+        try:
+            yield rpb.BalancerMessage(
+                accepted=rpb.SessionAccepted(
+                    node_id=node_id, heartbeat_interval_ms=self._config.heartbeat_interval_ms
+                )
+            )
+            while not session.superseded:
+                session.wake.clear()  # cleared before reading the queue, so no command slips between
+                for cmd in await self._store.pending_commands(node_id):
+                    if cmd.id not in session.sent:
+                        session.sent.add(cmd.id)
+                        yield _command_to_pb(cmd)
+                silent_for = time.monotonic() - session.last_seen
+                if silent_for > self._timeout_s:
+                    log.warning("node.silent", node_id=node_id, seconds=round(silent_for, 1))
+                    break
+                waker = asyncio.ensure_future(session.wake.wait())
+                await asyncio.wait(
+                    {waker, reader}, timeout=self._timeout_s - silent_for, return_when=asyncio.FIRST_COMPLETED
+                )
+                waker.cancel()
+                if reader.done():
+                    break
+        finally:
+            reader.cancel()
+            await self._sessions.close(session)
+
+    async def _read(self, session: Session, inbound: AsyncIterator[rpb.NodeMessage]) -> None:
+        async for msg in inbound:
+            session.heard()
+            kind = msg.WhichOneof("body")
+            if kind == "heartbeat":
+                self._fleet.replace(
+                    session.node_id, [_node_status_from_pb(session.node_id, m) for m in msg.heartbeat.models]
+                )
+            elif kind == "model_state":
+                self._fleet.report(_node_status_from_pb(session.node_id, msg.model_state))
+            # Only commands sent to this node on this session can be cleared by it.
+            elif kind == "ack" and msg.ack.command_id in session.sent:
+                if msg.ack.ok:
+                    await self._store.ack_command(msg.ack.command_id)
+                else:
+                    log.warning(
+                        "node.command_failed",
+                        node_id=session.node_id,
+                        command_id=msg.ack.command_id,
+                        error=msg.ack.error,
+                    )
