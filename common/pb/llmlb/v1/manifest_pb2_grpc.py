@@ -59,7 +59,7 @@ class ManifestServicer:
 
     def ReadBlob(self, request, context):
         """The bytes of one manifest file from `offset`, as a stream of chunks in order.
-        NOT_FOUND when the model or file is unknown (or, on a node, not held); OUT_OF_RANGE when
+        NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
         offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -41,7 +41,7 @@ class ManifestStub:
     """The pinned manifest of a model. NOT_FOUND (model_not_found) when unknown."""
     ReadBlob: _grpc.UnaryStreamMultiCallable[_manifest_pb2.ReadBlobRequest, _manifest_pb2.BlobChunk]
     """The bytes of one manifest file from `offset`, as a stream of chunks in order.
-    NOT_FOUND when the model or file is unknown (or, on a node, not held); OUT_OF_RANGE when
+    NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
     offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
     """
 
@@ -52,7 +52,7 @@ class ManifestAsyncStub(ManifestStub):
     """The pinned manifest of a model. NOT_FOUND (model_not_found) when unknown."""
     ReadBlob: _aio.UnaryStreamMultiCallable[_manifest_pb2.ReadBlobRequest, _manifest_pb2.BlobChunk]  # type: ignore[assignment]
     """The bytes of one manifest file from `offset`, as a stream of chunks in order.
-    NOT_FOUND when the model or file is unknown (or, on a node, not held); OUT_OF_RANGE when
+    NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
     offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
     """
 
@@ -72,7 +72,7 @@ class ManifestServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_manifest_pb2.BlobChunk], _abc.AsyncIterator[_manifest_pb2.BlobChunk]]:
         """The bytes of one manifest file from `offset`, as a stream of chunks in order.
-        NOT_FOUND when the model or file is unknown (or, on a node, not held); OUT_OF_RANGE when
+        NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
         offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
         """
 
