@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmlb: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
+    # The balancer talks to the origins it is told to and nowhere else: no hub telemetry.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from balancer.server import serve  # imported late so client commands start fast
 
     try:

@@ -1,0 +1,31 @@
+"""Fixtures for every level: the fake Hugging Face hub and hermetic environment variables."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.fixtures.fake_hub import FakeHub
+
+pytest_plugins = ("tests.fixtures.fake_hub",)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # No test may reach a real hub or read the developer's own tokens and state. These variables
+    # reach the processes tests start; in-process huggingface_hub use needs `fake_hub_env` too.
+    home = tmp_path_factory.mktemp("home")
+    for name in list(os.environ):
+        if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: never the real hub
+
+
+@pytest.fixture
+def hub(fake_hub: FakeHub) -> FakeHub:
+    """A started fake hub on 127.0.0.1 (the short name integration tests use)."""
+    return fake_hub
