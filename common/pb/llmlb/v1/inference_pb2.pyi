@@ -116,12 +116,17 @@ class SamplingParams(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
+    """most tokens to generate; reaching it ends with FINISH_REASON_LENGTH"""
     temperature: _builtins.float
+    """0..2, OpenAI's meaning; 0 picks the likeliest token"""
     top_p: _builtins.float
+    """0..1, nucleus sampling: keep tokens within this probability mass"""
     seed: _builtins.int
     """same seed + same request = same output on the same node"""
     presence_penalty: _builtins.float
+    """-2..2; > 0 penalises tokens already in the text"""
     frequency_penalty: _builtins.float
+    """-2..2; > 0 penalises tokens by how often they occur"""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """up to 4 stop sequences, not included in the output"""
@@ -178,6 +183,7 @@ class ChatMessage(_message.Message):
     role: _builtins.str
     """"system", "user", "assistant" or "tool" """
     content: _builtins.str
+    """the message text"""
     name: _builtins.str
     """optional participant name"""
     def __init__(
@@ -211,9 +217,13 @@ class ChatRequest(_message.Message):
     user: _builtins.str
     """end-user id, for logs only"""
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """the conversation, oldest first"""
+
     @_builtins.property
-    def params(self) -> Global___SamplingParams: ...
+    def params(self) -> Global___SamplingParams:
+        """unset: the runtime's defaults"""
+
     def __init__(
         self,
         *,
@@ -242,13 +252,19 @@ class CompleteRequest(_message.Message):
     ECHO_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id"""
     prompt: _builtins.str
+    """raw text to continue; no chat template is applied"""
     request_id: _builtins.str
+    """caller's id for logs; the balancer assigns one when empty"""
     echo: _builtins.bool
     """prepend the prompt to the output"""
     user: _builtins.str
+    """end-user id, for logs only"""
     @_builtins.property
-    def params(self) -> Global___SamplingParams: ...
+    def params(self) -> Global___SamplingParams:
+        """unset: the runtime's defaults"""
+
     def __init__(
         self,
         *,
@@ -281,6 +297,7 @@ class TextChunk(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    """the request's id, same on every chunk"""
     delta: _builtins.str
     """new text since the previous chunk; may be empty on the last"""
     finish_reason: Global___FinishReason.ValueType
@@ -288,6 +305,7 @@ class TextChunk(_message.Message):
     node_id: _builtins.str
     """the node that produced it"""
     model: _builtins.str
+    """model id that answered"""
     created: _builtins.int
     """unix seconds when the request started, same on every chunk"""
     @_builtins.property
@@ -323,10 +341,13 @@ class EmbedRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id"""
     request_id: _builtins.str
+    """caller's id for logs; the balancer assigns one when empty"""
     dimensions: _builtins.int
     """truncate vectors to this many dimensions"""
     user: _builtins.str
+    """end-user id, for logs only"""
     @_builtins.property
     def input(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """one vector per input, in order"""
@@ -357,8 +378,11 @@ class Embedding(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    """position of its input in EmbedRequest.input"""
     @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the vector; `dimensions` long when that was set"""
+
     def __init__(
         self,
         *,
@@ -382,11 +406,17 @@ class EmbedResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id that answered"""
     node_id: _builtins.str
+    """the node that computed it"""
     @_builtins.property
-    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]: ...
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """one per input, in input order"""
+
     @_builtins.property
-    def usage(self) -> _types_pb2.Usage: ...
+    def usage(self) -> _types_pb2.Usage:
+        """prompt tokens only; completion_tokens is 0"""
+
     def __init__(
         self,
         *,
@@ -415,6 +445,7 @@ class TranscribeRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id"""
     audio: _builtins.bytes
     """the whole file: wav, mp3, flac, ogg, webm, m4a"""
     filename: _builtins.str
@@ -424,7 +455,9 @@ class TranscribeRequest(_message.Message):
     prompt: _builtins.str
     """text to bias the decoder"""
     temperature: _builtins.float
+    """0..1, OpenAI's meaning; unset: the runtime's default"""
     request_id: _builtins.str
+    """caller's id for logs; the balancer assigns one when empty"""
     def __init__(
         self,
         *,
@@ -460,16 +493,25 @@ class TranscriptSegment(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
+    """0-based position in TranscribeResponse.segments"""
     start: _builtins.float
     """seconds"""
     end: _builtins.float
+    """seconds from the start of the audio"""
     text: _builtins.str
+    """the segment's text"""
     avg_logprob: _builtins.float
+    """mean log-probability of its tokens"""
     no_speech_prob: _builtins.float
+    """probability, 0..1, that the segment holds no speech"""
     compression_ratio: _builtins.float
+    """gzip ratio of the text; high means repetitive output"""
     temperature: _builtins.float
+    """sampling temperature the decoder used for it"""
     @_builtins.property
-    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """token ids of the text"""
+
     def __init__(
         self,
         *,
@@ -503,13 +545,17 @@ class TranscribeResponse(_message.Message):
     SEGMENTS_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """the whole transcript"""
     language: _builtins.str
     """detected or given"""
     duration: _builtins.float
     """seconds of audio"""
     node_id: _builtins.str
+    """the node that transcribed it"""
     @_builtins.property
-    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptSegment]: ...
+    def segments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TranscriptSegment]:
+        """in time order"""
+
     def __init__(
         self,
         *,
@@ -538,14 +584,17 @@ class SpeakRequest(_message.Message):
     SPEED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id"""
     input: _builtins.str
     """text to speak"""
     voice: _builtins.str
     """voice or speaker name; empty: the model's default"""
     format: Global___AudioFormat.ValueType
+    """UNSPECIFIED: WAV"""
     speed: _builtins.float
     """0.25 .. 4.0, 1.0 normal"""
     request_id: _builtins.str
+    """caller's id for logs; the balancer assigns one when empty"""
     def __init__(
         self,
         *,
@@ -577,12 +626,15 @@ class AudioChunk(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    """the next bytes of audio, in `format`"""
     sample_rate: _builtins.int
     """Hz, same on every chunk"""
     channels: _builtins.int
+    """1 mono, 2 stereo; same on every chunk"""
     sample_width: _builtins.int
     """bytes per sample"""
     format: Global___AudioFormat.ValueType
+    """format of the stream, same on every chunk"""
     last: _builtins.bool
     """the final chunk of the stream"""
     def __init__(
@@ -621,23 +673,31 @@ class GenerateImageRequest(_message.Message):
     MASK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """model id"""
     operation: Global___ImageOperation.ValueType
+    """UNSPECIFIED: GENERATE"""
     prompt: _builtins.str
+    """what to draw; not needed for a variation"""
     negative_prompt: _builtins.str
+    """what to steer away from; empty: nothing"""
     n: _builtins.int
     """images wanted; 0 means 1"""
     width: _builtins.int
     """0: the model's default"""
     height: _builtins.int
+    """0: the model's default"""
     steps: _builtins.int
     """0: the model's default"""
     cfg_scale: _builtins.float
+    """classifier-free guidance strength; unset: the model's default"""
     seed: _builtins.int
+    """unset: random; GeneratedImage.seed says which was used"""
     image: _builtins.bytes
     """PNG input for edit / variation"""
     mask: _builtins.bytes
     """PNG mask for edit"""
     request_id: _builtins.str
+    """caller's id for logs; the balancer assigns one when empty"""
     def __init__(
         self,
         *,
@@ -678,9 +738,11 @@ class GeneratedImage(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     REVISED_PROMPT_FIELD_NUMBER: _builtins.int
     png: _builtins.bytes
+    """the image, PNG bytes"""
     seed: _builtins.int
     """the seed that produced it"""
     revised_prompt: _builtins.str
+    """the prompt as the model used it; empty when unchanged"""
     def __init__(
         self,
         *,
@@ -703,8 +765,11 @@ class GenerateImageResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """the node that generated them"""
     @_builtins.property
-    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]: ...
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeneratedImage]:
+        """`n` images, in order"""
+
     def __init__(
         self,
         *,

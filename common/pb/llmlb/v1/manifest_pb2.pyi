@@ -29,6 +29,7 @@ class GetManifestRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """model id; normalised (lower-cased) before lookup"""
     backend: _types_pb2.Backend.ValueType
     """BACKEND_UNSPECIFIED: every file; else only the files that backend needs"""
     def __init__(
@@ -54,6 +55,7 @@ class ReadBlobRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """model id; normalised (lower-cased) before lookup"""
     filename: _builtins.str
     """a filename of the model's manifest"""
     offset: _builtins.int

@@ -59,7 +59,9 @@ class RegisterModelRequest(_message.Message):
         """empty: inferred from the file formats"""
 
     @_builtins.property
-    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """free-form labels stored on the model; duplicates dropped"""
+
     def __init__(
         self,
         *,
@@ -88,6 +90,7 @@ class GetModelRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """model id; normalised (lower-cased) before lookup"""
     def __init__(
         self,
         *,
@@ -122,7 +125,9 @@ class ListModelsResponse(_message.Message):
 
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Model]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Model]:
+        """sorted by id, each with its per-node state"""
+
     def __init__(
         self,
         *,
@@ -142,6 +147,7 @@ class DeleteModelRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """model id; normalised (lower-cased) before lookup"""
     def __init__(
         self,
         *,
@@ -162,6 +168,7 @@ class DeleteModelResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     NODES_NOTIFIED_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """the normalised id that was dropped"""
     nodes_notified: _builtins.int
     """nodes a delete command was queued for (online or not)"""
     def __init__(
@@ -184,6 +191,7 @@ class GetModelStatusRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """model id; normalised (lower-cased) before lookup"""
     def __init__(
         self,
         *,
@@ -208,14 +216,19 @@ class ModelStatus(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """normalised model id"""
     status: _types_pb2.ModelState.ValueType
     """the most advanced state on any node"""
     progress: _builtins.float
     """0..1, downloaded_bytes / total_bytes of the furthest node"""
     downloaded_bytes: _builtins.int
+    """bytes the furthest online node holds; total_bytes once PRESENT"""
     total_bytes: _builtins.int
+    """sum of the manifest's file sizes"""
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelNodeStatus]: ...
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelNodeStatus]:
+        """every node that reported the model, online or not, by node id"""
+
     def __init__(
         self,
         *,
@@ -252,16 +265,23 @@ class RegisterNodeRequest(_message.Message):
     address: _builtins.str
     """host:port where the node serves Inference and Manifest"""
     version: _builtins.str
+    """llmlb version the node runs"""
     auth_token: _builtins.str
     """the token the balancer and peers present when calling the node"""
     memory_total_mb: _builtins.int
     """host memory"""
     @_builtins.property
-    def backends(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Backend.ValueType]: ...
+    def backends(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Backend.ValueType]:
+        """compute backends the node offers; they decide which files it fetches"""
+
     @_builtins.property
-    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GpuDevice]: ...
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.GpuDevice]:
+        """the node's GPUs; empty on a CPU-only node"""
+
     @_builtins.property
-    def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """inference runtimes installed, e.g. "llama.cpp", "onnxruntime" """
+
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Capability.ValueType]:
         """what the node's runtimes can serve"""
@@ -330,13 +350,17 @@ class NodeMessage(_message.Message):
         """must be the first message of a session"""
 
     @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
+    def heartbeat(self) -> Global___Heartbeat:
+        """every heartbeat_interval_ms; any message counts as a sign of life"""
+
     @_builtins.property
     def model_state(self) -> _types_pb2.ModelNodeStatus:
         """sent whenever a model's state changes, and during downloads"""
 
     @_builtins.property
-    def ack(self) -> Global___CommandAck: ...
+    def ack(self) -> Global___CommandAck:
+        """answer to a NodeCommand sent on this session"""
+
     def __init__(
         self,
         *,
@@ -361,6 +385,7 @@ class NodeHello(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """the id RegisterNode returned; NOT_FOUND (node_not_found) if unknown"""
     def __init__(
         self,
         *,
@@ -382,13 +407,17 @@ class Heartbeat(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def load(self) -> _types_pb2.NodeLoad: ...
+    def load(self) -> _types_pb2.NodeLoad:
+        """the node's load now"""
+
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelNodeStatus]:
         """the full per-model picture, so a lost update heals"""
 
     @_builtins.property
-    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """the node's clock; liveness goes by arrival, not by this"""
+
     def __init__(
         self,
         *,
@@ -412,9 +441,11 @@ class CommandAck(_message.Message):
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
+    """the command answered; ignored unless it was sent on this session"""
     ok: _builtins.bool
     """false: the node could not carry it out; the command stays queued"""
     error: _builtins.str
+    """why it failed, when ok is false; the balancer logs it"""
     def __init__(
         self,
         *,
@@ -443,7 +474,9 @@ class BalancerMessage(_message.Message):
         """the first message, answering NodeHello"""
 
     @_builtins.property
-    def command(self) -> Global___NodeCommand: ...
+    def command(self) -> Global___NodeCommand:
+        """a queued command, re-sent on each new session until acked"""
+
     def __init__(
         self,
         *,
@@ -467,7 +500,9 @@ class SessionAccepted(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """the node this session speaks for"""
     heartbeat_interval_ms: _builtins.int
+    """how often to send Heartbeat, milliseconds"""
     def __init__(
         self,
         *,
@@ -493,12 +528,19 @@ class NodeCommand(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
+    """unique and never reused; echoed in CommandAck"""
     @_builtins.property
-    def delete_model(self) -> Global___DeleteModelCommand: ...
+    def delete_model(self) -> Global___DeleteModelCommand:
+        """unload a model and delete the local copy"""
+
     @_builtins.property
-    def prefetch(self) -> Global___PrefetchCommand: ...
+    def prefetch(self) -> Global___PrefetchCommand:
+        """fetch and load a model before it is asked for"""
+
     @_builtins.property
-    def drain(self) -> Global___DrainCommand: ...
+    def drain(self) -> Global___DrainCommand:
+        """stop taking new work"""
+
     def __init__(
         self,
         *,
@@ -525,6 +567,7 @@ class DeleteModelCommand(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """normalised id of the model to delete"""
     def __init__(
         self,
         *,
@@ -546,6 +589,7 @@ class PrefetchCommand(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """normalised id of the model to fetch and load"""
     def __init__(
         self,
         *,
@@ -597,7 +641,9 @@ class ListNodesResponse(_message.Message):
 
     NODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Node]: ...
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Node]:
+        """every registered node, online or not, sorted by id"""
+
     def __init__(
         self,
         *,

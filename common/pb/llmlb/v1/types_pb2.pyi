@@ -258,7 +258,9 @@ class ModelManifest(_message.Message):
         """in a stable order"""
 
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """when the model was first registered or seeded"""
+
     def __init__(
         self,
         *,
@@ -291,8 +293,11 @@ class ModelNodeStatus(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """the reporting node; what a node sends is ignored, its session's id is used"""
     model_id: _builtins.str
+    """normalised model id; the balancer lower-cases what a node sends"""
     state: Global___ModelState.ValueType
+    """where the model stands on this node; UNSPECIFIED is read as ABSENT"""
     ready: _builtins.bool
     """state == MODEL_STATE_READY, spelled out for clients"""
     downloaded_bytes: _builtins.int
@@ -357,19 +362,29 @@ class Model(_message.Message):
     from_catalog: _builtins.bool
     """seeded from supported_models.json rather than registered"""
     @_builtins.property
-    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]: ...
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]:
+        """what it can be asked to do; routing goes by these"""
+
     @_builtins.property
-    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """free-form labels, e.g. "gguf", "small" """
+
     @_builtins.property
-    def manifest(self) -> Global___ModelManifest: ...
+    def manifest(self) -> Global___ModelManifest:
+        """the pinned files, for every backend"""
+
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelNodeStatus]:
         """per-node state, for every node that reported it"""
 
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """first registration or seeding; kept on re-register"""
+
     @_builtins.property
-    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """last change to the registration"""
+
     def __init__(
         self,
         *,
@@ -407,9 +422,13 @@ class GpuDevice(_message.Message):
     MEMORY_TOTAL_MB_FIELD_NUMBER: _builtins.int
     MEMORY_FREE_MB_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    """device index on the node (e.g. the CUDA ordinal)"""
     name: _builtins.str
+    """device name as the driver reports it"""
     memory_total_mb: _builtins.int
+    """device memory, MiB"""
     memory_free_mb: _builtins.int
+    """device memory free when reported, MiB; 0 when unknown"""
     def __init__(
         self,
         *,
@@ -443,8 +462,11 @@ class NodeLoad(_message.Message):
     queued_requests: _builtins.int
     """requests waiting for a slot"""
     cpu_percent: _builtins.float
+    """host CPU use, 0..100 over all cores"""
     memory_used_mb: _builtins.int
+    """host memory in use, MiB"""
     memory_total_mb: _builtins.int
+    """host memory, MiB"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
         """with current free memory"""
@@ -485,27 +507,41 @@ class Node(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """stable node id, as registered"""
     address: _builtins.str
     """host:port of the node's gRPC server (Inference, Manifest)"""
     version: _builtins.str
     """llmlb version the node runs"""
     state: Global___NodeState.ValueType
+    """ONLINE while its session is open, else OFFLINE (or DRAINING)"""
     @_builtins.property
-    def backends(self) -> _containers.RepeatedScalarFieldContainer[Global___Backend.ValueType]: ...
+    def backends(self) -> _containers.RepeatedScalarFieldContainer[Global___Backend.ValueType]:
+        """compute backends the node offers"""
+
     @_builtins.property
-    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]: ...
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
+        """as registered; current free memory is in load.gpus"""
+
     @_builtins.property
     def runtimes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """e.g. "llama.cpp", "faster-whisper", "onnxruntime" """
 
     @_builtins.property
-    def load(self) -> Global___NodeLoad: ...
+    def load(self) -> Global___NodeLoad:
+        """as of the last heartbeat; unset before the first"""
+
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelNodeStatus]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelNodeStatus]:
+        """per-model state as the node last reported it"""
+
     @_builtins.property
-    def registered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def registered_at(self) -> _timestamp_pb2.Timestamp:
+        """first registration; kept when it registers again"""
+
     @_builtins.property
-    def last_seen_at(self) -> _timestamp_pb2.Timestamp: ...
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp:
+        """last contact recorded: registration, session start or end"""
+
     def __init__(
         self,
         *,
@@ -539,8 +575,11 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """tokens in the input"""
     completion_tokens: _builtins.int
+    """tokens generated; 0 for embeddings"""
     total_tokens: _builtins.int
+    """prompt_tokens + completion_tokens"""
     def __init__(
         self,
         *,
