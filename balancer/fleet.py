@@ -41,12 +41,33 @@ class ModelStatusView:
     nodes: list[ModelOnNode] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeLoad:
+    """How busy a node said it was in its last heartbeat."""
+
+    active_requests: int = 0
+    queued_requests: int = 0
+    cpu_percent: float = 0.0
+    memory_used_mb: int = 0
+    memory_total_mb: int = 0
+
+
 class Fleet:
-    """Connected nodes and their per-model states."""
+    """Connected nodes, their per-model states and their last reported load."""
 
     def __init__(self) -> None:
         self._online: set[str] = set()
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
+        self._load: dict[str, NodeLoad] = {}
+
+    def set_load(self, node_id: str, load: NodeLoad) -> None:
+        self._load[node_id] = load
+
+    def load(self, node_id: str) -> NodeLoad | None:
+        return self._load.get(node_id)
+
+    def node_models(self, node_id: str) -> list[ModelOnNode]:
+        return [self._models.get(node_id, {})[k] for k in sorted(self._models.get(node_id, {}))]
 
     def connected(self, node_id: str) -> None:
         self._online.add(node_id)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import grpc.aio
 import structlog
 
-from balancer.fleet import Fleet, ModelOnNode
+from balancer.fleet import Fleet, ModelOnNode, NodeLoad
 from balancer.registry import RegisterRequest, Registry
 from balancer.sessions import NodeSessions, Session
 from balancer.store import Store
@@ -25,6 +27,8 @@ from common.rpc import rpc_errors
 from common.types import CommandKind, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
+MAX_NODE_ID_LENGTH = 128
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -138,12 +142,18 @@ class RegistryServicer(rgrpc.RegistryServicer):
 
     @rpc_errors
     async def RegisterNode(self, request: rpb.RegisterNodeRequest, context: Ctx) -> rpb.RegisterNodeResponse:
-        if not request.node_id or not request.address:
-            raise LlmlbError(ErrorCode.INVALID_REQUEST, "node_id and address are required")
+        if not request.address:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "address (host:port of the node) is required")
+        node_id = request.node_id or f"node-{uuid.uuid4().hex[:12]}"
+        if len(node_id) > MAX_NODE_ID_LENGTH or not _NODE_ID.fullmatch(node_id):
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST,
+                f"node_id {node_id[:80]!r}: at most {MAX_NODE_ID_LENGTH} letters, digits, '-', '_' or '.'",
+            )
         backends = [b for b in map(converters.backend_from_pb, request.backends) if b is not None]
         node = await self._store.upsert_node(
             Node(
-                id=request.node_id,
+                id=node_id,
                 address=request.address,
                 backends=backends,
                 gpus=[converters.gpu_from_pb(g) for g in request.gpus],
@@ -165,6 +175,18 @@ class RegistryServicer(rgrpc.RegistryServicer):
         for node in await self._store.list_nodes():
             msg = converters.node_to_pb(node)
             msg.state = pb.NODE_STATE_ONLINE if self._fleet.is_online(node.id) else pb.NODE_STATE_OFFLINE
+            msg.models.extend(_node_status_to_pb(m) for m in self._fleet.node_models(node.id))
+            load = self._fleet.load(node.id)
+            if load is not None:
+                msg.load.CopyFrom(
+                    pb.NodeLoad(
+                        active_requests=load.active_requests,
+                        queued_requests=load.queued_requests,
+                        cpu_percent=load.cpu_percent,
+                        memory_used_mb=load.memory_used_mb,
+                        memory_total_mb=load.memory_total_mb,
+                    )
+                )
             nodes.append(msg)
         return rpb.ListNodesResponse(nodes=nodes)
 
@@ -218,6 +240,17 @@ class RegistryServicer(rgrpc.RegistryServicer):
             session.heard()
             kind = msg.WhichOneof("body")
             if kind == "heartbeat":
+                load = msg.heartbeat.load
+                self._fleet.set_load(
+                    session.node_id,
+                    NodeLoad(
+                        active_requests=load.active_requests,
+                        queued_requests=load.queued_requests,
+                        cpu_percent=load.cpu_percent,
+                        memory_used_mb=load.memory_used_mb,
+                        memory_total_mb=load.memory_total_mb,
+                    ),
+                )
                 self._fleet.replace(
                     session.node_id, [_node_status_from_pb(session.node_id, m) for m in msg.heartbeat.models]
                 )

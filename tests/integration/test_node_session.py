@@ -223,6 +223,16 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
             return model.ready and [n.node_id for n in model.nodes] == ["node-e"]
 
         await wait_until(is_ready, within=2.0)
+        load = pb.NodeLoad(active_requests=3, queued_requests=1, memory_total_mb=24000)
+        await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[ready], load=load)))
+
+        async def load_listed() -> bool:
+            async with grpc.aio.insecure_channel(balancer.address) as channel:
+                nodes = (await rgrpc.RegistryStub(channel).ListNodes(rpb.ListNodesRequest())).nodes
+            me = next(n for n in nodes if n.id == "node-e")
+            return me.load.active_requests == 3 and [m.model_id for m in me.models] == ["gemma-3-270m"]
+
+        await wait_until(load_listed, within=2.0)
     finally:
         await node.close()
 
@@ -236,6 +246,16 @@ async def test_session_needs_hello_from_a_registered_node(balancer: BalancerProc
     finally:
         await stranger.close()
     async with grpc.aio.insecure_channel(balancer.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as bad:
-            await rgrpc.RegistryStub(channel).RegisterNode(rpb.RegisterNodeRequest(node_id="x"))
-    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub = rgrpc.RegistryStub(channel)
+        for bad_request in (
+            rpb.RegisterNodeRequest(node_id="x"),  # no address
+            rpb.RegisterNodeRequest(node_id="../etc", address="127.0.0.1:1"),
+            rpb.RegisterNodeRequest(node_id="n" * 129, address="127.0.0.1:1"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.RegisterNode(bad_request)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assigned = await stub.RegisterNode(rpb.RegisterNodeRequest(address="127.0.0.1:1"))
+        assert assigned.node_id.startswith("node-")
+        nodes = (await stub.ListNodes(rpb.ListNodesRequest())).nodes
+        assert assigned.node_id in [n.id for n in nodes]

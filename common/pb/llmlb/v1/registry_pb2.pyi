@@ -218,7 +218,7 @@ class ModelStatus(_message.Message):
     model_id: _builtins.str
     """normalised model id"""
     status: _types_pb2.ModelState.ValueType
-    """the most advanced state on any node"""
+    """the most advanced state on any online node; ABSENT if none"""
     progress: _builtins.float
     """0..1, downloaded_bytes / total_bytes of the furthest node"""
     downloaded_bytes: _builtins.int
