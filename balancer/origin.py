@@ -11,9 +11,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
-import httpx
 import structlog
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
@@ -25,10 +23,10 @@ from huggingface_hub.errors import (
 
 from common.config import BalancerConfig, normalize_origin
 from common.errors import ErrorCode, LlmlbError
+from common.hub import HubFiles
 
 log = structlog.get_logger(__name__)
 
-CHUNK_BYTES = 256 * 1024
 # Non-LFS files up to this size are hashed at registration so nodes can verify every file.
 HASH_SMALL_FILES_UP_TO = 16 * 1024 * 1024
 
@@ -56,7 +54,9 @@ class Origin:
     def __init__(self, config: BalancerConfig) -> None:
         self._config = config
         self._allowed = {normalize_origin(o) for o in config.allowed_origins}
-        self._http: httpx.AsyncClient | None = None
+        self._files = HubFiles(
+            token=config.hf_token, timeout_s=config.origin_timeout_s, library="llmlb-balancer"
+        )
 
     @property
     def default(self) -> str:
@@ -123,61 +123,18 @@ class Origin:
         files = await asyncio.gather(*(fill(f) for f in pinned.files))
         return PinnedRepo(pinned.origin, pinned.repo_id, pinned.revision, list(files))
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            headers = {"user-agent": "llmlb-balancer"}
-            if self._config.hf_token:
-                headers["authorization"] = f"Bearer {self._config.hf_token}"
-            self._http = httpx.AsyncClient(
-                headers=headers,
-                follow_redirects=True,
-                timeout=httpx.Timeout(self._config.origin_timeout_s),
-            )
-        return self._http
-
     async def stream(
         self, origin: str, repo_id: str, revision: str, filename: str, offset: int = 0, length: int = 0
     ) -> AsyncIterator[bytes]:
         """Yields the bytes of one file from ``offset`` (``length`` bytes, or to the end), in order."""
         origin = self.check_allowed(origin)
-        url = (
-            f"{self._base_url(origin)}/{repo_id}/resolve/{quote(revision or 'main', safe='')}/"
-            f"{quote(filename, safe='/')}"
-        )
-        headers = {}
-        if offset or length:
-            headers["range"] = f"bytes={offset}-" + (str(offset + length - 1) if length else "")
-        try:
-            async with self._client().stream("GET", url, headers=headers) as response:
-                if response.status_code == 416:
-                    raise LlmlbError(
-                        ErrorCode.INVALID_REQUEST, f"offset {offset} is past the end of {filename}"
-                    )
-                if response.status_code in (401, 403):
-                    raise LlmlbError(ErrorCode.ORIGIN_UNAUTHORIZED, f"origin refused {repo_id}/{filename}")
-                if response.status_code == 404:
-                    raise LlmlbError(
-                        ErrorCode.MODEL_NOT_FOUND, f"{filename} not found in {repo_id}@{revision}"
-                    )
-                if response.status_code >= 400:
-                    raise LlmlbError(
-                        ErrorCode.DOWNLOAD_FAILED, f"origin answered {response.status_code} for {filename}"
-                    )
-                if headers and response.status_code != 206:
-                    raise LlmlbError(
-                        ErrorCode.DOWNLOAD_FAILED, f"origin ignored the byte range for {filename}"
-                    )
-                async for chunk in response.aiter_bytes(CHUNK_BYTES):
-                    yield chunk
-        except httpx.HTTPError as exc:
-            raise LlmlbError(
-                ErrorCode.DOWNLOAD_FAILED, f"origin transfer of {filename} failed: {exc!r}"
-            ) from None
+        async for chunk in self._files.stream(
+            self._base_url(origin), repo_id, revision or "main", filename, offset, length
+        ):
+            yield chunk
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        await self._files.close()
 
     def _translate(self, exc: Exception, repo_id: str, revision: str) -> LlmlbError:
         where = f"{repo_id}@{revision or 'main'}"
