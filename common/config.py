@@ -179,3 +179,120 @@ def resolve_models_dir(flag: Path | None = None, env: Mapping[str, str] | None =
     s = Settings(env)
     default = llmlb_home(s.env) / "models"
     return s.get(flag, ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), default, Path).expanduser()
+
+
+def parse_backend_name(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("auto", "cuda", "metal", "cpu"):
+        raise ValueError("expected auto, cuda, metal or cpu")
+    return lowered
+
+
+def parse_download_via(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in ("origin", "balancer"):
+        raise ValueError("expected origin or balancer")
+    return lowered
+
+
+def parse_positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("expected a positive number")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node process (``xllm serve``) is told, resolved once at start."""
+
+    home: Path
+    models_dir: Path
+    shared_dir: Path | None = None
+    balancer: str = "127.0.0.1:50051"
+    grpc_listen: str = "127.0.0.1:50061"
+    advertise: str = ""  # host:port the balancer and peers dial; the listen address when empty
+    node_id: str = ""  # empty: the id saved in <home>/node-id, else one the balancer assigns
+    backend: str = "auto"
+    download_via: str = "origin"
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT
+    hf_token: str | None = None
+    allowed_origins: tuple[str, ...] = (DEFAULT_HF_ENDPOINT,)
+    max_downloads: int = 1
+    download_stall_timeout_s: float = 60.0
+    download_timeout_s: float = 300.0
+    peer_fetch: bool = True
+    shared_dir_timeout_s: float = 2.0
+    auth_token: str = ""
+    log_format: str = "console"
+    log_level: str = "info"
+
+    @property
+    def node_id_file(self) -> Path:
+        return self.home / "node-id"
+
+    def origin_allowed(self, origin: str) -> bool:
+        try:
+            return normalize_origin(origin) in {normalize_origin(o) for o in self.allowed_origins}
+        except ValueError:
+            return False
+
+
+def load_node_config(
+    *,
+    models_dir: Path | None = None,
+    shared_dir: Path | None = None,
+    balancer: str | None = None,
+    grpc_listen: str | None = None,
+    advertise: str | None = None,
+    node_id: str | None = None,
+    backend: str | None = None,
+    download_via: str | None = None,
+    max_downloads: int | None = None,
+    download_timeout_s: float | None = None,
+    download_stall_timeout_s: float | None = None,
+    peer_fetch: bool | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Builds a node's config: each argument is an ``xllm serve`` flag and wins over the environment."""
+    home = home or llmlb_home(env)
+    s = Settings(env, home / ".env")
+    endpoint = s.get(None, ("HF_ENDPOINT",), DEFAULT_HF_ENDPOINT, str).rstrip("/")
+    default_origins: tuple[str, ...] = (endpoint,)
+    origins = s.get(None, ("XLLM_ALLOWED_ORIGINS", "LLMLB_ALLOWED_ORIGINS"), default_origins, parse_list)
+    for origin in origins:
+        normalize_origin(origin)
+    fmt = s.get(log_format, ("XLLM_LOG_FORMAT", "LLMLB_LOG_FORMAT"), "console", str).lower()
+    if fmt not in ("console", "json"):
+        raise ValueError(f"XLLM_LOG_FORMAT={fmt!r}: expected console or json")
+    downloads = s.get(max_downloads, ("XLLM_MAX_DOWNLOADS",), 1, int)
+    if downloads < 1:
+        raise ValueError("XLLM_MAX_DOWNLOADS must be at least 1")
+    shared = s.get(shared_dir, ("XLLM_SHARED_DIR",), None, Path)
+    return NodeConfig(
+        home=home,
+        models_dir=resolve_models_dir(models_dir, s.env),
+        shared_dir=shared.expanduser() if shared is not None else None,
+        balancer=s.get(balancer, ("XLLM_BALANCER", "LLMLB_ADDR"), "127.0.0.1:50051", str),
+        grpc_listen=s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen),
+        advertise=s.get(advertise, ("XLLM_ADVERTISE",), "", str),
+        node_id=s.get(node_id, ("XLLM_NODE_ID",), "", str),
+        backend=s.get(backend, ("XLLM_BACKEND",), "auto", parse_backend_name),
+        download_via=s.get(download_via, ("XLLM_DOWNLOAD_VIA",), "origin", parse_download_via),
+        hf_endpoint=endpoint,
+        hf_token=s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        allowed_origins=origins,
+        max_downloads=downloads,
+        download_stall_timeout_s=s.get(
+            download_stall_timeout_s, ("XLLM_DOWNLOAD_STALL_TIMEOUT",), 60.0, parse_positive
+        ),
+        download_timeout_s=s.get(download_timeout_s, ("XLLM_DOWNLOAD_TIMEOUT",), 300.0, parse_positive),
+        peer_fetch=s.get(peer_fetch, ("XLLM_PEER_FETCH",), True, parse_bool),
+        shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
+        auth_token=s.get(None, ("XLLM_AUTH_TOKEN",), "", str),
+        log_format=fmt,
+        log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),
+    )

@@ -1,0 +1,404 @@
+"""Fetching one manifest file into the models dir: resumable, verified, atomic, shared, bounded.
+
+The bytes go to ``<file>.partial`` while they arrive and are hashed as they are written; only a file
+whose size and sha256 match the manifest is renamed into place, so a reader never sees half a file.
+A killed node leaves its ``.partial`` behind and the next attempt continues from its last byte.
+
+Sharing: callers asking for the same file in one process wait on one task; node processes sharing a
+models dir take an exclusive ``flock`` on the file's lock file, which the kernel releases when the
+holder dies (even on SIGKILL), so a crashed holder never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Protocol
+
+import grpc
+import grpc.aio
+import structlog
+
+from common.config import NodeConfig, normalize_origin
+from common.errors import ErrorCode, LlmlbError
+from common.hub import HubFiles
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
+from common.rpc import error_from_rpc
+from common.types import ManifestFile, Model
+from node.storage import Storage, hash_file, partial_path
+
+log = structlog.get_logger(__name__)
+
+ATTEMPTS_PER_SOURCE = 3
+# Kept free beyond the file itself, so a download never fills the disk to the last block.
+DISK_RESERVE_BYTES = 64 * 1024 * 1024
+
+
+class BlobSource(Protocol):
+    """Somewhere a file's bytes can be read from, starting at any offset."""
+
+    name: str
+
+    def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]: ...
+
+
+class OriginSource:
+    """The model's origin hub, reached directly (``huggingface_hub`` URLs and headers)."""
+
+    name = "origin"
+
+    def __init__(self, config: NodeConfig, files: HubFiles) -> None:
+        self._config = config
+        self._files = files
+
+    def endpoint(self, origin: str) -> str:
+        if not self._config.origin_allowed(origin):
+            raise LlmlbError(
+                ErrorCode.ORIGIN_NOT_ALLOWED,
+                f"origin {origin} is not allowed on this node (set XLLM_ALLOWED_ORIGINS or use "
+                "--download-via balancer)",
+            )
+        # The configured spelling keeps a mirror's path prefix when it is the default origin.
+        if normalize_origin(origin) == normalize_origin(self._config.hf_endpoint):
+            return self._config.hf_endpoint
+        return origin
+
+    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+        endpoint = self.endpoint(model.origin or self._config.hf_endpoint)
+        async for chunk in self._files.stream(endpoint, model.repo_id, model.revision, file.filename, offset):
+            yield chunk
+
+
+class ReadBlobSource:
+    """``Manifest.ReadBlob`` on the balancer (its origin proxy) or on a peer node holding the file."""
+
+    def __init__(
+        self, name: str, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.name = name
+        self._stub = mgrpc.ManifestStub(channel)
+        self._metadata = metadata
+
+    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+        call = self._stub.ReadBlob(
+            mpb.ReadBlobRequest(model_id=model.id, filename=file.filename, offset=offset),
+            metadata=self._metadata or None,
+        )
+        position = offset
+        try:
+            async for chunk in call:
+                if chunk.offset != position:
+                    raise LlmlbError(
+                        ErrorCode.DOWNLOAD_FAILED,
+                        f"{self.name} sent bytes at {chunk.offset} where {position} was expected",
+                    )
+                position += len(chunk.data)
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    model_id: str
+    filename: str
+    done: int
+    total: int
+
+
+class FileLock:
+    """An exclusive ``flock`` held across node processes; waiting polls, so the event loop stays free."""
+
+    def __init__(self, path: Path, poll_s: float = 0.1, on_wait: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self._poll_s = poll_s
+        self._on_wait = on_wait
+        self._fd: int | None = None
+
+    async def __aenter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if self._on_wait is not None:
+                        self._on_wait()
+                    await asyncio.sleep(self._poll_s)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for an operator looking
+        self._fd = fd
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class Downloader:
+    """Downloads manifest files; at most ``max_downloads`` at a time, one transfer per file."""
+
+    def __init__(
+        self, storage: Storage, config: NodeConfig, on_progress: Callable[[Progress], None] | None = None
+    ) -> None:
+        self._storage = storage
+        self._config = config
+        self.on_progress: Callable[[Progress], None] = on_progress or (lambda p: None)
+        self._slots = asyncio.Semaphore(config.max_downloads)
+        self._inflight: dict[Path, asyncio.Task[None]] = {}
+
+    def active(self) -> int:
+        return len(self._inflight)
+
+    async def fetch(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> Path:
+        """Makes ``file`` valid in the models dir and returns its path; raises ``download_failed``."""
+        path = self._storage.file_path(model.id, file.filename)
+        task = self._inflight.get(path)
+        if task is None:
+            task = asyncio.create_task(self._fetch_shared(model, file, sources))
+            self._inflight[path] = task
+            task.add_done_callback(
+                lambda t: self._inflight.pop(path, None) if self._inflight.get(path) is t else None
+            )
+        # A caller that goes away does not cancel the download the others wait on.
+        await asyncio.shield(task)
+        return path
+
+    async def cancel_model(self, model_id: str) -> None:
+        """Stops the model's downloads in flight (the model is being deleted)."""
+        folder = self._storage.model_dir(model_id)
+        tasks = [t for p, t in self._inflight.items() if folder in p.parents]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _fetch_shared(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+        def waiting() -> None:  # another process holds the lock: report what its .partial holds
+            done = self._storage.partial_bytes(model.id, file.filename)
+            self.on_progress(Progress(model.id, file.filename, done, file.size_bytes))
+
+        lock = FileLock(self._storage.lock_path(model.id, file.filename), on_wait=waiting)
+        async with lock:
+            if await self._storage.is_valid(model.id, file):
+                return  # another node process on this models dir finished it while we waited
+            async with self._slots:
+                await self._download(model, file, sources)
+
+    async def _download(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+        path = self._storage.file_path(model.id, file.filename)
+        part = partial_path(path)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        have = _size(part)
+        if have > file.size_bytes:
+            part.unlink()
+            have = 0
+        free = shutil.disk_usage(part.parent).free
+        need = file.size_bytes - have
+        if free < need + DISK_RESERVE_BYTES:
+            raise LlmlbError(
+                ErrorCode.INSUFFICIENT_STORAGE,
+                f"insufficient storage for {model.id}/{file.filename}: needs {need} bytes "
+                f"(+{DISK_RESERVE_BYTES} reserve), {free} free in {part.parent}",
+            )
+        if not sources:
+            raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"no source to download {file.filename} from")
+        deadline = time.monotonic() + self._config.download_timeout_s
+        errors: list[str] = []
+        log.info(
+            "download.start",
+            model_id=model.id,
+            filename=file.filename,
+            bytes=file.size_bytes,
+            resume_from=have,
+        )
+        for source in sources:
+            for attempt in range(1, ATTEMPTS_PER_SOURCE + 1):
+                try:
+                    digest = await self._transfer(model, file, source, part, deadline)
+                except LlmlbError as exc:
+                    if exc.code is ErrorCode.INSUFFICIENT_STORAGE:
+                        raise
+                    errors.append(f"{source.name}: {exc.message}")
+                    log.warning(
+                        "download.attempt_failed",
+                        model_id=model.id,
+                        filename=file.filename,
+                        source=source.name,
+                        attempt=attempt,
+                        error=exc.message,
+                    )
+                    if exc.code is ErrorCode.TIMEOUT and time.monotonic() >= deadline:
+                        raise LlmlbError(
+                            ErrorCode.DOWNLOAD_FAILED,
+                            f"download of {file.filename} took longer than "
+                            f"{self._config.download_timeout_s:g}s (XLLM_DOWNLOAD_TIMEOUT)",
+                        ) from None
+                    if (
+                        exc.code in (ErrorCode.DOWNLOAD_FAILED, ErrorCode.TIMEOUT)
+                        and attempt < ATTEMPTS_PER_SOURCE
+                    ):
+                        await asyncio.sleep(0.2 * attempt)
+                        continue
+                    break  # not worth retrying here (refused, not found): next source
+                if file.sha256 and digest != file.sha256:
+                    part.unlink(missing_ok=True)  # wrong bytes are never resumed from
+                    errors.append(f"{source.name}: sha256 {digest[:12]}… does not match {file.sha256[:12]}…")
+                    log.warning(
+                        "download.sha256_mismatch",
+                        model_id=model.id,
+                        filename=file.filename,
+                        source=source.name,
+                    )
+                    break
+                await asyncio.get_running_loop().run_in_executor(self._storage.pool, _publish, part, path)
+                self._storage.record_verified(model.id, file.filename, digest)
+                log.info(
+                    "download.done",
+                    model_id=model.id,
+                    filename=file.filename,
+                    bytes=file.size_bytes,
+                    source=source.name,
+                )
+                return
+        raise LlmlbError(
+            ErrorCode.DOWNLOAD_FAILED, f"could not download {model.id}/{file.filename}: " + "; ".join(errors)
+        )
+
+    async def _transfer(
+        self, model: Model, file: ManifestFile, source: BlobSource, part: Path, deadline: float
+    ) -> str:
+        """Appends the rest of the file from ``source`` to ``part``; returns the whole file's sha256."""
+        loop = asyncio.get_running_loop()
+        pool = self._storage.pool
+        have = _size(part)
+        # Resuming: the digest must cover the bytes already there (hashed once, off the loop).
+        digest = await loop.run_in_executor(pool, hash_file, part, have) if have else _new_digest()
+        done = have
+        next_log = _next_decile(done, file.size_bytes)
+        if done >= file.size_bytes:
+            return digest.hexdigest()
+        stream = source.stream(model, file, done).__aiter__()
+        fh = await loop.run_in_executor(pool, _open_append, part)
+        try:
+            while done < file.size_bytes:
+                now = time.monotonic()
+                wait = min(self._config.download_stall_timeout_s, deadline - now)
+                if wait <= 0:
+                    raise LlmlbError(ErrorCode.TIMEOUT, "total download timeout reached")
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), wait)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    stalled = wait >= self._config.download_stall_timeout_s
+                    raise LlmlbError(
+                        ErrorCode.TIMEOUT,
+                        f"no bytes for {self._config.download_stall_timeout_s:g}s "
+                        "(XLLM_DOWNLOAD_STALL_TIMEOUT)"
+                        if stalled
+                        else "total download timeout reached",
+                    ) from None
+                if done + len(chunk) > file.size_bytes:
+                    raise LlmlbError(
+                        ErrorCode.DOWNLOAD_FAILED, f"{source.name} sent more bytes than the manifest says"
+                    )
+                try:
+                    await loop.run_in_executor(pool, _write, fh, chunk, digest)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        # Free what it held; nothing half-written stays.
+                        await loop.run_in_executor(pool, _discard, fh, part)
+                        raise LlmlbError(
+                            ErrorCode.INSUFFICIENT_STORAGE,
+                            f"insufficient storage: the disk filled while writing {file.filename}",
+                        ) from None
+                    raise
+                done += len(chunk)
+                self.on_progress(Progress(model.id, file.filename, done, file.size_bytes))
+                if done >= next_log:
+                    log.info(
+                        "download.progress",
+                        model_id=model.id,
+                        filename=file.filename,
+                        percent=int(100 * done / file.size_bytes),
+                        bytes=done,
+                        source=source.name,
+                    )
+                    next_log = _next_decile(done, file.size_bytes)
+        finally:
+            await _aclose(stream)
+            if not fh.closed:
+                await loop.run_in_executor(pool, fh.close)
+        if done != file.size_bytes:
+            raise LlmlbError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"{source.name} ended {file.filename} at byte {done} of {file.size_bytes}",
+            )
+        return digest.hexdigest()
+
+
+def _new_digest() -> hashlib._Hash:
+    return hashlib.sha256()
+
+
+def _next_decile(done: int, total: int) -> int:
+    if total <= 0:
+        return 1
+    step = max(1, total // 10)
+    return (done // step + 1) * step
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _open_append(path: Path) -> BinaryIO:
+    return path.open("ab")
+
+
+def _write(fh: BinaryIO, chunk: bytes, digest: hashlib._Hash) -> None:
+    fh.write(chunk)
+    digest.update(chunk)
+
+
+def _discard(fh: BinaryIO, part: Path) -> None:
+    fh.close()
+    part.unlink(missing_ok=True)
+
+
+def _publish(part: Path, path: Path) -> None:
+    with part.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(part, path)  # atomic: readers see the old file or the whole new one
+
+
+async def _aclose(stream: AsyncIterator[bytes]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):  # the source's own error is the one that matters
+            await aclose()

@@ -1,0 +1,233 @@
+"""Finding a model's files for this node: local dir, then the shared dir, then a download.
+
+Each file the node's backend needs is looked for in order:
+
+1. ``<models_dir>/<model-id>/<file>``, valid when non-empty and matching the manifest's size and
+   sha256;
+2. ``<shared_dir>/<model-id>/<file>`` (an NFS mount), used in place and never copied; it is looked
+   at again on every resolution, so a file changed on the share is seen by the next request, and a
+   share that does not answer within ``shared_dir_timeout_s`` is skipped;
+3. a download: from a peer node that holds it, then from the origin (or, with ``--download-via
+   balancer``, through the balancer's proxy).
+
+An unknown model fails with ``model_not_found`` as soon as the balancer says so; a bad id fails with
+``invalid_model_id`` before any file is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from common.config import NodeConfig
+from common.errors import ErrorCode, LlmlbError
+from common.formats import check_filename
+from common.model_id import normalize_model_id
+from common.types import Backend, ManifestFile, Model
+from node import model_states as st
+from node.downloader import BlobSource, Downloader, Progress
+from node.model_states import ModelStates
+from node.storage import Storage
+
+log = structlog.get_logger(__name__)
+
+# After a shared dir fails to answer, it is not asked again for this long.
+SHARED_DIR_RETRY_S = 30.0
+
+
+class ManifestProvider(Protocol):
+    """The balancer, as the resolver sees it: manifests, and where else a model's bytes can come from."""
+
+    async def get_model(self, model_id: str) -> Model: ...
+
+    async def peer_sources(self, model_id: str) -> list[BlobSource]: ...
+
+    def proxy_source(self) -> BlobSource: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model this node can run: its manifest and, per needed file, where that file is on disk."""
+
+    model: Model
+    paths: Mapping[str, Path]  # manifest filename -> absolute path (models dir or shared dir)
+    sources: Mapping[str, str] = field(default_factory=dict)  # filename -> local | shared | <download source>
+
+    @property
+    def shared(self) -> bool:
+        return any(s == "shared" for s in self.sources.values())
+
+
+class Resolver:
+    def __init__(
+        self,
+        config: NodeConfig,
+        backend: Backend,
+        storage: Storage,
+        downloader: Downloader,
+        states: ModelStates,
+        manifests: ManifestProvider,
+        origin: BlobSource,
+    ) -> None:
+        self._config = config
+        self._backend = backend
+        self._storage = storage
+        self._downloader = downloader
+        self._states = states
+        self._manifests = manifests
+        self._origin = origin
+        self._shared_down_until = 0.0
+        self._file_progress: dict[str, dict[str, int]] = {}  # model_id -> filename -> bytes held
+
+    def needed_files(self, model: Model) -> list[ManifestFile]:
+        """The files this node's backend needs: no ``.metal.bin`` on CUDA or CPU, for example."""
+        return [f for f in model.files if f.needed_by(self._backend)]
+
+    async def manifest(self, model_id: str) -> Model:
+        """The model's manifest from the balancer; the saved copy when the balancer cannot be reached."""
+        model_id = normalize_model_id(model_id)
+        try:
+            return await self._manifests.get_model(model_id)
+        except LlmlbError as exc:
+            if exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID):
+                raise
+            saved = self._storage.load_manifest(model_id)
+            if saved is None:
+                raise LlmlbError(
+                    ErrorCode.MODEL_NOT_FOUND,
+                    f"model {model_id!r} is not on this node and the balancer cannot be asked "
+                    f"({exc.message})",
+                ) from None
+            log.info("manifest.saved_copy", model_id=model_id, reason=exc.message)
+            return saved
+
+    async def resolve(self, model_id: str) -> ResolvedModel:
+        """Makes every file the model needs available on this node and says where each one is."""
+        model = await self.manifest(model_id)
+        needed = self.needed_files(model)
+        paths: dict[str, Path] = {}
+        sources: dict[str, str] = {}
+        missing: list[ManifestFile] = []
+        for file in needed:
+            if await self._storage.is_valid(model.id, file):
+                paths[file.filename] = self._storage.file_path(model.id, file.filename)
+                sources[file.filename] = "local"
+                continue
+            shared = await self._on_shared_dir(model, file)
+            if shared is not None:
+                paths[file.filename] = shared
+                sources[file.filename] = "shared"
+                continue
+            missing.append(file)
+        if missing:
+            await self._download(model, needed, missing, paths, sources)
+        elif sources and all(s == "local" for s in sources.values()):
+            self._storage.save_manifest(model)  # a copy placed by hand becomes a known model
+        total = sum(f.size_bytes for f in needed)
+        if self._states.get(model.id).state not in (st.LOADING, st.READY):
+            self._states.set(model.id, st.PRESENT, downloaded=total, total=total)
+        return ResolvedModel(model, paths, sources)
+
+    async def _on_shared_dir(self, model: Model, file: ManifestFile) -> Path | None:
+        shared_dir = self._config.shared_dir
+        if shared_dir is None or time.monotonic() < self._shared_down_until:
+            return None
+        path = shared_dir / model.id / file.filename
+        try:
+            # A hung NFS mount blocks stat() in the kernel: ask from a thread and stop waiting.
+            await asyncio.wait_for(asyncio.to_thread(os.stat, path), self._config.shared_dir_timeout_s)
+        except TimeoutError:
+            self._shared_down_until = time.monotonic() + SHARED_DIR_RETRY_S
+            log.warning("shared_dir.unresponsive", path=str(shared_dir), retry_in_s=SHARED_DIR_RETRY_S)
+            return None
+        except OSError:
+            return None
+        if await self._storage.verifier.matches(path, file):
+            return path
+        log.warning("shared_dir.mismatch", model_id=model.id, filename=file.filename, path=str(path))
+        return None
+
+    async def _download(
+        self,
+        model: Model,
+        needed: list[ManifestFile],
+        missing: list[ManifestFile],
+        paths: dict[str, Path],
+        sources: dict[str, str],
+    ) -> None:
+        total = sum(f.size_bytes for f in needed)
+        held = {f.filename: f.size_bytes for f in needed if f.filename in paths}
+        held.update({f.filename: self._storage.partial_bytes(model.id, f.filename) for f in missing})
+        self._file_progress[model.id] = held
+        self._states.progress(model.id, sum(held.values()), total)
+        self._storage.save_manifest(model)  # so a restarted node can resume without asking anyone
+        try:
+            blob_sources = await self._sources(model)
+            for file in missing:
+                paths[file.filename] = await self._downloader.fetch(model, file, blob_sources)
+                sources[file.filename] = "download"
+        except LlmlbError as exc:
+            self._states.set(model.id, st.FAILED, total=total, error=exc.message)
+            raise
+        finally:
+            self._file_progress.pop(model.id, None)
+
+    async def _sources(self, model: Model) -> list[BlobSource]:
+        found: list[BlobSource] = []
+        if self._config.peer_fetch:
+            try:
+                found.extend(await self._manifests.peer_sources(model.id))
+            except LlmlbError as exc:
+                log.info("peers.unavailable", model_id=model.id, error=exc.message)
+        found.append(
+            self._manifests.proxy_source() if self._config.download_via == "balancer" else self._origin
+        )
+        return found
+
+    def on_progress(self, progress: Progress) -> None:
+        """Downloader callback: per-file bytes become the model's downloaded bytes."""
+        held = self._file_progress.get(progress.model_id)
+        if held is None:
+            return
+        held[progress.filename] = progress.done
+        self._states.progress(progress.model_id, sum(held.values()), 0)
+
+    async def survey(self) -> None:
+        """Reports the models the models dir already holds: present when whole, else how far along."""
+        for model in self._storage.known_models():
+            needed = self.needed_files(model)
+            total = sum(f.size_bytes for f in needed)
+            held, whole = 0, True
+            for file in needed:
+                if await self._storage.is_valid(model.id, file):
+                    held += file.size_bytes
+                else:
+                    whole = False
+                    held += self._storage.partial_bytes(model.id, file.filename)
+            if whole:
+                self._states.set(model.id, st.PRESENT, downloaded=total, total=total)
+            elif held:
+                self._states.set(model.id, st.DOWNLOADING, downloaded=held, total=total)
+
+    async def locate(self, model_id: str, filename: str) -> tuple[ManifestFile, Path]:
+        """Where this node holds one file of a model, without downloading: for peers reading it."""
+        model_id = normalize_model_id(model_id)
+        check_filename(filename)
+        saved = self._storage.load_manifest(model_id)
+        model = saved if saved is not None else await self.manifest(model_id)
+        file = next((f for f in model.files if f.filename == filename), None)
+        if file is None:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{filename!r} is not a file of {model_id!r}")
+        if await self._storage.is_valid(model_id, file):
+            return file, self._storage.file_path(model_id, filename)
+        shared = await self._on_shared_dir(model, file)
+        if shared is not None:
+            return file, shared
+        raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"this node does not hold {model_id}/{filename}")
