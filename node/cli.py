@@ -1,45 +1,235 @@
-"""``xllm``: the node worker's command line.
-
-Serving inference arrives with the node worker; today the CLI resolves and shows the node's
-configuration, so operators can check where model files will live.
-"""
+"""``xllm``: the node worker's command line: serve, show the configuration, list local models."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from common.config import llmlb_home, resolve_models_dir
+from common.config import NodeConfig, load_node_config
+from common.logs import configure_logging
 
 ENV_HELP = """\
-environment (flags win over these; ~/.llmlb/.env or $LLMLB_HOME/.env is read after the environment):
-  XLLM_MODELS_DIR   where the node keeps model files (then LLM_MODELS_DIR, then ~/.llmlb/models)
-  LLM_MODELS_DIR    older name of XLLM_MODELS_DIR, still honoured
-  LLMLB_HOME        state directory (default ~/.llmlb)
+environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is read after the environment):
+  XLLM_MODELS_DIR              where the node keeps model files (then LLM_MODELS_DIR, then ~/.llmlb/models)
+  LLM_MODELS_DIR               older name of XLLM_MODELS_DIR, still honoured
+  XLLM_SHARED_DIR              shared (NFS) models dir used in place, never copied: <dir>/<model-id>/<file>
+  XLLM_SHARED_DIR_TIMEOUT      seconds a shared-dir lookup may take before it is skipped (default 2)
+  XLLM_BALANCER                balancer gRPC address (then LLMLB_ADDR; default 127.0.0.1:50051)
+  XLLM_GRPC_LISTEN             host:port the node's gRPC server binds (default 127.0.0.1:50061)
+  XLLM_ADVERTISE               host:port the balancer and peers dial (default: the listen address)
+  XLLM_NODE_ID                 node id (default: the one saved in $LLMLB_HOME/node-id, else assigned)
+  XLLM_BACKEND                 auto, cuda, metal or cpu (default auto: CUDA via NVML, Metal, CPU)
+  XLLM_DOWNLOAD_VIA            origin (the hub directly) or balancer (its streaming proxy) (default origin)
+  XLLM_ALLOWED_ORIGINS         comma-separated origins the node may download from (default: $HF_ENDPOINT)
+  XLLM_MAX_DOWNLOADS           downloads at a time on this node (default 1)
+  XLLM_DOWNLOAD_STALL_TIMEOUT  seconds without a byte before a download attempt fails (default 60)
+  XLLM_DOWNLOAD_TIMEOUT        seconds one file's download may take in all (default 300)
+  XLLM_PEER_FETCH              fetch from peer nodes holding the model first: true/false (default true)
+  XLLM_AUTH_TOKEN              token the node reports for callers to present (default none)
+  XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
+  LLMLB_HOME                   state directory (default ~/.llmlb)
+  HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
+  HF_TOKEN                     token for private or gated repositories
 """
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xllm",
-        description="llmlb node worker.",
+        description="llmlb node worker: finds model files, serves them to peers, obeys the balancer.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
-    cfg = sub.add_parser("config", help="show the resolved node configuration")
-    cfg.add_argument("--models-dir", type=Path, help="model files directory (XLLM_MODELS_DIR)")
+
+    def node_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--models-dir", type=Path, help="model files directory (XLLM_MODELS_DIR)")
+        parser.add_argument(
+            "--shared-dir", type=Path, help="shared models dir, used in place (XLLM_SHARED_DIR)"
+        )
+        parser.add_argument("--balancer", help="balancer gRPC address (XLLM_BALANCER)")
+        parser.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
+        return parser
+
+    serve = node_flags(
+        sub.add_parser(
+            "serve",
+            help="run the node",
+            epilog=ENV_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    serve.add_argument("--grpc-listen", help="host:port for gRPC (XLLM_GRPC_LISTEN)")
+    serve.add_argument("--advertise", help="host:port the balancer and peers dial (XLLM_ADVERTISE)")
+    serve.add_argument("--node-id", help="node id (XLLM_NODE_ID)")
+    serve.add_argument("--backend", choices=["auto", "cuda", "metal", "cpu"], help="(XLLM_BACKEND)")
+    serve.add_argument("--download-via", choices=["origin", "balancer"], help="(XLLM_DOWNLOAD_VIA)")
+    serve.add_argument("--max-downloads", type=int, help="downloads at a time (XLLM_MAX_DOWNLOADS)")
+    serve.add_argument("--download-timeout", type=float, help="seconds per file (XLLM_DOWNLOAD_TIMEOUT)")
+    serve.add_argument(
+        "--download-stall-timeout", type=float, help="seconds without bytes (XLLM_DOWNLOAD_STALL_TIMEOUT)"
+    )
+    serve.add_argument(
+        "--no-peer-fetch",
+        dest="peer_fetch",
+        action="store_false",
+        default=None,
+        help="(XLLM_PEER_FETCH=false)",
+    )
+    serve.add_argument("--log-format", choices=["console", "json"], help="(XLLM_LOG_FORMAT)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(XLLM_LOG_LEVEL)")
+
+    cfg = node_flags(sub.add_parser("config", help="show the resolved node configuration"))
     cfg.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
-    resolved = {"home": str(llmlb_home()), "models_dir": str(resolve_models_dir(args.models_dir))}
-    if args.json:
-        print(json.dumps(resolved, indent=2))
-    else:
-        for key, value in resolved.items():
-            print(f"{key:12} {value}")
+
+    pull = node_flags(
+        sub.add_parser("pull", help="fetch models into the models dir now (asks the balancer for manifests)")
+    )
+    pull.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
+    pull.add_argument("--download-via", choices=["origin", "balancer"], help="(XLLM_DOWNLOAD_VIA)")
+    pull.add_argument("--backend", choices=["auto", "cuda", "metal", "cpu"], help="(XLLM_BACKEND)")
+    pull.add_argument("--json", action="store_true", help="print JSON")
+
+    models = node_flags(sub.add_parser("models", help="list the models this node's models dir holds"))
+    models.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_node_config(
+        models_dir=args.models_dir,
+        shared_dir=args.shared_dir,
+        balancer=args.balancer,
+        home=args.home,
+        grpc_listen=getattr(args, "grpc_listen", None),
+        advertise=getattr(args, "advertise", None),
+        node_id=getattr(args, "node_id", None),
+        backend=getattr(args, "backend", None),
+        download_via=getattr(args, "download_via", None),
+        max_downloads=getattr(args, "max_downloads", None),
+        download_timeout_s=getattr(args, "download_timeout", None),
+        download_stall_timeout_s=getattr(args, "download_stall_timeout", None),
+        peer_fetch=getattr(args, "peer_fetch", None),
+        log_format=getattr(args, "log_format", None),
+        log_level=getattr(args, "log_level", None),
+    )
+
+
+def _show_config(config: NodeConfig) -> dict[str, Any]:
+    shown: dict[str, Any] = {}
+    for name in config.__dataclass_fields__:
+        value = getattr(config, name)
+        if name == "hf_token":
+            value = "set" if value else None  # never print a secret
+        elif name == "auth_token":
+            value = "set" if value else ""
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        shown[name] = value
+    return shown
+
+
+def _list_models(config: NodeConfig) -> list[dict[str, Any]]:
+    from node.storage import Storage
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        storage = Storage(config.models_dir, pool)
+        rows = []
+        for model in storage.known_models():
+            partial = sum(storage.partial_bytes(model.id, f.filename) for f in model.files)
+            rows.append(
+                {
+                    "model_id": model.id,
+                    "repo": model.repo_id,
+                    "revision": model.revision,
+                    "total_bytes": model.total_bytes,
+                    "partial_bytes": partial,
+                    "path": str(storage.model_dir(model.id)),
+                }
+            )
+        return rows
+
+
+async def _pull(config: NodeConfig, model_ids: list[str]) -> list[dict[str, Any]]:
+    from common.errors import LlmlbError
+    from node.server import assemble
+
+    parts = assemble(config, address="")
+    results: list[dict[str, Any]] = []
+    try:
+        for model_id in model_ids:
+            try:
+                resolved = await parts.resolver.resolve(model_id)
+            except LlmlbError as exc:
+                results.append({"model_id": model_id, "error": exc.code.value, "message": exc.message})
+                continue
+            results.append(
+                {
+                    "model_id": resolved.model.id,
+                    "files": {
+                        name: {"path": str(path), "from": resolved.sources.get(name, "")}
+                        for name, path in resolved.paths.items()
+                    },
+                }
+            )
+    finally:
+        await parts.close()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        shown = _show_config(config)
+        if args.json:
+            print(json.dumps(shown, indent=2))
+        else:
+            for key, value in shown.items():
+                print(f"{key:26} {value}")
+        return 0
+    if args.command == "models":
+        rows = _list_models(config)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'MODEL':40} {'BYTES':>12} {'PARTIAL':>12}  PATH")
+            for r in rows:
+                print(f"{r['model_id']:40} {r['total_bytes']:>12} {r['partial_bytes']:>12}  {r['path']}")
+        return 0
+    configure_logging(config.log_format, config.log_level)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if args.command == "pull":
+        results = asyncio.run(_pull(config, args.model_ids))
+        if args.json:
+            print(json.dumps(results, indent=2))
+        for r in results if not args.json else []:
+            if "error" in r:
+                print(f"{r['model_id']}: error: {r['error']}: {r['message']}", file=sys.stderr)
+            else:
+                for name, f in r["files"].items():
+                    print(f"{r['model_id']}  {name}  {f['from']}  {f['path']}")
+        return 1 if any("error" in r for r in results) else 0
+    from node.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,358 @@
+"""The node's live link to the balancer: registration, the session stream, commands, and lookups.
+
+``RegisterNode`` first (the id the balancer assigns is saved in ``<home>/node-id`` and reused after a
+restart), then a ``NodeSession`` stream: a heartbeat every interval with load and the full per-model
+picture, a ``model_state`` message whenever a model changes (download progress included), and
+commands from the balancer (delete, prefetch, drain), each acknowledged once carried out. When the
+stream breaks, the link reconnects with capped exponential backoff until the node stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Protocol
+
+import grpc
+import grpc.aio
+import structlog
+
+from common import converters
+from common.config import NodeConfig
+from common.errors import LlmlbError
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import CHANNEL_OPTIONS, error_from_rpc
+from common.types import Capability, Model
+from node.downloader import BlobSource, ReadBlobSource
+from node.hardware import Hardware
+from node.model_states import ModelState, ModelStates
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 5.0
+LOOKUP_TIMEOUT_S = 5.0
+# model_state updates are coalesced: at most one per model this often.
+STATE_PUSH_INTERVAL_S = 0.2
+
+_STATE_TO_PB = {
+    "absent": pb.MODEL_STATE_ABSENT,
+    "downloading": pb.MODEL_STATE_DOWNLOADING,
+    "present": pb.MODEL_STATE_PRESENT,
+    "loading": pb.MODEL_STATE_LOADING,
+    "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+
+
+class CommandHandler(Protocol):
+    """What the node does when the balancer says so; each returns when the work is done."""
+
+    async def delete_model(self, model_id: str) -> None: ...
+
+    async def prefetch(self, model_id: str) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    active_requests: int = 0
+    queued_requests: int = 0
+
+
+def version() -> str:
+    try:
+        return metadata.version("llmlb")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def host_load() -> tuple[float, int, int]:
+    """CPU use (percent over all cores, from the 1-minute load average) and host memory used/total MB."""
+    try:
+        cpu = min(100.0, 100.0 * os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        cpu = 0.0
+    total = available = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key == "MemTotal":
+                    total = int(value.split()[0]) // 1024
+                elif key == "MemAvailable":
+                    available = int(value.split()[0]) // 1024
+    except OSError:
+        pass
+    return cpu, max(0, total - available), total
+
+
+def state_to_pb(node_id: str, s: ModelState) -> pb.ModelNodeStatus:
+    return pb.ModelNodeStatus(
+        node_id=node_id,
+        model_id=s.model_id,
+        state=_STATE_TO_PB.get(s.state, pb.MODEL_STATE_UNSPECIFIED),
+        ready=s.state == "ready",
+        downloaded_bytes=s.downloaded_bytes,
+        total_bytes=s.total_bytes,
+        error=s.error,
+    )
+
+
+class BalancerLink:
+    """One node's connection to its balancer; reconnects by itself until ``stop``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        hardware: Hardware,
+        advertise: str,
+        states: ModelStates,
+        handler: CommandHandler,
+        *,
+        runtimes: Sequence[str] = (),
+        capabilities: Sequence[Capability] = (),
+        load: Callable[[], Load] = Load,
+        runtime_states: Callable[[], Mapping[str, ModelState]] = dict,
+    ) -> None:
+        self._config = config
+        self._hardware = hardware
+        self._advertise = advertise
+        self._states = states
+        self._handler = handler
+        self._runtimes = list(runtimes)
+        self._capabilities = list(capabilities)
+        self._load = load
+        self._runtime_states = runtime_states
+        self.channel = grpc.aio.insecure_channel(config.balancer, options=CHANNEL_OPTIONS)
+        self._registry = rgrpc.RegistryStub(self.channel)
+        self._peers: dict[str, grpc.aio.Channel] = {}
+        self.node_id = config.node_id or self._saved_node_id()
+        self.connected = asyncio.Event()
+        self._heartbeat_s = 1.0
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._dirty: dict[str, ModelState] = {}
+        self._wake = asyncio.Event()
+        self._outbox: asyncio.Queue[rpb.NodeMessage] = asyncio.Queue()
+        self._running: set[int] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        states.subscribe(self._changed)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="balancer-link")
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+        for channel in self._peers.values():
+            await channel.close(None)
+        await self.channel.close(None)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_FIRST_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self._register()
+                await self._session()
+                log.warning("balancer.session_ended", node_id=self.node_id)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "balancer.unreachable",
+                    balancer=self._config.balancer,
+                    error=exc.code().name,
+                    detail=exc.details(),
+                )
+            except LlmlbError as exc:
+                log.warning("balancer.refused", balancer=self._config.balancer, error=exc.message)
+            self.connected.clear()
+            if time.monotonic() - started > 10:
+                backoff = BACKOFF_FIRST_S  # it was up for a while: come back quickly
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    def _saved_node_id(self) -> str:
+        try:
+            return self._config.node_id_file.read_text().strip()
+        except OSError:
+            return ""
+
+    async def _register(self) -> None:
+        reply = await self._registry.RegisterNode(
+            rpb.RegisterNodeRequest(
+                node_id=self.node_id,
+                address=self._advertise,
+                backends=[converters.backend_to_pb(b) for b in self._hardware.backends],
+                gpus=[converters.gpu_to_pb(g) for g in self._hardware.gpus],
+                runtimes=self._runtimes,
+                capabilities=converters.capabilities_to_pb(self._capabilities),
+                version=version(),
+                auth_token=self._config.auth_token,
+                memory_total_mb=self._hardware.memory_total_mb,
+            ),
+            timeout=LOOKUP_TIMEOUT_S,
+        )
+        if reply.node_id != self.node_id:
+            self._config.node_id_file.parent.mkdir(parents=True, exist_ok=True)
+            self._config.node_id_file.write_text(reply.node_id + "\n")
+        self.node_id = reply.node_id
+        self._heartbeat_s = max(0.05, reply.heartbeat_interval_ms / 1000)
+        log.info(
+            "balancer.registered",
+            node_id=self.node_id,
+            balancer=self._config.balancer,
+            address=self._advertise,
+        )
+
+    async def _session(self) -> None:
+        while not self._outbox.empty():  # acks meant for a dead session: the commands come again
+            self._outbox.get_nowait()
+        call = self._registry.NodeSession(self._outgoing())
+        async for msg in call:
+            kind = msg.WhichOneof("body")
+            if kind == "accepted":
+                self.connected.set()
+                log.info("balancer.connected", node_id=self.node_id)
+            elif kind == "command":
+                self._start_command(msg.command)
+
+    async def _outgoing(self) -> AsyncIterator[rpb.NodeMessage]:
+        yield rpb.NodeMessage(hello=rpb.NodeHello(node_id=self.node_id))
+        yield self._heartbeat()
+        next_beat = time.monotonic() + self._heartbeat_s
+        next_push = 0.0
+        while True:
+            self._wake.clear()
+            while not self._outbox.empty():
+                yield self._outbox.get_nowait()
+            now = time.monotonic()
+            if self._dirty and now >= next_push:
+                dirty, self._dirty = self._dirty, {}
+                for state in dirty.values():
+                    yield rpb.NodeMessage(model_state=state_to_pb(self.node_id, state))
+                next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
+            if now >= next_beat:
+                yield self._heartbeat()
+                next_beat = now + self._heartbeat_s
+            until = min(next_beat, next_push) if self._dirty else next_beat
+            if self._outbox.empty():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, until - time.monotonic()))
+
+    def _heartbeat(self) -> rpb.NodeMessage:
+        cpu, used, total = host_load()
+        load = self._load()
+        picture = {s.model_id: s for s in self._states.snapshot()}
+        picture.update(self._runtime_states())  # loading / ready / failed from the runtimes win
+        return rpb.NodeMessage(
+            heartbeat=rpb.Heartbeat(
+                load=pb.NodeLoad(
+                    active_requests=load.active_requests,
+                    queued_requests=load.queued_requests,
+                    cpu_percent=cpu,
+                    memory_used_mb=used,
+                    memory_total_mb=total,
+                ),
+                models=[state_to_pb(self.node_id, s) for s in picture.values() if s.state != "absent"],
+            )
+        )
+
+    def _changed(self, state: ModelState) -> None:
+        self._dirty[state.model_id] = state
+        self._wake.set()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _start_command(self, command: rpb.NodeCommand) -> None:
+        if command.command_id in self._running:
+            return  # re-sent on a new session while still being carried out
+        self._running.add(command.command_id)
+        job = asyncio.create_task(self._carry_out(command))
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _carry_out(self, command: rpb.NodeCommand) -> None:
+        kind = command.WhichOneof("body")
+        ok, error = True, ""
+        try:
+            if kind == "delete_model":
+                await self._handler.delete_model(command.delete_model.model_id)
+            elif kind == "prefetch":
+                await self._handler.prefetch(command.prefetch.model_id)
+            elif kind == "drain":
+                await self._handler.drain()
+            else:
+                ok, error = False, f"unknown command {kind!r}"
+        except LlmlbError as exc:
+            ok, error = False, exc.message
+        except Exception as exc:
+            log.exception("command.failed", command_id=command.command_id, kind=kind)
+            ok, error = False, repr(exc)
+        finally:
+            self._running.discard(command.command_id)
+        log.info("command.done", command_id=command.command_id, kind=kind, ok=ok, error=error or None)
+        self._outbox.put_nowait(
+            rpb.NodeMessage(ack=rpb.CommandAck(command_id=command.command_id, ok=ok, error=error))
+        )
+        self._wake.set()
+
+    # -- lookups the resolver makes ---------------------------------------------------------------
+
+    async def get_model(self, model_id: str) -> Model:
+        try:
+            reply = await self._registry.GetModel(
+                rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return converters.model_from_pb(reply)
+
+    async def peer_sources(self, model_id: str) -> list[BlobSource]:
+        """Online nodes other than this one that report the model present or ready."""
+        try:
+            model = await self._registry.GetModel(
+                rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+            )
+            holders = {
+                n.node_id
+                for n in model.nodes
+                if n.state in (pb.MODEL_STATE_PRESENT, pb.MODEL_STATE_READY, pb.MODEL_STATE_LOADING)
+                and n.node_id != self.node_id
+            }
+            if not holders:
+                return []
+            nodes = await self._registry.ListNodes(rpb.ListNodesRequest(), timeout=LOOKUP_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        found: list[BlobSource] = []
+        for node in nodes.nodes:
+            if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
+                channel = self._peers.get(node.address)
+                if channel is None:
+                    channel = grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS)
+                    self._peers[node.address] = channel
+                found.append(ReadBlobSource(f"peer:{node.id}", channel))
+        random.shuffle(found)  # spread the fetches of many nodes over the holders
+        return found
+
+    def proxy_source(self) -> BlobSource:
+        return ReadBlobSource("balancer", self.channel)

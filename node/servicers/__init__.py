@@ -1,0 +1,1 @@
+"""The node's gRPC doors: thin servicers that convert protobuf and call the node's own logic."""

@@ -1,0 +1,70 @@
+"""gRPC ``Manifest`` servicer of a node: the files it holds, so peers can fetch from each other.
+
+Only files the node already holds (in its models dir or on the shared dir) are served; a read never
+starts a download, and every file name must be one of the model's manifest files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import grpc.aio
+
+from common import converters
+from common.errors import ErrorCode, LlmlbError
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import rpc_errors
+from node.resolver import Resolver
+from node.storage import Storage
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+CHUNK_BYTES = 1024 * 1024
+
+
+class NodeManifestServicer(mgrpc.ManifestServicer):
+    def __init__(self, resolver: Resolver, storage: Storage) -> None:
+        self._resolver = resolver
+        self._storage = storage
+
+    @rpc_errors
+    async def GetManifest(self, request: mpb.GetManifestRequest, context: Ctx) -> pb.ModelManifest:
+        model = await self._resolver.manifest(request.model_id)
+        backend = converters.backend_from_pb(request.backend) if request.backend else None
+        return converters.manifest_to_pb(model, backend)
+
+    @rpc_errors
+    async def ReadBlob(self, request: mpb.ReadBlobRequest, context: Ctx) -> AsyncIterator[mpb.BlobChunk]:
+        if request.offset < 0 or request.length < 0:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "offset and length must not be negative")
+        file, path = await self._resolver.locate(request.model_id, request.filename)
+        if request.offset > file.size_bytes or (request.offset == file.size_bytes and file.size_bytes):
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST, f"offset {request.offset} is past the end of the file"
+            )
+        end = min(file.size_bytes, request.offset + request.length) if request.length else file.size_bytes
+        loop = asyncio.get_running_loop()
+        pool = self._storage.pool
+        fh = await loop.run_in_executor(pool, _open_at, path, request.offset)
+        try:
+            position = request.offset
+            while position < end:
+                data = await loop.run_in_executor(pool, fh.read, min(CHUNK_BYTES, end - position))
+                if not data:
+                    raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{request.filename} shrank while being read")
+                yield mpb.BlobChunk(
+                    offset=position, data=data, total_size=file.size_bytes, sha256=file.sha256
+                )
+                position += len(data)
+        finally:
+            await loop.run_in_executor(pool, fh.close)
+
+
+def _open_at(path: Path, offset: int) -> BinaryIO:
+    fh = path.open("rb")
+    fh.seek(offset)
+    return fh
