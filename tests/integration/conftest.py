@@ -125,3 +125,127 @@ def balancer_factory(tmp_path: Path) -> Iterator[object]:
 def balancer(balancer_factory, hub: FakeHub) -> BalancerProcess:
     """A balancer whose origin is the fake hub, without an HF token."""
     return balancer_factory(hub)  # type: ignore[no-any-return,operator]
+
+
+class NodeProcess:
+    """One `xllm serve` process on 127.0.0.1, talking to a balancer; restartable on the same dirs."""
+
+    def __init__(self, home: Path, balancer: str, env: dict[str, str], args: list[str]) -> None:
+        self.home = home
+        self.balancer = balancer
+        self.env = env
+        self.args = args
+        self.port = free_port()
+        self.models_dir = home / "models"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = home / "node.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "LLMLB_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "serve",
+                "--grpc-listen",
+                self.address,
+                "--balancer",
+                self.balancer,
+                "--models-dir",
+                str(self.models_dir),
+                "--log-format",
+                "json",
+                *self.args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"node not serving after {timeout}s:\n{self.log()}")
+                time.sleep(0.1)
+
+    @property
+    def node_id(self) -> str:
+        return (self.home / "node-id").read_text().strip()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def xllm(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Runs one `xllm` command (pull, models, ...) as its own process."""
+    full_env = {**os.environ, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def xllm_start(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = {**os.environ, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[NodeProcess] = []
+
+    def make(
+        balancer: BalancerProcess, hub: FakeHub, *args: str, start: bool = True, **extra_env: str
+    ) -> NodeProcess:
+        env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **extra_env}
+        node = NodeProcess(tmp_path / f"node{len(started)}", balancer.address, env, list(args))
+        started.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
