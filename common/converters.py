@@ -49,6 +49,27 @@ _CAPABILITY_TO_PB = {
 }
 _CAPABILITY_FROM_PB: dict[int, Capability] = {int(v): k for k, v in _CAPABILITY_TO_PB.items()}
 
+# A model's state on a node: plain strings inside both processes ("absent", "downloading", ...).
+_MODEL_STATE_TO_PB = {
+    "absent": pb.MODEL_STATE_ABSENT,
+    "downloading": pb.MODEL_STATE_DOWNLOADING,
+    "present": pb.MODEL_STATE_PRESENT,
+    "loading": pb.MODEL_STATE_LOADING,
+    "ready": pb.MODEL_STATE_READY,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+_MODEL_STATE_FROM_PB: dict[int, str] = {int(v): k for k, v in _MODEL_STATE_TO_PB.items()}
+
+
+def model_state_to_pb(state: str) -> pb.ModelState.ValueType:
+    return _MODEL_STATE_TO_PB.get(state, pb.MODEL_STATE_UNSPECIFIED)
+
+
+def model_state_from_pb(value: int) -> str:
+    """UNSPECIFIED (and anything unknown) reads as absent."""
+    return _MODEL_STATE_FROM_PB.get(value, "absent")
+
+
 _NODE_STATE_TO_PB = {
     NodeState.ONLINE: pb.NODE_STATE_ONLINE,
     NodeState.OFFLINE: pb.NODE_STATE_OFFLINE,

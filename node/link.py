@@ -43,15 +43,6 @@ LOOKUP_TIMEOUT_S = 5.0
 # model_state updates are coalesced: at most one per model this often.
 STATE_PUSH_INTERVAL_S = 0.2
 
-_STATE_TO_PB = {
-    "absent": pb.MODEL_STATE_ABSENT,
-    "downloading": pb.MODEL_STATE_DOWNLOADING,
-    "present": pb.MODEL_STATE_PRESENT,
-    "loading": pb.MODEL_STATE_LOADING,
-    "ready": pb.MODEL_STATE_READY,
-    "failed": pb.MODEL_STATE_FAILED,
-}
-
 
 class CommandHandler(Protocol):
     """What the node does when the balancer says so; each returns when the work is done."""
@@ -100,7 +91,7 @@ def state_to_pb(node_id: str, s: ModelState) -> pb.ModelNodeStatus:
     return pb.ModelNodeStatus(
         node_id=node_id,
         model_id=s.model_id,
-        state=_STATE_TO_PB.get(s.state, pb.MODEL_STATE_UNSPECIFIED),
+        state=converters.model_state_to_pb(s.state),
         ready=s.state == "ready",
         downloaded_bytes=s.downloaded_bytes,
         total_bytes=s.total_bytes,

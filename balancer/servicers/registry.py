@@ -32,23 +32,12 @@ _NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-_STATE_TO_PB = {
-    "absent": pb.MODEL_STATE_ABSENT,
-    "downloading": pb.MODEL_STATE_DOWNLOADING,
-    "present": pb.MODEL_STATE_PRESENT,
-    "loading": pb.MODEL_STATE_LOADING,
-    "ready": pb.MODEL_STATE_READY,
-    "failed": pb.MODEL_STATE_FAILED,
-}
-
-_STATE_FROM_PB = {int(v): k for k, v in _STATE_TO_PB.items()}
-
 
 def _node_status_from_pb(node_id: str, msg: pb.ModelNodeStatus) -> ModelOnNode:
     return ModelOnNode(
         node_id=node_id,  # from the session, never from the message: a node speaks only for itself
         model_id=msg.model_id.lower(),
-        state=_STATE_FROM_PB.get(msg.state, "absent"),
+        state=converters.model_state_from_pb(msg.state),
         downloaded_bytes=msg.downloaded_bytes,
         total_bytes=msg.total_bytes,
         error=msg.error,
@@ -68,7 +57,7 @@ def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
     return pb.ModelNodeStatus(
         node_id=s.node_id,
         model_id=s.model_id,
-        state=_STATE_TO_PB.get(s.state, pb.MODEL_STATE_UNSPECIFIED),
+        state=converters.model_state_to_pb(s.state),
         ready=s.ready,
         downloaded_bytes=s.downloaded_bytes,
         total_bytes=s.total_bytes,
@@ -133,7 +122,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
         view = self._fleet.status(await self._registry.get(request.model_id))
         return rpb.ModelStatus(
             model_id=view.model_id,
-            status=_STATE_TO_PB[view.status],
+            status=converters.model_state_to_pb(view.status),
             progress=view.progress,
             downloaded_bytes=view.downloaded_bytes,
             total_bytes=view.total_bytes,

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -26,6 +26,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_serving(
+    what: str, channel: grpc.Channel, proc: subprocess.Popen[bytes], timeout: float, log: Callable[[], str]
+) -> None:
+    """Waits until the process's gRPC health check says SERVING; fails with its log if it dies."""
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not serving after {timeout}s:\n{log()}")
+        time.sleep(0.1)
 
 
 class BalancerProcess:
@@ -55,20 +75,7 @@ class BalancerProcess:
             stderr=subprocess.STDOUT,
         )
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"balancer exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"balancer not serving after {timeout}s:\n{self.log()}")
-            time.sleep(0.1)
+        wait_serving("balancer", self.channel, self.proc, timeout, self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.channel is not None:
@@ -170,20 +177,7 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
         )
         with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"node not serving after {timeout}s:\n{self.log()}")
-                time.sleep(0.1)
+            wait_serving("node", channel, self.proc, timeout, self.log)
 
     @property
     def node_id(self) -> str:

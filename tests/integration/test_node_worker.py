@@ -81,6 +81,14 @@ def node_state(balancer: BalancerProcess, node_id: str) -> int:
     return pb.NODE_STATE_UNSPECIFIED
 
 
+def start_online(node: NodeProcess, balancer: BalancerProcess) -> str:
+    """Starts the node and waits until the balancer lists it online; returns its id."""
+    node.start()
+    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
+    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    return node.node_id
+
+
 def model_state_on(balancer: BalancerProcess, model_id: str, node_id: str) -> int:
     status = balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id=model_id))
     return next((n.state for n in status.nodes if n.node_id == node_id), pb.MODEL_STATE_ABSENT)
@@ -182,11 +190,19 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
     kept = partial.stat().st_size
     assert 0 < kept < len(data)
     hub.clear_log()
-    hub.set_throttle(None)
+    hub.set_throttle(3 * MiB)
 
-    node.start()  # no request needed: the node resumes what it left unfinished
+    node_id = start_online(node, balancer)  # no request needed: it resumes what it left unfinished
     final = node.models_dir / model_id / "big.gguf"
+
+    def reported_progress() -> bool:  # the balancer sees the download advance, not just its end
+        status = balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id=model_id))
+        mine = [n for n in status.nodes if n.node_id == node_id]
+        return bool(mine) and mine[0].state == pb.MODEL_STATE_DOWNLOADING and kept < mine[0].downloaded_bytes
+
+    wait_for(reported_progress, 10, "download progress at the balancer")
     wait_for(final.exists, 30, "the resumed download")
+    wait_for(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 5, "present")
     assert final.read_bytes() == data
     fetched = hub.bytes_served("acme/big", "big.gguf")
     assert fetched < len(data)
@@ -362,10 +378,7 @@ def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
     model_id = register(balancer, hub, "acme/held2", {"h.gguf": data})
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
-    node.start()
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    node_id = node.node_id
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    node_id = start_online(node, balancer)
     wait_for(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 10, "present")
     listed = next(n for n in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes if n.id == node_id)
     assert listed.address == node.address
@@ -382,10 +395,8 @@ def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
 def test_killing_a_node_takes_it_out_of_the_fleet_within_a_second(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory
 ) -> None:
-    node = node_factory(balancer, hub)
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    node_id = node.node_id
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    node = node_factory(balancer, hub, start=False)
+    node_id = start_online(node, balancer)
     assert node.proc is not None
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait()
@@ -397,10 +408,8 @@ def test_killing_a_node_takes_it_out_of_the_fleet_within_a_second(
 def test_a_node_reconnects_by_itself_after_the_balancer_restarts(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory
 ) -> None:
-    node = node_factory(balancer, hub)
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    node_id = node.node_id
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    node = node_factory(balancer, hub, start=False)
+    node_id = start_online(node, balancer)
     port = balancer.port
     balancer.restart()
     assert balancer.port == port
@@ -420,9 +429,7 @@ def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_sta
     pull(node.home, balancer, hub, local_id, shared_id, shared_dir=str(share))
     local_file = node.models_dir / local_id / "l.gguf"
     assert local_file.exists()
-    node.start()
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    start_online(node, balancer)
 
     started = time.monotonic()
     balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id=local_id))
@@ -441,10 +448,7 @@ def test_an_offline_node_deletes_its_copy_when_it_reconnects(
     model_id = register(balancer, hub, "acme/stale", {"st.gguf": data})
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
-    node.start()
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    node_id = node.node_id
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    node_id = start_online(node, balancer)
     node.stop()
     wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_OFFLINE, 5, "offline")
 
@@ -463,8 +467,7 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model(
     model_id = register(balancer, hub, "acme/peered", {"pe.gguf": data})
     holder = node_factory(balancer, hub, start=False)
     pull(holder.home, balancer, hub, model_id)
-    holder.start()
-    wait_for(lambda: (holder.home / "node-id").exists(), 10, "a saved node id")
+    start_online(holder, balancer)
     wait_for(
         lambda: model_state_on(balancer, model_id, holder.node_id) == pb.MODEL_STATE_PRESENT, 10, "present"
     )
