@@ -1,0 +1,173 @@
+"""Blob transfer: a node fetching a model file from the origin, the balancer's proxy and a peer node,
+beside a plain local file copy, with the peak RSS of the fetching process.
+
+Everything runs on 127.0.0.1: the origin is the fake Hugging Face hub, the balancer runs in this
+process, and each fetch is a real ``xllm pull`` process (a fresh interpreter, so its peak RSS is its
+own). The same fetch of a file 8x larger shows whether memory stays flat with the file's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc.aio
+
+from balancer.registry import RegisterRequest
+from balancer.server import start as start_balancer
+from common.config import load_balancer_config
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from tests.fixtures.fake_hub import FakeHub
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MB = 32
+LARGE_MB = 256
+
+
+async def _pull(
+    home: Path, balancer: str, model_id: str, env: dict[str, str], *extra: str
+) -> tuple[float, int]:
+    """Runs ``xllm pull`` and returns its wall time and peak RSS (kB)."""
+    full_env = {**os.environ, **env, "LLMLB_HOME": str(home), "XLLM_LOG_LEVEL": "warning"}
+    args = ["-m", "node.cli", "pull", "--balancer", balancer, "--models-dir", str(home / "models"), *extra]
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        model_id,
+        cwd=ROOT,
+        env=full_env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.returncode is None:
+        peak = max(peak, _vm_hwm_kb(status))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 0.05)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        assert proc.stderr is not None
+        raise RuntimeError(f"xllm pull failed: {(await proc.stderr.read()).decode()[-2000:]}")
+    return elapsed, peak
+
+
+def _vm_hwm_kb(status: Path) -> int:
+    """Peak resident memory of a live process, from /proc (0 once it has gone)."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+async def _wait_present(balancer: str, model_id: str) -> None:
+    async with grpc.aio.insecure_channel(balancer) as channel:
+        stub = rgrpc.RegistryStub(channel)
+        for _ in range(600):
+            status = await stub.GetModelStatus(rpb.GetModelStatusRequest(model_id=model_id))
+            if status.status == pb.MODEL_STATE_PRESENT:
+                return
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the holder node never reported the model present")
+
+
+async def _serve_node(home: Path, balancer: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    full_env = {**os.environ, **env, "LLMLB_HOME": str(home), "XLLM_LOG_LEVEL": "warning"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "node.cli",
+        "serve",
+        "--balancer",
+        balancer,
+        "--models-dir",
+        str(home / "models"),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        cwd=ROOT,
+        env=full_env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return proc
+
+
+def _row(name: str, size_mb: int, seconds: float, rss_kb: int, base: float) -> str:
+    rss = f"{rss_kb / 1024:.0f}" if rss_kb else "-"
+    return f"| {name} | {size_mb} | {seconds:.2f} | {size_mb / seconds:.0f} | {base / seconds:.2f} | {rss} |"
+
+
+async def run() -> str:
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_name, FakeHub() as hub:
+        tmp = Path(tmp_name)
+        config = load_balancer_config(
+            home=tmp / "balancer",
+            grpc_listen="127.0.0.1:0",
+            hf_endpoint=hub.url,
+            env={"LLMLB_HOME": str(tmp / "balancer")},
+            log_level="warning",
+        )
+        (tmp / "balancer").mkdir()
+        balancer = await start_balancer(config)
+        address = f"127.0.0.1:{balancer.port}"
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        closed = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+        try:
+            for size_mb in (SMALL_MB, LARGE_MB):
+                data = os.urandom(size_mb * 1024 * 1024)
+                repo = f"bench/blob-{size_mb}"
+                hub.add_repo(repo, {"w.gguf": data})
+                model_id = (await balancer.registry.register(RegisterRequest(repo_id=repo))).id
+                source = tmp / f"src-{size_mb}.bin"
+                source.write_bytes(data)
+                del data
+                started = time.perf_counter()
+                shutil.copyfile(source, tmp / f"copy-{size_mb}.bin")
+                base = time.perf_counter() - started
+                rows.append(_row("local file copy (shutil)", size_mb, base, 0, base))
+
+                t, rss = await _pull(tmp / f"origin-{size_mb}", address, model_id, env)
+                rows.append(_row("node <- origin (hub, HTTP)", size_mb, t, rss, base))
+                t, rss = await _pull(
+                    tmp / f"proxy-{size_mb}", address, model_id, closed, "--download-via", "balancer"
+                )
+                rows.append(_row("node <- balancer proxy (gRPC ReadBlob)", size_mb, t, rss, base))
+
+                # A serving node that holds the file, found through the balancer, then a fresh node.
+                holder = await _serve_node(tmp / f"origin-{size_mb}", address, env)
+                try:
+                    await _wait_present(address, model_id)
+                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, closed)
+                    rows.append(_row("node <- peer node (gRPC ReadBlob)", size_mb, t, rss, base))
+                finally:
+                    holder.terminate()
+                    await holder.wait()
+        finally:
+            await balancer.stop(grace=0)
+    return "\n".join(
+        [
+            "## Blob transfer: origin, balancer proxy and peer vs a local file copy",
+            "",
+            "Each fetch is a fresh `xllm pull` process on 127.0.0.1 writing a verified file; `vs copy` is",
+            "the local copy's time divided by the fetch's (1.00 = as fast as `shutil.copyfile`). Peak RSS is",
+            "the fetching process's VmHWM: it should not grow with the file (goal: flat).",
+            "",
+            "| path | MiB | seconds | MiB/s | vs copy | peak RSS MiB |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
