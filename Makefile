@@ -7,8 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
-# Debian packages the runtimes need (none yet for the balancer and the storage layer).
-APT_PACKAGES ?=
+# Debian packages the runtimes need: compilers and cmake for llama-cpp-python and stable-diffusion-cpp-python,
+# which build from source (pip caches the built wheels). Audio decoding and espeak-ng ship inside wheels.
+APT_PACKAGES ?= build-essential cmake
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help install apt protos check-protos test test-unit test-integration lint format run bench clean
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,models]"
 	touch $(STAMP)
 
 apt:
