@@ -1,0 +1,555 @@
+"""The node's loaded models: load on first use, keep warm, evict the least recently used past a memory budget.
+
+Each loaded model has a fixed number of slots (concurrent calls into its runtime); requests beyond them
+wait in a bounded queue. Loading, unloading and inference all run on a bounded thread pool, never on
+the event loop. A streaming call whose consumer goes away stops at the runtime's next step and gives
+its slot back as soon as the runtime has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
+
+import structlog
+
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    AudioChunk,
+    ChatRequest,
+    CompleteRequest,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateImageRequest,
+    GenerateImageResponse,
+    SpeakRequest,
+    TextChunk,
+    TranscribeRequest,
+    Transcript,
+)
+from common.types import Backend, Capability, Model
+from node.hardware import Hardware
+from node.runtimes.base import (
+    CancelFlag,
+    Embedding,
+    ImageGeneration,
+    LoadContext,
+    Runtime,
+    RuntimeSettings,
+    Speech,
+    TextGeneration,
+    Transcription,
+)
+from node.runtimes.registry import RuntimeRegistry
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class ResolvedModel(Protocol):
+    """A model whose files are on this node: what the resolver hands the pool."""
+
+    @property
+    def model(self) -> Model: ...
+
+    @property
+    def paths(self) -> Mapping[str, Path]:
+        """Manifest filename -> absolute path of the file on disk (may lie outside the models dir)."""
+        ...
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """How the pool uses the node; ``from_env`` reads the ``XLLM_*`` variables named beside each field."""
+
+    memory_budget_mb: int = 0  # XLLM_MEMORY_BUDGET_MB; 0: 90 % of GPU memory on CUDA, else 75 % of RAM
+    slots_per_model: int = 1  # XLLM_SLOTS_PER_MODEL: concurrent requests per loaded model
+    queue_per_model: int = 64  # XLLM_QUEUE_PER_MODEL: requests waiting for a slot before queue_full
+    worker_threads: int = 8  # XLLM_WORKER_THREADS: threads for loading and inference, all models together
+    engine_threads: int = 0  # XLLM_ENGINE_THREADS: CPU threads per engine call; 0: one per core
+    context_tokens: int = 4096  # XLLM_CONTEXT_TOKENS: llama.cpp context window per slot
+    gpu_layers: int | None = None  # XLLM_GPU_LAYERS: layers offloaded on CUDA/Metal; unset: all
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PoolSettings:
+        gpu_layers = env.get("XLLM_GPU_LAYERS", "").strip()
+        return cls(
+            memory_budget_mb=_env_int(env, "XLLM_MEMORY_BUDGET_MB", 0),
+            slots_per_model=_env_int(env, "XLLM_SLOTS_PER_MODEL", 1, minimum=1),
+            queue_per_model=_env_int(env, "XLLM_QUEUE_PER_MODEL", 64),
+            worker_threads=_env_int(env, "XLLM_WORKER_THREADS", 8, minimum=1),
+            engine_threads=_env_int(env, "XLLM_ENGINE_THREADS", 0),
+            context_tokens=_env_int(env, "XLLM_CONTEXT_TOKENS", 4096, minimum=256),
+            gpu_layers=_env_int(env, "XLLM_GPU_LAYERS", -1, minimum=-1) if gpu_layers else None,
+        )
+
+    def budget_mb(self, hardware: Hardware) -> int:
+        if self.memory_budget_mb:
+            return self.memory_budget_mb
+        if hardware.backend is Backend.CUDA and hardware.gpu_memory_total_mb:
+            return hardware.gpu_memory_total_mb * 9 // 10
+        return max(1024, hardware.memory_total_mb * 3 // 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """One loaded (or loading, or failed) model, as ``ModelPool.details`` reports it."""
+
+    model_id: str
+    engine: str
+    state: ModelState
+    error: str  # why the last load failed; empty unless state is FAILED
+    memory_mb: int
+    active: int  # requests holding a slot
+    waiting: int  # requests queued for a slot or for the load
+
+
+@dataclass(eq=False)
+class _Entry:
+    model_id: str
+    engine: str
+    runtime: Runtime
+    slots: asyncio.Semaphore
+    memory_mb: int
+    state: ModelState = ModelState.LOADING
+    error: LlmlbError | None = None
+    active: int = 0
+    waiting: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+    admitted: bool = False  # counted against the memory budget (set before its load starts)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    cancels: set[CancelFlag] = field(default_factory=set)
+
+    def holds_memory(self) -> bool:
+        return self.admitted and self.state is not ModelState.FAILED
+
+
+class _Lease:
+    """A slot in one loaded model, held for the length of one request."""
+
+    def __init__(self, entry: _Entry) -> None:
+        self.entry = entry
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.entry.runtime
+
+
+_ITEM, _ERROR, _END = 0, 1, 2
+
+
+class ModelPool:
+    """Loaded models of one node, and the only way requests reach a runtime."""
+
+    def __init__(
+        self,
+        hardware: Hardware,
+        settings: PoolSettings | None = None,
+        registry: RuntimeRegistry | None = None,
+    ) -> None:
+        self.hardware = hardware
+        self.settings = settings or PoolSettings()
+        self.registry = registry or RuntimeRegistry.default()
+        self.budget_mb = self.settings.budget_mb(hardware)
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._failed: dict[str, LlmlbError] = {}
+        self._memory = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.settings.worker_threads, thread_name_prefix="xllm-run"
+        )
+        self._closed = False
+
+    # -- state for heartbeats --------------------------------------------------------------------
+
+    def states(self) -> dict[str, str]:
+        """Model id -> ``"loading"``, ``"ready"`` or ``"failed"`` for every model this pool knows.
+
+        A model that failed to load stays ``"failed"`` (with its message in ``errors()``) until a later
+        request loads it; an unloaded or evicted model is absent.
+        """
+        states: dict[str, str] = {model_id: ModelState.FAILED.value for model_id in self._failed}
+        for entry in self._entries.values():
+            states[entry.model_id] = entry.state.value
+        return states
+
+    def errors(self) -> dict[str, str]:
+        """Model id -> the message of its failed load, for each model ``states()`` reports as failed."""
+        return {model_id: error.message for model_id, error in self._failed.items()}
+
+    def details(self) -> list[ModelStatus]:
+        """Every model the pool holds, with its memory, slots in use and queue."""
+        out = [
+            ModelStatus(
+                model_id=e.model_id,
+                engine=e.engine,
+                state=e.state,
+                error=e.error.message if e.error else "",
+                memory_mb=e.memory_mb,
+                active=e.active,
+                waiting=e.waiting,
+            )
+            for e in self._entries.values()
+        ]
+        return sorted(out, key=lambda s: s.model_id)
+
+    @property
+    def used_mb(self) -> int:
+        return sum(e.memory_mb for e in self._entries.values() if e.holds_memory())
+
+    @property
+    def engines(self) -> list[str]:
+        return self.registry.engines
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(
+            backend=self.hardware.backend,
+            threads=self.settings.engine_threads or self.hardware.cpu_count,
+            context_tokens=self.settings.context_tokens,
+            gpu_layers=self.settings.gpu_layers,
+            slots=self.settings.slots_per_model,
+        )
+
+    async def prefetch(self, resolved: ResolvedModel) -> None:
+        """Loads every runtime the model needs for its capabilities, without serving a request."""
+        for capability in resolved.model.capabilities:
+            async with self.use(resolved, capability):
+                pass
+
+    async def unload(self, model_id: str) -> None:
+        """Unloads a model (the balancer deleted it): in-flight streams stop, waiting requests fail."""
+        self._failed.pop(model_id, None)
+        entries = [e for e in self._entries.values() if e.model_id == model_id]
+        for entry in entries:
+            self._entries.pop((entry.model_id, entry.engine), None)
+            entry.closing = True
+            for cancel in list(entry.cancels):
+                cancel.set()
+        for entry in entries:
+            await entry.loaded.wait()
+            if entry.active:
+                await entry.idle.wait()
+            await self._release_memory(entry)
+
+    async def close(self) -> None:
+        """Unloads everything and stops the worker threads."""
+        if self._closed:
+            return
+        for model_id in {e.model_id for e in self._entries.values()}:
+            await self.unload(model_id)
+        self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _release_memory(self, entry: _Entry) -> None:
+        """Unloads ``entry``'s runtime (already out of ``_entries``) and wakes loads waiting for memory."""
+        if entry.state is ModelState.READY:
+            try:
+                await self._run(entry.runtime.unload)
+            except Exception as exc:  # the memory is gone with the runtime object either way
+                log.warning("unload_failed", model_id=entry.model_id, error=repr(exc))
+        log.info("model_unloaded", model_id=entry.model_id, engine=entry.engine, memory_mb=entry.memory_mb)
+        async with self._memory:
+            self._memory.notify_all()
+
+    def _evictable(self, keep: _Entry) -> _Entry | None:
+        idle = [
+            e
+            for e in self._entries.values()
+            if e is not keep and e.state is ModelState.READY and e.active == 0 and e.waiting == 0
+        ]
+        return min(idle, key=lambda e: e.last_used, default=None)
+
+    async def _make_room(self, entry: _Entry) -> None:
+        """Waits until ``entry`` fits the budget, evicting idle models, least recently used first."""
+        if entry.memory_mb > self.budget_mb:
+            raise LlmlbError(
+                ErrorCode.INSUFFICIENT_STORAGE,
+                f"model {entry.model_id!r} needs about {entry.memory_mb} MB; this node's memory budget is "
+                f"{self.budget_mb} MB (XLLM_MEMORY_BUDGET_MB)",
+            )
+        async with self._memory:
+            while self._over_budget(entry):
+                victim = self._evictable(entry)
+                if victim is None:
+                    await self._memory.wait()  # every other model is busy: the next release wakes us
+                    continue
+                self._entries.pop((victim.model_id, victim.engine), None)
+                log.info(
+                    "model_evicted",
+                    model_id=victim.model_id,
+                    for_model=entry.model_id,
+                    memory_mb=victim.memory_mb,
+                )
+                self._memory.release()
+                try:
+                    await self._release_memory(victim)
+                finally:
+                    await self._memory.acquire()
+            entry.admitted = True
+
+    def _over_budget(self, entry: _Entry) -> bool:
+        others = sum(e.memory_mb for e in self._entries.values() if e is not entry and e.holds_memory())
+        return others + entry.memory_mb > self.budget_mb
+
+    async def _load(self, entry: _Entry) -> None:
+        try:
+            await self._make_room(entry)
+            started = time.monotonic()
+            await self._run(entry.runtime.load)
+        except Exception as exc:
+            error = (
+                exc if isinstance(exc, LlmlbError) else LlmlbError(ErrorCode.INTERNAL, f"load failed: {exc}")
+            )
+            entry.state, entry.error = ModelState.FAILED, error
+            self._failed[entry.model_id] = error
+            if self._entries.get((entry.model_id, entry.engine)) is entry:
+                del self._entries[(entry.model_id, entry.engine)]
+            log.warning(
+                "model_load_failed", model_id=entry.model_id, engine=entry.engine, error=error.message
+            )
+            async with self._memory:
+                self._memory.notify_all()
+        else:
+            entry.state = ModelState.READY
+            self._failed.pop(entry.model_id, None)
+            log.info(
+                "model_ready",
+                model_id=entry.model_id,
+                engine=entry.engine,
+                memory_mb=entry.memory_mb,
+                seconds=round(time.monotonic() - started, 2),
+            )
+        finally:
+            entry.loaded.set()
+
+    def _entry_for(self, resolved: ResolvedModel, capability: Capability) -> _Entry:
+        if self._closed:
+            raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, "this node is shutting down")
+        model = resolved.model
+        spec = self.registry.select(model, capability)
+        key = (model.id, spec.engine)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        missing = [f.filename for f in model.files if f.filename not in resolved.paths]
+        context = LoadContext(model=model, paths=dict(resolved.paths), settings=self._runtime_settings())
+        runtime = spec.create(context)
+        entry = _Entry(
+            model_id=model.id,
+            engine=spec.engine,
+            runtime=runtime,
+            slots=asyncio.Semaphore(self.settings.slots_per_model),
+            memory_mb=runtime.memory_mb,
+        )
+        entry.idle.set()
+        if missing:
+            log.info("model_files_missing", model_id=model.id, files=missing)
+        self._entries[key] = entry
+        asyncio.get_running_loop().create_task(self._load(entry))
+        return entry
+
+    @asynccontextmanager
+    async def use(self, resolved: ResolvedModel, capability: Capability) -> AsyncIterator[_Lease]:
+        """Holds one slot of the model's runtime for ``capability``, loading it first if needed."""
+        entry = self._entry_for(resolved, capability)
+        limit = self.settings.slots_per_model + self.settings.queue_per_model
+        if entry.active + entry.waiting >= limit:
+            raise LlmlbError(
+                ErrorCode.QUEUE_FULL,
+                f"model {entry.model_id!r} has {entry.waiting} requests waiting; try again shortly",
+                retry_after_s=1.0,
+            )
+        entry.waiting += 1
+        try:
+            await entry.loaded.wait()
+            if entry.error is not None:
+                raise entry.error
+            await entry.slots.acquire()
+        finally:
+            entry.waiting -= 1
+        if entry.closing:
+            entry.slots.release()
+            raise LlmlbError(
+                ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded from this node"
+            )
+        entry.active += 1
+        entry.idle.clear()
+        entry.last_used = time.monotonic()
+        try:
+            yield _Lease(entry)
+        finally:
+            entry.active -= 1
+            entry.last_used = time.monotonic()
+            entry.slots.release()
+            if entry.active == 0:
+                entry.idle.set()
+                async with self._memory:
+                    self._memory.notify_all()
+
+    async def _stream(
+        self, lease: _Lease, produce: Callable[[CancelFlag], Iterator[T]]
+    ) -> AsyncGenerator[T, None]:
+        """Runs a blocking iterator on a worker thread and yields its items on the event loop.
+
+        When the consumer stops early (closed, cancelled, the caller gone) the runtime sees the cancel
+        flag at its next step; this returns only once the worker has stopped, so the slot is free.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+        lease.entry.cancels.add(cancel)
+
+        def put(kind: int, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancel.set()
+
+        def work() -> None:
+            try:
+                for item in produce(cancel):  # the runtime sees the flag and ends with its final item
+                    put(_ITEM, item)
+            except BaseException as exc:
+                put(_ERROR, exc)
+            finally:
+                put(_END, None)
+
+        worker = loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == _END:
+                    break
+                if kind == _ERROR:
+                    raise value
+                yield cast(T, value)
+        finally:
+            cancel.set()
+            lease.entry.cancels.discard(cancel)
+            # Cancelled twice: the worker still stops at its next step, just without us waiting.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(worker)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _need(runtime: Runtime, kind: type[Any], model_id: str, capability: Capability) -> Any:
+        if not isinstance(runtime, kind):
+            raise LlmlbError(
+                ErrorCode.NO_CAPABLE_NODES, f"{model_id!r}: runtime cannot serve {capability.value}"
+            )
+        return runtime
+
+    async def _text(
+        self,
+        resolved: ResolvedModel,
+        capability: Capability,
+        request_id: str,
+        call: Callable[[TextGeneration, CancelFlag], Iterator[TextChunk]],
+    ) -> AsyncGenerator[TextChunk, None]:
+        request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        created = int(time.time())
+        model_id = resolved.model.id
+        async with self.use(resolved, capability) as lease:
+            runtime = cast(TextGeneration, self._need(lease.runtime, TextGeneration, model_id, capability))
+            async with contextlib.aclosing(
+                self._stream(lease, lambda cancel: call(runtime, cancel))
+            ) as chunks:
+                async for chunk in chunks:
+                    yield replace(chunk, request_id=request_id, model=model_id, created=created)
+
+    async def chat(self, resolved: ResolvedModel, request: ChatRequest) -> AsyncGenerator[TextChunk, None]:
+        """Streams a chat answer; the last chunk carries the finish reason and usage."""
+        request.validate()
+        stream = self._text(resolved, Capability.CHAT, request.request_id, lambda rt, c: rt.chat(request, c))
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def complete(
+        self, resolved: ResolvedModel, request: CompleteRequest
+    ) -> AsyncGenerator[TextChunk, None]:
+        """Streams a completion of a raw prompt; the last chunk carries the finish reason and usage."""
+        request.validate()
+        stream = self._text(
+            resolved, Capability.COMPLETION, request.request_id, lambda rt, c: rt.complete(request, c)
+        )
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def embed(self, resolved: ResolvedModel, request: EmbedRequest) -> EmbedResponse:
+        request.validate()
+        async with self.use(resolved, Capability.EMBEDDING) as lease:
+            runtime = cast(
+                Embedding, self._need(lease.runtime, Embedding, resolved.model.id, Capability.EMBEDDING)
+            )
+            vectors, usage = await self._run(runtime.embed, request)
+        return EmbedResponse(model=resolved.model.id, data=tuple(tuple(v) for v in vectors), usage=usage)
+
+    async def transcribe(self, resolved: ResolvedModel, request: TranscribeRequest) -> Transcript:
+        request.validate()
+        capability = Capability.TRANSCRIPTION
+        async with self.use(resolved, capability) as lease:
+            runtime = cast(
+                Transcription, self._need(lease.runtime, Transcription, resolved.model.id, capability)
+            )
+            return await self._run(runtime.transcribe, request)
+
+    async def speak(self, resolved: ResolvedModel, request: SpeakRequest) -> AsyncGenerator[AudioChunk, None]:
+        """Streams speech: for WAV the first chunk is the RIFF header; the last has ``last=True``."""
+        request.validate()
+        async with self.use(resolved, Capability.SPEECH) as lease:
+            runtime = cast(Speech, self._need(lease.runtime, Speech, resolved.model.id, Capability.SPEECH))
+            async with contextlib.aclosing(
+                self._stream(lease, lambda c: runtime.speak(request, c))
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def generate_images(
+        self, resolved: ResolvedModel, request: GenerateImageRequest
+    ) -> GenerateImageResponse:
+        request.validate()
+        async with self.use(resolved, Capability.IMAGE) as lease:
+            runtime = cast(
+                ImageGeneration,
+                self._need(lease.runtime, ImageGeneration, resolved.model.id, Capability.IMAGE),
+            )
+            images = await self._run(runtime.generate_images, request)
+        return GenerateImageResponse(images=tuple(images))

@@ -1,0 +1,154 @@
+"""The one small protocol every runtime implements, and the capability protocols on top of it.
+
+A runtime is built cheaply from a ``LoadContext`` (nothing read yet), tells how much memory it will
+take, then ``load()`` and ``unload()`` run on a worker thread. Calls into a loaded runtime are blocking
+too; the pool runs them off the event loop and never runs more at once than its slots allow.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    AudioChunk,
+    ChatRequest,
+    CompleteRequest,
+    EmbedRequest,
+    GeneratedImage,
+    GenerateImageRequest,
+    SpeakRequest,
+    TextChunk,
+    TranscribeRequest,
+    Transcript,
+    Usage,
+)
+from common.types import Backend, Capability, FileFormat, Model
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    """Engine knobs every runtime may read; the pool fills them from its settings and the hardware."""
+
+    backend: Backend = Backend.CPU
+    threads: int = 0  # CPU threads per engine call; 0: the engine's choice from the core count
+    context_tokens: int = 4096  # llama.cpp context window per slot
+    gpu_layers: int | None = None  # None: all layers on a GPU backend, none on the CPU
+    slots: int = 1  # concurrent calls the pool may make into one loaded runtime
+
+
+@dataclass(frozen=True, slots=True)
+class LoadContext:
+    """What a runtime is built from: the model, where its files are, and the node's settings."""
+
+    model: Model
+    paths: Mapping[str, Path]  # manifest filename -> absolute path on disk
+    settings: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    def files_of(self, fmt: FileFormat) -> list[Path]:
+        return [
+            self.paths[f.filename] for f in self.model.files if f.format is fmt and f.filename in self.paths
+        ]
+
+    def file_named(self, name: str) -> Path | None:
+        """The path of the manifest file whose base name is ``name``, if the model has one."""
+        for filename, path in self.paths.items():
+            if filename.rsplit("/", 1)[-1] == name:
+                return path
+        return None
+
+    def bytes_on_disk(self, fmt: FileFormat | None = None) -> int:
+        total = 0
+        for f in self.model.files:
+            if fmt is not None and f.format is not fmt:
+                continue
+            path = self.paths.get(f.filename)
+            try:
+                total += path.stat().st_size if path is not None else f.size_bytes
+            except OSError:
+                total += f.size_bytes
+        return total
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What every engine offers the pool."""
+
+    @property
+    def engine(self) -> str:
+        """Short engine name reported to the balancer, e.g. ``llama.cpp``."""
+        ...
+
+    @property
+    def capabilities(self) -> frozenset[Capability]: ...
+
+    @property
+    def memory_mb(self) -> int:
+        """Memory the loaded model takes (host RAM on the CPU, device memory on a GPU), estimated."""
+        ...
+
+    def load(self) -> None:
+        """Reads the weights; blocking. Raises ``LlmlbError`` with a clear message when it cannot."""
+        ...
+
+    def unload(self) -> None:
+        """Frees everything ``load`` took; blocking. Safe to call twice."""
+        ...
+
+    def health(self) -> str | None:
+        """None when the runtime can serve, else why not."""
+        ...
+
+
+# The flag a streaming call checks between steps: set when the caller went away.
+CancelFlag = threading.Event
+
+
+@runtime_checkable
+class TextGeneration(Runtime, Protocol):
+    def chat(self, request: ChatRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        """Text deltas; the last chunk has ``finish_reason`` and ``usage``."""
+        ...
+
+    def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]: ...
+
+
+@runtime_checkable
+class Embedding(Runtime, Protocol):
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], Usage]: ...
+
+
+@runtime_checkable
+class Transcription(Runtime, Protocol):
+    def transcribe(self, request: TranscribeRequest) -> Transcript: ...
+
+
+@runtime_checkable
+class Speech(Runtime, Protocol):
+    def speak(self, request: SpeakRequest, cancel: CancelFlag) -> Iterator[AudioChunk]: ...
+
+
+@runtime_checkable
+class ImageGeneration(Runtime, Protocol):
+    def generate_images(self, request: GenerateImageRequest) -> list[GeneratedImage]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSpec:
+    """How the registry knows an engine: the file formats it loads and what it serves with them."""
+
+    engine: str
+    formats: frozenset[FileFormat]  # a model with a file of one of these formats can load here
+    capabilities: frozenset[Capability]
+    create: Callable[[LoadContext], Runtime]
+
+    def serves(self, model: Model, capability: Capability) -> bool:
+        return capability in self.capabilities and any(f.format in self.formats for f in model.files)
+
+
+def missing_file(model_id: str, what: str) -> LlmlbError:
+    return LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} has no {what} file on this node")

@@ -1,0 +1,436 @@
+"""llama.cpp through llama-cpp-python: chat, text completion and embeddings from one GGUF file.
+
+A ``Llama`` object is one context and is not thread-safe, so the runtime keeps one per concurrent slot,
+opened on demand; on the CPU and Metal they share the memory-mapped weights.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import random
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    ChatRequest,
+    CompleteRequest,
+    EmbedRequest,
+    FinishReason,
+    SamplingParams,
+    TextChunk,
+    Usage,
+)
+from common.types import Backend, Capability, FileFormat
+from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+log = structlog.get_logger(__name__)
+
+ENGINE = "llama.cpp"
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+_MB = 1024 * 1024
+
+
+def gpu_layers_for(backend: Backend, configured: int | None) -> int:
+    """``n_gpu_layers`` for llama.cpp: every layer on a GPU backend unless configured, none on the CPU."""
+    if backend in (Backend.CUDA, Backend.METAL):
+        return -1 if configured is None else configured
+    return 0
+
+
+def kv_cache_mb(metadata: dict[str, Any], context_tokens: int) -> int:
+    """f16 K and V caches for ``context_tokens`` tokens, from a GGUF's architecture metadata."""
+    arch = str(metadata.get("general.architecture", ""))
+    layers = int(metadata.get(f"{arch}.block_count", 0))
+    embd = int(metadata.get(f"{arch}.embedding_length", 0))
+    heads = int(metadata.get(f"{arch}.attention.head_count", 0)) or 1
+    kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", 0)) or heads
+    key_len = int(metadata.get(f"{arch}.attention.key_length", 0)) or embd // heads
+    value_len = int(metadata.get(f"{arch}.attention.value_length", 0)) or key_len
+    per_token = layers * kv_heads * (key_len + value_len) * 2
+    return math.ceil(per_token * context_tokens / _MB)
+
+
+_GGUF_SCALARS: dict[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar key/values of a GGUF header, read without touching tensor data; {} if unreadable.
+
+    Arrays (the tokenizer's vocabulary) are skipped, so this takes milliseconds even for large models.
+    """
+    values: dict[str, Any] = {}
+    try:
+        with path.open("rb") as f:
+
+            def scalar(kind: int) -> Any:
+                fmt = _GGUF_SCALARS[kind]
+                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+            def string() -> str:
+                (size,) = struct.unpack("<Q", f.read(8))
+                return f.read(size).decode("utf-8", errors="replace")
+
+            def skip(kind: int) -> None:
+                if kind == _GGUF_STRING:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    f.seek(size, 1)
+                elif kind == _GGUF_ARRAY:
+                    item, count = struct.unpack("<IQ", f.read(12))
+                    if item in _GGUF_SCALARS:
+                        f.seek(struct.calcsize(_GGUF_SCALARS[item]) * count, 1)
+                    else:
+                        for _ in range(count):
+                            skip(item)
+                else:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+            if f.read(4) != b"GGUF":
+                return {}
+            (version,) = struct.unpack("<I", f.read(4))
+            if version < 2:
+                return {}
+            _tensors, count = struct.unpack("<QQ", f.read(16))
+            for _ in range(count):
+                key = string()
+                (kind,) = struct.unpack("<I", f.read(4))
+                if kind == _GGUF_STRING:
+                    values[key] = string()
+                elif kind in _GGUF_SCALARS:
+                    values[key] = scalar(kind)
+                else:
+                    skip(kind)
+    except (OSError, struct.error, KeyError, RecursionError) as exc:
+        # A damaged file fails at load with the engine's own message; the estimate falls back to its size.
+        log.warning("gguf_metadata_unreadable", path=str(path), error=repr(exc))
+    return values
+
+
+class _Contexts:
+    """Idle ``Llama`` contexts of one kind; a new one opens when every existing one is busy."""
+
+    def __init__(self, factory: Callable[[], Llama]) -> None:
+        self._factory = factory
+        self._idle: list[Llama] = []
+        self._all: list[Llama] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Llama:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        llm = self._factory()
+        with self._lock:
+            self._all.append(llm)
+        return llm
+
+    def release(self, llm: Llama) -> None:
+        with self._lock:
+            if llm in self._all:
+                self._idle.append(llm)
+
+    def first(self) -> Llama:
+        """A context to read model properties from (opens one if none is open)."""
+        with self._lock:
+            if self._all:
+                return self._all[0]
+        llm = self.acquire()
+        self.release(llm)
+        return llm
+
+    def close(self) -> None:
+        with self._lock:
+            contexts, self._all, self._idle = self._all, [], []
+        for llm in contexts:
+            llm.close()
+
+
+class LlamaRuntime:
+    """Chat, completion and embeddings for one GGUF model."""
+
+    engine = ENGINE
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION, Capability.EMBEDDING})
+
+    def __init__(self, context: LoadContext) -> None:
+        ggufs = context.files_of(FileFormat.GGUF)
+        if not ggufs:
+            raise missing_file(context.model.id, "GGUF")
+        self.model_id = context.model.id
+        self.path = ggufs[0]
+        self.settings: RuntimeSettings = context.settings
+        self.fallback_template = context.model.chat_template
+        self.model_capabilities = frozenset(context.model.capabilities)
+        self.gpu_layers = gpu_layers_for(self.settings.backend, self.settings.gpu_layers)
+        self._metadata = read_gguf_metadata(self.path)
+        self._generators: _Contexts | None = None
+        self._embedders: _Contexts | None = None
+        self._template: Any = None
+        self._error: str | None = None
+
+    @property
+    def memory_mb(self) -> int:
+        weights = math.ceil(context_bytes(self.path) / _MB)
+        per_slot = kv_cache_mb(self._metadata, self.settings.context_tokens) + 64  # + compute buffers
+        kinds = (
+            2 if Capability.EMBEDDING in self.model_capabilities else 1
+        )  # embeddings use contexts of their own
+        return weights + per_slot * max(1, self.settings.slots) * kinds
+
+    def _open(self, embedding: bool) -> Llama:
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
+
+        kwargs: dict[str, Any] = {}
+        if self.settings.threads:
+            kwargs["n_threads"] = kwargs["n_threads_batch"] = self.settings.threads
+        try:
+            return Llama(
+                model_path=str(self.path),
+                n_ctx=self.settings.context_tokens,
+                n_gpu_layers=self.gpu_layers,
+                embedding=embedding,
+                pooling_type=LLAMA_POOLING_TYPE_MEAN if embedding else LLAMA_POOLING_TYPE_UNSPECIFIED,
+                verbose=False,
+                **kwargs,
+            )
+        except ValueError as exc:  # llama-cpp-python's word for "the engine refused this file"
+            raise LlmlbError(
+                ErrorCode.INTERNAL, f"llama.cpp could not load {self.path.name} for {self.model_id!r}: {exc}"
+            ) from exc
+
+    def load(self) -> None:
+        self._generators = _Contexts(lambda: self._open(embedding=False))
+        self._embedders = _Contexts(lambda: self._open(embedding=True))
+        try:
+            self._generators.first()  # fail here, at load, not on the first request
+        except Exception as exc:
+            self._error = str(exc)
+            raise
+        log.info("model_loaded", engine=ENGINE, model_id=self.model_id, gpu_layers=self.gpu_layers)
+
+    def unload(self) -> None:
+        for contexts in (self._generators, self._embedders):
+            if contexts is not None:
+                contexts.close()
+        self._generators = self._embedders = None
+
+    def health(self) -> str | None:
+        if self._error:
+            return self._error
+        return None if self._generators is not None else "not loaded"
+
+    # -- text ------------------------------------------------------------------------------------
+
+    def _contexts(self, embedding: bool) -> _Contexts:
+        contexts = self._embedders if embedding else self._generators
+        if contexts is None:
+            raise LlmlbError(ErrorCode.INTERNAL, f"model {self.model_id!r} is not loaded")
+        return contexts
+
+    def chat_template(self) -> str:
+        """The GGUF's own template, else the catalogue's; ``invalid_request`` when there is neither."""
+        llm = self._contexts(False).first()
+        template = str(llm.metadata.get("tokenizer.chat_template", "")) or self.fallback_template
+        if not template:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST,
+                f"model {self.model_id!r} has no chat template (none in its GGUF and none in its catalogue "
+                "entry); use a completion, or register the model with a chat_template",
+            )
+        return template
+
+    def render_chat(self, llm: Llama, request: ChatRequest) -> list[int]:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        vocab = llm.metadata
+        bos = _token_text(llm, llm.token_bos(), vocab.get("tokenizer.ggml.bos_token_id"))
+        eos = _token_text(llm, llm.token_eos(), vocab.get("tokenizer.ggml.eos_token_id"))
+        formatter = Jinja2ChatFormatter(self.chat_template(), eos_token=eos, bos_token=bos)
+        messages: list[Any] = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in request.messages
+        ]
+        try:
+            prompt = formatter(messages=messages).prompt
+        except Exception as exc:  # the template's own raise_exception, or a template error
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"chat template refused the messages: {exc}") from exc
+        add_bos = not (bos and prompt.startswith(bos))
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def chat(self, request: ChatRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        contexts = self._contexts(False)
+        llm = contexts.acquire()
+        try:
+            tokens = self.render_chat(llm, request)
+            yield from self._generate(llm, tokens, request.params, cancel)
+        finally:
+            contexts.release(llm)
+
+    def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        contexts = self._contexts(False)
+        llm = contexts.acquire()
+        try:
+            tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+            if request.echo:
+                yield TextChunk(request_id="", delta=request.prompt)
+            yield from self._generate(llm, tokens, request.params, cancel)
+        finally:
+            contexts.release(llm)
+
+    def _generate(
+        self, llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag
+    ) -> Iterator[TextChunk]:
+        import llama_cpp
+
+        n_ctx = llm.n_ctx()
+        if len(prompt) >= n_ctx:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST,
+                f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
+            )
+        room = n_ctx - len(prompt)
+        budget = min(params.max_tokens, room) if params.max_tokens else room
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+        temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
+        stops = StopMatcher(params.stop)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab  # the generator yields ids; llama.cpp alone knows which end generation
+        produced = 0
+        finish = FinishReason.LENGTH
+        tokens = llm.generate(
+            prompt,
+            temp=temperature,
+            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
+            top_k=40 if temperature > 0 else 1,
+            min_p=0.05 if params.top_p is None else 0.0,
+            repeat_penalty=1.0,
+            presence_penalty=params.presence_penalty or 0.0,
+            frequency_penalty=params.frequency_penalty or 0.0,
+        )
+        try:
+            for token in tokens:
+                if cancel.is_set():
+                    finish = FinishReason.CANCELLED
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = FinishReason.STOP
+                    break
+                produced += 1
+                text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
+                if text:
+                    yield TextChunk(request_id="", delta=text)
+                if stopped:
+                    finish = FinishReason.STOP
+                    break
+                if produced >= budget:
+                    break
+        finally:
+            tokens.close()
+        tail = stops.flush(decoder.decode(b"", final=True)) if finish is not FinishReason.STOP else ""
+        yield TextChunk(
+            request_id="",
+            delta=tail,
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+        )
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], Usage]:
+        contexts = self._contexts(True)
+        llm = contexts.acquire()
+        try:
+            n_ctx = llm.n_ctx()
+            prompt_tokens = 0
+            for index, text in enumerate(request.input):
+                n = len(llm.tokenize(text.encode("utf-8"), add_bos=True))
+                if n > n_ctx:
+                    raise LlmlbError(
+                        ErrorCode.INVALID_REQUEST,
+                        f"input {index} is {n} tokens; this model's context window here is {n_ctx}",
+                    )
+                prompt_tokens += n
+            raw = llm.embed(list(request.input), normalize=False)
+        finally:
+            contexts.release(llm)
+        vectors = [normalize([float(x) for x in v][: request.dimensions]) for v in raw]  # type: ignore[union-attr]
+        return vectors, Usage(prompt_tokens=prompt_tokens)
+
+
+def context_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def normalize(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
+def _token_text(llm: Llama, token: int, declared: Any) -> str:
+    if token < 0 and declared is None:
+        return ""
+    return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop sequence, holding back text that may start one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text safe to emit now, and whether a stop sequence was reached."""
+        if not self.stops:
+            return text, False
+        buffer = self.held + text
+        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return buffer[:cut], True
+        keep = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buffer)), 0, -1):
+                if buffer.endswith(stop[:size]):
+                    keep = max(keep, size)
+                    break
+        self.held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self, text: str = "") -> str:
+        out, _ = self.feed(text)
+        out, self.held = out + self.held, ""
+        return out
+
+
+SPEC = RuntimeSpec(
+    engine=ENGINE,
+    formats=frozenset({FileFormat.GGUF}),
+    capabilities=LlamaRuntime.capabilities,
+    create=LlamaRuntime,
+)
