@@ -8,7 +8,7 @@ import pytest
 
 from tests.fixtures.fake_hub import FakeHub
 
-pytest_plugins = ("tests.fixtures.fake_hub",)
+pytest_plugins = ("tests.fixtures.fake_hub", "tests.fixtures.models")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,157 @@
+"""Piper (onnxruntime) speaks, faster-whisper transcribes: real models, and a real round trip between them."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import wave
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from common.errors import ErrorCode, LlmlbError
+from common.inference import AudioFormat, SpeakRequest, TranscribeRequest
+from common.transcript_formats import ResponseFormat, render
+from node.runtimes.piper import PiperRuntime
+from node.runtimes.whisper import WhisperRuntime
+from tests.fixtures.models import SENTENCE, speak_wav
+
+pytestmark = pytest.mark.slow
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def read_wav(data: bytes) -> tuple[int, np.ndarray]:
+    with wave.open(io.BytesIO(data)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth()) == (1, 2)
+        rate = wav.getframerate()
+        frames = wav.readframes(wav.getnframes())
+    return rate, np.frombuffer(frames, dtype="<i2")
+
+
+def transcode(wav_bytes: bytes, container: str, codec: str, rate: int) -> bytes:
+    out = io.BytesIO()
+    src: Any
+    dst: Any
+    with av.open(io.BytesIO(wav_bytes)) as src, av.open(out, "w", format=container) as dst:
+        stream: Any = dst.add_stream(codec, rate=rate)
+        resampler = av.AudioResampler(format=stream.format, layout="mono", rate=rate)
+        for frame in src.decode(audio=0):
+            for converted in resampler.resample(frame):
+                for packet in stream.encode(converted):
+                    dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    return out.getvalue()
+
+
+def test_piper_speaks_audible_wav_at_the_voice_rate(speech_clip: bytes) -> None:
+    rate, samples = read_wav(speech_clip)
+    assert rate == 22050
+    seconds = len(samples) / rate
+    assert 1.5 < seconds < 6.0
+    rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+    assert rms > 500  # speech, not silence (full scale is 32767)
+
+
+def test_piper_streams_header_first_then_samples_and_a_last_marker(piper_runtime: PiperRuntime) -> None:
+    request = SpeakRequest("piper", "First sentence here. And a second one.", format=AudioFormat.WAV)
+    chunks = list(piper_runtime.speak(request, threading.Event()))
+    assert chunks[0].data.startswith(b"RIFF") and len(chunks[0].data) == 44
+    assert len(chunks) >= 4  # header, at least one piece per sentence, the last marker
+    assert chunks[-1].last and not any(c.last for c in chunks[:-1])
+    assert {(c.sample_rate, c.channels, c.sample_width) for c in chunks} == {(22050, 1, 2)}
+
+
+def test_piper_pcm_is_raw_samples_and_speed_shortens_it(piper_runtime: PiperRuntime) -> None:
+    def pcm(speed: float) -> bytes:
+        request = SpeakRequest("piper", "Hello from the node.", format=AudioFormat.PCM, speed=speed)
+        return b"".join(c.data for c in piper_runtime.speak(request, threading.Event()))
+
+    normal, fast = pcm(1.0), pcm(2.0)
+    assert not normal.startswith(b"RIFF") and len(normal) % 2 == 0
+    assert len(fast) < 0.75 * len(normal)
+
+
+def test_whisper_transcribes_the_spoken_sentence(whisper_runtime: WhisperRuntime, speech_clip: bytes) -> None:
+    transcript = whisper_runtime.transcribe(TranscribeRequest("whisper-base", speech_clip, "clip.wav"))
+    assert words(transcript.text) == words(SENTENCE)
+    assert transcript.language == "en"
+    assert 1.5 < transcript.duration < 6.0
+    assert transcript.segments and transcript.segments[0].id == 0
+    assert transcript.segments[-1].end <= transcript.duration + 0.5
+
+
+def test_round_trip_of_another_sentence(piper_runtime: PiperRuntime, whisper_runtime: WhisperRuntime) -> None:
+    sentence = "Please send the report to the team before Friday."
+    transcript = whisper_runtime.transcribe(TranscribeRequest("w", speak_wav(piper_runtime, sentence)))
+    assert words(transcript.text) == words(sentence)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "name", "rate"),
+    [
+        ("flac", "flac", "a.flac", 22050),
+        ("ogg", "libopus", "a.ogg", 48000),
+        ("mp3", "libmp3lame", "a.mp3", 22050),
+    ],
+)
+def test_whisper_reads_flac_ogg_and_mp3(
+    whisper_runtime: WhisperRuntime, speech_clip: bytes, container: str, codec: str, name: str, rate: int
+) -> None:
+    try:
+        data = transcode(speech_clip, container, codec, rate)
+    except (av.error.FFmpegError, ValueError) as exc:
+        pytest.fail(f"this PyAV build cannot write {container}: {exc}")
+    transcript = whisper_runtime.transcribe(TranscribeRequest("w", data, name))
+    assert {"quick", "fox", "lazy", "dog"} <= set(words(transcript.text))
+
+
+def test_whisper_with_a_given_language_reports_it(
+    whisper_runtime: WhisperRuntime, speech_clip: bytes
+) -> None:
+    transcript = whisper_runtime.transcribe(TranscribeRequest("w", speech_clip, language="en"))
+    assert transcript.language == "en" and "fox" in words(transcript.text)
+
+
+@pytest.mark.parametrize(
+    "data", [b"this is plain text, not audio at all" * 10, b"RIFF\x24\x08\x00\x00WAVEfmt ", b"\x00" * 7]
+)
+def test_non_audio_or_truncated_input_is_invalid_request(
+    whisper_runtime: WhisperRuntime, data: bytes
+) -> None:
+    with pytest.raises(LlmlbError) as caught:
+        whisper_runtime.transcribe(TranscribeRequest("w", data, "upload.wav"))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+    assert "upload.wav" in caught.value.message
+
+
+def test_a_clip_cut_off_in_its_header_is_invalid_request(
+    whisper_runtime: WhisperRuntime, speech_clip: bytes
+) -> None:
+    with pytest.raises(LlmlbError) as caught:
+        whisper_runtime.transcribe(TranscribeRequest("w", speech_clip[:40], "cut.wav"))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+
+
+def test_real_transcript_renders_as_srt_vtt_text_and_verbose_json(
+    whisper_runtime: WhisperRuntime, speech_clip: bytes
+) -> None:
+    transcript = whisper_runtime.transcribe(TranscribeRequest("w", speech_clip))
+    srt, srt_type = render(transcript, ResponseFormat.SRT)
+    assert (
+        srt.startswith("1\n00:00:00,000 --> 00:00:0")
+        and "fox" in srt
+        and srt_type.startswith("application/x-subrip")
+    )
+    vtt, _ = render(transcript, ResponseFormat.VTT)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ") and "fox" in vtt
+    text, _ = render(transcript, ResponseFormat.TEXT)
+    assert text == transcript.text + "\n"
+    verbose, _ = render(transcript, ResponseFormat.VERBOSE_JSON)
+    assert '"language": "en"' in verbose and '"segments": [{"id": 0' in verbose

@@ -1,0 +1,315 @@
+"""ModelPool behaviour: load on first use, slots and queueing, LRU eviction past the budget, unload, cancel.
+
+The engine here is a small real one written for the tests ("counter"): it streams the numbers 1..n, one
+per step, at a fixed pace, and takes the memory its catalogue entry says. The pool cannot tell it from
+llama.cpp; the real engines are exercised in tests/integration/test_runtime_*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    ChatMessage,
+    ChatRequest,
+    CompleteRequest,
+    FinishReason,
+    SamplingParams,
+    TextChunk,
+    Usage,
+)
+from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
+from node.hardware import Hardware
+from node.pool import ModelPool, PoolSettings
+from node.runtimes.base import CancelFlag, LoadContext, RuntimeSpec
+from node.runtimes.registry import RuntimeRegistry
+
+STEP_S = 0.02
+
+
+class CounterRuntime:
+    engine = "counter"
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETION})
+
+    def __init__(self, context: LoadContext) -> None:
+        self.model = context.model
+        self.path = next(iter(context.paths.values()))
+        self.loaded = False
+        self.running = 0
+
+    @property
+    def memory_mb(self) -> int:
+        return self.model.required_vram_mb
+
+    def load(self) -> None:
+        time.sleep(0.05)
+        if self.path.read_bytes() != b"counter":
+            raise LlmlbError(ErrorCode.INTERNAL, f"{self.path.name} is not a counter model")
+        self.loaded = True
+
+    def unload(self) -> None:
+        self.loaded = False
+
+    def health(self) -> str | None:
+        return None if self.loaded else "not loaded"
+
+    def _count(self, n: int, cancel: CancelFlag) -> Iterator[TextChunk]:
+        assert self.loaded, "called while not loaded"
+        self.running += 1
+        try:
+            produced = 0
+            for i in range(1, n + 1):
+                if cancel.is_set():
+                    yield TextChunk("", "", FinishReason.CANCELLED, Usage(1, produced))
+                    return
+                time.sleep(STEP_S)
+                produced += 1
+                yield TextChunk("", f"{i} ")
+            yield TextChunk("", "", FinishReason.LENGTH, Usage(1, produced))
+        finally:
+            self.running -= 1
+
+    def chat(self, request: ChatRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        return self._count(request.params.max_tokens or 5, cancel)
+
+    def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        return self._count(request.params.max_tokens or 5, cancel)
+
+
+@dataclass
+class Resolved:
+    model: Model
+    paths: Mapping[str, Path] = field(default_factory=dict)
+
+
+def counter_model(tmp_path: Path, model_id: str, memory_mb: int, content: bytes = b"counter") -> Resolved:
+    path = tmp_path / f"{model_id}.count"
+    path.write_bytes(content)
+    model = Model(
+        id=model_id,
+        name=model_id,
+        source=ModelSource.LOCAL,
+        repo_id="",
+        revision="",
+        origin="",
+        files=[ManifestFile(path.name, FileFormat.OTHER, len(content))],
+        capabilities=[Capability.CHAT, Capability.COMPLETION],
+        required_vram_mb=memory_mb,
+    )
+    return Resolved(model, {path.name: path})
+
+
+COUNTER = RuntimeSpec("counter", frozenset({FileFormat.OTHER}), CounterRuntime.capabilities, CounterRuntime)
+CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=8192)
+
+
+def make_pool(**settings: int) -> ModelPool:
+    return ModelPool(CPU, PoolSettings(**settings), RuntimeRegistry([COUNTER]))  # type: ignore[arg-type]
+
+
+def chat(model: Resolved, n: int) -> ChatRequest:
+    return ChatRequest(model.model.id, (ChatMessage("user", "count"),), SamplingParams(max_tokens=n))
+
+
+async def collect(pool: ModelPool, model: Resolved, n: int = 3) -> list[TextChunk]:
+    return [c async for c in pool.chat(model, chat(model, n))]
+
+
+async def wait_for(condition: object, within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_first_request_loads_the_model_and_streams(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "a", 100)
+    assert pool.states() == {}
+    chunks = await collect(pool, model, 3)
+    assert "".join(c.delta for c in chunks) == "1 2 3 "
+    assert chunks[-1].finish_reason is FinishReason.LENGTH and chunks[-1].usage == Usage(1, 3)
+    assert {c.request_id for c in chunks} != {""} and len({c.request_id for c in chunks}) == 1
+    assert {c.model for c in chunks} == {"a"}
+    assert pool.states() == {"a": "ready"}
+    await pool.close()
+
+
+async def test_state_is_loading_while_the_model_loads(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "a", 100)
+    task = asyncio.create_task(collect(pool, model, 1))
+    await wait_for(lambda: pool.states() == {"a": "loading"})
+    await task
+    assert pool.states() == {"a": "ready"}
+    await pool.close()
+
+
+async def test_a_failed_load_is_reported_with_its_reason_and_retried(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "broken", 100, content=b"garbage")
+    with pytest.raises(LlmlbError, match="not a counter model"):
+        await collect(pool, model)
+    assert pool.states() == {"broken": "failed"}
+    assert "not a counter model" in pool.errors()["broken"]
+    next(iter(model.paths.values())).write_bytes(b"counter")  # the operator fixes the file
+    assert len(await collect(pool, model)) == 4
+    assert pool.states() == {"broken": "ready"} and pool.errors() == {}
+    await pool.close()
+
+
+async def test_loading_past_the_budget_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=250)
+    a, b, c = (counter_model(tmp_path, name, 100) for name in "abc")
+    await collect(pool, a)
+    await collect(pool, b)
+    await collect(pool, a)  # a is now more recent than b
+    assert pool.states() == {"a": "ready", "b": "ready"}
+    await collect(pool, c)
+    assert pool.states() == {"a": "ready", "c": "ready"}
+    assert pool.used_mb == 200 <= pool.budget_mb
+    await pool.close()
+
+
+async def test_a_busy_model_is_not_evicted_the_load_waits_for_it(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=150)
+    a, b = counter_model(tmp_path, "a", 100), counter_model(tmp_path, "b", 100)
+    long_a = asyncio.create_task(collect(pool, a, 20))
+    await wait_for(lambda: pool.states().get("a") == "ready")
+    started = time.monotonic()
+    b_chunks = await collect(pool, b, 1)
+    a_chunks = await long_a
+    assert a_chunks[-1].usage == Usage(1, 20)  # a finished its answer untouched
+    assert b_chunks[-1].finish_reason is FinishReason.LENGTH
+    assert time.monotonic() - started >= 10 * STEP_S  # b waited for a to finish
+    assert pool.states() == {"b": "ready"}
+    await pool.close()
+
+
+async def test_a_model_larger_than_the_budget_is_refused_clearly(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=100)
+    with pytest.raises(LlmlbError) as caught:
+        await collect(pool, counter_model(tmp_path, "huge", 500))
+    assert "needs about 500 MB" in caught.value.message and "100 MB" in caught.value.message
+    assert pool.states() == {"huge": "failed"}
+    await pool.close()
+
+
+async def test_requests_beyond_the_slots_queue_and_all_complete(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000, slots_per_model=2)
+    model = counter_model(tmp_path, "a", 100)
+    await collect(pool, model, 1)
+    runtime = pool._entries[("a", "counter")].runtime
+    assert isinstance(runtime, CounterRuntime)
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, runtime.running)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(collect(pool, model, 5) for _ in range(5)))
+    watcher.cancel()
+    assert all(r[-1].usage == Usage(1, 5) for r in results)
+    assert most == 2
+    await pool.close()
+
+
+async def test_a_full_queue_answers_queue_full_with_retry_after(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000, slots_per_model=1, queue_per_model=1)
+    model = counter_model(tmp_path, "a", 100)
+    first = asyncio.create_task(collect(pool, model, 10))
+    second = asyncio.create_task(collect(pool, model, 1))
+    await wait_for(lambda: sum(s.active + s.waiting for s in pool.details()) == 2)
+    with pytest.raises(LlmlbError) as caught:
+        await collect(pool, model, 1)
+    assert caught.value.code is ErrorCode.QUEUE_FULL and caught.value.retry_after_s
+    await asyncio.gather(first, second)
+    await pool.close()
+
+
+async def test_a_consumer_that_goes_away_frees_its_slot_at_once(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000, slots_per_model=1)
+    model = counter_model(tmp_path, "a", 100)
+    stream = pool.chat(model, chat(model, 1000))
+    first = await anext(stream)
+    assert first.delta == "1 "
+    started = time.monotonic()
+    await stream.aclose()
+    freed_after = time.monotonic() - started
+    [status] = pool.details()
+    assert status.active == 0
+    assert freed_after < 5 * STEP_S
+    runtime = pool._entries[("a", "counter")].runtime
+    assert isinstance(runtime, CounterRuntime) and runtime.running == 0
+    assert (await collect(pool, model, 2))[-1].usage == Usage(1, 2)  # the slot serves the next request
+    await pool.close()
+
+
+async def test_a_cancelled_task_frees_its_slot(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000, slots_per_model=1)
+    model = counter_model(tmp_path, "a", 100)
+    task = asyncio.create_task(collect(pool, model, 1000))
+    await wait_for(lambda: any(s.active for s in pool.details()))
+    await asyncio.sleep(3 * STEP_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.details()[0].active == 0
+    assert (await collect(pool, model, 1))[-1].finish_reason is FinishReason.LENGTH
+    await pool.close()
+
+
+async def test_unload_stops_streams_and_forgets_the_model(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "a", 100)
+    task = asyncio.create_task(collect(pool, model, 1000))
+    await wait_for(lambda: any(s.active for s in pool.details()))
+    runtime = pool._entries[("a", "counter")].runtime
+    await pool.unload("a")
+    chunks = await task
+    assert chunks[-1].finish_reason is FinishReason.CANCELLED
+    assert pool.states() == {} and pool.used_mb == 0
+    assert isinstance(runtime, CounterRuntime) and not runtime.loaded
+    await pool.close()
+
+
+async def test_invalid_sampling_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "a", 100)
+    bad = ChatRequest("a", (ChatMessage("user", "x"),), SamplingParams(temperature=3.0))
+    with pytest.raises(LlmlbError) as caught:
+        [c async for c in pool.chat(model, bad)]
+    assert caught.value.code is ErrorCode.INVALID_REQUEST and "temperature" in caught.value.message
+    assert pool.states() == {}
+    await pool.close()
+
+
+async def test_blocking_work_stays_off_the_event_loop(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=1000)
+    model = counter_model(tmp_path, "a", 100)
+    ticks = 0
+    stop = threading.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    await collect(pool, model, 10)  # about 0.25 s of load + steps on worker threads
+    stop.set()
+    await task
+    assert ticks >= 20
+    await pool.close()
