@@ -74,6 +74,12 @@ class Settings:
             raise ValueError(f"{names[0]}={value!r}: {exc}") from None
 
 
+def merged_env(home: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment over ``<home>/.env``: for settings read as a block (the node's pool settings)."""
+    s = Settings(env, home / ".env")
+    return {**s.file_values, **{k: v for k, v in s.env.items() if v != ""}}
+
+
 def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):

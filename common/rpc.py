@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -59,8 +60,10 @@ def rpc_errors(fn: F) -> F:
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in fn(self, request, context):
-                    yield item
+                # aclosing: however the call ends, the handler's own generator is closed at once.
+                async with contextlib.aclosing(fn(self, request, context)) as items:
+                    async for item in items:
+                        yield item
             except LlmlbError as exc:
                 await abort_with(context, exc)
             except grpc.aio.AbortError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,23 +15,28 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.config import NodeConfig
+from common.config import NodeConfig, merged_env
 from common.errors import LlmlbError
 from common.hub import HubFiles
-from common.pb.llmlb.v1 import manifest_pb2, manifest_pb2_grpc
+from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import SERVER_OPTIONS
 from common.types import Backend
 from node import hardware
 from node.downloader import Downloader, OriginSource
 from node.hardware import Hardware
-from node.link import BalancerLink
-from node.model_states import ModelStates
+from node.link import BalancerLink, Load
+from node.model_states import ModelState, ModelStates
+from node.pool import ModelPool, PoolSettings
 from node.resolver import Resolver
+from node.servicers.inference import InferenceServicer
 from node.servicers.manifest import NodeManifestServicer
 from node.storage import Storage
 
 log = structlog.get_logger(__name__)
-SERVICE_NAMES = (manifest_pb2.DESCRIPTOR.services_by_name["Manifest"].full_name,)
+SERVICE_NAMES = (
+    manifest_pb2.DESCRIPTOR.services_by_name["Manifest"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+)
 # Hashing and file I/O run here, never on the event loop.
 IO_THREADS = 4
 
@@ -44,20 +49,20 @@ class NodeCommands:
     downloader: Downloader
     resolver: Resolver
     states: ModelStates
-    unloaders: list[Callable[[str], Awaitable[None]]] = field(default_factory=list)
+    pool: ModelPool
     draining: bool = False
 
     async def delete_model(self, model_id: str) -> None:
         """Unloads the model, stops its downloads and deletes the local copy (never the shared dir)."""
-        for unload in self.unloaders:
-            await unload(model_id)
+        await self.pool.unload(model_id)
         await self.downloader.cancel_model(model_id)
         freed = await self.storage.delete(model_id)
         self.states.remove(model_id)
         log.info("model.deleted", model_id=model_id, bytes=freed)
 
     async def prefetch(self, model_id: str) -> None:
-        await self.resolver.resolve(model_id)
+        """Fetches the model's files and loads it, so its first request finds it warm."""
+        await self.pool.prefetch(await self.resolver.resolve(model_id))
 
     async def drain(self) -> None:
         self.draining = True
@@ -129,10 +134,12 @@ class NodeParts:
     downloader: Downloader
     link: BalancerLink
     resolver: Resolver
+    models: ModelPool
     commands: NodeCommands
 
     async def close(self) -> None:
         await self.link.stop()
+        await self.models.close()
         await self.hub.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -165,13 +172,36 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
     downloader = Downloader(storage, config)
+    models = ModelPool(found, PoolSettings.from_env(merged_env(config.home)))
     handler = _Deferred()
-    link = BalancerLink(config, found, address, states, handler)
+
+    def load() -> Load:
+        details = models.details()
+        return Load(sum(d.active for d in details), sum(d.waiting for d in details))
+
+    def runtime_states() -> dict[str, ModelState]:
+        errors = models.errors()
+        return {
+            model_id: ModelState(model_id, state, error=errors.get(model_id, ""))
+            for model_id, state in models.states().items()
+        }
+
+    link = BalancerLink(
+        config,
+        found,
+        address,
+        states,
+        handler,
+        runtimes=models.engines,
+        capabilities=models.registry.capabilities,
+        load=load,
+        runtime_states=runtime_states,
+    )
     resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
     downloader.on_progress = resolver.on_progress
-    commands = NodeCommands(storage, downloader, resolver, states)
+    commands = NodeCommands(storage, downloader, resolver, states, models)
     handler.commands = commands
-    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, commands)
+    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands)
 
 
 async def start(config: NodeConfig) -> NodeProcess:
@@ -184,6 +214,9 @@ async def start(config: NodeConfig) -> NodeProcess:
     storage, resolver, link = parts.storage, parts.resolver, parts.link
 
     manifest_pb2_grpc.add_ManifestServicer_to_server(NodeManifestServicer(resolver, storage), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(parts.models, resolver.resolve, lambda: link.node_id), server
+    )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
