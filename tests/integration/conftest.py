@@ -48,6 +48,18 @@ def wait_serving(
         time.sleep(0.1)
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> int:
+    """Signals a process and reaps it; killed outright if it has not exited after 15 s."""
+    if proc is None:
+        return 0
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 class BalancerProcess:
     """One `llmlb serve` process; stop/start again on the same home to test restarts."""
 
@@ -81,14 +93,7 @@ class BalancerProcess:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = stop_process(self.proc, sig)
         self.proc = None
         return code
 
@@ -184,14 +189,7 @@ class NodeProcess:
         return (self.home / "node-id").read_text().strip()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = stop_process(self.proc, sig)
         self.proc = None
         return code
 
