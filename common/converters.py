@@ -65,6 +65,21 @@ def model_state_to_pb(state: str) -> pb.ModelState.ValueType:
     return _MODEL_STATE_TO_PB.get(state, pb.MODEL_STATE_UNSPECIFIED)
 
 
+def model_node_status_to_pb(
+    node_id: str, model_id: str, state: str, downloaded_bytes: int, total_bytes: int, error: str
+) -> pb.ModelNodeStatus:
+    """One model's state on one node: what a node reports and what the balancer shows of it."""
+    return pb.ModelNodeStatus(
+        node_id=node_id,
+        model_id=model_id,
+        state=model_state_to_pb(state),
+        ready=state == "ready",
+        downloaded_bytes=downloaded_bytes,
+        total_bytes=total_bytes,
+        error=error,
+    )
+
+
 def model_state_from_pb(value: int) -> str:
     """UNSPECIFIED (and anything unknown) reads as absent."""
     return _MODEL_STATE_FROM_PB.get(value, "absent")

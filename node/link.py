@@ -88,14 +88,8 @@ def host_load() -> tuple[float, int, int]:
 
 
 def state_to_pb(node_id: str, s: ModelState) -> pb.ModelNodeStatus:
-    return pb.ModelNodeStatus(
-        node_id=node_id,
-        model_id=s.model_id,
-        state=converters.model_state_to_pb(s.state),
-        ready=s.state == "ready",
-        downloaded_bytes=s.downloaded_bytes,
-        total_bytes=s.total_bytes,
-        error=s.error,
+    return converters.model_node_status_to_pb(
+        node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error
     )
 
 

@@ -54,14 +54,8 @@ def _command_to_pb(cmd: NodeCommand) -> rpb.BalancerMessage:
 
 
 def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
-    return pb.ModelNodeStatus(
-        node_id=s.node_id,
-        model_id=s.model_id,
-        state=converters.model_state_to_pb(s.state),
-        ready=s.ready,
-        downloaded_bytes=s.downloaded_bytes,
-        total_bytes=s.total_bytes,
-        error=s.error,
+    return converters.model_node_status_to_pb(
+        s.node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error
     )
 
 
