@@ -77,3 +77,15 @@ def check_filename(filename: str) -> str:
     ):
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"bad file name {filename[:120]!r}")
     return filename
+
+
+def read_range_end(file_size: int, offset: int, length: int) -> int:
+    """Where a ``ReadBlob`` of ``length`` bytes (0: to the end) from ``offset`` stops; bad ranges raise.
+
+    The balancer's proxy and a node serving peers check ranges by this one rule.
+    """
+    if offset < 0 or length < 0:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "offset and length must not be negative")
+    if offset > file_size or (offset == file_size and file_size):
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"offset {offset} is past the end of the file")
+    return min(file_size, offset + length) if length else file_size

@@ -11,6 +11,7 @@ from balancer.origin import Origin
 from balancer.registry import Registry
 from common import converters
 from common.errors import ErrorCode, LlmlbError
+from common.formats import read_range_end
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
@@ -36,13 +37,8 @@ class ManifestServicer(mgrpc.ManifestServicer):
         file = next((f for f in model.files if f.filename == request.filename), None)
         if file is None:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{request.filename!r} is not a file of {model.id!r}")
-        if request.offset < 0 or request.length < 0:
-            raise LlmlbError(ErrorCode.INVALID_REQUEST, "offset and length must not be negative")
-        if request.offset > file.size_bytes or (request.offset == file.size_bytes and file.size_bytes):
-            raise LlmlbError(
-                ErrorCode.INVALID_REQUEST, f"offset {request.offset} is past the end of the file"
-            )
-        length = min(request.length, file.size_bytes - request.offset) if request.length else 0
+        end = read_range_end(file.size_bytes, request.offset, request.length)
+        length = end - request.offset if request.length else 0  # 0: to the end, one open Range
         position = request.offset
         # Pass-through: each chunk from the origin goes to the caller as it arrives, nothing is kept.
         async for data in self._origin.stream(

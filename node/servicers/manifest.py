@@ -15,6 +15,7 @@ import grpc.aio
 
 from common import converters
 from common.errors import ErrorCode, LlmlbError
+from common.formats import read_range_end
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
@@ -39,14 +40,10 @@ class NodeManifestServicer(mgrpc.ManifestServicer):
 
     @rpc_errors
     async def ReadBlob(self, request: mpb.ReadBlobRequest, context: Ctx) -> AsyncIterator[mpb.BlobChunk]:
-        if request.offset < 0 or request.length < 0:
-            raise LlmlbError(ErrorCode.INVALID_REQUEST, "offset and length must not be negative")
+        if request.offset < 0 or request.length < 0:  # refused before any lookup or file access
+            read_range_end(0, request.offset, request.length)
         file, path = await self._resolver.locate(request.model_id, request.filename)
-        if request.offset > file.size_bytes or (request.offset == file.size_bytes and file.size_bytes):
-            raise LlmlbError(
-                ErrorCode.INVALID_REQUEST, f"offset {request.offset} is past the end of the file"
-            )
-        end = min(file.size_bytes, request.offset + request.length) if request.length else file.size_bytes
+        end = read_range_end(file.size_bytes, request.offset, request.length)
         loop = asyncio.get_running_loop()
         pool = self._storage.pool
         fh = await loop.run_in_executor(pool, _open_at, path, request.offset)
