@@ -106,6 +106,14 @@ def normalize_origin(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default_port else "")
 
 
+def origin_listed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``origin`` is one of ``allowed``, compared as ``scheme://host[:port]``."""
+    try:
+        return normalize_origin(origin) in {normalize_origin(o) for o in allowed}
+    except ValueError:
+        return False
+
+
 def parse_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
@@ -131,10 +139,7 @@ class BalancerConfig:
     log_level: str = "info"
 
     def origin_allowed(self, origin: str) -> bool:
-        try:
-            return normalize_origin(origin) in {normalize_origin(o) for o in self.allowed_origins}
-        except ValueError:
-            return False
+        return origin_listed(origin, self.allowed_origins)
 
 
 def load_balancer_config(
@@ -238,10 +243,7 @@ class NodeConfig:
         return self.home / "node-id"
 
     def origin_allowed(self, origin: str) -> bool:
-        try:
-            return normalize_origin(origin) in {normalize_origin(o) for o in self.allowed_origins}
-        except ValueError:
-            return False
+        return origin_listed(origin, self.allowed_origins)
 
 
 def load_node_config(
