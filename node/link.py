@@ -102,7 +102,7 @@ class BalancerLink:
         hardware: Hardware,
         advertise: str,
         states: ModelStates,
-        handler: CommandHandler,
+        handler: CommandHandler | None = None,
         *,
         runtimes: Sequence[str] = (),
         capabilities: Sequence[Capability] = (),
@@ -113,7 +113,7 @@ class BalancerLink:
         self._hardware = hardware
         self._advertise = advertise
         self._states = states
-        self._handler = handler
+        self.handler = handler  # set before start(): commands arrive only once the session is up
         self._runtimes = list(runtimes)
         self._capabilities = list(capabilities)
         self._load = load
@@ -136,6 +136,8 @@ class BalancerLink:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.handler is None:
+            raise RuntimeError("BalancerLink.start() needs a command handler")
         self._task = asyncio.create_task(self._run(), name="balancer-link")
 
     async def stop(self) -> None:
@@ -277,14 +279,16 @@ class BalancerLink:
 
     async def _carry_out(self, command: rpb.NodeCommand) -> None:
         kind = command.WhichOneof("body")
+        handler = self.handler
+        assert handler is not None  # start() refuses to run without one
         ok, error = True, ""
         try:
             if kind == "delete_model":
-                await self._handler.delete_model(command.delete_model.model_id)
+                await handler.delete_model(command.delete_model.model_id)
             elif kind == "prefetch":
-                await self._handler.prefetch(command.prefetch.model_id)
+                await handler.prefetch(command.prefetch.model_id)
             elif kind == "drain":
-                await self._handler.drain()
+                await handler.drain()
             else:
                 ok, error = False, f"unknown command {kind!r}"
         except LlmlbError as exc:

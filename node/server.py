@@ -144,25 +144,6 @@ class NodeParts:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _Deferred:
-    """The link's command handler, bound once the commands exist (they need the link's resolver)."""
-
-    def __init__(self) -> None:
-        self.commands: NodeCommands | None = None
-
-    async def delete_model(self, model_id: str) -> None:
-        assert self.commands is not None
-        await self.commands.delete_model(model_id)
-
-    async def prefetch(self, model_id: str) -> None:
-        assert self.commands is not None
-        await self.commands.prefetch(model_id)
-
-    async def drain(self) -> None:
-        assert self.commands is not None
-        await self.commands.drain()
-
-
 def assemble(config: NodeConfig, address: str) -> NodeParts:
     forced = None if config.backend == "auto" else Backend(config.backend)
     found = hardware.detect(forced)
@@ -173,7 +154,6 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
     downloader = Downloader(storage, config)
     models = ModelPool(found, PoolSettings.from_env(merged_env(config.home)))
-    handler = _Deferred()
 
     def load() -> Load:
         details = models.details()
@@ -191,7 +171,6 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
         found,
         address,
         states,
-        handler,
         runtimes=models.engines,
         capabilities=models.registry.capabilities,
         load=load,
@@ -200,7 +179,7 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models)
-    handler.commands = commands
+    link.handler = commands  # the commands need the resolver, which needs the link: bound last
     return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands)
 
 
