@@ -44,9 +44,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: LlmlbEr
     )
 
 
-async def _unexpected(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: Exception) -> None:
-    log.exception("rpc.failed", rpc=name, error=repr(exc))
-    await abort_with(context, LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: Exception) -> None:
+    """Ends a failed call: a client error as itself, an abort as it was, anything else as internal."""
+    if isinstance(exc, LlmlbError):
+        await abort_with(context, exc)
+    elif isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    else:
+        log.exception("rpc.failed", rpc=name, error=repr(exc))
+        await abort_with(context, LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
 
 
 def rpc_errors(fn: F) -> F:
@@ -64,12 +70,8 @@ def rpc_errors(fn: F) -> F:
                 async with contextlib.aclosing(fn(self, request, context)) as items:
                     async for item in items:
                         yield item
-            except LlmlbError as exc:
-                await abort_with(context, exc)
-            except grpc.aio.AbortError:
-                raise
             except Exception as exc:
-                await _unexpected(context, name, exc)
+                await _fail(context, name, exc)
 
         return cast(F, stream_wrapper)
 
@@ -77,12 +79,8 @@ def rpc_errors(fn: F) -> F:
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
             return await fn(self, request, context)
-        except LlmlbError as exc:
-            await abort_with(context, exc)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _unexpected(context, name, exc)
+            await _fail(context, name, exc)
 
     return cast(F, unary_wrapper)
 

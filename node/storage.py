@@ -252,13 +252,8 @@ def _delete_model_dir(folder: Path, root: Path) -> int:
     freed = 0
     for dirpath, dirnames, filenames in os.walk(folder, topdown=True):
         here = Path(dirpath)
-        if here != folder:
-            # A sub-folder with its own bookkeeping is another model's (ids nest like paths).
-            dirnames[:] = [d for d in dirnames if not (here / d / META_DIR / "manifest.json").exists()]
-        else:
-            dirnames[:] = [
-                d for d in dirnames if d == META_DIR or not (here / d / META_DIR / "manifest.json").exists()
-            ]
+        # A sub-folder with its own bookkeeping is another model's (ids nest like paths).
+        dirnames[:] = [d for d in dirnames if not (here / d / META_DIR / "manifest.json").exists()]
         for name in filenames:
             path = here / name
             try:
