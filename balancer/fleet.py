@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.types import Model
+from common.types import Capability, Model
 
 
 @dataclass(slots=True)
@@ -52,13 +52,53 @@ class NodeLoad:
     memory_total_mb: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node said about itself when it registered: where to call it and what it can serve."""
+
+    node_id: str
+    address: str
+    capabilities: frozenset[Capability] = frozenset()
+
+
 class Fleet:
     """Connected nodes, their per-model states and their last reported load."""
 
     def __init__(self) -> None:
         self._online: set[str] = set()
+        self._draining: set[str] = set()
+        self._info: dict[str, NodeInfo] = {}
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
         self._load: dict[str, NodeLoad] = {}
+        self.version = 0  # bumped on every change the router's candidate lists depend on
+
+    def registered(self, info: NodeInfo) -> None:
+        self._info[info.node_id] = info
+        self.version += 1
+
+    def info(self, node_id: str) -> NodeInfo | None:
+        return self._info.get(node_id)
+
+    def set_draining(self, node_id: str, draining: bool) -> None:
+        if draining != (node_id in self._draining):
+            (self._draining.add if draining else self._draining.discard)(node_id)
+            self.version += 1
+
+    def is_draining(self, node_id: str) -> bool:
+        return node_id in self._draining
+
+    def online(self) -> list[str]:
+        """Connected nodes in rotation: online, registered in this process's life, not draining."""
+        return sorted(n for n in self._online if n in self._info and n not in self._draining)
+
+    def remove(self, node_id: str) -> None:
+        """Forgets a node entirely (``llmlb nodes rm``)."""
+        self._online.discard(node_id)
+        self._draining.discard(node_id)
+        self._info.pop(node_id, None)
+        self._models.pop(node_id, None)
+        self._load.pop(node_id, None)
+        self.version += 1
 
     def set_load(self, node_id: str, load: NodeLoad) -> None:
         self._load[node_id] = load
@@ -71,23 +111,38 @@ class Fleet:
 
     def connected(self, node_id: str) -> None:
         self._online.add(node_id)
+        self.version += 1
 
     def disconnected(self, node_id: str) -> None:
         self._online.discard(node_id)
+        self._draining.discard(node_id)  # a drained node that comes back starts fresh
+        self.version += 1
 
     def is_online(self, node_id: str) -> bool:
         return node_id in self._online
 
     def report(self, status: ModelOnNode) -> None:
-        self._models.setdefault(status.node_id, {})[status.model_id] = status
+        per_node = self._models.setdefault(status.node_id, {})
+        old = per_node.get(status.model_id)
+        per_node[status.model_id] = status
+        if old is None or old.state != status.state:
+            self.version += 1
 
     def replace(self, node_id: str, statuses: list[ModelOnNode]) -> None:
         """The node's full picture from a heartbeat: what it no longer reports is gone."""
-        self._models[node_id] = {s.model_id: s for s in statuses}
+        new = {s.model_id: s for s in statuses}
+        old = self._models.get(node_id, {})
+        if {k: v.state for k, v in old.items()} != {k: v.state for k, v in new.items()}:
+            self.version += 1
+        self._models[node_id] = new
 
     def forget_model(self, model_id: str) -> None:
         for per_node in self._models.values():
             per_node.pop(model_id, None)
+        self.version += 1
+
+    def state_on(self, node_id: str, model_id: str) -> ModelOnNode | None:
+        return self._models.get(node_id, {}).get(model_id)
 
     def model_nodes(self, model_id: str) -> list[ModelOnNode]:
         return sorted(

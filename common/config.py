@@ -137,6 +137,28 @@ class BalancerConfig:
     heartbeat_timeout_ms: int = 3000
     log_format: str = "console"
     log_level: str = "info"
+    # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
+    http_listen: str = "127.0.0.1:8080"
+    # Keys: when on, every call but health checks needs a bearer key with the right scope.
+    auth: bool = True
+    # TLS for the gRPC door; with a client CA, callers must present a certificate it signed (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Routing: in-flight requests per node before it counts as busy, the wait queue behind them.
+    node_max_inflight: int = 8
+    queue_size: int = 256
+    queue_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0  # deadline for a routed call when the caller sets none
+    route_attempts: int = 3  # distinct nodes a request may be tried on before the error is returned
+    cooldown_failures: int = 3  # consecutive failures that put a node in cooldown
+    cooldown_s: float = 10.0
+    max_body_mb: int = 64  # largest HTTP request body (audio uploads, image edits)
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the first start writes the bootstrap admin key (mode 0600)."""
+        return self.home / "admin-key"
 
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
@@ -151,6 +173,8 @@ def load_balancer_config(
     allowed_origins: tuple[str, ...] | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    http_listen: str | None = None,
+    auth: bool | None = None,
     home: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> BalancerConfig:
@@ -179,6 +203,19 @@ def load_balancer_config(
         heartbeat_timeout_ms=s.get(None, ("LLMLB_HEARTBEAT_TIMEOUT_MS",), 3000, int),
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
+        http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
+        auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
+        tls_cert=s.get(None, ("LLMLB_TLS_CERT",), None, Path),
+        tls_key=s.get(None, ("LLMLB_TLS_KEY",), None, Path),
+        tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),
+        node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
+        queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
+        queue_timeout_s=s.get(None, ("LLMLB_QUEUE_TIMEOUT",), 30.0, parse_positive),
+        request_timeout_s=s.get(None, ("LLMLB_REQUEST_TIMEOUT",), 600.0, parse_positive),
+        route_attempts=s.get(None, ("LLMLB_ROUTE_ATTEMPTS",), 3, parse_count),
+        cooldown_failures=s.get(None, ("LLMLB_COOLDOWN_FAILURES",), 3, parse_count),
+        cooldown_s=s.get(None, ("LLMLB_COOLDOWN",), 10.0, parse_positive),
+        max_body_mb=s.get(None, ("LLMLB_MAX_BODY_MB",), 64, parse_count),
     )
 
 
@@ -213,6 +250,25 @@ def parse_positive(value: str) -> float:
     return number
 
 
+def parse_count(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return number
+
+
+def parse_count_or_zero(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected a whole number of at least 0")
+    return number
+
+
+def parse_optional_listen(value: str) -> str:
+    """``host:port``, or ``off`` (returned as empty) for a door that should not open."""
+    return "" if value.strip().lower() in ("off", "none", "-") else parse_listen(value)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Everything a node process (``xllm serve``) is told, resolved once at start."""
@@ -237,6 +293,12 @@ class NodeConfig:
     auth_token: str = ""
     log_format: str = "console"
     log_level: str = "info"
+    api_key: str = ""  # bearer key (scope node) the node presents to the balancer
+    tls_ca: Path | None = None  # CA that signed the balancer's certificate; set: dial it with TLS
+    tls_cert: Path | None = None  # client certificate for mTLS with the balancer
+    tls_key: Path | None = None
+    metrics_listen: str = ""  # host:port of the node's Prometheus /metrics; empty: off
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
 
     @property
     def node_id_file(self) -> Path:
@@ -262,6 +324,8 @@ def load_node_config(
     peer_fetch: bool | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    api_key: str | None = None,
+    metrics_listen: str | None = None,
     home: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> NodeConfig:
@@ -303,4 +367,10 @@ def load_node_config(
         auth_token=s.get(None, ("XLLM_AUTH_TOKEN",), "", str),
         log_format=fmt,
         log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),
+        api_key=s.get(api_key, ("XLLM_API_KEY",), "", str),
+        tls_ca=s.get(None, ("XLLM_TLS_CA",), None, Path),
+        tls_cert=s.get(None, ("XLLM_TLS_CERT",), None, Path),
+        tls_key=s.get(None, ("XLLM_TLS_KEY",), None, Path),
+        metrics_listen=s.get(metrics_listen, ("XLLM_METRICS_LISTEN",), "", parse_optional_listen),
+        drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 30.0, parse_positive),
     )

@@ -108,6 +108,7 @@ class BalancerLink:
         capabilities: Sequence[Capability] = (),
         load: Callable[[], Load] = Load,
         runtime_states: Callable[[], Mapping[str, ModelState]] = dict,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self._config = config
         self._hardware = hardware
@@ -118,6 +119,7 @@ class BalancerLink:
         self._capabilities = list(capabilities)
         self._load = load
         self._runtime_states = runtime_states
+        self._draining = draining
         self.channel = grpc.aio.insecure_channel(config.balancer, options=CHANNEL_OPTIONS)
         self._registry = rgrpc.RegistryStub(self.channel)
         self._peers: dict[str, grpc.aio.Channel] = {}
@@ -131,6 +133,7 @@ class BalancerLink:
         self._outbox: asyncio.Queue[rpb.NodeMessage] = asyncio.Queue()
         self._running: set[int] = set()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._beat_now = False
         states.subscribe(self._changed)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -237,7 +240,8 @@ class BalancerLink:
                 for state in dirty.values():
                     yield rpb.NodeMessage(model_state=state_to_pb(self.node_id, state))
                 next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
-            if now >= next_beat:
+            if now >= next_beat or self._beat_now:
+                self._beat_now = False
                 yield self._heartbeat()
                 next_beat = now + self._heartbeat_s
             until = min(next_beat, next_push) if self._dirty else next_beat
@@ -260,8 +264,14 @@ class BalancerLink:
                     memory_total_mb=total,
                 ),
                 models=[state_to_pb(self.node_id, s) for s in picture.values() if s.state != "absent"],
+                draining=self._draining(),
             )
         )
+
+    def beat_now(self) -> None:
+        """Sends a heartbeat at once, e.g. so the balancer learns of a drain before the next beat."""
+        self._beat_now = True
+        self._wake.set()
 
     def _changed(self, state: ModelState) -> None:
         self._dirty[state.model_id] = state

@@ -13,7 +13,7 @@ from typing import Any
 import grpc.aio
 import structlog
 
-from balancer.fleet import Fleet, ModelOnNode, NodeLoad
+from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.registry import RegisterRequest, Registry
 from balancer.sessions import NodeSessions, Session
 from balancer.store import Store
@@ -146,6 +146,13 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 last_seen_at=datetime.now(UTC),
             )
         )
+        self._fleet.registered(
+            NodeInfo(
+                node.id,
+                node.address,
+                frozenset(converters.capabilities_from_pb(request.capabilities)),
+            )
+        )
         return rpb.RegisterNodeResponse(
             node_id=node.id,
             heartbeat_interval_ms=self._config.heartbeat_interval_ms,
@@ -237,6 +244,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 self._fleet.replace(
                     session.node_id, [_node_status_from_pb(session.node_id, m) for m in msg.heartbeat.models]
                 )
+                self._fleet.set_draining(session.node_id, msg.heartbeat.draining)
             elif kind == "model_state":
                 self._fleet.report(_node_status_from_pb(session.node_id, msg.model_state))
             # Only commands sent to this node on this session can be cleared by it.

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from common.pb.llmlb.v1 import types_pb2 as llmlb_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmlb/v1/registry.proto\x12\x08llmlb.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14llmlb/v1/types.proto\"\xe6\x01\n\x14RegisterModelRequest\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x07 \x03(\x0e\x32\x14.llmlb.v1.Capability\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x18\n\x10required_vram_mb\x18\t \x01(\x03\x12\x15\n\rchat_template\x18\n \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmlb.v1.Model\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"?\n\x13\x44\x65leteModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0enodes_notified\x18\x02 \x01(\x05\")\n\x15GetModelStatusRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xb0\x01\n\x0bModelStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.llmlb.v1.ModelState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12(\n\x05nodes\x18\x06 \x03(\x0b\x32\x19.llmlb.v1.ModelNodeStatus\"\xfb\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0e\x32\x11.llmlb.v1.Backend\x12!\n\x04gpus\x18\x04 \x03(\x0b\x32\x13.llmlb.v1.GpuDevice\x12\x10\n\x08runtimes\x18\x05 \x03(\t\x12*\n\x0c\x63\x61pabilities\x18\x06 \x03(\x0e\x32\x14.llmlb.v1.Capability\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x12\n\nauth_token\x18\x08 \x01(\t\x12\x17\n\x0fmemory_total_mb\x18\t \x01(\x03\"d\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\x05\"\xbc\x01\n\x0bNodeMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.llmlb.v1.NodeHelloH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.llmlb.v1.HeartbeatH\x00\x12\x30\n\x0bmodel_state\x18\x03 \x01(\x0b\x32\x19.llmlb.v1.ModelNodeStatusH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.llmlb.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"\x1c\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x85\x01\n\tHeartbeat\x12 \n\x04load\x18\x01 \x01(\x0b\x32\x12.llmlb.v1.NodeLoad\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.llmlb.v1.ModelNodeStatus\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"r\n\x0f\x42\x61lancerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.llmlb.v1.SessionAcceptedH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.llmlb.v1.NodeCommandH\x00\x42\x06\n\x04\x62ody\"A\n\x0fSessionAccepted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\xb7\x01\n\x0bNodeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x34\n\x0c\x64\x65lete_model\x18\x02 \x01(\x0b\x32\x1c.llmlb.v1.DeleteModelCommandH\x00\x12-\n\x08prefetch\x18\x03 \x01(\x0b\x32\x19.llmlb.v1.PrefetchCommandH\x00\x12\'\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x16.llmlb.v1.DrainCommandH\x00\x42\x06\n\x04\x62ody\"&\n\x12\x44\x65leteModelCommand\x12\x10\n\x08model_id\x18\x01 \x01(\t\"#\n\x0fPrefetchCommand\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x0e\n\x0c\x44rainCommand\"\x12\n\x10ListNodesRequest\"2\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.llmlb.v1.Node2\xbd\x04\n\x08Registry\x12@\n\rRegisterModel\x12\x1e.llmlb.v1.RegisterModelRequest\x1a\x0f.llmlb.v1.Model\x12\x36\n\x08GetModel\x12\x19.llmlb.v1.GetModelRequest\x1a\x0f.llmlb.v1.Model\x12G\n\nListModels\x12\x1b.llmlb.v1.ListModelsRequest\x1a\x1c.llmlb.v1.ListModelsResponse\x12J\n\x0b\x44\x65leteModel\x12\x1c.llmlb.v1.DeleteModelRequest\x1a\x1d.llmlb.v1.DeleteModelResponse\x12H\n\x0eGetModelStatus\x12\x1f.llmlb.v1.GetModelStatusRequest\x1a\x15.llmlb.v1.ModelStatus\x12M\n\x0cRegisterNode\x12\x1d.llmlb.v1.RegisterNodeRequest\x1a\x1e.llmlb.v1.RegisterNodeResponse\x12\x43\n\x0bNodeSession\x12\x15.llmlb.v1.NodeMessage\x1a\x19.llmlb.v1.BalancerMessage(\x01\x30\x01\x12\x44\n\tListNodes\x12\x1a.llmlb.v1.ListNodesRequest\x1a\x1b.llmlb.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmlb/v1/registry.proto\x12\x08llmlb.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14llmlb/v1/types.proto\"\xe6\x01\n\x14RegisterModelRequest\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x07 \x03(\x0e\x32\x14.llmlb.v1.Capability\x12\x0c\n\x04tags\x18\x08 \x03(\t\x12\x18\n\x10required_vram_mb\x18\t \x01(\x03\x12\x15\n\rchat_template\x18\n \x01(\t\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"5\n\x12ListModelsResponse\x12\x1f\n\x06models\x18\x01 \x03(\x0b\x32\x0f.llmlb.v1.Model\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"?\n\x13\x44\x65leteModelResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0enodes_notified\x18\x02 \x01(\x05\")\n\x15GetModelStatusRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\xb0\x01\n\x0bModelStatus\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.llmlb.v1.ModelState\x12\x10\n\x08progress\x18\x03 \x01(\x01\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12(\n\x05nodes\x18\x06 \x03(\x0b\x32\x19.llmlb.v1.ModelNodeStatus\"\xfb\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x08\x62\x61\x63kends\x18\x03 \x03(\x0e\x32\x11.llmlb.v1.Backend\x12!\n\x04gpus\x18\x04 \x03(\x0b\x32\x13.llmlb.v1.GpuDevice\x12\x10\n\x08runtimes\x18\x05 \x03(\t\x12*\n\x0c\x63\x61pabilities\x18\x06 \x03(\x0e\x32\x14.llmlb.v1.Capability\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x12\n\nauth_token\x18\x08 \x01(\t\x12\x17\n\x0fmemory_total_mb\x18\t \x01(\x03\"d\n\x14RegisterNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x1c\n\x14heartbeat_timeout_ms\x18\x03 \x01(\x05\"\xbc\x01\n\x0bNodeMessage\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.llmlb.v1.NodeHelloH\x00\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x13.llmlb.v1.HeartbeatH\x00\x12\x30\n\x0bmodel_state\x18\x03 \x01(\x0b\x32\x19.llmlb.v1.ModelNodeStatusH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.llmlb.v1.CommandAckH\x00\x42\x06\n\x04\x62ody\"\x1c\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"\x97\x01\n\tHeartbeat\x12 \n\x04load\x18\x01 \x01(\x0b\x32\x12.llmlb.v1.NodeLoad\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.llmlb.v1.ModelNodeStatus\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\";\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"r\n\x0f\x42\x61lancerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.llmlb.v1.SessionAcceptedH\x00\x12(\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.llmlb.v1.NodeCommandH\x00\x42\x06\n\x04\x62ody\"A\n\x0fSessionAccepted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\xb7\x01\n\x0bNodeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x34\n\x0c\x64\x65lete_model\x18\x02 \x01(\x0b\x32\x1c.llmlb.v1.DeleteModelCommandH\x00\x12-\n\x08prefetch\x18\x03 \x01(\x0b\x32\x19.llmlb.v1.PrefetchCommandH\x00\x12\'\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x16.llmlb.v1.DrainCommandH\x00\x42\x06\n\x04\x62ody\"&\n\x12\x44\x65leteModelCommand\x12\x10\n\x08model_id\x18\x01 \x01(\t\"#\n\x0fPrefetchCommand\x12\x10\n\x08model_id\x18\x01 \x01(\t\"\x0e\n\x0c\x44rainCommand\"\x12\n\x10ListNodesRequest\"2\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.llmlb.v1.Node\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"$\n\x11RemoveNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"%\n\x12RemoveNodeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"A\n\x10\x43reateKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x06scopes\x18\x02 \x03(\x0e\x32\x0f.llmlb.v1.Scope\"B\n\x11\x43reateKeyResponse\x12\x1d\n\x03key\x18\x01 \x01(\x0b\x32\x10.llmlb.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x11\n\x0fListKeysRequest\"2\n\x10ListKeysResponse\x12\x1e\n\x04keys\x18\x01 \x03(\x0b\x32\x10.llmlb.v1.ApiKey\"\x1f\n\x10RevokeKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\t2\x83\x07\n\x08Registry\x12@\n\rRegisterModel\x12\x1e.llmlb.v1.RegisterModelRequest\x1a\x0f.llmlb.v1.Model\x12\x36\n\x08GetModel\x12\x19.llmlb.v1.GetModelRequest\x1a\x0f.llmlb.v1.Model\x12G\n\nListModels\x12\x1b.llmlb.v1.ListModelsRequest\x1a\x1c.llmlb.v1.ListModelsResponse\x12J\n\x0b\x44\x65leteModel\x12\x1c.llmlb.v1.DeleteModelRequest\x1a\x1d.llmlb.v1.DeleteModelResponse\x12H\n\x0eGetModelStatus\x12\x1f.llmlb.v1.GetModelStatusRequest\x1a\x15.llmlb.v1.ModelStatus\x12M\n\x0cRegisterNode\x12\x1d.llmlb.v1.RegisterNodeRequest\x1a\x1e.llmlb.v1.RegisterNodeResponse\x12\x43\n\x0bNodeSession\x12\x15.llmlb.v1.NodeMessage\x1a\x19.llmlb.v1.BalancerMessage(\x01\x30\x01\x12\x44\n\tListNodes\x12\x1a.llmlb.v1.ListNodesRequest\x1a\x1b.llmlb.v1.ListNodesResponse\x12\x37\n\tDrainNode\x12\x1a.llmlb.v1.DrainNodeRequest\x1a\x0e.llmlb.v1.Node\x12G\n\nRemoveNode\x12\x1b.llmlb.v1.RemoveNodeRequest\x1a\x1c.llmlb.v1.RemoveNodeResponse\x12\x44\n\tCreateKey\x12\x1a.llmlb.v1.CreateKeyRequest\x1a\x1b.llmlb.v1.CreateKeyResponse\x12\x41\n\x08ListKeys\x12\x19.llmlb.v1.ListKeysRequest\x1a\x1a.llmlb.v1.ListKeysResponse\x12\x39\n\tRevokeKey\x12\x1a.llmlb.v1.RevokeKeyRequest\x1a\x10.llmlb.v1.ApiKeyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,25 +58,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEHELLO']._serialized_start=1312
   _globals['_NODEHELLO']._serialized_end=1340
   _globals['_HEARTBEAT']._serialized_start=1343
-  _globals['_HEARTBEAT']._serialized_end=1476
-  _globals['_COMMANDACK']._serialized_start=1478
-  _globals['_COMMANDACK']._serialized_end=1537
-  _globals['_BALANCERMESSAGE']._serialized_start=1539
-  _globals['_BALANCERMESSAGE']._serialized_end=1653
-  _globals['_SESSIONACCEPTED']._serialized_start=1655
-  _globals['_SESSIONACCEPTED']._serialized_end=1720
-  _globals['_NODECOMMAND']._serialized_start=1723
-  _globals['_NODECOMMAND']._serialized_end=1906
-  _globals['_DELETEMODELCOMMAND']._serialized_start=1908
-  _globals['_DELETEMODELCOMMAND']._serialized_end=1946
-  _globals['_PREFETCHCOMMAND']._serialized_start=1948
-  _globals['_PREFETCHCOMMAND']._serialized_end=1983
-  _globals['_DRAINCOMMAND']._serialized_start=1985
-  _globals['_DRAINCOMMAND']._serialized_end=1999
-  _globals['_LISTNODESREQUEST']._serialized_start=2001
-  _globals['_LISTNODESREQUEST']._serialized_end=2019
-  _globals['_LISTNODESRESPONSE']._serialized_start=2021
-  _globals['_LISTNODESRESPONSE']._serialized_end=2071
-  _globals['_REGISTRY']._serialized_start=2074
-  _globals['_REGISTRY']._serialized_end=2647
+  _globals['_HEARTBEAT']._serialized_end=1494
+  _globals['_COMMANDACK']._serialized_start=1496
+  _globals['_COMMANDACK']._serialized_end=1555
+  _globals['_BALANCERMESSAGE']._serialized_start=1557
+  _globals['_BALANCERMESSAGE']._serialized_end=1671
+  _globals['_SESSIONACCEPTED']._serialized_start=1673
+  _globals['_SESSIONACCEPTED']._serialized_end=1738
+  _globals['_NODECOMMAND']._serialized_start=1741
+  _globals['_NODECOMMAND']._serialized_end=1924
+  _globals['_DELETEMODELCOMMAND']._serialized_start=1926
+  _globals['_DELETEMODELCOMMAND']._serialized_end=1964
+  _globals['_PREFETCHCOMMAND']._serialized_start=1966
+  _globals['_PREFETCHCOMMAND']._serialized_end=2001
+  _globals['_DRAINCOMMAND']._serialized_start=2003
+  _globals['_DRAINCOMMAND']._serialized_end=2017
+  _globals['_LISTNODESREQUEST']._serialized_start=2019
+  _globals['_LISTNODESREQUEST']._serialized_end=2037
+  _globals['_LISTNODESRESPONSE']._serialized_start=2039
+  _globals['_LISTNODESRESPONSE']._serialized_end=2089
+  _globals['_DRAINNODEREQUEST']._serialized_start=2091
+  _globals['_DRAINNODEREQUEST']._serialized_end=2126
+  _globals['_REMOVENODEREQUEST']._serialized_start=2128
+  _globals['_REMOVENODEREQUEST']._serialized_end=2164
+  _globals['_REMOVENODERESPONSE']._serialized_start=2166
+  _globals['_REMOVENODERESPONSE']._serialized_end=2203
+  _globals['_CREATEKEYREQUEST']._serialized_start=2205
+  _globals['_CREATEKEYREQUEST']._serialized_end=2270
+  _globals['_CREATEKEYRESPONSE']._serialized_start=2272
+  _globals['_CREATEKEYRESPONSE']._serialized_end=2338
+  _globals['_LISTKEYSREQUEST']._serialized_start=2340
+  _globals['_LISTKEYSREQUEST']._serialized_end=2357
+  _globals['_LISTKEYSRESPONSE']._serialized_start=2359
+  _globals['_LISTKEYSRESPONSE']._serialized_end=2409
+  _globals['_REVOKEKEYREQUEST']._serialized_start=2411
+  _globals['_REVOKEKEYREQUEST']._serialized_end=2442
+  _globals['_REGISTRY']._serialized_start=2445
+  _globals['_REGISTRY']._serialized_end=3344
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,31 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/llmlb.v1.Registry/DrainNode',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_types__pb2.Node.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/llmlb.v1.Registry/RemoveNode',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/llmlb.v1.Registry/CreateKey',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/llmlb.v1.Registry/ListKeys',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/llmlb.v1.Registry/RevokeKey',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -140,6 +165,43 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
+        an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Forgets a node: its registration and queued commands. A node still connected is told to drain
+        and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """Creates an API key. The secret is in the answer and never again: only its hash is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """Every key, revoked ones included, without secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +244,31 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_types__pb2.Node.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.CreateKeyRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.ListKeysRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_types__pb2.ApiKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +487,141 @@ class Registry:
             '/llmlb.v1.Registry/ListNodes',
             llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
             llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/DrainNode',
+            llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.SerializeToString,
+            llmlb_dot_v1_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/RemoveNode',
+            llmlb_dot_v1_dot_registry__pb2.RemoveNodeRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/CreateKey',
+            llmlb_dot_v1_dot_registry__pb2.CreateKeyRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/ListKeys',
+            llmlb_dot_v1_dot_registry__pb2.ListKeysRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/RevokeKey',
+            llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
+            llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,20 @@ class RegistryStub:
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]
     """Every known node, online or not."""
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DrainNodeRequest, _types_pb2.Node]
+    """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
+    an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+    """
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RemoveNodeRequest, _registry_pb2.RemoveNodeResponse]
+    """Forgets a node: its registration and queued commands. A node still connected is told to drain
+    and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
+    """
+    CreateKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateKeyRequest, _registry_pb2.CreateKeyResponse]
+    """Creates an API key. The secret is in the answer and never again: only its hash is stored."""
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListKeysRequest, _registry_pb2.ListKeysResponse]
+    """Every key, revoked ones included, without secrets."""
+    RevokeKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]
+    """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -80,6 +94,20 @@ class RegistryAsyncStub(RegistryStub):
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Every known node, online or not."""
+    DrainNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
+    """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
+    an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+    """
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.RemoveNodeRequest, _registry_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Forgets a node: its registration and queued commands. A node still connected is told to drain
+    and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
+    """
+    CreateKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateKeyRequest, _registry_pb2.CreateKeyResponse]  # type: ignore[assignment]
+    """Creates an API key. The secret is in the answer and never again: only its hash is stored."""
+    ListKeys: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListKeysRequest, _registry_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """Every key, revoked ones included, without secrets."""
+    RevokeKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]  # type: ignore[assignment]
+    """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -151,5 +179,49 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListNodesResponse, _abc.Awaitable[_registry_pb2.ListNodesResponse]]:
         """Every known node, online or not."""
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _registry_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Node, _abc.Awaitable[_types_pb2.Node]]:
+        """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
+        an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _registry_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RemoveNodeResponse, _abc.Awaitable[_registry_pb2.RemoveNodeResponse]]:
+        """Forgets a node: its registration and queued commands. A node still connected is told to drain
+        and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateKey(
+        self,
+        request: _registry_pb2.CreateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateKeyResponse, _abc.Awaitable[_registry_pb2.CreateKeyResponse]]:
+        """Creates an API key. The secret is in the answer and never again: only its hash is stored."""
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _registry_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListKeysResponse, _abc.Awaitable[_registry_pb2.ListKeysResponse]]:
+        """Every key, revoked ones included, without secrets."""
+
+    @_abc_1.abstractmethod
+    def RevokeKey(
+        self,
+        request: _registry_pb2.RevokeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.ApiKey, _abc.Awaitable[_types_pb2.ApiKey]]:
+        """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

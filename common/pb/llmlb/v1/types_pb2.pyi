@@ -193,6 +193,32 @@ NODE_STATE_DRAINING: NodeState.ValueType  # 3
 """finishing in-flight work, takes nothing new"""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _Scope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCOPE_UNSPECIFIED: _Scope.ValueType  # 0
+    SCOPE_API: _Scope.ValueType  # 1
+    """Inference, reading the catalogue and model status (OpenAI clients, services)"""
+    SCOPE_NODE: _Scope.ValueType  # 2
+    """RegisterNode, NodeSession and Manifest (node workers)"""
+    SCOPE_ADMIN: _Scope.ValueType  # 3
+    """everything, including registering and deleting models, nodes and keys"""
+
+class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
+    """What an API key may do. ADMIN may do everything."""
+
+SCOPE_UNSPECIFIED: Scope.ValueType  # 0
+SCOPE_API: Scope.ValueType  # 1
+"""Inference, reading the catalogue and model status (OpenAI clients, services)"""
+SCOPE_NODE: Scope.ValueType  # 2
+"""RegisterNode, NodeSession and Manifest (node workers)"""
+SCOPE_ADMIN: Scope.ValueType  # 3
+"""everything, including registering and deleting models, nodes and keys"""
+Global___Scope: _TypeAlias = Scope  # noqa: Y015
+
 @_typing.final
 class ManifestFile(_message.Message):
     """A file of a model as the balancer pins it."""
@@ -594,3 +620,57 @@ class Usage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class ApiKey(_message.Message):
+    """An API key as the balancer stores it: never the secret, only its hash."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """stable id"""
+    name: _builtins.str
+    """label for people"""
+    prefix: _builtins.str
+    """first characters of the secret, to tell keys apart"""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[Global___Scope.ValueType]:
+        """what it may do"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """when it was made"""
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """unset while the key works"""
+
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """last accepted request, roughly (updated at most once a minute)"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        scopes: _abc.Iterable[Global___Scope.ValueType] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "last_used_at", b"last_used_at", "name", b"name", "prefix", b"prefix", "revoked_at", b"revoked_at", "scopes", b"scopes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
