@@ -91,6 +91,10 @@ class Fleet:
         """Connected nodes in rotation: online, registered in this process's life, not draining."""
         return sorted(n for n in self._online if n in self._info and n not in self._draining)
 
+    def draining(self) -> list[str]:
+        """Connected nodes finishing their work and taking none."""
+        return sorted(n for n in self._online if n in self._draining)
+
     def remove(self, node_id: str) -> None:
         """Forgets a node entirely (``llmlb nodes rm``)."""
         self._online.discard(node_id)

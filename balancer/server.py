@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,16 +13,32 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balancer.auth import AuthInterceptor, KeyRing
 from balancer.catalog import load_catalog
 from balancer.fleet import Fleet
+from balancer.http.app import create_app
+from balancer.http.server import HttpServer, start_http
+from balancer.node_clients import NodeClients
 from balancer.origin import Origin
+from balancer.parts import BalancerParts
 from balancer.registry import Registry
+from balancer.router import Router
+from balancer.servicers.inference import InferenceServicer
 from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
 from balancer.sessions import NodeSessions
 from balancer.store import Store
+from common.channels import server_credentials
 from common.config import BalancerConfig
-from common.pb.llmlb.v1 import manifest_pb2, manifest_pb2_grpc, registry_pb2, registry_pb2_grpc
+from common.metrics import BalancerMetrics
+from common.pb.llmlb.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    manifest_pb2,
+    manifest_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from common.rpc import SERVER_OPTIONS
 from common.types import NodeState
 
@@ -29,6 +46,7 @@ log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     manifest_pb2.DESCRIPTOR.services_by_name["Manifest"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
 )
 
 
@@ -36,21 +54,58 @@ SERVICE_NAMES = (
 class Balancer:
     """A running balancer: what tests and the CLI hold to stop it."""
 
-    config: BalancerConfig
-    store: Store
-    origin: Origin
-    registry: Registry
+    parts: BalancerParts
     server: grpc.aio.Server
     health: Any  # grpc_health's asyncio servicer ships without type stubs
     port: int
+    http: HttpServer | None
+    clients: NodeClients
+
+    @property
+    def config(self) -> BalancerConfig:
+        return self.parts.config
+
+    @property
+    def store(self) -> Store:
+        return self.parts.store
+
+    @property
+    def registry(self) -> Registry:
+        return self.parts.registry
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
-        await self.origin.close()
-        await self.store.close()
+        await self.clients.close()
+        await self.parts.origin.close()
+        await self.parts.store.close()
         log.info("balancer.stopped")
+
+
+def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
+    """Scrape-time gauges: nodes by state, models downloading, requests queued."""
+    online = fleet.online()
+    draining = fleet.draining()
+    downloads: dict[tuple[str, ...], float] = {}
+    for node_id in online:
+        for status in fleet.node_models(node_id):
+            if status.state == "downloading":
+                downloads[(status.model_id,)] = downloads.get((status.model_id,), 0.0) + 1
+    return {
+        "llmlb_nodes": (
+            "Nodes connected to this balancer, by state.",
+            {("online",): float(len(online)), ("draining",): float(len(draining))},
+        ),
+        "llmlb_model_downloads": ("Nodes downloading each model now.", downloads),
+        "llmlb_queue_depth": ("Requests waiting for a free node.", {(): float(router.waiting)}),
+    }
 
 
 async def start(config: BalancerConfig) -> Balancer:
@@ -67,27 +122,61 @@ async def start(config: BalancerConfig) -> Balancer:
     for node in await store.list_nodes():  # nobody is connected to a process that just started
         await store.set_node_state(node.id, NodeState.OFFLINE)
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    keys = KeyRing(store, enabled=config.auth)
+    secret = await keys.bootstrap(config.admin_key_file)
+    if secret is not None:  # shown once; the file keeps it for the CLI on this machine
+        print(
+            f"llmlb: created the first admin key (also in {config.admin_key_file}, mode 0600):\n  {secret}",
+            file=sys.stderr,
+            flush=True,
+        )
+    clients = NodeClients()
+    router_box: list[Router] = []
+    metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router_box[0]))
+    router = Router(config, registry, fleet, clients, metrics)
+    router_box.append(router)
+    parts = BalancerParts(config, store, origin, registry, fleet, sessions, router, keys, metrics)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryServicer(registry, store, fleet, sessions, config), server
+        RegistryServicer(registry, store, fleet, sessions, config, keys), server
     )
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(registry, origin), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router, metrics), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(config.grpc_listen)
+    if config.tls_cert is not None and config.tls_key is not None:
+        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(config.grpc_listen, creds)
+    else:
+        port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
         await store.close()
         raise OSError(f"cannot listen on {config.grpc_listen}")
     await server.start()
+    http = None
+    if config.http_listen:
+        try:
+            http = await start_http(create_app(parts), config.http_listen)
+        except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
+            await server.stop(None)
+            await store.close()
+            raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.grpc_listen.rpartition(":")[0]
-    log.info("balancer.listening", grpc=f"{host}:{port}", database=config.database_url, models=len(catalog))
-    return Balancer(config, store, origin, registry, server, health_servicer, port)
+    log.info(
+        "balancer.listening",
+        grpc=f"{host}:{port}",
+        http=f"{config.http_listen.rpartition(':')[0]}:{http.port}" if http else "off",
+        database=config.database_url,
+        models=len(catalog),
+        auth="on" if config.auth else "off",
+    )
+    return Balancer(parts, server, health_servicer, port, http, clients)
 
 
 async def serve(config: BalancerConfig) -> None:

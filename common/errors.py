@@ -17,6 +17,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     MODEL_NOT_FOUND = "model_not_found"
     NODE_NOT_FOUND = "node_not_found"
+    KEY_NOT_FOUND = "key_not_found"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     ORIGIN_UNAUTHORIZED = "origin_unauthorized"
     ORIGIN_UNREACHABLE = "origin_unreachable"
@@ -45,6 +46,7 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.INVALID_REQUEST: ErrorSpec(400, _S.INVALID_ARGUMENT, "invalid_request_error"),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
     ErrorCode.NODE_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.KEY_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
     ErrorCode.ORIGIN_NOT_ALLOWED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.ORIGIN_UNAUTHORIZED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.ORIGIN_UNREACHABLE: ErrorSpec(502, _S.UNAVAILABLE, "server_error"),

@@ -75,6 +75,11 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.PullModel = channel.unary_unary(
+                '/llmlb.v1.Registry/PullModel',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.PullModelResponse.FromString,
+                _registered_method=True)
         self.DrainNode = channel.unary_unary(
                 '/llmlb.v1.Registry/DrainNode',
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.SerializeToString,
@@ -165,6 +170,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullModel(self, request, context):
+        """Tells nodes to fetch and load a model ahead of its first request (durable, like deletes).
+        Progress shows in GetModelStatus. NOT_FOUND when the model or a named node is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DrainNode(self, request, context):
         """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
         an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
@@ -244,6 +257,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.PullModelRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.PullModelResponse.SerializeToString,
             ),
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
@@ -487,6 +505,33 @@ class Registry:
             '/llmlb.v1.Registry/ListNodes',
             llmlb_dot_v1_dot_registry__pb2.ListNodesRequest.SerializeToString,
             llmlb_dot_v1_dot_registry__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/PullModel',
+            llmlb_dot_v1_dot_registry__pb2.PullModelRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.PullModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,10 @@ class RegistryStub:
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]
     """Every known node, online or not."""
+    PullModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PullModelRequest, _registry_pb2.PullModelResponse]
+    """Tells nodes to fetch and load a model ahead of its first request (durable, like deletes).
+    Progress shows in GetModelStatus. NOT_FOUND when the model or a named node is unknown.
+    """
     DrainNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DrainNodeRequest, _types_pb2.Node]
     """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
     an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
@@ -94,6 +98,10 @@ class RegistryAsyncStub(RegistryStub):
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Every known node, online or not."""
+    PullModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.PullModelRequest, _registry_pb2.PullModelResponse]  # type: ignore[assignment]
+    """Tells nodes to fetch and load a model ahead of its first request (durable, like deletes).
+    Progress shows in GetModelStatus. NOT_FOUND when the model or a named node is unknown.
+    """
     DrainNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
     """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
     an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
@@ -179,6 +187,16 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListNodesResponse, _abc.Awaitable[_registry_pb2.ListNodesResponse]]:
         """Every known node, online or not."""
+
+    @_abc_1.abstractmethod
+    def PullModel(
+        self,
+        request: _registry_pb2.PullModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.PullModelResponse, _abc.Awaitable[_registry_pb2.PullModelResponse]]:
+        """Tells nodes to fetch and load a model ahead of its first request (durable, like deletes).
+        Progress shows in GetModelStatus. NOT_FOUND when the model or a named node is unknown.
+        """
 
     @_abc_1.abstractmethod
     def DrainNode(

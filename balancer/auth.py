@@ -1,0 +1,227 @@
+"""API keys with scopes: minting, checking bearer tokens, and the gRPC door's interceptor.
+
+Only the sha256 of a secret is stored. Secrets are 32 random bytes, so a plain hash is enough (no
+password stretching) and checking costs one hash plus, at most every few seconds, one store read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from balancer.store import Store
+from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.types import ApiKey, Scope
+
+log = structlog.get_logger(__name__)
+
+SECRET_PREFIX = "llmlb-"
+SHOWN_PREFIX_LENGTH = 12  # "llmlb-" and 6 more characters: enough to tell keys apart in a list
+CACHE_SECONDS = 5.0  # a key revoked by another balancer process stops working within this long
+TOUCH_EVERY_S = 60.0
+
+# What each RPC needs; ADMIN may call anything. Health checks and reflection need no key.
+_API = Scope.API
+_NODE = Scope.NODE
+_ADMIN = Scope.ADMIN
+METHOD_SCOPES: dict[str, Scope] = {
+    "/llmlb.v1.Registry/GetModel": _API,
+    "/llmlb.v1.Registry/ListModels": _API,
+    "/llmlb.v1.Registry/GetModelStatus": _API,
+    "/llmlb.v1.Registry/RegisterNode": _NODE,
+    "/llmlb.v1.Registry/NodeSession": _NODE,
+    "/llmlb.v1.Manifest/GetManifest": _NODE,
+    "/llmlb.v1.Manifest/ReadBlob": _NODE,
+}
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def scope_for(method: str) -> Scope | None:
+    """The scope a gRPC method needs; None for open ones. Unlisted Registry calls are admin work."""
+    if method.startswith(OPEN_SERVICES):
+        return None
+    if method.startswith("/llmlb.v1.Inference/"):
+        return Scope.API
+    return METHOD_SCOPES.get(method, Scope.ADMIN)
+
+
+def bearer(header_value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; None when absent or another scheme."""
+    if not header_value:
+        return None
+    scheme, _, token = header_value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def allows(key: ApiKey, scope: Scope) -> bool:
+    return scope in key.scopes or Scope.ADMIN in key.scopes
+
+
+class KeyRing:
+    """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through."""
+
+    def __init__(self, store: Store, *, enabled: bool = True) -> None:
+        self._store = store
+        self.enabled = enabled
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}  # secret hash -> (expires, key)
+        self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def create(self, name: str, scopes: Sequence[Scope]) -> tuple[ApiKey, str]:
+        """A new key and its secret; the secret is returned here and never stored."""
+        if not scopes:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "a key needs at least one scope (api, node, admin)")
+        if len(name) > 128:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "a key name has at most 128 characters")
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        key = ApiKey(
+            id=f"key-{secrets.token_hex(6)}",
+            name=name,
+            prefix=secret[:SHOWN_PREFIX_LENGTH],
+            secret_hash=hash_secret(secret),
+            scopes=tuple(dict.fromkeys(scopes)),
+        )
+        stored = await self._store.add_key(key)
+        log.info("key.created", key_id=stored.id, name=name, scopes=[s.value for s in stored.scopes])
+        return stored, secret
+
+    async def list(self) -> list[ApiKey]:
+        return await self._store.list_keys()
+
+    async def revoke(self, key_id_or_prefix: str) -> ApiKey:
+        """Revokes one live key by id or shown prefix; it stops working in this process at once."""
+        try:
+            revoked = await self._store.revoke_key(key_id_or_prefix)
+        except ValueError as exc:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        if not revoked:
+            raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no live key {key_id_or_prefix!r}")
+        self._cache.clear()
+        for key in await self._store.list_keys():
+            if key_id_or_prefix in (key.id, key.prefix) and key.revoked_at is not None:
+                return key
+        raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+
+    async def bootstrap(self, path: Path) -> str | None:
+        """On a store with no keys, mints the first admin key and writes it to ``path`` (mode 0600).
+
+        Returns the secret so the caller can show it once; None when keys exist or auth is off.
+        """
+        if not self.enabled or await self._store.count_keys():
+            return None
+        key, secret = await self.create("admin", [Scope.ADMIN])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(tmp, path)
+        log.info("key.bootstrapped", key_id=key.id, file=str(path))
+        return secret
+
+    async def check(self, token: str | None, scope: Scope) -> ApiKey | None:
+        """The key behind ``token`` if it may act in ``scope``; None when auth is off.
+
+        Raises ``unauthorized`` (no, unknown or revoked key) or ``forbidden`` (the key lacks the scope).
+        """
+        if not self.enabled:
+            return None
+        if not token:
+            raise LlmlbError(
+                ErrorCode.UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'"
+            )
+        digest = hash_secret(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            key = cached[1]
+        else:
+            key = await self._store.find_key(digest)
+            if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
+                self._cache.clear()
+            self._cache[digest] = (now + CACHE_SECONDS, key)
+        if key is None or key.revoked_at is not None:
+            raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
+        if not allows(key, scope):
+            have = ", ".join(s.value for s in key.scopes)
+            raise LlmlbError(ErrorCode.FORBIDDEN, f"this key has scope {have}; this call needs {scope.value}")
+        if now - self._touched.get(key.id, 0.0) > TOUCH_EVERY_S:
+            self._touched[key.id] = now
+            task = asyncio.create_task(self._touch(key.id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return key
+
+    async def _touch(self, key_id: str) -> None:
+        try:
+            await self._store.touch_key(key_id, datetime.now(UTC))
+        except Exception as exc:  # bookkeeping only: a failed write must not fail a request
+            log.warning("key.touch_failed", key_id=key_id, error=repr(exc))
+
+
+def _abort_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], error: LlmlbError
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
+
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(
+            error.spec.grpc_status, error.message, trailing_metadata=((GRPC_CODE_KEY, error.code.value),)
+        )
+
+    async def fail_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await fail(request, context)
+        yield  # pragma: no cover  # makes this an async generator, as streaming handlers must be
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(fail_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(fail)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(fail_stream)
+    return grpc.unary_unary_rpc_method_handler(fail)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Checks the bearer key in each call's metadata against the scope its method needs."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        scope = scope_for(handler_call_details.method)
+        if handler is None or scope is None or not self._keys.enabled:
+            return handler
+        token = None
+        for name, value in handler_call_details.invocation_metadata or ():
+            if name == "authorization":
+                token = bearer(value if isinstance(value, str) else value.decode())
+                break
+        try:
+            await self._keys.check(token, scope)
+        except LlmlbError as exc:
+            log.info("auth.refused", method=handler_call_details.method, code=exc.code.value)
+            return _abort_handler(handler, exc)
+        return handler

@@ -1,0 +1,56 @@
+"""Runs the HTTP shim's ASGI app on uvicorn inside the balancer's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class HttpServer:
+    """A started uvicorn server: the bound port and how to stop it."""
+
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.task), grace)
+        if not self.task.done():
+            self.server.force_exit = True
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def start_http(app: FastAPI, listen: str) -> HttpServer:
+    """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``."""
+    host, _, port = listen.rpartition(":")
+    config = uvicorn.Config(
+        app,
+        host=host or "0.0.0.0",
+        port=int(port),
+        log_config=None,  # structlog owns logging
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    # The balancer owns SIGINT/SIGTERM; uvicorn must not replace its handlers.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task  # raises the bind error
+            raise OSError(f"cannot listen on {listen}")
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    log.info("http.listening", http=f"{host}:{bound}")
+    return HttpServer(server, task, bound)

@@ -1,0 +1,28 @@
+"""Everything a running balancer is made of, handed to both doors (gRPC servicers and the HTTP shim)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balancer.auth import KeyRing
+from balancer.fleet import Fleet
+from balancer.origin import Origin
+from balancer.registry import Registry
+from balancer.router import Router
+from balancer.sessions import NodeSessions
+from balancer.store import Store
+from common.config import BalancerConfig
+from common.metrics import BalancerMetrics
+
+
+@dataclass(slots=True)
+class BalancerParts:
+    config: BalancerConfig
+    store: Store
+    origin: Origin
+    registry: Registry
+    fleet: Fleet
+    sessions: NodeSessions
+    router: Router
+    keys: KeyRing
+    metrics: BalancerMetrics

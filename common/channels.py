@@ -1,0 +1,90 @@
+"""Client channels to llmlb's gRPC services: TLS when asked, and the bearer key on every call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from common.rpc import CHANNEL_OPTIONS
+
+AUTHORIZATION = "authorization"
+
+
+def bearer_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ()
+
+
+class _WithKey(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <key>`` to every call made on the channel."""
+
+    def __init__(self, api_key: str) -> None:
+        self._metadata = bearer_metadata(api_key)
+
+    def _details(self, details: Any) -> Any:
+        metadata = tuple(details.metadata or ()) + self._metadata
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def client_credentials(
+    tls_ca: Path | None, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials trusting ``tls_ca`` (presenting a client certificate for mTLS); None: plaintext."""
+    if tls_ca is None:
+        return None
+    cert = tls_cert.read_bytes() if tls_cert else None
+    key = tls_key.read_bytes() if tls_key else None
+    return grpc.ssl_channel_credentials(tls_ca.read_bytes(), key, cert)
+
+
+def open_channel(
+    target: str,
+    *,
+    api_key: str = "",
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target`` that presents ``api_key`` and speaks TLS when ``tls_ca`` is set."""
+    interceptors: Any = [_WithKey(api_key)] if api_key else None
+    credentials = client_credentials(tls_ca, tls_cert, tls_key)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """TLS for a server; with ``client_ca`` every caller must present a certificate it signed (mTLS)."""
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )

@@ -1,0 +1,147 @@
+"""Prometheus metrics of both processes: one registry per process, names under ``llmlb_`` and ``xllm_``.
+
+Each side gets a small object with the calls its code makes (``observe``, ``first_token``, ``tokens``);
+gauges that describe current state (queue depth, nodes, downloads) are read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Seconds: routing overhead is sub-millisecond, a long generation minutes.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+
+
+class _Gauges(Collector):
+    """Gauges computed when scraped, from a function returning ``{name: (help, {labels: value})}``."""
+
+    def __init__(
+        self,
+        read: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]],
+        labels: Mapping[str, tuple[str, ...]],
+    ) -> None:
+        self._read = read
+        self._labels = labels
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, (help_text, values) in self._read().items():
+            family = GaugeMetricFamily(name, help_text, labels=list(self._labels.get(name, ())))
+            for label_values, value in values.items():
+                family.add_metric(list(label_values), value)
+            yield family
+
+
+class _Metrics:
+    def __init__(self, prefix: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{prefix}_requests_total",
+            "Requests answered, by door, route, model and outcome code ('ok' or an error code).",
+            ["door", "route", "model", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_request_seconds",
+            "Time from receiving a request to its last byte, by door and route.",
+            ["door", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            f"{prefix}_time_to_first_token_seconds",
+            "Time from receiving a streamed request to its first token or audio chunk.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_count = Counter(
+            f"{prefix}_tokens_total",
+            "Tokens processed, by model and kind (prompt or completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+
+    def observe(self, door: str, route: str, model: str, code: str, seconds: float) -> None:
+        """Counts one finished request and its latency; ``code`` is ``ok`` or an ``ErrorCode`` value."""
+        self.requests.labels(door, route, model, code).inc()
+        self.latency.labels(door, route).observe(seconds)
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self.ttft.labels(route).observe(seconds)
+
+    def tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt:
+            self.token_count.labels(model, "prompt").inc(prompt)
+        if completion:
+            self.token_count.labels(model, "completion").inc(completion)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format Prometheus scrapes, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class BalancerMetrics(_Metrics):
+    """``llmlb_*``: requests, latency, time to first token, tokens, retries, queue, nodes, downloads."""
+
+    def __init__(
+        self, state: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]]
+    ) -> None:
+        super().__init__("llmlb")
+        self.retries = Counter(
+            "llmlb_retries_total",
+            "Requests tried again on another node after a node failed, by route.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.registry.register(
+            _Gauges(
+                state,
+                {"llmlb_nodes": ("state",), "llmlb_model_downloads": ("model",), "llmlb_queue_depth": ()},
+            )
+        )
+
+
+class NodeMetrics(_Metrics):
+    """``xllm_*``: requests, latency, time to first token, tokens, queue, loaded models, downloads."""
+
+    def __init__(
+        self, state: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]]
+    ) -> None:
+        super().__init__("xllm")
+        self.download_bytes = Counter(
+            "xllm_download_bytes_total",
+            "Model bytes written by downloads, by source kind (origin, balancer, peer).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.downloads = Counter(
+            "xllm_downloads_total",
+            "Finished file downloads, by outcome (ok or an error code).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.registry.register(
+            _Gauges(state, {"xllm_models": ("state",), "xllm_queue_depth": (), "xllm_active_requests": ()})
+        )
