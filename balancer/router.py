@@ -171,6 +171,35 @@ class Router:
             async for msg in chunks:
                 yield conv.text_chunk_from_pb(msg)
 
+    async def chat_whole(self, request: ChatRequest, *, timeout: float | None = None) -> list[TextChunk]:
+        """The whole chat answer at once, for callers that did not ask for a stream.
+
+        Nothing reaches the caller before the end, so a node that fails mid-answer is retried elsewhere.
+        """
+        request = self._prepare(request)
+        pb = conv.chat_request_to_pb(request)
+
+        async def call(stub: igrpc.InferenceStub, time_left: float) -> list[Any]:
+            answer: Any = stub.Chat(pb, timeout=time_left)
+            return [m async for m in answer]
+
+        msgs = await self._unary("chat", request.model, Capability.CHAT, call, timeout)
+        return [conv.text_chunk_from_pb(m) for m in msgs]
+
+    async def complete_whole(
+        self, request: CompleteRequest, *, timeout: float | None = None
+    ) -> list[TextChunk]:
+        """The whole completion at once; retried elsewhere like ``chat_whole``."""
+        request = self._prepare(request)
+        pb = conv.complete_request_to_pb(request)
+
+        async def call(stub: igrpc.InferenceStub, time_left: float) -> list[Any]:
+            answer: Any = stub.Complete(pb, timeout=time_left)
+            return [m async for m in answer]
+
+        msgs = await self._unary("complete", request.model, Capability.COMPLETION, call, timeout)
+        return [conv.text_chunk_from_pb(m) for m in msgs]
+
     async def embed(self, request: EmbedRequest, *, timeout: float | None = None) -> EmbedResponse:
         request = self._prepare(request)
         pb = conv.embed_request_to_pb(request)
