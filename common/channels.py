@@ -18,40 +18,47 @@ def bearer_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ()
 
 
-class _WithKey(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
-):
-    """Adds ``authorization: Bearer <key>`` to every call made on the channel."""
-
+class _KeyDetails:
     def __init__(self, api_key: str) -> None:
         self._metadata = bearer_metadata(api_key)
 
     def _details(self, details: Any) -> Any:
-        metadata = tuple(details.metadata or ()) + self._metadata
-        return details._replace(metadata=metadata)
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
 
+
+# grpc.aio files an interceptor under the first call kind it matches, so each kind needs its own class.
+class _UnaryUnaryKey(_KeyDetails, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStreamKey(_KeyDetails, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnaryKey(_KeyDetails, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_unary(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _StreamStreamKey(_KeyDetails, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_stream(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
         return await continuation(self._details(details), requests)
+
+
+def key_interceptors(api_key: str) -> list[Any]:
+    """Client interceptors adding ``authorization: Bearer <key>`` to every kind of call."""
+    kinds = (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)
+    return [kind(api_key) for kind in kinds] if api_key else []
 
 
 def client_credentials(
@@ -74,7 +81,7 @@ def open_channel(
     tls_key: Path | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to ``target`` that presents ``api_key`` and speaks TLS when ``tls_ca`` is set."""
-    interceptors: Any = [_WithKey(api_key)] if api_key else None
+    interceptors: Any = key_interceptors(api_key) or None
     credentials = client_credentials(tls_ca, tls_cert, tls_key)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
