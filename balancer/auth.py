@@ -45,6 +45,10 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/llmlb.v1.Manifest/ReadBlob": _NODE,
 }
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Catalogue reads a node makes while resolving a model's files: an api key or a node key may make them.
+NODE_MAY_READ = frozenset(
+    {"/llmlb.v1.Registry/GetModel", "/llmlb.v1.Registry/ListModels", "/llmlb.v1.Registry/GetModelStatus"}
+)
 
 
 def scope_for(method: str) -> Scope | None:
@@ -70,8 +74,16 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def allows(key: ApiKey, scope: Scope) -> bool:
-    return scope in key.scopes or Scope.ADMIN in key.scopes
+def scopes_for(method: str) -> tuple[Scope, ...]:
+    """Every scope that may call ``method``, besides admin; empty for open methods."""
+    scope = scope_for(method)
+    if scope is None:
+        return ()
+    return (scope, Scope.NODE) if method in NODE_MAY_READ else (scope,)
+
+
+def allows(key: ApiKey, *scopes: Scope) -> bool:
+    return Scope.ADMIN in key.scopes or any(s in key.scopes for s in scopes)
 
 
 class KeyRing:
@@ -136,8 +148,8 @@ class KeyRing:
         log.info("key.bootstrapped", key_id=key.id, file=str(path))
         return secret
 
-    async def check(self, token: str | None, scope: Scope) -> ApiKey | None:
-        """The key behind ``token`` if it may act in ``scope``; None when auth is off.
+    async def check(self, token: str | None, scope: Scope, *also: Scope) -> ApiKey | None:
+        """The key behind ``token`` if it may act in ``scope`` (or one of ``also``); None when auth is off.
 
         Raises ``unauthorized`` (no, unknown or revoked key) or ``forbidden`` (the key lacks the scope).
         """
@@ -159,7 +171,7 @@ class KeyRing:
             self._cache[digest] = (now + CACHE_SECONDS, key)
         if key is None or key.revoked_at is not None:
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
-        if not allows(key, scope):
+        if not allows(key, scope, *also):
             have = ", ".join(s.value for s in key.scopes)
             raise LlmlbError(ErrorCode.FORBIDDEN, f"this key has scope {have}; this call needs {scope.value}")
         if now - self._touched.get(key.id, 0.0) > TOUCH_EVERY_S:
@@ -211,8 +223,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        scope = scope_for(handler_call_details.method)
-        if handler is None or scope is None or not self._keys.enabled:
+        scopes = scopes_for(handler_call_details.method)
+        if handler is None or not scopes or not self._keys.enabled:
             return handler
         token = None
         for name, value in handler_call_details.invocation_metadata or ():
@@ -220,7 +232,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 token = bearer(value if isinstance(value, str) else value.decode())
                 break
         try:
-            await self._keys.check(token, scope)
+            await self._keys.check(token, *scopes)
         except LlmlbError as exc:
             log.info("auth.refused", method=handler_call_details.method, code=exc.code.value)
             return _abort_handler(handler, exc)
