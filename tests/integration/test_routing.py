@@ -1,0 +1,236 @@
+"""The balancer's gRPC Inference door in front of two real nodes serving the packaged models.
+
+An internal service calls the balancer's stubs exactly as it would call a node; the balancer picks
+the node, carries deadlines and cancellation there, and retries elsewhere when a node dies.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+import wave
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from common import packaged_models
+from common.errors import ErrorCode
+from common.pb.llmlb.v1 import inference_pb2 as ipb
+from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.rpc import error_from_rpc
+from tests.fixtures.fake_hub import FakeHub
+from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, catalogue_model
+from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel
+
+pytestmark = pytest.mark.slow
+NodeFactory = Callable[..., NodeProcess]
+FAST_BEATS = {"LLMLB_HEARTBEAT_INTERVAL_MS": "200", "LLMLB_HEARTBEAT_TIMEOUT_MS": "1500"}
+
+
+def words(text: str) -> list[str]:
+    return [w.strip(".,!?").lower() for w in text.split() if w.strip(".,!?")]
+
+
+def repeated(clip: bytes, times: int) -> bytes:
+    """The WAV ``clip`` said ``times`` times over: a longer job for the node."""
+    with wave.open(io.BytesIO(clip)) as wav:
+        params = wav.getparams()
+        frames = wav.readframes(wav.getnframes())
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setparams(params._replace(nframes=0))
+        wav.writeframes(frames * times)
+    return out.getvalue()
+
+
+def inference(balancer: BalancerProcess) -> tuple[grpc.Channel, igrpc.InferenceStub]:
+    channel = sync_channel(balancer.address, balancer.admin_key)
+    return channel, igrpc.InferenceStub(channel)
+
+
+def wait_online(balancer: BalancerProcess, count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes
+        if sum(1 for n in nodes if n.state == 1) >= count:  # NODE_STATE_ONLINE
+            return
+        assert time.monotonic() < deadline, nodes
+        time.sleep(0.1)
+
+
+def test_an_internal_service_gets_every_capability_through_the_balancer(
+    balancer_factory: Callable[..., BalancerProcess],
+    hub: FakeHub,
+    node_factory: NodeFactory,
+    gemma: ModelFiles,
+    whisper: ModelFiles,
+    speech_clip: bytes,
+) -> None:
+    packaged_models.lay_out(catalogue_model(packaged_models.PIPER), CACHE)  # the voice in the shared dir too
+    balancer = balancer_factory(hub)
+    nodes = [node_factory(balancer, hub, "--shared-dir", str(CACHE)) for _ in range(2)]
+    wait_online(balancer, 2)
+    ids = {n.node_id for n in nodes}
+    channel, stub = inference(balancer)
+    with channel:
+        chunks = list(
+            stub.Chat(
+                ipb.ChatRequest(
+                    model="gemma-3-270m",
+                    messages=[ipb.ChatMessage(role="user", content="Say hello.")],
+                    params=ipb.SamplingParams(max_tokens=8, temperature=0.0),
+                ),
+                timeout=120,
+            )
+        )
+        assert len(chunks) >= 2 and "".join(c.delta for c in chunks).strip()
+        assert chunks[-1].finish_reason in (ipb.FINISH_REASON_STOP, ipb.FINISH_REASON_LENGTH)
+        assert chunks[-1].node_id in ids and chunks[-1].usage.completion_tokens > 0
+        assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id  # assigned by the balancer
+
+        completion = list(
+            stub.Complete(
+                ipb.CompleteRequest(
+                    model="gemma-3-270m",
+                    prompt="One, two, three, four,",
+                    params=ipb.SamplingParams(max_tokens=4, temperature=0.0),
+                ),
+                timeout=120,
+            )
+        )
+        assert "five" in "".join(c.delta for c in completion).lower()
+
+        embedded = stub.Embed(ipb.EmbedRequest(model="gemma-3-270m", input=["a cat", "a dog"]), timeout=120)
+        assert [e.index for e in embedded.data] == [0, 1] and len(embedded.data[0].values) > 100
+        assert embedded.node_id in ids
+
+        transcript = stub.Transcribe(
+            ipb.TranscribeRequest(model="whisper-base", audio=speech_clip, filename="clip.wav"), timeout=120
+        )
+        assert words(transcript.text)[:4] == ["the", "quick", "brown", "fox"] and transcript.node_id in ids
+
+        audio = list(
+            stub.Speak(ipb.SpeakRequest(model="piper-en-us-joe-medium", input="Hello there."), timeout=120)
+        )
+        assert audio[0].data.startswith(b"RIFF") and sum(len(a.data) for a in audio) > 10_000
+
+        # What the balancer refuses, it refuses with the contract's codes, before any node is bothered.
+        for model, code in (("acme/none", ErrorCode.MODEL_NOT_FOUND), ("../etc", ErrorCode.INVALID_MODEL_ID)):
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Complete(ipb.CompleteRequest(model=model, prompt="x"), timeout=10))
+            assert error_from_rpc(refused.value).code is code
+        with pytest.raises(grpc.RpcError) as lacking:  # whisper cannot embed
+            stub.Embed(ipb.EmbedRequest(model="whisper-base", input=["x"]), timeout=10)
+        assert error_from_rpc(lacking.value).code is ErrorCode.MODEL_NOT_FOUND
+        with pytest.raises(grpc.RpcError) as bad:
+            list(
+                stub.Complete(
+                    ipb.CompleteRequest(
+                        model="gemma-3-270m", prompt="x", params=ipb.SamplingParams(temperature=7.0)
+                    ),
+                    timeout=10,
+                )
+            )
+        assert error_from_rpc(bad.value).code is ErrorCode.INVALID_REQUEST
+
+
+def test_a_node_killed_mid_request_is_routed_around_and_the_unary_call_is_retried(
+    balancer_factory: Callable[..., BalancerProcess],
+    hub: FakeHub,
+    node_factory: NodeFactory,
+    whisper: ModelFiles,
+    speech_clip: bytes,
+) -> None:
+    balancer = balancer_factory(hub, **FAST_BEATS)
+    nodes = {
+        n.node_id: n for n in (node_factory(balancer, hub, "--shared-dir", str(CACHE)) for _ in range(2))
+    }
+    wait_online(balancer, 2)
+    long_clip = repeated(speech_clip, 8)
+    channel, stub = inference(balancer)
+    with channel, ThreadPoolExecutor(1) as pool:
+        pending: Future[ipb.TranscribeResponse] = pool.submit(
+            stub.Transcribe,
+            ipb.TranscribeRequest(model="whisper-base", audio=long_clip, filename="long.wav"),
+            timeout=180,
+        )
+        busy = ""
+        deadline = time.monotonic() + 30
+        while not busy:  # the node the balancer chose reports the request in its next heartbeat
+            assert not pending.done(), "the transcription finished before a node could be killed"
+            assert time.monotonic() < deadline
+            for node in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes:
+                if node.load.active_requests or node.load.queued_requests:
+                    busy = node.id
+            time.sleep(0.05)
+        nodes[busy].stop(signal.SIGKILL)
+        transcript = pending.result(timeout=180)
+        survivor = next(n for n in nodes if n != busy)
+        assert transcript.node_id == survivor
+        assert words(transcript.text)[:9] == words(SENTENCE)
+        with wave.open(io.BytesIO(long_clip)) as wav:  # the whole clip was heard, not a piece
+            assert transcript.duration > 0.95 * wav.getnframes() / wav.getframerate()
+
+        # New requests go to the node that is left, without errors.
+        for _ in range(3):
+            again = stub.Transcribe(
+                ipb.TranscribeRequest(model="whisper-base", audio=speech_clip, filename="clip.wav"),
+                timeout=60,
+            )
+            assert again.node_id == survivor
+
+
+def test_busy_nodes_queue_requests_then_refuse_with_queue_full_and_time_out(
+    balancer_factory: Callable[..., BalancerProcess],
+    hub: FakeHub,
+    node_factory: NodeFactory,
+    gemma: ModelFiles,
+) -> None:
+    balancer = balancer_factory(
+        hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_QUEUE_SIZE="1", LLMLB_QUEUE_TIMEOUT="1.5", **FAST_BEATS
+    )
+    node_factory(balancer, hub, "--shared-dir", str(CACHE))
+    wait_online(balancer, 1)
+    channel, stub = inference(balancer)
+    long = ipb.CompleteRequest(
+        model="gemma-3-270m",
+        prompt="Once upon a time",
+        params=ipb.SamplingParams(max_tokens=400, temperature=0.0),
+    )
+    with channel:
+        first = stub.Complete(long, timeout=120)
+        started = next(first)  # the node is generating: its one slot on the balancer is taken
+        assert started.delta or started.request_id
+        outcomes: list[ErrorCode] = []
+
+        def queued() -> None:
+            try:
+                list(stub.Complete(ipb.CompleteRequest(model="gemma-3-270m", prompt="x"), timeout=30))
+            except grpc.RpcError as exc:
+                outcomes.append(error_from_rpc(exc).code)
+
+        waiter = threading.Thread(target=queued)
+        waiter.start()
+        time.sleep(0.3)  # the second request now waits in the queue of one
+        with pytest.raises(grpc.RpcError) as full:
+            list(stub.Complete(ipb.CompleteRequest(model="gemma-3-270m", prompt="x"), timeout=30))
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_from_rpc(full.value).code is ErrorCode.QUEUE_FULL
+        waiter.join(30)
+        assert outcomes == [ErrorCode.TIMEOUT]
+        first.cancel()  # the caller leaves: the node stops and the slot is free again
+
+        done = list(
+            stub.Complete(
+                ipb.CompleteRequest(
+                    model="gemma-3-270m", prompt="One, two,", params=ipb.SamplingParams(max_tokens=2)
+                ),
+                timeout=60,
+            )
+        )
+        assert done[-1].finish_reason in (ipb.FINISH_REASON_STOP, ipb.FINISH_REASON_LENGTH)
