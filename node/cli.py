@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common.config import NodeConfig, load_node_config
+from common.config import NodeConfig, load_node_config, parse_optional_listen
 from common.logs import configure_logging
 
 ENV_HELP = """\
@@ -33,6 +33,11 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_DOWNLOAD_TIMEOUT        seconds one file's download may take in all (default 300)
   XLLM_PEER_FETCH              fetch from peer nodes holding the model first: true/false (default true)
   XLLM_AUTH_TOKEN              token the node reports for callers to present (default none)
+  XLLM_API_KEY                 API key (scope node) the node presents to the balancer (default none)
+  XLLM_TLS_CA                  CA certificate of the balancer's TLS; set: dial the balancer with TLS
+  XLLM_TLS_CERT / XLLM_TLS_KEY client certificate and key for mutual TLS with the balancer
+  XLLM_METRICS_LISTEN          host:port of the node's Prometheus GET /metrics (default off)
+  XLLM_DRAIN_TIMEOUT           seconds in-flight requests may take to finish after SIGTERM (default 30)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
   LLMLB_HOME                   state directory (default ~/.llmlb)
   HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
@@ -83,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="(XLLM_PEER_FETCH=false)",
     )
+    serve.add_argument(
+        "--metrics-listen", help="host:port for Prometheus GET /metrics; off: none (XLLM_METRICS_LISTEN)"
+    )
+    serve.add_argument(
+        "--api-key", help="key (scope node) for the balancer; visible in ps, prefer XLLM_API_KEY"
+    )
     serve.add_argument("--log-format", choices=["console", "json"], help="(XLLM_LOG_FORMAT)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(XLLM_LOG_LEVEL)")
 
@@ -119,7 +130,19 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         peer_fetch=getattr(args, "peer_fetch", None),
         log_format=getattr(args, "log_format", None),
         log_level=getattr(args, "log_level", None),
+        api_key=getattr(args, "api_key", None),
+        metrics_listen=_listen_flag(getattr(args, "metrics_listen", None)),
     )
+
+
+def _listen_flag(value: str | None) -> str | None:
+    """``--metrics-listen`` as the config holds it (``off``: empty), checked like its variable."""
+    if value is None:
+        return None
+    try:
+        return parse_optional_listen(value)
+    except ValueError as exc:
+        raise ValueError(f"--metrics-listen={value!r}: {exc}") from None
 
 
 def _show_config(config: NodeConfig) -> dict[str, Any]:
@@ -128,7 +151,7 @@ def _show_config(config: NodeConfig) -> dict[str, Any]:
         value = getattr(config, name)
         if name == "hf_token":
             value = "set" if value else None  # never print a secret
-        elif name == "auth_token":
+        elif name in ("auth_token", "api_key"):
             value = "set" if value else ""
         elif isinstance(value, Path):
             value = str(value)

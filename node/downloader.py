@@ -32,6 +32,7 @@ import structlog
 from common.config import NodeConfig, normalize_origin
 from common.errors import ErrorCode, LlmlbError
 from common.hub import HubFiles
+from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.rpc import error_from_rpc
@@ -161,11 +162,17 @@ class Downloader:
     """Downloads manifest files; at most ``max_downloads`` at a time, one transfer per file."""
 
     def __init__(
-        self, storage: Storage, config: NodeConfig, on_progress: Callable[[Progress], None] | None = None
+        self,
+        storage: Storage,
+        config: NodeConfig,
+        on_progress: Callable[[Progress], None] | None = None,
+        *,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._storage = storage
         self._config = config
         self.on_progress: Callable[[Progress], None] = on_progress or (lambda p: None)
+        self._metrics = metrics or NodeMetrics(dict)
         self._slots = asyncio.Semaphore(config.max_downloads)
         self._inflight: dict[Path, asyncio.Task[None]] = {}
 
@@ -207,6 +214,23 @@ class Downloader:
                 await self._download(model, file, sources)
 
     async def _download(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+        """One file's download, counted in ``xllm_downloads_total`` by its outcome."""
+        outcome = "ok"
+        try:
+            await self._download_file(model, file, sources)
+        except LlmlbError as exc:
+            outcome = exc.code.value
+            raise
+        except asyncio.CancelledError:
+            outcome = ErrorCode.CANCELLED.value
+            raise
+        except Exception:
+            outcome = ErrorCode.INTERNAL.value
+            raise
+        finally:
+            self._metrics.downloads.labels(outcome).inc()
+
+    async def _download_file(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
         path = self._storage.file_path(model.id, file.filename)
         part = partial_path(path)
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -300,6 +324,7 @@ class Downloader:
         if done >= file.size_bytes:
             return digest.hexdigest()
         stream = source.stream(model, file, done).__aiter__()
+        written = self._metrics.download_bytes.labels(source_kind(source.name))
         fh = await loop.run_in_executor(pool, _open_append, part)
         try:
             while done < file.size_bytes:
@@ -336,6 +361,7 @@ class Downloader:
                         ) from None
                     raise
                 done += len(chunk)
+                written.inc(len(chunk))
                 self.on_progress(Progress(model.id, file.filename, done, file.size_bytes))
                 if done >= next_log:
                     log.info(
@@ -357,6 +383,11 @@ class Downloader:
                 f"{source.name} ended {file.filename} at byte {done} of {file.size_bytes}",
             )
         return digest.hexdigest()
+
+
+def source_kind(name: str) -> str:
+    """``origin``, ``balancer`` or ``peer`` for a source name like ``peer:<node-id>``: a bounded label."""
+    return name.partition(":")[0]
 
 
 def _new_digest() -> hashlib._Hash:

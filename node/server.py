@@ -1,11 +1,11 @@
-"""The node process (``xllm serve``): storage, resolver, downloads, the gRPC server and the balancer link."""
+"""The node process (``xllm serve``): its parts, the gRPC server, the metrics door and the SIGTERM drain."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from common.config import NodeConfig, merged_env
 from common.errors import LlmlbError
 from common.hub import HubFiles
+from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import SERVER_OPTIONS
 from common.types import Backend
@@ -25,7 +26,8 @@ from node import hardware
 from node.downloader import Downloader, OriginSource
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
-from node.model_states import ModelState, ModelStates
+from node.metrics_http import MetricsHttpServer
+from node.model_states import ABSENT, DOWNLOADING, FAILED, LOADING, PRESENT, READY, ModelState, ModelStates
 from node.pool import ModelPool, PoolSettings
 from node.resolver import Resolver
 from node.servicers.inference import InferenceServicer
@@ -39,6 +41,8 @@ SERVICE_NAMES = (
 )
 # Hashing and file I/O run here, never on the event loop.
 IO_THREADS = 4
+# Every state ``xllm_models`` reports, zero included, so a dashboard's series never vanish.
+MODEL_STATES = (DOWNLOADING, PRESENT, LOADING, READY, FAILED)
 
 
 @dataclass(slots=True)
@@ -50,6 +54,7 @@ class NodeCommands:
     resolver: Resolver
     states: ModelStates
     pool: ModelPool
+    link: BalancerLink
     draining: bool = False
 
     async def delete_model(self, model_id: str) -> None:
@@ -65,8 +70,12 @@ class NodeCommands:
         await self.pool.prefetch(await self.resolver.resolve(model_id))
 
     async def drain(self) -> None:
+        """Takes no new requests from now on; the balancer hears at once and routes around the node."""
+        if self.draining:
+            return
         self.draining = True
-        log.info("node.draining")
+        self.link.beat_now()
+        log.info("node.draining", node_id=self.link.node_id)
 
 
 @dataclass(slots=True)
@@ -79,6 +88,8 @@ class NodeProcess:
     health: Any  # grpc_health's asyncio servicer ships without type stubs
     port: int
     address: str
+    inference: InferenceServicer
+    metrics_server: MetricsHttpServer | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -89,6 +100,27 @@ class NodeProcess:
     def storage(self) -> Storage:
         return self.parts.storage
 
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of ``/metrics`` as bound (the real port when asked for port 0); empty when off."""
+        return self.metrics_server.address if self.metrics_server is not None else ""
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuses new requests, tells the balancer, and waits up to ``timeout_s`` for those in flight.
+
+        Returns whether every request in flight finished in time.
+        """
+        started = asyncio.get_running_loop().time()
+        await self.parts.commands.drain()
+        try:
+            await asyncio.wait_for(self.inference.wait_idle(), timeout_s)
+        except TimeoutError:
+            log.warning("node.drain_timeout", in_flight=self.inference.in_flight, timeout_s=timeout_s)
+            return False
+        waited = asyncio.get_running_loop().time() - started
+        log.info("node.drained", node_id=self.parts.link.node_id, seconds=round(waited, 2))
+        return True
+
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -98,6 +130,8 @@ class NodeProcess:
         await self.parts.link.stop()  # the balancer takes the node out of rotation first
         await self.server.stop(grace)
         await self.parts.close()
+        if self.metrics_server is not None:  # last: a scrape during the stop still answers
+            await self.metrics_server.stop()
         log.info("node.stopped", node_id=self.parts.link.node_id)
 
     def spawn(self, coro: Awaitable[Any], what: str) -> None:
@@ -136,6 +170,7 @@ class NodeParts:
     resolver: Resolver
     models: ModelPool
     commands: NodeCommands
+    metrics: NodeMetrics
 
     async def close(self) -> None:
         await self.link.stop()
@@ -144,7 +179,44 @@ class NodeParts:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def pool_load(models: ModelPool) -> Load:
+    """Requests holding a slot and requests queued, over every loaded model."""
+    details = models.details()
+    return Load(sum(d.active for d in details), sum(d.waiting for d in details))
+
+
+def runtime_states(models: ModelPool) -> dict[str, ModelState]:
+    """Loading, ready or failed, per model the pool knows: these win over the files' states."""
+    errors = models.errors()
+    return {
+        model_id: ModelState(model_id, state, error=errors.get(model_id, ""))
+        for model_id, state in models.states().items()
+    }
+
+
+def node_gauges(
+    states: ModelStates, models: ModelPool
+) -> dict[str, tuple[str, Mapping[tuple[str, ...], float]]]:
+    """The scrape-time gauges of ``NodeMetrics``: models by state (as heartbeats report them), queue, load."""
+    picture = {s.model_id: s.state for s in states.snapshot()}
+    picture.update({m: s.state for m, s in runtime_states(models).items()})
+    by_state: dict[tuple[str, ...], float] = {(state,): 0.0 for state in MODEL_STATES}
+    for state in picture.values():
+        if state != ABSENT:
+            by_state[(state,)] = by_state.get((state,), 0.0) + 1
+    load = pool_load(models)
+    return {
+        "xllm_models": ("Models on this node, by state.", by_state),
+        "xllm_queue_depth": (
+            "Requests waiting for a slot or for their model to load.",
+            {(): float(load.queued_requests)},
+        ),
+        "xllm_active_requests": ("Requests running in a model's slot.", {(): float(load.active_requests)}),
+    }
+
+
 def assemble(config: NodeConfig, address: str) -> NodeParts:
+    """Builds the node's parts (nothing is started): the server and ``xllm pull`` both use them."""
     forced = None if config.backend == "auto" else Backend(config.backend)
     found = hardware.detect(forced)
     pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
@@ -152,20 +224,10 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     storage.root.mkdir(parents=True, exist_ok=True)
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
-    downloader = Downloader(storage, config)
     models = ModelPool(found, PoolSettings.from_env(merged_env(config.home)))
 
-    def load() -> Load:
-        details = models.details()
-        return Load(sum(d.active for d in details), sum(d.waiting for d in details))
-
-    def runtime_states() -> dict[str, ModelState]:
-        errors = models.errors()
-        return {
-            model_id: ModelState(model_id, state, error=errors.get(model_id, ""))
-            for model_id, state in models.states().items()
-        }
-
+    metrics = NodeMetrics(lambda: node_gauges(states, models))
+    downloader = Downloader(storage, config, metrics=metrics)
     link = BalancerLink(
         config,
         found,
@@ -173,14 +235,15 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
         states,
         runtimes=models.engines,
         capabilities=models.registry.capabilities,
-        load=load,
-        runtime_states=runtime_states,
+        load=lambda: pool_load(models),
+        runtime_states=lambda: runtime_states(models),
+        draining=lambda: commands.draining,
     )
     resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
     downloader.on_progress = resolver.on_progress
-    commands = NodeCommands(storage, downloader, resolver, states, models)
+    commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
-    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands)
+    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands, metrics)
 
 
 async def start(config: NodeConfig) -> NodeProcess:
@@ -190,12 +253,26 @@ async def start(config: NodeConfig) -> NodeProcess:
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_listen}")
     parts = assemble(config, advertised_address(config, port))
-    storage, resolver, link = parts.storage, parts.resolver, parts.link
+    storage, resolver, link, commands = parts.storage, parts.resolver, parts.link, parts.commands
+    metrics_server = None
+    if config.metrics_listen:
+        metrics_server = MetricsHttpServer(parts.metrics.exposition)
+        try:
+            await metrics_server.start(config.metrics_listen)
+        except OSError as exc:
+            await parts.close()
+            raise OSError(f"cannot listen on {config.metrics_listen} for metrics: {exc}") from None
+        log.info("node.metrics_listening", address=metrics_server.address, path="/metrics")
 
     manifest_pb2_grpc.add_ManifestServicer_to_server(NodeManifestServicer(resolver, storage), server)
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(parts.models, resolver.resolve, lambda: link.node_id), server
+    inference = InferenceServicer(
+        parts.models,
+        resolver.resolve,
+        lambda: link.node_id,
+        metrics=parts.metrics,
+        draining=lambda: commands.draining,
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -205,7 +282,16 @@ async def start(config: NodeConfig) -> NodeProcess:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    node = NodeProcess(config, parts, server, health_servicer, port, advertised_address(config, port))
+    node = NodeProcess(
+        config,
+        parts,
+        server,
+        health_servicer,
+        port,
+        advertised_address(config, port),
+        inference,
+        metrics_server,
+    )
     await resolver.survey()  # the balancer hears at once what this node already holds
     link.start()
     for model_id in storage.unfinished():  # a node killed mid-download resumes on its next start
@@ -222,12 +308,26 @@ async def start(config: NodeConfig) -> NodeProcess:
 
 
 async def serve(config: NodeConfig) -> None:
-    """Runs the node until SIGINT or SIGTERM, then stops gracefully."""
+    """Runs the node until SIGINT or SIGTERM, then drains and stops; a second signal stops at once.
+
+    The drain refuses new requests (the balancer retries them elsewhere) and waits up to
+    ``drain_timeout_s`` for the requests in flight to finish.
+    """
     node = await start(config)
-    stop = asyncio.Event()
+    first, second = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("node.stopping")
-    await node.stop()
+        loop.add_signal_handler(sig, lambda: (second if first.is_set() else first).set())
+    await first.wait()
+    log.info("node.stopping", drain_timeout_s=config.drain_timeout_s, in_flight=node.inference.in_flight)
+    drain = asyncio.create_task(node.drain(config.drain_timeout_s))
+    forced = asyncio.create_task(second.wait())
+    done, _ = await asyncio.wait((drain, forced), return_when=asyncio.FIRST_COMPLETED)
+    drained = drain in done and drain.exception() is None and drain.result()
+    if drain not in done:
+        log.warning("node.stop_forced", in_flight=node.inference.in_flight)
+    for task in (drain, forced):
+        task.cancel()
+    await asyncio.gather(drain, forced, return_exceptions=True)
+    # Drained: nothing is left to wait for; timed out or forced: the waiting is over.
+    await node.stop(grace=5.0 if drained else 0.0)

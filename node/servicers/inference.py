@@ -1,29 +1,66 @@
-"""The node's ``Inference`` door: protobuf in, ``ModelPool`` call, protobuf out. Nothing else lives here."""
+"""The node's ``Inference`` door: protobuf in, ``ModelPool`` call, protobuf out.
+
+The door also keeps the node's request accounting: each call is counted in the node's metrics with
+its outcome, counted as in flight while it runs (a drain waits for those), and refused once the node
+is draining so the balancer tries it elsewhere.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
-from dataclasses import replace
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc.aio
 
 from common import inference_pb as conv
+from common.errors import ErrorCode, LlmlbError
+from common.inference import Usage
+from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import rpc_errors
 from node.pool import ModelPool, ResolvedModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
+DOOR = "grpc"
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request on its way through: what its metrics need to know."""
+
+    route: str
+    metrics: NodeMetrics
+    started: float = field(default_factory=time.monotonic)
+    model: str = ""  # set once resolved, so unknown names never become label values
+    chunks: int = 0
+
+    def resolved(self, resolved: ResolvedModel) -> ResolvedModel:
+        self.model = resolved.model.id
+        return resolved
+
+    def chunk(self, usage: Usage | None = None) -> None:
+        if not self.chunks:
+            self.metrics.first_token(self.route, time.monotonic() - self.started)
+        self.chunks += 1
+        if usage is not None:
+            self.used(usage)
+
+    def used(self, usage: Usage) -> None:
+        self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
 
 
 class InferenceServicer(igrpc.InferenceServicer):
     """Executes inference on this node.
 
     ``resolve(model_id)`` finds the model's files (raising ``LlmlbError``, e.g. ``model_not_found``);
-    ``node_id()`` names this node in answers. A client that goes away mid-stream cancels the handler,
-    which stops the runtime and frees its slot.
+    ``node_id()`` names this node in answers; while ``draining()`` is true new calls are refused with
+    ``no_capable_nodes`` and calls in flight go on. A client that goes away mid-stream cancels the
+    handler, which stops the runtime and frees its slot.
     """
 
     def __init__(
@@ -31,53 +68,109 @@ class InferenceServicer(igrpc.InferenceServicer):
         pool: ModelPool,
         resolve: Callable[[str], Awaitable[ResolvedModel]],
         node_id: Callable[[], str],
+        *,
+        metrics: NodeMetrics | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self._pool = pool
         self._resolve = resolve
         self._node_id = node_id
+        self._metrics = metrics or NodeMetrics(dict)
+        self._draining = draining
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls being served right now (resolving, queued, or running)."""
+        return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Returns once no call is in flight."""
+        await self._idle.wait()
+
+    @contextmanager
+    def _call(self, route: str) -> Iterator[_Call]:
+        call = _Call(route, self._metrics)
+        code = "ok"
+        try:
+            if self._draining():
+                raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, f"node {self._node_id()} is draining")
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                yield call
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+        except LlmlbError as exc:
+            code = exc.code.value
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = ErrorCode.CANCELLED.value  # the caller went away
+            raise
+        except Exception:
+            code = ErrorCode.INTERNAL.value
+            raise
+        finally:
+            self._metrics.observe(DOOR, route, call.model, code, time.monotonic() - call.started)
 
     @rpc_errors
     async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        chat = conv.chat_request_from_pb(request)
-        resolved = await self._resolve(chat.model)
-        node_id = self._node_id()
-        async with aclosing(self._pool.chat(resolved, chat)) as chunks:
-            async for chunk in chunks:
-                yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
+        with self._call("chat") as call:
+            chat = conv.chat_request_from_pb(request)
+            resolved = call.resolved(await self._resolve(chat.model))
+            node_id = self._node_id()
+            async with aclosing(self._pool.chat(resolved, chat)) as chunks:
+                async for chunk in chunks:
+                    call.chunk(chunk.usage)
+                    yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
 
     @rpc_errors
     async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        complete = conv.complete_request_from_pb(request)
-        resolved = await self._resolve(complete.model)
-        node_id = self._node_id()
-        async with aclosing(self._pool.complete(resolved, complete)) as chunks:
-            async for chunk in chunks:
-                yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
+        with self._call("complete") as call:
+            complete = conv.complete_request_from_pb(request)
+            resolved = call.resolved(await self._resolve(complete.model))
+            node_id = self._node_id()
+            async with aclosing(self._pool.complete(resolved, complete)) as chunks:
+                async for chunk in chunks:
+                    call.chunk(chunk.usage)
+                    yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
 
     @rpc_errors
     async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
-        embed = conv.embed_request_from_pb(request)
-        response = await self._pool.embed(await self._resolve(embed.model), embed)
-        return conv.embed_response_to_pb(replace(response, node_id=self._node_id()))
+        with self._call("embed") as call:
+            embed = conv.embed_request_from_pb(request)
+            response = await self._pool.embed(call.resolved(await self._resolve(embed.model)), embed)
+            call.used(response.usage)
+            return conv.embed_response_to_pb(replace(response, node_id=self._node_id()))
 
     @rpc_errors
     async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
-        transcribe = conv.transcribe_request_from_pb(request)
-        transcript = await self._pool.transcribe(await self._resolve(transcribe.model), transcribe)
-        return conv.transcript_to_pb(replace(transcript, node_id=self._node_id()))
+        with self._call("transcribe") as call:
+            transcribe = conv.transcribe_request_from_pb(request)
+            resolved = call.resolved(await self._resolve(transcribe.model))
+            transcript = await self._pool.transcribe(resolved, transcribe)
+            return conv.transcript_to_pb(replace(transcript, node_id=self._node_id()))
 
     @rpc_errors
     async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
-        speak = conv.speak_request_from_pb(request)
-        resolved = await self._resolve(speak.model)
-        async with aclosing(self._pool.speak(resolved, speak)) as chunks:
-            async for chunk in chunks:
-                yield conv.audio_chunk_to_pb(chunk)
+        with self._call("speak") as call:
+            speak = conv.speak_request_from_pb(request)
+            resolved = call.resolved(await self._resolve(speak.model))
+            async with aclosing(self._pool.speak(resolved, speak)) as chunks:
+                async for chunk in chunks:
+                    call.chunk()
+                    yield conv.audio_chunk_to_pb(chunk)
 
     @rpc_errors
     async def GenerateImage(
         self, request: ipb.GenerateImageRequest, context: Context
     ) -> ipb.GenerateImageResponse:
-        generate = conv.image_request_from_pb(request)
-        response = await self._pool.generate_images(await self._resolve(generate.model), generate)
-        return conv.image_response_to_pb(replace(response, node_id=self._node_id()))
+        with self._call("image") as call:
+            generate = conv.image_request_from_pb(request)
+            resolved = call.resolved(await self._resolve(generate.model))
+            response = await self._pool.generate_images(resolved, generate)
+            return conv.image_response_to_pb(replace(response, node_id=self._node_id()))
