@@ -1,0 +1,28 @@
+"""The HTTP shim's ASGI app: OpenAI-compatible ``/v1``, management ``/v0``, probes and metrics.
+
+It converts OpenAI JSON to the internal types and calls the same router the gRPC ``Inference``
+servicer calls; nothing here routes, retries or stores.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from balancer.http.errors import Unexpected, install_error_handlers
+from balancer.http.limits import BodyLimit
+from balancer.http.management_routes import management_routes
+from balancer.http.openai_routes import openai_routes
+from balancer.http.probes import probe_routes
+from balancer.parts import BalancerParts
+
+
+def create_app(parts: BalancerParts) -> FastAPI:
+    """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
+    # Plain Starlette routes: the endpoints parse their own bodies, and skip per-request dependency solving.
+    routes = [*openai_routes(parts), *management_routes(parts), *probe_routes(parts)]
+    app = FastAPI(title="llmlb", routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    # Added last runs first: the size limit sees the request before anything reads its body.
+    app.add_middleware(Unexpected)
+    app.add_middleware(BodyLimit, limit=parts.config.max_body_mb * 1024 * 1024)
+    return app

@@ -1,0 +1,358 @@
+"""The OpenAI-compatible routes under ``/v1``: parse, authorize, call the router, answer in OpenAI's shapes.
+
+Thin on purpose: conversion lives in ``converters``, routing and retries in ``balancer.router``. A
+streamed answer whose error comes before its first chunk is a plain JSON error with its status.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive
+
+from balancer import control
+from balancer.http import converters as cv
+from balancer.http.access import authorize
+from balancer.http.observe import Call
+from balancer.http.resources import deleted_json, openai_model_json, openai_model_list_json
+from balancer.http.schemas import (
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    ImageGenerationBody,
+    SpeechBody,
+)
+from balancer.http.streaming import StreamingAnswer, close, closing, unless_disconnected
+from balancer.parts import BalancerParts
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    AudioChunk,
+    FinishReason,
+    GenerateImageRequest,
+    ImageOperation,
+    TextChunk,
+)
+from common.transcript_formats import parse_format, render
+from common.types import Scope
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+MAX_FORM_FIELDS = 64
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    given = request.headers.get("x-request-id")
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(cv.dumps(payload), media_type="application/json", headers=headers)
+
+
+async def _first(chunks: AsyncIterator[T], receive: Receive) -> T | None:
+    """The stream's first item (None for an empty stream); the stream is closed if that fails."""
+    try:
+        return await unless_disconnected(receive, anext(chunks, None))
+    except BaseException:
+        await close(chunks)
+        raise
+
+
+async def _text_events(
+    call: Call,
+    first: TextChunk,
+    chunks: AsyncIterator[TextChunk],
+    encoder: cv.ChatChunks | cv.CompletionChunks,
+) -> AsyncGenerator[bytes, None]:
+    code = ErrorCode.CANCELLED.value  # unless the stream runs to its end or fails
+    try:
+        async with closing(chunks):
+            if first.usage is not None:
+                call.tokens(first.usage)
+            for event in encoder.events(first, True):
+                yield event
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    call.tokens(chunk.usage)
+                for event in encoder.events(chunk, False):
+                    yield event
+        yield cv.SSE_DONE
+        code = "ok"
+    except LlmlbError as err:
+        code = err.code.value
+        log.info("http.stream_failed", route=call.route, code=code, error=err.message)
+        yield cv.sse_error(err)
+    except Exception as exc:
+        code = ErrorCode.INTERNAL.value
+        log.exception("http.stream_failed", route=call.route, error=repr(exc))
+        yield cv.sse_error(LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
+    finally:
+        call.done(code)
+
+
+async def _audio_bytes(
+    call: Call, first: AudioChunk, chunks: AsyncIterator[AudioChunk]
+) -> AsyncGenerator[bytes, None]:
+    code = ErrorCode.CANCELLED.value
+    try:
+        async with closing(chunks):
+            if first.data:
+                yield first.data
+            async for chunk in chunks:
+                if chunk.data:
+                    yield chunk.data
+        code = "ok"
+    except LlmlbError as err:  # the status is sent already: the audio just ends early
+        code = err.code.value
+        log.warning("http.stream_failed", route=call.route, code=code, error=err.message)
+    except Exception as exc:
+        code = ErrorCode.INTERNAL.value
+        log.exception("http.stream_failed", route=call.route, error=repr(exc))
+    finally:
+        call.done(code)
+
+
+def _joined(chunks: list[TextChunk]) -> tuple[str, TextChunk | None]:
+    return "".join(c.delta for c in chunks), (chunks[-1] if chunks else None)
+
+
+async def _file(form: FormData, *names: str, required: bool = True) -> tuple[bytes, str]:
+    for name in names:
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            return await value.read(), value.filename or ""
+        if value is not None:
+            raise cv.invalid(f"{name} must be a file (multipart/form-data upload)")
+    if required:
+        raise cv.invalid(f"missing required file: {names[0]!r} (send multipart/form-data)")
+    return b"", ""
+
+
+def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
+    """``/v1``: chat and text completions, embeddings, audio, images and models."""
+    routing = parts.router
+    keys = parts.keys
+
+    async def known(model: str) -> bool:
+        try:
+            await parts.registry.get(model)
+        except LlmlbError:
+            return False
+        return True
+
+    def observed(route: str) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
+        """Records each request's outcome and latency; streams record theirs when they end."""
+
+        def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
+            async def endpoint(request: Request) -> Response:
+                call = Call(parts.metrics, route)
+                try:
+                    response = await handler(request, call)
+                except LlmlbError as err:
+                    if call.model and not await known(call.model):
+                        call.model = ""  # an unknown name never becomes a metrics label
+                    call.done(err.code.value)
+                    raise
+                except Exception:
+                    call.done(ErrorCode.INTERNAL.value)
+                    raise
+                if not isinstance(response, StreamingAnswer):
+                    call.done("ok")
+                return response
+
+            endpoint.__name__ = handler.__name__
+            return endpoint
+
+        return wrap
+
+    async def text_answer(
+        request: Request,
+        call: Call,
+        answer: Callable[[], AsyncIterator[TextChunk]],
+        whole: Callable[[], Awaitable[list[TextChunk]]],
+        *,
+        rid: str,
+        model: str,
+        stream: bool,
+        include_usage: bool,
+        chat: bool,
+    ) -> Response:
+        completion_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        if not stream:
+            text, last = _joined(await unless_disconnected(request.receive, whole()))
+            if last is not None and last.usage is not None:
+                call.tokens(last.usage)
+            created = last.created if last and last.created else int(time.time())
+            shown = last.model if last and last.model else model
+            render = cv.chat_completion_json if chat else cv.text_completion_json
+            headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
+            return json_response(render(completion_id, created, shown, text, last), headers)
+        chunks = answer()
+        first = await _first(chunks, request.receive)
+        call.first_chunk()
+        if first is None:
+            first = TextChunk(rid, "", FinishReason.STOP)
+        created = first.created or int(time.time())
+        shown = first.model or model
+        encoder = (cv.ChatChunks if chat else cv.CompletionChunks)(
+            completion_id, created, shown, include_usage
+        )
+        return StreamingAnswer(
+            _text_events(call, first, chunks, encoder),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, "x-request-id": rid, "x-llmlb-node": first.node_id},
+        )
+
+    @observed("chat")
+    async def chat_completions(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        body = cv.parse_body(ChatCompletionBody, await request.body())
+        rid = request_id(request)
+        internal = cv.chat_request(body, rid)
+        call.model = internal.model
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await text_answer(
+            request,
+            call,
+            lambda: routing.chat(internal),
+            lambda: routing.chat_whole(internal),
+            rid=rid,
+            model=internal.model,
+            stream=bool(body.stream),
+            include_usage=include_usage,
+            chat=True,
+        )
+
+    @observed("complete")
+    async def completions(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        body = cv.parse_body(CompletionBody, await request.body())
+        rid = request_id(request)
+        internal = cv.complete_request(body, rid)
+        call.model = internal.model
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await text_answer(
+            request,
+            call,
+            lambda: routing.complete(internal),
+            lambda: routing.complete_whole(internal),
+            rid=rid,
+            model=internal.model,
+            stream=bool(body.stream),
+            include_usage=include_usage,
+            chat=False,
+        )
+
+    @observed("embed")
+    async def embeddings(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        body = cv.parse_body(EmbeddingBody, await request.body())
+        rid = request_id(request)
+        internal = cv.embed_request(body, rid)
+        call.model = internal.model
+        result = await unless_disconnected(request.receive, routing.embed(internal))
+        call.tokens(result.usage)
+        headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
+        return json_response(cv.embeddings_json(result, internal.model, body.encoding_format), headers)
+
+    @observed("transcribe")
+    async def transcriptions(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
+            audio, filename = await _file(form, "file")
+            rid = request_id(request)
+            internal = cv.transcribe_request(form, audio, filename, rid)
+            fmt = parse_format(cv.form_text(form, "response_format"))
+        call.model = internal.model
+        transcript = await unless_disconnected(request.receive, routing.transcribe(internal))
+        text, content_type = render(transcript, fmt)
+        headers = {"x-request-id": rid, "x-llmlb-node": transcript.node_id}
+        return Response(text.encode(), media_type=content_type, headers=headers)
+
+    @observed("speak")
+    async def speech(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        body = cv.parse_body(SpeechBody, await request.body())
+        rid = request_id(request)
+        internal = cv.speak_request(body, rid)
+        call.model = internal.model
+        chunks = routing.speak(internal)
+        first = await _first(chunks, request.receive)
+        call.first_chunk()
+        if first is None:
+            raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
+        return StreamingAnswer(
+            _audio_bytes(call, first, chunks),
+            media_type=cv.AUDIO_CONTENT_TYPES[internal.format],
+            headers={"x-request-id": rid},
+        )
+
+    async def image_answer(request: Request, internal: GenerateImageRequest, rid: str) -> Response:
+        result = await unless_disconnected(request.receive, routing.generate_images(internal))
+        headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
+        return json_response(cv.images_json(result, int(time.time())), headers)
+
+    @observed("image")
+    async def image_generations(request: Request, call: Call) -> Response:
+        await authorize(keys, request, Scope.API)
+        body = cv.parse_body(ImageGenerationBody, await request.body())
+        rid = request_id(request)
+        internal = cv.generate_image_request(body, rid)
+        call.model = internal.model
+        return await image_answer(request, internal, rid)
+
+    def image_form_route(operation: ImageOperation) -> Callable[[Request, Call], Awaitable[Response]]:
+        async def image_form(request: Request, call: Call) -> Response:
+            await authorize(keys, request, Scope.API)
+            async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
+                image, _ = await _file(form, "image", "image[]")
+                mask, _ = await _file(form, "mask", required=False)
+                rid = request_id(request)
+                internal = cv.image_form_request(form, operation, image, mask, rid)
+            call.model = internal.model
+            return await image_answer(request, internal, rid)
+
+        image_form.__name__ = f"image_{operation.value}"
+        return image_form
+
+    async def list_models(request: Request) -> Response:
+        await authorize(keys, request, Scope.API)
+        return json_response(openai_model_list_json(await control.list_models(parts)))
+
+    async def get_model(request: Request) -> Response:
+        await authorize(keys, request, Scope.API)
+        view = await control.get_model(parts, request.path_params["model_id"])
+        return json_response(openai_model_json(view))
+
+    async def delete_model(request: Request) -> Response:
+        await authorize(keys, request, Scope.ADMIN)
+        return json_response(deleted_json(await control.delete_model(parts, request.path_params["model_id"])))
+
+    image = observed("image")
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/v1/audio/speech", speech, methods=["POST"]),
+        Route("/v1/images/generations", image_generations, methods=["POST"]),
+        Route("/v1/images/edits", image(image_form_route(ImageOperation.EDIT)), methods=["POST"]),
+        Route("/v1/images/variations", image(image_form_route(ImageOperation.VARIATION)), methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", delete_model, methods=["DELETE"]),
+    ]

@@ -1,0 +1,52 @@
+"""Liveness, readiness and the Prometheus scrape: the routes that need no key."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from balancer.http.converters import dumps
+from balancer.parts import BalancerParts
+from common.errors import ErrorCode, LlmlbError
+
+log = structlog.get_logger(__name__)
+STORE_CHECK_TIMEOUT_S = 2.0
+
+
+def probe_routes(parts: BalancerParts) -> list[BaseRoute]:
+    """``/healthz`` (the process lives), ``/readyz`` (the store answers), ``/metrics``."""
+
+    async def healthz(request: Request) -> Response:
+        return Response(dumps({"status": "ok"}), media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        try:
+            nodes = await asyncio.wait_for(parts.store.list_nodes(), STORE_CHECK_TIMEOUT_S)
+        except Exception as exc:  # any failure to answer means not ready; the reason goes to the log
+            log.warning("http.not_ready", error=repr(exc))
+            error = LlmlbError(ErrorCode.INTERNAL, "the metadata store is not answering")
+            return Response(
+                dumps({"status": "not_ready", **error.to_openai()}),
+                status_code=503,
+                media_type="application/json",
+            )
+        body = {
+            "status": "ready",
+            "nodes": {"registered": len(nodes), "online": len(parts.fleet.online())},
+            "models": len(await parts.registry.list_models()),
+        }
+        return Response(dumps(body), media_type="application/json")
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = parts.metrics.exposition()
+        return Response(body, headers={"content-type": content_type})
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]

@@ -1,0 +1,105 @@
+"""OpenAI request bodies (and the /v0 management ones) as pydantic models: the HTTP door's parsing only.
+
+Strict types like OpenAI's (a number is not a string, ``"1"`` is not a number); unknown fields are
+ignored the way OpenAI ignores harmless extras. Conversion to internal types is in ``converters``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class TextPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessageBody(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: Any = None  # accepted only when off: no runtime returns them
+
+
+class ChatCompletionBody(_Sampling):
+    messages: list[ChatMessageBody]
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class EmbeddingBody(_Body):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class SpeechBody(_Body):
+    model: str
+    input: str
+    voice: str | None = None
+    response_format: str | None = None
+    speed: float | None = None
+    stream_format: str | None = None
+
+
+class ImageGenerationBody(_Body):
+    model: str
+    prompt: str
+    n: int | None = None
+    size: str | None = None
+    response_format: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    user: str | None = None
+
+
+class RegisterModelBody(_Body):
+    """``POST /v0/models``: register a model from a Hugging Face repository, pinned to a commit."""
+
+    repo_id: str
+    filename: str = ""
+    revision: str = ""
+    model_id: str = ""
+    origin: str = ""
+    name: str = ""
+    capabilities: list[str] = []
+    tags: list[str] = []
+    required_vram_mb: int = 0
+    chat_template: str = ""
