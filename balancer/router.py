@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, replace
@@ -142,7 +143,9 @@ class Router:
         self._metrics = metrics
         self._stats: dict[str, NodeStats] = {}
         self._candidates: dict[tuple[str, Capability], tuple[int, list[Candidate], str]] = {}
-        self._freed = asyncio.Event()
+        # Queued requests in arrival order, per model and capability; a freed slot wakes the oldest one
+        # that can use that node, not every waiter.
+        self._queues: dict[tuple[str, Capability], deque[asyncio.Event]] = {}
         self.waiting = 0  # requests in the queue now
 
     # -- the six calls ---------------------------------------------------------------------------
@@ -419,6 +422,9 @@ class Router:
                 retry_after_s=1.0,
             )
         until = min(deadline, time.monotonic() + self._config.queue_timeout_s)
+        queue = self._queues.setdefault((model.id, capability), deque())
+        turn = asyncio.Event()
+        queue.append(turn)
         self.waiting += 1
         try:
             while True:
@@ -427,9 +433,8 @@ class Router:
                     raise LlmlbError(
                         ErrorCode.TIMEOUT, f"waited too long for a free node serving {model.id!r}"
                     )
-                freed = self._freed
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(freed.wait(), min(left, QUEUE_RECHECK_S))
+                    await asyncio.wait_for(turn.wait(), min(left, QUEUE_RECHECK_S))
                 candidates, why = self._ranked(model, capability)
                 node = self._pick(candidates, exclude)
                 if node is not None:
@@ -438,8 +443,17 @@ class Router:
                     raise LlmlbError(
                         ErrorCode.NO_CAPABLE_NODES, why or "no capable node left", retry_after_s=5.0
                     )
+                if turn.is_set():  # woken, but another request took the slot first: keep our place
+                    turn.clear()
+                    queue.appendleft(turn)
         finally:
             self.waiting -= 1
+            if turn in queue:
+                queue.remove(turn)
+            elif turn.is_set():
+                self._wake(None)  # woken but leaving: hand the turn on
+            if not queue:
+                self._queues.pop((model.id, capability), None)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -452,8 +466,17 @@ class Router:
     def _release(self, node: Candidate) -> None:
         self._stats_of(node.node_id).outstanding -= 1
         if self.waiting:
-            freed, self._freed = self._freed, asyncio.Event()
-            freed.set()  # wakes every queued request; each looks again and one takes the slot
+            self._wake(node.node_id)
+
+    def _wake(self, node_id: str | None) -> None:
+        """Wakes the oldest queued request that ``node_id`` could serve (any, when None)."""
+        for key, queue in self._queues.items():
+            if not queue:
+                continue
+            cached = self._candidates.get(key)
+            if node_id is None or cached is None or any(c.node_id == node_id for c in cached[1]):
+                queue.popleft().set()
+                return
 
     def _answered(self, node: Candidate, seconds: float) -> None:
         stats = self._stats_of(node.node_id)
