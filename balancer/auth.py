@@ -45,9 +45,14 @@ METHOD_SCOPES: dict[str, Scope] = {
     "/llmlb.v1.Manifest/ReadBlob": _NODE,
 }
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# Catalogue reads a node makes while resolving a model's files: an api key or a node key may make them.
+# Reads a node makes while resolving a model (its manifest, peers that hold it): api or node keys.
 NODE_MAY_READ = frozenset(
-    {"/llmlb.v1.Registry/GetModel", "/llmlb.v1.Registry/ListModels", "/llmlb.v1.Registry/GetModelStatus"}
+    {
+        "/llmlb.v1.Registry/GetModel",
+        "/llmlb.v1.Registry/ListModels",
+        "/llmlb.v1.Registry/GetModelStatus",
+        "/llmlb.v1.Registry/ListNodes",  # peers holding a model, for peer fetch
+    }
 )
 
 

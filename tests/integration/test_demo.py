@@ -1,0 +1,95 @@
+"""`llmlb demo` (what `make run` starts) as a real process: ready banner, a working OpenAI client, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.fixtures.models import ModelFiles
+from tests.integration.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+READY_WITHIN_S = 240.0
+
+
+def _lines(stream: object, into: queue.Queue[str | None]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+    into.put(None)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_demo_serves_chat_and_transcription_to_an_openai_client_and_stops_on_ctrl_c(
+    tmp_path: Path, gemma: ModelFiles, whisper: ModelFiles
+) -> None:
+    home = tmp_path / "home"
+    grpc_port, http_port, node_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "balancer.cli", "demo", "--home", str(home),
+            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
+            "--node-listen", f"127.0.0.1:{node_port}", "--timeout", str(READY_WITHIN_S),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    out: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + READY_WITHIN_S + 60
+        while not (seen and seen[-1].startswith("ready: Ctrl-C")):
+            try:
+                line = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("no ready banner in time:\n" + "".join(seen))
+            assert line is not None, "the demo exited before it was ready:\n" + "".join(seen)
+            seen.append(line)
+        banner = "".join(seen)
+        base_url = re.search(r"^\s+base_url\s+(\S+)$", banner, re.M)
+        api_key = re.search(r"^\s+api_key\s+(\S+)$", banner, re.M)
+        assert base_url and api_key, banner
+        assert base_url.group(1) == f"http://127.0.0.1:{http_port}/v1"
+        assert (home / "demo" / "logs" / "balancer.log").exists() and "balancer.log" in banner
+
+        client = OpenAI(base_url=base_url.group(1), api_key=api_key.group(1), timeout=120, max_retries=0)
+        completion = client.completions.create(
+            model="gemma-3-270m", prompt="One, two, three, four,", max_tokens=6, temperature=0
+        )
+        assert completion.choices[0].text.strip()
+        sample = re.search(r"file=@(\S+\.wav)", banner)
+        assert sample, banner
+        with open(sample.group(1), "rb") as audio:
+            heard = client.audio.transcriptions.create(model="whisper-base", file=audio).text
+        assert "fox" in heard.lower()
+        # The shared dir is used in place: the node's own models dir holds no copy.
+        assert not list((home / "demo" / "node").rglob("*.gguf"))
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert not _listening(grpc_port) and not _listening(http_port) and not _listening(node_port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(home / "demo" / "shared", ignore_errors=True)  # 400 MB of models, rebuilt per run
