@@ -13,6 +13,7 @@ import time
 import wave
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -203,7 +204,7 @@ def test_busy_nodes_queue_requests_then_refuse_with_queue_full_and_time_out(
         params=ipb.SamplingParams(max_tokens=400, temperature=0.0),
     )
     with channel:
-        first = stub.Complete(long, timeout=120)
+        first: Any = stub.Complete(long, timeout=120)
         started = next(first)  # the node is generating: its one slot on the balancer is taken
         assert started.delta or started.request_id
         outcomes: list[ErrorCode] = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,10 +34,10 @@ async def test_every_call_kind_carries_the_key_and_none_without_it(tmp_path: Pat
             )
             assert registered.node_id == "n1"  # unary
 
-            async def hello():  # type: ignore[no-untyped-def]
+            async def hello() -> AsyncIterator[rpb.NodeMessage]:
                 yield rpb.NodeMessage(hello=rpb.NodeHello(node_id="n1"))
 
-            session = registry.NodeSession(hello())
+            session: Any = registry.NodeSession(hello())
             first = await session.read()  # bidi stream
             assert first.accepted.node_id == "n1"
             session.cancel()
