@@ -121,6 +121,8 @@ def _failure(exc: grpc.aio.AioRpcError) -> _Failure:
         # Connection refused or reset, or an error outside our handlers: the node, not the request.
         return _Failure(LlmlbError(ErrorCode.NO_CAPABLE_NODES, f"node failed: {exc.details()}"), True, True)
     error = error_from_rpc(exc)
+    if error.code is ErrorCode.QUEUE_FULL and error.retry_after_s is None:
+        error.retry_after_s = 1.0  # a full node frees a slot within about a generation
     retry = error.code in RETRY_ELSEWHERE
     return _Failure(error, retry, retry and error.code is not ErrorCode.QUEUE_FULL)
 
@@ -264,13 +266,14 @@ class Router:
         deadline = time.monotonic() + (timeout or self._config.request_timeout_s)
         model = await self._model(model_id, capability)
         tried: set[str] = set()
+        last: _Failure | None = None
         while True:
-            node = await self._acquire(model, capability, tried, deadline)
+            node = await self._next_node(model, capability, tried, deadline, last)
             started = time.monotonic()
             try:
                 result = await call(self._stub(node), max(0.001, deadline - started))
             except grpc.aio.AioRpcError as exc:
-                failure = _failure(exc)
+                failure = last = _failure(exc)
                 self._failed(node, failure)
                 tried.add(node.node_id)
                 if not failure.retry or len(tried) >= self._config.route_attempts:
@@ -293,8 +296,9 @@ class Router:
         deadline = time.monotonic() + (timeout or self._config.request_timeout_s)
         model = await self._model(model_id, capability)
         tried: set[str] = set()
+        last: _Failure | None = None
         while True:
-            node = await self._acquire(model, capability, tried, deadline)
+            node = await self._next_node(model, capability, tried, deadline, last)
             started = time.monotonic()
             stream = call(self._stub(node), max(0.001, deadline - started))
             items = aiter(stream)
@@ -305,7 +309,7 @@ class Router:
                     self._answered(node, time.monotonic() - started)
                     return
                 except grpc.aio.AioRpcError as exc:
-                    failure = _failure(exc)
+                    failure = last = _failure(exc)
                     self._failed(node, failure)
                     tried.add(node.node_id)
                     if not failure.retry or len(tried) >= self._config.route_attempts:
@@ -397,6 +401,17 @@ class Router:
             return tier[0]
         a, b = random.sample(tier, 2)
         return a if self._stats_of(a.node_id).score() <= self._stats_of(b.node_id).score() else b
+
+    async def _next_node(
+        self, model: Model, capability: Capability, tried: set[str], deadline: float, last: _Failure | None
+    ) -> Candidate:
+        """The next node to try; once every capable node failed, the last node's own error."""
+        try:
+            return await self._acquire(model, capability, tried, deadline)
+        except LlmlbError as exc:
+            if last is not None and exc.code is ErrorCode.NO_CAPABLE_NODES:
+                raise last.error from None
+            raise
 
     async def _acquire(
         self, model: Model, capability: Capability, exclude: set[str], deadline: float

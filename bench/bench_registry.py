@@ -3,6 +3,7 @@
 "registry direct" does what the servicer does (look the model up, build the manifest message) without
 transport; the difference to the door is what gRPC adds. Goal: the door adds at most 0.5 ms at p50.
 "store read" shows what serving reads from SQLite instead of the registry's in-memory copy would cost.
+Auth is on, as by default: the door's figure includes checking the admin key each call presents.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc.aio
-
 from balancer.server import start
 from common import converters
+from common.channels import open_channel
 from common.config import load_balancer_config
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
@@ -35,7 +35,11 @@ def _pct(samples: list[float], q: float) -> float:
 async def run() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         config = load_balancer_config(
-            home=Path(tmp), grpc_listen="127.0.0.1:0", env={"LLMLB_HOME": tmp}, log_level="warning"
+            home=Path(tmp),
+            grpc_listen="127.0.0.1:0",
+            http_listen="",  # no HTTP door: this measures the gRPC one
+            env={"LLMLB_HOME": tmp},
+            log_level="warning",
         )
         balancer = await start(config)
         try:
@@ -50,7 +54,8 @@ async def run() -> str:
                 converters.manifest_to_pb(await balancer.registry.get("gemma-3-270m"))
                 direct.append(time.perf_counter() - t)
 
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{balancer.port}") as channel:
+            key = config.admin_key_file.read_text().strip()
+            async with open_channel(f"127.0.0.1:{balancer.port}", api_key=key) as channel:
                 stub = mgrpc.ManifestStub(channel)
                 request = mpb.GetManifestRequest(model_id="gemma-3-270m")
                 for _ in range(50):  # warm the connection
@@ -86,7 +91,8 @@ async def run() -> str:
             "",
             f"{SEQUENTIAL} sequential calls each way; then {CONCURRENT} calls with {IN_FLIGHT} in flight. "
             "The gRPC client runs in the balancer's own process and event loop, so the door's figure "
-            "includes the Python client's cost as well as the server's.",
+            "includes the Python client's cost as well as the server's. Auth is on: each call presents "
+            "the admin key and the door checks it.",
             "",
             "| path | p50 ms | p99 ms |",
             "|---|---|---|",

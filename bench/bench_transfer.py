@@ -116,9 +116,11 @@ async def run() -> str:
         config = load_balancer_config(
             home=tmp / "balancer",
             grpc_listen="127.0.0.1:0",
+            http_listen="",
             hf_endpoint=hub.url,
             env={"LLMLB_HOME": str(tmp / "balancer")},
             log_level="warning",
+            auth=False,  # this measures moving bytes; keys are checked once per call, not per chunk
         )
         (tmp / "balancer").mkdir()
         balancer = await start_balancer(config)
@@ -163,7 +165,8 @@ async def run() -> str:
             "",
             "Each fetch is a fresh `xllm pull` process on 127.0.0.1 writing a verified file; `vs copy` is",
             "the local copy's time divided by the fetch's (1.00 = as fast as `shutil.copyfile`). Peak RSS is",
-            "the fetching process's VmHWM: it should not grow with the file (goal: flat).",
+            "the fetching process's VmHWM: it should not grow with the file (goal: flat). The balancer",
+            "runs with auth off (`LLMLB_AUTH=false`): this measures moving bytes, not checking keys.",
             "",
             "| path | MiB | seconds | MiB/s | vs copy | peak RSS MiB |",
             "|---|---|---|---|---|---|",
