@@ -188,6 +188,10 @@ def load_balancer_config(
     fmt = s.get(log_format, ("LLMLB_LOG_FORMAT",), "console", str).lower()
     if fmt not in ("console", "json"):
         raise ValueError(f"LLMLB_LOG_FORMAT={fmt!r}: expected console or json")
+    tls_cert = s.get(None, ("LLMLB_TLS_CERT",), None, Path)
+    tls_key = s.get(None, ("LLMLB_TLS_KEY",), None, Path)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("LLMLB_TLS_CERT and LLMLB_TLS_KEY go together: set both or neither")
     return BalancerConfig(
         home=home,
         grpc_listen=s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen),
@@ -205,8 +209,8 @@ def load_balancer_config(
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
-        tls_cert=s.get(None, ("LLMLB_TLS_CERT",), None, Path),
-        tls_key=s.get(None, ("LLMLB_TLS_KEY",), None, Path),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),
         node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
         queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
