@@ -150,6 +150,7 @@ class _Entry:
     admitted: bool = False  # counted against the memory budget (set before its load starts)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     cancels: set[CancelFlag] = field(default_factory=set)
+    files: tuple[tuple[str, int, int, int], ...] = ()  # what it was loaded from: name, inode, mtime, size
 
     def holds_memory(self) -> bool:
         return self.admitted and self.state is not ModelState.FAILED
@@ -169,6 +170,19 @@ class _Lease:
 _ITEM, _ERROR, _END = 0, 1, 2
 
 
+def _signature(paths: Mapping[str, Path]) -> tuple[tuple[str, int, int, int], ...]:
+    """Each file's identity on disk: a refetched or rewritten file gets a new inode or mtime."""
+    out = []
+    for name in sorted(paths):
+        try:
+            st = paths[name].stat()
+        except OSError:
+            out.append((name, -1, -1, -1))
+            continue
+        out.append((name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 class ModelPool:
     """Loaded models of one node, and the only way requests reach a runtime."""
 
@@ -183,6 +197,7 @@ class ModelPool:
         self.registry = registry or RuntimeRegistry.default()
         self.budget_mb = self.settings.budget_mb(hardware)
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
         self._failed: dict[str, LlmlbError] = {}
         self._memory = asyncio.Condition()
         self._executor = ThreadPoolExecutor(
@@ -262,6 +277,21 @@ class ModelPool:
             if entry.active:
                 await entry.idle.wait()
             await self._release_memory(entry)
+
+    def _retire(self, entry: _Entry) -> None:
+        """Takes ``entry`` out of use; requests on it finish, then its runtime is unloaded."""
+        self._entries.pop((entry.model_id, entry.engine), None)
+        entry.closing = True
+
+        async def release() -> None:
+            await entry.loaded.wait()
+            if entry.active:
+                await entry.idle.wait()
+            await self._release_memory(entry)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
         """Unloads everything and stops the worker threads."""
@@ -363,9 +393,15 @@ class ModelPool:
         model = resolved.model
         spec = self.registry.select(model, capability)
         key = (model.id, spec.engine)
+        files = _signature(resolved.paths)
         entry = self._entries.get(key)
         if entry is not None:
-            return entry
+            if entry.files == files:
+                return entry
+            # The files under a loaded model changed (refetched after corruption, replaced on the share):
+            # engines map their files, so the loaded copy may hold bad bytes. Load it again.
+            log.warning("model_files_changed", model_id=model.id, engine=spec.engine)
+            self._retire(entry)
         missing = [f.filename for f in model.files if f.filename not in resolved.paths]
         context = LoadContext(model=model, paths=dict(resolved.paths), settings=self._runtime_settings())
         runtime = spec.create(context)
@@ -375,6 +411,7 @@ class ModelPool:
             runtime=runtime,
             slots=asyncio.Semaphore(self.settings.slots_per_model),
             memory_mb=runtime.memory_mb,
+            files=files,
         )
         entry.idle.set()
         if missing:
