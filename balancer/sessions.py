@@ -27,6 +27,9 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     sent: set[int] = field(default_factory=set)  # command ids delivered on this session
     superseded: bool = False
+    ending: bool = False  # the node was removed: send what is queued, then close the stream
+    draining: bool = False  # told to drain: a heartbeat saying otherwise must not undo it
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def heard(self) -> None:
         self.last_seen = time.monotonic()
@@ -51,6 +54,7 @@ class NodeSessions:
         return session
 
     async def close(self, session: Session) -> None:
+        session.closed.set()
         if self._open.get(session.node_id) is not session:
             return
         del self._open[session.node_id]
@@ -62,3 +66,20 @@ class NodeSessions:
         """Wakes every session so it sends the commands queued for its node."""
         for session in self._open.values():
             session.wake.set()
+
+    def get(self, node_id: str) -> Session | None:
+        """The node's open session, if it is connected."""
+        return self._open.get(node_id)
+
+    async def end(self, node_id: str, timeout_s: float) -> bool:
+        """Ends the node's session once its queued commands are sent; False if it had none open."""
+        session = self._open.get(node_id)
+        if session is None:
+            return False
+        session.ending = True
+        session.wake.set()
+        try:
+            await asyncio.wait_for(session.closed.wait(), timeout_s)
+        except TimeoutError:  # a stream stuck on a slow reader must not hold up the caller
+            log.warning("node.session_end_timeout", node_id=node_id)
+        return True

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.types import (
+    ApiKey,
     Backend,
     Capability,
     FileFormat,
@@ -18,6 +19,7 @@ from common.types import (
     ModelSource,
     Node,
     NodeState,
+    Scope,
 )
 
 _FORMAT_TO_PB = {
@@ -213,4 +215,34 @@ def node_to_pb(node: Node) -> pb.Node:
         state=_NODE_STATE_TO_PB[node.state],
         registered_at=timestamp(node.registered_at),
         last_seen_at=timestamp(node.last_seen_at),
+    )
+
+
+_SCOPE_TO_PB = {
+    Scope.API: pb.SCOPE_API,
+    Scope.NODE: pb.SCOPE_NODE,
+    Scope.ADMIN: pb.SCOPE_ADMIN,
+}
+_SCOPE_FROM_PB: dict[int, Scope] = {int(v): k for k, v in _SCOPE_TO_PB.items()}
+
+
+def scope_to_pb(scope: Scope) -> pb.Scope.ValueType:
+    return _SCOPE_TO_PB[scope]
+
+
+def scope_from_pb(value: int) -> Scope | None:
+    """None for UNSPECIFIED and values this build does not know."""
+    return _SCOPE_FROM_PB.get(value)
+
+
+def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
+    """A key as callers may see it: never the secret, nor its hash."""
+    return pb.ApiKey(
+        id=key.id,
+        name=key.name,
+        prefix=key.prefix,
+        scopes=[_SCOPE_TO_PB[s] for s in key.scopes],
+        created_at=timestamp(key.created_at),
+        revoked_at=timestamp(key.revoked_at),
+        last_used_at=timestamp(key.last_used_at),
     )

@@ -120,6 +120,7 @@ class Node:
 class CommandKind(enum.StrEnum):
     DELETE_MODEL = "delete_model"
     PREFETCH = "prefetch"
+    DRAIN = "drain"  # model_id is empty
 
 
 @dataclass(frozen=True, slots=True)

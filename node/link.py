@@ -24,6 +24,7 @@ import grpc.aio
 import structlog
 
 from common import converters
+from common.channels import open_channel
 from common.config import NodeConfig
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2 as rpb
@@ -120,7 +121,13 @@ class BalancerLink:
         self._load = load
         self._runtime_states = runtime_states
         self._draining = draining
-        self.channel = grpc.aio.insecure_channel(config.balancer, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(
+            config.balancer,
+            api_key=config.api_key,
+            tls_ca=config.tls_ca,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+        )
         self._registry = rgrpc.RegistryStub(self.channel)
         self._peers: dict[str, grpc.aio.Channel] = {}
         self.node_id = config.node_id or self._saved_node_id()

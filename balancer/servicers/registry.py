@@ -13,6 +13,7 @@ from typing import Any
 import grpc.aio
 import structlog
 
+from balancer.auth import KeyRing
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.registry import RegisterRequest, Registry
 from balancer.sessions import NodeSessions, Session
@@ -48,6 +49,8 @@ def _command_to_pb(cmd: NodeCommand) -> rpb.BalancerMessage:
     msg = rpb.NodeCommand(command_id=cmd.id)
     if cmd.kind is CommandKind.DELETE_MODEL:
         msg.delete_model.model_id = cmd.model_id
+    elif cmd.kind is CommandKind.DRAIN:
+        msg.drain.SetInParent()
     else:
         msg.prefetch.model_id = cmd.model_id
     return rpb.BalancerMessage(command=msg)
@@ -61,13 +64,20 @@ def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
 
 class RegistryServicer(rgrpc.RegistryServicer):
     def __init__(
-        self, registry: Registry, store: Store, fleet: Fleet, sessions: NodeSessions, config: BalancerConfig
+        self,
+        registry: Registry,
+        store: Store,
+        fleet: Fleet,
+        sessions: NodeSessions,
+        config: BalancerConfig,
+        keys: KeyRing,
     ) -> None:
         self._registry = registry
         self._store = store
         self._fleet = fleet
         self._sessions = sessions
         self._config = config
+        self._keys = keys
         self._timeout_s = config.heartbeat_timeout_ms / 1000
 
     def _model_pb(self, model: Any) -> pb.Model:
@@ -164,7 +174,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
         nodes = []
         for node in await self._store.list_nodes():
             msg = converters.node_to_pb(node)
-            msg.state = pb.NODE_STATE_ONLINE if self._fleet.is_online(node.id) else pb.NODE_STATE_OFFLINE
+            msg.state = self._node_state(node.id)
             msg.models.extend(_node_status_to_pb(m) for m in self._fleet.node_models(node.id))
             load = self._fleet.load(node.id)
             if load is not None:
@@ -179,6 +189,93 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 )
             nodes.append(msg)
         return rpb.ListNodesResponse(nodes=nodes)
+
+    def _node_state(self, node_id: str) -> pb.NodeState.ValueType:
+        if not self._fleet.is_online(node_id):
+            return pb.NODE_STATE_OFFLINE
+        return pb.NODE_STATE_DRAINING if self._fleet.is_draining(node_id) else pb.NODE_STATE_ONLINE
+
+    async def _known_node(self, node_id: str) -> Node:
+        node = await self._store.get_node(node_id) if node_id else None
+        if node is None:
+            raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"no node {node_id!r}")
+        return node
+
+    async def _queue(self, node_id: str, kind: CommandKind, model_id: str = "") -> None:
+        """Queues a durable command unless the same one is still waiting for the node."""
+        try:
+            pending = await self._store.pending_commands(node_id)
+            if not any(c.kind is kind and c.model_id == model_id for c in pending):
+                await self._store.add_command(node_id, kind, model_id)
+        except KeyError:  # removed between the lookup and the insert
+            raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"no node {node_id!r}") from None
+
+    @rpc_errors
+    async def PullModel(self, request: rpb.PullModelRequest, context: Ctx) -> rpb.PullModelResponse:
+        model = await self._registry.get(request.model_id)
+        if request.node_ids:
+            targets = list(dict.fromkeys(request.node_ids))
+            for node_id in targets:  # all checked first, so an unknown id queues nothing
+                await self._known_node(node_id)
+        else:
+            wanted = frozenset(model.capabilities)
+            targets = [
+                node_id
+                for node_id in self._fleet.online()
+                if (info := self._fleet.info(node_id)) is not None and info.capabilities & wanted
+            ]
+        for node_id in targets:
+            await self._queue(node_id, CommandKind.PREFETCH, model.id)
+        self._sessions.notify_all()
+        log.info("model.pull_requested", model_id=model.id, node_ids=targets)
+        return rpb.PullModelResponse(model_id=model.id, node_ids=targets)
+
+    @rpc_errors
+    async def DrainNode(self, request: rpb.DrainNodeRequest, context: Ctx) -> pb.Node:
+        node = await self._known_node(request.node_id)
+        await self._queue(node.id, CommandKind.DRAIN)
+        self._fleet.set_draining(node.id, True)
+        session = self._sessions.get(node.id)
+        if session is not None:
+            session.draining = True
+        self._sessions.notify_all()
+        log.info("node.drain_requested", node_id=node.id, online=session is not None)
+        msg = converters.node_to_pb(node)
+        msg.state = pb.NODE_STATE_DRAINING
+        return msg
+
+    @rpc_errors
+    async def RemoveNode(self, request: rpb.RemoveNodeRequest, context: Ctx) -> rpb.RemoveNodeResponse:
+        node = await self._known_node(request.node_id)
+        session = self._sessions.get(node.id)
+        if session is not None:  # told to drain first, so it takes no new work while it is gone
+            await self._queue(node.id, CommandKind.DRAIN)
+            session.draining = True
+            self._fleet.set_draining(node.id, True)
+            await self._sessions.end(node.id, self._timeout_s)
+        await self._store.remove_node(node.id)
+        self._fleet.remove(node.id)
+        log.info("node.removed", node_id=node.id, was_connected=session is not None)
+        return rpb.RemoveNodeResponse(node_id=node.id)
+
+    @rpc_errors
+    async def CreateKey(self, request: rpb.CreateKeyRequest, context: Ctx) -> rpb.CreateKeyResponse:
+        scopes = [converters.scope_from_pb(s) for s in request.scopes]
+        known = [s for s in scopes if s is not None]
+        if len(known) != len(scopes):
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "each scope must be api, node or admin")
+        key, secret = await self._keys.create(request.name, known)
+        return rpb.CreateKeyResponse(key=converters.api_key_to_pb(key), secret=secret)
+
+    @rpc_errors
+    async def ListKeys(self, request: rpb.ListKeysRequest, context: Ctx) -> rpb.ListKeysResponse:
+        return rpb.ListKeysResponse(keys=[converters.api_key_to_pb(k) for k in await self._keys.list()])
+
+    @rpc_errors
+    async def RevokeKey(self, request: rpb.RevokeKeyRequest, context: Ctx) -> pb.ApiKey:
+        if not request.key:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "key (a key id or its shown prefix) is required")
+        return converters.api_key_to_pb(await self._keys.revoke(request.key))
 
     @rpc_errors
     async def NodeSession(
@@ -197,6 +294,10 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode"
             )
         session = await self._sessions.open(node_id)
+        # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
+        if any(c.kind is CommandKind.DRAIN for c in await self._store.pending_commands(node_id)):
+            session.draining = True
+            self._fleet.set_draining(node_id, True)
         reader = asyncio.create_task(self._read(session, inbound))
         try:
             yield rpb.BalancerMessage(
@@ -210,6 +311,8 @@ class RegistryServicer(rgrpc.RegistryServicer):
                     if cmd.id not in session.sent:
                         session.sent.add(cmd.id)
                         yield _command_to_pb(cmd)
+                if session.ending:
+                    break
                 silent_for = time.monotonic() - session.last_seen
                 if silent_for > self._timeout_s:
                     log.warning("node.silent", node_id=node_id, seconds=round(silent_for, 1))
@@ -224,6 +327,8 @@ class RegistryServicer(rgrpc.RegistryServicer):
         finally:
             reader.cancel()
             await self._sessions.close(session)
+        if session.ending:  # the node's link sees why its session ended
+            raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} was removed from the balancer")
 
     async def _read(self, session: Session, inbound: AsyncIterator[rpb.NodeMessage]) -> None:
         async for msg in inbound:
@@ -244,7 +349,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 self._fleet.replace(
                     session.node_id, [_node_status_from_pb(session.node_id, m) for m in msg.heartbeat.models]
                 )
-                self._fleet.set_draining(session.node_id, msg.heartbeat.draining)
+                self._fleet.set_draining(session.node_id, msg.heartbeat.draining or session.draining)
             elif kind == "model_state":
                 self._fleet.report(_node_status_from_pb(session.node_id, msg.model_state))
             # Only commands sent to this node on this session can be cleared by it.

@@ -1,21 +1,32 @@
-"""Real processes on 127.0.0.1: a balancer started with the `llmlb serve` entry point."""
+"""Real processes on 127.0.0.1: a balancer started with the `llmlb serve` entry point.
+
+Auth is on, as in production: the fixtures read the balancer's bootstrap admin key, call it with that
+key, and hand nodes (and `xllm` commands pointed at it) a node-scoped key minted through CreateKey.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.channels import bearer_metadata, client_credentials, open_channel
 from common.pb.llmlb.v1 import manifest_pb2_grpc, registry_pb2_grpc
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
 from tests.fixtures.fake_hub import FakeHub
 
@@ -60,23 +71,107 @@ def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> int:
         return proc.wait()
 
 
-class BalancerProcess:
-    """One `llmlb serve` process; stop/start again on the same home to test restarts."""
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """How a client dials a TLS balancer: the CA it trusts, and a certificate for mTLS."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def node_env(self) -> dict[str, str]:
+        env = {"XLLM_TLS_CA": str(self.ca)}
+        if self.cert is not None and self.key is not None:
+            env |= {"XLLM_TLS_CERT": str(self.cert), "XLLM_TLS_KEY": str(self.key)}
+        return env
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _SyncKey(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """The blocking stubs' twin of ``common.channels``' key interceptor: a bearer key on every call."""
+
+    def __init__(self, api_key: str) -> None:
+        self._metadata = bearer_metadata(api_key)
+
+    def _details(self, d: Any) -> _CallDetails:
+        metadata = tuple(d.metadata or ()) + self._metadata
+        return _CallDetails(
+            d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None), d.compression
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def sync_channel(address: str, api_key: str = "", tls: ClientTls | None = None) -> grpc.Channel:
+    """A blocking channel presenting ``api_key`` (none: no key), over TLS when ``tls`` is given."""
+    creds = client_credentials(tls.ca, tls.cert, tls.key) if tls is not None else None
+    if creds is None:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return grpc.intercept_channel(channel, _SyncKey(api_key)) if api_key else channel
+
+
+_STARTED: dict[str, BalancerProcess] = {}  # address -> balancer, for helpers given only an address
+
+
+class BalancerProcess:
+    """One `llmlb serve` process; stop/start again on the same home to test restarts.
+
+    ``registry`` and ``manifest`` call it with the admin key it wrote on its first start.
+    """
+
+    def __init__(self, home: Path, env: dict[str, str], tls: ClientTls | None = None) -> None:
         self.home = home
         self.env = env
+        self.tls = tls
         self.port = free_port()
+        self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
         self.log_path = home / "balancer.log"
+        self.admin_key = ""
+        self._node_key = ""
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
     def start(self, timeout: float = 30.0) -> None:
-        env = {**os.environ, **self.env, "LLMLB_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "LLMLB_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
+            **self.env,
+            "LLMLB_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -86,8 +181,12 @@ class BalancerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        wait_serving("balancer", self.channel, self.proc, timeout, self.log)
+        with sync_channel(self.address, tls=self.tls) as health_channel:
+            wait_serving("balancer", health_channel, self.proc, timeout, self.log)
+        key_file = self.home / "admin-key"  # absent when the balancer runs with LLMLB_AUTH=off
+        self.admin_key = key_file.read_text().strip() if key_file.exists() else ""
+        self.channel = sync_channel(self.address, self.admin_key, self.tls)
+        _STARTED[self.address] = self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.channel is not None:
@@ -96,6 +195,32 @@ class BalancerProcess:
         code = stop_process(self.proc, sig)
         self.proc = None
         return code
+
+    @property
+    def node_key(self) -> str:
+        """A node-scoped key, minted through CreateKey on first use and reused (it outlives restarts)."""
+        if not self._node_key and self.admin_key:
+            reply = self.registry.CreateKey(
+                rpb.CreateKeyRequest(name="test-nodes", scopes=[pb.SCOPE_NODE]), timeout=10
+            )
+            self._node_key = reply.secret
+        return self._node_key
+
+    def node_env(self) -> dict[str, str]:
+        """What a node (or an `xllm` command) needs to reach this balancer: its key, its TLS trust."""
+        env = {"XLLM_API_KEY": self.node_key} if self.node_key else {}
+        return env | (self.tls.node_env() if self.tls is not None else {})
+
+    def aio_channel(self, api_key: str | None = None) -> grpc.aio.Channel:
+        """An asyncio channel to this balancer with ``api_key`` (default: the admin key)."""
+        tls = self.tls
+        return open_channel(
+            self.address,
+            api_key=self.admin_key if api_key is None else api_key,
+            tls_ca=tls.ca if tls else None,
+            tls_cert=tls.cert if tls else None,
+            tls_key=tls.key if tls else None,
+        )
 
     def restart(self) -> None:
         self.stop()
@@ -115,15 +240,22 @@ class BalancerProcess:
         return manifest_pb2_grpc.ManifestStub(self.channel)
 
 
+def balancer_channel(address: str) -> grpc.aio.Channel:
+    """An asyncio channel to the test balancer at ``address``, presenting its admin key."""
+    return _STARTED[address].aio_channel()
+
+
 @pytest.fixture
 def balancer_factory(tmp_path: Path) -> Iterator[object]:
     started: list[BalancerProcess] = []
 
-    def make(hub: FakeHub, *, token: bool = False, **extra_env: str) -> BalancerProcess:
+    def make(
+        hub: FakeHub, *, token: bool = False, tls: ClientTls | None = None, **extra_env: str
+    ) -> BalancerProcess:
         env = {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json", **extra_env}
         if token:
             env["HF_TOKEN"] = hub.token
-        proc = BalancerProcess(tmp_path / f"balancer{len(started)}", env)
+        proc = BalancerProcess(tmp_path / f"balancer{len(started)}", env, tls)
         started.append(proc)
         proc.start()
         return proc
@@ -131,6 +263,7 @@ def balancer_factory(tmp_path: Path) -> Iterator[object]:
     yield make
     for proc in started:
         proc.stop()
+        _STARTED.pop(proc.address, None)
 
 
 @pytest.fixture
@@ -197,11 +330,21 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def _xllm_env(home: Path, args: Sequence[str], env: dict[str, str] | None) -> dict[str, str]:
+    """The command's environment; pointed at a test balancer (``--balancer``), it gets that one's key."""
+    reach: dict[str, str] = {}
+    if "--balancer" in args[:-1]:
+        balancer = _STARTED.get(args[args.index("--balancer") + 1])
+        if balancer is not None:
+            reach = balancer.node_env()
+    return {**os.environ, **reach, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
 def xllm(
     home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Runs one `xllm` command (pull, models, ...) as its own process."""
-    full_env = {**os.environ, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    full_env = _xllm_env(home, args, env)
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args],
         cwd=ROOT,
@@ -213,7 +356,8 @@ def xllm(
 
 
 def xllm_start(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    """Starts one `xllm` command as its own process and returns at once."""
+    full_env = _xllm_env(home, args, env)
     return subprocess.Popen(
         [sys.executable, "-m", "node.cli", *args],
         cwd=ROOT,
@@ -231,7 +375,7 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
     def make(
         balancer: BalancerProcess, hub: FakeHub, *args: str, start: bool = True, **extra_env: str
     ) -> NodeProcess:
-        env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **extra_env}
+        env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **balancer.node_env(), **extra_env}
         node = NodeProcess(tmp_path / f"node{len(started)}", balancer.address, env, list(args))
         started.append(node)
         if start:

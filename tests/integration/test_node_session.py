@@ -17,7 +17,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
-from tests.integration.conftest import BalancerProcess
+from tests.integration.conftest import BalancerProcess, balancer_channel
 
 GGUF = b"GGUF" + b"\x01" * 1024
 
@@ -27,7 +27,7 @@ class FakeNode:
 
     def __init__(self, address: str, node_id: str) -> None:
         self.node_id = node_id
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = balancer_channel(address)
         self.stub = rgrpc.RegistryStub(self.channel)
         self.outbox: asyncio.Queue[rpb.NodeMessage | None] = asyncio.Queue()
         self.inbox: asyncio.Queue[rpb.BalancerMessage] = asyncio.Queue()
@@ -86,7 +86,7 @@ class FakeNode:
 
 
 async def online(balancer: BalancerProcess) -> dict[str, int]:
-    async with grpc.aio.insecure_channel(balancer.address) as channel:
+    async with balancer_channel(balancer.address) as channel:
         nodes = (await rgrpc.RegistryStub(channel).ListNodes(rpb.ListNodesRequest())).nodes
     return {n.id: n.state for n in nodes}
 
@@ -112,7 +112,7 @@ async def test_delete_reaches_an_online_node_within_a_second(balancer: BalancerP
         assert (await online(balancer))["node-a"] == pb.NODE_STATE_ONLINE
 
         started = time.monotonic()
-        async with grpc.aio.insecure_channel(balancer.address) as channel:
+        async with balancer_channel(balancer.address) as channel:
             done = await rgrpc.RegistryStub(channel).DeleteModel(rpb.DeleteModelRequest(model_id="acme/m"))
         assert done.nodes_notified == 1
         command = await node.next_command(within=1.0)
@@ -205,7 +205,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
         await node.send(rpb.NodeMessage(model_state=status))
 
         async def reported() -> bool:
-            async with grpc.aio.insecure_channel(balancer.address) as channel:
+            async with balancer_channel(balancer.address) as channel:
                 st = await rgrpc.RegistryStub(channel).GetModelStatus(
                     rpb.GetModelStatusRequest(model_id="gemma-3-270m")
                 )
@@ -216,7 +216,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
         await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[ready])))
 
         async def is_ready() -> bool:
-            async with grpc.aio.insecure_channel(balancer.address) as channel:
+            async with balancer_channel(balancer.address) as channel:
                 model = await rgrpc.RegistryStub(channel).GetModel(
                     rpb.GetModelRequest(model_id="gemma-3-270m")
                 )
@@ -227,7 +227,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
         await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[ready], load=load)))
 
         async def load_listed() -> bool:
-            async with grpc.aio.insecure_channel(balancer.address) as channel:
+            async with balancer_channel(balancer.address) as channel:
                 nodes = (await rgrpc.RegistryStub(channel).ListNodes(rpb.ListNodesRequest())).nodes
             me = next(n for n in nodes if n.id == "node-e")
             return me.load.active_requests == 3 and [m.model_id for m in me.models] == ["gemma-3-270m"]
@@ -245,7 +245,7 @@ async def test_session_needs_hello_from_a_registered_node(balancer: BalancerProc
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await stranger.close()
-    async with grpc.aio.insecure_channel(balancer.address) as channel:
+    async with balancer_channel(balancer.address) as channel:
         stub = rgrpc.RegistryStub(channel)
         for bad_request in (
             rpb.RegisterNodeRequest(node_id="x"),  # no address

@@ -143,7 +143,11 @@ async def test_twenty_concurrent_resolutions_make_one_download(
     model_id = register(balancer, hub, "acme/popular", {"pop.gguf": data})
     hub.set_throttle(8 * MiB)  # slow enough that all twenty arrive while it runs
     config = load_node_config(
-        models_dir=tmp_path / "models", balancer=balancer.address, home=tmp_path, env={"HF_ENDPOINT": hub.url}
+        models_dir=tmp_path / "models",
+        balancer=balancer.address,
+        api_key=balancer.node_key,
+        home=tmp_path,
+        env={"HF_ENDPOINT": hub.url},
     )
     parts = assemble(config, address="")
     try:
@@ -279,6 +283,7 @@ async def test_a_model_on_the_shared_dir_is_used_in_place_and_changes_are_seen(
         models_dir=models,
         shared_dir=share,
         balancer=balancer.address,
+        api_key=balancer.node_key,
         home=tmp_path,
         env={"HF_ENDPOINT": hub.url},
     )
@@ -317,7 +322,9 @@ async def test_an_unknown_model_fails_within_a_second_and_a_traversal_id_touches
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
-    config = load_node_config(models_dir=models, balancer=balancer.address, home=tmp_path, env={})
+    config = load_node_config(
+        models_dir=models, balancer=balancer.address, api_key=balancer.node_key, home=tmp_path, env={}
+    )
     parts = assemble(config, address="")
     try:
         started = time.monotonic()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -178,7 +179,7 @@ def test_bad_ids_are_invalid_argument_and_create_nothing(
     assert balancer.registry.ListModels(rpb.ListModelsRequest()) == before
     assert hub.requests == []  # refused before any traffic to the origin
     # No model directory or file appeared next to the metadata store.
-    assert all(p.name.startswith(("llmlb.db", "balancer.log")) for p in balancer.home.iterdir())
+    assert all(p.name.startswith(("llmlb.db", "balancer.log", "admin-key")) for p in balancer.home.iterdir())
 
 
 def test_unknown_model_is_not_found(balancer: BalancerProcess) -> None:
@@ -303,7 +304,7 @@ def test_read_blob_proxies_from_the_origin_without_touching_disk(
     )
     assert b"".join(c.data for c in part) == big[10:30]
     # Nothing but the metadata store and the log lives in the balancer's home.
-    assert all(p.name.startswith(("llmlb.db", "balancer.log")) for p in balancer.home.rglob("*"))
+    assert all(p.name.startswith(("llmlb.db", "balancer.log", "admin-key")) for p in balancer.home.rglob("*"))
     assert sum(p.stat().st_size for p in balancer.home.rglob("llmlb.db*")) < len(big)
     expect_error(
         lambda: list(
@@ -344,6 +345,7 @@ def test_cli_lists_and_registers(balancer: BalancerProcess, hub: FakeHub) -> Non
         return subprocess.run(
             [sys.executable, "-m", "balancer.cli", *args, "--balancer", balancer.address],
             cwd=ROOT,
+            env={**os.environ, "LLMLB_API_KEY": balancer.admin_key},
             capture_output=True,
             text=True,
             timeout=30,

@@ -1,0 +1,178 @@
+"""API keys on a real SQLite store: minting, checking scopes, revoking, the first admin key."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from balancer.auth import KeyRing, bearer, scope_for, scopes_for
+from balancer.store import Store
+from common import converters
+from common.errors import ErrorCode, LlmlbError
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.types import ApiKey, Scope
+
+
+def db_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url(tmp_path / "llmlb.db"))
+    yield opened
+    await opened.close()
+
+
+async def refused(keys: KeyRing, token: str | None, scope: Scope) -> ErrorCode:
+    with pytest.raises(LlmlbError) as info:
+        await keys.check(token, scope)
+    return info.value.code
+
+
+async def test_a_new_key_passes_its_own_scope_and_is_forbidden_others(store: Store) -> None:
+    keys = KeyRing(store)
+    key, secret = await keys.create("chat-frontend", [Scope.API])
+    assert secret.startswith("llmlb-") and secret.startswith(key.prefix)
+    checked = await keys.check(secret, Scope.API)
+    assert checked is not None and checked.id == key.id
+    assert await refused(keys, secret, Scope.NODE) is ErrorCode.FORBIDDEN
+    assert await refused(keys, secret, Scope.ADMIN) is ErrorCode.FORBIDDEN
+
+
+async def test_missing_and_unknown_keys_are_unauthorized(store: Store) -> None:
+    keys = KeyRing(store)
+    await keys.create("some", [Scope.API])
+    assert await refused(keys, None, Scope.API) is ErrorCode.UNAUTHORIZED
+    assert await refused(keys, "", Scope.API) is ErrorCode.UNAUTHORIZED
+    assert await refused(keys, "llmlb-not-a-key", Scope.API) is ErrorCode.UNAUTHORIZED
+
+
+async def test_a_revoked_key_stops_working_at_once(store: Store) -> None:
+    keys = KeyRing(store)
+    key, secret = await keys.create("leaked", [Scope.NODE])
+    await keys.check(secret, Scope.NODE)  # now cached as good
+    revoked = await keys.revoke(key.prefix)
+    assert revoked.id == key.id and revoked.revoked_at is not None
+    assert await refused(keys, secret, Scope.NODE) is ErrorCode.UNAUTHORIZED
+    with pytest.raises(LlmlbError) as again:
+        await keys.revoke(key.id)
+    assert again.value.code is ErrorCode.KEY_NOT_FOUND
+
+
+async def test_an_admin_key_passes_every_scope(store: Store) -> None:
+    keys = KeyRing(store)
+    _, secret = await keys.create("ops", [Scope.ADMIN])
+    for scope in Scope:
+        assert await keys.check(secret, scope) is not None
+
+
+async def test_a_key_needs_a_scope(store: Store) -> None:
+    with pytest.raises(LlmlbError) as info:
+        await KeyRing(store).create("nothing", [])
+    assert info.value.code is ErrorCode.INVALID_REQUEST
+
+
+async def test_with_auth_off_any_caller_passes(store: Store) -> None:
+    assert await KeyRing(store, enabled=False).check(None, Scope.ADMIN) is None
+
+
+async def test_bootstrap_writes_one_private_admin_key_on_the_first_start_only(
+    tmp_path: Path, store: Store
+) -> None:
+    path = tmp_path / "home" / "admin-key"
+    secret = await KeyRing(store).bootstrap(path)
+    assert secret is not None
+    assert path.read_text().strip() == secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert await KeyRing(store).check(secret, Scope.ADMIN) is not None
+
+    await store.close()
+    reopened = await Store.open(db_url(tmp_path / "llmlb.db"))  # the second start of the balancer
+    try:
+        path.unlink()
+        assert await KeyRing(reopened).bootstrap(path) is None
+        assert not path.exists()  # keys exist: no new admin key is minted or written
+        assert [k.name for k in await KeyRing(reopened).list()] == ["admin"]
+    finally:
+        await reopened.close()
+
+
+async def test_bootstrap_with_auth_off_writes_nothing(tmp_path: Path, store: Store) -> None:
+    path = tmp_path / "admin-key"
+    assert await KeyRing(store, enabled=False).bootstrap(path) is None
+    assert not path.exists()
+
+
+def test_listed_keys_carry_no_secret() -> None:
+    key = ApiKey("key-1", "ci", "llmlb-abcdef", "f" * 64, (Scope.API, Scope.NODE))
+    msg = converters.api_key_to_pb(key)
+    assert (msg.id, msg.name, msg.prefix) == ("key-1", "ci", "llmlb-abcdef")
+    assert list(msg.scopes) == [pb.SCOPE_API, pb.SCOPE_NODE]
+    assert b"f" * 64 not in msg.SerializeToString()
+    assert not msg.HasField("revoked_at")
+
+
+def test_scopes_convert_both_ways_and_unspecified_is_none() -> None:
+    for scope in Scope:
+        assert converters.scope_from_pb(converters.scope_to_pb(scope)) is scope
+    assert converters.scope_from_pb(pb.SCOPE_UNSPECIFIED) is None
+    assert converters.scope_from_pb(99) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer llmlb-abc", "llmlb-abc"),
+        ("bearer   llmlb-abc  ", "llmlb-abc"),
+        ("Basic dXNlcjpwYXNz", None),
+        ("Bearer", None),
+        ("Bearer    ", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_bearer_reads_only_bearer_tokens(header: str | None, token: str | None) -> None:
+    assert bearer(header) == token
+
+
+@pytest.mark.parametrize(
+    ("method", "scope"),
+    [
+        ("/grpc.health.v1.Health/Check", None),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", None),
+        ("/llmlb.v1.Inference/Chat", Scope.API),
+        ("/llmlb.v1.Registry/GetModel", Scope.API),
+        ("/llmlb.v1.Registry/RegisterNode", Scope.NODE),
+        ("/llmlb.v1.Registry/NodeSession", Scope.NODE),
+        ("/llmlb.v1.Manifest/ReadBlob", Scope.NODE),
+        ("/llmlb.v1.Registry/DeleteModel", Scope.ADMIN),
+        ("/llmlb.v1.Registry/CreateKey", Scope.ADMIN),
+        ("/llmlb.v1.Registry/SomethingNew", Scope.ADMIN),
+    ],
+)
+def test_each_method_needs_its_scope(method: str, scope: Scope | None) -> None:
+    assert scope_for(method) == scope
+
+
+@pytest.mark.parametrize(
+    "method", ["/llmlb.v1.Registry/GetModel", "/llmlb.v1.Registry/ListNodes", "/llmlb.v1.Manifest/ReadBlob"]
+)
+async def test_a_node_key_may_make_the_reads_a_node_makes(store: Store, method: str) -> None:
+    keys = KeyRing(store)
+    _, secret = await keys.create("node", [Scope.NODE])
+    assert await keys.check(secret, *scopes_for(method)) is not None  # manifests, peers, proxied bytes
+
+
+async def test_a_node_key_may_not_manage_the_fleet(store: Store) -> None:
+    keys = KeyRing(store)
+    _, secret = await keys.create("node", [Scope.NODE])
+    for method in (
+        "/llmlb.v1.Registry/DeleteModel",
+        "/llmlb.v1.Registry/RemoveNode",
+        "/llmlb.v1.Inference/Chat",
+    ):
+        assert await refused(keys, secret, scopes_for(method)[0]) is ErrorCode.FORBIDDEN
