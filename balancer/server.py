@@ -137,9 +137,7 @@ async def start(config: BalancerConfig) -> Balancer:
     router_box.append(router)
     parts = BalancerParts(config, store, origin, registry, fleet, sessions, router, keys, metrics)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
-    registry_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryServicer(registry, store, fleet, sessions, config, keys), server
-    )
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(registry, origin), server)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router, metrics), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]

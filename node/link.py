@@ -173,6 +173,11 @@ class BalancerLink:
                 await self._session()
                 log.warning("balancer.session_ended", node_id=self.node_id)
             except grpc.aio.AioRpcError as exc:
+                if self.connected.is_set() and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    # An operator removed this node (llmlb nodes rm): it comes back only when restarted.
+                    log.warning("balancer.removed", node_id=self.node_id, detail=exc.details())
+                    self.connected.clear()
+                    return
                 log.warning(
                     "balancer.unreachable",
                     balancer=self._config.balancer,

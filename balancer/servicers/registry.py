@@ -13,13 +13,12 @@ from typing import Any
 import grpc.aio
 import structlog
 
-from balancer.auth import KeyRing
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from balancer.registry import RegisterRequest, Registry
-from balancer.sessions import NodeSessions, Session
-from balancer.store import Store
+from balancer import control
+from balancer.fleet import ModelOnNode, NodeInfo, NodeLoad
+from balancer.parts import BalancerParts
+from balancer.registry import RegisterRequest
+from balancer.sessions import Session
 from common import converters
-from common.config import BalancerConfig
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
@@ -63,28 +62,21 @@ def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
 
 
 class RegistryServicer(rgrpc.RegistryServicer):
-    def __init__(
-        self,
-        registry: Registry,
-        store: Store,
-        fleet: Fleet,
-        sessions: NodeSessions,
-        config: BalancerConfig,
-        keys: KeyRing,
-    ) -> None:
-        self._registry = registry
-        self._store = store
-        self._fleet = fleet
-        self._sessions = sessions
-        self._config = config
-        self._keys = keys
-        self._timeout_s = config.heartbeat_timeout_ms / 1000
+    def __init__(self, parts: BalancerParts) -> None:
+        self._parts = parts
+        self._registry = parts.registry
+        self._store = parts.store
+        self._fleet = parts.fleet
+        self._sessions = parts.sessions
+        self._config = parts.config
+        self._keys = parts.keys
+        self._timeout_s = parts.config.heartbeat_timeout_ms / 1000
 
     def _model_pb(self, model: Any) -> pb.Model:
         msg = converters.model_to_pb(model)
         nodes = self._fleet.model_nodes(model.id)
         msg.nodes.extend(_node_status_to_pb(n) for n in nodes)
-        msg.ready = any(n.ready and self._fleet.is_online(n.node_id) for n in nodes)
+        msg.ready = control.model_view(self._fleet, model).ready  # one rule for both doors
         return msg
 
     @rpc_errors
@@ -115,11 +107,8 @@ class RegistryServicer(rgrpc.RegistryServicer):
 
     @rpc_errors
     async def DeleteModel(self, request: rpb.DeleteModelRequest, context: Ctx) -> rpb.DeleteModelResponse:
-        notified = await self._registry.delete(request.model_id)
-        model_id = request.model_id.lower()
-        self._fleet.forget_model(model_id)
-        self._sessions.notify_all()  # online nodes get the delete now, offline ones when they reconnect
-        return rpb.DeleteModelResponse(model_id=model_id, nodes_notified=notified)
+        deleted = await control.delete_model(self._parts, request.model_id)
+        return rpb.DeleteModelResponse(model_id=deleted.model_id, nodes_notified=deleted.nodes_notified)
 
     @rpc_errors
     async def GetModelStatus(self, request: rpb.GetModelStatusRequest, context: Ctx) -> rpb.ModelStatus:
