@@ -183,13 +183,9 @@ class Router:
         """
         request = self._prepare(request)
         pb = conv.chat_request_to_pb(request)
-
-        async def call(stub: igrpc.InferenceStub, time_left: float) -> list[Any]:
-            answer: Any = stub.Chat(pb, timeout=time_left)
-            return [m async for m in answer]
-
-        msgs = await self._unary("chat", request.model, Capability.CHAT, call, timeout)
-        return [conv.text_chunk_from_pb(m) for m in msgs]
+        return await self._whole(
+            "chat", request.model, Capability.CHAT, lambda s, t: s.Chat(pb, timeout=t), timeout
+        )
 
     async def complete_whole(
         self, request: CompleteRequest, *, timeout: float | None = None
@@ -197,13 +193,9 @@ class Router:
         """The whole completion at once; retried elsewhere like ``chat_whole``."""
         request = self._prepare(request)
         pb = conv.complete_request_to_pb(request)
-
-        async def call(stub: igrpc.InferenceStub, time_left: float) -> list[Any]:
-            answer: Any = stub.Complete(pb, timeout=time_left)
-            return [m async for m in answer]
-
-        msgs = await self._unary("complete", request.model, Capability.COMPLETION, call, timeout)
-        return [conv.text_chunk_from_pb(m) for m in msgs]
+        return await self._whole(
+            "complete", request.model, Capability.COMPLETION, lambda s, t: s.Complete(pb, timeout=t), timeout
+        )
 
     async def embed(self, request: EmbedRequest, *, timeout: float | None = None) -> EmbedResponse:
         request = self._prepare(request)
@@ -330,6 +322,23 @@ class Router:
             finally:
                 stream.cancel()  # a no-op once finished; stops the node when the caller left early
                 self._release(node)
+
+    async def _whole(
+        self,
+        route: str,
+        model_id: str,
+        capability: Capability,
+        open_stream: Callable[[igrpc.InferenceStub, float], Any],
+        timeout: float | None,
+    ) -> list[TextChunk]:
+        """A streamed answer read to its end on the node, so the whole call can be retried elsewhere."""
+
+        async def call(stub: igrpc.InferenceStub, time_left: float) -> list[Any]:
+            answer: Any = open_stream(stub, time_left)
+            return [m async for m in answer]
+
+        msgs = await self._unary(route, model_id, capability, call, timeout)
+        return [conv.text_chunk_from_pb(m) for m in msgs]
 
     def _stub(self, node: Candidate) -> igrpc.InferenceStub:
         return self._clients.stub(node.node_id, node.address)
