@@ -288,7 +288,8 @@ def test_a_node_killed_mid_download_resumes_when_restarted_and_the_balancer_sees
     with http_client(balancer) as client:
         reply = completion(client, GEMMA, COUNTING, 4)
     assert "five" in answer_text(reply).lower() and reply.headers["x-llmlb-node"] == node_id
-    assert node_status(balancer, GEMMA, node_id)["state"] == "ready"
+    # The node reports ready in its next state push (coalesced to one per 200 ms).
+    wait_for(lambda: node_status(balancer, GEMMA, node_id)["state"] == "ready", 5, "ready")
     assert sha256_of(final) == sha256 and not partial.exists()
     assert hub.bytes_served(GEMMA_REPO, GEMMA_FILE) == size - kept  # resumed, not fetched again
 
@@ -486,8 +487,12 @@ def test_a_model_too_big_for_the_disk_fails_clearly_leaves_nothing_and_the_node_
     assert not files_of(node.models_dir / "acme" / "huge")  # not a byte, not a .partial
     assert not list(node.models_dir.rglob("*.partial"))
     assert hub.bytes_served("acme/huge", "huge.gguf") == 0
-    here = node_status(balancer, "acme/huge", node.node_id)
-    assert here["state"] == "failed" and "insufficient storage" in here["error"]
+
+    def failed_with_reason() -> bool:
+        here = node_status(balancer, "acme/huge", node.node_id)
+        return bool(here["state"] == "failed" and "insufficient storage" in here["error"])
+
+    wait_for(failed_with_reason, 5, "the balancer shows why the model failed")
 
 
 # -- 6. a cached file corrupted between requests -----------------------------------------------------
