@@ -131,10 +131,9 @@ async def start(config: BalancerConfig) -> Balancer:
             flush=True,
         )
     clients = NodeClients()
-    router_box: list[Router] = []
-    metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router_box[0]))
+    # The gauges read the router at scrape time; the closure sees it once it is assigned below.
+    metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
     router = Router(config, registry, fleet, clients, metrics)
-    router_box.append(router)
     parts = BalancerParts(config, store, origin, registry, fleet, sessions, router, keys, metrics)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)

@@ -385,3 +385,25 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
     yield make
     for node in started:
         node.stop()
+
+
+def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Polls ``predicate`` until it holds; fails naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        time.sleep(0.05)
+
+
+def online(balancer: BalancerProcess) -> set[str]:
+    """Ids of the nodes the balancer lists online."""
+    nodes = balancer.registry.ListNodes(rpb.ListNodesRequest(), timeout=10).nodes
+    return {n.id for n in nodes if n.state == pb.NODE_STATE_ONLINE}
+
+
+def wait_online(balancer: BalancerProcess, *nodes: NodeProcess, within: float = 30.0) -> None:
+    """Waits until the balancer lists every one of ``nodes`` online (each saves its id on registering)."""
+    wait_for(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
+    want = {n.node_id for n in nodes}
+    wait_for(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")

@@ -17,7 +17,7 @@ from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel
+from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_for
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -38,14 +38,6 @@ def registry_with(balancer: BalancerProcess, api_key: str) -> rgrpc.RegistryStub
 
 def create_key(balancer: BalancerProcess, name: str, *scopes: pb.Scope.ValueType) -> rpb.CreateKeyResponse:
     return balancer.registry.CreateKey(rpb.CreateKeyRequest(name=name, scopes=scopes), timeout=10)
-
-
-def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.05)
 
 
 def node_state(balancer: BalancerProcess, node_id: str) -> int | None:

@@ -44,7 +44,15 @@ from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
 from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, sync_channel, xllm
+from tests.integration.conftest import (
+    ROOT,
+    BalancerProcess,
+    NodeProcess,
+    sync_channel,
+    wait_for,
+    wait_online,
+    xllm,
+)
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -61,26 +69,6 @@ STORY_TOKENS = 96
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.05)
-
-
-def online(balancer: BalancerProcess) -> set[str]:
-    nodes = balancer.registry.ListNodes(rpb.ListNodesRequest(), timeout=10).nodes
-    return {n.id for n in nodes if n.state == pb.NODE_STATE_ONLINE}
-
-
-def wait_online(balancer: BalancerProcess, *nodes: NodeProcess, within: float = 30.0) -> None:
-    """Waits until the balancer lists every one of ``nodes`` online (each saves its id on registering)."""
-    wait_for(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
-    want = {n.node_id for n in nodes}
-    wait_for(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")
 
 
 def kill(node: NodeProcess) -> None:

@@ -25,7 +25,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import SENTENCE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess
+from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -79,18 +79,6 @@ def wait_ready(balancer: BalancerProcess, model_id: str, timeout: float = 10.0) 
         time.sleep(0.1)
 
 
-def wait_online(balancer: BalancerProcess, node: NodeProcess, timeout: float = 15.0) -> None:
-    """Until the node's session is open: /v0/nodes lists it online."""
-    deadline = time.monotonic() + timeout
-    headers = admin(balancer)
-    while True:
-        nodes = httpx.get(f"{balancer.http_url}/v0/nodes", headers=headers, timeout=5).json()["data"]
-        if any(n["id"] == node.node_id and n["state"] == "online" for n in nodes):
-            return
-        assert time.monotonic() < deadline, nodes
-        time.sleep(0.1)
-
-
 def metric(balancer: BalancerProcess, line_start: str) -> float:
     scrape = httpx.get(f"{balancer.http_url}/metrics", timeout=5).text
     for line in scrape.splitlines():
@@ -105,8 +93,12 @@ def test_the_openai_client_gets_every_capability_through_the_balancer(
     balancer = balancer_factory(hub)
     nodes = [node_factory(balancer, hub, "--shared-dir", str(share)) for _ in range(2)]
     for node in nodes:
-        wait_online(balancer, node)
+        wait_online(balancer, node, within=15)
     fleet = {n.node_id for n in nodes}
+    listed_nodes = httpx.get(f"{balancer.http_url}/v0/nodes", headers=admin(balancer), timeout=5).json()[
+        "data"
+    ]
+    assert {n["id"] for n in listed_nodes if n["state"] == "online"} == fleet
     oai = client(balancer)
 
     # Chat, whole and streamed: greedy decoding gives the same text both ways.
@@ -295,7 +287,7 @@ def test_a_full_queue_is_429_and_a_client_leaving_mid_stream_stops_the_node(
 ) -> None:
     # One request per node, no queue: a second request while one streams is refused at once.
     balancer = balancer_factory(hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_QUEUE_SIZE="0")
-    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(gemma_share)))
+    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(gemma_share)), within=15)
     headers = admin(balancer)
     long_story = {
         "model": GEMMA,
@@ -339,7 +331,7 @@ def test_speech_and_wav_bytes_stream_as_they_are_made(
     balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, node_factory: NodeFactory, share: Path
 ) -> None:
     balancer = balancer_factory(hub)
-    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(share)))
+    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(share)), within=15)
     text = " ".join([SENTENCE] * 3)
     with (
         httpx.Client(base_url=balancer.http_url, timeout=120) as http,

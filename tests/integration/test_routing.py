@@ -26,7 +26,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, catalogue_model
-from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel
+from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -54,16 +54,6 @@ def inference(balancer: BalancerProcess) -> tuple[grpc.Channel, igrpc.InferenceS
     return channel, igrpc.InferenceStub(channel)
 
 
-def wait_online(balancer: BalancerProcess, count: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes
-        if sum(1 for n in nodes if n.state == 1) >= count:  # NODE_STATE_ONLINE
-            return
-        assert time.monotonic() < deadline, nodes
-        time.sleep(0.1)
-
-
 def test_an_internal_service_gets_every_capability_through_the_balancer(
     balancer_factory: Callable[..., BalancerProcess],
     hub: FakeHub,
@@ -75,7 +65,7 @@ def test_an_internal_service_gets_every_capability_through_the_balancer(
     packaged_models.lay_out(catalogue_model(packaged_models.PIPER), CACHE)  # the voice in the shared dir too
     balancer = balancer_factory(hub)
     nodes = [node_factory(balancer, hub, "--shared-dir", str(CACHE)) for _ in range(2)]
-    wait_online(balancer, 2)
+    wait_online(balancer, *nodes, within=15)
     ids = {n.node_id for n in nodes}
     channel, stub = inference(balancer)
     with channel:
@@ -151,7 +141,7 @@ def test_a_node_killed_mid_request_is_routed_around_and_the_unary_call_is_retrie
     nodes = {
         n.node_id: n for n in (node_factory(balancer, hub, "--shared-dir", str(CACHE)) for _ in range(2))
     }
-    wait_online(balancer, 2)
+    wait_online(balancer, *nodes.values(), within=15)
     long_clip = repeated(speech_clip, 8)
     channel, stub = inference(balancer)
     with channel, ThreadPoolExecutor(1) as pool:
@@ -195,8 +185,7 @@ def test_busy_nodes_queue_requests_then_refuse_with_queue_full_and_time_out(
     balancer = balancer_factory(
         hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_QUEUE_SIZE="1", LLMLB_QUEUE_TIMEOUT="1.5", **FAST_BEATS
     )
-    node_factory(balancer, hub, "--shared-dir", str(CACHE))
-    wait_online(balancer, 1)
+    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(CACHE)), within=15)
     channel, stub = inference(balancer)
     long = ipb.CompleteRequest(
         model="gemma-3-270m",

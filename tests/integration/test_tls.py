@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,8 @@ from cryptography.x509.oid import NameOID
 
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
-from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
-from tests.integration.conftest import BalancerProcess, ClientTls, NodeProcess, sync_channel
+from tests.integration.conftest import BalancerProcess, ClientTls, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -105,18 +103,6 @@ def failure(call: Callable[[], object]) -> grpc.StatusCode:
     return cast(grpc.Call, info.value).code()
 
 
-def wait_online(balancer: BalancerProcess, node: NodeProcess) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        nodes = balancer.registry.ListNodes(rpb.ListNodesRequest(), timeout=5).nodes
-        if (node.home / "node-id").exists() and any(
-            n.id == node.node_id and n.state == pb.NODE_STATE_ONLINE for n in nodes
-        ):
-            return
-        assert time.monotonic() < deadline, node.log()
-        time.sleep(0.05)
-
-
 def test_a_tls_balancer_accepts_channels_trusting_its_ca_and_refuses_plaintext(
     balancer_factory: BalancerFactory, hub: FakeHub, node_factory: NodeFactory, pki: Pki
 ) -> None:
@@ -131,7 +117,7 @@ def test_a_tls_balancer_accepts_channels_trusting_its_ca_and_refuses_plaintext(
         assert failure(lambda: list_models(plaintext)) == grpc.StatusCode.UNAVAILABLE
 
     node = node_factory(balancer, hub)  # XLLM_TLS_CA from the fixture
-    wait_online(balancer, node)
+    wait_online(balancer, node, within=15)
 
 
 def test_a_mutual_tls_balancer_needs_a_client_certificate(
@@ -150,6 +136,6 @@ def test_a_mutual_tls_balancer_needs_a_client_certificate(
 
     refused = node_factory(balancer, hub, XLLM_TLS_CERT="", XLLM_TLS_KEY="")
     node = node_factory(balancer, hub)  # XLLM_TLS_CA, XLLM_TLS_CERT and XLLM_TLS_KEY
-    wait_online(balancer, node)
+    wait_online(balancer, node, within=15)
     assert [n.id for n in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes] == [node.node_id]
     assert not (refused.home / "node-id").exists()
