@@ -24,7 +24,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import SENTENCE, ModelFiles
+from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
 from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 
 pytestmark = pytest.mark.slow
@@ -61,10 +61,6 @@ def api_key(balancer: BalancerProcess) -> str:
 def admin(balancer: BalancerProcess) -> dict[str, str]:
     """The admin key's header; none when the balancer runs without keys."""
     return {"authorization": f"Bearer {balancer.admin_key}"} if balancer.admin_key else {}
-
-
-def words(text: str) -> list[str]:
-    return [w.strip(".,!?").lower() for w in text.split() if w.strip(".,!?")]
 
 
 def wait_ready(balancer: BalancerProcess, model_id: str, timeout: float = 10.0) -> dict[str, object]:
@@ -154,7 +150,7 @@ def test_the_openai_client_gets_every_capability_through_the_balancer(
     assert speech.response.headers["content-type"] == "audio/wav" and audio.startswith(b"RIFF")
     assert len(audio) > 20_000
     transcript = oai.audio.transcriptions.create(model=WHISPER, file=("speech.wav", audio))
-    assert words(transcript.text)[:4] == ["the", "quick", "brown", "fox"]
+    assert_heard(transcript.text, SENTENCE)  # Piper's voice varies a little from run to run
     srt = oai.audio.transcriptions.create(model=WHISPER, file=("speech.wav", audio), response_format="srt")
     assert "-->" in str(srt) and "fox" in str(srt).lower()
     verbose = oai.audio.transcriptions.create(

@@ -25,16 +25,12 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, catalogue_model
+from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, assert_heard, catalogue_model, words
 from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
 FAST_BEATS = {"LLMLB_HEARTBEAT_INTERVAL_MS": "200", "LLMLB_HEARTBEAT_TIMEOUT_MS": "1500"}
-
-
-def words(text: str) -> list[str]:
-    return [w.strip(".,!?").lower() for w in text.split() if w.strip(".,!?")]
 
 
 def repeated(clip: bytes, times: int) -> bytes:
@@ -103,7 +99,8 @@ def test_an_internal_service_gets_every_capability_through_the_balancer(
         transcript = stub.Transcribe(
             ipb.TranscribeRequest(model="whisper-base", audio=speech_clip, filename="clip.wav"), timeout=120
         )
-        assert words(transcript.text)[:4] == ["the", "quick", "brown", "fox"] and transcript.node_id in ids
+        assert_heard(transcript.text, SENTENCE)  # Piper's voice varies a little from run to run
+        assert transcript.node_id in ids
 
         audio = list(
             stub.Speak(ipb.SpeakRequest(model="piper-en-us-joe-medium", input="Hello there."), timeout=120)
@@ -144,12 +141,12 @@ def test_a_node_killed_mid_request_is_routed_around_and_the_unary_call_is_retrie
     wait_online(balancer, *nodes.values(), within=15)
     long_clip = repeated(speech_clip, 8)
     channel, stub = inference(balancer)
+    # Temperature 0: greedy decoding with no sampling fallback, so one node gives one text for one clip.
+    long_job = ipb.TranscribeRequest(
+        model="whisper-base", audio=long_clip, filename="long.wav", temperature=0.0
+    )
     with channel, ThreadPoolExecutor(1) as pool:
-        pending: Future[ipb.TranscribeResponse] = pool.submit(
-            stub.Transcribe,
-            ipb.TranscribeRequest(model="whisper-base", audio=long_clip, filename="long.wav"),
-            timeout=180,
-        )
+        pending: Future[ipb.TranscribeResponse] = pool.submit(stub.Transcribe, long_job, timeout=180)
         busy = ""
         deadline = time.monotonic() + 30
         while not busy:  # the node the balancer chose reports the request in its next heartbeat
@@ -163,7 +160,9 @@ def test_a_node_killed_mid_request_is_routed_around_and_the_unary_call_is_retrie
         transcript = pending.result(timeout=180)
         survivor = next(n for n in nodes if n != busy)
         assert transcript.node_id == survivor
-        assert words(transcript.text)[:9] == words(SENTENCE)
+        assert "fox" in words(transcript.text)
+        # The retried answer is exactly what the survivor says for this audio when asked afresh.
+        assert stub.Transcribe(long_job, timeout=180).text == transcript.text
         with wave.open(io.BytesIO(long_clip)) as wav:  # the whole clip was heard, not a piece
             assert transcript.duration > 0.95 * wav.getnframes() / wav.getframerate()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import threading
 import wave
 from typing import Any
@@ -17,30 +16,9 @@ from common.inference import AudioFormat, SpeakRequest, TranscribeRequest
 from common.transcript_formats import ResponseFormat, render
 from node.runtimes.piper import PiperRuntime
 from node.runtimes.whisper import WhisperRuntime
-from tests.fixtures.models import SENTENCE, speak_wav
+from tests.fixtures.models import SENTENCE, assert_heard, speak_wav, word_errors, words
 
 pytestmark = pytest.mark.slow
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def word_errors(heard: str, said: str) -> int:
-    """Word-level edit distance: substitutions, insertions and deletions between what was said and heard."""
-    a, b = words(said), words(heard)
-    row = list(range(len(b) + 1))
-    for i, wa in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, wb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wa != wb))
-    return row[-1]
-
-
-def assert_heard(heard: str, said: str) -> None:
-    # Whisper on different CPUs can swap one short function word ("a" for "the"); more than one error
-    # means the audio or the decoding is wrong.
-    assert word_errors(heard, said) <= 1, f"said {said!r}, heard {heard!r}"
 
 
 def read_wav(data: bytes) -> tuple[int, np.ndarray]:
