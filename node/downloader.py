@@ -19,7 +19,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,6 +193,24 @@ class Downloader:
         await asyncio.shield(task)
         return path
 
+    def check_room(self, model_id: str, files: Sequence[ManifestFile]) -> None:
+        """Raises ``insufficient_storage`` unless the files' missing bytes fit, with a reserve to spare.
+
+        Called for the whole model before its state says "downloading", and again per file.
+        """
+        need = sum(max(0, f.size_bytes - self._storage.partial_bytes(model_id, f.filename)) for f in files)
+        where = self._storage.model_dir(model_id)
+        while not where.exists() and where != where.parent:
+            where = where.parent  # the model's folder is made only once a download starts
+        free = shutil.disk_usage(where).free
+        if free < need + DISK_RESERVE_BYTES:
+            names = ", ".join(f.filename for f in files)
+            raise LlmlbError(
+                ErrorCode.INSUFFICIENT_STORAGE,
+                f"insufficient storage for {model_id} ({names}): needs {need} bytes "
+                f"(+{DISK_RESERVE_BYTES} reserve), {free} free in {where}",
+            )
+
     async def cancel_model(self, model_id: str) -> None:
         """Stops the model's downloads in flight (the model is being deleted)."""
         folder = self._storage.model_dir(model_id)
@@ -238,14 +256,7 @@ class Downloader:
         if have > file.size_bytes:
             part.unlink()
             have = 0
-        free = shutil.disk_usage(part.parent).free
-        need = file.size_bytes - have
-        if free < need + DISK_RESERVE_BYTES:
-            raise LlmlbError(
-                ErrorCode.INSUFFICIENT_STORAGE,
-                f"insufficient storage for {model.id}/{file.filename}: needs {need} bytes "
-                f"(+{DISK_RESERVE_BYTES} reserve), {free} free in {part.parent}",
-            )
+        self.check_room(model.id, [file])
         if not sources:
             raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"no source to download {file.filename} from")
         deadline = time.monotonic() + self._config.download_timeout_s

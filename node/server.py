@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import NodeConfig, merged_env
-from common.errors import LlmlbError
+from common.errors import ErrorCode, LlmlbError
 from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
@@ -66,8 +66,18 @@ class NodeCommands:
         log.info("model.deleted", model_id=model_id, bytes=freed)
 
     async def prefetch(self, model_id: str) -> None:
-        """Fetches the model's files and loads it, so its first request finds it warm."""
-        await self.pool.prefetch(await self.resolver.resolve(model_id))
+        """Fetches the model's files and loads it, so its first request finds it warm.
+
+        A pull that fails leaves the model failed with the reason, so ``llmlb models pull --wait``
+        hears why instead of waiting out its timeout.
+        """
+        try:
+            await self.pool.prefetch(await self.resolver.resolve(model_id))
+        except LlmlbError as exc:
+            unknown = exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID)
+            if not unknown and self.states.get(model_id).state != FAILED:
+                self.states.set(model_id, FAILED, error=exc.message)
+            raise
 
     async def drain(self) -> None:
         """Takes no new requests from now on; the balancer hears at once and routes around the node."""

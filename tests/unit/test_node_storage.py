@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
 from common.types import FileFormat, ManifestFile, Model, ModelSource
-from node.downloader import Downloader, Progress
-from node.storage import Storage, Verifier
+from node.downloader import DISK_RESERVE_BYTES, Downloader, Progress
+from node.storage import Storage, Verifier, partial_path
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
@@ -170,6 +171,28 @@ async def test_a_download_that_cannot_fit_on_the_disk_is_refused_before_a_byte_i
     assert err.value.code is ErrorCode.INSUFFICIENT_STORAGE
     assert "insufficient storage" in err.value.message
     assert not [p for p in config.models_dir.rglob("*") if p.is_file() and ".llmlb" not in p.parts]
+
+
+def test_room_is_checked_for_the_whole_model_counting_what_partial_files_already_hold(
+    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = node_config(tmp_path)
+    storage = Storage(config.models_dir, pool)
+    downloader = Downloader(storage, config)
+    a, b = manifest_file(name="a.gguf"), manifest_file(name="b.gguf")  # 1 MiB each
+    free = DISK_RESERVE_BYTES + len(DATA) + len(DATA) // 2  # room for one and a half files
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=free))
+    downloader.check_room("acme/m", [a])  # either file alone fits
+    with pytest.raises(LlmlbError) as err:
+        downloader.check_room("acme/m", [a, b])  # both together do not
+    assert err.value.code is ErrorCode.INSUFFICIENT_STORAGE
+    assert "a.gguf, b.gguf" in err.value.message
+    assert not storage.model_dir("acme/m").exists()  # asking made no folder
+    part = partial_path(storage.file_path("acme/m", "b.gguf"))
+    part.parent.mkdir(parents=True)
+    part.write_bytes(DATA[: len(DATA) // 2])
+    downloader.check_room("acme/m", [a, b])  # half of b is already here: what is left fits
 
 
 def test_node_config_takes_flags_over_environment_over_the_env_file(tmp_path: Path) -> None:
