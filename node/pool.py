@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import threading
 import time
 import uuid
@@ -137,9 +138,10 @@ class ModelStatus:
 class _Entry:
     model_id: str
     engine: str
-    runtime: Runtime
+    create: Callable[[], Runtime]  # builds the runtime; reads file headers, so it runs on a worker thread
     slots: asyncio.Semaphore
-    memory_mb: int
+    runtime: Runtime | None = None  # set by the load, before the memory budget is consulted
+    memory_mb: int = 0
     state: ModelState = ModelState.LOADING
     error: LlmlbError | None = None
     active: int = 0
@@ -164,6 +166,7 @@ class _Lease:
 
     @property
     def runtime(self) -> Runtime:
+        assert self.entry.runtime is not None  # a lease is granted only once the load has succeeded
         return self.entry.runtime
 
 
@@ -305,9 +308,28 @@ class ModelPool:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _call(self, lease: _Lease, work: Callable[[CancelFlag], T]) -> T:
+        """One blocking call into a leased runtime, on a worker thread.
+
+        A caller that goes away sets the cancel flag, which the runtime sees at its next check, but the
+        slot stays held until the thread is done: freed sooner, another request, an eviction or an unload
+        could reach into a runtime still in use.
+        """
+        cancel = threading.Event()
+        lease.entry.cancels.add(cancel)
+        worker = asyncio.get_running_loop().run_in_executor(self._executor, work, cancel)
+        try:
+            return await asyncio.shield(worker)
+        except asyncio.CancelledError:
+            cancel.set()
+            await _outlast(worker)
+            raise
+        finally:
+            lease.entry.cancels.discard(cancel)
+
     async def _release_memory(self, entry: _Entry) -> None:
         """Unloads ``entry``'s runtime (already out of ``_entries``) and wakes loads waiting for memory."""
-        if entry.state is ModelState.READY:
+        if entry.state is ModelState.READY and entry.runtime is not None:
             try:
                 await self._run(entry.runtime.unload)
             except Exception as exc:  # the memory is gone with the runtime object either way
@@ -358,9 +380,11 @@ class ModelPool:
 
     async def _load(self, entry: _Entry) -> None:
         try:
+            entry.runtime = runtime = await self._run(entry.create)
+            entry.memory_mb = runtime.memory_mb
             await self._make_room(entry)
             started = time.monotonic()
-            await self._run(entry.runtime.load)
+            await self._run(runtime.load)
         except Exception as exc:
             error = (
                 exc if isinstance(exc, LlmlbError) else LlmlbError(ErrorCode.INTERNAL, f"load failed: {exc}")
@@ -404,13 +428,11 @@ class ModelPool:
             self._retire(entry)
         missing = [f.filename for f in model.files if f.filename not in resolved.paths]
         context = LoadContext(model=model, paths=dict(resolved.paths), settings=self._runtime_settings())
-        runtime = spec.create(context)
         entry = _Entry(
             model_id=model.id,
             engine=spec.engine,
-            runtime=runtime,
+            create=functools.partial(spec.create, context),
             slots=asyncio.Semaphore(self.settings.slots_per_model),
-            memory_mb=runtime.memory_mb,
             files=files,
         )
         entry.idle.set()
@@ -498,9 +520,8 @@ class ModelPool:
         finally:
             cancel.set()
             lease.entry.cancels.discard(cancel)
-            # Cancelled twice: the worker still stops at its next step, just without us waiting.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(worker)
+            if await _outlast(worker):  # the slot is held until the worker has let go of the runtime
+                raise asyncio.CancelledError
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -556,7 +577,7 @@ class ModelPool:
             runtime = cast(
                 Embedding, self._need(lease.runtime, Embedding, resolved.model.id, Capability.EMBEDDING)
             )
-            vectors, usage = await self._run(runtime.embed, request)
+            vectors, usage = await self._call(lease, lambda cancel: runtime.embed(request))
         return EmbedResponse(model=resolved.model.id, data=tuple(tuple(v) for v in vectors), usage=usage)
 
     async def transcribe(self, resolved: ResolvedModel, request: TranscribeRequest) -> Transcript:
@@ -566,7 +587,7 @@ class ModelPool:
             runtime = cast(
                 Transcription, self._need(lease.runtime, Transcription, resolved.model.id, capability)
             )
-            return await self._run(runtime.transcribe, request)
+            return await self._call(lease, lambda cancel: runtime.transcribe(request, cancel))
 
     async def speak(self, resolved: ResolvedModel, request: SpeakRequest) -> AsyncGenerator[AudioChunk, None]:
         """Streams speech: for WAV the first chunk is the RIFF header; the last has ``last=True``."""
@@ -588,5 +609,18 @@ class ModelPool:
                 ImageGeneration,
                 self._need(lease.runtime, ImageGeneration, resolved.model.id, Capability.IMAGE),
             )
-            images = await self._run(runtime.generate_images, request)
+            images = await self._call(lease, lambda cancel: runtime.generate_images(request))
         return GenerateImageResponse(images=tuple(images))
+
+
+async def _outlast(worker: asyncio.Future[Any]) -> bool:
+    """Waits until a worker thread's call is over, whatever cancels arrive meanwhile; True if any did."""
+    interrupted = False
+    while not worker.done():
+        try:
+            await asyncio.wait([worker])
+        except asyncio.CancelledError:
+            interrupted = True
+    if not worker.cancelled():
+        worker.exception()  # read here: the caller has gone and nobody else will
+    return interrupted

@@ -124,7 +124,7 @@ class Embedding(Runtime, Protocol):
 
 @runtime_checkable
 class Transcription(Runtime, Protocol):
-    def transcribe(self, request: TranscribeRequest) -> Transcript: ...
+    def transcribe(self, request: TranscribeRequest, cancel: CancelFlag | None = None) -> Transcript: ...
 
 
 @runtime_checkable

@@ -251,8 +251,7 @@ class LlamaRuntime:
 
     def chat_template(self) -> str:
         """The GGUF's own template, else the catalogue's; ``invalid_request`` when there is neither."""
-        llm = self._contexts(False).first()
-        template = str(llm.metadata.get("tokenizer.chat_template", "")) or self.fallback_template
+        template = str(self._metadata.get("tokenizer.chat_template", "")) or self.fallback_template
         if not template:
             raise LlmlbError(
                 ErrorCode.INVALID_REQUEST,
@@ -284,7 +283,7 @@ class LlamaRuntime:
         llm = contexts.acquire()
         try:
             tokens = self.render_chat(llm, request)
-            yield from self._generate(llm, tokens, request.params, cancel)
+            yield from generate_text(llm, tokens, request.params, cancel)
         finally:
             contexts.release(llm)
 
@@ -295,66 +294,9 @@ class LlamaRuntime:
             tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
             if request.echo:
                 yield TextChunk(request_id="", delta=request.prompt)
-            yield from self._generate(llm, tokens, request.params, cancel)
+            yield from generate_text(llm, tokens, request.params, cancel)
         finally:
             contexts.release(llm)
-
-    def _generate(
-        self, llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag
-    ) -> Iterator[TextChunk]:
-        import llama_cpp
-
-        n_ctx = llm.n_ctx()
-        if len(prompt) >= n_ctx:
-            raise LlmlbError(
-                ErrorCode.INVALID_REQUEST,
-                f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
-            )
-        room = n_ctx - len(prompt)
-        budget = min(params.max_tokens, room) if params.max_tokens else room
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
-        stops = StopMatcher(params.stop)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llm._model.vocab  # the generator yields ids; llama.cpp alone knows which end generation
-        produced = 0
-        finish = FinishReason.LENGTH
-        tokens = llm.generate(
-            prompt,
-            temp=temperature,
-            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
-            top_k=40 if temperature > 0 else 1,
-            min_p=0.05 if params.top_p is None else 0.0,
-            repeat_penalty=1.0,
-            presence_penalty=params.presence_penalty or 0.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
-        )
-        try:
-            for token in tokens:
-                if cancel.is_set():
-                    finish = FinishReason.CANCELLED
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = FinishReason.STOP
-                    break
-                produced += 1
-                text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
-                if text:
-                    yield TextChunk(request_id="", delta=text)
-                if stopped:
-                    finish = FinishReason.STOP
-                    break
-                if produced >= budget:
-                    break
-        finally:
-            tokens.close()
-        tail = stops.flush(decoder.decode(b"", final=True)) if finish is not FinishReason.STOP else ""
-        yield TextChunk(
-            request_id="",
-            delta=tail,
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced),
-        )
 
     # -- embeddings ------------------------------------------------------------------------------
 
@@ -362,21 +304,83 @@ class LlamaRuntime:
         contexts = self._contexts(True)
         llm = contexts.acquire()
         try:
-            n_ctx = llm.n_ctx()
+            # llama.cpp embeds one input in one batch: longer inputs would be cut short without a word.
+            limit = min(llm.n_ctx(), llm.n_batch)
             prompt_tokens = 0
             for index, text in enumerate(request.input):
                 n = len(llm.tokenize(text.encode("utf-8"), add_bos=True))
-                if n > n_ctx:
+                if n > limit:
                     raise LlmlbError(
                         ErrorCode.INVALID_REQUEST,
-                        f"input {index} is {n} tokens; this model's context window here is {n_ctx}",
+                        f"input {index} is {n} tokens; this node embeds at most {limit} tokens per input "
+                        "(split the text)",
                     )
                 prompt_tokens += n
-            raw = llm.embed(list(request.input), normalize=False)
+            raw = llm.embed(list(request.input), normalize=False, truncate=False)
         finally:
             contexts.release(llm)
         vectors = [normalize([float(x) for x in v][: request.dimensions]) for v in raw]  # type: ignore[union-attr]
         return vectors, Usage(prompt_tokens=prompt_tokens)
+
+
+def generate_text(
+    llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag
+) -> Iterator[TextChunk]:
+    """Streams text for ``prompt``: one chunk per decoded piece, then one with finish reason and usage."""
+    import llama_cpp
+
+    n_ctx = llm.n_ctx()
+    if len(prompt) >= n_ctx:
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
+        )
+    room = n_ctx - len(prompt)
+    budget = min(params.max_tokens, room) if params.max_tokens else room
+    llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+    temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
+    stops = StopMatcher(params.stop)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    vocab = llm._model.vocab  # the generator yields ids; llama.cpp alone knows which end generation
+    produced = 0
+    finish = FinishReason.LENGTH
+    hit_stop = False  # a stop sequence, whose held-back prefix is dropped; end-of-generation keeps it
+    tokens = llm.generate(
+        prompt,
+        temp=temperature,
+        top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
+        top_k=40 if temperature > 0 else 1,
+        min_p=0.05 if params.top_p is None else 0.0,
+        repeat_penalty=1.0,
+        presence_penalty=params.presence_penalty or 0.0,
+        frequency_penalty=params.frequency_penalty or 0.0,
+    )
+    try:
+        for token in tokens:
+            if cancel.is_set():
+                finish = FinishReason.CANCELLED
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = FinishReason.STOP
+                break
+            produced += 1
+            text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
+            if text:
+                yield TextChunk(request_id="", delta=text)
+            if stopped:
+                finish, hit_stop = FinishReason.STOP, True
+                break
+            if produced >= budget:
+                break
+    finally:
+        tokens.close()
+    tail = "" if hit_stop else stops.flush(decoder.decode(b"", final=True))
+    yield TextChunk(
+        request_id="",
+        delta=tail,
+        finish_reason=finish,
+        usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+    )
 
 
 def context_bytes(path: Path) -> int:

@@ -136,6 +136,8 @@ class PiperRuntime:
                 ErrorCode.INVALID_REQUEST,
                 f"voice {request.voice!r} is not one of {', '.join(sorted(speakers))}",
             )
+        # Resolved here, as an id: a single-speaker voice ignores OpenAI's voice names ("alloy", ...).
+        speaker = int(speakers[request.voice]) if request.voice and speakers else 0
         inference = self._config.get("inference", {})
         length_scale = float(inference.get("length_scale", 1.0)) / (request.speed or 1.0)
         rate = self.sample_rate
@@ -152,7 +154,7 @@ class PiperRuntime:
                 return
             samples, _ = piper.create(
                 self._phonemes(sentence),
-                speaker_id=request.voice or 0,
+                speaker_id=speaker,
                 is_phonemes=True,
                 length_scale=length_scale,  # type: ignore[arg-type]
             )

@@ -13,7 +13,7 @@ import structlog
 from common.errors import ErrorCode, LlmlbError
 from common.inference import TranscribeRequest, Transcript, TranscriptSegment
 from common.types import Backend, Capability, FileFormat
-from node.runtimes.base import LoadContext, RuntimeSpec, missing_file
+from node.runtimes.base import CancelFlag, LoadContext, RuntimeSpec, missing_file
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -103,7 +103,8 @@ class WhisperRuntime:
     def health(self) -> str | None:
         return None if self._model is not None else "not loaded"
 
-    def transcribe(self, request: TranscribeRequest) -> Transcript:
+    def transcribe(self, request: TranscribeRequest, cancel: CancelFlag | None = None) -> Transcript:
+        """The whole transcript; a set ``cancel`` stops it between segments (each up to 30 s of audio)."""
         if self._model is None:
             raise LlmlbError(ErrorCode.INTERNAL, f"model {self.model_id!r} is not loaded")
         audio = decode_audio(request.audio, request.filename)
@@ -116,7 +117,11 @@ class WhisperRuntime:
             options["temperature"] = request.temperature
         try:
             segments, info = self._model.transcribe(audio, **options)
-            found = list(segments)
+            found = []
+            for segment in segments:  # decoded lazily, one window at a time
+                if cancel is not None and cancel.is_set():
+                    raise LlmlbError(ErrorCode.CANCELLED, "transcription cancelled: the caller went away")
+                found.append(segment)
         except ValueError as exc:  # e.g. a language code whisper does not know
             raise LlmlbError(ErrorCode.INVALID_REQUEST, f"cannot transcribe: {exc}") from exc
         out = tuple(

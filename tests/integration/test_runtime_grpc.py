@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from common.types import Backend
 from node.hardware import Hardware
 from node.pool import ModelPool, PoolSettings
 from node.servicers.inference import InferenceServicer
-from tests.fixtures.models import SENTENCE, ModelFiles
+from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
 
 pytestmark = pytest.mark.slow
 CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=16384)
@@ -181,7 +180,7 @@ async def test_speak_then_transcribe_over_grpc_round_trips(start_node) -> None: 
         response = await node.stub.Transcribe(
             ipb.TranscribeRequest(model="whisper-base", audio=wav, filename="speech.wav")
         )
-        assert re.findall(r"[a-z]+", response.text.lower()) == re.findall(r"[a-z]+", SENTENCE.lower())
+        assert_heard(response.text, SENTENCE)  # Piper's voice varies a little from run to run
         assert response.language == "en" and response.segments and response.node_id == "node-test"
 
 

@@ -105,6 +105,17 @@ def test_same_seed_same_output_and_sampling_varies(gemma_runtime: LlamaRuntime) 
     assert len(others | {first}) > 1
 
 
+def test_top_p_and_temperature_reach_the_sampler(gemma_runtime: LlamaRuntime) -> None:
+    prompt = "My favourite food is"
+    greedy = text(complete(gemma_runtime, prompt, SamplingParams(max_tokens=12, temperature=0.0)))
+    hot = SamplingParams(max_tokens=12, temperature=1.5)
+    varied = {text(complete(gemma_runtime, prompt, dataclasses.replace(hot, seed=s))) for s in range(4)}
+    assert len(varied) > 1  # at this temperature, sampling really varies with the seed ...
+    narrow = dataclasses.replace(hot, top_p=1e-6)
+    kept = {text(complete(gemma_runtime, prompt, dataclasses.replace(narrow, seed=s))) for s in range(4)}
+    assert kept == {greedy}  # ... until top_p leaves only the likeliest token at each step
+
+
 def test_cancel_flag_stops_generation_at_the_next_token(gemma_runtime: LlamaRuntime) -> None:
     cancel = threading.Event()
     request = CompleteRequest(
@@ -147,6 +158,18 @@ def test_embedding_dimensions_truncate_and_renormalise(gemma_runtime: LlamaRunti
     vectors, _ = gemma_runtime.embed(EmbedRequest("gemma-3-270m", ("hello",), dimensions=64))
     assert len(vectors[0]) == 64
     assert math.isclose(math.sqrt(sum(x * x for x in vectors[0])), 1.0, rel_tol=1e-4)
+
+
+def test_an_input_longer_than_one_embedding_batch_is_refused_not_cut_short(
+    gemma_runtime: LlamaRuntime,
+) -> None:
+    fits = "word " * 300
+    vectors, usage = gemma_runtime.embed(EmbedRequest("gemma-3-270m", (fits,)))
+    assert len(vectors) == 1 and usage.prompt_tokens > 300
+    with pytest.raises(LlmlbError) as caught:
+        gemma_runtime.embed(EmbedRequest("gemma-3-270m", (fits, "word " * 800)))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+    assert "input 1 is" in caught.value.message and "at most 512 tokens" in caught.value.message
 
 
 def test_memory_estimate_covers_the_weights(gemma_runtime: LlamaRuntime, gemma: ModelFiles) -> None:

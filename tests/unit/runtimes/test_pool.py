@@ -21,6 +21,7 @@ from common.inference import (
     ChatMessage,
     ChatRequest,
     CompleteRequest,
+    EmbedRequest,
     FinishReason,
     SamplingParams,
     TextChunk,
@@ -312,4 +313,46 @@ async def test_blocking_work_stays_off_the_event_loop(tmp_path: Path) -> None:
     stop.set()
     await task
     assert ticks >= 20
+    await pool.close()
+
+
+class GatedEmbedder(CounterRuntime):
+    """Embeds only once ``release`` is set, as a long engine call the caller may abandon."""
+
+    engine = "gated"
+    capabilities = frozenset({Capability.EMBEDDING})
+
+    def __init__(self, context: LoadContext) -> None:
+        super().__init__(context)
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], Usage]:
+        self.inside.set()
+        assert self.release.wait(10), "never released"
+        assert self.loaded, "the engine was unloaded under a call still running"
+        return [[1.0]], Usage(1, 0)
+
+
+async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(tmp_path: Path) -> None:
+    gated = RuntimeSpec("gated", frozenset({FileFormat.OTHER}), GatedEmbedder.capabilities, GatedEmbedder)
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), RuntimeRegistry([gated]))  # type: ignore[list-item]
+    model = counter_model(tmp_path, "e", 100)
+    model.model.capabilities = [Capability.EMBEDDING]
+    task = asyncio.create_task(pool.embed(model, EmbedRequest("e", ("x",))))
+    await wait_for(lambda: ("e", "gated") in pool._entries and pool._entries[("e", "gated")].active)
+    entry = pool._entries[("e", "gated")]
+    runtime = entry.runtime
+    assert isinstance(runtime, GatedEmbedder)
+    await asyncio.to_thread(runtime.inside.wait, 5)
+    task.cancel()
+    unloading = asyncio.create_task(pool.unload("e"))
+    await asyncio.sleep(0.1)
+    assert not task.done() and entry.active == 1  # still inside the engine: the slot is held
+    assert not unloading.done() and runtime.loaded  # and nothing unloads the engine under it
+    runtime.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await unloading
+    assert not runtime.loaded and pool.states() == {}
     await pool.close()

@@ -11,6 +11,7 @@ from common.formats import backends_for, classify
 from common.types import Backend, Capability, ManifestFile, Model, ModelSource
 from node.hardware import detect
 from node.pool import PoolSettings
+from node.resolver import needed_files
 from node.runtimes.llama import gpu_layers_for
 from node.runtimes.piper import execution_providers
 from node.runtimes.registry import RuntimeRegistry
@@ -137,3 +138,16 @@ def test_every_engine_module_builds_without_its_library_touched(tmp_path: Path) 
         "onnxruntime",
         "stable-diffusion.cpp",
     ]
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        (Backend.CPU, {"model.safetensors", "config.json"}),
+        (Backend.CUDA, {"model.safetensors", "config.json"}),
+        (Backend.METAL, {"model.safetensors", "config.json", "model.metal.bin"}),
+    ],
+)
+def test_a_node_needs_the_metal_file_only_on_metal(backend: Backend, expected: set[str]) -> None:
+    m = model(["model.safetensors", "config.json", "model.metal.bin"], [Capability.CHAT])
+    assert {f.filename for f in needed_files(m, backend)} == expected
