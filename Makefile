@@ -49,7 +49,7 @@ check-protos: protos
 	fi
 
 test: install check-protos
-	$(BIN)/pytest -q tests/unit tests/integration tests/e2e
+	LLMLB_REQUIRE_MODELS=1 $(BIN)/pytest -q tests/unit tests/integration tests/e2e
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

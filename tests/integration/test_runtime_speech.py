@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import threading
 import wave
+from pathlib import Path
 from typing import Any
 
 import av
@@ -14,9 +17,11 @@ import pytest
 from common.errors import ErrorCode, LlmlbError
 from common.inference import AudioFormat, SpeakRequest, TranscribeRequest
 from common.transcript_formats import ResponseFormat, render
+from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.piper import PiperRuntime
 from node.runtimes.whisper import WhisperRuntime
-from tests.fixtures.models import SENTENCE, assert_heard, speak_wav, word_errors, words
+from tests.fixtures.espeak import espeak, open_espeak
+from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard, speak_wav, word_errors, words
 
 pytestmark = pytest.mark.slow
 
@@ -159,3 +164,67 @@ def test_real_transcript_renders_as_srt_vtt_text_and_verbose_json(
     assert text == transcript.text + "\n"
     verbose, _ = render(transcript, ResponseFormat.VERBOSE_JSON)
     assert '"language": "en"' in verbose and '"segments": [{"id": 0' in verbose
+
+
+# espeak-ng says this clearly at 130 to 175 words a minute; "the weather is cold and windy this morning"
+# was heard as "but wherever is cold..." at 150.
+ESPEAK_SENTENCE = "Please open the door and turn on the light."
+
+
+def test_whisper_transcribes_a_clip_that_espeak_ng_spoke(whisper_runtime: WhisperRuntime) -> None:
+    voice = espeak()
+    clip = voice.wav(ESPEAK_SENTENCE, voice="en-us")
+    rate, samples = read_wav(clip)
+    assert rate == voice.sample_rate == 22050
+    assert 1.5 < len(samples) / rate < 6.0
+    rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+    assert rms > 500  # speech, not silence (full scale is 32767)
+
+    transcript = whisper_runtime.transcribe(TranscribeRequest("whisper-base", clip, "espeak.wav"))
+    assert_heard(transcript.text, ESPEAK_SENTENCE)
+    assert transcript.language == "en"
+
+
+@pytest.mark.parametrize(
+    ("required", "outcome"), [(True, pytest.fail.Exception), (False, pytest.skip.Exception)]
+)
+def test_a_missing_espeak_library_fails_when_models_are_required_and_skips_otherwise(
+    required: bool, outcome: type[BaseException]
+) -> None:
+    with pytest.raises(outcome, match="espeak-ng is not available: no_such_espeakng_loader is not installed"):
+        open_espeak("no_such_espeakng_loader", required=required)
+
+
+def test_voice_names_a_voice_config_does_not_list_are_ignored_or_refused(
+    piper: ModelFiles, tmp_path: Path
+) -> None:
+    """OpenAI clients always send a voice ("alloy", ...): a single-speaker voice speaks regardless."""
+    paths: dict[str, Path] = {}
+    for filename, path in piper.paths.items():
+        if filename.endswith(".json"):
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config.pop("speaker_id_map", None)  # as in voice configs that leave it out altogether
+            copy = tmp_path / path.name
+            copy.write_text(json.dumps(config), encoding="utf-8")
+        else:
+            copy = tmp_path / path.name
+            copy.symlink_to(path)
+        paths[filename] = copy
+    runtime = PiperRuntime(LoadContext(piper.model, paths, RuntimeSettings(threads=os.cpu_count() or 1)))
+    runtime.load()
+    try:
+        request = SpeakRequest("piper", "Hello there.", voice="alloy", format=AudioFormat.WAV)
+        rate, samples = read_wav(b"".join(c.data for c in runtime.speak(request, threading.Event())))
+        assert rate == 22050 and float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) > 500
+    finally:
+        runtime.unload()
+
+
+def test_an_unknown_voice_of_a_multi_speaker_config_is_invalid(
+    piper_runtime: PiperRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    speakers = {"amy": 0, "joe": 1}
+    monkeypatch.setattr(piper_runtime, "_config", {**piper_runtime._config, "speaker_id_map": speakers})
+    with pytest.raises(LlmlbError) as caught:
+        list(piper_runtime.speak(SpeakRequest("piper", "Hi.", voice="alloy"), threading.Event()))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST and "amy, joe" in caught.value.message
