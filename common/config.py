@@ -223,13 +223,17 @@ def load_balancer_config(
     )
 
 
-def resolve_models_dir(flag: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
+def resolve_models_dir(
+    flag: Path | None = None, env: Mapping[str, str] | None = None, home: Path | None = None
+) -> Path:
     """A node's models dir: ``--models-dir`` > ``XLLM_MODELS_DIR`` > ``LLM_MODELS_DIR`` > default.
 
-    The default is ``$LLMLB_HOME/models`` (``~/.llmlb/models``).
+    The default is ``<home>/models``; home is ``--home``, else ``$LLMLB_HOME`` (``~/.llmlb``), and its
+    ``.env`` file is read too.
     """
-    s = Settings(env)
-    default = llmlb_home(s.env) / "models"
+    home = home or llmlb_home(env)
+    s = Settings(env, home / ".env")
+    default = home / "models"
     return s.get(flag, ("XLLM_MODELS_DIR", "LLM_MODELS_DIR"), default, Path).expanduser()
 
 
@@ -350,7 +354,7 @@ def load_node_config(
     shared = s.get(shared_dir, ("XLLM_SHARED_DIR",), None, Path)
     return NodeConfig(
         home=home,
-        models_dir=resolve_models_dir(models_dir, s.env),
+        models_dir=resolve_models_dir(models_dir, s.env, home),
         shared_dir=shared.expanduser() if shared is not None else None,
         balancer=s.get(balancer, ("XLLM_BALANCER", "LLMLB_ADDR"), "127.0.0.1:50051", str),
         grpc_listen=s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen),

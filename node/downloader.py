@@ -406,10 +406,12 @@ def _new_digest() -> hashlib._Hash:
 
 
 def _next_decile(done: int, total: int) -> int:
+    """The byte count that reaches the next whole 10 % of ``total``; the last one is ``total`` itself."""
     if total <= 0:
         return 1
-    step = max(1, total // 10)
-    return (done // step + 1) * step
+    tenths = 10 * done // total + 1
+    # Rounded up, so each step logs at 10k % or just past it (never 9.99 %) and the last at 100 %.
+    return -(-tenths * total // 10)
 
 
 def _size(path: Path) -> int:

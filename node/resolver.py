@@ -65,6 +65,11 @@ class ResolvedModel:
         return any(s == "shared" for s in self.sources.values())
 
 
+def needed_files(model: Model, backend: Backend) -> list[ManifestFile]:
+    """The files a node running ``backend`` needs: no ``.metal.bin`` on CUDA or CPU, for example."""
+    return [f for f in model.files if f.needed_by(backend)]
+
+
 class Resolver:
     def __init__(
         self,
@@ -87,8 +92,7 @@ class Resolver:
         self._file_progress: dict[str, dict[str, int]] = {}  # model_id -> filename -> bytes held
 
     def needed_files(self, model: Model) -> list[ManifestFile]:
-        """The files this node's backend needs: no ``.metal.bin`` on CUDA or CPU, for example."""
-        return [f for f in model.files if f.needed_by(self._backend)]
+        return needed_files(model, self._backend)
 
     async def manifest(self, model_id: str) -> Model:
         """The model's manifest from the balancer; the saved copy when the balancer cannot be reached."""
@@ -149,7 +153,9 @@ class Resolver:
             return None
         except OSError:
             return None
-        if await self._storage.verifier.matches(path, file):
+        if await self._storage.verifier.matches(
+            path, file, self._storage.shared_marker_path(model.id, file.filename)
+        ):
             return path
         log.warning("shared_dir.mismatch", model_id=model.id, filename=file.filename, path=str(path))
         return None

@@ -65,13 +65,15 @@ class Fingerprint:
     size: int
     mtime_ns: int
     sha256: str
+    inode: int = -1  # a file replaced by another of the same size and mtime is still a new file
 
 
 class Verifier:
     """Decides whether a file on disk is the manifest's file, hashing each version of it only once.
 
-    Results are remembered in memory by path, size and mtime (that covers the shared dir, which this
-    node must not write to) and, for files under the models dir, in a marker file as well.
+    Results are remembered in memory by path, size, mtime and inode, and in a marker file under this
+    node's models dir, so a restart does not hash gigabytes again: beside the model for its own files,
+    under ``<models_dir>/.llmlb/shared-verified/`` for files on the shared dir, which is never written.
     """
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
@@ -90,7 +92,11 @@ class Verifier:
         if not file.sha256:
             return True  # the origin published no digest: the size is all there is to check
         known = self._seen.get(path) or (await loop.run_in_executor(self._pool, _read_marker, marker))
-        if known is not None and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns:
+        if known is not None and (known.size, known.mtime_ns, known.inode) == (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+        ):
             return known.sha256 == file.sha256
         key = (path, st.st_size, st.st_mtime_ns)
         hashing = self._hashing.get(key)
@@ -100,7 +106,7 @@ class Verifier:
             self._hashing[key] = hashing
             hashing.add_done_callback(lambda _: self._hashing.pop(key, None))
         digest = await asyncio.shield(hashing)
-        seen = Fingerprint(st.st_size, st.st_mtime_ns, digest)
+        seen = Fingerprint(st.st_size, st.st_mtime_ns, digest, st.st_ino)
         self._remember(path, seen, marker)
         if digest != file.sha256:
             log.warning("file.sha256_mismatch", path=str(path), expected=file.sha256, actual=digest)
@@ -109,12 +115,16 @@ class Verifier:
     def record(self, path: Path, sha256: str, marker: Path | None) -> None:
         """Remembers a file whose digest was computed while it was written (a finished download)."""
         st = path.stat()
-        self._remember(path, Fingerprint(st.st_size, st.st_mtime_ns, sha256), marker)
+        self._remember(path, Fingerprint(st.st_size, st.st_mtime_ns, sha256, st.st_ino), marker)
 
     def _remember(self, path: Path, seen: Fingerprint, marker: Path | None) -> None:
         self._seen[path] = seen
         if marker is not None:
-            _write_json(marker, {"size": seen.size, "mtime_ns": seen.mtime_ns, "sha256": seen.sha256})
+            data = {"size": seen.size, "mtime_ns": seen.mtime_ns, "inode": seen.inode, "sha256": seen.sha256}
+            try:
+                _write_json(marker, data)
+            except OSError as exc:  # a read-only or full models dir costs a re-hash later, nothing more
+                log.warning("marker.unwritable", path=str(marker), error=repr(exc))
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -129,7 +139,8 @@ def _read_marker(marker: Path | None) -> Fingerprint | None:
         return None
     try:
         data = json.loads(marker.read_text())
-        return Fingerprint(int(data["size"]), int(data["mtime_ns"]), str(data["sha256"]))
+        inode = int(data.get("inode", -1))  # markers from before inodes were kept: hashed once more
+        return Fingerprint(int(data["size"]), int(data["mtime_ns"]), str(data["sha256"]), inode)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -162,6 +173,11 @@ class Storage:
 
     def marker_path(self, model_id: str, filename: str) -> Path:
         return self._under(self.meta_dir(model_id) / "verified", filename + ".json")
+
+    def shared_marker_path(self, model_id: str, filename: str) -> Path:
+        """Where this node remembers having verified a shared-dir file (the share itself is read-only)."""
+        folder = model_dir(self.root / META_DIR / "shared-verified", model_id)
+        return self._under(folder, filename + ".json")
 
     def lock_path(self, model_id: str, filename: str) -> Path:
         return self._under(self.meta_dir(model_id) / "locks", filename + ".lock")
@@ -243,6 +259,10 @@ class Storage:
         loop = asyncio.get_running_loop()
         freed = await loop.run_in_executor(self.pool, _delete_model_dir, folder, self.root)
         self.verifier.forget_under(folder)
+        shared_markers = self.root / META_DIR / "shared-verified"
+        await loop.run_in_executor(
+            self.pool, _delete_model_dir, model_dir(shared_markers, model_id), shared_markers
+        )
         return freed
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 
 from common.config import load_node_config
 from common.errors import ErrorCode, LlmlbError
@@ -160,20 +161,58 @@ async def test_twenty_concurrent_resolutions_make_one_download(
     assert hub.bytes_served("acme/popular", "pop.gguf") == len(data)
 
 
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (Linux ``/proc``)."""
+    target = str(path.resolve())
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_two_node_processes_on_one_models_dir_share_one_download(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
     data = blob(4 * MiB, seed=3)
     model_id = register(balancer, hub, "acme/shared-lock", {"s.gguf": data})
-    hub.set_throttle(4 * MiB)
+    hub.set_throttle(256 * 1024)  # 16 s for the file: the second process surely arrives mid-transfer
     models = tmp_path / "models"
+    final = models / model_id / "s.gguf"
+    partial = models / model_id / "s.gguf.partial"
+    lock = models / model_id / ".llmlb" / "locks" / "s.gguf.lock"
     args = ("pull", "--balancer", balancer.address, "--models-dir", str(models), model_id)
     first = xllm_start(tmp_path / "a", *args, env={"HF_ENDPOINT": hub.url})
-    second = xllm_start(tmp_path / "b", *args, env={"HF_ENDPOINT": hub.url})
-    assert first.wait(120) == 0, first.communicate()[1]
-    assert second.wait(120) == 0, second.communicate()[1]
-    assert (models / model_id / "s.gguf").read_bytes() == data
+    second = None
+    try:
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 30, "the first process downloading")
+        second = xllm_start(tmp_path / "b", *args, env={"HF_ENDPOINT": hub.url})
+        wait_for(lambda: holds_open(second.pid, lock), 30, "the second process at the file's lock")
+        # Checked after: the first still holds the lock (it publishes the file before letting go), so
+        # the second was waiting on the download in progress, not arriving after it ended.
+        assert not final.exists()
+        assert hub.bytes_served("acme/shared-lock", "s.gguf") < len(data)
+        hub.set_throttle(None)
+        _, first_log = first.communicate(timeout=120)
+        _, second_log = second.communicate(timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert first.returncode == 0, first_log
+    assert second.returncode == 0, second_log
+    assert final.read_bytes() == data
+    body_requests = [r for r in hub.requests if r.is_file_body and r.filename == "s.gguf"]
+    assert len(body_requests) == 1
     assert hub.bytes_served("acme/shared-lock", "s.gguf") == len(data)  # one transfer, not two
+    assert "download.start" in first_log and "download.start" not in second_log
 
 
 def test_a_node_killed_mid_download_resumes_on_its_next_start(
@@ -294,6 +333,16 @@ async def test_a_model_on_the_shared_dir_is_used_in_place_and_changes_are_seen(
         assert resolved.sources["n.gguf"] == "shared"
         assert files_under(models / model_id) == {}  # not one byte copied
         assert hub.bytes_served() == 0
+    finally:
+        await parts.close()
+
+    # A restarted node trusts what it verified before: the share's gigabytes are not hashed again.
+    parts = assemble(config, address="")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            again = await parts.resolver.resolve(model_id)
+        assert again.sources["n.gguf"] == "shared"
+        assert not [e for e in logs if e["event"] == "file.hashing"], logs
 
         # The share's copy changes (same size, other bytes): the next resolution sees it no longer
         # matches the manifest and fetches the real file instead of trusting what it saw before.
@@ -467,7 +516,7 @@ def test_an_offline_node_deletes_its_copy_when_it_reconnects(
     wait_for(lambda: not (node.models_dir / model_id).exists(), 10, "the copy deleted on reconnect")
 
 
-def test_a_node_fetches_from_a_peer_that_holds_the_model(
+def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
     data = blob(2 * MiB, seed=15)
@@ -481,10 +530,15 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model(
     hub.clear_log()
     home = tmp_path / "second"
     args = ["pull", "--balancer", balancer.address, "--models-dir", str(home / "models"), "--json", model_id]
-    done = xllm(home, *args, env={"HF_ENDPOINT": "http://127.0.0.1:9"})  # no route to the origin
+    # The origin is reachable and would serve the file: the peer is asked first all the same.
+    done = xllm(home, *args, env={"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json"})
     assert done.returncode == 0, done.stderr
     assert (home / "models" / model_id / "pe.gguf").read_bytes() == data
+    assert [r for r in hub.requests if r.is_file_body] == []
     assert hub.bytes_served() == 0
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    finished = [(e["filename"], e["source"]) for e in events if e.get("event") == "download.done"]
+    assert finished == [("pe.gguf", f"peer:{holder.node_id}")]
 
 
 def test_xllm_models_lists_what_the_models_dir_holds(

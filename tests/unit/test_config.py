@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_balancer_config, normalize_origin, read_env_file, resolve_models_dir
+from common.config import (
+    load_balancer_config,
+    load_node_config,
+    normalize_origin,
+    read_env_file,
+    resolve_models_dir,
+)
 
 
 def test_defaults_live_under_home(tmp_path: Path) -> None:
@@ -57,6 +63,16 @@ def test_models_dir_precedence(tmp_path: Path) -> None:
     env["XLLM_MODELS_DIR"] = str(tmp_path / "xllm")
     assert resolve_models_dir(env=env) == tmp_path / "xllm"
     assert resolve_models_dir(tmp_path / "flag", env=env) == tmp_path / "flag"
+
+
+def test_a_nodes_home_gives_its_models_dir_and_the_env_file_naming_one(tmp_path: Path) -> None:
+    home = tmp_path / "elsewhere"
+    assert load_node_config(home=home, env={}).models_dir == home / "models"
+    home.mkdir()
+    (home / ".env").write_text(f"XLLM_MODELS_DIR={tmp_path / 'from-file'}\n")
+    assert load_node_config(home=home, env={}).models_dir == tmp_path / "from-file"
+    env = {"XLLM_MODELS_DIR": str(tmp_path / "from-env")}
+    assert load_node_config(home=home, env=env).models_dir == tmp_path / "from-env"
 
 
 def test_env_file_parsing(tmp_path: Path) -> None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import shutil
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+from structlog.testing import capture_logs
 
+import node.downloader
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
 from common.types import FileFormat, ManifestFile, Model, ModelSource
@@ -38,25 +44,45 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 
 class MemorySource:
-    """Serves ``data`` from any offset; can stop after a number of bytes or stall."""
+    """Serves ``data`` from any offset; can stop after a number of bytes or stall, or pace its chunks.
+
+    ``most_open`` is the largest number of its streams that were open at one time.
+    """
 
     name = "memory"
 
-    def __init__(self, data: bytes, *, stall_after: int | None = None, chunk: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        stall_after: int | None = None,
+        chunk: int = 64 * 1024,
+        delay: float = 0.0,
+    ) -> None:
         self.data = data
         self.stall_after = stall_after
         self.chunk = chunk
+        self.delay = delay
         self.offsets: list[int] = []
+        self.open = 0
+        self.most_open = 0
 
     async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
         self.offsets.append(offset)
-        sent = 0
-        for start in range(offset, len(self.data), self.chunk):
-            if self.stall_after is not None and sent >= self.stall_after:
-                await asyncio.sleep(3600)
-            piece = self.data[start : start + self.chunk]
-            sent += len(piece)
-            yield piece
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            sent = 0
+            for start in range(offset, len(self.data), self.chunk):
+                if self.stall_after is not None and sent >= self.stall_after:
+                    await asyncio.sleep(3600)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                piece = self.data[start : start + self.chunk]
+                sent += len(piece)
+                yield piece
+        finally:
+            self.open -= 1
 
 
 def node_config(tmp_path: Path, **env: str) -> NodeConfig:
@@ -171,6 +197,158 @@ async def test_a_download_that_cannot_fit_on_the_disk_is_refused_before_a_byte_i
     assert err.value.code is ErrorCode.INSUFFICIENT_STORAGE
     assert "insufficient storage" in err.value.message
     assert not [p for p in config.models_dir.rglob("*") if p.is_file() and ".llmlb" not in p.parts]
+
+
+async def test_progress_is_logged_at_each_tenth_of_the_file_and_ends_at_100_percent(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    config = node_config(tmp_path)
+    storage = Storage(config.models_dir, pool)
+    data = DATA[:100_003]  # not a multiple of ten: the last tenth ends on the file's last byte
+    f = manifest_file(data)
+    with capture_logs() as events:
+        await Downloader(storage, config).fetch(model(f), f, [MemorySource(data, chunk=1000)])
+    progress = [e for e in events if e["event"] == "download.progress"]
+    assert [e["percent"] for e in progress] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    done = [e["bytes"] for e in progress]
+    assert done == sorted(set(done)) and done[-1] == len(data)
+    assert {(e["model_id"], e["filename"]) for e in progress} == {("acme/m", "w.gguf")}
+
+    # A resumed download logs only the tenths it has still to reach.
+    r = manifest_file(data, name="r.gguf")
+    part = partial_path(storage.file_path("acme/m", r.filename))
+    part.write_bytes(data[:35_000])
+    with capture_logs() as events:
+        await Downloader(storage, config).fetch(model(r), r, [MemorySource(data, chunk=1000)])
+    assert [e["percent"] for e in events if e["event"] == "download.progress"] == [
+        40,
+        50,
+        60,
+        70,
+        80,
+        90,
+        100,
+    ]
+
+
+@pytest.mark.parametrize("max_downloads", [1, 2])
+async def test_a_node_transfers_at_most_max_downloads_files_at_a_time(
+    tmp_path: Path, pool: ThreadPoolExecutor, max_downloads: int
+) -> None:
+    env = {} if max_downloads == 1 else {"XLLM_MAX_DOWNLOADS": str(max_downloads)}  # 1 is the default
+    config = node_config(tmp_path, **env)
+    assert config.max_downloads == max_downloads
+    storage = Storage(config.models_dir, pool)
+    downloader = Downloader(storage, config)
+    a, b = manifest_file(name="a.gguf"), manifest_file(name="b.gguf")
+    other = manifest_file(name="o.gguf")
+    source = MemorySource(DATA, delay=0.01)  # one origin for all: 16 paced chunks a file
+    paths = await asyncio.gather(
+        downloader.fetch(model(a, b), a, [source]),
+        downloader.fetch(model(a, b), b, [source]),
+        downloader.fetch(model(other, model_id="acme/other"), other, [source]),
+    )
+    assert [p.read_bytes() == DATA for p in paths] == [True, True, True]
+    assert sorted(source.offsets) == [0, 0, 0]
+    assert source.most_open == max_downloads  # 1: one after the other; 2: two overlapped
+
+
+async def test_a_download_slower_than_the_total_timeout_fails_naming_it_and_keeps_its_bytes(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    config = node_config(tmp_path, XLLM_DOWNLOAD_TIMEOUT="0.5")
+    storage = Storage(config.models_dir, pool)
+    f = manifest_file()
+    slow = MemorySource(DATA, delay=0.1)  # never stalled (a chunk each 0.1 s) but 1.6 s for the file
+    started = time.monotonic()
+    with pytest.raises(LlmlbError) as err:
+        await Downloader(storage, config).fetch(model(f), f, [slow])
+    took = time.monotonic() - started
+    assert err.value.code is ErrorCode.DOWNLOAD_FAILED
+    assert "XLLM_DOWNLOAD_TIMEOUT" in err.value.message and f.filename in err.value.message
+    assert took < 1.2  # it gave up at the deadline instead of waiting for the whole file
+    assert slow.offsets == [0]  # past the deadline nothing is retried
+    assert not storage.file_path("acme/m", f.filename).exists()
+    kept = storage.partial_bytes("acme/m", f.filename)
+    assert 0 < kept < len(DATA)
+
+    fast = MemorySource(DATA)
+    path = await Downloader(storage, node_config(tmp_path)).fetch(model(f), f, [fast])
+    assert path.read_bytes() == DATA
+    assert fast.offsets == [kept]  # the next attempt resumed from the bytes kept
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_download_waits_for_another_process_holding_the_file_and_goes_on_when_it_is_killed(
+    tmp_path: Path, pool: ThreadPoolExecutor
+) -> None:
+    config = node_config(tmp_path)
+    storage = Storage(config.models_dir, pool)
+    f = manifest_file()
+    lock = storage.lock_path("acme/m", f.filename)
+    lock.parent.mkdir(parents=True)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LOCK, str(lock), stdout=asyncio.subprocess.PIPE
+    )
+    source = MemorySource(DATA)
+    fetch: asyncio.Task[Path] | None = None
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 10) == b"locked\n"
+        fetch = asyncio.create_task(Downloader(storage, config).fetch(model(f), f, [source]))
+        await asyncio.sleep(0.5)
+        assert not fetch.done()  # it waits for the other process...
+        assert source.offsets == [] and storage.partial_bytes("acme/m", f.filename) == 0  # ...idle
+
+        holder.kill()  # SIGKILL: the holder never unlocks, the kernel drops its lock
+        await holder.wait()
+        path = await asyncio.wait_for(fetch, 10)
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        if fetch is not None and not fetch.done():
+            fetch.cancel()
+    assert path.read_bytes() == DATA
+    assert source.offsets == [0]
+    assert await Storage(config.models_dir, pool).is_valid("acme/m", f)
+
+
+async def test_a_disk_that_fills_mid_download_fails_as_insufficient_storage_and_leaves_no_file(
+    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = node_config(tmp_path)
+    storage = Storage(config.models_dir, pool)
+    f = manifest_file()
+    write = node.downloader._write
+    written = 0
+
+    def write_until_full(fh: BinaryIO, chunk: bytes, digest: hashlib._Hash) -> None:
+        nonlocal written
+        if written + len(chunk) > 300_000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(fh, chunk, digest)
+        written += len(chunk)
+
+    monkeypatch.setattr(node.downloader, "_write", write_until_full)
+    first, second = MemorySource(DATA), MemorySource(DATA)
+    with pytest.raises(LlmlbError) as err:
+        await Downloader(storage, config).fetch(model(f), f, [first, second])
+    assert err.value.code is ErrorCode.INSUFFICIENT_STORAGE
+    assert "insufficient storage" in err.value.message and f.filename in err.value.message
+    assert written > 0  # the disk filled partway, after the check before the first byte
+    assert first.offsets == [0] and second.offsets == []  # a full disk is no source's fault
+    assert not storage.file_path("acme/m", f.filename).exists()
+    # As the downloader promises: nothing half-written stays behind to hold the space.
+    assert not partial_path(storage.file_path("acme/m", f.filename)).exists()
 
 
 def test_room_is_checked_for_the_whole_model_counting_what_partial_files_already_hold(
