@@ -8,10 +8,12 @@ and what the balancer's fleet view says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -472,6 +474,14 @@ def test_a_node_reconnects_by_itself_after_the_balancer_restarts(
     wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 15, "online after the restart")
 
 
+def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str, str]]:
+    """The commands the balancer still holds for a node, read from its database (read-only)."""
+    uri = f"file:{balancer.home / 'llmlb.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+        rows = db.execute("SELECT kind, model_id FROM node_commands WHERE node_id = ?", (node_id,))
+        return [(str(kind), str(model)) for kind, model in rows]
+
+
 def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_stays(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
@@ -492,7 +502,8 @@ def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_sta
     balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id=shared_id))
     wait_for(lambda: not (node.models_dir / local_id).exists(), 1.0, "the local copy deleted")
     assert time.monotonic() - started < 1.0
-    time.sleep(0.3)
+    # Both deletes carried out and acknowledged: the balancer's durable queue for the node is empty.
+    wait_for(lambda: not pending_commands(balancer, node.node_id), 5.0, "both commands acknowledged")
     assert (share / shared_id / "s.gguf").read_bytes() == shared_data  # never the shared dir
     assert node.models_dir.exists()  # only the model's own folder went
 
