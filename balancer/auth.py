@@ -22,6 +22,7 @@ import structlog
 
 from balancer.store import Store
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.rpc import metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
 
 log = structlog.get_logger(__name__)
@@ -63,16 +64,6 @@ def scope_for(method: str) -> Scope | None:
     if method.startswith("/llmlb.v1.Inference/"):
         return Scope.API
     return METHOD_SCOPES.get(method, Scope.ADMIN)
-
-
-def bearer(header_value: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` value; None when absent or another scheme."""
-    if not header_value:
-        return None
-    scheme, _, token = header_value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
 
 
 def hash_secret(secret: str) -> str:
@@ -193,29 +184,6 @@ class KeyRing:
             log.warning("key.touch_failed", key_id=key_id, error=repr(exc))
 
 
-def _abort_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], error: LlmlbError
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
-
-    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(
-            error.spec.grpc_status, error.message, trailing_metadata=((GRPC_CODE_KEY, error.code.value),)
-        )
-
-    async def fail_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await fail(request, context)
-        yield  # pragma: no cover  # makes this an async generator, as streaming handlers must be
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(fail_stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(fail)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(fail_stream)
-    return grpc.unary_unary_rpc_method_handler(fail)
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Checks the bearer key in each call's metadata against the scope its method needs."""
 
@@ -231,14 +199,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         scopes = scopes_for(handler_call_details.method)
         if handler is None or not scopes or not self._keys.enabled:
             return handler
-        token = None
-        for name, value in handler_call_details.invocation_metadata or ():
-            if name == "authorization":
-                token = bearer(value if isinstance(value, str) else value.decode())
-                break
+        token = metadata_bearer(handler_call_details.invocation_metadata)
         try:
             await self._keys.check(token, *scopes)
         except LlmlbError as exc:
             log.info("auth.refused", method=handler_call_details.method, code=exc.code.value)
-            return _abort_handler(handler, exc)
+            trailing = ((GRPC_CODE_KEY, exc.code.value),)
+            return refusing_handler(handler, exc.spec.grpc_status, exc.message, trailing)
         return handler

@@ -54,11 +54,16 @@ class NodeLoad:
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """What a node said about itself when it registered: where to call it and what it can serve."""
+    """What a node said about itself when it registered: where to call it and what it can serve.
+
+    ``auth_token`` is what calls to the node must present; it lives here only, in memory: never
+    stored, listed or logged (``repr=False`` keeps it out of any printed record).
+    """
 
     node_id: str
     address: str
     capabilities: frozenset[Capability] = frozenset()
+    auth_token: str = field(default="", repr=False)
 
 
 class Fleet:
@@ -78,6 +83,11 @@ class Fleet:
 
     def info(self, node_id: str) -> NodeInfo | None:
         return self._info.get(node_id)
+
+    def token(self, node_id: str) -> str:
+        """The token calls to ``node_id`` present, from its latest registration; empty when none."""
+        info = self._info.get(node_id)
+        return info.auth_token if info is not None else ""
 
     def set_draining(self, node_id: str, draining: bool) -> None:
         if draining != (node_id in self._draining):
@@ -155,13 +165,17 @@ class Fleet:
         )
 
     def status(self, model: Model) -> ModelStatusView:
-        """Fleet-wide state of ``model``: the furthest-along online node decides."""
+        """Fleet-wide state of ``model``: the furthest-along online node decides.
+
+        Progress counts against that node's own total when it reports one: a node fetches only the
+        files its backend needs (no ``.metal.bin`` on CPU), fewer bytes than the whole manifest.
+        """
         nodes = self.model_nodes(model.id)
         online = [n for n in nodes if n.node_id in self._online]
         best = max(online, key=lambda n: (STATE_RANK.get(n.state, 0), n.downloaded_bytes), default=None)
-        total = model.total_bytes
         if best is None:
-            return ModelStatusView(model.id, "absent", 0.0, 0, total, nodes)
+            return ModelStatusView(model.id, "absent", 0.0, 0, model.total_bytes, nodes)
+        total = best.total_bytes or model.total_bytes
         done = total if STATE_RANK.get(best.state, 0) >= STATE_RANK["present"] else best.downloaded_bytes
         progress = (
             min(1.0, done / total)

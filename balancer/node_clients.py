@@ -2,34 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import grpc.aio
 
+from common.channels import open_channel
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
-from common.rpc import CHANNEL_OPTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    address: str
+    token: str = field(repr=False)
+    channel: grpc.aio.Channel
+    stub: igrpc.InferenceStub
 
 
 class NodeClients:
-    """``Inference`` stubs by node id; a node that registers at a new address gets a new channel."""
+    """``Inference`` stubs by node id, each presenting the node's token on every call.
+
+    A node that registers again at a new address or with a new token gets a new channel.
+    """
 
     def __init__(self) -> None:
-        self._clients: dict[str, tuple[str, grpc.aio.Channel, igrpc.InferenceStub]] = {}
-        # Channels of nodes that moved: calls may still run on them, so they close at shutdown.
+        self._clients: dict[str, _Client] = {}
+        # Channels of nodes that moved or changed token: calls may still run on them, so they close
+        # at shutdown.
         self._old: list[grpc.aio.Channel] = []
 
-    def stub(self, node_id: str, address: str) -> igrpc.InferenceStub:
+    def stub(self, node_id: str, address: str, token: str = "") -> igrpc.InferenceStub:
         known = self._clients.get(node_id)
-        if known is not None and known[0] == address:
-            return known[2]
+        if known is not None and known.address == address and known.token == token:
+            return known.stub
         if known is not None:
-            self._old.append(known[1])
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        stub = igrpc.InferenceStub(channel)
-        self._clients[node_id] = (address, channel, stub)
-        return stub
+            self._old.append(known.channel)
+        # The node's port speaks plaintext (it lives on a private network); the token is its lock.
+        channel = open_channel(address, api_key=token)
+        client = _Client(address, token, channel, igrpc.InferenceStub(channel))
+        self._clients[node_id] = client
+        return client.stub
 
     async def close(self) -> None:
-        for _, channel, _ in self._clients.values():
-            await channel.close(None)
+        for client in self._clients.values():
+            await client.channel.close(None)
         for channel in self._old:
             await channel.close(None)
         self._clients.clear()

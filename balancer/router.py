@@ -341,7 +341,7 @@ class Router:
         return [conv.text_chunk_from_pb(m) for m in msgs]
 
     def _stub(self, node: Candidate) -> igrpc.InferenceStub:
-        return self._clients.stub(node.node_id, node.address)
+        return self._clients.stub(node.node_id, node.address, self._fleet.token(node.node_id))
 
     # -- choosing a node ---------------------------------------------------------------------------
 

@@ -105,3 +105,46 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> LlmlbError:
         code = _BY_STATUS.get(status, ErrorCode.INTERNAL)
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return LlmlbError(code, details or status.name.lower())
+
+
+def bearer(header_value: str | bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; None when absent or another scheme."""
+    if not header_value:
+        return None
+    text = header_value if isinstance(header_value, str) else header_value.decode(errors="replace")
+    scheme, _, token = text.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def metadata_bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The bearer token of a call's ``authorization`` metadata entry, if it has one."""
+    for name, value in metadata or ():
+        if name == "authorization":
+            return bearer(value)
+    return None
+
+
+def refusing_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    status: grpc.StatusCode,
+    message: str,
+    trailing: Sequence[tuple[str, str]] = (),
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of ``handler``'s shape (unary or streaming either way) that ends the call at once."""
+
+    async def fail(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(status, message, trailing_metadata=tuple(trailing))
+
+    async def fail_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await fail(request, context)
+        yield  # pragma: no cover  # makes this an async generator, as streaming handlers must be
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(fail_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(fail)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(fail_stream)
+    return grpc.unary_unary_rpc_method_handler(fail)

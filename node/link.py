@@ -24,7 +24,7 @@ import grpc.aio
 import structlog
 
 from common import converters
-from common.channels import open_channel
+from common.channels import bearer_metadata, open_channel
 from common.config import NodeConfig
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2 as rpb
@@ -355,13 +355,16 @@ class BalancerLink:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         found: list[BlobSource] = []
+        # Peers are asked with this node's own token: a fleet shares one XLLM_AUTH_TOKEN. A peer that
+        # refuses it answers UNAUTHENTICATED, and the download moves on to the next source.
+        token = bearer_metadata(self._config.auth_token)
         for node in nodes.nodes:
             if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
                 channel = self._peers.get(node.address)
                 if channel is None:
                     channel = grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS)
                     self._peers[node.address] = channel
-                found.append(ReadBlobSource(f"peer:{node.id}", channel))
+                found.append(ReadBlobSource(f"peer:{node.id}", channel, token))
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
 

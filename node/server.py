@@ -33,6 +33,7 @@ from node.resolver import Resolver
 from node.servicers.inference import InferenceServicer
 from node.servicers.manifest import NodeManifestServicer
 from node.storage import Storage
+from node.token_auth import server_interceptors
 
 log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
@@ -258,7 +259,7 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
 
 async def start(config: NodeConfig) -> NodeProcess:
     """Opens the models dir, starts serving gRPC, connects to the balancer, resumes broken downloads."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(config.auth_token))
     port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_listen}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from balancer.auth import KeyRing, bearer
+from balancer.auth import KeyRing
+from common.rpc import bearer
 from common.types import Scope
 
 

@@ -150,6 +150,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 node.id,
                 node.address,
                 frozenset(converters.capabilities_from_pb(request.capabilities)),
+                auth_token=request.auth_token,  # in memory only: the store never sees it
             )
         )
         return rpb.RegisterNodeResponse(

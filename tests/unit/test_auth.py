@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from balancer.auth import KeyRing, bearer, scope_for, scopes_for
+from balancer.auth import KeyRing, scope_for, scopes_for
 from balancer.store import Store
 from common import converters
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import bearer
 from common.types import ApiKey, Scope
 
 
