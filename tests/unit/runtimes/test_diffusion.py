@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,3 +102,67 @@ def test_png_round_trip_and_non_images_are_invalid() -> None:
     with pytest.raises(LlmlbError) as caught:
         open_png(b"nope", "mask")
     assert caught.value.code is ErrorCode.INVALID_REQUEST and "mask" in caught.value.message
+
+
+class PaintingStub:
+    """Stands in for a loaded ``StableDiffusion``: checks each call against the real method's signature
+    and paints one flat image per batch item, so what the runtime asks for is what the engine accepts."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def generate_image(self, **options: Any) -> list[Any]:
+        from PIL import Image
+        from stable_diffusion_cpp import StableDiffusion
+
+        inspect.signature(StableDiffusion.generate_image).bind(None, **options)  # unknown names fail here
+        self.calls.append(options)
+        size = (options["width"], options["height"])
+        return [Image.new("RGB", size, (i * 40, 0, 0)) for i in range(options["batch_count"])]
+
+    def close(self) -> None:
+        pass
+
+
+def painting_runtime(tmp_path: Path) -> tuple[DiffusionRuntime, PaintingStub]:
+    pytest.importorskip("stable_diffusion_cpp")
+    runtime = DiffusionRuntime(image_model(tmp_path, {"sd.gguf": b"x"}))
+    stub = PaintingStub()
+    runtime._sd = stub  # type: ignore[assignment]
+    return runtime, stub
+
+
+def test_a_generation_asks_the_engine_for_each_image_and_returns_pngs_with_their_seeds(
+    tmp_path: Path,
+) -> None:
+    runtime, stub = painting_runtime(tmp_path)
+    request = GenerateImageRequest("sd-test", "a red barn", n=2, width=128, height=64, steps=4, seed=7)
+    images = runtime.generate_images(request)
+    [call] = stub.calls
+    assert call["prompt"] == "a red barn" and call["batch_count"] == 2 and call["sample_steps"] == 4
+    assert "init_image" not in call
+    assert [i.seed for i in images] == [7, 8]
+    assert [open_png(i.png, "out").size for i in images] == [(128, 64), (128, 64)]
+
+
+def test_edits_and_variations_hand_the_engine_their_input_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    runtime, stub = painting_runtime(tmp_path)
+    source = to_png(Image.new("RGB", (64, 64), (0, 0, 255)))
+    mask = to_png(Image.new("L", (64, 64), 255))
+    runtime.generate_images(
+        GenerateImageRequest(
+            "sd-test", "blue", ImageOperation.EDIT, image=source, mask=mask, width=64, height=64
+        )
+    )
+    runtime.generate_images(
+        GenerateImageRequest("sd-test", "", ImageOperation.VARIATION, image=source, width=64, height=64)
+    )
+    edit, variation = stub.calls
+    assert edit["init_image"].size == (64, 64) and edit["mask_image"].mode == "L"
+    assert "strength" not in edit
+    assert variation["init_image"].getpixel((0, 0)) == (0, 0, 255) and 0 < variation["strength"] < 1
+    with pytest.raises(LlmlbError) as caught:
+        runtime.generate_images(GenerateImageRequest("sd-test", "x", ImageOperation.EDIT, image=b"not a png"))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
