@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import platform
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,42 @@ class Hardware:
         return sum(g.memory_total_mb for g in self.gpus)
 
 
-def cuda_devices(nvml: Any | None = None) -> list[GpuDevice]:
-    """The CUDA devices NVML sees, or none when NVML (the driver or ``nvidia-ml-py``) is missing.
+def visible_devices(value: str | None, count: int, uuid_of: Callable[[int], str]) -> list[int]:
+    """The NVML indices ``CUDA_VISIBLE_DEVICES`` leaves visible, in its order; all when it is unset.
 
-    ``nvml`` is the ``pynvml`` module; tests pass a stand-in describing a machine.
+    Entries are indices or UUIDs (``GPU-...``); as in CUDA, the list ends at the first entry naming no
+    device, so ``""`` and ``"-1"`` hide every GPU. Indices are taken in PCI bus order, as nvidia-smi
+    numbers devices: set ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers them the same way.
     """
+    if value is None:
+        return list(range(count))
+    uuids: dict[str, int] | None = None
+    visible: list[int] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            index = int(entry)
+        elif entry.startswith(("GPU-", "MIG-")):
+            if uuids is None:
+                uuids = {uuid_of(i): i for i in range(count)}
+            found = next((i for u, i in uuids.items() if u.startswith(entry)), None)
+            if found is None:
+                break
+            index = found
+        else:
+            break
+        if index in visible:
+            break  # CUDA refuses a device named twice; stop where it would
+        visible.append(index)
+    return visible
+
+
+def cuda_devices(nvml: Any | None = None, env: Mapping[str, str] | None = None) -> list[GpuDevice]:
+    """The CUDA devices this process may use: those NVML sees, narrowed by ``CUDA_VISIBLE_DEVICES``.
+
+    None when NVML (the driver or ``nvidia-ml-py``) is missing. ``nvml`` is the ``pynvml`` module;
+    tests pass a stand-in describing a machine.
+    """
+    env = os.environ if env is None else env
     if nvml is None:
         try:
             nvml = importlib.import_module("pynvml")  # the `cuda` extra installs nvidia-ml-py
@@ -50,8 +82,14 @@ def cuda_devices(nvml: Any | None = None) -> list[GpuDevice]:
     except Exception:  # NVMLError_LibraryNotFound and friends: no driver, so no CUDA
         return []
     try:
+
+        def uuid_of(index: int) -> str:
+            uuid = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(index))
+            return uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+
+        visible = visible_devices(env.get("CUDA_VISIBLE_DEVICES"), nvml.nvmlDeviceGetCount(), uuid_of)
         devices = []
-        for index in range(nvml.nvmlDeviceGetCount()):
+        for index in visible:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             name = nvml.nvmlDeviceGetName(handle)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -86,13 +124,14 @@ def detect(
     nvml: Any | None = None,
     system: str | None = None,
     machine: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Hardware:
     """Finds the backends this machine offers; ``forced`` (``--backend``) overrides the choice.
 
     Order of preference: CUDA when NVML reports a device, Metal on Apple Silicon, else the CPU,
     which every node offers.
     """
-    gpus = cuda_devices(nvml)
+    gpus = cuda_devices(nvml, env)
     backends: list[Backend] = []
     if gpus:
         backends.append(Backend.CUDA)

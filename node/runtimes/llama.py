@@ -48,6 +48,13 @@ def gpu_layers_for(backend: Backend, configured: int | None) -> int:
     return 0
 
 
+def engine_offloads() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (CUDA, Metal, ...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def kv_cache_mb(metadata: dict[str, Any], context_tokens: int) -> int:
     """f16 K and V caches for ``context_tokens`` tokens, from a GGUF's architecture metadata."""
     arch = str(metadata.get("general.architecture", ""))
@@ -184,6 +191,14 @@ class LlamaRuntime:
         self.fallback_template = context.model.chat_template
         self.model_capabilities = frozenset(context.model.capabilities)
         self.gpu_layers = gpu_layers_for(self.settings.backend, self.settings.gpu_layers)
+        if self.gpu_layers != 0 and not engine_offloads():
+            log.warning(
+                "llama_cpp.cpu_only_build",
+                model_id=self.model_id,
+                backend=self.settings.backend.value,
+                hint="this llama-cpp-python was built without GPU support, so every layer runs on the "
+                "CPU; reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (or -DGGML_METAL=on), see README",
+            )
         self._metadata = read_gguf_metadata(self.path)
         self._generators: _Contexts | None = None
         self._embedders: _Contexts | None = None

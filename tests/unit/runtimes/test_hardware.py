@@ -41,6 +41,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: int) -> Any:
         return self.gpus[handle][0].encode()  # older bindings return bytes
 
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        return f"GPU-{handle:08x}-5eed-4c1e-9a1b-0123456789ab"
+
     def nvmlDeviceGetMemoryInfo(self, handle: int) -> _Memory:
         _, total_mb, free_mb = self.gpus[handle]
         return _Memory(total=total_mb * 1024 * 1024, free=free_mb * 1024 * 1024)
@@ -100,3 +103,22 @@ def test_forcing_a_backend_the_machine_lacks_is_honoured_and_listed() -> None:
 @pytest.mark.parametrize("forced", [None, Backend.ANY])
 def test_no_forcing_or_any_keeps_the_best_backend(forced: Backend | None) -> None:
     assert detect(forced, nvml=TWO_GPUS, system="Linux", machine="x86_64").backend is Backend.CUDA
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        (None, [0, 1]),
+        ("1", [1]),
+        ("1,0", [1, 0]),
+        ("GPU-00000001", [1]),  # a UUID prefix, as CUDA accepts
+        ("0,7,1", [0]),  # the list ends at the first device that does not exist
+        ("", []),
+        ("-1", []),
+    ],
+)
+def test_cuda_visible_devices_narrows_what_the_node_reports(visible: str | None, expected: list[int]) -> None:
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    hw = detect(nvml=TWO_GPUS, system="Linux", machine="x86_64", env=env)
+    assert [g.index for g in hw.gpus] == expected
+    assert hw.backend is (Backend.CUDA if expected else Backend.CPU)

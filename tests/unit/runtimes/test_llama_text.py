@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from common.errors import ErrorCode, LlmlbError
 from common.inference import FinishReason, SamplingParams
-from common.types import Capability, FileFormat, ManifestFile, Model, ModelSource
-from node.runtimes.base import LoadContext
+from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
+from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime, generate_text, read_gguf_metadata
 
 OWN = "{% for m in messages %}<own>{{ m.content }}</own>{% endfor %}"
@@ -110,3 +111,22 @@ def test_text_held_back_for_a_possible_stop_is_kept_when_generation_ends() -> No
     assert run(["Hi", "\n"], ("\n\n",)) == ("Hi\n", FinishReason.STOP)
     assert run(["Hi", "\n", "\n", "more"], ("\n\n",)) == ("Hi", FinishReason.STOP)  # a real stop cuts
     assert run(["Hé", "llo"], ()) == ("Héllo", FinishReason.STOP)
+
+
+def test_a_gpu_node_whose_llama_cpp_cannot_offload_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama_cpp
+
+    path = write_gguf_header(tmp_path / "m.gguf", {"general.architecture": "llama"})
+    files = [ManifestFile(path.name, FileFormat.GGUF, path.stat().st_size, "")]
+    model = Model("acme/m", "m", ModelSource.HF, "acme/m", "abc", "", files=files)
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    for backend, warned in ((Backend.CUDA, True), (Backend.METAL, True), (Backend.CPU, False)):
+        with structlog.testing.capture_logs() as logs:
+            LlamaRuntime(LoadContext(model, {path.name: path}, RuntimeSettings(backend=backend)))
+        assert any(e["event"] == "llama_cpp.cpu_only_build" for e in logs) is warned, backend
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    with structlog.testing.capture_logs() as logs:
+        LlamaRuntime(LoadContext(model, {path.name: path}, RuntimeSettings(backend=Backend.CUDA)))
+    assert not logs
