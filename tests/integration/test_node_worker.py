@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -441,6 +442,9 @@ def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
     listed = next(n for n in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes if n.id == node_id)
     assert listed.address == node.address
     assert pb.BACKEND_CPU in listed.backends
+    assert listed.version == metadata.version("llmlb")
+    assert {"llama.cpp", "faster-whisper", "onnxruntime"} <= set(listed.runtimes)
+    assert listed.load.memory_total_mb > 0  # the host's memory, for placement; no GPU on this machine
     status = balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id=model_id))
     assert status.status == pb.MODEL_STATE_PRESENT and status.total_bytes == len(data)
 
