@@ -177,6 +177,11 @@ class KeyRing:
             task.add_done_callback(self._tasks.discard)
         return key
 
+    async def settle(self) -> None:
+        """Waits for the last-used writes still in flight, so the store can close under none of them."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def _touch(self, key_id: str) -> None:
         try:
             await self._store.touch_key(key_id, datetime.now(UTC))

@@ -85,6 +85,7 @@ class Balancer:
         await self.server.stop(grace)
         await self.clients.close()
         await self.parts.origin.close()
+        await self.parts.keys.settle()
         await self.parts.store.close()
         log.info("balancer.stopped")
 

@@ -28,14 +28,20 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
+@pytest.fixture
+async def keys(store: Store) -> AsyncIterator[KeyRing]:
+    ring = KeyRing(store)
+    yield ring
+    await ring.settle()  # a check records the key's last use in the background: let it land first
+
+
 async def refused(keys: KeyRing, token: str | None, scope: Scope) -> ErrorCode:
     with pytest.raises(LlmlbError) as info:
         await keys.check(token, scope)
     return info.value.code
 
 
-async def test_a_new_key_passes_its_own_scope_and_is_forbidden_others(store: Store) -> None:
-    keys = KeyRing(store)
+async def test_a_new_key_passes_its_own_scope_and_is_forbidden_others(keys: KeyRing) -> None:
     key, secret = await keys.create("chat-frontend", [Scope.API])
     assert secret.startswith("llmlb-") and secret.startswith(key.prefix)
     checked = await keys.check(secret, Scope.API)
@@ -44,16 +50,14 @@ async def test_a_new_key_passes_its_own_scope_and_is_forbidden_others(store: Sto
     assert await refused(keys, secret, Scope.ADMIN) is ErrorCode.FORBIDDEN
 
 
-async def test_missing_and_unknown_keys_are_unauthorized(store: Store) -> None:
-    keys = KeyRing(store)
+async def test_missing_and_unknown_keys_are_unauthorized(keys: KeyRing) -> None:
     await keys.create("some", [Scope.API])
     assert await refused(keys, None, Scope.API) is ErrorCode.UNAUTHORIZED
     assert await refused(keys, "", Scope.API) is ErrorCode.UNAUTHORIZED
     assert await refused(keys, "llmlb-not-a-key", Scope.API) is ErrorCode.UNAUTHORIZED
 
 
-async def test_a_revoked_key_stops_working_at_once(store: Store) -> None:
-    keys = KeyRing(store)
+async def test_a_revoked_key_stops_working_at_once(keys: KeyRing) -> None:
     key, secret = await keys.create("leaked", [Scope.NODE])
     await keys.check(secret, Scope.NODE)  # now cached as good
     revoked = await keys.revoke(key.prefix)
@@ -64,8 +68,7 @@ async def test_a_revoked_key_stops_working_at_once(store: Store) -> None:
     assert again.value.code is ErrorCode.KEY_NOT_FOUND
 
 
-async def test_an_admin_key_passes_every_scope(store: Store) -> None:
-    keys = KeyRing(store)
+async def test_an_admin_key_passes_every_scope(keys: KeyRing) -> None:
     _, secret = await keys.create("ops", [Scope.ADMIN])
     for scope in Scope:
         assert await keys.check(secret, scope) is not None
@@ -89,7 +92,10 @@ async def test_bootstrap_writes_one_private_admin_key_on_the_first_start_only(
     assert secret is not None
     assert path.read_text().strip() == secret
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert await KeyRing(store).check(secret, Scope.ADMIN) is not None
+    ring = KeyRing(store)
+    assert await ring.check(secret, Scope.ADMIN) is not None
+    await ring.settle()
+    assert (await ring.list())[0].last_used_at is not None  # the use was recorded before the close
 
     await store.close()
     reopened = await Store.open(db_url(tmp_path / "llmlb.db"))  # the second start of the balancer

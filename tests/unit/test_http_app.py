@@ -76,6 +76,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         yield Shim(parts, client, admin, api)
     await clients.close()
     await origin.close()
+    await keys.settle()
     await store.close()
 
 
