@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 # After a shared dir fails to answer, it is not asked again for this long.
 SHARED_DIR_RETRY_S = 30.0
+# A manifest the balancer gave is reused this long, saving every request a round trip; a delete
+# command drops it at once.
+MANIFEST_TTL_S = 2.0
 
 
 class ManifestProvider(Protocol):
@@ -90,6 +93,13 @@ class Resolver:
         self._origin = origin
         self._shared_down_until = 0.0
         self._file_progress: dict[str, dict[str, int]] = {}  # model_id -> filename -> bytes held
+        self._manifests_seen: dict[str, tuple[float, Model]] = {}  # model_id -> (fetched at, manifest)
+        self._deletes: dict[str, int] = {}  # model_id -> deletes so far: a resolve spanning one stops
+
+    def forget(self, model_id: str) -> None:
+        """The balancer deleted ``model_id``: drop its manifest, and stop resolutions under way."""
+        self._manifests_seen.pop(model_id, None)
+        self._deletes[model_id] = self._deletes.get(model_id, 0) + 1
 
     def needed_files(self, model: Model) -> list[ManifestFile]:
         return needed_files(model, self._backend)
@@ -97,8 +107,13 @@ class Resolver:
     async def manifest(self, model_id: str) -> Model:
         """The model's manifest from the balancer; the saved copy when the balancer cannot be reached."""
         model_id = normalize_model_id(model_id)
+        seen = self._manifests_seen.get(model_id)
+        if seen is not None and time.monotonic() - seen[0] < MANIFEST_TTL_S:
+            return seen[1]
         try:
-            return await self._manifests.get_model(model_id)
+            model = await self._manifests.get_model(model_id)
+            self._manifests_seen[model_id] = (time.monotonic(), model)
+            return model
         except LlmlbError as exc:
             if exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID):
                 raise
@@ -115,6 +130,7 @@ class Resolver:
     async def resolve(self, model_id: str) -> ResolvedModel:
         """Makes every file the model needs available on this node and says where each one is."""
         model = await self.manifest(model_id)
+        deletes = self._deletes.get(model.id, 0)
         needed = self.needed_files(model)
         paths: dict[str, Path] = {}
         sources: dict[str, str] = {}
@@ -131,7 +147,7 @@ class Resolver:
                 continue
             missing.append(file)
         if missing:
-            await self._download(model, needed, missing, paths, sources)
+            await self._download(model, needed, missing, paths, sources, deletes)
         elif sources and all(s == "local" for s in sources.values()):
             self._storage.save_manifest(model)  # a copy placed by hand becomes a known model
         total = sum(f.size_bytes for f in needed)
@@ -167,6 +183,7 @@ class Resolver:
         missing: list[ManifestFile],
         paths: dict[str, Path],
         sources: dict[str, str],
+        deletes: int,
     ) -> None:
         total = sum(f.size_bytes for f in needed)
         try:
@@ -178,18 +195,40 @@ class Resolver:
         held = {f.filename: f.size_bytes for f in needed if f.filename in paths}
         held.update({f.filename: self._storage.partial_bytes(model.id, f.filename) for f in missing})
         self._file_progress[model.id] = held
-        self._states.progress(model.id, sum(held.values()), total)
-        self._storage.save_manifest(model)  # so a restarted node can resume without asking anyone
         try:
+            self._still_wanted(model.id, deletes)
+            self._states.progress(model.id, sum(held.values()), total)
+            self._storage.save_manifest(model)  # so a restarted node can resume without asking anyone
             blob_sources = await self._sources(model)
             for file in missing:
+                self._still_wanted(model.id, deletes)
                 paths[file.filename] = await self._downloader.fetch(model, file, blob_sources)
                 sources[file.filename] = "download"
-        except LlmlbError as exc:
-            self._states.set(model.id, st.FAILED, total=total, error=exc.message)
+            self._still_wanted(model.id, deletes)
+        except (LlmlbError, asyncio.CancelledError) as exc:
+            if self._deletes.get(model.id, 0) != deletes and not _cancelling():
+                # Deleted meanwhile (the delete also cancels transfers under way): take back what this
+                # resolution wrote, and tell the caller the model is gone.
+                await self._storage.delete(model.id)
+                self._states.remove(model.id)
+                raise LlmlbError(
+                    ErrorCode.MODEL_NOT_FOUND, f"model {model.id!r} was deleted while being fetched"
+                ) from None
+            if isinstance(exc, LlmlbError):
+                self._states.set(model.id, st.FAILED, total=total, error=exc.message)
             raise
         finally:
             self._file_progress.pop(model.id, None)
+
+    def _still_wanted(self, model_id: str, deletes: int) -> None:
+        """Raises ``model_not_found`` once a delete arrived after this resolution began.
+
+        Checked before anything is written, before each file and after the last, so a delete racing a
+        resolution never leaves a copy behind: the delete cancels transfers already running, and this
+        stops the ones not yet started.
+        """
+        if self._deletes.get(model_id, 0) != deletes:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} was deleted while being fetched")
 
     async def _sources(self, model: Model) -> list[BlobSource]:
         found: list[BlobSource] = []
@@ -243,3 +282,9 @@ class Resolver:
         if shared is not None:
             return file, shared
         raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"this node does not hold {model_id}/{filename}")
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (its caller left), not just a wait inside it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -60,6 +60,7 @@ class NodeCommands:
 
     async def delete_model(self, model_id: str) -> None:
         """Unloads the model, stops its downloads and deletes the local copy (never the shared dir)."""
+        self.resolver.forget(model_id)  # first: resolutions under way stop before writing more
         await self.pool.unload(model_id)
         await self.downloader.cancel_model(model_id)
         freed = await self.storage.delete(model_id)
