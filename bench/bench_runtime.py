@@ -4,6 +4,11 @@ Both run gemma-3-270m (Q4_K_M) in this process with the same prompt, greedy samp
 count and the same number of generated tokens. "direct" is ``Llama.create_completion(stream=True)``;
 "node" is a gRPC client on 127.0.0.1 -> InferenceServicer -> ModelPool -> the llama.cpp runtime.
 Goal: the node keeps at least 98 % of the direct rate.
+
+The paths take turns within each round, their order rotating from round to round, and the verdict is
+the median of each round's node / direct ratio: on a shared machine a neighbour's burst slows whichever
+path is running, so comparing two medians taken at different moments says more about the neighbours
+than about the node.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from tests.fixtures.models import ModelFiles, gemma_files
 
 PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"
 TOKENS = 128
-ROUNDS = 5
+ROUNDS = 9
 GOAL = 0.98
 
 
@@ -90,27 +95,41 @@ async def run() -> str:
             stub = igrpc.InferenceStub(channel)
             await _node_round(stub, 8)  # load and warm
             expected = _direct_tokens(llm, TOKENS)
-            for _ in range(ROUNDS):  # interleaved, so drift in machine load hits both sides alike
+
+            async def via_direct() -> None:
                 direct.append(expected / _direct_round(llm, TOKENS))
+
+            async def via_node() -> None:
                 n, seconds = await _node_round(stub, TOKENS)
                 assert n == expected, f"node generated {n} tokens, direct {expected}"
                 node.append(n / seconds)
+
+            async def via_pool() -> None:
                 n, seconds = await _pool_round(pool, files, TOKENS)
                 in_pool.append(n / seconds)
+
+            turns = [via_direct, via_node, via_pool]
+            for round_ in range(ROUNDS):
+                for take in turns[round_ % 3 :] + turns[: round_ % 3]:
+                    await take()
     finally:
         await server.stop(grace=None)
         await pool.close()
         llm.close()
 
+    paired = statistics.median(n / d for n, d in zip(node, direct, strict=True))
+    pool_paired = statistics.median(p / d for p, d in zip(in_pool, direct, strict=True))
     ratio = statistics.median(node) / statistics.median(direct)
-    pool_ratio = statistics.median(in_pool) / statistics.median(direct)
-    verdict = "met" if ratio >= GOAL else "missed"
+    verdict = "met" if paired >= GOAL else "missed"
     return "\n".join(
         [
             "## Node runtime: generation tokens/s (gemma-3-270m Q4_K_M, CPU)",
             "",
-            f"{ROUNDS} interleaved rounds of {TOKENS} generated tokens each way, greedy, {threads} threads, "
-            "prompt processing included. The gRPC client shares the node's process and event loop.",
+            f"{ROUNDS} rounds of {TOKENS} generated tokens each way, the three paths taking turns in an "
+            f"order that rotates each round; greedy, {threads} threads, prompt processing included. The gRPC "
+            "client shares the node's process and event loop. `direct` streams through "
+            "`create_completion`, which does more Python work per token than the `generate` loop the "
+            "node's runtime drives.",
             "",
             "| path | median tokens/s | min | max |",
             "|---|---|---|---|",
@@ -121,8 +140,9 @@ async def run() -> str:
             f"| ModelPool -> runtime, no gRPC | {statistics.median(in_pool):.1f} | "
             f"{min(in_pool):.1f} | {max(in_pool):.1f} |",
             "",
-            f"- node / direct at the median: {ratio:.1%} (goal ≥ {GOAL:.0%}: {verdict})",
-            f"- pool without gRPC / direct at the median: {pool_ratio:.1%}",
+            f"- node / direct, median of the per-round ratios: {paired:.1%} (goal ≥ {GOAL:.0%}: {verdict}); "
+            f"ratio of the medians: {ratio:.1%}",
+            f"- pool without gRPC / direct, median of the per-round ratios: {pool_paired:.1%}",
             "",
         ]
     )
