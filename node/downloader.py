@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -388,6 +389,9 @@ class Downloader:
             await _aclose(stream)
             if not fh.closed:
                 await loop.run_in_executor(pool, fh.close)
+            if done == 0:
+                # A source that refused at once leaves no empty .partial behind.
+                await loop.run_in_executor(pool, functools.partial(part.unlink, missing_ok=True))
         if done != file.size_bytes:
             raise LlmlbError(
                 ErrorCode.DOWNLOAD_FAILED,

@@ -567,3 +567,42 @@ def test_xllm_models_lists_what_the_models_dir_holds(
     rows = json.loads(done.stdout)
     assert [(r["model_id"], r["total_bytes"], r["partial_bytes"]) for r in rows] == [(model_id, 1000, 0)]
     assert os.path.isdir(rows[0]["path"])
+
+
+# -- the origin's rules, as a node meets them ---------------------------------------------------
+
+
+def test_a_node_reads_a_private_repo_only_with_the_hf_token_in_its_env_file(
+    balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, tmp_path: Path
+) -> None:
+    data = blob(MiB, seed=21)
+    hub.add_repo("acme/private", {"p.gguf": data}, private=True)
+    balancer = balancer_factory(hub, token=True)  # the balancer may read it; the node must say who it is
+    model_id = balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/private")).id
+    home = tmp_path / "node"
+    refused = pull(home, balancer, hub, model_id)[model_id]
+    # download_failed, the node's fault and not the caller's: the router tries another node with it.
+    assert refused["error"] == ErrorCode.DOWNLOAD_FAILED.value and "HF_TOKEN" in refused["message"]
+    assert {r.status for r in hub.requests if r.filename == "p.gguf"} == {401}  # refused, nothing sent
+    assert not list((home / "models").rglob("*.partial"))
+
+    (home / ".env").write_text(f"HF_TOKEN={hub.token}\n")  # ~/.llmlb/.env, as an operator would
+    fetched = pull(home, balancer, hub, model_id)[model_id]
+    assert fetched["files"]["p.gguf"]["from"] == "download", fetched
+    assert (home / "models" / model_id / "p.gguf").read_bytes() == data
+
+
+def test_a_node_refuses_an_origin_outside_its_allowlist_before_any_request(
+    balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
+) -> None:
+    model_id = register(balancer, hub, "acme/elsewhere", {"e.gguf": blob(MiB, seed=22)})
+    hub.clear_log()
+    home = tmp_path / "node"
+    args = ["pull", "--balancer", balancer.address, "--models-dir", str(home / "models"), "--json", model_id]
+    env = {"HF_ENDPOINT": hub.url, "XLLM_ALLOWED_ORIGINS": "https://huggingface.co"}
+    done = xllm(home, *args, env=env)
+    [result] = json.loads(done.stdout)
+    assert done.returncode == 1 and result["error"] == ErrorCode.DOWNLOAD_FAILED.value, result
+    assert "not allowed on this node" in result["message"] and "XLLM_ALLOWED_ORIGINS" in result["message"]
+    assert hub.bytes_served() == 0 and not hub.requests
+    assert not [f for f in files_under(home / "models" / model_id) if not f.startswith(".llmlb/")]
