@@ -201,6 +201,8 @@ class ModelPool:
         self.budget_mb = self.settings.budget_mb(hardware)
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        # Out of use but not yet unloaded (finishing requests, or being unloaded): still in memory.
+        self._leaving: set[_Entry] = set()
         self._failed: dict[str, LlmlbError] = {}
         self._memory = asyncio.Condition()
         self._executor = ThreadPoolExecutor(
@@ -243,7 +245,12 @@ class ModelPool:
 
     @property
     def used_mb(self) -> int:
-        return sum(e.memory_mb for e in self._entries.values() if e.holds_memory())
+        return sum(e.memory_mb for e in self._holding())
+
+    def _holding(self) -> list[_Entry]:
+        """Every entry whose runtime holds memory now, including those on their way out."""
+        held = [e for e in self._entries.values() if e.holds_memory()]
+        return held + [e for e in self._leaving if e.holds_memory()]
 
     @property
     def engines(self) -> list[str]:
@@ -272,6 +279,7 @@ class ModelPool:
         entries = [e for e in self._entries.values() if e.model_id == model_id]
         for entry in entries:
             self._entries.pop((entry.model_id, entry.engine), None)
+            self._leaving.add(entry)
             entry.closing = True
             for cancel in list(entry.cancels):
                 cancel.set()
@@ -284,6 +292,7 @@ class ModelPool:
     def _retire(self, entry: _Entry) -> None:
         """Takes ``entry`` out of use; requests on it finish, then its runtime is unloaded."""
         self._entries.pop((entry.model_id, entry.engine), None)
+        self._leaving.add(entry)  # its memory counts until the unload is done
         entry.closing = True
 
         async def release() -> None:
@@ -329,11 +338,13 @@ class ModelPool:
 
     async def _release_memory(self, entry: _Entry) -> None:
         """Unloads ``entry``'s runtime (already out of ``_entries``) and wakes loads waiting for memory."""
-        if entry.state is ModelState.READY and entry.runtime is not None:
-            try:
+        try:
+            if entry.state is ModelState.READY and entry.runtime is not None:
                 await self._run(entry.runtime.unload)
-            except Exception as exc:  # the memory is gone with the runtime object either way
-                log.warning("unload_failed", model_id=entry.model_id, error=repr(exc))
+        except Exception as exc:  # the memory is gone with the runtime object either way
+            log.warning("unload_failed", model_id=entry.model_id, error=repr(exc))
+        finally:
+            self._leaving.discard(entry)
         log.info("model_unloaded", model_id=entry.model_id, engine=entry.engine, memory_mb=entry.memory_mb)
         async with self._memory:
             self._memory.notify_all()
@@ -361,6 +372,7 @@ class ModelPool:
                     await self._memory.wait()  # every other model is busy: the next release wakes us
                     continue
                 self._entries.pop((victim.model_id, victim.engine), None)
+                self._leaving.add(victim)
                 log.info(
                     "model_evicted",
                     model_id=victim.model_id,
@@ -375,7 +387,7 @@ class ModelPool:
             entry.admitted = True
 
     def _over_budget(self, entry: _Entry) -> bool:
-        others = sum(e.memory_mb for e in self._entries.values() if e is not entry and e.holds_memory())
+        others = sum(e.memory_mb for e in self._holding() if e is not entry)
         return others + entry.memory_mb > self.budget_mb
 
     async def _load(self, entry: _Entry) -> None:

@@ -8,6 +8,7 @@ llama.cpp; the real engines are exercised in tests/integration/test_runtime_*.py
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -355,4 +356,22 @@ async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(
         await task
     await unloading
     assert not runtime.loaded and pool.states() == {}
+    await pool.close()
+
+
+async def test_a_copy_on_its_way_out_still_counts_against_the_budget(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=150)
+    model = counter_model(tmp_path, "a", 100)
+    stream = pool.chat(model, chat(model, 1000))
+    await anext(stream)  # the loaded copy is busy
+    path = next(iter(model.paths.values()))
+    seen = path.stat()
+    os.utime(path, ns=(seen.st_atime_ns, seen.st_mtime_ns + 10**9))  # its file changed: load it again
+    reload = asyncio.create_task(collect(pool, model, 2))
+    await asyncio.sleep(0.2)
+    # Both copies would need 200 MB of a 150 MB budget: the new one waits for the old one to go.
+    assert not reload.done() and pool.used_mb == 100
+    await stream.aclose()
+    assert (await asyncio.wait_for(reload, 5))[-1].finish_reason is FinishReason.LENGTH
+    assert pool.used_mb == 100
     await pool.close()
