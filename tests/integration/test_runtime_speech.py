@@ -185,6 +185,14 @@ def test_whisper_transcribes_a_clip_that_espeak_ng_spoke(whisper_runtime: Whispe
     assert transcript.language == "en"
 
 
+def test_whisper_detects_the_language_it_hears(whisper_runtime: WhisperRuntime) -> None:
+    spanish = "Buenos días. Hoy hace muy buen tiempo en la ciudad."
+    clip = espeak().wav(spanish, voice="es")
+    transcript = whisper_runtime.transcribe(TranscribeRequest("whisper-base", clip, "espeak-es.wav"))
+    assert transcript.language == "es"  # no language given: whisper found it
+    assert_heard(transcript.text, spanish)
+
+
 @pytest.mark.parametrize(
     ("required", "outcome"), [(True, pytest.fail.Exception), (False, pytest.skip.Exception)]
 )
