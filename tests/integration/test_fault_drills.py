@@ -41,7 +41,7 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
+from tests.fixtures.fake_hub import FakeHub, gguf_blob
 from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
 from tests.fixtures.models import CACHE, ModelFiles
 from tests.integration.conftest import (
@@ -295,16 +295,6 @@ OUTAGE_ERRORS = {
 }
 
 
-def gguf_like(size: int, seed: int) -> bytes:
-    """Deterministic bytes with a GGUF magic: enough for a model that is only stored, never run."""
-    out = bytearray(b"GGUF")
-    counter = seed
-    while len(out) < size:
-        out += hashlib.sha256(counter.to_bytes(8, "little")).digest()
-        counter += 1
-    return bytes(out[:size])
-
-
 @pytest.mark.timeout(420)
 async def test_a_balancer_killed_under_load_loses_no_answer_and_keeps_models_keys_and_pending_deletes(
     balancer_factory: BalancerFactory, hub: FakeHub, node_factory: NodeFactory, gemma: ModelFiles
@@ -314,8 +304,8 @@ async def test_a_balancer_killed_under_load_loses_no_answer_and_keeps_models_key
 
     # State made before the kill: a registered model, a client key, and a delete that an offline
     # node has not heard of yet.
-    hub.add_repo("acme/kept", {"kept.gguf": gguf_like(MiB, 1)})
-    hub.add_repo("acme/doomed", {"doomed.gguf": gguf_like(MiB, 2)})
+    hub.add_repo("acme/kept", {"kept.gguf": gguf_blob(MiB, 1)})
+    hub.add_repo("acme/doomed", {"doomed.gguf": gguf_blob(MiB, 2)})
     kept = registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/kept")).id
     doomed = registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/doomed")).id
     key = registry.CreateKey(rpb.CreateKeyRequest(name="drill-client", scopes=[pb.SCOPE_API])).secret

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -31,21 +30,11 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from node.server import assemble
-from tests.fixtures.fake_hub import FakeHub
+from tests.fixtures.fake_hub import FakeHub, gguf_blob
 from tests.integration.conftest import BalancerProcess, NodeProcess, xllm, xllm_start
 
 MiB = 1024 * 1024
 NodeFactory = Callable[..., NodeProcess]
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    """Deterministic, incompressible-looking bytes with a GGUF magic."""
-    out = bytearray(b"GGUF")
-    counter = seed
-    while len(out) < size:
-        out += hashlib.sha256(counter.to_bytes(8, "little")).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 def register(balancer: BalancerProcess, hub: FakeHub, repo: str, files: dict[str, bytes]) -> str:
@@ -104,7 +93,7 @@ def model_state_on(balancer: BalancerProcess, model_id: str, node_id: str) -> in
 def test_a_model_nowhere_local_is_downloaded_verified_and_then_served_locally(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(3 * MiB)
+    data = gguf_blob(3 * MiB)
     model_id = register(balancer, hub, "acme/tiny", {"tiny.gguf": data, "README.md": b"# tiny\n"})
     home = tmp_path / "n"
     result = pull(home, balancer, hub, model_id)[model_id]
@@ -123,7 +112,7 @@ def test_a_model_nowhere_local_is_downloaded_verified_and_then_served_locally(
 def test_download_through_the_balancer_proxy_writes_nothing_to_the_balancers_disk(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(2 * MiB, seed=1)
+    data = gguf_blob(2 * MiB, seed=1)
     model_id = register(balancer, hub, "acme/proxied", {"p.gguf": data})
     before = {k: v for k, v in files_under(balancer.home).items() if not k.startswith("llmlb.db")}
     home = tmp_path / "n"
@@ -143,7 +132,7 @@ def test_download_through_the_balancer_proxy_writes_nothing_to_the_balancers_dis
 async def test_twenty_concurrent_resolutions_make_one_download(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(4 * MiB, seed=2)
+    data = gguf_blob(4 * MiB, seed=2)
     model_id = register(balancer, hub, "acme/popular", {"pop.gguf": data})
     hub.set_throttle(8 * MiB)  # slow enough that all twenty arrive while it runs
     config = load_node_config(
@@ -183,7 +172,7 @@ def holds_open(pid: int, path: Path) -> bool:
 def test_two_node_processes_on_one_models_dir_share_one_download(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(4 * MiB, seed=3)
+    data = gguf_blob(4 * MiB, seed=3)
     model_id = register(balancer, hub, "acme/shared-lock", {"s.gguf": data})
     hub.set_throttle(256 * 1024)  # 16 s for the file: the second process surely arrives mid-transfer
     models = tmp_path / "models"
@@ -221,7 +210,7 @@ def test_two_node_processes_on_one_models_dir_share_one_download(
 def test_a_node_killed_mid_download_resumes_on_its_next_start(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    data = blob(6 * MiB, seed=4)
+    data = gguf_blob(6 * MiB, seed=4)
     model_id = register(balancer, hub, "acme/big", {"big.gguf": data})
     hub.set_throttle(2 * MiB)
     node = node_factory(balancer, hub, start=False)
@@ -262,7 +251,7 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
 def test_a_corrupted_cached_file_is_rejected_and_fetched_again(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(MiB, seed=5)
+    data = gguf_blob(MiB, seed=5)
     model_id = register(balancer, hub, "acme/fragile", {"f.gguf": data})
     home = tmp_path / "n"
     pull(home, balancer, hub, model_id)
@@ -280,9 +269,9 @@ def test_a_corrupted_cached_file_is_rejected_and_fetched_again(
 def test_bytes_that_fail_the_sha256_never_become_the_file(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(MiB, seed=6)
+    data = gguf_blob(MiB, seed=6)
     model_id = register(balancer, hub, "acme/tampered", {"t.gguf": data})
-    hub.corrupt("acme/tampered", "t.gguf", blob(MiB, seed=99))
+    hub.corrupt("acme/tampered", "t.gguf", gguf_blob(MiB, seed=99))
     home = tmp_path / "n"
     result = pull(home, balancer, hub, model_id)[model_id]
     assert result["error"] == ErrorCode.DOWNLOAD_FAILED.value
@@ -300,7 +289,7 @@ def test_bytes_that_fail_the_sha256_never_become_the_file(
 def test_a_connection_dropped_mid_body_is_resumed_within_the_same_download(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(2 * MiB, seed=7)
+    data = gguf_blob(2 * MiB, seed=7)
     model_id = register(balancer, hub, "acme/flaky", {"k.gguf": data})
     hub.fail_after("k.gguf", MiB // 2, times=2)
     home = tmp_path / "n"
@@ -315,7 +304,7 @@ def test_a_connection_dropped_mid_body_is_resumed_within_the_same_download(
 async def test_a_model_on_the_shared_dir_is_used_in_place_and_changes_are_seen(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(2 * MiB, seed=8)
+    data = gguf_blob(2 * MiB, seed=8)
     model_id = register(balancer, hub, "acme/nfs", {"n.gguf": data})
     share = tmp_path / "share"
     (share / model_id).mkdir(parents=True)
@@ -349,7 +338,7 @@ async def test_a_model_on_the_shared_dir_is_used_in_place_and_changes_are_seen(
 
         # The share's copy changes (same size, other bytes): the next resolution sees it no longer
         # matches the manifest and fetches the real file instead of trusting what it saw before.
-        (share / model_id / "n.gguf").write_bytes(blob(2 * MiB, seed=80))
+        (share / model_id / "n.gguf").write_bytes(gguf_blob(2 * MiB, seed=80))
         changed = await parts.resolver.resolve(model_id)
         assert changed.sources["n.gguf"] == "download"
         assert (models / model_id / "n.gguf").read_bytes() == data
@@ -360,7 +349,7 @@ async def test_a_model_on_the_shared_dir_is_used_in_place_and_changes_are_seen(
 def test_a_missing_shared_dir_falls_through_to_a_download(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(MiB, seed=9)
+    data = gguf_blob(MiB, seed=9)
     model_id = register(balancer, hub, "acme/gone", {"g.gguf": data})
     home = tmp_path / "n"
     result = pull(home, balancer, hub, model_id, shared_dir=str(tmp_path / "unmounted"))[model_id]
@@ -399,7 +388,7 @@ async def test_an_unknown_model_fails_within_a_second_and_a_traversal_id_touches
 def test_a_node_serves_only_manifest_files_it_holds(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory
 ) -> None:
-    data = blob(MiB, seed=10)
+    data = gguf_blob(MiB, seed=10)
     model_id = register(balancer, hub, "acme/held", {"h.gguf": data})
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
@@ -433,7 +422,7 @@ def test_a_node_serves_only_manifest_files_it_holds(
 def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory
 ) -> None:
-    data = blob(MiB, seed=11)
+    data = gguf_blob(MiB, seed=11)
     model_id = register(balancer, hub, "acme/held2", {"h.gguf": data})
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
@@ -489,7 +478,7 @@ def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str,
 def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_stays(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    local_data, shared_data = blob(MiB, seed=12), blob(MiB, seed=13)
+    local_data, shared_data = gguf_blob(MiB, seed=12), gguf_blob(MiB, seed=13)
     local_id = register(balancer, hub, "acme/local", {"l.gguf": local_data})
     shared_id = register(balancer, hub, "acme/onshare", {"s.gguf": shared_data})
     share = tmp_path / "share"
@@ -515,7 +504,7 @@ def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_sta
 def test_an_offline_node_deletes_its_copy_when_it_reconnects(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory
 ) -> None:
-    data = blob(MiB, seed=14)
+    data = gguf_blob(MiB, seed=14)
     model_id = register(balancer, hub, "acme/stale", {"st.gguf": data})
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
@@ -534,7 +523,7 @@ def test_an_offline_node_deletes_its_copy_when_it_reconnects(
 def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    data = blob(2 * MiB, seed=15)
+    data = gguf_blob(2 * MiB, seed=15)
     model_id = register(balancer, hub, "acme/peered", {"pe.gguf": data})
     holder = node_factory(balancer, hub, start=False)
     pull(holder.home, balancer, hub, model_id)
@@ -559,7 +548,7 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
 def test_xllm_models_lists_what_the_models_dir_holds(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    model_id = register(balancer, hub, "acme/listed", {"x.gguf": blob(1000, seed=16)})
+    model_id = register(balancer, hub, "acme/listed", {"x.gguf": gguf_blob(1000, seed=16)})
     home = tmp_path / "n"
     pull(home, balancer, hub, model_id)
     done = xllm(home, "models", "--models-dir", str(home / "models"), "--json")
@@ -575,7 +564,7 @@ def test_xllm_models_lists_what_the_models_dir_holds(
 def test_a_node_reads_a_private_repo_only_with_the_hf_token_in_its_env_file(
     balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, tmp_path: Path
 ) -> None:
-    data = blob(MiB, seed=21)
+    data = gguf_blob(MiB, seed=21)
     hub.add_repo("acme/private", {"p.gguf": data}, private=True)
     balancer = balancer_factory(hub, token=True)  # the balancer may read it; the node must say who it is
     model_id = balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/private")).id
@@ -595,7 +584,7 @@ def test_a_node_reads_a_private_repo_only_with_the_hf_token_in_its_env_file(
 def test_a_node_refuses_an_origin_outside_its_allowlist_before_any_request(
     balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
 ) -> None:
-    model_id = register(balancer, hub, "acme/elsewhere", {"e.gguf": blob(MiB, seed=22)})
+    model_id = register(balancer, hub, "acme/elsewhere", {"e.gguf": gguf_blob(MiB, seed=22)})
     hub.clear_log()
     home = tmp_path / "node"
     args = ["pull", "--balancer", balancer.address, "--models-dir", str(home / "models"), "--json", model_id]
