@@ -186,16 +186,12 @@ class Resolver:
         deletes: int,
     ) -> None:
         total = sum(f.size_bytes for f in needed)
-        try:
-            # Before the model is reported downloading: a model that cannot fit never looks like it might.
-            self._downloader.check_room(model.id, missing)
-        except LlmlbError as exc:
-            self._states.set(model.id, st.FAILED, total=total, error=exc.message)
-            raise
         held = {f.filename: f.size_bytes for f in needed if f.filename in paths}
         held.update({f.filename: self._storage.partial_bytes(model.id, f.filename) for f in missing})
         self._file_progress[model.id] = held
         try:
+            # Before the model is reported downloading: a model that cannot fit never looks like it might.
+            self._downloader.check_room(model.id, missing)
             self._still_wanted(model.id, deletes)
             self._states.progress(model.id, sum(held.values()), total)
             self._storage.save_manifest(model)  # so a restarted node can resume without asking anyone
