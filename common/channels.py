@@ -9,9 +9,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from common.rpc import CHANNEL_OPTIONS
-
-AUTHORIZATION = "authorization"
+from common.rpc import AUTHORIZATION, CHANNEL_OPTIONS
 
 
 def bearer_metadata(api_key: str) -> tuple[tuple[str, str], ...]:

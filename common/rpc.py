@@ -16,6 +16,7 @@ from common.errors import ERRORS, GRPC_CODE_KEY, ErrorCode, LlmlbError
 
 log = structlog.get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+AUTHORIZATION = "authorization"  # the metadata key every llmlb key and node token travels in
 
 # Messages up to 64 MiB: transcription uploads and image edits travel in one request.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -121,7 +122,7 @@ def bearer(header_value: str | bytes | None) -> str | None:
 def metadata_bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     """The bearer token of a call's ``authorization`` metadata entry, if it has one."""
     for name, value in metadata or ():
-        if name == "authorization":
+        if name == AUTHORIZATION:
             return bearer(value)
     return None
 
