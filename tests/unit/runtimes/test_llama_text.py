@@ -42,7 +42,7 @@ def write_gguf_header(path: Path, values: dict[str, str | int]) -> Path:
     return path
 
 
-def runtime_for(path: Path, fallback: str) -> LlamaRuntime:
+def runtime_for(path: Path, fallback: str = "", backend: Backend = Backend.CPU) -> LlamaRuntime:
     files = [ManifestFile(path.name, FileFormat.GGUF, path.stat().st_size, "")]
     model = Model(
         "acme/tiny",
@@ -55,7 +55,7 @@ def runtime_for(path: Path, fallback: str) -> LlamaRuntime:
         capabilities=[Capability.CHAT],
         chat_template=fallback,
     )
-    return LlamaRuntime(LoadContext(model, {path.name: path}))
+    return LlamaRuntime(LoadContext(model, {path.name: path}, RuntimeSettings(backend=backend)))
 
 
 def test_the_ggufs_own_chat_template_comes_before_the_catalogues(tmp_path: Path) -> None:
@@ -119,14 +119,12 @@ def test_a_gpu_node_whose_llama_cpp_cannot_offload_says_so(
     import llama_cpp
 
     path = write_gguf_header(tmp_path / "m.gguf", {"general.architecture": "llama"})
-    files = [ManifestFile(path.name, FileFormat.GGUF, path.stat().st_size, "")]
-    model = Model("acme/m", "m", ModelSource.HF, "acme/m", "abc", "", files=files)
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
     for backend, warned in ((Backend.CUDA, True), (Backend.METAL, True), (Backend.CPU, False)):
         with structlog.testing.capture_logs() as logs:
-            LlamaRuntime(LoadContext(model, {path.name: path}, RuntimeSettings(backend=backend)))
+            runtime_for(path, backend=backend)
         assert any(e["event"] == "llama_cpp.cpu_only_build" for e in logs) is warned, backend
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
     with structlog.testing.capture_logs() as logs:
-        LlamaRuntime(LoadContext(model, {path.name: path}, RuntimeSettings(backend=Backend.CUDA)))
+        runtime_for(path, backend=Backend.CUDA)
     assert not logs
