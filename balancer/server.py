@@ -83,6 +83,7 @@ class Balancer:
         if self.http is not None:
             await self.http.stop(grace)
         await self.server.stop(grace)
+        await self.parts.sessions.close_all()
         await self.clients.close()
         await self.parts.origin.close()
         await self.parts.keys.settle()

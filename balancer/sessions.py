@@ -26,7 +26,7 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     last_seen: float = field(default_factory=time.monotonic)
     sent: set[int] = field(default_factory=set)  # command ids delivered on this session
-    superseded: bool = False
+    stopped: bool = False  # replaced by a newer session, or the balancer is stopping
     ending: bool = False  # the node was removed: send what is queued, then close the stream
     draining: bool = False  # told to drain: a heartbeat saying otherwise must not undo it
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -40,11 +40,12 @@ class NodeSessions:
         self._store = store
         self._fleet = fleet
         self._open: dict[str, Session] = {}
+        self._closing: set[Session] = set()  # taken out of _open, their offline state not yet stored
 
     async def open(self, node_id: str) -> Session:
         previous = self._open.get(node_id)
         if previous is not None:  # a reconnect beat the old stream's teardown: the newest wins
-            previous.superseded = True
+            previous.stopped = True
             previous.wake.set()
         session = Session(node_id)
         self._open[node_id] = session
@@ -54,13 +55,31 @@ class NodeSessions:
         return session
 
     async def close(self, session: Session) -> None:
-        session.closed.set()
         if self._open.get(session.node_id) is not session:
+            session.closed.set()
             return
         del self._open[session.node_id]
-        self._fleet.disconnected(session.node_id)
-        await self._store.set_node_state(session.node_id, NodeState.OFFLINE, seen_at=datetime.now(UTC))
-        log.info("node.disconnected", node_id=session.node_id)
+        self._closing.add(session)
+        try:
+            self._fleet.disconnected(session.node_id)
+            await self._store.set_node_state(session.node_id, NodeState.OFFLINE, seen_at=datetime.now(UTC))
+            log.info("node.disconnected", node_id=session.node_id)
+        finally:
+            self._closing.discard(session)
+            session.closed.set()
+
+    async def close_all(self) -> None:
+        """Closes every session, and waits for the closes under way, before the store is closed.
+
+        A stream handler that grpc stopped while it waited may only run its own close later, when
+        the store is gone; it then finds its session already closed and leaves the store alone.
+        """
+        for session in list(self._open.values()):
+            session.stopped = True  # should its handler wake again, it sends nothing more
+            session.wake.set()
+            await self.close(session)
+        while self._closing:
+            await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in self._closing])
 
     def notify_all(self) -> None:
         """Wakes every session so it sends the commands queued for its node."""

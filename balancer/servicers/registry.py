@@ -295,7 +295,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
                     node_id=node_id, heartbeat_interval_ms=self._config.heartbeat_interval_ms
                 )
             )
-            while not session.superseded:
+            while not session.stopped:
                 session.wake.clear()  # cleared before reading the queue, so no command slips between
                 for cmd in await self._store.pending_commands(node_id):
                     if cmd.id not in session.sent:

@@ -51,6 +51,7 @@ class Store:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         # One writer at a time (SQLite's own rule), so read-then-write steps in a transaction are atomic.
         self._write_lock = asyncio.Lock()
+        self._closed = False
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -67,17 +68,25 @@ class Store:
         return cls(make_async_engine(parsed))
 
     async def close(self) -> None:
-        """Close every connection; the store is unusable afterwards."""
+        """Close every connection; the store refuses any use afterwards."""
+        self._closed = True
         await self._engine.dispose()
+
+    def _check_open(self) -> None:
+        # A disposed engine would quietly open a fresh connection that nothing ever closes.
+        if self._closed:
+            raise RuntimeError("the balancer's store is closed")
 
     @asynccontextmanager
     async def _reading(self) -> AsyncIterator[AsyncSession]:
+        self._check_open()
         async with self._sessions() as session:
             yield session
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncSession]:
         """A session whose transaction commits on exit and rolls back on an exception."""
+        self._check_open()
         async with self._write_lock, self._sessions.begin() as session:
             yield session
 

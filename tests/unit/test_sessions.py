@@ -1,0 +1,83 @@
+"""Node sessions on a stopping balancer: every node is stored offline before the store closes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer.fleet import Fleet
+from balancer.sessions import NodeSessions
+from balancer.store import Store
+from common.types import NodeState
+from tests.unit.test_store import db_url, make_node
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_url(tmp_path / "llmlb.db"))
+    yield opened
+    await opened.close()
+
+
+async def state(store: Store, node_id: str) -> NodeState:
+    node = await store.get_node(node_id)
+    assert node is not None
+    return node.state
+
+
+async def test_close_all_stores_each_node_offline_and_a_late_handler_leaves_the_store_alone(
+    store: Store,
+) -> None:
+    fleet = Fleet()
+    sessions = NodeSessions(store, fleet)
+    for node_id in ("a", "b"):
+        await store.upsert_node(make_node(node_id, state=NodeState.OFFLINE))
+    opened = [await sessions.open("a"), await sessions.open("b")]
+    assert await state(store, "a") is NodeState.ONLINE
+
+    await sessions.close_all()
+
+    assert fleet.online() == []
+    assert [await state(store, n) for n in ("a", "b")] == [NodeState.OFFLINE, NodeState.OFFLINE]
+    assert all(s.stopped and s.closed.is_set() for s in opened)
+    await store.close()
+    # A stream handler grpc stopped mid-wait runs its own close only now, after the store closed:
+    # it must find nothing left to do rather than reach into the closed store.
+    await sessions.close(opened[0])
+
+
+async def test_close_all_waits_for_a_close_already_under_way(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = NodeSessions(store, Fleet())
+    await store.upsert_node(make_node("a"))
+    session = await sessions.open("a")
+    gate = asyncio.Event()
+    write = store.set_node_state
+
+    async def slow_write(*args: Any, **kwargs: Any) -> None:
+        await gate.wait()
+        await write(*args, **kwargs)
+
+    monkeypatch.setattr(store, "set_node_state", slow_write)
+    handler_close = asyncio.create_task(sessions.close(session))
+    await asyncio.sleep(0)
+    closing_all = asyncio.create_task(sessions.close_all())
+    await asyncio.sleep(0.05)
+    assert not closing_all.done()  # the node's offline state is not stored yet
+
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(handler_close, closing_all), 5)
+    assert await state(store, "a") is NodeState.OFFLINE
+
+
+async def test_a_closed_store_refuses_reads_and_writes(store: Store) -> None:
+    await store.close()
+    with pytest.raises(RuntimeError, match="store is closed"):
+        await store.get_node("a")
+    with pytest.raises(RuntimeError, match="store is closed"):
+        await store.set_node_state("a", NodeState.OFFLINE)
