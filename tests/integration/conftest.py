@@ -173,14 +173,14 @@ class BalancerProcess:
             "PYTHONUNBUFFERED": "1",
         }
         self.home.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "balancer.cli", "serve", "--grpc-listen", self.address],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "balancer.cli", "serve", "--grpc-listen", self.address],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         with sync_channel(self.address, tls=self.tls) as health_channel:
             wait_serving("balancer", health_channel, self.proc, timeout, self.log)
         key_file = self.home / "admin-key"  # absent when the balancer runs with LLMLB_AUTH=off
@@ -292,28 +292,28 @@ class NodeProcess:
     def start(self, timeout: float = 30.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "LLMLB_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "node.cli",
-                "serve",
-                "--grpc-listen",
-                self.address,
-                "--balancer",
-                self.balancer,
-                "--models-dir",
-                str(self.models_dir),
-                "--log-format",
-                "json",
-                *self.args,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "node.cli",
+                    "serve",
+                    "--grpc-listen",
+                    self.address,
+                    "--balancer",
+                    self.balancer,
+                    "--models-dir",
+                    str(self.models_dir),
+                    "--log-format",
+                    "json",
+                    *self.args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         with grpc.insecure_channel(self.address) as channel:
             wait_serving("node", channel, self.proc, timeout, self.log)
 
