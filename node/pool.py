@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,6 +51,7 @@ from node.runtimes.base import (
     Transcription,
 )
 from node.runtimes.registry import RuntimeRegistry
+from node.threads import FreshThreadExecutor
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -205,9 +205,8 @@ class ModelPool:
         self._leaving: set[_Entry] = set()
         self._failed: dict[str, LlmlbError] = {}
         self._memory = asyncio.Condition()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.settings.worker_threads, thread_name_prefix="xllm-run"
-        )
+        # A thread per call, not a long-lived pool: see node/threads.py for what that saves.
+        self._executor = FreshThreadExecutor(self.settings.worker_threads, "xllm-run")
         self._closed = False
 
     # -- state for heartbeats --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -375,3 +376,37 @@ async def test_a_copy_on_its_way_out_still_counts_against_the_budget(tmp_path: P
     assert (await asyncio.wait_for(reload, 5))[-1].finish_reason is FinishReason.LENGTH
     assert pool.used_mb == 100
     await pool.close()
+
+
+class ThreadNoting(CounterRuntime):
+    """Notes the thread every engine call runs on."""
+
+    threads: ClassVar[list[threading.Thread]] = []
+
+    def load(self) -> None:
+        self.threads.append(threading.current_thread())
+        super().load()
+
+    def _count(self, n: int, cancel: CancelFlag) -> Iterator[TextChunk]:
+        self.threads.append(threading.current_thread())
+        return super()._count(n, cancel)
+
+
+async def test_engine_calls_run_on_threads_that_end_with_them(tmp_path: Path) -> None:
+    # A thread that called llama.cpp keeps an OpenMP team alive as long as it lives; teams left on
+    # long-lived threads slow every later generation once they outnumber the cores (node/threads.py).
+    spec = RuntimeSpec("noting", frozenset({FileFormat.OTHER}), ThreadNoting.capabilities, ThreadNoting)
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), RuntimeRegistry([spec]))
+    model = counter_model(tmp_path, "a", 100)
+    ThreadNoting.threads.clear()
+
+    for _ in range(3):
+        assert len(await collect(pool, model)) == 4
+    await pool.close()
+
+    noted = ThreadNoting.threads
+    assert len(noted) == 4  # the load, then three generations
+    assert len({id(t) for t in noted}) == 4
+    for thread in noted:
+        thread.join(timeout=5)
+        assert not thread.is_alive(), f"{thread.name} outlived its call"
