@@ -13,13 +13,26 @@ than about the node.
 
 from __future__ import annotations
 
-import os
+import asyncio
+import functools
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc.aio
 
+from bench.direct import (
+    CONTEXT_TOKENS,
+    PROMPT,
+    direct_round,
+    direct_tokens,
+    engine_threads,
+    open_llama,
+    timed_generation,
+)
+from bench.quiet import QuietRounds, Round
 from common.inference import CompleteRequest, SamplingParams
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
@@ -29,23 +42,10 @@ from node.pool import ModelPool, PoolSettings
 from node.servicers.inference import InferenceServicer
 from tests.fixtures.models import ModelFiles, gemma_files
 
-PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"
 TOKENS = 128
-ROUNDS = 9
+ROUNDS = 15
+THREAD_ROUNDS = 4
 GOAL = 0.98
-
-
-def _direct_tokens(llm: Any, n: int) -> int:
-    """How many tokens greedy decoding of PROMPT yields (stream chunks need not be one token each)."""
-    result = llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, seed=1)
-    return int(result["usage"]["completion_tokens"])
-
-
-def _direct_round(llm: Any, n: int) -> float:
-    started = time.perf_counter()
-    for _ in llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, stream=True, seed=1):
-        pass
-    return time.perf_counter() - started
 
 
 async def _node_round(stub: Any, n: int) -> tuple[int, float]:
@@ -70,14 +70,44 @@ async def _pool_round(pool: ModelPool, files: ModelFiles, n: int) -> tuple[int, 
     return produced, time.perf_counter() - started
 
 
-async def run() -> str:
-    from llama_cpp import Llama
+async def _threads_compared(llm: Any, quiet: QuietRounds) -> tuple[list[float], list[float]]:
+    """Direct generation from a fresh thread per call, from two long-lived threads in turn, then fresh again.
 
+    The long-lived threads' OpenMP teams stay until the threads end, so their rounds come as one block
+    and the threads are ended before the last fresh block.
+    """
+    loop = asyncio.get_running_loop()
+    fresh: list[float] = []
+    kept: list[float] = []
+
+    async def measure(rates: list[float], seconds: Callable[[], Awaitable[float]]) -> None:
+        async def one() -> tuple[int, float]:
+            return TOKENS, await seconds()
+
+        n, took, _ = await quiet.measure(one)
+        rates.append(n / took)
+
+    for _ in range(THREAD_ROUNDS):
+        await measure(fresh, lambda: direct_round(llm, TOKENS))
+    workers = [ThreadPoolExecutor(1, f"bench-kept-{i}") for i in range(2)]
+    try:
+        for i in range(2 * THREAD_ROUNDS):
+            await measure(
+                kept, functools.partial(loop.run_in_executor, workers[i % 2], timed_generation, llm, TOKENS)
+            )
+    finally:
+        for worker in workers:
+            worker.shutdown(wait=True)
+    for _ in range(THREAD_ROUNDS):
+        await measure(fresh, lambda: direct_round(llm, TOKENS))
+    return fresh, kept
+
+
+async def run() -> str:
     files = gemma_files()
-    threads = os.cpu_count() or 1
-    settings = PoolSettings(engine_threads=threads, context_tokens=4096)
-    path = str(next(iter(files.paths.values())))
-    llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    threads = engine_threads()
+    settings = PoolSettings(engine_threads=threads, context_tokens=CONTEXT_TOKENS)
+    llm = await open_llama(next(iter(files.paths.values())))
 
     async def resolve(model_id: str) -> ModelFiles:
         return files
@@ -90,28 +120,33 @@ async def run() -> str:
     direct: list[float] = []
     node: list[float] = []
     in_pool: list[float] = []
+    quiet = QuietRounds()  # everything measured runs in this process
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             stub = igrpc.InferenceStub(channel)
             await _node_round(stub, 8)  # load and warm
-            expected = _direct_tokens(llm, TOKENS)
+            expected = await direct_tokens(llm, TOKENS)
 
-            async def via_direct() -> None:
-                direct.append(expected / _direct_round(llm, TOKENS))
+            async def via_direct() -> tuple[int, float]:
+                return expected, await direct_round(llm, TOKENS)
 
-            async def via_node() -> None:
+            async def via_node() -> tuple[int, float]:
                 n, seconds = await _node_round(stub, TOKENS)
                 assert n == expected, f"node generated {n} tokens, direct {expected}"
-                node.append(n / seconds)
+                return n, seconds
 
-            async def via_pool() -> None:
-                n, seconds = await _pool_round(pool, files, TOKENS)
-                in_pool.append(n / seconds)
-
-            turns = [via_direct, via_node, via_pool]
+            paths: dict[str, tuple[Round, list[float]]] = {
+                "direct": (via_direct, direct),
+                "node": (via_node, node),
+                "pool": (lambda: _pool_round(pool, files, TOKENS), in_pool),
+            }
+            order = list(paths)
             for round_ in range(ROUNDS):
-                for take in turns[round_ % 3 :] + turns[: round_ % 3]:
-                    await take()
+                for name in order[round_ % 3 :] + order[: round_ % 3]:
+                    one, rates = paths[name]
+                    n, seconds, _ = await quiet.measure(one)
+                    rates.append(n / seconds)
+            fresh, kept = await _threads_compared(llm, quiet)
     finally:
         await server.stop(grace=None)
         await pool.close()
@@ -129,7 +164,7 @@ async def run() -> str:
             f"order that rotates each round; greedy, {threads} threads, prompt processing included. The gRPC "
             "client shares the node's process and event loop. `direct` streams through "
             "`create_completion`, which does more Python work per token than the `generate` loop the "
-            "node's runtime drives.",
+            "node's runtime drives. " + QuietRounds.method("this process"),
             "",
             "| path | median tokens/s | min | max |",
             "|---|---|---|---|",
@@ -143,6 +178,25 @@ async def run() -> str:
             f"- node / direct, median of the per-round ratios: {paired:.1%} (goal ≥ {GOAL:.0%}: {verdict}); "
             f"ratio of the medians: {ratio:.1%}",
             f"- pool without gRPC / direct, median of the per-round ratios: {pool_paired:.1%}",
+            quiet.summary(),
+            "",
+            "### Why the node starts a thread for each engine call",
+            "",
+            f"llama-cpp-python direct again, {TOKENS} tokens a round: {THREAD_ROUNDS} rounds each on a fresh "
+            f"thread, then {2 * THREAD_ROUNDS} rounds taking turns between two long-lived threads (a pool's "
+            f"way), which are then ended, then {THREAD_ROUNDS} more fresh rounds. Every thread that has "
+            "called llama.cpp keeps an OpenMP team for as long as it lives; once the teams' threads "
+            "outnumber the cores, OpenMP makes every team spin less between steps.",
+            "",
+            "| calling threads | median tokens/s | min | max |",
+            "|---|---|---|---|",
+            f"| a fresh thread per call (the node's way) | {statistics.median(fresh):.1f} | {min(fresh):.1f} "
+            f"| {max(fresh):.1f} |",
+            f"| two long-lived threads in turn | {statistics.median(kept):.1f} | {min(kept):.1f} "
+            f"| {max(kept):.1f} |",
+            "",
+            f"- two long-lived threads / a fresh thread per call: "
+            f"{statistics.median(kept) / statistics.median(fresh):.1%}",
             "",
         ]
     )

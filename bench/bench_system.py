@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import grpc
 import grpc.aio
@@ -36,6 +36,8 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balancer.server import Balancer, start
+from bench.direct import PROMPT, direct_round, direct_tokens, engine_threads, open_llama
+from bench.quiet import QuietRounds, Round
 from common import packaged_models
 from common.channels import open_channel
 from common.config import load_balancer_config, load_node_config
@@ -52,13 +54,9 @@ from tests.fixtures.models import CACHE, catalogue_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = packaged_models.GEMMA
-PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"
 TOKENS = 64
 ROUNDS = 5
 GOAL_STREAM = 0.95
-QUIET_CORES = 0.2  # a round during which other processes used more CPU than this is run again
-REPEAT_ROUND = 2  # repeats of one round: a neighbour that stays is part of the machine
-REPEAT_BUDGET = 10  # repeats in all, so a busy machine cannot stretch the run without bound
 MISSING_CALLS = 200  # per path
 MISSING_ROUNDS = 4
 GOAL_MISSING_S = 1.0
@@ -79,8 +77,6 @@ MISSING_NAMES = {
     "grpc": "gRPC door `Complete` -> NOT_FOUND",
     "node": "node `Complete` (the node asks the balancer) -> NOT_FOUND",
 }
-Round = Callable[[], Awaitable[tuple[int, float]]]
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _hermetic_env() -> dict[str, str]:
@@ -241,49 +237,18 @@ async def _http_round(client: httpx.AsyncClient, n: int) -> tuple[int, float]:
     return produced, time.perf_counter() - started
 
 
-def _direct_round(llm: Any, n: int) -> float:
-    started = time.perf_counter()
-    for _ in llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, stream=True, seed=1):
-        pass
-    return time.perf_counter() - started
-
-
-def _direct_tokens(llm: Any, n: int) -> int:
-    """Tokens greedy decoding of PROMPT yields (stream chunks need not be one token each)."""
-    result = llm.create_completion(PROMPT, max_tokens=n, temperature=0.0, seed=1)
-    return int(result["usage"]["completion_tokens"])
-
-
 @dataclass(slots=True)
 class _Streaming:
     rates: dict[str, list[float]]
     tokens: dict[str, set[int]]
     threads: int
     cpu_ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in STREAM_PATHS})
-    others: list[float] = field(default_factory=list)  # cores other processes used, per kept round
-    repeats: int = 0
-
-
-def _cpu_now(node_pid: int) -> tuple[float, float, float]:
-    """CPU seconds so far: the whole machine's busy time, this process's and the node's.
-
-    From /proc (Linux); elsewhere the machine's figure is 0, so no round counts as disturbed.
-    """
-    own = time.process_time()
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        stat = Path(f"/proc/{node_pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return 0.0, own, 0.0
-    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-    return busy / _TICKS, own, (int(stat[11]) + int(stat[12])) / _TICKS  # utime + stime
+    quiet: QuietRounds = field(default_factory=QuietRounds)
 
 
 async def _streaming(
     node: _Node, admin: grpc.aio.Channel, http: httpx.AsyncClient, model_path: Path
 ) -> _Streaming:
-    from llama_cpp import Llama
-
     registry = rgrpc.RegistryStub(admin)
     door = igrpc.InferenceStub(admin)
     async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
@@ -298,22 +263,12 @@ async def _streaming(
         await _grpc_round(door, 8)
         await _http_round(http, 8)
 
-        # The node's engine settings: one thread per core, a 4096-token context.
-        threads = os.cpu_count() or 1
-        llm = await asyncio.to_thread(
-            Llama,
-            model_path=str(model_path),
-            n_ctx=4096,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        llm = await open_llama(model_path)
         try:
-            expected = await asyncio.to_thread(_direct_tokens, llm, TOKENS)
+            expected = await direct_tokens(llm, TOKENS)
 
             async def direct() -> tuple[int, float]:
-                # In a thread, so the balancer's event loop (heartbeats, sessions) keeps running.
-                return expected, await asyncio.to_thread(_direct_round, llm, TOKENS)
+                return expected, await direct_round(llm, TOKENS)
 
             rounds: dict[str, Round] = {
                 "direct": direct,
@@ -321,39 +276,27 @@ async def _streaming(
                 "grpc": lambda: _grpc_round(door, TOKENS),
                 "http": lambda: _http_round(http, TOKENS),
             }
-            result = _Streaming({p: [] for p in STREAM_PATHS}, {p: set() for p in STREAM_PATHS}, threads)
+            result = _Streaming(
+                {p: [] for p in STREAM_PATHS},
+                {p: set() for p in STREAM_PATHS},
+                engine_threads(),
+                quiet=QuietRounds(pids=(node.proc.pid,)),
+            )
             for i in range(ROUNDS):
                 # One generation at a time; the order rotates so drift in machine load hits all alike.
                 turn = i % len(STREAM_PATHS)
                 for path in STREAM_PATHS[turn:] + STREAM_PATHS[:turn]:
-                    await _measure(result, path, rounds[path], node.proc.pid)
+                    await _measure(result, path, rounds[path])
         finally:
             llm.close()
     return result
 
 
-async def _measure(result: _Streaming, path: str, one: Round, node_pid: int) -> None:
-    """One round of ``path``, repeated while other processes took the cores (within a budget).
-
-    llama.cpp's threads wait for each other at every step, so a neighbour taking part of one core
-    slows generation several-fold; such a round measures the neighbour, not the path.
-    """
-    tries = 0
-    while True:
-        before = _cpu_now(node_pid)
-        n, seconds = await one()
-        after = _cpu_now(node_pid)
-        busy, own, node = (a - b for a, b in zip(after, before, strict=True))
-        others = max(0.0, busy - own - node) / seconds
-        if others <= QUIET_CORES or tries == REPEAT_ROUND or result.repeats >= REPEAT_BUDGET:
-            break
-        tries += 1
-        result.repeats += 1
-        await asyncio.sleep(1.0)  # let the neighbour's burst pass
+async def _measure(result: _Streaming, path: str, one: Round) -> None:
+    n, seconds, own = await result.quiet.measure(one)
     result.rates[path].append(n / seconds)
     result.tokens[path].add(n)
     result.cpu_ms[path].append(own * 1000 / n)
-    result.others.append(others)
 
 
 # -- 2. model-not-found latency ---------------------------------------------------------------------
@@ -550,10 +493,7 @@ def _stream_report(s: _Streaming, busy: float) -> str:
         f"- CPU the balancer adds per streamed token (gRPC door row minus node row, same client): "
         f"{cpu['grpc'] - cpu['node']:.2f} ms, against {1000 / median['direct']:.1f} ms of wall time per "
         "token generated directly",
-        f"- rounds run again because other processes took the cores: {s.repeats}"
-        + (" (the budget ran out)" if s.repeats >= REPEAT_BUDGET else "")
-        + f"; other processes used {statistics.median(s.others):.2f} (median), "
-        f"{max(s.others):.2f} (max) of a core during the rounds kept",
+        s.quiet.summary(),
         "- tokens generated per round: "
         + (
             f"{counts['direct'][0]} on every path"
@@ -574,11 +514,9 @@ def _stream_report(s: _Streaming, busy: float) -> str:
             "the node, the balancer and the clients share the same cores, so every path through the "
             "balancer pays for the balancer's and the client's CPU out of the generation's. "
             "`CPU ms / token here` is this process's CPU time per generated token (median): the client "
-            "alone on the node row, the client and the whole balancer on the routed rows. A round during "
-            f"which other processes used more than {QUIET_CORES} of a core (from /proc/stat, less this "
-            f"process and the node) is run again after a second's pause, at most {REPEAT_ROUND} times per "
-            f"round and {REPEAT_BUDGET} in all: llama.cpp's threads wait for each other at every step, so "
-            "a neighbour slows generation several-fold. The 1-minute load average was "
+            "alone on the node row, the client and the whole balancer on the routed rows. "
+            + QuietRounds.method("this process and the node")
+            + " The 1-minute load average was "
             f"{busy:.1f} when the run started.",
             "",
             "| path | median tokens/s | min | max | vs direct | CPU ms / token here |",
