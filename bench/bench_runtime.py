@@ -164,7 +164,8 @@ async def run() -> str:
             f"order that rotates each round; greedy, {threads} threads, prompt processing included. The gRPC "
             "client shares the node's process and event loop. `direct` streams through "
             "`create_completion`, which does more Python work per token than the `generate` loop the "
-            "node's runtime drives. " + QuietRounds.method("this process"),
+            "node's runtime drives; it runs each call on a thread of its own, as the node does (see "
+            "below). " + QuietRounds.method("this process"),
             "",
             "| path | median tokens/s | min | max |",
             "|---|---|---|---|",
