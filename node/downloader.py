@@ -85,17 +85,13 @@ class OriginSource:
 class ReadBlobSource:
     """``Manifest.ReadBlob`` on the balancer (its origin proxy) or on a peer node holding the file."""
 
-    def __init__(
-        self, name: str, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()
-    ) -> None:
+    def __init__(self, name: str, channel: grpc.aio.Channel) -> None:
         self.name = name
         self._stub = mgrpc.ManifestStub(channel)
-        self._metadata = metadata
 
     async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
         call = self._stub.ReadBlob(
-            mpb.ReadBlobRequest(model_id=model.id, filename=file.filename, offset=offset),
-            metadata=self._metadata or None,
+            mpb.ReadBlobRequest(model_id=model.id, filename=file.filename, offset=offset)
         )
         position = offset
         try:

@@ -24,13 +24,13 @@ import grpc.aio
 import structlog
 
 from common import converters
-from common.channels import bearer_metadata, open_channel
+from common.channels import open_channel
 from common.config import NodeConfig
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
-from common.rpc import CHANNEL_OPTIONS, error_from_rpc
+from common.rpc import error_from_rpc
 from common.types import Capability, Model
 from node.downloader import BlobSource, ReadBlobSource
 from node.hardware import Hardware
@@ -355,16 +355,15 @@ class BalancerLink:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         found: list[BlobSource] = []
-        # Peers are asked with this node's own token: a fleet shares one XLLM_AUTH_TOKEN. A peer that
-        # refuses it answers UNAUTHENTICATED, and the download moves on to the next source.
-        token = bearer_metadata(self._config.auth_token)
         for node in nodes.nodes:
             if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
                 channel = self._peers.get(node.address)
                 if channel is None:
-                    channel = grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS)
+                    # Peers are asked with this node's own token: a fleet shares one XLLM_AUTH_TOKEN. A
+                    # peer that refuses it answers UNAUTHENTICATED; the download moves to the next source.
+                    channel = open_channel(node.address, api_key=self._config.auth_token)
                     self._peers[node.address] = channel
-                found.append(ReadBlobSource(f"peer:{node.id}", channel, token))
+                found.append(ReadBlobSource(f"peer:{node.id}", channel))
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
 

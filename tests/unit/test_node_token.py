@@ -213,13 +213,12 @@ async def test_a_peer_that_refuses_the_token_is_skipped_once_for_the_next_source
     storage = Storage(config.models_dir, pool)
     file = ManifestFile("w.gguf", FileFormat.GGUF, len(DATA), hashlib.sha256(DATA).hexdigest())
     model = _model(file)
-    mine = bearer_metadata(TOKEN)  # what link.peer_sources hands each peer source
-    async with (
-        grpc.aio.insecure_channel(refusing.address) as a,
-        grpc.aio.insecure_channel(serving.address) as b,
+    async with (  # peer channels as link.peer_sources opens them: presenting this node's token
+        open_channel(refusing.address, api_key=TOKEN) as a,
+        open_channel(serving.address, api_key=TOKEN) as b,
     ):
-        first = CountingSource(ReadBlobSource("peer:refusing", a, mine))
-        second = CountingSource(ReadBlobSource("peer:serving", b, mine))
+        first = CountingSource(ReadBlobSource("peer:refusing", a))
+        second = CountingSource(ReadBlobSource("peer:serving", b))
         path = await Downloader(storage, config).fetch(model, file, [first, second])
     assert path.read_bytes() == DATA
     assert (first.opened, second.opened) == (1, 1)  # refused: no retries against the same peer
