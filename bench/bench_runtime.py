@@ -23,18 +23,18 @@ from typing import Any
 
 import grpc.aio
 
-from bench.direct import (
+from bench.generation import (
     CONTEXT_TOKENS,
     PROMPT,
     direct_round,
     direct_tokens,
     engine_threads,
+    grpc_round,
     open_llama,
     timed_generation,
 )
 from bench.quiet import QuietRounds, Round
 from common.inference import CompleteRequest, SamplingParams
-from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from node.hardware import detect
@@ -46,18 +46,6 @@ TOKENS = 128
 ROUNDS = 15
 THREAD_ROUNDS = 4
 GOAL = 0.98
-
-
-async def _node_round(stub: Any, n: int) -> tuple[int, float]:
-    request = ipb.CompleteRequest(
-        model="gemma-3-270m", prompt=PROMPT, params=ipb.SamplingParams(max_tokens=n, temperature=0.0, seed=1)
-    )
-    started = time.perf_counter()
-    produced = 0
-    async for chunk in stub.Complete(request):
-        if chunk.finish_reason:
-            produced = chunk.usage.completion_tokens
-    return produced, time.perf_counter() - started
 
 
 async def _pool_round(pool: ModelPool, files: ModelFiles, n: int) -> tuple[int, float]:
@@ -124,14 +112,14 @@ async def run() -> str:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             stub = igrpc.InferenceStub(channel)
-            await _node_round(stub, 8)  # load and warm
+            await grpc_round(stub, 8)  # load and warm
             expected = await direct_tokens(llm, TOKENS)
 
             async def via_direct() -> tuple[int, float]:
                 return expected, await direct_round(llm, TOKENS)
 
             async def via_node() -> tuple[int, float]:
-                n, seconds = await _node_round(stub, TOKENS)
+                n, seconds = await grpc_round(stub, TOKENS)
                 assert n == expected, f"node generated {n} tokens, direct {expected}"
                 return n, seconds
 

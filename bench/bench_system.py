@@ -36,7 +36,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from balancer.server import Balancer, start
-from bench.direct import PROMPT, direct_round, direct_tokens, engine_threads, open_llama
+from bench.generation import PROMPT, direct_round, direct_tokens, engine_threads, grpc_round, open_llama
 from bench.quiet import QuietRounds, Round
 from common import packaged_models
 from common.channels import open_channel
@@ -196,20 +196,6 @@ async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str,
 # -- 1. token streaming -----------------------------------------------------------------------------
 
 
-def _params(n: int) -> ipb.SamplingParams:
-    return ipb.SamplingParams(max_tokens=n, temperature=0.0, seed=1)
-
-
-async def _grpc_round(stub: igrpc.InferenceAsyncStub, n: int) -> tuple[int, float]:
-    request = ipb.CompleteRequest(model=MODEL, prompt=PROMPT, params=_params(n))
-    started = time.perf_counter()
-    produced = 0
-    async for chunk in stub.Complete(request, timeout=300):
-        if chunk.finish_reason:
-            produced = chunk.usage.completion_tokens
-    return produced, time.perf_counter() - started
-
-
 async def _http_round(client: httpx.AsyncClient, n: int) -> tuple[int, float]:
     body = {
         "model": MODEL,
@@ -253,14 +239,14 @@ async def _streaming(
     door = igrpc.InferenceStub(admin)
     async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
         direct_node = igrpc.InferenceStub(channel)
-        await _grpc_round(direct_node, 8)  # resolves from the shared dir (hashing it once) and loads
+        await grpc_round(direct_node, 8)  # resolves from the shared dir (hashing it once) and loads
 
         async def ready() -> bool:
             status = await registry.GetModelStatus(rpb.GetModelStatusRequest(model_id=MODEL), timeout=5)
             return bool(status.status == pb.MODEL_STATE_READY)
 
         await _until(ready, 30, f"the balancer sees {MODEL} ready", node)
-        await _grpc_round(door, 8)
+        await grpc_round(door, 8)
         await _http_round(http, 8)
 
         llm = await open_llama(model_path)
@@ -272,8 +258,8 @@ async def _streaming(
 
             rounds: dict[str, Round] = {
                 "direct": direct,
-                "node": lambda: _grpc_round(direct_node, TOKENS),
-                "grpc": lambda: _grpc_round(door, TOKENS),
+                "node": lambda: grpc_round(direct_node, TOKENS),
+                "grpc": lambda: grpc_round(door, TOKENS),
                 "http": lambda: _http_round(http, TOKENS),
             }
             result = _Streaming(

@@ -1,8 +1,9 @@
-"""llama-cpp-python called directly: the baseline the node's generation is measured against.
+"""One greedy generation of PROMPT, timed: through an ``Inference`` door, or llama-cpp-python directly.
 
-Each call runs on a thread of its own that ends with it, as the node's own engine calls do, so that
-exactly one OpenMP team exists while the baseline generates: the same as in a program of its own that
-calls llama-cpp-python from its main thread. Calls from a long-lived pool would leave a team behind
+The direct call is the baseline the node's generation is measured against. Each one runs on a thread
+of its own that ends with it, as the node's own engine calls do, so that exactly one OpenMP team
+exists while the baseline generates: the same as in a program of its own that calls llama-cpp-python
+from its main thread. Calls from a long-lived pool would leave a team behind
 on every thread used, and with more team threads than cores every team generates slower (see
 node/threads.py), so the baseline would measure the benchmark's own threads.
 """
@@ -16,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.packaged_models import GEMMA
+from common.pb.llmlb.v1 import inference_pb2 as ipb
+from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from node.threads import FreshThreadExecutor
 
 PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"
@@ -72,3 +76,16 @@ async def direct_tokens(llm: Any, n: int) -> int:
 async def direct_round(llm: Any, n: int) -> float:
     """:func:`timed_generation` on a thread of its own."""
     return await on_own_thread(timed_generation, llm, n)
+
+
+async def grpc_round(stub: igrpc.InferenceAsyncStub, n: int) -> tuple[int, float]:
+    """Tokens and seconds for the same generation through an ``Inference`` door (node or balancer)."""
+    request = ipb.CompleteRequest(
+        model=GEMMA, prompt=PROMPT, params=ipb.SamplingParams(max_tokens=n, temperature=0.0, seed=1)
+    )
+    started = time.perf_counter()
+    produced = 0
+    async for chunk in stub.Complete(request, timeout=300):
+        if chunk.finish_reason:
+            produced = chunk.usage.completion_tokens
+    return produced, time.perf_counter() - started
