@@ -207,9 +207,7 @@ class Resolver:
                 # resolution wrote, and tell the caller the model is gone.
                 await self._storage.delete(model.id)
                 self._states.remove(model.id)
-                raise LlmlbError(
-                    ErrorCode.MODEL_NOT_FOUND, f"model {model.id!r} was deleted while being fetched"
-                ) from None
+                raise _deleted(model.id) from None
             if isinstance(exc, LlmlbError):
                 self._states.set(model.id, st.FAILED, total=total, error=exc.message)
             raise
@@ -224,7 +222,7 @@ class Resolver:
         stops the ones not yet started.
         """
         if self._deletes.get(model_id, 0) != deletes:
-            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} was deleted while being fetched")
+            raise _deleted(model_id)
 
     async def _sources(self, model: Model) -> list[BlobSource]:
         found: list[BlobSource] = []
@@ -284,3 +282,7 @@ def _cancelling() -> bool:
     """Whether the running task itself is being cancelled (its caller left), not just a wait inside it."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _deleted(model_id: str) -> LlmlbError:
+    return LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} was deleted while being fetched")
