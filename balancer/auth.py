@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from balancer.edge.access import Access, grpc_access, unlisted
 from balancer.store import Store
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.rpc import metadata_bearer, refusing_handler
@@ -32,50 +33,9 @@ SHOWN_PREFIX_LENGTH = 12  # "llmlb-" and 6 more characters: enough to tell keys 
 CACHE_SECONDS = 5.0  # a key revoked by another balancer process stops working within this long
 TOUCH_EVERY_S = 60.0
 
-# What each RPC needs; ADMIN may call anything. Health checks and reflection need no key.
-_API = Scope.API
-_NODE = Scope.NODE
-_ADMIN = Scope.ADMIN
-METHOD_SCOPES: dict[str, Scope] = {
-    "/llmlb.v1.Registry/GetModel": _API,
-    "/llmlb.v1.Registry/ListModels": _API,
-    "/llmlb.v1.Registry/GetModelStatus": _API,
-    "/llmlb.v1.Registry/RegisterNode": _NODE,
-    "/llmlb.v1.Registry/NodeSession": _NODE,
-    "/llmlb.v1.Manifest/GetManifest": _NODE,
-    "/llmlb.v1.Manifest/ReadBlob": _NODE,
-}
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# Reads a node makes while resolving a model (its manifest, peers that hold it): api or node keys.
-NODE_MAY_READ = frozenset(
-    {
-        "/llmlb.v1.Registry/GetModel",
-        "/llmlb.v1.Registry/ListModels",
-        "/llmlb.v1.Registry/GetModelStatus",
-        "/llmlb.v1.Registry/ListNodes",  # peers holding a model, for peer fetch
-    }
-)
-
-
-def scope_for(method: str) -> Scope | None:
-    """The scope a gRPC method needs; None for open ones. Unlisted Registry calls are admin work."""
-    if method.startswith(OPEN_SERVICES):
-        return None
-    if method.startswith("/llmlb.v1.Inference/"):
-        return Scope.API
-    return METHOD_SCOPES.get(method, Scope.ADMIN)
-
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def scopes_for(method: str) -> tuple[Scope, ...]:
-    """Every scope that may call ``method``, besides admin; empty for open methods."""
-    scope = scope_for(method)
-    if scope is None:
-        return ()
-    return (scope, Scope.NODE) if method in NODE_MAY_READ else (scope,)
 
 
 def allows(key: ApiKey, *scopes: Scope) -> bool:
@@ -144,6 +104,17 @@ class KeyRing:
         log.info("key.bootstrapped", key_id=key.id, file=str(path))
         return secret
 
+    async def authorize(self, token: str | None, access: Access | None, what: str) -> ApiKey | None:
+        """The caller's key if ``access`` lets it in; refuses every caller when ``access`` is None.
+
+        ``what`` names the call (a gRPC method, an HTTP route) in the refusal of an unlisted one.
+        """
+        if access is None:
+            raise unlisted(what)
+        if access.public:
+            return None
+        return await self.check(token, *access.scopes)
+
     async def check(self, token: str | None, scope: Scope, *also: Scope) -> ApiKey | None:
         """The key behind ``token`` if it may act in ``scope`` (or one of ``also``); None when auth is off.
 
@@ -190,7 +161,7 @@ class KeyRing:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Checks the bearer key in each call's metadata against the scope its method needs."""
+    """Checks each call against its method's entry in ``GRPC_ACCESS``; a method with none is refused."""
 
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
@@ -201,14 +172,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        scopes = scopes_for(handler_call_details.method)
-        if handler is None or not scopes or not self._keys.enabled:
+        if handler is None:  # not served at all: gRPC answers UNIMPLEMENTED
             return handler
+        method = handler_call_details.method
         token = metadata_bearer(handler_call_details.invocation_metadata)
         try:
-            await self._keys.check(token, *scopes)
+            await self._keys.authorize(token, grpc_access(method), method)
         except LlmlbError as exc:
-            log.info("auth.refused", method=handler_call_details.method, code=exc.code.value)
+            log.info("auth.refused", method=method, code=exc.code.value)
             trailing = ((GRPC_CODE_KEY, exc.code.value),)
             return refusing_handler(handler, exc.spec.grpc_status, exc.message, trailing)
         return handler

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.catalog import load_catalog
+from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
 from balancer.http.app import create_app
 from balancer.http.server import HttpServer, start_http
@@ -140,7 +141,9 @@ async def start(config: BalancerConfig) -> Balancer:
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(registry, origin), server)
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router, metrics), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(router, Observer(metrics, registry)), server
+    )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

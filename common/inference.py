@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from common.errors import ErrorCode, LlmlbError
 
 MAX_STOP_SEQUENCES = 4
+SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit for /v1/audio/speech
 
 
 def _invalid(message: str) -> LlmlbError:
@@ -206,6 +207,8 @@ class SpeakRequest:
     def validate(self) -> None:
         if not self.input.strip():
             raise _invalid("input must not be empty")
+        if len(self.input) > SPEECH_MAX_INPUT_CHARS:
+            raise _invalid(f"input has {len(self.input)} characters; the limit is {SPEECH_MAX_INPUT_CHARS}")
         _check_range("speed", self.speed, 0.25, 4.0)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
     AudioFormat,
@@ -26,6 +30,8 @@ from common.inference import (
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import types_pb2 as tpb
 
+E = TypeVar("E")
+
 _FINISH_TO_PB = {
     FinishReason.STOP: ipb.FINISH_REASON_STOP,
     FinishReason.LENGTH: ipb.FINISH_REASON_LENGTH,
@@ -44,6 +50,16 @@ _IMAGE_OP_TO_PB = {
 }
 _IMAGE_OP_FROM_PB: dict[int, ImageOperation] = {int(v): k for k, v in _IMAGE_OP_TO_PB.items()}
 _IMAGE_OP_FROM_PB[int(ipb.IMAGE_OPERATION_UNSPECIFIED)] = ImageOperation.GENERATE
+
+
+def _known(table: Mapping[int, E], value: int, name: str, allowed: str) -> E:
+    """An enum value a caller sent; a number this version does not know is ``invalid_request``."""
+    try:
+        return table[int(value)]
+    except KeyError:
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST, f"{name} {int(value)} is unknown; use {allowed}"
+        ) from None
 
 
 def sampling_from_pb(msg: ipb.SamplingParams) -> SamplingParams:
@@ -264,7 +280,7 @@ def speak_request_from_pb(msg: ipb.SpeakRequest) -> SpeakRequest:
         model=msg.model,
         input=msg.input,
         voice=msg.voice,
-        format=_AUDIO_FROM_PB.get(int(msg.format), AudioFormat.WAV),
+        format=_known(_AUDIO_FROM_PB, msg.format, "format", "WAV or PCM"),
         speed=msg.speed if msg.HasField("speed") else None,
         request_id=msg.request_id,
     )
@@ -307,7 +323,7 @@ def image_request_from_pb(msg: ipb.GenerateImageRequest) -> GenerateImageRequest
     return GenerateImageRequest(
         model=msg.model,
         prompt=msg.prompt,
-        operation=_IMAGE_OP_FROM_PB.get(int(msg.operation), ImageOperation.GENERATE),
+        operation=_known(_IMAGE_OP_FROM_PB, msg.operation, "operation", "GENERATE, EDIT or VARIATION"),
         negative_prompt=msg.negative_prompt,
         n=msg.n or 1,
         width=msg.width,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from balancer.http.access import guard
 from balancer.http.errors import Unexpected, install_error_handlers
 from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
@@ -19,7 +20,8 @@ from balancer.parts import BalancerParts
 def create_app(parts: BalancerParts) -> FastAPI:
     """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
     # Plain Starlette routes: the endpoints parse their own bodies, and skip per-request dependency solving.
-    routes = [*openai_routes(parts), *management_routes(parts), *probe_routes(parts)]
+    # Every route behind its entry in the access table; an unlisted one refuses every caller.
+    routes = guard([*openai_routes(parts), *management_routes(parts), *probe_routes(parts)], parts.keys)
     app = FastAPI(title="llmlb", routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     # Added last runs first: the size limit sees the request before anything reads its body.

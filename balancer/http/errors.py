@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from balancer.http.converters import dumps
+from balancer.http.openai_answers import dumps
 from common.errors import ErrorCode, LlmlbError
 
 log = structlog.get_logger(__name__)

@@ -7,13 +7,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from balancer import control
-from balancer.http import converters as cv
-from balancer.http.access import authorize
+from balancer.http import openai_answers as out
+from balancer.http import openai_requests as cv
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
 from balancer.http.schemas import RegisterModelBody
 from balancer.parts import BalancerParts
 from balancer.registry import RegisterRequest
-from common.types import Capability, Scope
+from common.types import Capability
 
 
 def _capabilities(names: list[str]) -> list[Capability]:
@@ -40,33 +40,27 @@ def register_request(body: RegisterModelBody) -> RegisterRequest:
 
 
 def management_routes(parts: BalancerParts) -> list[BaseRoute]:
-    """``/v0``: reads need an ``api`` key, writes an ``admin`` key."""
-    keys = parts.keys
+    """``/v0``: reads need an ``api`` key, writes an ``admin`` key (see ``balancer.edge.access``)."""
 
     def answer(payload: object, status: int = 200) -> Response:
-        return Response(cv.dumps(payload), status_code=status, media_type="application/json")
+        return Response(out.dumps(payload), status_code=status, media_type="application/json")
 
     async def register_model(request: Request) -> Response:
-        await authorize(keys, request, Scope.ADMIN)
         body = cv.parse_body(RegisterModelBody, await request.body())
         model = await parts.registry.register(register_request(body))
         return answer(model_detail_json(control.model_view(parts.fleet, model)), 201)
 
     async def list_models(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         views = await control.list_models(parts)
         return answer({"object": "list", "data": [model_detail_json(v) for v in views]})
 
     async def manifest(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         return answer(manifest_json(await parts.registry.get(request.path_params["model_id"])))
 
     async def status(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         return answer(status_json(await control.model_status(parts, request.path_params["model_id"])))
 
     async def list_nodes(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         views = await control.list_nodes(parts)
         return answer({"object": "list", "data": [node_json(v) for v in views]})
 

@@ -1,14 +1,14 @@
-"""The OpenAI-compatible routes under ``/v1``: parse, authorize, call the router, answer in OpenAI's shapes.
+"""The OpenAI-compatible routes under ``/v1``: parse, admit, call the router, answer in OpenAI's shapes.
 
-Thin on purpose: conversion lives in ``converters``, routing and retries in ``balancer.router``. A
-streamed answer whose error comes before its first chunk is a plain JSON error with its status.
+Thin on purpose: conversion lives in ``openai_requests`` and ``openai_answers``; admission, metrics
+and access in ``balancer.edge`` (shared with the gRPC door); routing and retries in
+``balancer.router``. A streamed answer whose error comes before its first chunk is a plain JSON error
+with its status.
 """
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,9 +20,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive
 
 from balancer import control
-from balancer.http import converters as cv
-from balancer.http.access import authorize
-from balancer.http.observe import Call
+from balancer.edge.observe import Call, Observer
+from balancer.http import openai_answers as out
+from balancer.http import openai_requests as cv
 from balancer.http.resources import deleted_json, openai_model_json, openai_model_list_json
 from balancer.http.schemas import (
     ChatCompletionBody,
@@ -42,25 +42,23 @@ from common.inference import (
     TextChunk,
 )
 from common.transcript_formats import parse_format, render
-from common.types import Scope
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+DOOR = "http"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_FORM_FIELDS = 64
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def request_id(request: Request) -> str:
-    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one."""
-    given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    """The caller's ``X-Request-Id``, checked at admission like the gRPC door's ``request_id`` field."""
+    return request.headers.get("x-request-id", "")
 
 
 def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(cv.dumps(payload), media_type="application/json", headers=headers)
+    return Response(out.dumps(payload), media_type="application/json", headers=headers)
 
 
 async def _first(chunks: AsyncIterator[T], receive: Receive) -> T | None:
@@ -76,7 +74,7 @@ async def _text_events(
     call: Call,
     first: TextChunk,
     chunks: AsyncIterator[TextChunk],
-    encoder: cv.ChatChunks | cv.CompletionChunks,
+    encoder: out.ChatChunks | out.CompletionChunks,
 ) -> AsyncGenerator[bytes, None]:
     code = ErrorCode.CANCELLED.value  # unless the stream runs to its end or fails
     try:
@@ -90,16 +88,16 @@ async def _text_events(
                     call.tokens(chunk.usage)
                 for event in encoder.events(chunk, False):
                     yield event
-        yield cv.SSE_DONE
+        yield out.SSE_DONE
         code = "ok"
     except LlmlbError as err:
         code = err.code.value
         log.info("http.stream_failed", route=call.route, code=code, error=err.message)
-        yield cv.sse_error(err)
+        yield out.sse_error(err)
     except Exception as exc:
         code = ErrorCode.INTERNAL.value
         log.exception("http.stream_failed", route=call.route, error=repr(exc))
-        yield cv.sse_error(LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
+        yield out.sse_error(LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log"))
     finally:
         call.done(code)
 
@@ -145,30 +143,18 @@ async def _file(form: FormData, *names: str, required: bool = True) -> tuple[byt
 def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     routing = parts.router
-    keys = parts.keys
-
-    async def known(model: str) -> bool:
-        try:
-            await parts.registry.get(model)
-        except LlmlbError:
-            return False
-        return True
+    observer = Observer(parts.metrics, parts.registry)
 
     def observed(route: str) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
         """Records each request's outcome and latency; streams record theirs when they end."""
 
         def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
             async def endpoint(request: Request) -> Response:
-                call = Call(parts.metrics, route)
+                call = observer.call(DOOR, route)
                 try:
                     response = await handler(request, call)
-                except LlmlbError as err:
-                    if call.model and not await known(call.model):
-                        call.model = ""  # an unknown name never becomes a metrics label
-                    call.done(err.code.value)
-                    raise
-                except Exception:
-                    call.done(ErrorCode.INTERNAL.value)
+                except BaseException as exc:
+                    await observer.failed(call, exc)
                     raise
                 if not isinstance(response, StreamingAnswer):
                     call.done("ok")
@@ -198,7 +184,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
                 call.tokens(last.usage)
             created = last.created if last and last.created else int(time.time())
             shown = last.model if last and last.model else model
-            render = cv.chat_completion_json if chat else cv.text_completion_json
+            render = out.chat_completion_json if chat else out.text_completion_json
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
             return json_response(render(completion_id, created, shown, text, last), headers)
         chunks = answer()
@@ -208,7 +194,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             first = TextChunk(rid, "", FinishReason.STOP)
         created = first.created or int(time.time())
         shown = first.model or model
-        encoder = (cv.ChatChunks if chat else cv.CompletionChunks)(
+        encoder = (out.ChatChunks if chat else out.CompletionChunks)(
             completion_id, created, shown, include_usage
         )
         return StreamingAnswer(
@@ -219,11 +205,9 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed("chat")
     async def chat_completions(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         body = cv.parse_body(ChatCompletionBody, await request.body())
-        rid = request_id(request)
-        internal = cv.chat_request(body, rid)
-        call.model = internal.model
+        internal = await observer.admit(call, cv.chat_request(body, request_id(request)))
+        rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
             request,
@@ -239,11 +223,9 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed("complete")
     async def completions(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         body = cv.parse_body(CompletionBody, await request.body())
-        rid = request_id(request)
-        internal = cv.complete_request(body, rid)
-        call.model = internal.model
+        internal = await observer.admit(call, cv.complete_request(body, request_id(request)))
+        rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
             request,
@@ -259,25 +241,22 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed("embed")
     async def embeddings(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         body = cv.parse_body(EmbeddingBody, await request.body())
-        rid = request_id(request)
-        internal = cv.embed_request(body, rid)
-        call.model = internal.model
+        internal = await observer.admit(call, cv.embed_request(body, request_id(request)))
+        rid = internal.request_id
         result = await unless_disconnected(request.receive, routing.embed(internal))
         call.tokens(result.usage)
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
-        return json_response(cv.embeddings_json(result, internal.model, body.encoding_format), headers)
+        return json_response(out.embeddings_json(result, internal.model, body.encoding_format), headers)
 
     @observed("transcribe")
     async def transcriptions(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
             rid = request_id(request)
-            internal = cv.transcribe_request(form, audio, filename, rid)
+            internal = await observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
+            rid = internal.request_id
             fmt = parse_format(cv.form_text(form, "response_format"))
-        call.model = internal.model
         transcript = await unless_disconnected(request.receive, routing.transcribe(internal))
         text, content_type = render(transcript, fmt)
         headers = {"x-request-id": rid, "x-llmlb-node": transcript.node_id}
@@ -285,11 +264,9 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed("speak")
     async def speech(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         body = cv.parse_body(SpeechBody, await request.body())
-        rid = request_id(request)
-        internal = cv.speak_request(body, rid)
-        call.model = internal.model
+        internal = await observer.admit(call, cv.speak_request(body, request_id(request)))
+        rid = internal.request_id
         chunks = routing.speak(internal)
         first = await _first(chunks, request.receive)
         call.first_chunk()
@@ -297,49 +274,42 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
         return StreamingAnswer(
             _audio_bytes(call, first, chunks),
-            media_type=cv.AUDIO_CONTENT_TYPES[internal.format],
+            media_type=out.AUDIO_CONTENT_TYPES[internal.format],
             headers={"x-request-id": rid},
         )
 
     async def image_answer(request: Request, internal: GenerateImageRequest, rid: str) -> Response:
         result = await unless_disconnected(request.receive, routing.generate_images(internal))
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
-        return json_response(cv.images_json(result, int(time.time())), headers)
+        return json_response(out.images_json(result, int(time.time())), headers)
 
     @observed("image")
     async def image_generations(request: Request, call: Call) -> Response:
-        await authorize(keys, request, Scope.API)
         body = cv.parse_body(ImageGenerationBody, await request.body())
-        rid = request_id(request)
-        internal = cv.generate_image_request(body, rid)
-        call.model = internal.model
-        return await image_answer(request, internal, rid)
+        internal = await observer.admit(call, cv.generate_image_request(body, request_id(request)))
+        return await image_answer(request, internal, internal.request_id)
 
     def image_form_route(operation: ImageOperation) -> Callable[[Request, Call], Awaitable[Response]]:
         async def image_form(request: Request, call: Call) -> Response:
-            await authorize(keys, request, Scope.API)
             async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
                 image, _ = await _file(form, "image", "image[]")
                 mask, _ = await _file(form, "mask", required=False)
-                rid = request_id(request)
-                internal = cv.image_form_request(form, operation, image, mask, rid)
-            call.model = internal.model
-            return await image_answer(request, internal, rid)
+                internal = await observer.admit(
+                    call, cv.image_form_request(form, operation, image, mask, request_id(request))
+                )
+            return await image_answer(request, internal, internal.request_id)
 
         image_form.__name__ = f"image_{operation.value}"
         return image_form
 
     async def list_models(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         return json_response(openai_model_list_json(await control.list_models(parts)))
 
     async def get_model(request: Request) -> Response:
-        await authorize(keys, request, Scope.API)
         view = await control.get_model(parts, request.path_params["model_id"])
         return json_response(openai_model_json(view))
 
     async def delete_model(request: Request) -> Response:
-        await authorize(keys, request, Scope.ADMIN)
         return json_response(deleted_json(await control.delete_model(parts, request.path_params["model_id"])))
 
     image = observed("image")

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from balancer.http.converters import dumps
+from balancer.http.openai_answers import dumps
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
 

@@ -1,7 +1,7 @@
 """OpenAI request bodies (and the /v0 management ones) as pydantic models: the HTTP door's parsing only.
 
 Strict types like OpenAI's (a number is not a string, ``"1"`` is not a number); unknown fields are
-ignored the way OpenAI ignores harmless extras. Conversion to internal types is in ``converters``.
+ignored the way OpenAI ignores harmless extras. Conversion to internal types is in ``openai_requests``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from balancer.auth import KeyRing, scope_for, scopes_for
+from balancer.auth import KeyRing
+from balancer.edge.access import grpc_access
 from balancer.store import Store
 from common import converters
 from common.errors import ErrorCode, LlmlbError
@@ -147,22 +148,34 @@ def test_bearer_reads_only_bearer_tokens(header: str | None, token: str | None) 
 
 
 @pytest.mark.parametrize(
-    ("method", "scope"),
+    ("method", "scopes"),
     [
-        ("/grpc.health.v1.Health/Check", None),
-        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", None),
-        ("/llmlb.v1.Inference/Chat", Scope.API),
-        ("/llmlb.v1.Registry/GetModel", Scope.API),
-        ("/llmlb.v1.Registry/RegisterNode", Scope.NODE),
-        ("/llmlb.v1.Registry/NodeSession", Scope.NODE),
-        ("/llmlb.v1.Manifest/ReadBlob", Scope.NODE),
-        ("/llmlb.v1.Registry/DeleteModel", Scope.ADMIN),
-        ("/llmlb.v1.Registry/CreateKey", Scope.ADMIN),
-        ("/llmlb.v1.Registry/SomethingNew", Scope.ADMIN),
+        ("/grpc.health.v1.Health/Check", ()),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", ()),
+        ("/llmlb.v1.Inference/Chat", (Scope.API,)),
+        ("/llmlb.v1.Registry/GetModel", (Scope.API, Scope.NODE)),
+        ("/llmlb.v1.Registry/RegisterNode", (Scope.NODE,)),
+        ("/llmlb.v1.Registry/NodeSession", (Scope.NODE,)),
+        ("/llmlb.v1.Manifest/ReadBlob", (Scope.NODE,)),
+        ("/llmlb.v1.Registry/DeleteModel", (Scope.ADMIN,)),
+        ("/llmlb.v1.Registry/CreateKey", (Scope.ADMIN,)),
     ],
 )
-def test_each_method_needs_its_scope(method: str, scope: Scope | None) -> None:
-    assert scope_for(method) == scope
+def test_each_method_needs_its_scope(method: str, scopes: tuple[Scope, ...]) -> None:
+    rule = grpc_access(method)
+    assert rule is not None and rule.scopes == scopes
+
+
+def test_a_method_the_table_does_not_name_has_no_rule() -> None:
+    assert grpc_access("/llmlb.v1.Registry/SomethingNew") is None
+
+
+async def test_an_unlisted_call_is_refused_even_with_an_admin_key_and_auth_off(store: Store) -> None:
+    for keys in (KeyRing(store), KeyRing(store, enabled=False)):
+        _, secret = await keys.create("admin", [Scope.ADMIN])
+        with pytest.raises(LlmlbError) as refused:
+            await keys.authorize(secret, None, "/llmlb.v1.Registry/SomethingNew")
+        assert refused.value.code is ErrorCode.FORBIDDEN
 
 
 @pytest.mark.parametrize(
@@ -171,7 +184,7 @@ def test_each_method_needs_its_scope(method: str, scope: Scope | None) -> None:
 async def test_a_node_key_may_make_the_reads_a_node_makes(store: Store, method: str) -> None:
     keys = KeyRing(store)
     _, secret = await keys.create("node", [Scope.NODE])
-    assert await keys.check(secret, *scopes_for(method)) is not None  # manifests, peers, proxied bytes
+    assert await keys.authorize(secret, grpc_access(method), method) is not None  # manifests, peers, bytes
 
 
 async def test_a_node_key_may_not_manage_the_fleet(store: Store) -> None:
@@ -182,4 +195,6 @@ async def test_a_node_key_may_not_manage_the_fleet(store: Store) -> None:
         "/llmlb.v1.Registry/RemoveNode",
         "/llmlb.v1.Inference/Chat",
     ):
-        assert await refused(keys, secret, scopes_for(method)[0]) is ErrorCode.FORBIDDEN
+        with pytest.raises(LlmlbError) as refusal:
+            await keys.authorize(secret, grpc_access(method), method)
+        assert refusal.value.code is ErrorCode.FORBIDDEN

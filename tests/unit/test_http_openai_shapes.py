@@ -10,7 +10,9 @@ import pytest
 from openai.types import Completion, CreateEmbeddingResponse, ImagesResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from balancer.http import converters as cv
+from balancer.edge.admission import admit
+from balancer.http import openai_answers as out
+from balancer.http import openai_requests as cv
 from balancer.http.errors import error_response, retry_after
 from balancer.http.schemas import (
     ChatCompletionBody,
@@ -68,7 +70,8 @@ def test_a_chat_body_becomes_a_chat_request_with_every_sampling_control() -> Non
         some_future_field={"ignored": True},
     )
     request = cv.chat_request(body, "rid-1")
-    assert request.model == "gemma-3-270m"  # ids are case-insensitive, stored lower-cased
+    assert request.model == "Gemma-3-270M"  # as sent: the edge's admission puts it in normal form
+    assert admit(request).model == "gemma-3-270m"  # ids are case-insensitive, stored lower-cased
     assert request.messages == (
         ChatMessage("system", "Be brief."),
         ChatMessage("user", "one\ntwo"),
@@ -128,9 +131,9 @@ def test_broken_or_mistyped_bodies_are_invalid_requests_naming_the_parameter(
     assert fragment in refused(ErrorCode.INVALID_REQUEST, cv.parse_body, ChatCompletionBody, body)
 
 
-def test_a_bad_model_id_is_invalid_model_id() -> None:
+def test_a_bad_model_id_is_invalid_model_id_at_admission() -> None:
     for bad in ("../etc/passwd", "a" * 257, "/abs"):
-        refused(ErrorCode.INVALID_MODEL_ID, cv.chat_request, chat_body(model=bad), "r")
+        refused(ErrorCode.INVALID_MODEL_ID, admit, cv.chat_request(chat_body(model=bad), "r"))
 
 
 def test_completions_default_to_sixteen_tokens_and_take_one_prompt() -> None:
@@ -170,7 +173,8 @@ def test_transcription_forms_parse_numbers_and_require_a_model() -> None:
         "fox",
     )
     refused(ErrorCode.INVALID_REQUEST, cv.transcribe_request, {**form, "temperature": "warm"}, b"x", "", "r")
-    refused(ErrorCode.INVALID_REQUEST, cv.transcribe_request, {"language": "en"}, b"x", "", "r")
+    no_model = cv.transcribe_request({"language": "en"}, b"x", "", "r")
+    assert "'model'" in refused(ErrorCode.INVALID_REQUEST, admit, no_model)
 
 
 def test_image_sizes_and_formats() -> None:
@@ -203,7 +207,7 @@ def events(raw: list[bytes]) -> list[dict[str, object]]:
 
 
 def test_a_chat_stream_starts_with_the_assistant_role_and_ends_with_finish_reason_and_usage() -> None:
-    encoder = cv.ChatChunks("chatcmpl-1", 1700000000, "gemma-3-270m", include_usage=True)
+    encoder = out.ChatChunks("chatcmpl-1", 1700000000, "gemma-3-270m", include_usage=True)
     first = TextChunk("1", "Hel")
     last = TextChunk("1", "lo", FinishReason.LENGTH, Usage(3, 2))
     raw = encoder.events(first, True) + encoder.events(last, False)
@@ -217,14 +221,14 @@ def test_a_chat_stream_starts_with_the_assistant_role_and_ends_with_finish_reaso
 
 
 def test_a_chat_stream_without_include_usage_has_no_usage_chunk() -> None:
-    encoder = cv.ChatChunks("chatcmpl-1", 1, "m", include_usage=False)
+    encoder = out.ChatChunks("chatcmpl-1", 1, "m", include_usage=False)
     raw = encoder.events(TextChunk("1", "", FinishReason.STOP, Usage(1, 1)), True)
     parsed = events(raw)
     assert len(parsed) == 2 and "usage" not in parsed[-1]
 
 
 def test_a_completion_stream_carries_text_and_the_last_finish_reason() -> None:
-    encoder = cv.CompletionChunks("cmpl-1", 1, "m", include_usage=False)
+    encoder = out.CompletionChunks("cmpl-1", 1, "m", include_usage=False)
     raw = encoder.events(TextChunk("1", "five"), True) + encoder.events(
         TextChunk("1", "", FinishReason.STOP, Usage(4, 1)), False
     )
@@ -237,10 +241,10 @@ def test_a_completion_stream_carries_text_and_the_last_finish_reason() -> None:
 
 def test_whole_answers_parse_as_the_openai_client_objects() -> None:
     last = TextChunk("1", "!", FinishReason.STOP, Usage(5, 2), node_id="n1", model="m", created=7)
-    chat = ChatCompletion.model_validate(cv.chat_completion_json("chatcmpl-1", 7, "m", "Hi!", last))
+    chat = ChatCompletion.model_validate(out.chat_completion_json("chatcmpl-1", 7, "m", "Hi!", last))
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("Hi!", "stop")
     assert chat.usage is not None and chat.usage.total_tokens == 7
-    text = Completion.model_validate(cv.text_completion_json("cmpl-1", 7, "m", "five", None))
+    text = Completion.model_validate(out.text_completion_json("cmpl-1", 7, "m", "five", None))
     assert (text.object, text.choices[0].text, text.choices[0].finish_reason) == (
         "text_completion",
         "five",
@@ -250,22 +254,22 @@ def test_whole_answers_parse_as_the_openai_client_objects() -> None:
 
 def test_base64_embeddings_are_little_endian_float32_like_openai() -> None:
     result = EmbedResponse("m", ((0.5, -1.25), (2.0, 0.0)), Usage(prompt_tokens=4))
-    as_floats = CreateEmbeddingResponse.model_validate(cv.embeddings_json(result, "m", "float"))
+    as_floats = CreateEmbeddingResponse.model_validate(out.embeddings_json(result, "m", "float"))
     assert [d.embedding for d in as_floats.data] == [[0.5, -1.25], [2.0, 0.0]]
     assert as_floats.usage.prompt_tokens == 4
-    as_base64 = cv.embeddings_json(result, "m", "base64")
+    as_base64 = out.embeddings_json(result, "m", "base64")
     decoded = base64.b64decode(as_base64["data"][1]["embedding"])
     assert struct.unpack("<2f", decoded) == (2.0, 0.0)
 
 
 def test_images_are_returned_as_b64_json() -> None:
     result = GenerateImageResponse((GeneratedImage(b"\x89PNG", seed=1, revised_prompt="cat"),))
-    parsed = ImagesResponse.model_validate(cv.images_json(result, 9))
+    parsed = ImagesResponse.model_validate(out.images_json(result, 9))
     assert parsed.data is not None and base64.b64decode(parsed.data[0].b64_json or "") == b"\x89PNG"
 
 
 def test_a_mid_stream_error_is_an_sse_error_event() -> None:
-    [event] = events([cv.sse_error(LlmlbError(ErrorCode.TIMEOUT, "too slow"))])
+    [event] = events([out.sse_error(LlmlbError(ErrorCode.TIMEOUT, "too slow"))])
     assert event == {
         "error": {"message": "too slow", "type": "timeout_error", "code": "timeout", "param": None}
     }

@@ -1,15 +1,12 @@
-"""OpenAI JSON <-> the internal request and answer types of ``common.inference``; pure functions.
+"""OpenAI JSON -> the internal request types of ``common.inference``; pure functions.
 
 Requests arrive as ``schemas`` models (or multipart form fields) and leave as ``common.inference``
-dataclasses; answers go the other way as plain dicts shaped exactly like OpenAI's.
+dataclasses. Model ids, request ids and the limits every door shares are checked afterwards, at the edge
+(``balancer.edge.admission``); what is refused here is what only OpenAI's JSON can get wrong.
 """
 
 from __future__ import annotations
 
-import array
-import base64
-import json
-import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -29,36 +26,22 @@ from common.inference import (
     ChatRequest,
     CompleteRequest,
     EmbedRequest,
-    EmbedResponse,
-    FinishReason,
     GenerateImageRequest,
-    GenerateImageResponse,
     ImageOperation,
     SamplingParams,
     SpeakRequest,
-    TextChunk,
     TranscribeRequest,
-    Usage,
 )
-from common.model_id import normalize_model_id
 
 B = TypeVar("B", bound=BaseModel)
 
 # Legacy completions stop after 16 tokens when max_tokens is not given, as OpenAI's do.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-SPEECH_MAX_INPUT_CHARS = 4096
 SPEECH_FORMATS = {"wav": AudioFormat.WAV, "pcm": AudioFormat.PCM}
-AUDIO_CONTENT_TYPES = {AudioFormat.WAV: "audio/wav", AudioFormat.PCM: "audio/pcm"}
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
 
 
 def invalid(message: str) -> LlmlbError:
     return LlmlbError(ErrorCode.INVALID_REQUEST, message)
-
-
-def dumps(value: Any) -> bytes:
-    """Compact JSON, UTF-8 as is (no ``\\u`` escapes for non-ASCII text)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 # -- parsing -----------------------------------------------------------------------------------------
@@ -90,11 +73,6 @@ def parse_body(schema: type[B], body: bytes) -> B:
         return schema.model_validate_json(body)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
-
-
-def model_id(raw: str) -> str:
-    """The normal form of a model id a request names; ``invalid_model_id`` for a bad one."""
-    return normalize_model_id(raw)
 
 
 # -- requests ----------------------------------------------------------------------------------------
@@ -155,7 +133,7 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
     )
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return ChatRequest(
-        model=model_id(body.model),
+        model=body.model,
         messages=messages,
         params=_sampling(body, max_tokens),
         request_id=request_id,
@@ -177,7 +155,7 @@ def complete_request(body: CompletionBody, request_id: str) -> CompleteRequest:
         prompt = prompt[0]
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETION_DEFAULT_MAX_TOKENS
     return CompleteRequest(
-        model=model_id(body.model),
+        model=body.model,
         prompt=prompt,
         params=_sampling(body, max_tokens),
         request_id=request_id,
@@ -189,7 +167,7 @@ def complete_request(body: CompletionBody, request_id: str) -> CompleteRequest:
 def embed_request(body: EmbeddingBody, request_id: str) -> EmbedRequest:
     texts = (body.input,) if isinstance(body.input, str) else tuple(body.input)
     return EmbedRequest(
-        model=model_id(body.model),
+        model=body.model,
         input=texts,
         request_id=request_id,
         dimensions=body.dimensions,
@@ -206,10 +184,8 @@ def speak_request(body: SpeechBody, request_id: str) -> SpeakRequest:
         )
     if body.stream_format not in (None, "audio"):
         raise invalid(f"stream_format {body.stream_format!r} is not supported; use 'audio'")
-    if len(body.input) > SPEECH_MAX_INPUT_CHARS:
-        raise invalid(f"input has {len(body.input)} characters; the limit is {SPEECH_MAX_INPUT_CHARS}")
     return SpeakRequest(
-        model=model_id(body.model),
+        model=body.model,
         input=body.input,
         voice=body.voice or "",
         format=fmt,
@@ -261,7 +237,7 @@ def transcribe_request(
     if form_text(form, "stream").lower() == "true":
         raise invalid("streamed transcriptions are not supported")
     return TranscribeRequest(
-        model=model_id(form_text(form, "model", required=True)),
+        model=form_text(form, "model"),  # checked at admission, like every door's
         audio=audio,
         filename=filename,
         language=form_text(form, "language"),
@@ -292,7 +268,7 @@ def generate_image_request(body: ImageGenerationBody, request_id: str) -> Genera
     check_image_format(body.response_format)
     width, height = image_size(body.size)
     return GenerateImageRequest(
-        model=model_id(body.model),
+        model=body.model,
         prompt=body.prompt,
         operation=ImageOperation.GENERATE,
         negative_prompt=body.negative_prompt or "",
@@ -318,7 +294,7 @@ def image_form_request(
     width, height = image_size(form_text(form, "size"))
     n = form_int(form, "n")
     return GenerateImageRequest(
-        model=model_id(form_text(form, "model", required=True)),
+        model=form_text(form, "model"),  # checked at admission, like every door's
         prompt=form_text(form, "prompt", required=operation is ImageOperation.EDIT),
         operation=operation,
         negative_prompt=form_text(form, "negative_prompt"),
@@ -332,171 +308,3 @@ def image_form_request(
         mask=mask,
         request_id=request_id,
     )
-
-
-# -- answers -----------------------------------------------------------------------------------------
-
-
-def usage_json(usage: Usage | None) -> dict[str, int]:
-    usage = usage or Usage()
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def finish_reason(reason: FinishReason | None) -> str:
-    return _FINISH.get(reason, "stop") if reason is not None else "stop"
-
-
-def chat_completion_json(
-    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
-) -> dict[str, Any]:
-    """A non-streamed ``chat.completion`` from the joined text and the stream's last chunk."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason(last.finish_reason if last else None),
-            }
-        ],
-        "usage": usage_json(last.usage if last else None),
-        "system_fingerprint": None,
-    }
-
-
-def text_completion_json(
-    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
-) -> dict[str, Any]:
-    """A non-streamed ``text_completion``."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finish_reason(last.finish_reason if last else None),
-            }
-        ],
-        "usage": usage_json(last.usage if last else None),
-        "system_fingerprint": None,
-    }
-
-
-class ChatChunks:
-    """Encodes one streamed chat answer as ``chat.completion.chunk`` server-sent events."""
-
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        self._base: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-        }
-        self._include_usage = include_usage
-
-    def _event(self, delta: dict[str, str], finish: str | None) -> bytes:
-        chunk = {
-            **self._base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self._include_usage:
-            chunk["usage"] = None  # OpenAI's shape: null on every chunk but the usage one
-        return sse(chunk)
-
-    def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
-        """The events for one internal chunk; the first carries ``role: assistant``."""
-        out = []
-        if first:
-            out.append(self._event({"role": "assistant", "content": ""}, None))
-        if chunk.delta:
-            out.append(self._event({"content": chunk.delta}, None))
-        if chunk.finish_reason is not None:
-            out.append(self._event({}, finish_reason(chunk.finish_reason)))
-            if self._include_usage:
-                out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
-        return out
-
-
-class CompletionChunks:
-    """Encodes one streamed completion as ``text_completion`` server-sent events."""
-
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        self._base: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-        }
-        self._include_usage = include_usage
-
-    def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
-        del first  # completions have no role event
-        if not chunk.delta and chunk.finish_reason is None:
-            return []
-        finish = finish_reason(chunk.finish_reason) if chunk.finish_reason is not None else None
-        event: dict[str, Any] = {
-            **self._base,
-            "choices": [{"index": 0, "text": chunk.delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self._include_usage:
-            event["usage"] = None
-        out = [sse(event)]
-        if finish is not None and self._include_usage:
-            out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
-        return out
-
-
-def sse(payload: Any) -> bytes:
-    return b"data: " + dumps(payload) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse_error(error: LlmlbError) -> bytes:
-    """An error after the stream began: OpenAI's clients raise it from the ``error`` event."""
-    return sse(error.to_openai())
-
-
-def _base64_floats(vector: tuple[float, ...]) -> str:
-    packed = array.array("f", vector)
-    if sys.byteorder != "little":  # OpenAI's base64 embeddings are little-endian float32
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
-
-
-def embeddings_json(result: EmbedResponse, model: str, encoding_format: str | None) -> dict[str, Any]:
-    encode = _base64_floats if encoding_format == "base64" else list
-    return {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": encode(vector)}
-            for i, vector in enumerate(result.data)
-        ],
-        "model": result.model or model,
-        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.total_tokens},
-    }
-
-
-def images_json(result: GenerateImageResponse, created: int) -> dict[str, Any]:
-    return {
-        "created": created,
-        "data": [
-            {"b64_json": base64.b64encode(image.png).decode("ascii"), "revised_prompt": image.revised_prompt}
-            for image in result.images
-        ],
-    }

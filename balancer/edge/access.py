@@ -1,0 +1,111 @@
+"""Which scope each call needs: one declarative table per door, and both fail closed.
+
+Every gRPC method the balancer serves and every HTTP route it answers has an entry here, the open
+probes included, explicitly. A method or route with no entry is refused (``forbidden``), whatever key
+the caller holds, so a new route is closed until someone decides who may call it. An ``admin`` key may
+call anything that is not open; ``Access.PUBLIC`` needs no key at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import ErrorCode, LlmlbError
+from common.types import Scope
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """The scopes that may make a call (admin always may); no scopes means open to anyone."""
+
+    scopes: tuple[Scope, ...]
+
+    @property
+    def public(self) -> bool:
+        return not self.scopes
+
+
+PUBLIC = Access(())
+API = Access((Scope.API,))
+# Reads a node makes while resolving a model (its manifest, peers that hold it), which api keys may make too.
+READ = Access((Scope.API, Scope.NODE))
+NODE = Access((Scope.NODE,))
+ADMIN = Access((Scope.ADMIN,))
+
+_REGISTRY = "/llmlb.v1.Registry/"
+_MANIFEST = "/llmlb.v1.Manifest/"
+_INFERENCE = "/llmlb.v1.Inference/"
+
+GRPC_ACCESS: dict[str, Access] = {
+    # The model catalogue: reads for api and node keys, changes for admin keys.
+    f"{_REGISTRY}RegisterModel": ADMIN,
+    f"{_REGISTRY}GetModel": READ,
+    f"{_REGISTRY}ListModels": READ,
+    f"{_REGISTRY}GetModelStatus": READ,
+    f"{_REGISTRY}DeleteModel": ADMIN,
+    f"{_REGISTRY}PullModel": ADMIN,
+    # The fleet: nodes join with a node key; operators manage them with an admin key.
+    f"{_REGISTRY}RegisterNode": NODE,
+    f"{_REGISTRY}NodeSession": NODE,
+    f"{_REGISTRY}ListNodes": READ,
+    f"{_REGISTRY}DrainNode": ADMIN,
+    f"{_REGISTRY}RemoveNode": ADMIN,
+    # API keys.
+    f"{_REGISTRY}CreateKey": ADMIN,
+    f"{_REGISTRY}ListKeys": ADMIN,
+    f"{_REGISTRY}RevokeKey": ADMIN,
+    # Manifests and proxied model bytes, for nodes resolving a model.
+    f"{_MANIFEST}GetManifest": NODE,
+    f"{_MANIFEST}ReadBlob": NODE,
+    # Inference.
+    f"{_INFERENCE}Chat": API,
+    f"{_INFERENCE}Complete": API,
+    f"{_INFERENCE}Embed": API,
+    f"{_INFERENCE}Transcribe": API,
+    f"{_INFERENCE}Speak": API,
+    f"{_INFERENCE}GenerateImage": API,
+    # Standard probes and discovery: open, as load balancers and grpcurl expect.
+    "/grpc.health.v1.Health/Check": PUBLIC,
+    "/grpc.health.v1.Health/Watch": PUBLIC,
+    "/grpc.health.v1.Health/List": PUBLIC,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,
+}
+
+# (HTTP method, route path as declared) -> access. HEAD follows GET.
+HTTP_ACCESS: dict[tuple[str, str], Access] = {
+    ("POST", "/v1/chat/completions"): API,
+    ("POST", "/v1/completions"): API,
+    ("POST", "/v1/embeddings"): API,
+    ("POST", "/v1/audio/transcriptions"): API,
+    ("POST", "/v1/audio/speech"): API,
+    ("POST", "/v1/images/generations"): API,
+    ("POST", "/v1/images/edits"): API,
+    ("POST", "/v1/images/variations"): API,
+    ("GET", "/v1/models"): API,
+    ("GET", "/v1/models/{model_id:path}"): API,
+    ("DELETE", "/v1/models/{model_id:path}"): ADMIN,
+    ("POST", "/v0/models"): ADMIN,
+    ("GET", "/v0/models"): API,
+    ("GET", "/v0/models/registry/{model_id:path}/manifest.json"): API,
+    ("GET", "/v0/models/{model_id:path}/status"): API,
+    ("GET", "/v0/nodes"): READ,
+    ("GET", "/healthz"): PUBLIC,
+    ("GET", "/readyz"): PUBLIC,
+    ("GET", "/metrics"): PUBLIC,
+}
+
+
+def unlisted(what: str) -> LlmlbError:
+    """The refusal for a call the tables do not name: closed until someone decides who may make it."""
+    return LlmlbError(ErrorCode.FORBIDDEN, f"{what} has no access rule; it is refused until it gets one")
+
+
+def grpc_access(method: str) -> Access | None:
+    """The access rule of a full gRPC method name (``/package.Service/Method``); None when unlisted."""
+    return GRPC_ACCESS.get(method)
+
+
+def http_access(method: str, path: str) -> Access | None:
+    """The access rule of a declared HTTP route; None when unlisted."""
+    return HTTP_ACCESS.get(("GET" if method == "HEAD" else method, path))

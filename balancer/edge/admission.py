@@ -1,0 +1,63 @@
+"""Admitting an inference request: the checks every door makes before the router sees it.
+
+The model id is put in its normal form (or refused with ``invalid_model_id``), a caller's request id must
+follow one rule (or is refused; an absent one is minted), and the request's own ``validate()`` applies the
+limits of ``common.inference`` (empty inputs, ranges, the speech length cap). One function, both doors.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import replace
+from typing import Protocol, TypeVar
+
+from common.errors import ErrorCode, LlmlbError
+from common.model_id import normalize_model_id
+
+MAX_REQUEST_ID_LENGTH = 128
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+
+
+class Admissible(Protocol):
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    def validate(self) -> None: ...
+
+
+R = TypeVar("R", bound=Admissible)
+
+
+def check_request_id(given: str) -> str:
+    """``given`` when it follows the rule, a fresh id when empty; ``invalid_request`` otherwise."""
+    if not given:
+        return uuid.uuid4().hex
+    if REQUEST_ID.fullmatch(given) is None:
+        shown = given if len(given) <= 40 else given[:37] + "..."
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"request id {shown!r} must be 1 to {MAX_REQUEST_ID_LENGTH} letters, digits,"
+            " '.', '_', ':' or '-'",
+        )
+    return given
+
+
+def check_model(raw: str) -> str:
+    """The normal form of the model a request names; a missing one is ``invalid_request``."""
+    if not raw:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "missing required parameter: 'model'")
+    return normalize_model_id(raw)
+
+
+def admit(request: R) -> R:
+    """``request`` with its model id normalised and a request id, once it passes every check."""
+    model = check_model(request.model)
+    request_id = check_request_id(request.request_id)
+    if model != request.model or request_id != request.request_id:
+        request = replace(request, model=model, request_id=request_id)  # type: ignore[type-var]
+    request.validate()
+    return request

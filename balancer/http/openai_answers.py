@@ -1,0 +1,198 @@
+"""The internal answer types of ``common.inference`` -> OpenAI JSON and server-sent events; pure functions.
+
+Answers leave as plain dicts (or SSE bytes) shaped exactly like OpenAI's.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import json
+import sys
+from typing import Any
+
+from common.errors import LlmlbError
+from common.inference import (
+    AudioFormat,
+    EmbedResponse,
+    FinishReason,
+    GenerateImageResponse,
+    TextChunk,
+    Usage,
+)
+
+AUDIO_CONTENT_TYPES = {AudioFormat.WAV: "audio/wav", AudioFormat.PCM: "audio/pcm"}
+_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON, UTF-8 as is (no ``\\u`` escapes for non-ASCII text)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# -- answers -----------------------------------------------------------------------------------------
+
+
+def usage_json(usage: Usage | None) -> dict[str, int]:
+    usage = usage or Usage()
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def finish_reason(reason: FinishReason | None) -> str:
+    return _FINISH.get(reason, "stop") if reason is not None else "stop"
+
+
+def chat_completion_json(
+    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
+) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` from the joined text and the stream's last chunk."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(last.finish_reason if last else None),
+            }
+        ],
+        "usage": usage_json(last.usage if last else None),
+        "system_fingerprint": None,
+    }
+
+
+def text_completion_json(
+    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
+) -> dict[str, Any]:
+    """A non-streamed ``text_completion``."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason(last.finish_reason if last else None),
+            }
+        ],
+        "usage": usage_json(last.usage if last else None),
+        "system_fingerprint": None,
+    }
+
+
+class ChatChunks:
+    """Encodes one streamed chat answer as ``chat.completion.chunk`` server-sent events."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._base: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self._include_usage = include_usage
+
+    def _event(self, delta: dict[str, str], finish: str | None) -> bytes:
+        chunk = {
+            **self._base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self._include_usage:
+            chunk["usage"] = None  # OpenAI's shape: null on every chunk but the usage one
+        return sse(chunk)
+
+    def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
+        """The events for one internal chunk; the first carries ``role: assistant``."""
+        out = []
+        if first:
+            out.append(self._event({"role": "assistant", "content": ""}, None))
+        if chunk.delta:
+            out.append(self._event({"content": chunk.delta}, None))
+        if chunk.finish_reason is not None:
+            out.append(self._event({}, finish_reason(chunk.finish_reason)))
+            if self._include_usage:
+                out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
+        return out
+
+
+class CompletionChunks:
+    """Encodes one streamed completion as ``text_completion`` server-sent events."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._base: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self._include_usage = include_usage
+
+    def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
+        del first  # completions have no role event
+        if not chunk.delta and chunk.finish_reason is None:
+            return []
+        finish = finish_reason(chunk.finish_reason) if chunk.finish_reason is not None else None
+        event: dict[str, Any] = {
+            **self._base,
+            "choices": [{"index": 0, "text": chunk.delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self._include_usage:
+            event["usage"] = None
+        out = [sse(event)]
+        if finish is not None and self._include_usage:
+            out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
+        return out
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_error(error: LlmlbError) -> bytes:
+    """An error after the stream began: OpenAI's clients raise it from the ``error`` event."""
+    return sse(error.to_openai())
+
+
+def _base64_floats(vector: tuple[float, ...]) -> str:
+    packed = array.array("f", vector)
+    if sys.byteorder != "little":  # OpenAI's base64 embeddings are little-endian float32
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def embeddings_json(result: EmbedResponse, model: str, encoding_format: str | None) -> dict[str, Any]:
+    encode = _base64_floats if encoding_format == "base64" else list
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(vector)}
+            for i, vector in enumerate(result.data)
+        ],
+        "model": result.model or model,
+        "usage": {"prompt_tokens": result.usage.prompt_tokens, "total_tokens": result.usage.total_tokens},
+    }
+
+
+def images_json(result: GenerateImageResponse, created: int) -> dict[str, Any]:
+    return {
+        "created": created,
+        "data": [
+            {"b64_json": base64.b64encode(image.png).decode("ascii"), "revised_prompt": image.revised_prompt}
+            for image in result.images
+        ],
+    }
