@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from balancer.fleet import Fleet, ModelOnNode, ModelStatusView, NodeLoad
 from balancer.parts import BalancerParts
 from common.model_id import normalize_model_id
-from common.types import Model, Node, NodeState
+from common.types import Model, ModelState, Node, NodeState
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class NodeReadiness:
 
     node_id: str
     ready: bool
-    state: str  # the model's state on that node (absent, downloading, present, loading, ready, failed)
+    state: ModelState  # the model's state on that node
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2_grpc,
 )
 from common.rpc import SERVER_OPTIONS
-from common.types import NodeState
+from common.types import ModelState, NodeState
 
 log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
@@ -98,7 +98,7 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
     downloads: dict[tuple[str, ...], float] = {}
     for node_id in online:
         for status in fleet.node_models(node_id):
-            if status.state == "downloading":
+            if status.state is ModelState.DOWNLOADING:
                 downloads[(status.model_id,)] = downloads.get((status.model_id,), 0.0) + 1
     return {
         "llmlb_nodes": (

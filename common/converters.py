@@ -17,6 +17,7 @@ from common.types import (
     ManifestFile,
     Model,
     ModelSource,
+    ModelState,
     Node,
     NodeState,
     Scope,
@@ -51,40 +52,50 @@ _CAPABILITY_TO_PB = {
 }
 _CAPABILITY_FROM_PB: dict[int, Capability] = {int(v): k for k, v in _CAPABILITY_TO_PB.items()}
 
-# A model's state on a node: plain strings inside both processes ("absent", "downloading", ...).
 _MODEL_STATE_TO_PB = {
-    "absent": pb.MODEL_STATE_ABSENT,
-    "downloading": pb.MODEL_STATE_DOWNLOADING,
-    "present": pb.MODEL_STATE_PRESENT,
-    "loading": pb.MODEL_STATE_LOADING,
-    "ready": pb.MODEL_STATE_READY,
-    "failed": pb.MODEL_STATE_FAILED,
+    ModelState.ABSENT: pb.MODEL_STATE_ABSENT,
+    ModelState.DOWNLOADING: pb.MODEL_STATE_DOWNLOADING,
+    ModelState.PRESENT: pb.MODEL_STATE_PRESENT,
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
 }
-_MODEL_STATE_FROM_PB: dict[int, str] = {int(v): k for k, v in _MODEL_STATE_TO_PB.items()}
+_MODEL_STATE_FROM_PB: dict[int, ModelState] = {int(v): k for k, v in _MODEL_STATE_TO_PB.items()}
 
 
-def model_state_to_pb(state: str) -> pb.ModelState.ValueType:
-    return _MODEL_STATE_TO_PB.get(state, pb.MODEL_STATE_UNSPECIFIED)
+def model_state_to_pb(state: ModelState) -> pb.ModelState.ValueType:
+    return _MODEL_STATE_TO_PB[state]
 
 
 def model_node_status_to_pb(
-    node_id: str, model_id: str, state: str, downloaded_bytes: int, total_bytes: int, error: str
+    node_id: str,
+    model_id: str,
+    state: ModelState,
+    downloaded_bytes: int,
+    total_bytes: int,
+    error: str,
+    *,
+    ready: bool | None = None,
 ) -> pb.ModelNodeStatus:
-    """One model's state on one node: what a node reports and what the balancer shows of it."""
+    """One model's state on one node: what a node reports and what the balancer shows of it.
+
+    ``ready`` defaults to the state alone (what a node says of itself); the balancer passes
+    whether the node can serve the model now, which also needs the node in rotation.
+    """
     return pb.ModelNodeStatus(
         node_id=node_id,
         model_id=model_id,
         state=model_state_to_pb(state),
-        ready=state == "ready",
+        ready=state is ModelState.READY if ready is None else ready,
         downloaded_bytes=downloaded_bytes,
         total_bytes=total_bytes,
         error=error,
     )
 
 
-def model_state_from_pb(value: int) -> str:
+def model_state_from_pb(value: int) -> ModelState:
     """UNSPECIFIED (and anything unknown) reads as absent."""
-    return _MODEL_STATE_FROM_PB.get(value, "absent")
+    return _MODEL_STATE_FROM_PB.get(value, ModelState.ABSENT)
 
 
 _NODE_STATE_TO_PB = {

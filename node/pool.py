@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import threading
 import time
@@ -37,7 +36,7 @@ from common.inference import (
     TranscribeRequest,
     Transcript,
 )
-from common.types import Backend, Capability, Model
+from common.types import Backend, Capability, Model, ModelState
 from node.hardware import Hardware
 from node.runtimes.base import (
     CancelFlag,
@@ -67,12 +66,6 @@ class ResolvedModel(Protocol):
     def paths(self) -> Mapping[str, Path]:
         """Manifest filename -> absolute path of the file on disk (may lie outside the models dir)."""
         ...
-
-
-class ModelState(enum.StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -211,15 +204,15 @@ class ModelPool:
 
     # -- state for heartbeats --------------------------------------------------------------------
 
-    def states(self) -> dict[str, str]:
-        """Model id -> ``"loading"``, ``"ready"`` or ``"failed"`` for every model this pool knows.
+    def states(self) -> dict[str, ModelState]:
+        """Model id -> loading, ready or failed for every model this pool knows.
 
-        A model that failed to load stays ``"failed"`` (with its message in ``errors()``) until a later
+        A model that failed to load stays failed (with its message in ``errors()``) until a later
         request loads it; an unloaded or evicted model is absent.
         """
-        states: dict[str, str] = {model_id: ModelState.FAILED.value for model_id in self._failed}
+        states = {model_id: ModelState.FAILED for model_id in self._failed}
         for entry in self._entries.values():
-            states[entry.model_id] = entry.state.value
+            states[entry.model_id] = entry.state
         return states
 
     def errors(self) -> dict[str, str]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ErrorCode, LlmlbError
-from common.types import Backend, ManifestFile, Model
-from node import model_states as st
+from common.types import Backend, ManifestFile, Model, ModelState
 from node.downloader import BlobSource, Downloader
 from node.model_states import ModelStates
 from node.resolver import MANIFEST_TTL_S, Resolver
@@ -124,7 +123,7 @@ async def test_a_delete_during_a_transfer_leaves_nothing_behind(
         and "deleted while being fetched" in caught.value.message
     )
     assert not storage.model_dir(m.id).exists()
-    assert resolver._states.get(m.id).state == st.ABSENT
+    assert resolver._states.get(m.id).state == ModelState.ABSENT
 
 
 async def test_a_delete_before_the_transfer_starts_stops_it_and_leaves_nothing(
@@ -143,7 +142,7 @@ async def test_a_delete_before_the_transfer_starts_stops_it_and_leaves_nothing(
     assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
     assert not source.sent_some.is_set()  # not a byte asked for
     assert not storage.model_dir(m.id).exists()  # not even the saved manifest
-    assert resolver._states.get(m.id).state == st.ABSENT
+    assert resolver._states.get(m.id).state == ModelState.ABSENT
 
 
 async def test_a_caller_leaving_is_not_mistaken_for_a_delete(
