@@ -63,22 +63,22 @@ def model_view(fleet: Fleet, model: Model) -> ModelView:
 
 async def list_models(parts: BalancerParts) -> list[ModelView]:
     """Every catalogue model with its readiness, by id."""
-    return [model_view(parts.fleet, m) for m in await parts.registry.list_models()]
+    return [model_view(parts.fleet, m) for m in await parts.catalog.list_models()]
 
 
 async def get_model(parts: BalancerParts, model_id: str) -> ModelView:
     """One model with its readiness; ``invalid_model_id`` or ``model_not_found`` otherwise."""
-    return model_view(parts.fleet, await parts.registry.get(model_id))
+    return model_view(parts.fleet, await parts.catalog.get(model_id))
 
 
 async def model_status(parts: BalancerParts, model_id: str) -> ModelStatusView:
     """Fleet-wide download / load state of one model."""
-    return parts.fleet.status(await parts.registry.get(model_id))
+    return parts.fleet.status(await parts.catalog.get(model_id))
 
 
 async def delete_model(parts: BalancerParts, model_id: str) -> DeletedModel:
     """Drops a model and tells every node to delete its copy (durably: offline nodes on reconnect)."""
-    notified = await parts.registry.delete(model_id)
+    notified = await parts.catalog.delete(model_id)
     normal = normalize_model_id(model_id)
     parts.fleet.forget_model(normal)
     parts.sessions.notify_all()  # online nodes get the delete now, offline ones when they reconnect

@@ -23,9 +23,9 @@ import grpc
 import grpc.aio
 import structlog
 
+from balancer.catalog import Catalog
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.node_clients import NodeClients
-from balancer.registry import Registry
 from common import inference_pb as conv
 from common.config import BalancerConfig
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
@@ -138,7 +138,7 @@ class Router:
     def __init__(
         self,
         config: BalancerConfig,
-        registry: Registry,
+        registry: Catalog,
         fleet: Fleet,
         clients: NodeClients,
         metrics: BalancerMetrics | None = None,

@@ -49,7 +49,7 @@ from node.runtimes.base import (
     TextGeneration,
     Transcription,
 )
-from node.runtimes.registry import RuntimeRegistry
+from node.runtimes.engines import Engines
 from node.threads import FreshThreadExecutor
 
 log = structlog.get_logger(__name__)
@@ -186,11 +186,11 @@ class ModelPool:
         self,
         hardware: Hardware,
         settings: PoolSettings | None = None,
-        registry: RuntimeRegistry | None = None,
+        engines: Engines | None = None,
     ) -> None:
         self.hardware = hardware
         self.settings = settings or PoolSettings()
-        self.registry = registry or RuntimeRegistry.default()
+        self.engines = engines or Engines.default()
         self.budget_mb = self.settings.budget_mb(hardware)
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -243,10 +243,6 @@ class ModelPool:
         """Every entry whose runtime holds memory now, including those on their way out."""
         held = [e for e in self._entries.values() if e.holds_memory()]
         return held + [e for e in self._leaving if e.holds_memory()]
-
-    @property
-    def engines(self) -> list[str]:
-        return self.registry.engines
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -419,7 +415,7 @@ class ModelPool:
         if self._closed:
             raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, "this node is shutting down")
         model = resolved.model
-        spec = self.registry.select(model, capability)
+        spec = self.engines.select(model, capability)
         key = (model.id, spec.engine)
         files = _signature(resolved.paths)
         entry = self._entries.get(key)

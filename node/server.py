@@ -173,7 +173,7 @@ class NodeParts:
     """The node's working parts, without a server: ``xllm pull`` uses them on their own."""
 
     hardware: Hardware
-    pool: ThreadPoolExecutor
+    io_threads: ThreadPoolExecutor
     storage: Storage
     states: ModelStates
     hub: HubFiles
@@ -188,7 +188,7 @@ class NodeParts:
         await self.link.stop()
         await self.models.close()
         await self.hub.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.io_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def pool_load(models: ModelPool) -> Load:
@@ -231,8 +231,8 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     """Builds the node's parts (nothing is started): the server and ``xllm pull`` both use them."""
     forced = None if config.backend == "auto" else Backend(config.backend)
     found = hardware.detect(forced)
-    pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
-    storage = Storage(config.models_dir, pool)
+    io_threads = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
+    storage = Storage(config.models_dir, io_threads)
     storage.root.mkdir(parents=True, exist_ok=True)
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
@@ -245,8 +245,8 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
         found,
         address,
         states,
-        runtimes=models.engines,
-        capabilities=models.registry.capabilities,
+        runtimes=models.engines.names,
+        capabilities=models.engines.capabilities,
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
@@ -255,7 +255,9 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
-    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands, metrics)
+    return NodeParts(
+        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics
+    )
 
 
 async def start(config: NodeConfig) -> NodeProcess:

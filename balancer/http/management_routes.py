@@ -12,7 +12,7 @@ from balancer.http.access import authorize
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
 from balancer.http.schemas import RegisterModelBody
 from balancer.parts import BalancerParts
-from balancer.registry import RegisterRequest
+from balancer.catalog import RegisterRequest
 from common.types import Capability, Scope
 
 
@@ -49,7 +49,7 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def register_model(request: Request) -> Response:
         await authorize(keys, request, Scope.ADMIN)
         body = cv.parse_body(RegisterModelBody, await request.body())
-        model = await parts.registry.register(register_request(body))
+        model = await parts.catalog.register(register_request(body))
         return answer(model_detail_json(control.model_view(parts.fleet, model)), 201)
 
     async def list_models(request: Request) -> Response:
@@ -59,7 +59,7 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     async def manifest(request: Request) -> Response:
         await authorize(keys, request, Scope.API)
-        return answer(manifest_json(await parts.registry.get(request.path_params["model_id"])))
+        return answer(manifest_json(await parts.catalog.get(request.path_params["model_id"])))
 
     async def status(request: Request) -> Response:
         await authorize(keys, request, Scope.API)

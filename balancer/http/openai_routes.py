@@ -149,7 +149,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     async def known(model: str) -> bool:
         try:
-            await parts.registry.get(model)
+            await parts.catalog.get(model)
         except LlmlbError:
             return False
         return True

@@ -16,7 +16,7 @@ import structlog
 from balancer import control
 from balancer.fleet import ModelOnNode, NodeInfo, NodeLoad
 from balancer.parts import BalancerParts
-from balancer.registry import RegisterRequest
+from balancer.catalog import RegisterRequest
 from balancer.sessions import Session
 from common import converters
 from common.errors import ErrorCode, LlmlbError
@@ -64,7 +64,7 @@ def _node_status_to_pb(s: ModelOnNode) -> pb.ModelNodeStatus:
 class RegistryServicer(rgrpc.RegistryServicer):
     def __init__(self, parts: BalancerParts) -> None:
         self._parts = parts
-        self._registry = parts.registry
+        self._registry = parts.catalog
         self._store = parts.store
         self._fleet = parts.fleet
         self._sessions = parts.sessions

@@ -28,7 +28,7 @@ from common.types import FileFormat, ManifestFile, Model, ModelSource, ModelStat
 from node.downloader import Downloader
 from node.model_states import ModelStates
 from node.pool import ModelPool, PoolSettings
-from node.runtimes.registry import RuntimeRegistry
+from node.runtimes.engines import Engines
 from node.server import node_gauges
 from node.servicers.inference import InferenceServicer
 from node.storage import Storage
@@ -61,7 +61,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not registered")
         return models[model_id]
 
-    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), RuntimeRegistry([COUNTER]))
+    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), Engines([COUNTER]))
     states = ModelStates()
     metrics = NodeMetrics(lambda: node_gauges(states, pool))
     draining = [False]

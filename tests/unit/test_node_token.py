@@ -186,7 +186,7 @@ def test_the_fleet_keeps_a_nodes_token_out_of_its_printed_record() -> None:
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
+def io_threads() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=2) as executor:
         yield executor
 
@@ -206,11 +206,11 @@ class CountingSource:
 
 
 async def test_a_peer_that_refuses_the_token_is_skipped_once_for_the_next_source(
-    start_door: Any, tmp_path: Path, pool: ThreadPoolExecutor
+    start_door: Any, tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     refusing, serving = await start_door("their-token"), await start_door(TOKEN)
     config = load_node_config(models_dir=tmp_path / "models", home=tmp_path, env={})
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     file = ManifestFile("w.gguf", FileFormat.GGUF, len(DATA), hashlib.sha256(DATA).hexdigest())
     model = _model(file)
     async with (  # peer channels as link.peer_sources opens them: presenting this node's token
