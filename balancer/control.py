@@ -17,9 +17,16 @@ from common.types import Model, ModelState, Node, NodeState
 class NodeReadiness:
     """Whether one node that knows a model can serve it now."""
 
-    node_id: str
-    ready: bool
-    state: ModelState  # the model's state on that node
+    status: ModelOnNode  # the model's state on that node, as the node reported it
+    ready: bool  # loaded there, and the node in rotation: an offline or draining node is not ready
+
+    @property
+    def node_id(self) -> str:
+        return self.status.node_id
+
+    @property
+    def state(self) -> ModelState:
+        return self.status.state
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +60,12 @@ def in_rotation(fleet: Fleet, node_id: str) -> bool:
 
 
 def model_view(fleet: Fleet, model: Model) -> ModelView:
-    """``model`` with per-node readiness; it is ready when any node in rotation has it loaded."""
+    """``model`` with per-node readiness; it is ready when any node in rotation has it loaded.
+
+    The one rule for ``ready`` in every model listing: both doors and the CLI show what this says.
+    """
     nodes = tuple(
-        NodeReadiness(n.node_id, n.ready and in_rotation(fleet, n.node_id), n.state)
-        for n in fleet.model_nodes(model.id)
+        NodeReadiness(n, n.ready and in_rotation(fleet, n.node_id)) for n in fleet.model_nodes(model.id)
     )
     return ModelView(model, any(n.ready for n in nodes), nodes)
 
@@ -86,6 +95,7 @@ async def delete_model(parts: BalancerParts, model_id: str) -> DeletedModel:
 
 
 def node_state(fleet: Fleet, node_id: str) -> NodeState:
+    """Offline unless connected; a connected node is draining or online."""
     if not fleet.is_online(node_id):
         return NodeState.OFFLINE
     return NodeState.DRAINING if fleet.is_draining(node_id) else NodeState.ONLINE

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.errors import unknown_capabilities
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.types import (
     ApiKey,
@@ -106,6 +108,10 @@ _NODE_STATE_TO_PB = {
 _NODE_STATE_FROM_PB: dict[int, NodeState] = {int(v): k for k, v in _NODE_STATE_TO_PB.items()}
 
 
+def node_state_to_pb(state: NodeState) -> pb.NodeState.ValueType:
+    return _NODE_STATE_TO_PB[state]
+
+
 def timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
@@ -131,7 +137,25 @@ def capabilities_to_pb(caps: Iterable[Capability]) -> list[pb.Capability.ValueTy
 
 
 def capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
+    """Capabilities as a peer reports them; values this build does not know are left out."""
     return [_CAPABILITY_FROM_PB[v] for v in values if v in _CAPABILITY_FROM_PB]
+
+
+def requested_capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
+    """Capabilities a caller asks for; UNSPECIFIED or a value this build does not know is refused."""
+    values = list(values)
+    unknown = [_enum_name(pb.Capability, v) for v in values if v not in _CAPABILITY_FROM_PB]
+    if unknown:
+        raise unknown_capabilities(unknown)
+    return [_CAPABILITY_FROM_PB[v] for v in values]
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """``CAPABILITY_UNSPECIFIED`` for 0; the bare number for one the wire contract does not name."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
 
 
 def manifest_file_to_pb(f: ManifestFile) -> pb.ManifestFile:

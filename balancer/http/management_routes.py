@@ -7,12 +7,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from balancer import control
+from balancer.catalog import RegisterRequest
 from balancer.http import converters as cv
 from balancer.http.access import authorize
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
 from balancer.http.schemas import RegisterModelBody
 from balancer.parts import BalancerParts
-from balancer.catalog import RegisterRequest
+from common.errors import unknown_capabilities
 from common.types import Capability, Scope
 
 
@@ -20,8 +21,7 @@ def _capabilities(names: list[str]) -> list[Capability]:
     try:
         return [Capability(name) for name in names]
     except ValueError:
-        allowed = ", ".join(c.value for c in Capability)
-        raise cv.invalid(f"capabilities must be among {allowed}; got {names}") from None
+        raise unknown_capabilities(names) from None
 
 
 def register_request(body: RegisterModelBody) -> RegisterRequest:
