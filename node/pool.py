@@ -4,6 +4,9 @@ Each loaded model has a fixed number of slots (concurrent calls into its runtime
 wait in a bounded queue. Loading, unloading and inference all run on a bounded thread pool, never on
 the event loop. A streaming call whose consumer goes away stops at the runtime's next step and gives
 its slot back as soon as the runtime has stopped.
+
+Over 400 lines on purpose: loading, the memory budget, eviction and slot leases all act on the same
+entries under the same condition, and split apart they would have to share those internals.
 """
 
 from __future__ import annotations
