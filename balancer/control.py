@@ -10,16 +10,23 @@ from dataclasses import dataclass
 from balancer.fleet import Fleet, ModelOnNode, ModelStatusView, NodeLoad
 from balancer.parts import BalancerParts
 from common.model_id import normalize_model_id
-from common.types import Model, Node, NodeState
+from common.types import Model, ModelState, Node, NodeState
 
 
 @dataclass(frozen=True, slots=True)
 class NodeReadiness:
     """Whether one node that knows a model can serve it now."""
 
-    node_id: str
-    ready: bool
-    state: str  # the model's state on that node (absent, downloading, present, loading, ready, failed)
+    status: ModelOnNode  # the model's state on that node, as the node reported it
+    ready: bool  # loaded there, and the node in rotation: an offline or draining node is not ready
+
+    @property
+    def node_id(self) -> str:
+        return self.status.node_id
+
+    @property
+    def state(self) -> ModelState:
+        return self.status.state
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,32 +60,34 @@ def in_rotation(fleet: Fleet, node_id: str) -> bool:
 
 
 def model_view(fleet: Fleet, model: Model) -> ModelView:
-    """``model`` with per-node readiness; it is ready when any node in rotation has it loaded."""
+    """``model`` with per-node readiness; it is ready when any node in rotation has it loaded.
+
+    The one rule for ``ready`` in every model listing: both doors and the CLI show what this says.
+    """
     nodes = tuple(
-        NodeReadiness(n.node_id, n.ready and in_rotation(fleet, n.node_id), n.state)
-        for n in fleet.model_nodes(model.id)
+        NodeReadiness(n, n.ready and in_rotation(fleet, n.node_id)) for n in fleet.model_nodes(model.id)
     )
     return ModelView(model, any(n.ready for n in nodes), nodes)
 
 
 async def list_models(parts: BalancerParts) -> list[ModelView]:
     """Every catalogue model with its readiness, by id."""
-    return [model_view(parts.fleet, m) for m in await parts.registry.list_models()]
+    return [model_view(parts.fleet, m) for m in await parts.catalog.list_models()]
 
 
 async def get_model(parts: BalancerParts, model_id: str) -> ModelView:
     """One model with its readiness; ``invalid_model_id`` or ``model_not_found`` otherwise."""
-    return model_view(parts.fleet, await parts.registry.get(model_id))
+    return model_view(parts.fleet, await parts.catalog.get(model_id))
 
 
 async def model_status(parts: BalancerParts, model_id: str) -> ModelStatusView:
     """Fleet-wide download / load state of one model."""
-    return parts.fleet.status(await parts.registry.get(model_id))
+    return parts.fleet.status(await parts.catalog.get(model_id))
 
 
 async def delete_model(parts: BalancerParts, model_id: str) -> DeletedModel:
     """Drops a model and tells every node to delete its copy (durably: offline nodes on reconnect)."""
-    notified = await parts.registry.delete(model_id)
+    notified = await parts.catalog.delete(model_id)
     normal = normalize_model_id(model_id)
     parts.fleet.forget_model(normal)
     parts.sessions.notify_all()  # online nodes get the delete now, offline ones when they reconnect
@@ -86,6 +95,7 @@ async def delete_model(parts: BalancerParts, model_id: str) -> DeletedModel:
 
 
 def node_state(fleet: Fleet, node_id: str) -> NodeState:
+    """Offline unless connected; a connected node is draining or online."""
     if not fleet.is_online(node_id):
         return NodeState.OFFLINE
     return NodeState.DRAINING if fleet.is_draining(node_id) else NodeState.ONLINE

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.types import Capability, Model
+from common.types import Capability, Model, ModelState
 
 
 @dataclass(slots=True)
@@ -17,24 +17,20 @@ class ModelOnNode:
 
     node_id: str
     model_id: str
-    state: str = "absent"  # absent | downloading | present | loading | ready | failed
+    state: ModelState = ModelState.ABSENT
     downloaded_bytes: int = 0
     total_bytes: int = 0
     error: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
-
-
-# Order of how far along a model is, for "the most advanced state on any node".
-STATE_RANK = {"absent": 0, "failed": 1, "downloading": 2, "present": 3, "loading": 4, "ready": 5}
+        return self.state is ModelState.READY
 
 
 @dataclass(slots=True)
 class ModelStatusView:
     model_id: str
-    status: str
+    status: ModelState
     progress: float
     downloaded_bytes: int
     total_bytes: int
@@ -172,14 +168,10 @@ class Fleet:
         """
         nodes = self.model_nodes(model.id)
         online = [n for n in nodes if n.node_id in self._online]
-        best = max(online, key=lambda n: (STATE_RANK.get(n.state, 0), n.downloaded_bytes), default=None)
+        best = max(online, key=lambda n: (n.state.rank, n.downloaded_bytes), default=None)
         if best is None:
-            return ModelStatusView(model.id, "absent", 0.0, 0, model.total_bytes, nodes)
+            return ModelStatusView(model.id, ModelState.ABSENT, 0.0, 0, model.total_bytes, nodes)
         total = best.total_bytes or model.total_bytes
-        done = total if STATE_RANK.get(best.state, 0) >= STATE_RANK["present"] else best.downloaded_bytes
-        progress = (
-            min(1.0, done / total)
-            if total
-            else (1.0 if best.state in ("present", "loading", "ready") else 0.0)
-        )
+        done = total if best.state.on_disk else best.downloaded_bytes
+        progress = min(1.0, done / total) if total else (1.0 if best.state.on_disk else 0.0)
         return ModelStatusView(model.id, best.state, progress, done, total, nodes)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balancer.auth import KeyRing
+from balancer.catalog import Catalog
 from balancer.fleet import Fleet
 from balancer.origin import Origin
-from balancer.registry import Registry
 from balancer.router import Router
 from balancer.sessions import NodeSessions
 from balancer.store import Store
@@ -20,7 +20,7 @@ class BalancerParts:
     config: BalancerConfig
     store: Store
     origin: Origin
-    registry: Registry
+    catalog: Catalog
     fleet: Fleet
     sessions: NodeSessions
     router: Router

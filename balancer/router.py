@@ -23,9 +23,9 @@ import grpc
 import grpc.aio
 import structlog
 
+from balancer.catalog import Catalog
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.node_clients import NodeClients
-from balancer.registry import Registry
 from common import inference_pb as conv
 from common.config import BalancerConfig
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
@@ -45,13 +45,18 @@ from common.inference import (
 from common.metrics import BalancerMetrics
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import error_from_rpc
-from common.types import Capability, Model
+from common.types import Capability, Model, ModelState
 
 log = structlog.get_logger(__name__)
 
 # Tiers: how soon a node can answer for the model. Lower is better.
 READY, ON_DISK, DOWNLOADABLE = 0, 1, 2
-_TIER = {"ready": READY, "loading": ON_DISK, "present": ON_DISK, "absent": DOWNLOADABLE}
+_TIER = {
+    ModelState.READY: READY,
+    ModelState.LOADING: ON_DISK,
+    ModelState.PRESENT: ON_DISK,
+    ModelState.ABSENT: DOWNLOADABLE,
+}
 EWMA_ALPHA = 0.3
 FIRST_LATENCY_S = 0.05  # a node's latency average before its first answer
 QUEUE_RECHECK_S = 0.5  # queued requests also look again this often, for nodes that came online
@@ -133,7 +138,7 @@ class Router:
     def __init__(
         self,
         config: BalancerConfig,
-        registry: Registry,
+        registry: Catalog,
         fleet: Fleet,
         clients: NodeClients,
         metrics: BalancerMetrics | None = None,
@@ -369,7 +374,7 @@ class Router:
         downloading: list[ModelOnNode] = []
         failed: list[ModelOnNode] = []
         for info, state in capable:
-            name = state.state if state is not None else "absent"
+            name = state.state if state is not None else ModelState.ABSENT
             if name == "downloading" and state is not None:
                 downloading.append(state)
             elif name == "failed" and state is not None:

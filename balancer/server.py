@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from balancer.auth import AuthInterceptor, KeyRing
-from balancer.catalog import load_catalog
+from balancer.catalog import Catalog, load_catalog
 from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
 from balancer.http.app import create_app
@@ -22,7 +22,6 @@ from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
-from balancer.registry import Registry
 from balancer.router import Router
 from balancer.servicers.inference import InferenceServicer
 from balancer.servicers.manifest import ManifestServicer
@@ -41,7 +40,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2_grpc,
 )
 from common.rpc import SERVER_OPTIONS
-from common.types import NodeState
+from common.types import ModelState, NodeState
 
 log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
@@ -71,8 +70,8 @@ class Balancer:
         return self.parts.store
 
     @property
-    def registry(self) -> Registry:
-        return self.parts.registry
+    def catalog(self) -> Catalog:
+        return self.parts.catalog
 
     @property
     def http_port(self) -> int | None:
@@ -99,7 +98,7 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
     downloads: dict[tuple[str, ...], float] = {}
     for node_id in online:
         for status in fleet.node_models(node_id):
-            if status.state == "downloading":
+            if status.state is ModelState.DOWNLOADING:
                 downloads[(status.model_id,)] = downloads.get((status.model_id,), 0.0) + 1
     return {
         "llmlb_nodes": (
@@ -113,13 +112,11 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
 
 async def start(config: BalancerConfig) -> Balancer:
     """Opens the store (migrating it), seeds the catalogue and starts serving gRPC."""
-    catalog = load_catalog(
-        config.catalog_path, config.hf_endpoint
-    )  # a broken catalogue stops us before any I/O
+    seed = load_catalog(config.catalog_path, config.hf_endpoint)  # a broken file stops us before any I/O
     store = await Store.open(config.database_url)
     origin = Origin(config)
-    registry = Registry(store, origin)
-    await registry.seed(catalog)
+    catalog = Catalog(store, origin)
+    await catalog.seed(seed)
     fleet = Fleet()
     sessions = NodeSessions(store, fleet)
     for node in await store.list_nodes():  # nobody is connected to a process that just started
@@ -136,13 +133,13 @@ async def start(config: BalancerConfig) -> Balancer:
     clients = NodeClients()
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
-    router = Router(config, registry, fleet, clients, metrics)
-    parts = BalancerParts(config, store, origin, registry, fleet, sessions, router, keys, metrics)
+    router = Router(config, catalog, fleet, clients, metrics)
+    parts = BalancerParts(config, store, origin, catalog, fleet, sessions, router, keys, metrics)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
-    manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(registry, origin), server)
+    manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, registry)), server
+        InferenceServicer(router, Observer(metrics, catalog)), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -175,7 +172,7 @@ async def start(config: BalancerConfig) -> Balancer:
         grpc=f"{host}:{port}",
         http=f"{config.http_listen.rpartition(':')[0]}:{http.port}" if http else "off",
         database=config.database_url,
-        models=len(catalog),
+        models=len(seed),
         auth="on" if config.auth else "off",
     )
     return Balancer(parts, server, health_servicer, port, http, clients)

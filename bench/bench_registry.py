@@ -1,8 +1,8 @@
 """The balancer's metadata read path: GetManifest through the gRPC door vs the same logic called directly.
 
-"registry direct" does what the servicer does (look the model up, build the manifest message) without
+"catalogue direct" does what the servicer does (look the model up, build the manifest message) without
 transport; the difference to the door is what gRPC adds. Goal: the door adds at most 0.5 ms at p50.
-"store read" shows what serving reads from SQLite instead of the registry's in-memory copy would cost.
+"store read" shows what serving reads from SQLite instead of the catalogue's in-memory copy would cost.
 Auth is on, as by default: the door's figure includes checking the admin key each call presents.
 """
 
@@ -51,7 +51,7 @@ async def run() -> str:
             direct: list[float] = []
             for _ in range(SEQUENTIAL):
                 t = time.perf_counter()
-                converters.manifest_to_pb(await balancer.registry.get("gemma-3-270m"))
+                converters.manifest_to_pb(await balancer.catalog.get("gemma-3-270m"))
                 direct.append(time.perf_counter() - t)
 
             key = config.admin_key_file.read_text().strip()
@@ -97,7 +97,7 @@ async def run() -> str:
             "| path | p50 ms | p99 ms |",
             "|---|---|---|",
             row(f"store read (SQLite, {SEQUENTIAL // 4} calls)", stored),
-            row("registry direct (same work, no transport)", direct),
+            row("catalogue direct (same work, no transport)", direct),
             row("through the gRPC door", door),
             "",
             f"- gRPC door adds {added:.3f} ms at p50 (goal ≤ {GOAL_P50_MS} ms: {verdict})",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc.aio
 
-from balancer.registry import RegisterRequest
+from balancer.catalog import RegisterRequest
 from balancer.server import start as start_balancer
 from common.config import load_balancer_config
 from common.pb.llmlb.v1 import registry_pb2 as rpb
@@ -132,7 +132,7 @@ async def run() -> str:
                 data = os.urandom(size_mb * 1024 * 1024)
                 repo = f"bench/blob-{size_mb}"
                 hub.add_repo(repo, {"w.gguf": data})
-                model_id = (await balancer.registry.register(RegisterRequest(repo_id=repo))).id
+                model_id = (await balancer.catalog.register(RegisterRequest(repo_id=repo))).id
                 source = tmp / f"src-{size_mb}.bin"
                 source.write_bytes(data)
                 del data

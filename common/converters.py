@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from common.errors import unknown_capabilities
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.types import (
     ApiKey,
@@ -17,6 +19,7 @@ from common.types import (
     ManifestFile,
     Model,
     ModelSource,
+    ModelState,
     Node,
     NodeState,
     Scope,
@@ -51,40 +54,50 @@ _CAPABILITY_TO_PB = {
 }
 _CAPABILITY_FROM_PB: dict[int, Capability] = {int(v): k for k, v in _CAPABILITY_TO_PB.items()}
 
-# A model's state on a node: plain strings inside both processes ("absent", "downloading", ...).
 _MODEL_STATE_TO_PB = {
-    "absent": pb.MODEL_STATE_ABSENT,
-    "downloading": pb.MODEL_STATE_DOWNLOADING,
-    "present": pb.MODEL_STATE_PRESENT,
-    "loading": pb.MODEL_STATE_LOADING,
-    "ready": pb.MODEL_STATE_READY,
-    "failed": pb.MODEL_STATE_FAILED,
+    ModelState.ABSENT: pb.MODEL_STATE_ABSENT,
+    ModelState.DOWNLOADING: pb.MODEL_STATE_DOWNLOADING,
+    ModelState.PRESENT: pb.MODEL_STATE_PRESENT,
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
 }
-_MODEL_STATE_FROM_PB: dict[int, str] = {int(v): k for k, v in _MODEL_STATE_TO_PB.items()}
+_MODEL_STATE_FROM_PB: dict[int, ModelState] = {int(v): k for k, v in _MODEL_STATE_TO_PB.items()}
 
 
-def model_state_to_pb(state: str) -> pb.ModelState.ValueType:
-    return _MODEL_STATE_TO_PB.get(state, pb.MODEL_STATE_UNSPECIFIED)
+def model_state_to_pb(state: ModelState) -> pb.ModelState.ValueType:
+    return _MODEL_STATE_TO_PB[state]
 
 
 def model_node_status_to_pb(
-    node_id: str, model_id: str, state: str, downloaded_bytes: int, total_bytes: int, error: str
+    node_id: str,
+    model_id: str,
+    state: ModelState,
+    downloaded_bytes: int,
+    total_bytes: int,
+    error: str,
+    *,
+    ready: bool | None = None,
 ) -> pb.ModelNodeStatus:
-    """One model's state on one node: what a node reports and what the balancer shows of it."""
+    """One model's state on one node: what a node reports and what the balancer shows of it.
+
+    ``ready`` defaults to the state alone (what a node says of itself); the balancer passes
+    whether the node can serve the model now, which also needs the node in rotation.
+    """
     return pb.ModelNodeStatus(
         node_id=node_id,
         model_id=model_id,
         state=model_state_to_pb(state),
-        ready=state == "ready",
+        ready=state is ModelState.READY if ready is None else ready,
         downloaded_bytes=downloaded_bytes,
         total_bytes=total_bytes,
         error=error,
     )
 
 
-def model_state_from_pb(value: int) -> str:
+def model_state_from_pb(value: int) -> ModelState:
     """UNSPECIFIED (and anything unknown) reads as absent."""
-    return _MODEL_STATE_FROM_PB.get(value, "absent")
+    return _MODEL_STATE_FROM_PB.get(value, ModelState.ABSENT)
 
 
 _NODE_STATE_TO_PB = {
@@ -93,6 +106,10 @@ _NODE_STATE_TO_PB = {
     NodeState.DRAINING: pb.NODE_STATE_DRAINING,
 }
 _NODE_STATE_FROM_PB: dict[int, NodeState] = {int(v): k for k, v in _NODE_STATE_TO_PB.items()}
+
+
+def node_state_to_pb(state: NodeState) -> pb.NodeState.ValueType:
+    return _NODE_STATE_TO_PB[state]
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -120,7 +137,25 @@ def capabilities_to_pb(caps: Iterable[Capability]) -> list[pb.Capability.ValueTy
 
 
 def capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
+    """Capabilities as a peer reports them; values this build does not know are left out."""
     return [_CAPABILITY_FROM_PB[v] for v in values if v in _CAPABILITY_FROM_PB]
+
+
+def requested_capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
+    """Capabilities a caller asks for; UNSPECIFIED or a value this build does not know is refused."""
+    values = list(values)
+    unknown = [_enum_name(pb.Capability, v) for v in values if v not in _CAPABILITY_FROM_PB]
+    if unknown:
+        raise unknown_capabilities(unknown)
+    return [_CAPABILITY_FROM_PB[v] for v in values]
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """``CAPABILITY_UNSPECIFIED`` for 0; the bare number for one the wire contract does not name."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
 
 
 def manifest_file_to_pb(f: ManifestFile) -> pb.ManifestFile:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.types import Capability
+
 
 class ErrorCode(enum.StrEnum):
     INVALID_MODEL_ID = "invalid_model_id"
@@ -92,3 +94,9 @@ class LlmlbError(Exception):
 
     def __repr__(self) -> str:
         return f"LlmlbError({self.code.value!r}, {self.message!r})"
+
+
+def unknown_capabilities(got: object) -> LlmlbError:
+    """The refusal of capabilities this build does not know, worded alike at both doors."""
+    allowed = ", ".join(c.value for c in Capability)
+    return LlmlbError(ErrorCode.INVALID_REQUEST, f"capabilities must be among {allowed}; got {got}")

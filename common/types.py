@@ -88,6 +88,30 @@ class Model:
         return sum(f.size_bytes for f in self.files)
 
 
+class ModelState(enum.StrEnum):
+    """How far along one model is on one node; the order below is how far along, least first."""
+
+    ABSENT = "absent"
+    FAILED = "failed"
+    DOWNLOADING = "downloading"
+    PRESENT = "present"  # every file on disk, not loaded
+    LOADING = "loading"
+    READY = "ready"
+
+    @property
+    def rank(self) -> int:
+        """Position in the order above, for "the most advanced state on any node"."""
+        return _MODEL_STATE_ORDER.index(self)
+
+    @property
+    def on_disk(self) -> bool:
+        """True once every file is held: present, loading or ready."""
+        return self.rank >= ModelState.PRESENT.rank
+
+
+_MODEL_STATE_ORDER: tuple[ModelState, ...] = tuple(ModelState)
+
+
 class NodeState(enum.StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"

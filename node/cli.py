@@ -165,8 +165,8 @@ def _show_config(config: NodeConfig) -> dict[str, Any]:
 def _list_models(config: NodeConfig) -> list[dict[str, Any]]:
     from node.storage import Storage
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        storage = Storage(config.models_dir, pool)
+    with ThreadPoolExecutor(max_workers=1) as io_threads:
+        storage = Storage(config.models_dir, io_threads)
         rows = []
         for model in storage.known_models():
             partial = sum(storage.partial_bytes(model.id, f.filename) for f in model.files)

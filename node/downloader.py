@@ -304,7 +304,9 @@ class Downloader:
                         source=source.name,
                     )
                     break
-                await asyncio.get_running_loop().run_in_executor(self._storage.pool, _publish, part, path)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._storage.io_threads, _publish, part, path
+                )
                 self._storage.record_verified(model.id, file.filename, digest)
                 log.info(
                     "download.done",
@@ -323,17 +325,17 @@ class Downloader:
     ) -> str:
         """Appends the rest of the file from ``source`` to ``part``; returns the whole file's sha256."""
         loop = asyncio.get_running_loop()
-        pool = self._storage.pool
+        io_threads = self._storage.io_threads
         have = _size(part)
         # Resuming: the digest must cover the bytes already there (hashed once, off the loop).
-        digest = await loop.run_in_executor(pool, hash_file, part, have) if have else _new_digest()
+        digest = await loop.run_in_executor(io_threads, hash_file, part, have) if have else _new_digest()
         done = have
         next_log = _next_decile(done, file.size_bytes)
         if done >= file.size_bytes:
             return digest.hexdigest()
         stream = source.stream(model, file, done).__aiter__()
         written = self._metrics.download_bytes.labels(source_kind(source.name))
-        fh = await loop.run_in_executor(pool, _open_append, part)
+        fh = await loop.run_in_executor(io_threads, _open_append, part)
         try:
             while done < file.size_bytes:
                 now = time.monotonic()
@@ -358,11 +360,11 @@ class Downloader:
                         ErrorCode.DOWNLOAD_FAILED, f"{source.name} sent more bytes than the manifest says"
                     )
                 try:
-                    await loop.run_in_executor(pool, _write, fh, chunk, digest)
+                    await loop.run_in_executor(io_threads, _write, fh, chunk, digest)
                 except OSError as exc:
                     if exc.errno == errno.ENOSPC:
                         # Free what it held; nothing half-written stays.
-                        await loop.run_in_executor(pool, _discard, fh, part)
+                        await loop.run_in_executor(io_threads, _discard, fh, part)
                         raise LlmlbError(
                             ErrorCode.INSUFFICIENT_STORAGE,
                             f"insufficient storage: the disk filled while writing {file.filename}",
@@ -384,10 +386,10 @@ class Downloader:
         finally:
             await _aclose(stream)
             if not fh.closed:
-                await loop.run_in_executor(pool, fh.close)
+                await loop.run_in_executor(io_threads, fh.close)
             if done == 0:
                 # A source that refused at once leaves no empty .partial behind.
-                await loop.run_in_executor(pool, functools.partial(part.unlink, missing_ok=True))
+                await loop.run_in_executor(io_threads, functools.partial(part.unlink, missing_ok=True))
         if done != file.size_bytes:
             raise LlmlbError(
                 ErrorCode.DOWNLOAD_FAILED,

@@ -31,10 +31,10 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from common.types import Capability, Model
+from common.types import Capability, Model, ModelState
 from node.downloader import BlobSource, ReadBlobSource
 from node.hardware import Hardware
-from node.model_states import ModelState, ModelStates
+from node.model_states import ModelReport, ModelStates
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +88,7 @@ def host_load() -> tuple[float, int, int]:
     return cpu, max(0, total - available), total
 
 
-def state_to_pb(node_id: str, s: ModelState) -> pb.ModelNodeStatus:
+def state_to_pb(node_id: str, s: ModelReport) -> pb.ModelNodeStatus:
     return converters.model_node_status_to_pb(
         node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error
     )
@@ -108,7 +108,7 @@ class BalancerLink:
         runtimes: Sequence[str] = (),
         capabilities: Sequence[Capability] = (),
         load: Callable[[], Load] = Load,
-        runtime_states: Callable[[], Mapping[str, ModelState]] = dict,
+        runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
         draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self._config = config
@@ -135,7 +135,7 @@ class BalancerLink:
         self._heartbeat_s = 1.0
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self._dirty: dict[str, ModelState] = {}
+        self._dirty: dict[str, ModelReport] = {}
         self._wake = asyncio.Event()
         self._outbox: asyncio.Queue[rpb.NodeMessage] = asyncio.Queue()
         self._running: set[int] = set()
@@ -275,7 +275,9 @@ class BalancerLink:
                     memory_used_mb=used,
                     memory_total_mb=total,
                 ),
-                models=[state_to_pb(self.node_id, s) for s in picture.values() if s.state != "absent"],
+                models=[
+                    state_to_pb(self.node_id, s) for s in picture.values() if s.state is not ModelState.ABSENT
+                ],
                 draining=self._draining(),
             )
         )
@@ -285,7 +287,7 @@ class BalancerLink:
         self._beat_now = True
         self._wake.set()
 
-    def _changed(self, state: ModelState) -> None:
+    def _changed(self, state: ModelReport) -> None:
         self._dirty[state.model_id] = state
         self._wake.set()
 

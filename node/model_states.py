@@ -9,18 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-ABSENT = "absent"
-DOWNLOADING = "downloading"
-PRESENT = "present"
-LOADING = "loading"
-READY = "ready"
-FAILED = "failed"
+from common.types import ModelState
 
 
 @dataclass(frozen=True, slots=True)
-class ModelState:
+class ModelReport:
+    """One model's state on this node, with its download progress: what the balancer is told."""
+
     model_id: str
-    state: str = ABSENT
+    state: ModelState = ModelState.ABSENT
     downloaded_bytes: int = 0
     total_bytes: int = 0
     error: str = ""
@@ -30,17 +27,19 @@ class ModelStates:
     """The node's per-model states; listeners hear of each change."""
 
     def __init__(self) -> None:
-        self._states: dict[str, ModelState] = {}
-        self._listeners: list[Callable[[ModelState], None]] = []
+        self._states: dict[str, ModelReport] = {}
+        self._listeners: list[Callable[[ModelReport], None]] = []
 
-    def subscribe(self, listener: Callable[[ModelState], None]) -> None:
+    def subscribe(self, listener: Callable[[ModelReport], None]) -> None:
         self._listeners.append(listener)
 
-    def get(self, model_id: str) -> ModelState:
-        return self._states.get(model_id, ModelState(model_id))
+    def get(self, model_id: str) -> ModelReport:
+        return self._states.get(model_id, ModelReport(model_id))
 
-    def set(self, model_id: str, state: str, *, downloaded: int = 0, total: int = 0, error: str = "") -> None:
-        new = ModelState(model_id, state, downloaded, total, error)
+    def set(
+        self, model_id: str, state: ModelState, *, downloaded: int = 0, total: int = 0, error: str = ""
+    ) -> None:
+        new = ModelReport(model_id, state, downloaded, total, error)
         if self._states.get(model_id) == new:
             return
         self._states[model_id] = new
@@ -48,17 +47,17 @@ class ModelStates:
 
     def progress(self, model_id: str, downloaded: int, total: int) -> None:
         old = self.get(model_id)
-        self.set(model_id, DOWNLOADING, downloaded=downloaded, total=total or old.total_bytes)
+        self.set(model_id, ModelState.DOWNLOADING, downloaded=downloaded, total=total or old.total_bytes)
 
     def remove(self, model_id: str) -> None:
         """Forgets a deleted model; listeners hear it is absent once, then it leaves the picture."""
         old = self._states.pop(model_id, None)
         if old is not None:
-            self._notify(replace(old, state=ABSENT, downloaded_bytes=0, error=""))
+            self._notify(replace(old, state=ModelState.ABSENT, downloaded_bytes=0, error=""))
 
-    def snapshot(self) -> list[ModelState]:
+    def snapshot(self) -> list[ModelReport]:
         return [self._states[k] for k in sorted(self._states)]
 
-    def _notify(self, state: ModelState) -> None:
+    def _notify(self, state: ModelReport) -> None:
         for listener in self._listeners:
             listener(state)

@@ -4,13 +4,15 @@ Each loaded model has a fixed number of slots (concurrent calls into its runtime
 wait in a bounded queue. Loading, unloading and inference all run on a bounded thread pool, never on
 the event loop. A streaming call whose consumer goes away stops at the runtime's next step and gives
 its slot back as soon as the runtime has stopped.
+
+Over 400 lines on purpose: loading, the memory budget, eviction and slot leases all act on the same
+entries under the same condition, and split apart they would have to share those internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import threading
 import time
@@ -37,7 +39,7 @@ from common.inference import (
     TranscribeRequest,
     Transcript,
 )
-from common.types import Backend, Capability, Model
+from common.types import Backend, Capability, Model, ModelState
 from node.hardware import Hardware
 from node.runtimes.base import (
     CancelFlag,
@@ -50,7 +52,7 @@ from node.runtimes.base import (
     TextGeneration,
     Transcription,
 )
-from node.runtimes.registry import RuntimeRegistry
+from node.runtimes.engines import Engines
 from node.threads import FreshThreadExecutor
 
 log = structlog.get_logger(__name__)
@@ -67,12 +69,6 @@ class ResolvedModel(Protocol):
     def paths(self) -> Mapping[str, Path]:
         """Manifest filename -> absolute path of the file on disk (may lie outside the models dir)."""
         ...
-
-
-class ModelState(enum.StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -193,11 +189,11 @@ class ModelPool:
         self,
         hardware: Hardware,
         settings: PoolSettings | None = None,
-        registry: RuntimeRegistry | None = None,
+        engines: Engines | None = None,
     ) -> None:
         self.hardware = hardware
         self.settings = settings or PoolSettings()
-        self.registry = registry or RuntimeRegistry.default()
+        self.engines = engines or Engines.default()
         self.budget_mb = self.settings.budget_mb(hardware)
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -211,15 +207,15 @@ class ModelPool:
 
     # -- state for heartbeats --------------------------------------------------------------------
 
-    def states(self) -> dict[str, str]:
-        """Model id -> ``"loading"``, ``"ready"`` or ``"failed"`` for every model this pool knows.
+    def states(self) -> dict[str, ModelState]:
+        """Model id -> loading, ready or failed for every model this pool knows.
 
-        A model that failed to load stays ``"failed"`` (with its message in ``errors()``) until a later
+        A model that failed to load stays failed (with its message in ``errors()``) until a later
         request loads it; an unloaded or evicted model is absent.
         """
-        states: dict[str, str] = {model_id: ModelState.FAILED.value for model_id in self._failed}
+        states = {model_id: ModelState.FAILED for model_id in self._failed}
         for entry in self._entries.values():
-            states[entry.model_id] = entry.state.value
+            states[entry.model_id] = entry.state
         return states
 
     def errors(self) -> dict[str, str]:
@@ -250,10 +246,6 @@ class ModelPool:
         """Every entry whose runtime holds memory now, including those on their way out."""
         held = [e for e in self._entries.values() if e.holds_memory()]
         return held + [e for e in self._leaving if e.holds_memory()]
-
-    @property
-    def engines(self) -> list[str]:
-        return self.registry.engines
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -426,7 +418,7 @@ class ModelPool:
         if self._closed:
             raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, "this node is shutting down")
         model = resolved.model
-        spec = self.registry.select(model, capability)
+        spec = self.engines.select(model, capability)
         key = (model.id, spec.engine)
         files = _signature(resolved.paths)
         entry = self._entries.get(key)

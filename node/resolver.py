@@ -30,8 +30,7 @@ from common.config import NodeConfig
 from common.errors import ErrorCode, LlmlbError
 from common.formats import check_filename
 from common.model_id import normalize_model_id
-from common.types import Backend, ManifestFile, Model
-from node import model_states as st
+from common.types import Backend, ManifestFile, Model, ModelState
 from node.downloader import BlobSource, Downloader, Progress
 from node.model_states import ModelStates
 from node.storage import Storage
@@ -151,8 +150,8 @@ class Resolver:
         elif sources and all(s == "local" for s in sources.values()):
             self._storage.save_manifest(model)  # a copy placed by hand becomes a known model
         total = sum(f.size_bytes for f in needed)
-        if self._states.get(model.id).state not in (st.LOADING, st.READY):
-            self._states.set(model.id, st.PRESENT, downloaded=total, total=total)
+        if self._states.get(model.id).state not in (ModelState.LOADING, ModelState.READY):
+            self._states.set(model.id, ModelState.PRESENT, downloaded=total, total=total)
         return ResolvedModel(model, paths, sources)
 
     async def _on_shared_dir(self, model: Model, file: ManifestFile) -> Path | None:
@@ -209,7 +208,7 @@ class Resolver:
                 self._states.remove(model.id)
                 raise _deleted(model.id) from None
             if isinstance(exc, LlmlbError):
-                self._states.set(model.id, st.FAILED, total=total, error=exc.message)
+                self._states.set(model.id, ModelState.FAILED, total=total, error=exc.message)
             raise
         finally:
             self._file_progress.pop(model.id, None)
@@ -257,9 +256,9 @@ class Resolver:
                     whole = False
                     held += self._storage.partial_bytes(model.id, file.filename)
             if whole:
-                self._states.set(model.id, st.PRESENT, downloaded=total, total=total)
+                self._states.set(model.id, ModelState.PRESENT, downloaded=total, total=total)
             elif held:
-                self._states.set(model.id, st.DOWNLOADING, downloaded=held, total=total)
+                self._states.set(model.id, ModelState.DOWNLOADING, downloaded=held, total=total)
 
     async def locate(self, model_id: str, filename: str) -> tuple[ManifestFile, Path]:
         """Where this node holds one file of a model, without downloading: for peers reading it."""

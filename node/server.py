@@ -21,13 +21,13 @@ from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import SERVER_OPTIONS
-from common.types import Backend
+from common.types import Backend, ModelState
 from node import hardware
 from node.downloader import Downloader, OriginSource
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
 from node.metrics_http import MetricsHttpServer
-from node.model_states import ABSENT, DOWNLOADING, FAILED, LOADING, PRESENT, READY, ModelState, ModelStates
+from node.model_states import ModelReport, ModelStates
 from node.pool import ModelPool, PoolSettings
 from node.resolver import Resolver
 from node.servicers.inference import InferenceServicer
@@ -43,7 +43,7 @@ SERVICE_NAMES = (
 # Hashing and file I/O run here, never on the event loop.
 IO_THREADS = 4
 # Every state ``xllm_models`` reports, zero included, so a dashboard's series never vanish.
-MODEL_STATES = (DOWNLOADING, PRESENT, LOADING, READY, FAILED)
+MODEL_STATES = tuple(s for s in ModelState if s is not ModelState.ABSENT)
 
 
 @dataclass(slots=True)
@@ -77,8 +77,8 @@ class NodeCommands:
             await self.pool.prefetch(await self.resolver.resolve(model_id))
         except LlmlbError as exc:
             unknown = exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID)
-            if not unknown and self.states.get(model_id).state != FAILED:
-                self.states.set(model_id, FAILED, error=exc.message)
+            if not unknown and self.states.get(model_id).state is not ModelState.FAILED:
+                self.states.set(model_id, ModelState.FAILED, error=exc.message)
             raise
 
     async def drain(self) -> None:
@@ -173,7 +173,7 @@ class NodeParts:
     """The node's working parts, without a server: ``xllm pull`` uses them on their own."""
 
     hardware: Hardware
-    pool: ThreadPoolExecutor
+    io_threads: ThreadPoolExecutor
     storage: Storage
     states: ModelStates
     hub: HubFiles
@@ -188,7 +188,7 @@ class NodeParts:
         await self.link.stop()
         await self.models.close()
         await self.hub.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.io_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def pool_load(models: ModelPool) -> Load:
@@ -197,11 +197,11 @@ def pool_load(models: ModelPool) -> Load:
     return Load(sum(d.active for d in details), sum(d.waiting for d in details))
 
 
-def runtime_states(models: ModelPool) -> dict[str, ModelState]:
+def runtime_states(models: ModelPool) -> dict[str, ModelReport]:
     """Loading, ready or failed, per model the pool knows: these win over the files' states."""
     errors = models.errors()
     return {
-        model_id: ModelState(model_id, state, error=errors.get(model_id, ""))
+        model_id: ModelReport(model_id, state, error=errors.get(model_id, ""))
         for model_id, state in models.states().items()
     }
 
@@ -214,7 +214,7 @@ def node_gauges(
     picture.update({m: s.state for m, s in runtime_states(models).items()})
     by_state: dict[tuple[str, ...], float] = {(state,): 0.0 for state in MODEL_STATES}
     for state in picture.values():
-        if state != ABSENT:
+        if state is not ModelState.ABSENT:
             by_state[(state,)] = by_state.get((state,), 0.0) + 1
     load = pool_load(models)
     return {
@@ -231,8 +231,8 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     """Builds the node's parts (nothing is started): the server and ``xllm pull`` both use them."""
     forced = None if config.backend == "auto" else Backend(config.backend)
     found = hardware.detect(forced)
-    pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
-    storage = Storage(config.models_dir, pool)
+    io_threads = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
+    storage = Storage(config.models_dir, io_threads)
     storage.root.mkdir(parents=True, exist_ok=True)
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
@@ -245,8 +245,8 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
         found,
         address,
         states,
-        runtimes=models.engines,
-        capabilities=models.registry.capabilities,
+        runtimes=models.engines.names,
+        capabilities=models.engines.capabilities,
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
@@ -255,7 +255,9 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
-    return NodeParts(found, pool, storage, states, hub, downloader, link, resolver, models, commands, metrics)
+    return NodeParts(
+        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics
+    )
 
 
 async def start(config: NodeConfig) -> NodeProcess:

@@ -76,22 +76,22 @@ class Verifier:
     under ``<models_dir>/.llmlb/shared-verified/`` for files on the shared dir, which is never written.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
+    def __init__(self, io_threads: ThreadPoolExecutor) -> None:
+        self._io_threads = io_threads
         self._seen: dict[Path, Fingerprint] = {}
         self._hashing: dict[tuple[Path, int, int], asyncio.Future[str]] = {}
 
     async def matches(self, path: Path, file: ManifestFile, marker: Path | None = None) -> bool:
         loop = asyncio.get_running_loop()
         try:
-            st = await loop.run_in_executor(self._pool, path.stat)
+            st = await loop.run_in_executor(self._io_threads, path.stat)
         except OSError:
             return False
         if st.st_size == 0 or st.st_size != file.size_bytes:
             return False
         if not file.sha256:
             return True  # the origin published no digest: the size is all there is to check
-        known = self._seen.get(path) or (await loop.run_in_executor(self._pool, _read_marker, marker))
+        known = self._seen.get(path) or (await loop.run_in_executor(self._io_threads, _read_marker, marker))
         if known is not None and (known.size, known.mtime_ns, known.inode) == (
             st.st_size,
             st.st_mtime_ns,
@@ -102,7 +102,7 @@ class Verifier:
         hashing = self._hashing.get(key)
         if hashing is None:  # twenty callers asking at once hash the file once
             log.info("file.hashing", path=str(path), bytes=st.st_size)
-            hashing = asyncio.ensure_future(loop.run_in_executor(self._pool, sha256_file, path))
+            hashing = asyncio.ensure_future(loop.run_in_executor(self._io_threads, sha256_file, path))
             self._hashing[key] = hashing
             hashing.add_done_callback(lambda _: self._hashing.pop(key, None))
         digest = await asyncio.shield(hashing)
@@ -156,10 +156,10 @@ def _write_json(path: Path, data: object) -> None:
 class Storage:
     """The models dir of one node (possibly shared by several node processes on one host)."""
 
-    def __init__(self, models_dir: Path, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, models_dir: Path, io_threads: ThreadPoolExecutor) -> None:
         self.root = models_dir.expanduser().resolve()
-        self.pool = pool
-        self.verifier = Verifier(pool)
+        self.io_threads = io_threads
+        self.verifier = Verifier(io_threads)
 
     def model_dir(self, model_id: str) -> Path:
         """The model's folder; ``invalid_model_id`` for a bad id, before any file is touched."""
@@ -257,11 +257,11 @@ class Storage:
         """
         folder = self.model_dir(model_id)
         loop = asyncio.get_running_loop()
-        freed = await loop.run_in_executor(self.pool, _delete_model_dir, folder, self.root)
+        freed = await loop.run_in_executor(self.io_threads, _delete_model_dir, folder, self.root)
         self.verifier.forget_under(folder)
         shared_markers = self.root / META_DIR / "shared-verified"
         await loop.run_in_executor(
-            self.pool, _delete_model_dir, model_dir(shared_markers, model_id), shared_markers
+            self.io_threads, _delete_model_dir, model_dir(shared_markers, model_id), shared_markers
         )
         return freed
 

@@ -7,12 +7,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from balancer import control
+from balancer.catalog import RegisterRequest
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
 from balancer.http.schemas import RegisterModelBody
 from balancer.parts import BalancerParts
-from balancer.registry import RegisterRequest
+from common.errors import unknown_capabilities
 from common.types import Capability
 
 
@@ -20,8 +21,7 @@ def _capabilities(names: list[str]) -> list[Capability]:
     try:
         return [Capability(name) for name in names]
     except ValueError:
-        allowed = ", ".join(c.value for c in Capability)
-        raise cv.invalid(f"capabilities must be among {allowed}; got {names}") from None
+        raise unknown_capabilities(names) from None
 
 
 def register_request(body: RegisterModelBody) -> RegisterRequest:
@@ -47,7 +47,7 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     async def register_model(request: Request) -> Response:
         body = cv.parse_body(RegisterModelBody, await request.body())
-        model = await parts.registry.register(register_request(body))
+        model = await parts.catalog.register(register_request(body))
         return answer(model_detail_json(control.model_view(parts.fleet, model)), 201)
 
     async def list_models(request: Request) -> Response:
@@ -55,7 +55,7 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
         return answer({"object": "list", "data": [model_detail_json(v) for v in views]})
 
     async def manifest(request: Request) -> Response:
-        return answer(manifest_json(await parts.registry.get(request.path_params["model_id"])))
+        return answer(manifest_json(await parts.catalog.get(request.path_params["model_id"])))
 
     async def status(request: Request) -> Response:
         return answer(status_json(await control.model_status(parts, request.path_params["model_id"])))

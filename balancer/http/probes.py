@@ -37,7 +37,7 @@ def probe_routes(parts: BalancerParts) -> list[BaseRoute]:
         body = {
             "status": "ready",
             "nodes": {"registered": len(nodes), "online": len(parts.fleet.online())},
-            "models": len(await parts.registry.list_models()),
+            "models": len(await parts.catalog.list_models()),
         }
         return Response(dumps(body), media_type="application/json")
 

@@ -83,7 +83,7 @@ def model_detail_json(view: ModelView) -> dict[str, Any]:
         "created_at": _iso(model.created_at),
         "updated_at": _iso(model.updated_at),
         "ready": view.ready,
-        "nodes": [{"node_id": n.node_id, "ready": n.ready, "state": n.state} for n in view.nodes],
+        "nodes": [{"node_id": n.node_id, "ready": n.ready, "state": n.state.value} for n in view.nodes],
     }
 
 
@@ -91,7 +91,7 @@ def _model_on_node_json(state: ModelOnNode) -> dict[str, Any]:
     return {
         "node_id": state.node_id,
         "model_id": state.model_id,
-        "state": state.state,
+        "state": state.state.value,
         "downloaded_bytes": state.downloaded_bytes,
         "total_bytes": state.total_bytes,
         "error": state.error,
@@ -102,7 +102,7 @@ def status_json(view: ModelStatusView) -> dict[str, Any]:
     """``model_id, status, progress, downloaded_bytes, total_bytes, nodes: [...]``."""
     return {
         "model_id": view.model_id,
-        "status": view.status,
+        "status": view.status.value,
         "progress": view.progress,
         "downloaded_bytes": view.downloaded_bytes,
         "total_bytes": view.total_bytes,

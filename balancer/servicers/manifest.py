@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc.aio
 
+from balancer.catalog import Catalog
 from balancer.origin import Origin
-from balancer.registry import Registry
 from common import converters
 from common.errors import ErrorCode, LlmlbError
 from common.formats import read_range_end
@@ -21,19 +21,19 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class ManifestServicer(mgrpc.ManifestServicer):
-    def __init__(self, registry: Registry, origin: Origin) -> None:
-        self._registry = registry
+    def __init__(self, catalog: Catalog, origin: Origin) -> None:
+        self._catalog = catalog
         self._origin = origin
 
     @rpc_errors
     async def GetManifest(self, request: mpb.GetManifestRequest, context: Ctx) -> pb.ModelManifest:
-        model = await self._registry.get(request.model_id)
+        model = await self._catalog.get(request.model_id)
         backend = converters.backend_from_pb(request.backend) if request.backend else None
         return converters.manifest_to_pb(model, backend)
 
     @rpc_errors
     async def ReadBlob(self, request: mpb.ReadBlobRequest, context: Ctx) -> AsyncIterator[mpb.BlobChunk]:
-        model = await self._registry.get(request.model_id)
+        model = await self._catalog.get(request.model_id)
         file = next((f for f in model.files if f.filename == request.filename), None)
         if file is None:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{request.filename!r} is not a file of {model.id!r}")

@@ -139,7 +139,7 @@ class ImageGeneration(Runtime, Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSpec:
-    """How the registry knows an engine: the file formats it loads and what it serves with them."""
+    """How a node knows an engine: the file formats it loads and what it serves with them."""
 
     engine: str
     formats: frozenset[FileFormat]  # a model with a file of one of these formats can load here

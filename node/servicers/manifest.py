@@ -45,12 +45,12 @@ class NodeManifestServicer(mgrpc.ManifestServicer):
         file, path = await self._resolver.locate(request.model_id, request.filename)
         end = read_range_end(file.size_bytes, request.offset, request.length)
         loop = asyncio.get_running_loop()
-        pool = self._storage.pool
-        fh = await loop.run_in_executor(pool, _open_at, path, request.offset)
+        io_threads = self._storage.io_threads
+        fh = await loop.run_in_executor(io_threads, _open_at, path, request.offset)
         try:
             position = request.offset
             while position < end:
-                data = await loop.run_in_executor(pool, fh.read, min(CHUNK_BYTES, end - position))
+                data = await loop.run_in_executor(io_threads, fh.read, min(CHUNK_BYTES, end - position))
                 if not data:
                     raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{request.filename} shrank while being read")
                 yield mpb.BlobChunk(
@@ -58,7 +58,7 @@ class NodeManifestServicer(mgrpc.ManifestServicer):
                 )
                 position += len(data)
         finally:
-            await loop.run_in_executor(pool, fh.close)
+            await loop.run_in_executor(io_threads, fh.close)
 
 
 def _open_at(path: Path, offset: int) -> BinaryIO:

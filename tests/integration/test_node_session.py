@@ -11,11 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 
+from common.errors import ErrorCode
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.integration.conftest import BalancerProcess, balancer_channel
 
@@ -235,6 +238,86 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
         await wait_until(load_listed, within=2.0)
     finally:
         await node.close()
+
+
+async def test_a_node_offline_or_draining_is_not_ready_for_a_model_in_either_door(
+    balancer: BalancerProcess,
+) -> None:
+    """A model loaded on a node shows ``ready`` there only while the node takes requests."""
+    loaded = pb.ModelNodeStatus(model_id="gemma-3-270m", state=pb.MODEL_STATE_READY, total_bytes=1)
+    leaving, draining = (
+        FakeNode(balancer.address, "node-leaving"),
+        FakeNode(balancer.address, "node-draining"),
+    )
+    headers = {"authorization": f"Bearer {balancer.admin_key}"} if balancer.admin_key else {}
+
+    async def grpc_nodes() -> dict[str, bool]:
+        async with balancer_channel(balancer.address) as channel:
+            model = await rgrpc.RegistryStub(channel).GetModel(rpb.GetModelRequest(model_id="gemma-3-270m"))
+        return {n.node_id: n.ready for n in model.nodes}
+
+    async def listings() -> tuple[dict[str, bool], dict[str, bool], dict[str, bool]]:
+        """Per-node ``ready`` as gRPC, ``/v1/models`` and ``/v0/models`` show it."""
+        async with httpx.AsyncClient(base_url=balancer.http_url, headers=headers, timeout=5) as http:
+            v1 = (await http.get("/v1/models/gemma-3-270m")).json()
+            v0 = next(m for m in (await http.get("/v0/models")).json()["data"] if m["id"] == "gemma-3-270m")
+        return (
+            await grpc_nodes(),
+            {n["node_id"]: n["ready"] for n in v1["nodes"]},
+            {n["node_id"]: n["ready"] for n in v0["nodes"]},
+        )
+
+    try:
+        for node in (leaving, draining):
+            await node.register()
+            await node.connect()
+            await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[loaded])))
+        both = {"node-leaving": True, "node-draining": True}
+
+        async def both_ready() -> bool:
+            return await listings() == (both, both, both)
+
+        await wait_until(both_ready, within=2.0)
+
+        async with balancer_channel(balancer.address) as channel:
+            await rgrpc.RegistryStub(channel).DrainNode(rpb.DrainNodeRequest(node_id="node-draining"))
+        await leaving.close()
+
+        async def offline() -> bool:
+            return (await online(balancer))["node-leaving"] == pb.NODE_STATE_OFFLINE
+
+        await wait_until(offline, within=2.0)
+        neither = {"node-leaving": False, "node-draining": False}
+        assert await listings() == (neither, neither, neither)
+        async with balancer_channel(balancer.address) as channel:
+            model = await rgrpc.RegistryStub(channel).GetModel(rpb.GetModelRequest(model_id="gemma-3-270m"))
+        assert not model.ready
+        assert {n.node_id: n.state for n in model.nodes} == {
+            "node-leaving": pb.MODEL_STATE_READY,  # still what each node last said it holds
+            "node-draining": pb.MODEL_STATE_READY,
+        }
+    finally:
+        await leaving.close()
+        await draining.close()
+
+
+async def test_a_node_registering_a_capability_this_balancer_does_not_know_is_refused(
+    balancer: BalancerProcess,
+) -> None:
+    async with balancer_channel(balancer.address) as channel:
+        stub = rgrpc.RegistryStub(channel)
+        unnamed = pb.Capability.ValueType(99)
+        for value, name in ((pb.CAPABILITY_UNSPECIFIED, "CAPABILITY_UNSPECIFIED"), (unnamed, "99")):
+            request = rpb.RegisterNodeRequest(
+                node_id="node-odd", address="127.0.0.1:1", capabilities=[pb.CAPABILITY_CHAT, value]
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RegisterNode(request)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_from_rpc(refused.value).code is ErrorCode.INVALID_REQUEST
+            assert f"got ['{name}']" in (refused.value.details() or "")
+        listed = (await stub.ListNodes(rpb.ListNodesRequest())).nodes
+        assert "node-odd" not in [n.id for n in listed]
 
 
 async def test_session_needs_hello_from_a_registered_node(balancer: BalancerProcess) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -44,6 +45,35 @@ def expect_error(call: Callable[[], object], status: grpc.StatusCode, code: str)
 
 def files_of(model: pb.Model) -> dict[str, pb.ManifestFile]:
     return {f.filename: f for f in model.manifest.files}
+
+
+def test_register_refuses_capabilities_it_does_not_know_at_both_doors(balancer: BalancerProcess) -> None:
+    """gRPC refuses UNSPECIFIED or an unnamed number as HTTP refuses an unknown name, in the same words."""
+    before = balancer.registry.ListModels(rpb.ListModelsRequest())
+    unnamed = pb.Capability.ValueType(99)
+    for value, name in ((pb.CAPABILITY_UNSPECIFIED, "CAPABILITY_UNSPECIFIED"), (unnamed, "99")):
+        request = rpb.RegisterModelRequest(repo_id="acme/any", capabilities=[pb.CAPABILITY_CHAT, value])
+        message = expect_error(
+            functools.partial(balancer.registry.RegisterModel, request),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_request",
+        )
+        assert (
+            message.startswith("capabilities must be among chat, completion,")
+            and f"got ['{name}']" in message
+        )
+    headers = {"authorization": f"Bearer {balancer.admin_key}"} if balancer.admin_key else {}
+    answer = httpx.post(
+        f"{balancer.http_url}/v0/models",
+        json={"repo_id": "acme/any", "capabilities": ["chat", "juggling"]},
+        headers=headers,
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith("capabilities must be among chat, completion,")
+    assert balancer.registry.ListModels(rpb.ListModelsRequest()) == before
 
 
 def test_register_gguf_repo_pins_revision_with_sizes_and_sha256(

@@ -16,14 +16,13 @@ from openai.types import Model as OpenAIModel
 from openai.types import ModelDeleted
 
 from balancer.auth import KeyRing
-from balancer.catalog import load_catalog
+from balancer.catalog import Catalog, load_catalog
 from balancer.fleet import Fleet
 from balancer.http.app import create_app
 from balancer.http.streaming import StreamingAnswer, unless_disconnected
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
-from balancer.registry import Registry
 from balancer.router import Router
 from balancer.sessions import NodeSessions
 from balancer.store import Store
@@ -52,8 +51,8 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     )
     store = await Store.open(config.database_url)
     origin = Origin(config)
-    registry = Registry(store, origin)
-    await registry.seed(load_catalog(None, config.hf_endpoint))
+    catalog = Catalog(store, origin)
+    await catalog.seed(load_catalog(None, config.hf_endpoint))
     fleet = Fleet()
     metrics = BalancerMetrics(lambda: {})
     clients = NodeClients()
@@ -64,10 +63,10 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         config,
         store,
         origin,
-        registry,
+        catalog,
         fleet,
         NodeSessions(store, fleet),
-        Router(config, registry, fleet, clients, metrics),
+        Router(config, catalog, fleet, clients, metrics),
         keys,
         metrics,
     )

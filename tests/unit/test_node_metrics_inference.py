@@ -24,11 +24,11 @@ from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, error_from_rpc
-from common.types import FileFormat, ManifestFile, Model, ModelSource
+from common.types import FileFormat, ManifestFile, Model, ModelSource, ModelState
 from node.downloader import Downloader
-from node.model_states import PRESENT, ModelStates
+from node.model_states import ModelStates
 from node.pool import ModelPool, PoolSettings
-from node.runtimes.registry import RuntimeRegistry
+from node.runtimes.engines import Engines
 from node.server import node_gauges
 from node.servicers.inference import InferenceServicer
 from node.storage import Storage
@@ -61,7 +61,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not registered")
         return models[model_id]
 
-    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), RuntimeRegistry([COUNTER]))
+    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), Engines([COUNTER]))
     states = ModelStates()
     metrics = NodeMetrics(lambda: node_gauges(states, pool))
     draining = [False]
@@ -146,7 +146,7 @@ async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(node: 
 
 
 async def test_queue_depth_active_requests_and_model_states_are_read_when_scraped(node: Node) -> None:
-    node.states.set("acme/on-disk", PRESENT)
+    node.states.set("acme/on-disk", ModelState.PRESENT)
     first = node.stub.Chat(chat(100))
     await first.read()  # holds the only slot
     second = node.stub.Chat(chat(1))

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ErrorCode, LlmlbError
-from common.types import Backend, ManifestFile, Model
-from node import model_states as st
+from common.types import Backend, ManifestFile, Model, ModelState
 from node.downloader import BlobSource, Downloader
 from node.model_states import ModelStates
 from node.resolver import MANIFEST_TTL_S, Resolver
@@ -61,16 +60,16 @@ class GatedSource:
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
+def io_threads() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=2) as executor:
         yield executor
 
 
 def parts(
-    tmp_path: Path, pool: ThreadPoolExecutor, balancer: Balancer
+    tmp_path: Path, io_threads: ThreadPoolExecutor, balancer: Balancer
 ) -> tuple[Resolver, Storage, GatedSource]:
     config = node_config(tmp_path, XLLM_PEER_FETCH="1")
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     source = GatedSource()
     states = ModelStates()
     resolver = Resolver(config, Backend.CPU, storage, Downloader(storage, config), states, balancer, source)
@@ -78,13 +77,13 @@ def parts(
 
 
 async def test_a_manifest_is_reused_briefly_and_dropped_by_a_delete(
-    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, io_threads: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
     monkeypatch.setattr("node.resolver.time.monotonic", lambda: clock[0])
     m = model(manifest_file())
     balancer = Balancer(m)
-    resolver, _, _ = parts(tmp_path, pool, balancer)
+    resolver, _, _ = parts(tmp_path, io_threads, balancer)
     assert await resolver.manifest(m.id) == m
     clock[0] += MANIFEST_TTL_S / 2
     assert await resolver.manifest(m.id) == m
@@ -103,17 +102,17 @@ async def test_a_manifest_is_reused_briefly_and_dropped_by_a_delete(
 
 
 async def delete(resolver: Resolver, storage: Storage, model_id: str) -> None:
-    """What a node does on a delete command, minus the pool: see node.server.NodeParts.delete_model."""
+    """What a node does on a delete command, minus the model pool (see NodeCommands.delete_model)."""
     resolver.forget(model_id)
     await resolver._downloader.cancel_model(model_id)
     await storage.delete(model_id)
 
 
 async def test_a_delete_during_a_transfer_leaves_nothing_behind(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     m = model(manifest_file())
-    resolver, storage, source = parts(tmp_path, pool, Balancer(m))
+    resolver, storage, source = parts(tmp_path, io_threads, Balancer(m))
     resolving = asyncio.create_task(resolver.resolve(m.id))
     await asyncio.wait_for(source.sent_some.wait(), 5)
     await delete(resolver, storage, m.id)
@@ -124,16 +123,16 @@ async def test_a_delete_during_a_transfer_leaves_nothing_behind(
         and "deleted while being fetched" in caught.value.message
     )
     assert not storage.model_dir(m.id).exists()
-    assert resolver._states.get(m.id).state == st.ABSENT
+    assert resolver._states.get(m.id).state == ModelState.ABSENT
 
 
 async def test_a_delete_before_the_transfer_starts_stops_it_and_leaves_nothing(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     m = model(manifest_file())
     balancer = Balancer(m)
     balancer.peers_gate = asyncio.Event()  # the resolution is between its checks and its download
-    resolver, storage, source = parts(tmp_path, pool, balancer)
+    resolver, storage, source = parts(tmp_path, io_threads, balancer)
     resolving = asyncio.create_task(resolver.resolve(m.id))
     await asyncio.wait_for(balancer.peers_asked.wait(), 5)
     await delete(resolver, storage, m.id)
@@ -143,14 +142,14 @@ async def test_a_delete_before_the_transfer_starts_stops_it_and_leaves_nothing(
     assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
     assert not source.sent_some.is_set()  # not a byte asked for
     assert not storage.model_dir(m.id).exists()  # not even the saved manifest
-    assert resolver._states.get(m.id).state == st.ABSENT
+    assert resolver._states.get(m.id).state == ModelState.ABSENT
 
 
 async def test_a_caller_leaving_is_not_mistaken_for_a_delete(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     m = model(manifest_file())
-    resolver, _, source = parts(tmp_path, pool, Balancer(m))
+    resolver, _, source = parts(tmp_path, io_threads, Balancer(m))
     resolving = asyncio.create_task(resolver.resolve(m.id))
     await asyncio.wait_for(source.sent_some.wait(), 5)
     resolving.cancel()

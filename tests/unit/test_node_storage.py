@@ -38,7 +38,7 @@ def model(*files: ManifestFile, model_id: str = "acme/m") -> Model:
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
+def io_threads() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=2) as executor:
         yield executor
 
@@ -90,9 +90,9 @@ def node_config(tmp_path: Path, **env: str) -> NodeConfig:
 
 
 async def test_a_verified_file_is_not_hashed_again_after_a_restart(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
-    storage = Storage(tmp_path, pool)
+    storage = Storage(tmp_path, io_threads)
     f = manifest_file()
     path = storage.file_path("acme/m", f.filename)
     path.parent.mkdir(parents=True)
@@ -104,16 +104,16 @@ async def test_a_verified_file_is_not_hashed_again_after_a_restart(
     st = path.stat()
     path.write_bytes(bytes(len(DATA)))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert await Storage(tmp_path, pool).is_valid("acme/m", f)
+    assert await Storage(tmp_path, io_threads).is_valid("acme/m", f)
     # ...while a file whose mtime moved is hashed again, and found wrong.
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert not await Storage(tmp_path, pool).is_valid("acme/m", f)
+    assert not await Storage(tmp_path, io_threads).is_valid("acme/m", f)
 
 
 async def test_a_file_is_valid_only_when_non_empty_and_of_the_manifests_size(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
-    verifier = Verifier(pool)
+    verifier = Verifier(io_threads)
     path = tmp_path / "f"
     assert not await verifier.matches(path, manifest_file())  # missing
     path.write_bytes(b"")
@@ -125,9 +125,9 @@ async def test_a_file_is_valid_only_when_non_empty_and_of_the_manifests_size(
 
 
 async def test_deleting_a_model_leaves_a_model_nested_under_it_alone(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
-    storage = Storage(tmp_path, pool)
+    storage = Storage(tmp_path, io_threads)
     outer, inner = model(manifest_file(), model_id="acme/m"), model(manifest_file(), model_id="acme/m/q4")
     for m in (outer, inner):
         path = storage.file_path(m.id, "w.gguf")
@@ -144,8 +144,8 @@ async def test_deleting_a_model_leaves_a_model_nested_under_it_alone(
     assert os.listdir(tmp_path) == []
 
 
-def test_file_names_cannot_leave_the_model_folder(tmp_path: Path, pool: ThreadPoolExecutor) -> None:
-    storage = Storage(tmp_path, pool)
+def test_file_names_cannot_leave_the_model_folder(tmp_path: Path, io_threads: ThreadPoolExecutor) -> None:
+    storage = Storage(tmp_path, io_threads)
     for bad in ("../x", "a/../../x", "/etc/passwd", ".llmlb/manifest.json", ""):
         with pytest.raises(LlmlbError):
             storage.file_path("acme/m", bad)
@@ -155,10 +155,10 @@ def test_file_names_cannot_leave_the_model_folder(tmp_path: Path, pool: ThreadPo
 
 
 async def test_a_download_resumes_from_the_partial_files_last_byte(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
     part = storage.file_path("acme/m", f.filename).with_name("w.gguf.partial")
     part.parent.mkdir(parents=True)
@@ -173,10 +173,10 @@ async def test_a_download_resumes_from_the_partial_files_last_byte(
 
 
 async def test_a_stalled_source_fails_with_a_clear_error_and_keeps_the_bytes_so_far(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path, XLLM_DOWNLOAD_STALL_TIMEOUT="0.2")
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
     with pytest.raises(LlmlbError) as err:
         await Downloader(storage, config).fetch(model(f), f, [MemorySource(DATA, stall_after=200_000)])
@@ -187,10 +187,10 @@ async def test_a_stalled_source_fails_with_a_clear_error_and_keeps_the_bytes_so_
 
 
 async def test_a_download_that_cannot_fit_on_the_disk_is_refused_before_a_byte_is_written(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     huge = ManifestFile("huge.gguf", FileFormat.GGUF, 1 << 60, "0" * 64)
     with pytest.raises(LlmlbError) as err:
         await Downloader(storage, config).fetch(model(huge), huge, [MemorySource(DATA)])
@@ -200,10 +200,10 @@ async def test_a_download_that_cannot_fit_on_the_disk_is_refused_before_a_byte_i
 
 
 async def test_progress_is_logged_at_each_tenth_of_the_file_and_ends_at_100_percent(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     data = DATA[:100_003]  # not a multiple of ten: the last tenth ends on the file's last byte
     f = manifest_file(data)
     with capture_logs() as events:
@@ -233,12 +233,12 @@ async def test_progress_is_logged_at_each_tenth_of_the_file_and_ends_at_100_perc
 
 @pytest.mark.parametrize("max_downloads", [1, 2])
 async def test_a_node_transfers_at_most_max_downloads_files_at_a_time(
-    tmp_path: Path, pool: ThreadPoolExecutor, max_downloads: int
+    tmp_path: Path, io_threads: ThreadPoolExecutor, max_downloads: int
 ) -> None:
     env = {} if max_downloads == 1 else {"XLLM_MAX_DOWNLOADS": str(max_downloads)}  # 1 is the default
     config = node_config(tmp_path, **env)
     assert config.max_downloads == max_downloads
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     downloader = Downloader(storage, config)
     a, b = manifest_file(name="a.gguf"), manifest_file(name="b.gguf")
     other = manifest_file(name="o.gguf")
@@ -254,10 +254,10 @@ async def test_a_node_transfers_at_most_max_downloads_files_at_a_time(
 
 
 async def test_a_download_slower_than_the_total_timeout_fails_naming_it_and_keeps_its_bytes(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path, XLLM_DOWNLOAD_TIMEOUT="0.5")
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
     slow = MemorySource(DATA, delay=0.1)  # never stalled (a chunk each 0.1 s) but 1.6 s for the file
     started = time.monotonic()
@@ -288,10 +288,10 @@ time.sleep(600)
 
 
 async def test_a_download_waits_for_another_process_holding_the_file_and_goes_on_when_it_is_killed(
-    tmp_path: Path, pool: ThreadPoolExecutor
+    tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
     lock = storage.lock_path("acme/m", f.filename)
     lock.parent.mkdir(parents=True)
@@ -319,14 +319,14 @@ async def test_a_download_waits_for_another_process_holding_the_file_and_goes_on
             fetch.cancel()
     assert path.read_bytes() == DATA
     assert source.offsets == [0]
-    assert await Storage(config.models_dir, pool).is_valid("acme/m", f)
+    assert await Storage(config.models_dir, io_threads).is_valid("acme/m", f)
 
 
 async def test_a_disk_that_fills_mid_download_fails_as_insufficient_storage_and_leaves_no_file(
-    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, io_threads: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
     write = node.downloader._write
     written = 0
@@ -352,10 +352,10 @@ async def test_a_disk_that_fills_mid_download_fails_as_insufficient_storage_and_
 
 
 def test_room_is_checked_for_the_whole_model_counting_what_partial_files_already_hold(
-    tmp_path: Path, pool: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, io_threads: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = node_config(tmp_path)
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     downloader = Downloader(storage, config)
     a, b = manifest_file(name="a.gguf"), manifest_file(name="b.gguf")  # 1 MiB each
     free = DISK_RESERVE_BYTES + len(DATA) + len(DATA) // 2  # room for one and a half files

@@ -24,7 +24,7 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.rpc import SERVER_OPTIONS, error_from_rpc
-from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource
+from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource, ModelState
 from node.downloader import Downloader, ReadBlobSource
 from node.storage import Storage
 from node.token_auth import server_interceptors
@@ -186,7 +186,7 @@ def test_the_fleet_keeps_a_nodes_token_out_of_its_printed_record() -> None:
 
 
 @pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
+def io_threads() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(max_workers=2) as executor:
         yield executor
 
@@ -206,11 +206,11 @@ class CountingSource:
 
 
 async def test_a_peer_that_refuses_the_token_is_skipped_once_for_the_next_source(
-    start_door: Any, tmp_path: Path, pool: ThreadPoolExecutor
+    start_door: Any, tmp_path: Path, io_threads: ThreadPoolExecutor
 ) -> None:
     refusing, serving = await start_door("their-token"), await start_door(TOKEN)
     config = load_node_config(models_dir=tmp_path / "models", home=tmp_path, env={})
-    storage = Storage(config.models_dir, pool)
+    storage = Storage(config.models_dir, io_threads)
     file = ManifestFile("w.gguf", FileFormat.GGUF, len(DATA), hashlib.sha256(DATA).hexdigest())
     model = _model(file)
     async with (  # peer channels as link.peer_sources opens them: presenting this node's token
@@ -232,14 +232,15 @@ def test_status_counts_a_nodes_progress_against_the_files_it_needs_so_a_finished
     fleet.registered(NodeInfo("cpu", "127.0.0.1:1"))
     fleet.connected("cpu")
 
-    fleet.report(ModelOnNode("cpu", "acme/m", "downloading", downloaded_bytes=500, total_bytes=1000))
+    fleet.report(ModelOnNode("cpu", "acme/m", ModelState.DOWNLOADING, downloaded_bytes=500, total_bytes=1000))
     halfway = fleet.status(model)
     assert (halfway.progress, halfway.downloaded_bytes, halfway.total_bytes) == (0.5, 500, 1000)
 
-    fleet.report(ModelOnNode("cpu", "acme/m", "downloading", downloaded_bytes=1000, total_bytes=1000))
+    done = ModelOnNode("cpu", "acme/m", ModelState.DOWNLOADING, downloaded_bytes=1000, total_bytes=1000)
+    fleet.report(done)
     assert fleet.status(model).progress == 1.0
 
     # A node that reports no total (a runtime's loading / ready state) falls back to the manifest's.
-    fleet.report(ModelOnNode("cpu", "acme/m", "ready"))
+    fleet.report(ModelOnNode("cpu", "acme/m", ModelState.READY))
     ready = fleet.status(model)
     assert (ready.progress, ready.total_bytes) == (1.0, 4000)

@@ -33,7 +33,7 @@ from common.types import Backend, Capability, FileFormat, ManifestFile, Model, M
 from node.hardware import Hardware
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSpec
-from node.runtimes.registry import RuntimeRegistry
+from node.runtimes.engines import Engines
 
 STEP_S = 0.02
 
@@ -115,7 +115,7 @@ CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory
 
 
 def make_pool(**settings: int) -> ModelPool:
-    return ModelPool(CPU, PoolSettings(**settings), RuntimeRegistry([COUNTER]))  # type: ignore[arg-type]
+    return ModelPool(CPU, PoolSettings(**settings), Engines([COUNTER]))  # type: ignore[arg-type]
 
 
 def chat(model: Resolved, n: int) -> ChatRequest:
@@ -338,7 +338,7 @@ class GatedEmbedder(CounterRuntime):
 
 async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(tmp_path: Path) -> None:
     gated = RuntimeSpec("gated", frozenset({FileFormat.OTHER}), GatedEmbedder.capabilities, GatedEmbedder)
-    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), RuntimeRegistry([gated]))  # type: ignore[list-item]
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), Engines([gated]))  # type: ignore[list-item]
     model = counter_model(tmp_path, "e", 100)
     model.model.capabilities = [Capability.EMBEDDING]
     task = asyncio.create_task(pool.embed(model, EmbedRequest("e", ("x",))))
@@ -396,7 +396,7 @@ async def test_engine_calls_run_on_threads_that_end_with_them(tmp_path: Path) ->
     # A thread that called llama.cpp keeps an OpenMP team alive as long as it lives; teams left on
     # long-lived threads slow every later generation once they outnumber the cores (node/threads.py).
     spec = RuntimeSpec("noting", frozenset({FileFormat.OTHER}), ThreadNoting.capabilities, ThreadNoting)
-    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), RuntimeRegistry([spec]))
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([spec]))
     model = counter_model(tmp_path, "a", 100)
     ThreadNoting.threads.clear()
 

@@ -12,9 +12,9 @@ from common.types import Backend, Capability, ManifestFile, Model, ModelSource
 from node.hardware import detect
 from node.pool import PoolSettings
 from node.resolver import needed_files
+from node.runtimes.engines import Engines
 from node.runtimes.llama import gpu_layers_for
 from node.runtimes.piper import execution_providers
-from node.runtimes.registry import RuntimeRegistry
 from node.runtimes.whisper import device_for
 from tests.unit.runtimes.test_hardware import NO_DRIVER, TWO_GPUS
 
@@ -111,28 +111,28 @@ def test_pool_settings_from_environment() -> None:
         (["sd-turbo.gguf"], Capability.IMAGE, "stable-diffusion.cpp"),  # a GGUF that draws, not chats
     ],
 )
-def test_registry_picks_the_engine_by_files_and_capability(
+def test_the_engine_is_picked_by_files_and_capability(
     files: list[str], capability: Capability, engine: str
 ) -> None:
-    assert RuntimeRegistry.default().select(model(files, [capability]), capability).engine == engine
+    assert Engines.default().select(model(files, [capability]), capability).engine == engine
 
 
 def test_a_model_without_the_capability_is_model_not_found() -> None:
     with pytest.raises(LlmlbError) as caught:
-        RuntimeRegistry.default().select(model(["v.onnx"], [Capability.SPEECH], "voice"), Capability.CHAT)
+        Engines.default().select(model(["v.onnx"], [Capability.SPEECH], "voice"), Capability.CHAT)
     assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
     assert "does not support chat" in caught.value.message and "speech" in caught.value.message
 
 
 def test_files_no_engine_loads_are_no_capable_nodes() -> None:
     with pytest.raises(LlmlbError) as caught:
-        RuntimeRegistry.default().select(model(["weights.onnx"], [Capability.CHAT]), Capability.CHAT)
+        Engines.default().select(model(["weights.onnx"], [Capability.CHAT]), Capability.CHAT)
     assert caught.value.code is ErrorCode.NO_CAPABLE_NODES
 
 
 def test_every_engine_module_builds_without_its_library_touched(tmp_path: Path) -> None:
     # Specs are importable even where an engine library is missing: it is only imported at load.
-    assert RuntimeRegistry.default().engines == [
+    assert Engines.default().names == [
         "llama.cpp",
         "faster-whisper",
         "onnxruntime",

@@ -1,4 +1,4 @@
-"""The model catalogue's logic, transport-neutral: the gRPC servicers and the HTTP shim both call it."""
+"""The live model catalogue, transport-neutral: the gRPC servicers and the HTTP shim both call it."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class RegisterRequest:
     chat_template: str = ""
 
 
-class Registry:
+class Catalog:
     """Registers, lists and deletes models; pins every registration to an origin commit.
 
     Reads are served from memory: this process is the store's only writer, and every write goes

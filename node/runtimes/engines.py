@@ -1,4 +1,4 @@
-"""Which engine serves a model: runtimes register by file format and capability.
+"""Which engine serves a model: the engines a node offers, chosen by file format and capability.
 
 Each engine is one module exposing ``SPEC``; adding an engine is a new module named in ``ENGINE_MODULES``.
 Engine libraries are imported only when a model loads, so a node without one still serves the others.
@@ -21,14 +21,14 @@ ENGINE_MODULES: tuple[str, ...] = (
 )
 
 
-class RuntimeRegistry:
+class Engines:
     """The engines a node offers, looked up by (model files, capability)."""
 
     def __init__(self, specs: Iterable[RuntimeSpec]) -> None:
         self._specs = list(specs)
 
     @classmethod
-    def default(cls) -> RuntimeRegistry:
+    def default(cls) -> Engines:
         return cls(importlib.import_module(name).SPEC for name in ENGINE_MODULES)
 
     @property
@@ -36,7 +36,7 @@ class RuntimeRegistry:
         return list(self._specs)
 
     @property
-    def engines(self) -> list[str]:
+    def names(self) -> list[str]:
         return [s.engine for s in self._specs]
 
     @property

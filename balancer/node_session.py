@@ -1,0 +1,156 @@
+"""The node-session protocol, transport-neutral: hello, heartbeats, model states, command delivery and acks.
+
+A node opens its session with a hello; from then on it sends heartbeats (its load, every model it holds,
+whether it drains), model states between heartbeats, and acks for the commands it was sent. The balancer
+answers the hello, then sends every command queued for the node, each once per session; a command stays
+queued in the store until the node acks it, so one lost with a dropped stream is sent again on the next
+session. A node silent past the heartbeat timeout has its session closed.
+
+The gRPC servicer converts its messages to and from the types here and calls ``serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, replace
+
+import structlog
+
+from balancer.fleet import ModelOnNode, NodeLoad
+from balancer.parts import BalancerParts
+from balancer.sessions import Session
+from common.errors import ErrorCode, LlmlbError
+from common.types import CommandKind, NodeCommand
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The first message of a session: which node this is."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The node's full picture; a model it no longer lists is gone from it.
+
+    Each ``ModelOnNode.node_id`` is ignored: a node speaks only for itself, so the session's id is used.
+    """
+
+    load: NodeLoad
+    models: tuple[ModelOnNode, ...] = ()
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReported:
+    """One model's state changed between heartbeats (``status.node_id`` is ignored, as in ``Heartbeat``)."""
+
+    status: ModelOnNode
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAck:
+    """The node carried out a command (``ok``) or could not (``error`` says why)."""
+
+    command_id: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The balancer's answer to the hello."""
+
+    node_id: str
+    heartbeat_interval_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecognised:
+    """A message this balancer does not know (from a newer node): it still shows the node is alive."""
+
+    kind: str = ""
+
+
+NodeMessage = Hello | Heartbeat | ModelReported | CommandAck | Unrecognised
+BalancerMessage = Accepted | NodeCommand
+
+_NOT_HELLO = "a node session starts with hello"
+
+
+async def serve(
+    parts: BalancerParts, inbound: AsyncIterator[NodeMessage]
+) -> AsyncGenerator[BalancerMessage, None]:
+    """Runs one node's session: reads what it sends, yields what the balancer sends it.
+
+    Raises ``invalid_request`` when the first message (within the heartbeat timeout) is not a hello,
+    ``node_not_found`` when the node is not registered or was removed while connected.
+    """
+    store, sessions, fleet, config = parts.store, parts.sessions, parts.fleet, parts.config
+    timeout_s = config.heartbeat_timeout_ms / 1000
+    try:
+        first = await asyncio.wait_for(anext(inbound), timeout_s)
+    except (StopAsyncIteration, TimeoutError):
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, _NOT_HELLO) from None
+    if not isinstance(first, Hello) or not first.node_id:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, _NOT_HELLO)
+    node_id = first.node_id
+    if await store.get_node(node_id) is None:
+        raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode")
+    session = await sessions.open(node_id)
+    # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
+    if any(c.kind is CommandKind.DRAIN for c in await store.pending_commands(node_id)):
+        session.draining = True
+        fleet.set_draining(node_id, True)
+    reader = asyncio.create_task(_read(parts, session, inbound))
+    try:
+        yield Accepted(node_id, config.heartbeat_interval_ms)
+        while not session.stopped:
+            session.wake.clear()  # cleared before reading the queue, so no command slips between
+            for cmd in await store.pending_commands(node_id):
+                if cmd.id not in session.sent:
+                    session.sent.add(cmd.id)
+                    yield cmd
+            if session.ending:
+                break
+            silent_for = time.monotonic() - session.last_seen
+            if silent_for > timeout_s:
+                log.warning("node.silent", node_id=node_id, seconds=round(silent_for, 1))
+                break
+            waker = asyncio.ensure_future(session.wake.wait())
+            await asyncio.wait(
+                {waker, reader}, timeout=timeout_s - silent_for, return_when=asyncio.FIRST_COMPLETED
+            )
+            waker.cancel()
+            if reader.done():
+                break
+    finally:
+        reader.cancel()
+        await sessions.close(session)
+    if session.ending:  # the node's link sees why its session ended
+        raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} was removed from the balancer")
+
+
+async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[NodeMessage]) -> None:
+    fleet, node_id = parts.fleet, session.node_id
+    async for msg in inbound:
+        session.heard()
+        if isinstance(msg, Heartbeat):
+            fleet.set_load(node_id, msg.load)
+            fleet.replace(node_id, [replace(m, node_id=node_id) for m in msg.models])
+            fleet.set_draining(node_id, msg.draining or session.draining)
+        elif isinstance(msg, ModelReported):
+            fleet.report(replace(msg.status, node_id=node_id))
+        # Only commands sent to this node on this session can be cleared by it.
+        elif isinstance(msg, CommandAck) and msg.command_id in session.sent:
+            if msg.ok:
+                await parts.store.ack_command(msg.command_id)
+            else:
+                log.warning(
+                    "node.command_failed", node_id=node_id, command_id=msg.command_id, error=msg.error
+                )

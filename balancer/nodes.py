@@ -1,0 +1,164 @@
+"""Node operations: register a node, pull a model onto nodes, drain a node, remove a node.
+
+Transport-neutral: the gRPC ``Registry`` servicer converts its messages to and from these plain types.
+Commands for nodes are durable: they wait in the store until the node acknowledges them, so a node
+that is offline gets them when it reconnects.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import structlog
+
+from balancer.fleet import NodeInfo
+from balancer.parts import BalancerParts
+from common.errors import ErrorCode, LlmlbError
+from common.types import Backend, Capability, CommandKind, GpuDevice, Node, NodeState
+
+log = structlog.get_logger(__name__)
+MAX_NODE_ID_LENGTH = 128
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRegistration:
+    """What a node says about itself when it registers; an empty ``node_id`` asks the balancer for one."""
+
+    node_id: str
+    address: str
+    backends: tuple[Backend, ...] = ()
+    gpus: tuple[GpuDevice, ...] = ()
+    runtimes: tuple[str, ...] = ()
+    version: str = ""
+    capabilities: frozenset[Capability] = frozenset()
+    auth_token: str = field(default="", repr=False)  # what calls to the node present; kept in memory only
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredNode:
+    """The balancer's answer to a registration: the node's id and how often it must be heard from."""
+
+    node: Node
+    heartbeat_interval_ms: int
+    heartbeat_timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PulledModel:
+    """A pull: the model and the nodes told to fetch it."""
+
+    model_id: str
+    node_ids: tuple[str, ...]
+
+
+def check_node_id(node_id: str) -> str:
+    """``node_id`` unchanged, or ``invalid_request`` when it is too long or has other characters."""
+    if len(node_id) > MAX_NODE_ID_LENGTH or not _NODE_ID.fullmatch(node_id):
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"node_id {node_id[:80]!r}: at most {MAX_NODE_ID_LENGTH} letters, digits, '-', '_' or '.'",
+        )
+    return node_id
+
+
+async def register_node(parts: BalancerParts, reg: NodeRegistration) -> RegisteredNode:
+    """Records the node (offline until its session opens) and what it can serve."""
+    if not reg.address:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "address (host:port of the node) is required")
+    node_id = check_node_id(reg.node_id or f"node-{uuid.uuid4().hex[:12]}")
+    node = await parts.store.upsert_node(
+        Node(
+            id=node_id,
+            address=reg.address,
+            backends=list(reg.backends),
+            gpus=list(reg.gpus),
+            runtimes=list(reg.runtimes),
+            version=reg.version,
+            state=NodeState.OFFLINE,  # online once its session opens
+            last_seen_at=datetime.now(UTC),
+        )
+    )
+    parts.fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=reg.auth_token))
+    config = parts.config
+    return RegisteredNode(node, config.heartbeat_interval_ms, config.heartbeat_timeout_ms)
+
+
+async def known_node(parts: BalancerParts, node_id: str) -> Node:
+    """The registered node ``node_id``; ``node_not_found`` otherwise."""
+    node = await parts.store.get_node(node_id) if node_id else None
+    if node is None:
+        raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"no node {node_id!r}")
+    return node
+
+
+async def queue_command(parts: BalancerParts, node_id: str, kind: CommandKind, model_id: str = "") -> None:
+    """Queues a durable command unless the same one is still waiting for the node."""
+    store = parts.store
+    try:
+        pending = await store.pending_commands(node_id)
+        if not any(c.kind is kind and c.model_id == model_id for c in pending):
+            await store.add_command(node_id, kind, model_id)
+    except KeyError:  # removed between the lookup and the insert
+        raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"no node {node_id!r}") from None
+
+
+async def pull_model(parts: BalancerParts, model_id: str, node_ids: list[str]) -> PulledModel:
+    """Tells ``node_ids`` (empty: every online node able to serve the model) to fetch and load it.
+
+    Every id is checked before anything is queued, so an unknown id queues nothing.
+    """
+    model = await parts.catalog.get(model_id)
+    fleet = parts.fleet
+    if node_ids:
+        targets = list(dict.fromkeys(node_ids))
+        for node_id in targets:
+            await known_node(parts, node_id)
+    else:
+        wanted = frozenset(model.capabilities)
+        targets = [
+            node_id
+            for node_id in fleet.online()
+            if (info := fleet.info(node_id)) is not None and info.capabilities & wanted
+        ]
+    for node_id in targets:
+        await queue_command(parts, node_id, CommandKind.PREFETCH, model.id)
+    parts.sessions.notify_all()
+    log.info("model.pull_requested", model_id=model.id, node_ids=targets)
+    return PulledModel(model.id, tuple(targets))
+
+
+def _mark_draining(parts: BalancerParts, node_id: str) -> bool:
+    """Takes the node out of rotation now; True when it is connected."""
+    parts.fleet.set_draining(node_id, True)
+    session = parts.sessions.get(node_id)
+    if session is not None:  # a heartbeat saying otherwise must not undo the drain
+        session.draining = True
+    return session is not None
+
+
+async def drain_node(parts: BalancerParts, node_id: str) -> Node:
+    """Tells the node to finish its work and take none; it leaves rotation at once. The node, draining."""
+    node = await known_node(parts, node_id)
+    await queue_command(parts, node.id, CommandKind.DRAIN)
+    online = _mark_draining(parts, node.id)
+    parts.sessions.notify_all()
+    log.info("node.drain_requested", node_id=node.id, online=online)
+    return replace(node, state=NodeState.DRAINING)
+
+
+async def remove_node(parts: BalancerParts, node_id: str) -> str:
+    """Forgets the node; a connected one is told to drain first and its session ends. Its id."""
+    node = await known_node(parts, node_id)
+    connected = parts.sessions.get(node.id) is not None
+    if connected:  # told to drain first, so it takes no new work while it is gone
+        await queue_command(parts, node.id, CommandKind.DRAIN)
+        _mark_draining(parts, node.id)
+        await parts.sessions.end(node.id, parts.config.heartbeat_timeout_ms / 1000)
+    await parts.store.remove_node(node.id)
+    parts.fleet.remove(node.id)
+    log.info("node.removed", node_id=node.id, was_connected=connected)
+    return node.id
