@@ -15,7 +15,8 @@ from common.errors import ErrorCode, LlmlbError
 from common.inference import FinishReason, SamplingParams
 from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
 from node.runtimes.base import LoadContext, RuntimeSettings
-from node.runtimes.llama import LlamaRuntime, generate_text, read_gguf_metadata
+from node.runtimes.gguf import read_gguf_metadata
+from node.runtimes.llama import LlamaRuntime, generate_text
 
 OWN = "{% for m in messages %}<own>{{ m.content }}</own>{% endfor %}"
 CATALOGUE = "{% for m in messages %}<catalogue>{{ m.content }}{% endfor %}"
