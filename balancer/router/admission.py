@@ -53,10 +53,10 @@ class Admission:
                 retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
             )
         until = min(deadline, self._clock() + self._queue_timeout_s)
-        queue = self._queues.setdefault(key, deque())
         turn = asyncio.Event()
-        queue.append(turn)
+        self._queues.setdefault(key, deque()).append(turn)
         self.waiting += 1
+        served = False
         try:
             while True:
                 left = until - self._clock()
@@ -66,18 +66,21 @@ class Admission:
                     await asyncio.wait_for(turn.wait(), min(left, self._recheck_s))
                 node = attempt()
                 if node is not None:
+                    served = True
                     return node
                 if turn.is_set():  # woken, but another request took the slot first: keep our place
                     turn.clear()
-                    queue.appendleft(turn)
+                    # Looked up again: the key's queue may have emptied and gone while this one was out.
+                    self._queues.setdefault(key, deque()).appendleft(turn)
         finally:
             self.waiting -= 1
-            if turn in queue:
+            queue = self._queues.get(key)
+            if queue is not None and turn in queue:
                 queue.remove(turn)
-            elif turn.is_set():
-                self.wake(None)  # woken but leaving: hand the turn on
-            if not queue:
-                self._queues.pop(key, None)
+            elif turn.is_set() and not served:
+                self.wake(None)  # woken but leaving without the slot: hand the turn on
+            if queue is not None and not queue:
+                del self._queues[key]
 
     def wake(self, node_id: str | None) -> None:
         """Wakes the oldest queued request that ``node_id`` could serve (any, when None)."""
