@@ -9,11 +9,24 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from common.errors import ErrorCode, LlmlbError
 
 MAX_STOP_SEQUENCES = 4
 SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit for /v1/audio/speech
+
+
+class InferenceRequest(Protocol):
+    """What every inference request has: the model it names, its id, and its own checks."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    def validate(self) -> None: ...
 
 
 def _invalid(message: str) -> LlmlbError:

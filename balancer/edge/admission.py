@@ -10,26 +10,17 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import replace
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from common.errors import ErrorCode, LlmlbError
+from common.inference import InferenceRequest
 from common.model_id import normalize_model_id
 
 MAX_REQUEST_ID_LENGTH = 128
 REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 
 
-class Admissible(Protocol):
-    @property
-    def model(self) -> str: ...
-
-    @property
-    def request_id(self) -> str: ...
-
-    def validate(self) -> None: ...
-
-
-R = TypeVar("R", bound=Admissible)
+R = TypeVar("R", bound=InferenceRequest)
 
 
 def check_request_id(given: str) -> str:

@@ -14,13 +14,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from balancer.edge.admission import Admissible, admit
+from balancer.edge.admission import admit
 from common.errors import ErrorCode, LlmlbError
-from common.inference import Usage
+from common.inference import InferenceRequest, Usage
 from common.metrics import BalancerMetrics
 
 T = TypeVar("T")
-R = TypeVar("R", bound=Admissible)
+R = TypeVar("R", bound=InferenceRequest)
 OK = "ok"
 
 

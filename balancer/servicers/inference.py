@@ -11,17 +11,17 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
-from balancer.edge.admission import Admissible
 from balancer.edge.observe import Observer
 from balancer.router import Router
 from common import inference_pb as conv
+from common.inference import InferenceRequest
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DOOR = "grpc"
-R = TypeVar("R", bound=Admissible)
+R = TypeVar("R", bound=InferenceRequest)
 T = TypeVar("T")
 
 

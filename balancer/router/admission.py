@@ -1,0 +1,90 @@
+"""Admission: where a request waits when every node that could serve it is busy.
+
+One bounded FIFO queue per (model, capability), ``queue_size`` requests in all. A freed slot wakes the
+oldest waiter that the freed node could serve, not every waiter; a waiter that loses the slot to a new
+arrival keeps its place at the front. A full queue refuses at once with ``QUEUE_FULL`` and a
+``retry_after``; a request that waits past ``queue_timeout_s`` (or its own deadline) gets ``TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+
+from balancer.router.candidates import Candidate, Key
+from common.errors import ErrorCode, LlmlbError
+
+QUEUE_RECHECK_S = 0.5  # queued requests also look again this often, for nodes that came online
+QUEUE_FULL_RETRY_AFTER_S = 1.0
+
+
+class Admission:
+    """The waiting room in front of busy nodes."""
+
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        queue_timeout_s: float,
+        clock: Callable[[], float],
+        serves: Callable[[Key, str], bool],
+        recheck_s: float = QUEUE_RECHECK_S,
+    ) -> None:
+        """``serves(key, node_id)`` says whether a freed node could serve ``key``'s waiters."""
+        self._recheck_s = recheck_s
+        self._queue_size = queue_size
+        self._queue_timeout_s = queue_timeout_s
+        self._clock = clock
+        self._serves = serves
+        self._queues: dict[Key, deque[asyncio.Event]] = {}
+        self.waiting = 0  # requests in the queue now
+
+    async def wait(self, key: Key, deadline: float, attempt: Callable[[], Candidate | None]) -> Candidate:
+        """Waits in ``key``'s queue until ``attempt()`` finds a node, and returns it.
+
+        ``attempt`` returns None while every node is busy and raises when no node is left at all.
+        """
+        if self.waiting >= self._queue_size:
+            raise LlmlbError(
+                ErrorCode.QUEUE_FULL,
+                f"every node serving {key[0]!r} is busy and the queue is full; retry shortly",
+                retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
+            )
+        until = min(deadline, self._clock() + self._queue_timeout_s)
+        turn = asyncio.Event()
+        self._queues.setdefault(key, deque()).append(turn)
+        self.waiting += 1
+        served = False
+        try:
+            while True:
+                left = until - self._clock()
+                if left <= 0:
+                    raise LlmlbError(ErrorCode.TIMEOUT, f"waited too long for a free node serving {key[0]!r}")
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(turn.wait(), min(left, self._recheck_s))
+                node = attempt()
+                if node is not None:
+                    served = True
+                    return node
+                if turn.is_set():  # woken, but another request took the slot first: keep our place
+                    turn.clear()
+                    # Looked up again: the key's queue may have emptied and gone while this one was out.
+                    self._queues.setdefault(key, deque()).appendleft(turn)
+        finally:
+            self.waiting -= 1
+            queue = self._queues.get(key)
+            if queue is not None and turn in queue:
+                queue.remove(turn)
+            elif turn.is_set() and not served:
+                self.wake(None)  # woken but leaving without the slot: hand the turn on
+            if queue is not None and not queue:
+                del self._queues[key]
+
+    def wake(self, node_id: str | None) -> None:
+        """Wakes the oldest queued request that ``node_id`` could serve (any, when None)."""
+        for key, queue in self._queues.items():
+            if queue and (node_id is None or self._serves(key, node_id)):
+                queue.popleft().set()
+                return

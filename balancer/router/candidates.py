@@ -1,0 +1,93 @@
+"""Which nodes could serve a model's capability, ranked by how soon each could answer.
+
+Candidates are online, non-draining nodes whose runtimes serve the capability (``Fleet.online()``
+already leaves out draining nodes). They come in tiers: the model loaded (or loading), then on disk,
+then to be downloaded. A node where the model is downloading or failed is no candidate; while a download
+is under way somewhere and no node has the model, no other node is sent to download it too.
+The ranking is kept per (model, capability) until the fleet's version changes, so the hot path reads a
+dict, not the fleet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balancer.fleet import Fleet, ModelOnNode
+from common.types import Capability, Model, ModelState
+
+# Tiers: how soon a node can answer for the model. Lower is better.
+READY, ON_DISK, DOWNLOADABLE = 0, 1, 2
+_TIER = {
+    ModelState.READY: READY,
+    ModelState.LOADING: ON_DISK,
+    ModelState.PRESENT: ON_DISK,
+    ModelState.ABSENT: DOWNLOADABLE,
+}
+
+Key = tuple[str, Capability]  # (model id, capability)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A node that could serve a request, and its tier for the model."""
+
+    node_id: str
+    address: str
+    tier: int
+
+
+class Candidates:
+    """Ranked candidate lists per (model, capability), cached on ``fleet.version``."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._cache: dict[Key, tuple[int, list[Candidate], str]] = {}
+
+    def ranked(self, model: Model, capability: Capability) -> tuple[list[Candidate], str]:
+        """Nodes that could serve the request, best tier first, and why there are none when so."""
+        key = (model.id, capability)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == self._fleet.version:
+            return cached[1], cached[2]
+        candidates, why = self._rank(model, capability)
+        self._cache[key] = (self._fleet.version, candidates, why)
+        return candidates, why
+
+    def serves(self, key: Key, node_id: str) -> bool:
+        """Whether ``node_id`` was last ranked for ``key``; True when that key was never ranked."""
+        cached = self._cache.get(key)
+        return cached is None or any(c.node_id == node_id for c in cached[1])
+
+    def _rank(self, model: Model, capability: Capability) -> tuple[list[Candidate], str]:
+        fleet = self._fleet
+        candidates: list[Candidate] = []
+        downloading: list[ModelOnNode] = []
+        failed: list[ModelOnNode] = []
+        for node_id in fleet.online():
+            info = fleet.info(node_id)
+            if info is None or capability not in info.capabilities:
+                continue
+            state = fleet.state_on(node_id, model.id)
+            name = state.state if state is not None else ModelState.ABSENT
+            if name is ModelState.DOWNLOADING and state is not None:
+                downloading.append(state)
+            elif name is ModelState.FAILED and state is not None:
+                failed.append(state)
+            else:
+                candidates.append(Candidate(info.node_id, info.address, _TIER.get(name, DOWNLOADABLE)))
+        if downloading and not any(c.tier < DOWNLOADABLE for c in candidates):
+            # One download is under way; starting another elsewhere would only compete with it.
+            candidates = []
+        candidates.sort(key=lambda c: c.tier)
+        why = ""
+        if not candidates:
+            if downloading:
+                best = max(downloading, key=lambda s: s.downloaded_bytes)
+                total = best.total_bytes or model.total_bytes
+                pct = f"{100 * best.downloaded_bytes / total:.0f}%" if total else "started"
+                why = f"model {model.id!r} is downloading on {best.node_id} ({pct}); retry shortly"
+            elif failed:
+                why = f"model {model.id!r} failed on every capable node: {failed[0].error or 'see node logs'}"
+            else:
+                why = f"no online node can serve {capability.value} for model {model.id!r}"
+        return candidates, why

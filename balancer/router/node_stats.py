@@ -1,0 +1,67 @@
+"""The balancer's own view of each node's load and health: in-flight calls, latency, cooldown.
+
+A node's latency is an exponentially weighted average of how long it took to start answering; a
+node whose calls fail ``cooldown_failures`` times in a row is left alone for ``cooldown_s`` seconds
+(measured on the injected clock), unless no other node is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+EWMA_ALPHA = 0.3  # weight of the newest answer in the latency average
+FIRST_LATENCY_S = 0.05  # a node's latency average before its first answer
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """The balancer's own view of one node's load and health."""
+
+    outstanding: int = 0
+    latency_s: float = FIRST_LATENCY_S
+    failures: int = 0  # consecutive
+    cooldown_until: float = 0.0
+
+    def score(self) -> float:
+        """Expected wait for a new call here: lower is better."""
+        return (self.outstanding + 1) * self.latency_s
+
+
+class NodeStatsTable:
+    """Stats per node id, made on first use; records answers and faults and applies the cooldown."""
+
+    def __init__(self, *, cooldown_failures: int, cooldown_s: float, clock: Callable[[], float]) -> None:
+        self._cooldown_failures = cooldown_failures
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._stats: dict[str, NodeStats] = {}
+
+    def of(self, node_id: str) -> NodeStats:
+        """The stats of ``node_id``, created empty the first time it is asked for."""
+        stats = self._stats.get(node_id)
+        if stats is None:
+            stats = self._stats[node_id] = NodeStats()
+        return stats
+
+    def answered(self, node_id: str, seconds: float) -> None:
+        """The node started answering after ``seconds``: fold that into its latency, clear its faults."""
+        stats = self.of(node_id)
+        stats.latency_s += EWMA_ALPHA * (seconds - stats.latency_s)
+        stats.failures = 0
+
+    def faulted(self, node_id: str) -> None:
+        """The node itself failed a call; enough faults in a row cool it down."""
+        stats = self.of(node_id)
+        stats.failures += 1
+        if stats.failures >= self._cooldown_failures:
+            stats.cooldown_until = self._clock() + self._cooldown_s
+            log.warning("node.cooldown", node_id=node_id, failures=stats.failures, seconds=self._cooldown_s)
+
+    def snapshot(self) -> dict[str, NodeStats]:
+        """Every node's stats by id (the live records), for status views."""
+        return dict(self._stats)

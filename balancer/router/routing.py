@@ -1,0 +1,303 @@
+"""The Router: picks a node for each inference request and carries the call there, for both doors.
+
+One path for unary calls and one for streams, driven by the route table (``routes``). Each try asks
+``candidates`` for the ranked nodes, ``picking`` and the policy for one of them, and ``admission`` for
+a place in the queue when all are busy; ``failover`` says whether a failed call may go to another node,
+and ``node_stats`` keeps the latency and cooldown that the next pick reads.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TypeVar
+
+import grpc.aio
+import structlog
+
+from balancer.catalog import Catalog  # the one place this package names the model catalogue
+from balancer.fleet import Fleet
+from balancer.node_clients import NodeClients
+from balancer.router.admission import Admission
+from balancer.router.candidates import Candidate, Candidates
+from balancer.router.failover import Failure, classify
+from balancer.router.node_stats import NodeStats, NodeStatsTable
+from balancer.router.picking import pick
+from balancer.router.policy import DEFAULT_POLICY, make_policy
+from balancer.router.routes import (
+    CHAT,
+    CHAT_WHOLE,
+    COMPLETE,
+    COMPLETE_WHOLE,
+    EMBED,
+    IMAGE,
+    SPEAK,
+    TRANSCRIBE,
+    Route,
+)
+from common.config import BalancerConfig
+from common.errors import ErrorCode, LlmlbError
+from common.inference import (
+    AudioChunk,
+    ChatRequest,
+    CompleteRequest,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateImageRequest,
+    GenerateImageResponse,
+    InferenceRequest,
+    SpeakRequest,
+    TextChunk,
+    TranscribeRequest,
+    Transcript,
+)
+from common.metrics import BalancerMetrics
+from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
+from common.types import Capability, Model
+
+log = structlog.get_logger(__name__)
+
+NO_NODE_RETRY_AFTER_S = 5.0
+
+
+R = TypeVar("R", bound=InferenceRequest)
+T = TypeVar("T")
+
+
+class Router:
+    """Transport-neutral inference routing: the gRPC servicer and the HTTP shim both call this.
+
+    Requests arrive admitted (``balancer.edge.admission``): model id in normal form, a request id, limits
+    checked. The router decides only where they go.
+
+    ``policy`` names the routing policy (``policy.POLICIES``); ``rng`` and ``clock`` are the random
+    source and the monotonic clock every routing rule reads, so tests can fix both.
+    """
+
+    def __init__(
+        self,
+        config: BalancerConfig,
+        catalog: Catalog,
+        fleet: Fleet,
+        clients: NodeClients,
+        metrics: BalancerMetrics | None = None,
+        *,
+        policy: str = DEFAULT_POLICY,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._fleet = fleet
+        self._clients = clients
+        self._metrics = metrics
+        self._clock = clock
+        self._policy = make_policy(policy, rng if rng is not None else random.Random())
+        self._stats = NodeStatsTable(
+            cooldown_failures=config.cooldown_failures, cooldown_s=config.cooldown_s, clock=clock
+        )
+        self._candidates = Candidates(fleet)
+        self._admission = Admission(
+            queue_size=config.queue_size,
+            queue_timeout_s=config.queue_timeout_s,
+            clock=clock,
+            serves=self._candidates.serves,
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue now."""
+        return self._admission.waiting
+
+    def stats(self) -> dict[str, NodeStats]:
+        """Per-node outstanding requests, latency average and failures, for status views."""
+        return self._stats.snapshot()
+
+    # -- the calls, one route each ------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest, *, timeout: float | None = None) -> AsyncIterator[TextChunk]:
+        """Streams a chat answer from the best node; errors before the first chunk are retried elsewhere."""
+        return self._stream(CHAT, request, timeout)
+
+    def complete(self, request: CompleteRequest, *, timeout: float | None = None) -> AsyncIterator[TextChunk]:
+        """Streams a text completion, like ``chat``."""
+        return self._stream(COMPLETE, request, timeout)
+
+    async def chat_whole(self, request: ChatRequest, *, timeout: float | None = None) -> list[TextChunk]:
+        """The whole chat answer at once, for callers that did not ask for a stream.
+
+        Nothing reaches the caller before the end, so a node that fails mid-answer is retried elsewhere.
+        """
+        return await self._unary(CHAT_WHOLE, request, timeout)
+
+    async def complete_whole(
+        self, request: CompleteRequest, *, timeout: float | None = None
+    ) -> list[TextChunk]:
+        """The whole completion at once; retried elsewhere like ``chat_whole``."""
+        return await self._unary(COMPLETE_WHOLE, request, timeout)
+
+    async def embed(self, request: EmbedRequest, *, timeout: float | None = None) -> EmbedResponse:
+        """Embeddings from the best node; a failed node is retried elsewhere."""
+        return await self._unary(EMBED, request, timeout)
+
+    async def transcribe(self, request: TranscribeRequest, *, timeout: float | None = None) -> Transcript:
+        """A transcript from the best node; a failed node is retried elsewhere."""
+        return await self._unary(TRANSCRIBE, request, timeout)
+
+    def speak(self, request: SpeakRequest, *, timeout: float | None = None) -> AsyncIterator[AudioChunk]:
+        """Streams synthesized speech, like ``chat``."""
+        return self._stream(SPEAK, request, timeout)
+
+    async def generate_images(
+        self, request: GenerateImageRequest, *, timeout: float | None = None
+    ) -> GenerateImageResponse:
+        """Images from the best node; a failed node is retried elsewhere."""
+        return await self._unary(IMAGE, request, timeout)
+
+    # -- carrying a call ---------------------------------------------------------------------------
+
+    async def _unary(self, route: Route[R, T], request: R, timeout: float | None) -> T:
+        pb = route.to_pb(request)
+        clock = self._clock
+        deadline = clock() + (timeout or self._config.request_timeout_s)
+        model = await self._model(request.model, route.capability)
+        tried: set[str] = set()
+        last: Failure | None = None
+        while True:
+            node = await self._next_node(model, route.capability, tried, deadline, last)
+            started = clock()
+            try:
+                answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
+            except grpc.aio.AioRpcError as exc:
+                last = self._failed(route, model, node, exc, tried)
+                continue
+            finally:
+                self._release(node)
+            self._stats.answered(node.node_id, clock() - started)
+            return route.from_pb(answer)
+
+    async def _stream(self, route: Route[R, T], request: R, timeout: float | None) -> AsyncGenerator[T, None]:
+        pb = route.to_pb(request)
+        from_pb = route.from_pb
+        clock = self._clock
+        deadline = clock() + (timeout or self._config.request_timeout_s)
+        model = await self._model(request.model, route.capability)
+        tried: set[str] = set()
+        last: Failure | None = None
+        while True:
+            node = await self._next_node(model, route.capability, tried, deadline, last)
+            started = clock()
+            stream = route.call(self._stub(node), pb, max(0.001, deadline - started))
+            items = aiter(stream)
+            try:
+                try:
+                    first = await anext(items)
+                except StopAsyncIteration:
+                    self._stats.answered(node.node_id, clock() - started)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    last = self._failed(route, model, node, exc, tried)
+                    continue
+                self._stats.answered(node.node_id, clock() - started)
+                yield from_pb(first)
+                # Past the first item the caller has bytes: a failure now ends the stream, no retry.
+                try:
+                    async for item in items:
+                        yield from_pb(item)
+                except grpc.aio.AioRpcError as exc:
+                    failure = classify(exc)
+                    if failure.node_fault:
+                        self._stats.faulted(node.node_id)
+                    raise failure.error from None
+                return
+            finally:
+                stream.cancel()  # a no-op once finished; stops the node when the caller left early
+                self._release(node)
+
+    def _failed(
+        self, route: Route[R, T], model: Model, node: Candidate, exc: grpc.aio.AioRpcError, tried: set[str]
+    ) -> Failure:
+        """Books a failed try; raises the caller's error unless another node may be tried."""
+        failure = classify(exc)
+        if failure.node_fault:
+            self._stats.faulted(node.node_id)
+        tried.add(node.node_id)
+        if not failure.retry or len(tried) >= self._config.route_attempts:
+            raise failure.error from None
+        log.info(
+            "route.retry",
+            route=route.name,
+            model_id=model.id,
+            node_id=node.node_id,
+            error=failure.error.code.value,
+            detail=failure.error.message,
+        )
+        if self._metrics is not None:
+            self._metrics.retries.labels(route.name).inc()
+        return failure
+
+    def _stub(self, node: Candidate) -> igrpc.InferenceStub:
+        return self._clients.stub(node.node_id, node.address, self._fleet.token(node.node_id))
+
+    # -- choosing a node ---------------------------------------------------------------------------
+
+    async def _model(self, model_id: str, capability: Capability) -> Model:
+        model = await self._catalog.get(model_id)
+        if capability not in model.capabilities:
+            raise LlmlbError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"model {model.id!r} does not support {capability.value}",
+            )
+        return model
+
+    async def _next_node(
+        self, model: Model, capability: Capability, tried: set[str], deadline: float, last: Failure | None
+    ) -> Candidate:
+        """The next node to try; once every capable node failed, the last node's own error."""
+        try:
+            return await self._acquire(model, capability, tried, deadline)
+        except LlmlbError as exc:
+            if last is not None and exc.code is ErrorCode.NO_CAPABLE_NODES:
+                raise last.error from None
+            raise
+
+    async def _acquire(
+        self, model: Model, capability: Capability, exclude: set[str], deadline: float
+    ) -> Candidate:
+        candidates, why = self._candidates.ranked(model, capability)
+        node = self._pick(candidates, exclude)
+        if node is None:
+            _some_left(candidates, exclude, why or "every capable node failed this request")
+
+            def attempt() -> Candidate | None:
+                candidates, why = self._candidates.ranked(model, capability)
+                node = self._pick(candidates, exclude)
+                if node is None:
+                    _some_left(candidates, exclude, why or "no capable node left")
+                return node
+
+            node = await self._admission.wait((model.id, capability), deadline, attempt)
+        self._stats.of(node.node_id).outstanding += 1
+        return node
+
+    def _pick(self, candidates: list[Candidate], exclude: set[str]) -> Candidate | None:
+        return pick(
+            candidates,
+            exclude,
+            self._stats,
+            now=self._clock(),
+            max_inflight=self._config.node_max_inflight,
+            policy=self._policy,
+        )
+
+    def _release(self, node: Candidate) -> None:
+        self._stats.of(node.node_id).outstanding -= 1
+        if self._admission.waiting:
+            self._admission.wake(node.node_id)
+
+
+def _some_left(candidates: list[Candidate], exclude: set[str], why: str) -> None:
+    """Raises ``NO_CAPABLE_NODES`` when every candidate was already tried (or there are none)."""
+    if not any(c.node_id not in exclude for c in candidates):
+        raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, why, retry_after_s=NO_NODE_RETRY_AFTER_S)

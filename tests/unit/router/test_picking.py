@@ -1,0 +1,171 @@
+"""Which eligible node the router picks: tiers, busy and cooling nodes, and the policies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate
+from balancer.router.node_stats import NodeStatsTable
+from balancer.router.picking import pick
+from balancer.router.policy import POLICIES, PowerOfTwoChoices, RoundRobin, make_policy
+from tests.unit.router.conftest import FakeClock
+
+LIMIT = 2
+COOLDOWN_FAILURES = 3
+COOLDOWN_S = 10.0
+
+
+def node(node_id: str, tier: int = READY) -> Candidate:
+    return Candidate(node_id, f"{node_id}:50051", tier)
+
+
+def table(clock: FakeClock) -> NodeStatsTable:
+    return NodeStatsTable(cooldown_failures=COOLDOWN_FAILURES, cooldown_s=COOLDOWN_S, clock=clock)
+
+
+def pick_now(
+    candidates: list[Candidate],
+    stats: NodeStatsTable,
+    clock: FakeClock,
+    exclude: set[str] | None = None,
+    policy_name: str = "power-of-two",
+    rng: random.Random | None = None,
+) -> Candidate | None:
+    policy = make_policy(policy_name, rng or random.Random(0))
+    return pick(candidates, exclude or set(), stats, now=clock(), max_inflight=LIMIT, policy=policy)
+
+
+# -- tiers and busy nodes --------------------------------------------------------------------------
+
+
+def test_the_best_tier_wins_over_a_less_loaded_worse_tier(clock: FakeClock):
+    stats = table(clock)
+    stats.of("ready").outstanding = LIMIT - 1
+    candidates = [node("ready", READY), node("disk", ON_DISK), node("fetch", DOWNLOADABLE)]
+
+    picks = {pick_now(candidates, stats, clock, rng=random.Random(seed)) for seed in range(20)}
+
+    assert picks == {candidates[0]}
+
+
+def test_a_node_at_its_in_flight_limit_is_skipped(clock: FakeClock):
+    stats = table(clock)
+    stats.of("ready").outstanding = LIMIT
+    candidates = [node("ready", READY), node("disk", ON_DISK)]
+
+    assert pick_now(candidates, stats, clock) == candidates[1]
+
+
+def test_every_node_busy_picks_none_so_the_request_queues(clock: FakeClock):
+    stats = table(clock)
+    for name in ("a", "b"):
+        stats.of(name).outstanding = LIMIT
+
+    assert pick_now([node("a"), node("b")], stats, clock) is None
+
+
+def test_a_node_this_request_already_tried_is_not_picked_again(clock: FakeClock):
+    stats = table(clock)
+    candidates = [node("tried", READY), node("other", ON_DISK)]
+
+    assert pick_now(candidates, stats, clock, exclude={"tried"}) == candidates[1]
+    assert pick_now(candidates, stats, clock, exclude={"tried", "other"}) is None
+
+
+# -- cooldown ------------------------------------------------------------------------------------
+
+
+def test_consecutive_faults_cool_a_node_down_until_the_cooldown_expires(clock: FakeClock):
+    stats = table(clock)
+    candidates = [node("flaky", READY), node("spare", ON_DISK)]
+    for _ in range(COOLDOWN_FAILURES - 1):
+        stats.faulted("flaky")
+    assert pick_now(candidates, stats, clock) == candidates[0]  # not yet
+
+    stats.faulted("flaky")
+    assert pick_now(candidates, stats, clock) == candidates[1]
+    clock.advance(COOLDOWN_S - 0.01)
+    assert pick_now(candidates, stats, clock) == candidates[1]
+    clock.advance(0.01)
+    assert pick_now(candidates, stats, clock) == candidates[0]
+
+
+def test_an_answer_between_faults_starts_the_count_again(clock: FakeClock):
+    stats = table(clock)
+    candidates = [node("flaky", READY), node("spare", ON_DISK)]
+    for _ in range(COOLDOWN_FAILURES - 1):
+        stats.faulted("flaky")
+    stats.answered("flaky", 0.01)
+    stats.faulted("flaky")
+
+    assert stats.of("flaky").failures == 1
+    assert pick_now(candidates, stats, clock) == candidates[0]
+
+
+def test_when_every_node_is_cooling_down_one_is_still_tried(clock: FakeClock):
+    stats = table(clock)
+    candidates = [node("a", READY), node("b", ON_DISK)]
+    for name in ("a", "b"):
+        for _ in range(COOLDOWN_FAILURES):
+            stats.faulted(name)
+
+    assert pick_now(candidates, stats, clock) == candidates[0]
+
+
+def test_answers_pull_a_nodes_latency_average_towards_them(clock: FakeClock):
+    stats = table(clock)
+    before = stats.of("n").latency_s
+
+    stats.answered("n", 1.0)
+
+    assert before < stats.of("n").latency_s < 1.0
+
+
+# -- policies ------------------------------------------------------------------------------------
+
+
+def test_power_of_two_choices_takes_the_lower_score_of_the_two_drawn(clock: FakeClock):
+    stats = table(clock)
+    fast, middling, slow = node("fast"), node("middling"), node("slow")
+    stats.of("fast").latency_s = 0.01
+    stats.of("middling").latency_s = 0.05
+    stats.of("slow").latency_s = 0.2
+    tier = [fast, middling, slow]
+    policy = PowerOfTwoChoices(random.Random(42))
+    draws = random.Random(42)  # the same seed: the same pairs, drawn here to know what was offered
+
+    for _ in range(50):
+        a, b = draws.sample(tier, 2)
+        lower = a if stats.of(a.node_id).score() <= stats.of(b.node_id).score() else b
+
+        assert policy.choose(tier, stats) == lower
+
+
+def test_power_of_two_choices_weighs_outstanding_calls_against_latency(clock: FakeClock):
+    stats = table(clock)
+    stats.of("fast-but-busy").latency_s = 0.01
+    stats.of("fast-but-busy").outstanding = 9  # score 0.1
+    stats.of("slower-idle").latency_s = 0.05  # score 0.05
+    tier = [node("fast-but-busy"), node("slower-idle")]
+
+    picks = {PowerOfTwoChoices(random.Random(seed)).choose(tier, stats) for seed in range(20)}
+
+    assert picks == {tier[1]}
+
+
+def test_round_robin_takes_the_nodes_in_turn(clock: FakeClock):
+    stats = table(clock)
+    stats.of("a").latency_s = 5.0  # load and latency do not matter to it
+    tier = [node("a"), node("b"), node("c")]
+    policy = RoundRobin(random.Random(0))
+
+    assert [policy.choose(tier, stats).node_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_policies_are_chosen_by_name():
+    assert set(POLICIES) == {"power-of-two", "round-robin"}
+    assert isinstance(make_policy("round-robin", random.Random(0)), RoundRobin)
+    with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
+        make_policy("fastest", random.Random(0))
