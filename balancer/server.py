@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.catalog import load_catalog
 from balancer.fleet import Fleet
+from balancer.fleet_token import load_fleet_token
 from balancer.http.app import create_app
 from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
@@ -136,7 +137,9 @@ async def start(config: BalancerConfig) -> Balancer:
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
     router = Router(config, registry, fleet, clients, metrics)
-    parts = BalancerParts(config, store, origin, registry, fleet, sessions, router, keys, metrics)
+    parts = BalancerParts(
+        config, store, origin, registry, fleet, sessions, router, keys, metrics, await load_fleet_token(store)
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(registry, origin), server)

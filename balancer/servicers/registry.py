@@ -150,13 +150,15 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 node.id,
                 node.address,
                 frozenset(converters.capabilities_from_pb(request.capabilities)),
-                auth_token=request.auth_token,  # in memory only: the store never sees it
+                # What routed calls present: the node's own token if it has one, else the fleet's.
+                auth_token=request.auth_token or self._parts.fleet_token,  # in memory only
             )
         )
         return rpb.RegisterNodeResponse(
             node_id=node.id,
             heartbeat_interval_ms=self._config.heartbeat_interval_ms,
             heartbeat_timeout_ms=self._config.heartbeat_timeout_ms,
+            fleet_token=self._parts.fleet_token,
         )
 
     @rpc_errors
