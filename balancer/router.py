@@ -121,6 +121,11 @@ def _failure(exc: grpc.aio.AioRpcError) -> _Failure:
         # Connection refused or reset, or an error outside our handlers: the node, not the request.
         return _Failure(LlmlbError(ErrorCode.NO_CAPABLE_NODES, f"node failed: {exc.details()}"), True, True)
     error = error_from_rpc(exc)
+    if error.code is ErrorCode.UNAUTHORIZED:
+        # The node refused the balancer's own credential (a token it no longer holds): the client's key
+        # passed at this door, so this is the node's fault, not a 401 for the client.
+        message = f"node refused the balancer's credential: {error.message}"
+        return _Failure(LlmlbError(ErrorCode.NO_CAPABLE_NODES, message), True, True)
     if error.code is ErrorCode.QUEUE_FULL and error.retry_after_s is None:
         error.retry_after_s = 1.0  # a full node frees a slot within about a generation
     retry = error.code in RETRY_ELSEWHERE
