@@ -31,7 +31,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from node.server import assemble
 from tests.fixtures.fake_hub import FakeHub, gguf_blob
-from tests.integration.conftest import BalancerProcess, NodeProcess, xllm, xllm_start
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, xllm, xllm_start
 
 MiB = 1024 * 1024
 NodeFactory = Callable[..., NodeProcess]
@@ -390,10 +390,10 @@ def test_a_node_serves_only_manifest_files_it_holds(
 ) -> None:
     data = gguf_blob(MiB, seed=10)
     model_id = register(balancer, hub, "acme/held", {"h.gguf": data})
-    node = node_factory(balancer, hub, start=False)
+    node = node_factory(balancer, hub, start=False, XLLM_AUTH_TOKEN=DIRECT_TOKEN)
     pull(node.home, balancer, hub, model_id)
     node.start()
-    with grpc.insecure_channel(node.address) as channel:
+    with node.direct_channel() as channel:
         stub = mgrpc.ManifestStub(channel)
         body = b"".join(
             c.data for c in stub.ReadBlob(mpb.ReadBlobRequest(model_id=model_id, filename="h.gguf"))
