@@ -89,7 +89,14 @@ def test_with_nothing_set_a_direct_caller_is_refused_while_routed_calls_and_peer
     model_id = balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/fleet-peer")).id
     holder = node_factory(balancer, hub, start=False)
     pulled = xllm(
-        holder.home, "pull", "--balancer", balancer.address, "--models-dir", str(holder.models_dir), model_id
+        holder.home,
+        "pull",
+        "--balancer",
+        balancer.address,
+        "--models-dir",
+        str(holder.models_dir),
+        model_id,
+        env={"HF_ENDPOINT": hub.url},
     )
     assert pulled.returncode == 0, pulled.stderr
     holder.start()
