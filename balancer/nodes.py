@@ -82,7 +82,9 @@ async def register_node(parts: BalancerParts, reg: NodeRegistration) -> Register
             last_seen_at=datetime.now(UTC),
         )
     )
-    parts.fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=reg.auth_token))
+    # What routed calls present: the node's own token if it has one, else the fleet's (memory only).
+    token = reg.auth_token or parts.fleet_token
+    parts.fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=token))
     config = parts.config
     return RegisteredNode(node, config.heartbeat_interval_ms, config.heartbeat_timeout_ms)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
@@ -26,3 +26,5 @@ class BalancerParts:
     router: Router
     keys: KeyRing
     metrics: BalancerMetrics
+    # What every node accepts on its Inference and Manifest port (``balancer.fleet_token``); never shown.
+    fleet_token: str = field(default="", repr=False)

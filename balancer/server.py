@@ -17,6 +17,7 @@ from balancer.auth import AuthInterceptor, KeyRing
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
+from balancer.fleet_token import load_fleet_token
 from balancer.http.app import create_app
 from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
@@ -134,7 +135,8 @@ async def start(config: BalancerConfig) -> Balancer:
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
     router = Router(config, catalog, fleet, clients, metrics)
-    parts = BalancerParts(config, store, origin, catalog, fleet, sessions, router, keys, metrics)
+    fleet_token = await load_fleet_token(store)
+    parts = BalancerParts(config, store, origin, catalog, fleet, sessions, router, keys, metrics, fleet_token)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)

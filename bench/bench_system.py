@@ -53,6 +53,8 @@ from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, catalogue_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# The node's XLLM_AUTH_TOKEN: the "node" path calls it directly, and its port refuses callers without one.
+NODE_TOKEN = "bench-system-direct-token"
 MODEL = packaged_models.GEMMA
 TOKENS = 64
 ROUNDS = 5
@@ -141,6 +143,7 @@ class _Node:
             "HF_ENDPOINT": hub,  # nothing may leave the machine
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "XLLM_API_KEY": key,
+            "XLLM_AUTH_TOKEN": NODE_TOKEN,
             "LLMLB_HOME": str(home),
             "XLLM_LOG_LEVEL": "warning",
             "PYTHONUNBUFFERED": "1",
@@ -237,7 +240,7 @@ async def _streaming(
 ) -> _Streaming:
     registry = rgrpc.RegistryStub(admin)
     door = igrpc.InferenceStub(admin)
-    async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(node.address, api_key=NODE_TOKEN) as channel:
         direct_node = igrpc.InferenceStub(channel)
         await grpc_round(direct_node, 8)  # resolves from the shared dir (hashing it once) and loads
 
@@ -317,7 +320,7 @@ async def _not_found(node: _Node, admin: grpc.aio.Channel, http: httpx.AsyncClie
         raise RuntimeError("an unknown model answered")
 
     samples: dict[str, list[float]] = {p: [] for p in MISSING_PATHS}
-    async with grpc.aio.insecure_channel(node.address, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(node.address, api_key=NODE_TOKEN) as channel:
         direct_node = igrpc.InferenceStub(channel)
         calls: dict[str, Callable[[], Awaitable[None]]] = {
             "http": via_http,

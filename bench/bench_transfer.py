@@ -27,6 +27,8 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
 
+PEER_TOKEN = {"XLLM_AUTH_TOKEN": "bench-transfer-peer-token"}  # a node's port refuses callers without one
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MB = 32
 LARGE_MB = 256
@@ -149,10 +151,11 @@ async def run() -> str:
                 rows.append(_row("node <- balancer proxy (gRPC ReadBlob)", size_mb, t, rss, base))
 
                 # A serving node that holds the file, found through the balancer, then a fresh node.
-                holder = await _serve_node(tmp / f"origin-{size_mb}", address, env)
+                # `xllm pull` never registers, so it knows no fleet token: both share XLLM_AUTH_TOKEN.
+                holder = await _serve_node(tmp / f"origin-{size_mb}", address, {**env, **PEER_TOKEN})
                 try:
                     await _wait_present(address, model_id)
-                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, closed)
+                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, {**closed, **PEER_TOKEN})
                     rows.append(_row("node <- peer node (gRPC ReadBlob)", size_mb, t, rss, base))
                 finally:
                     holder.terminate()

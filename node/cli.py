@@ -32,8 +32,8 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_DOWNLOAD_STALL_TIMEOUT  seconds without a byte before a download attempt fails (default 60)
   XLLM_DOWNLOAD_TIMEOUT        seconds one file's download may take in all (default 300)
   XLLM_PEER_FETCH              fetch from peer nodes holding the model first: true/false (default true)
-  XLLM_AUTH_TOKEN              token callers (the balancer, peers) must present on the node's gRPC
-                               port; give every node the same one (default none: the port is open)
+  XLLM_AUTH_TOKEN              a token the node's gRPC port accepts besides the fleet token the
+                               balancer hands out; unset, the port still serves only the fleet
   XLLM_API_KEY                 API key (scope node) the node presents to the balancer (default none)
   XLLM_TLS_CA                  CA certificate of the balancer's TLS; set: dial the balancer with TLS
   XLLM_TLS_CERT / XLLM_TLS_KEY client certificate and key for mutual TLS with the balancer

@@ -1,10 +1,11 @@
 """The node's live link to the balancer: registration, the session stream, commands, and lookups.
 
 ``RegisterNode`` first (the id the balancer assigns is saved in ``<home>/node-id`` and reused after a
-restart), then a ``NodeSession`` stream: a heartbeat every interval with load and the full per-model
-picture, a ``model_state`` message whenever a model changes (download progress included), and
-commands from the balancer (delete, prefetch, drain), each acknowledged once carried out. When the
-stream breaks, the link reconnects with capped exponential backoff until the node stops.
+restart; the fleet token it answers with goes to ``NodeCredentials``, in memory only), then a
+``NodeSession`` stream: a heartbeat every interval with load and the full per-model picture, a
+``model_state`` message whenever a model changes (download progress included), and commands from the
+balancer (delete, prefetch, drain), each acknowledged once carried out. When the stream breaks, the
+link reconnects with capped exponential backoff until the node stops.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from common.types import Capability, Model, ModelState
 from node.downloader import BlobSource, ReadBlobSource
 from node.hardware import Hardware
 from node.model_states import ModelReport, ModelStates
+from node.token_auth import NodeCredentials
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +112,7 @@ class BalancerLink:
         load: Callable[[], Load] = Load,
         runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
         draining: Callable[[], bool] = lambda: False,
+        credentials: NodeCredentials | None = None,
     ) -> None:
         self._config = config
         self._hardware = hardware
@@ -121,6 +124,8 @@ class BalancerLink:
         self._load = load
         self._runtime_states = runtime_states
         self._draining = draining
+        # Shared with the node's server door: each registration hands it the fleet token.
+        self.credentials = credentials if credentials is not None else NodeCredentials(config.auth_token)
         self.channel = open_channel(
             config.balancer,
             api_key=config.api_key,
@@ -129,7 +134,8 @@ class BalancerLink:
             tls_key=config.tls_key,
         )
         self._registry = rgrpc.RegistryStub(self.channel)
-        self._peers: dict[str, grpc.aio.Channel] = {}
+        self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}  # address -> (token, channel)
+        self._old_peers: list[grpc.aio.Channel] = []  # dialled with an older token; closed at stop
         self.node_id = config.node_id or self._saved_node_id()
         self.connected = asyncio.Event()
         self._heartbeat_s = 1.0
@@ -160,7 +166,9 @@ class BalancerLink:
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
-        for channel in self._peers.values():
+        for _, channel in self._peers.values():
+            await channel.close(None)
+        for channel in self._old_peers:
             await channel.close(None)
         await self.channel.close(None)
 
@@ -217,12 +225,14 @@ class BalancerLink:
             self._config.node_id_file.parent.mkdir(parents=True, exist_ok=True)
             self._config.node_id_file.write_text(reply.node_id + "\n")
         self.node_id = reply.node_id
+        self.credentials.set_fleet_token(reply.fleet_token)
         self._heartbeat_s = max(0.05, reply.heartbeat_interval_ms / 1000)
         log.info(
             "balancer.registered",
             node_id=self.node_id,
             balancer=self._config.balancer,
             address=self._advertise,
+            fleet_token="received" if reply.fleet_token else "none",  # never the token itself
         )
 
     async def _session(self) -> None:
@@ -359,15 +369,24 @@ class BalancerLink:
         found: list[BlobSource] = []
         for node in nodes.nodes:
             if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
-                channel = self._peers.get(node.address)
-                if channel is None:
-                    # Peers are asked with this node's own token: a fleet shares one XLLM_AUTH_TOKEN. A
-                    # peer that refuses it answers UNAUTHENTICATED; the download moves to the next source.
-                    channel = open_channel(node.address, api_key=self._config.auth_token)
-                    self._peers[node.address] = channel
-                found.append(ReadBlobSource(f"peer:{node.id}", channel))
+                found.append(ReadBlobSource(f"peer:{node.id}", self._peer_channel(node.address)))
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
+
+    def _peer_channel(self, address: str) -> grpc.aio.Channel:
+        """One channel per peer, presenting the fleet token (see ``NodeCredentials.for_peers``).
+
+        A peer that refuses it answers UNAUTHENTICATED; the download moves on to the next source.
+        """
+        token = self.credentials.for_peers()
+        known = self._peers.get(address)
+        if known is not None and known[0] == token:
+            return known[1]
+        if known is not None:  # the fleet token changed (the balancer's store was replaced)
+            self._old_peers.append(known[1])
+        channel = open_channel(address, api_key=token)
+        self._peers[address] = (token, channel)
+        return channel
 
     def proxy_source(self) -> BlobSource:
         return ReadBlobSource("balancer", self.channel)

@@ -33,7 +33,7 @@ from node.resolver import Resolver
 from node.servicers.inference import InferenceServicer
 from node.servicers.manifest import NodeManifestServicer
 from node.storage import Storage
-from node.token_auth import server_interceptors
+from node.token_auth import NodeCredentials, server_interceptors
 
 log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
@@ -227,8 +227,11 @@ def node_gauges(
     }
 
 
-def assemble(config: NodeConfig, address: str) -> NodeParts:
-    """Builds the node's parts (nothing is started): the server and ``xllm pull`` both use them."""
+def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | None = None) -> NodeParts:
+    """Builds the node's parts (nothing is started): the server and ``xllm pull`` both use them.
+
+    ``credentials`` are the ones the server's door checks, so the link's registration opens the door.
+    """
     forced = None if config.backend == "auto" else Backend(config.backend)
     found = hardware.detect(forced)
     io_threads = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
@@ -250,6 +253,7 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
+        credentials=credentials,
     )
     resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
     downloader.on_progress = resolver.on_progress
@@ -262,11 +266,14 @@ def assemble(config: NodeConfig, address: str) -> NodeParts:
 
 async def start(config: NodeConfig) -> NodeProcess:
     """Opens the models dir, starts serving gRPC, connects to the balancer, resumes broken downloads."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(config.auth_token))
+    # Inference and Manifest refuse every caller until the balancer hands this node the fleet token
+    # (or the caller presents XLLM_AUTH_TOKEN); health and reflection stay open.
+    credentials = NodeCredentials(config.auth_token)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(credentials))
     port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_listen}")
-    parts = assemble(config, advertised_address(config, port))
+    parts = assemble(config, advertised_address(config, port), credentials)
     storage, resolver, link, commands = parts.storage, parts.resolver, parts.link, parts.commands
     metrics_server = None
     if config.metrics_listen:

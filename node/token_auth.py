@@ -1,8 +1,12 @@
-"""The node's own gRPC door: with ``XLLM_AUTH_TOKEN`` set, every call must present that token.
+"""The node's own gRPC door: ``Inference`` and ``Manifest`` serve only callers the fleet vouches for.
 
-The balancer learns the token from ``RegisterNode`` and presents it on each routed call; peers present
-their own ``XLLM_AUTH_TOKEN`` when they fetch blobs, so every node of a fleet gets the same token.
-Health checks and reflection stay open, for probes. Unset: the port is open, as on a private network.
+A caller is let in when it presents, as ``authorization: Bearer <token>``, either the **fleet token**
+the balancer handed this node in ``RegisterNode`` (the balancer presents it on routed calls, peers
+present it when they fetch blobs) or this node's own ``XLLM_AUTH_TOKEN`` when the operator set one.
+Until the node has registered it knows no fleet token, so it refuses everything but its own token:
+the door fails closed. Health checks and reflection stay open, for probes.
+
+Both tokens live in memory only: never logged, never written to disk.
 """
 
 from __future__ import annotations
@@ -15,27 +19,71 @@ import grpc
 import grpc.aio
 import structlog
 
+from common.errors import GRPC_CODE_KEY, ErrorCode
 from common.rpc import metadata_bearer, refusing_handler
 
 log = structlog.get_logger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-MISSING = "this node requires its token: send 'authorization: Bearer <XLLM_AUTH_TOKEN>'"
-WRONG = "the token presented does not match this node's XLLM_AUTH_TOKEN"
+MISSING = (
+    "this node serves only its balancer, its peers and callers with its token: "
+    "send 'authorization: Bearer <XLLM_AUTH_TOKEN>'"
+)
+WRONG = "the token presented does not match this fleet's token or this node's XLLM_AUTH_TOKEN"
 
 
 def token_matches(presented: str | None, expected: str) -> bool:
-    """Whether ``presented`` is ``expected``, compared in constant time."""
-    return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
+    """Whether ``presented`` is ``expected`` (never true for an empty one), compared in constant time."""
+    if presented is None or not expected:
+        return False
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class NodeCredentials:
+    """The tokens this node accepts, and the one it presents to its peers.
+
+    ``own`` is ``XLLM_AUTH_TOKEN`` (empty when unset); ``fleet`` is set by each registration with the
+    balancer. Neither is ever shown: the ``repr`` says only which are known.
+    """
+
+    def __init__(self, own: str = "") -> None:
+        self._own = own
+        self._fleet = ""
+
+    @property
+    def has_fleet_token(self) -> bool:
+        return bool(self._fleet)
+
+    def set_fleet_token(self, token: str) -> None:
+        """The fleet token from the latest registration; an empty one (an older balancer) keeps the last."""
+        if token:
+            self._fleet = token
+
+    def accepts(self, presented: str | None) -> bool:
+        """Whether ``presented`` is the fleet token or this node's own, each compared in constant time."""
+        fleet = token_matches(presented, self._fleet)
+        own = token_matches(presented, self._own)
+        return fleet or own
+
+    def for_peers(self) -> str:
+        """What this node presents to a peer: the fleet token, which every registered node accepts.
+
+        Before registering (``xllm pull`` never registers) it is the node's own ``XLLM_AUTH_TOKEN``,
+        which peers accept when the operator gave the whole fleet the same one.
+        """
+        return self._fleet or self._own
+
+    def __repr__(self) -> str:
+        own = "set" if self._own else "unset"
+        fleet = "known" if self._fleet else "unknown"
+        return f"NodeCredentials(own={own}, fleet={fleet})"
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses every call but health and reflection unless it presents the node's token."""
+    """Refuses every call but health and reflection unless it presents a token ``credentials`` accepts."""
 
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("TokenInterceptor needs a token; an unset XLLM_AUTH_TOKEN installs none")
-        self._token = token
+    def __init__(self, credentials: NodeCredentials) -> None:
+        self._credentials = credentials
 
     async def intercept_service(
         self,
@@ -47,17 +95,25 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
         presented = metadata_bearer(handler_call_details.invocation_metadata)
-        if token_matches(presented, self._token):
+        if self._credentials.accepts(presented):
             return handler
         reason = "missing" if presented is None else "wrong"
-        log.info("node.auth_refused", method=method, reason=reason)  # never the token itself
-        # No llmlb error code in the trailers: to the balancer's router a refusal is the node's fault
-        # (retried on another node, answered 503), not the client's missing key (401).
+        log.info(  # never a token itself
+            "node.auth_refused",
+            method=method,
+            reason=reason,
+            registered=self._credentials.has_fleet_token,
+        )
+        # The balancer's router reads an ``unauthorized`` refusal from a node as that node's fault
+        # (retried elsewhere, else 503): the client's own key was already checked at the balancer.
         return refusing_handler(
-            handler, grpc.StatusCode.UNAUTHENTICATED, MISSING if presented is None else WRONG
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
+            MISSING if presented is None else WRONG,
+            ((GRPC_CODE_KEY, ErrorCode.UNAUTHORIZED.value),),
         )
 
 
-def server_interceptors(token: str) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
-    """The node server's interceptors: the token check when ``token`` is set, else none."""
-    return [TokenInterceptor(token)] if token else []
+def server_interceptors(credentials: NodeCredentials) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """The node server's interceptors: the token check, always."""
+    return [TokenInterceptor(credentials)]

@@ -51,6 +51,11 @@ def classify(exc: grpc.aio.AioRpcError) -> Failure:
         # Connection refused or reset, or an error outside our handlers: the node, not the request.
         return Failure(LlmlbError(ErrorCode.NO_CAPABLE_NODES, f"node failed: {exc.details()}"), True, True)
     error = error_from_rpc(exc)
+    if error.code is ErrorCode.UNAUTHORIZED:
+        # The node refused the balancer's own credential (a token it no longer holds): the client's key
+        # passed at this door, so this is the node's fault, not a 401 for the client.
+        message = f"node refused the balancer's credential: {error.message}"
+        return Failure(LlmlbError(ErrorCode.NO_CAPABLE_NODES, message), True, True)
     if error.code is ErrorCode.QUEUE_FULL and error.retry_after_s is None:
         error.retry_after_s = FULL_NODE_RETRY_AFTER_S
     retry = error.code in RETRY_ELSEWHERE

@@ -193,6 +193,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
             node_id=registered.node.id,
             heartbeat_interval_ms=registered.heartbeat_interval_ms,
             heartbeat_timeout_ms=registered.heartbeat_timeout_ms,
+            fleet_token=self._parts.fleet_token,
         )
 
     @rpc_errors

@@ -1,4 +1,5 @@
-"""The balancer's metadata store: catalogue and manifests, nodes, durable node commands, API keys.
+"""The balancer's metadata store: catalogue and manifests, nodes, durable node commands, API keys,
+and the secrets the balancer generates for itself.
 
 Transport-neutral and async. It takes and returns only the dataclasses of ``common.types``; rows of
 ``balancer.store.tables`` never leave this package.
@@ -7,20 +8,22 @@ Transport-neutral and async. It takes and returns only the dataclasses of ``comm
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from balancer.migrations import upgrade_to_head
 from balancer.store import converters
 from balancer.store.engine import is_memory_sqlite, is_sqlite, make_async_engine, make_sync_engine
-from balancer.store.tables import ApiKeyRow, ManifestFileRow, ModelRow, NodeCommandRow, NodeRow
+from balancer.store.tables import ApiKeyRow, ManifestFileRow, ModelRow, NodeCommandRow, NodeRow, SecretRow
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
@@ -344,3 +347,33 @@ class Store:
         """How many keys were ever stored, revoked ones included."""
         async with self._reading() as session:
             return int(await session.scalar(select(func.count()).select_from(ApiKeyRow)) or 0)
+
+    # secrets
+
+    async def secret(self, name: str, generate: Callable[[], str]) -> str:
+        """The secret stored under ``name``; on first use, ``generate()``'s value, stored and returned.
+
+        Every caller gets the same value: when balancers sharing the database create it at once, the
+        first insert wins and the others' inserts do nothing.
+        """
+        async with self._reading() as session:
+            row = await session.get(SecretRow, name)
+            if row is not None:
+                return row.secret
+        # Insert-or-nothing as the transaction's first statement: a read first would make SQLite
+        # refuse the write outright when another process wrote in between.
+        insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        statement = (
+            insert(SecretRow)
+            .values(name=name, secret=generate(), created_at=_now())
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        async with self._writing() as session:
+            created = (await session.execute(statement)).rowcount == 1  # type: ignore[attr-defined]
+        if created:
+            log.info("store.secret_created", name=name)  # never the secret itself
+        async with self._reading() as session:
+            row = await session.get(SecretRow, name)
+            if row is None:  # pragma: no cover  # inserted above, or by the balancer that won
+                raise RuntimeError(f"secret {name!r} vanished from the store")
+            return row.secret

@@ -141,3 +141,16 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class SecretRow(Base):
+    """A secret the balancer generated for itself, by name (e.g. the one node fleet tokens come from).
+
+    Kept in the store so restarts and replicas sharing the database all use the same one.
+    """
+
+    __tablename__ = "balancer_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -31,6 +31,8 @@ from common.rpc import CHANNEL_OPTIONS
 from tests.fixtures.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[2]
+# The XLLM_AUTH_TOKEN of nodes a test calls directly, not through the balancer.
+DIRECT_TOKEN = "direct-caller-token-3b9e"
 
 
 def free_port() -> int:
@@ -320,6 +322,16 @@ class NodeProcess:
     @property
     def node_id(self) -> str:
         return (self.home / "node-id").read_text().strip()
+
+    def direct_channel(self) -> grpc.Channel:
+        """A blocking channel to this node's own port, presenting its ``XLLM_AUTH_TOKEN``.
+
+        A node refuses callers the fleet does not vouch for, so a test that calls one directly starts
+        it with a token (``DIRECT_TOKEN``), as an operator would.
+        """
+        token = self.env.get("XLLM_AUTH_TOKEN", "")
+        assert token, "start the node with XLLM_AUTH_TOKEN=DIRECT_TOKEN to call it directly"
+        return sync_channel(self.address, token)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         code = stop_process(self.proc, sig)

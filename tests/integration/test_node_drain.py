@@ -23,7 +23,7 @@ from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 NodeFactory = Callable[..., NodeProcess]
@@ -76,10 +76,12 @@ def test_sigterm_lets_a_streamed_chat_finish_refuses_new_requests_and_exits_clea
         LLMLB_HEARTBEAT_INTERVAL_MS=str(HEARTBEAT_MS),
         LLMLB_HEARTBEAT_TIMEOUT_MS=str(4 * HEARTBEAT_MS),
     )
-    node = node_factory(balancer, hub, "--shared-dir", str(CACHE), XLLM_DRAIN_TIMEOUT="150")
+    node = node_factory(
+        balancer, hub, "--shared-dir", str(CACHE), XLLM_DRAIN_TIMEOUT="150", XLLM_AUTH_TOKEN=DIRECT_TOKEN
+    )
     assert node.proc is not None
     wait_state(balancer, node.node_id, pb.NODE_STATE_ONLINE, within=10)
-    with grpc.insecure_channel(node.address) as channel:
+    with node.direct_channel() as channel:
         stub = igrpc.InferenceStub(channel)
         warm = list(stub.Chat(chat("Hi", 1), timeout=120))  # the model loads before the drain starts
         assert warm[-1].finish_reason != ipb.FINISH_REASON_UNSPECIFIED
@@ -117,9 +119,11 @@ def test_a_second_sigterm_stops_the_node_at_once_without_waiting_for_the_drain(
     balancer_factory: BalancerFactory, hub: FakeHub, node_factory: NodeFactory, gemma: ModelFiles
 ) -> None:
     balancer = balancer_factory(hub)
-    node = node_factory(balancer, hub, "--shared-dir", str(CACHE), XLLM_DRAIN_TIMEOUT="120")
+    node = node_factory(
+        balancer, hub, "--shared-dir", str(CACHE), XLLM_DRAIN_TIMEOUT="120", XLLM_AUTH_TOKEN=DIRECT_TOKEN
+    )
     assert node.proc is not None
-    with grpc.insecure_channel(node.address) as channel:
+    with node.direct_channel() as channel:
         stub = igrpc.InferenceStub(channel)
         stream = iter(stub.Chat(chat("Write a long story about a dragon.", 4000), timeout=120))
         next(stream)  # a generation that would take over a minute is in flight

@@ -19,7 +19,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -28,8 +28,8 @@ NodeFactory = Callable[..., NodeProcess]
 def test_a_node_serves_chat_from_a_shared_dir_and_the_balancer_sees_it_ready(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, gemma: ModelFiles, whisper: ModelFiles
 ) -> None:
-    node = node_factory(balancer, hub, "--shared-dir", str(CACHE))
-    with grpc.insecure_channel(node.address) as channel:
+    node = node_factory(balancer, hub, "--shared-dir", str(CACHE), XLLM_AUTH_TOKEN=DIRECT_TOKEN)
+    with node.direct_channel() as channel:
         stub = igrpc.InferenceStub(channel)
         chunks = list(
             stub.Complete(

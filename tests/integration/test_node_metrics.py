@@ -14,7 +14,7 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from tests.fixtures.fake_hub import FakeHub
 from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess, free_port
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 NodeFactory = Callable[..., NodeProcess]
@@ -40,7 +40,15 @@ def test_the_metrics_endpoint_shows_finished_requests_tokens_and_ready_models(
     balancer_factory: BalancerFactory, hub: FakeHub, node_factory: NodeFactory, gemma: ModelFiles
 ) -> None:
     balancer = balancer_factory(hub)
-    node = node_factory(balancer, hub, "--shared-dir", str(CACHE), "--metrics-listen", "127.0.0.1:0")
+    node = node_factory(
+        balancer,
+        hub,
+        "--shared-dir",
+        str(CACHE),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        XLLM_AUTH_TOKEN=DIRECT_TOKEN,
+    )
     address = metrics_address(node)
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
 
@@ -48,7 +56,7 @@ def test_the_metrics_endpoint_shows_finished_requests_tokens_and_ready_models(
     assert 'xllm_models{state="ready"} 0.0' in before
     assert "xllm_requests_total{" not in before
 
-    with grpc.insecure_channel(node.address) as channel:
+    with node.direct_channel() as channel:
         stub = igrpc.InferenceStub(channel)
         chunks = list(
             stub.Complete(

@@ -31,7 +31,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from node.server import assemble
 from tests.fixtures.fake_hub import FakeHub, gguf_blob
-from tests.integration.conftest import BalancerProcess, NodeProcess, xllm, xllm_start
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, xllm, xllm_start
 
 MiB = 1024 * 1024
 NodeFactory = Callable[..., NodeProcess]
@@ -390,10 +390,10 @@ def test_a_node_serves_only_manifest_files_it_holds(
 ) -> None:
     data = gguf_blob(MiB, seed=10)
     model_id = register(balancer, hub, "acme/held", {"h.gguf": data})
-    node = node_factory(balancer, hub, start=False)
+    node = node_factory(balancer, hub, start=False, XLLM_AUTH_TOKEN=DIRECT_TOKEN)
     pull(node.home, balancer, hub, model_id)
     node.start()
-    with grpc.insecure_channel(node.address) as channel:
+    with node.direct_channel() as channel:
         stub = mgrpc.ManifestStub(channel)
         body = b"".join(
             c.data for c in stub.ReadBlob(mpb.ReadBlobRequest(model_id=model_id, filename="h.gguf"))
@@ -525,7 +525,9 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
 ) -> None:
     data = gguf_blob(2 * MiB, seed=15)
     model_id = register(balancer, hub, "acme/peered", {"pe.gguf": data})
-    holder = node_factory(balancer, hub, start=False)
+    # `xllm pull` never registers, so it holds no fleet token: it presents the XLLM_AUTH_TOKEN the
+    # fleet shares, which the serving holder accepts besides the fleet's.
+    holder = node_factory(balancer, hub, start=False, XLLM_AUTH_TOKEN=DIRECT_TOKEN)
     pull(holder.home, balancer, hub, model_id)
     start_online(holder, balancer)
     wait_for(
@@ -535,7 +537,8 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     home = tmp_path / "second"
     args = ["pull", "--balancer", balancer.address, "--models-dir", str(home / "models"), "--json", model_id]
     # The origin is reachable and would serve the file: the peer is asked first all the same.
-    done = xllm(home, *args, env={"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json"})
+    env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", "XLLM_AUTH_TOKEN": DIRECT_TOKEN}
+    done = xllm(home, *args, env=env)
     assert done.returncode == 0, done.stderr
     assert (home / "models" / model_id / "pe.gguf").read_bytes() == data
     assert [r for r in hub.requests if r.is_file_body] == []

@@ -1,5 +1,7 @@
-"""The node's token (``XLLM_AUTH_TOKEN``): its gRPC door refuses calls without it, the balancer's
-channels present it, a peer that refuses it is skipped, and the fleet's status counts the node's bytes."""
+"""The node's gRPC door: with no setting it refuses Inference and Manifest calls that carry neither the
+fleet token (handed over at registration) nor the node's own ``XLLM_AUTH_TOKEN``; health stays open.
+The balancer's channels present the token, a peer that refuses it is skipped, and the fleet's status
+counts the node's bytes."""
 
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ from common.rpc import SERVER_OPTIONS, error_from_rpc
 from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource, ModelState
 from node.downloader import Downloader, ReadBlobSource
 from node.storage import Storage
-from node.token_auth import server_interceptors
+from node.token_auth import NodeCredentials, server_interceptors
 
 TOKEN = "fleet-secret-1"
+FLEET = "fleet-token-from-the-balancer"
 DATA = bytes(range(256)) * 1024  # 256 KiB
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -54,10 +57,12 @@ class _Manifest(mgrpc.ManifestServicer):
 
 
 class NodeDoor:
-    """A gRPC server built as the node builds its own: Inference, Manifest, health, with its token."""
+    """A gRPC server built as the node builds its own: Inference, Manifest, health, behind its credentials."""
 
     def __init__(self, token: str, listen: str = "127.0.0.1:0") -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(token))
+        self.credentials = NodeCredentials(token)
+        interceptors = server_interceptors(self.credentials)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         # Only the calls these tests make are implemented; the rest answer UNIMPLEMENTED.
         igrpc.add_InferenceServicer_to_server(_Inference(), self.server)  # type: ignore[abstract]
         mgrpc.add_ManifestServicer_to_server(_Manifest(), self.server)  # type: ignore[abstract]
@@ -114,11 +119,59 @@ async def refusal(call: Any) -> grpc.aio.AioRpcError:
     return refused.value
 
 
+def unauthorized(refused: grpc.aio.AioRpcError) -> bool:
+    """UNAUTHENTICATED with llmlb's ``unauthorized`` code in the trailers, like every other refusal."""
+    trailing: Any = refused.trailing_metadata() or ()
+    coded = (GRPC_CODE_KEY, ErrorCode.UNAUTHORIZED.value) in list(trailing)
+    return refused.code() is grpc.StatusCode.UNAUTHENTICATED and coded
+
+
+async def test_with_nothing_set_a_node_refuses_every_call_until_it_registers_and_health_stays_open(
+    start_door: Any,
+) -> None:
+    door = await start_door(token="")
+    async with grpc.aio.insecure_channel(door.address) as channel:
+        assert unauthorized(await refusal(embed(channel)))
+        assert unauthorized(await refusal(complete(channel, bearer_metadata("anything"))))
+        # An empty bearer never matches the unset token or the fleet token not yet known.
+        assert unauthorized(await refusal(embed(channel, (("authorization", "Bearer "),))))
+        assert unauthorized(await refusal(stub_read(channel, ())))
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_the_fleet_token_opens_the_door_once_registered_and_nothing_else_does(start_door: Any) -> None:
+    door = await start_door(token="")
+    door.credentials.set_fleet_token(FLEET)  # what the link does with RegisterNodeResponse.fleet_token
+    async with grpc.aio.insecure_channel(door.address) as channel:
+        assert (await embed(channel, bearer_metadata(FLEET))).data[0].values == [1.0]
+        assert await complete(channel, bearer_metadata(FLEET)) == "abc"
+        assert await stub_read(channel, bearer_metadata(FLEET)) == DATA
+        assert unauthorized(await refusal(embed(channel)))
+        assert unauthorized(await refusal(embed(channel, bearer_metadata(FLEET[:-1]))))
+    # A registration that brings no token (an older balancer) keeps the one the node has.
+    door.credentials.set_fleet_token("")
+    assert door.credentials.for_peers() == FLEET
+    assert FLEET not in repr(door.credentials)
+
+
+async def test_the_nodes_own_token_and_the_fleet_token_are_both_accepted(start_door: Any) -> None:
+    door = await start_door(token=TOKEN)
+    assert door.credentials.for_peers() == TOKEN  # before registering: the node's own, as xllm pull does
+    door.credentials.set_fleet_token(FLEET)
+    assert door.credentials.for_peers() == FLEET  # every registered node accepts the fleet's
+    async with grpc.aio.insecure_channel(door.address) as channel:
+        assert await complete(channel, bearer_metadata(TOKEN)) == "abc"
+        assert await complete(channel, bearer_metadata(FLEET)) == "abc"
+        assert unauthorized(await refusal(complete(channel, bearer_metadata("fleet-secret-2"))))
+    assert TOKEN not in repr(door.credentials)
+
+
 async def test_a_call_without_the_token_or_with_a_wrong_one_is_unauthenticated(start_door: Any) -> None:
     door = await start_door()
     async with grpc.aio.insecure_channel(door.address) as channel:
         missing = await refusal(embed(channel))
-        assert missing.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert unauthorized(missing)
         assert "XLLM_AUTH_TOKEN" in (missing.details() or "")
         wrong = await refusal(complete(channel, bearer_metadata("fleet-secret-2")))
         assert wrong.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -127,10 +180,7 @@ async def test_a_call_without_the_token_or_with_a_wrong_one_is_unauthenticated(s
         assert other_scheme.code() is grpc.StatusCode.UNAUTHENTICATED
         peer_read = stub_read(channel, bearer_metadata(TOKEN[:-1]))
         assert (await refusal(peer_read)).code() is grpc.StatusCode.UNAUTHENTICATED
-        # The node's refusal carries no llmlb code: the balancer's router reads it as the node's fault.
-        trailing: Any = missing.trailing_metadata() or ()
-        assert not any(key == GRPC_CODE_KEY for key, _ in trailing)
-        assert error_from_rpc(missing).code is ErrorCode.UNAUTHORIZED  # direct callers still see why
+        assert error_from_rpc(missing).code is ErrorCode.UNAUTHORIZED
 
 
 async def test_the_right_token_passes_on_unary_and_streaming_calls_and_health_stays_open(
@@ -145,13 +195,6 @@ async def test_the_right_token_passes_on_unary_and_streaming_calls_and_health_st
     async with open_channel(door.address, api_key=TOKEN) as channel:
         assert (await embed(channel)).data[0].values == [1.0]
         assert await complete(channel) == "abc"
-
-
-async def test_a_node_without_a_token_stays_open(start_door: Any) -> None:
-    door = await start_door(token="")
-    async with grpc.aio.insecure_channel(door.address) as channel:
-        assert await complete(channel) == "abc"
-        assert await complete(channel, bearer_metadata("anything")) == "abc"
 
 
 async def test_the_balancer_presents_the_token_a_node_registered_with_and_the_new_one_after_it_changes(

@@ -267,6 +267,28 @@ async def test_when_every_node_failed_the_caller_gets_the_nodes_own_error(
     assert (got_status, error.code) == (status, code)
 
 
+async def test_a_node_refusing_the_balancers_credential_is_the_nodes_fault_never_the_clients_401(
+    door: Door, start_node: StartNode
+):
+    refusing = await start_node()  # ready: tried first
+    refusing.fail_with = ErrorCode.UNAUTHORIZED  # as a node's door answers a token it does not hold
+    spare = await start_node(state="present")
+
+    assert answered_by(await complete(door, "still answered")) == spare.node_id
+    assert refusing.calls["complete"] == 1
+
+
+async def test_when_every_node_refuses_the_balancers_credential_the_client_gets_503_not_401(
+    door: Door, start_node: StartNode
+):
+    refusing = await start_node()
+    refusing.fail_with = ErrorCode.UNAUTHORIZED
+
+    status, error = await failure(complete(door))
+
+    assert (status, error.code) == (grpc.StatusCode.UNAVAILABLE, ErrorCode.NO_CAPABLE_NODES)
+
+
 async def test_request_error_from_a_node_is_returned_without_a_retry(door: Door, start_node: StartNode):
     refusing = await start_node()
     refusing.fail_with = ErrorCode.INVALID_REQUEST

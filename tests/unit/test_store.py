@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, create_engine
 
+from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
 from balancer.migrations import head_revision
 from balancer.store import Store
 from balancer.store.tables import Base
@@ -397,6 +398,41 @@ async def test_everything_survives_a_restart(db_path: Path) -> None:
         await second.close()
 
 
+async def test_a_secret_is_made_once_and_every_store_on_the_database_reads_the_same_one(
+    db_path: Path,
+) -> None:
+    first, second = await Store.open(db_url(db_path)), await Store.open(db_url(db_path))
+    try:  # two replicas on one database, both starting for the first time at once
+        made = await asyncio.gather(
+            first.secret("node-fleet", lambda: "made-by-first"),
+            second.secret("node-fleet", lambda: "made-by-second"),
+        )
+        assert made[0] == made[1] and made[0] in ("made-by-first", "made-by-second")
+        assert await second.secret("other", lambda: "another") == "another"
+    finally:
+        await first.close()
+        await second.close()
+
+    reopened = await Store.open(db_url(db_path))
+    try:
+        assert await reopened.secret("node-fleet", lambda: "made-after-a-restart") == made[0]
+    finally:
+        await reopened.close()
+
+
+async def test_the_fleet_token_survives_a_restart_and_is_not_the_stored_secret(db_path: Path) -> None:
+    store = await Store.open(db_url(db_path))
+    token = await load_fleet_token(store)
+    await store.close()
+    store = await Store.open(db_url(db_path))
+    try:
+        assert await load_fleet_token(store) == token
+        stored = await store.secret(SECRET_NAME, lambda: "unused")
+        assert token != stored and token == derive(stored) and len(token) == 64
+    finally:
+        await store.close()
+
+
 async def test_reopening_leaves_the_schema_at_head(db_path: Path) -> None:
     for _ in range(2):
         store = await Store.open(db_url(db_path))
@@ -406,8 +442,8 @@ async def test_reopening_leaves_the_schema_at_head(db_path: Path) -> None:
         versions = db.execute("SELECT version_num FROM alembic_version").fetchall()
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert versions == [(head_revision(),)]
-    assert head_revision() == "0001"
-    assert {"models", "manifest_files", "nodes", "node_commands", "api_keys"} <= tables
+    assert head_revision() == "0002"
+    assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets"} <= tables
 
 
 async def test_open_creates_parent_directories_from_any_cwd(

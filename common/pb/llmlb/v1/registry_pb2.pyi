@@ -267,7 +267,9 @@ class RegisterNodeRequest(_message.Message):
     version: _builtins.str
     """llmlb version the node runs"""
     auth_token: _builtins.str
-    """the token the balancer and peers present when calling the node"""
+    """The node's own XLLM_AUTH_TOKEN, if set: the balancer presents it on calls routed to this node,
+    instead of the fleet token. Kept in the balancer's memory only.
+    """
     memory_total_mb: _builtins.int
     """host memory"""
     @_builtins.property
@@ -314,22 +316,30 @@ class RegisterNodeResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FLEET_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """the id to use in NodeSession"""
     heartbeat_interval_ms: _builtins.int
     """how often the node should send Heartbeat"""
     heartbeat_timeout_ms: _builtins.int
     """silence after which the balancer takes the node out of rotation"""
+    fleet_token: _builtins.str
+    """The fleet's credential: every node accepts it as a bearer token on Inference and Manifest (and
+    refuses those calls without a credential). The node presents it to its peers and keeps it in
+    memory only; the balancer presents it on routed calls. Derived from a secret the balancer keeps
+    in its store, so it is the same for every node, every restart and every replica.
+    """
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         heartbeat_timeout_ms: _builtins.int = ...,
+        fleet_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_token", b"fleet_token", "heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
