@@ -27,8 +27,6 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from tests.fixtures.fake_hub import FakeHub
 
-PEER_TOKEN = {"XLLM_AUTH_TOKEN": "bench-transfer-peer-token"}  # a node's port refuses callers without one
-
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MB = 32
 LARGE_MB = 256
@@ -151,11 +149,10 @@ async def run() -> str:
                 rows.append(_row("node <- balancer proxy (gRPC ReadBlob)", size_mb, t, rss, base))
 
                 # A serving node that holds the file, found through the balancer, then a fresh node.
-                # `xllm pull` never registers, so it knows no fleet token: both share XLLM_AUTH_TOKEN.
-                holder = await _serve_node(tmp / f"origin-{size_mb}", address, {**env, **PEER_TOKEN})
+                holder = await _serve_node(tmp / f"origin-{size_mb}", address, env)
                 try:
                     await _wait_present(address, model_id)
-                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, {**closed, **PEER_TOKEN})
+                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, closed)
                     rows.append(_row("node <- peer node (gRPC ReadBlob)", size_mb, t, rss, base))
                 finally:
                     holder.terminate()

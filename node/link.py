@@ -366,12 +366,23 @@ class BalancerLink:
             nodes = await self._registry.ListNodes(rpb.ListNodesRequest(), timeout=LOOKUP_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
+        if not self.credentials.has_fleet_token:  # not registered (``xllm pull``): ask for the token
+            await self._fetch_fleet_token()
         found: list[BlobSource] = []
         for node in nodes.nodes:
             if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
                 found.append(ReadBlobSource(f"peer:{node.id}", self._peer_channel(node.address)))
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
+
+    async def _fetch_fleet_token(self) -> None:
+        """The fleet token without registering; without it, peers are tried with ``XLLM_AUTH_TOKEN``."""
+        try:
+            reply = await self._registry.GetFleetToken(rpb.GetFleetTokenRequest(), timeout=LOOKUP_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:  # an older balancer, or a key without the node scope
+            log.warning("balancer.fleet_token_unavailable", error=error_from_rpc(exc).message)
+            return
+        self.credentials.set_fleet_token(reply.token)
 
     def _peer_channel(self, address: str) -> grpc.aio.Channel:
         """One channel per peer, presenting the fleet token (see ``NodeCredentials.for_peers``).

@@ -68,8 +68,8 @@ class NodeCredentials:
     def for_peers(self) -> str:
         """What this node presents to a peer: the fleet token, which every registered node accepts.
 
-        Before registering (``xllm pull`` never registers) it is the node's own ``XLLM_AUTH_TOKEN``,
-        which peers accept when the operator gave the whole fleet the same one.
+        A node that never registers (``xllm pull``) asks the balancer for the fleet token before its
+        first peer fetch; until it has one, it presents its own ``XLLM_AUTH_TOKEN``.
         """
         return self._fleet or self._own
 

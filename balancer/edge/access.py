@@ -47,6 +47,7 @@ GRPC_ACCESS: dict[str, Access] = {
     # The fleet: nodes join with a node key; operators manage them with an admin key.
     f"{_REGISTRY}RegisterNode": NODE,
     f"{_REGISTRY}NodeSession": NODE,
+    f"{_REGISTRY}GetFleetToken": NODE,
     f"{_REGISTRY}ListNodes": READ,
     f"{_REGISTRY}DrainNode": ADMIN,
     f"{_REGISTRY}RemoveNode": ADMIN,

@@ -197,6 +197,10 @@ class RegistryServicer(rgrpc.RegistryServicer):
         )
 
     @rpc_errors
+    async def GetFleetToken(self, request: rpb.GetFleetTokenRequest, context: Ctx) -> rpb.FleetToken:
+        return rpb.FleetToken(token=self._parts.fleet_token)
+
+    @rpc_errors
     async def ListNodes(self, request: rpb.ListNodesRequest, context: Ctx) -> rpb.ListNodesResponse:
         return rpb.ListNodesResponse(
             nodes=[_node_view_to_pb(v) for v in await control.list_nodes(self._parts)]

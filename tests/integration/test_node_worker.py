@@ -525,9 +525,9 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
 ) -> None:
     data = gguf_blob(2 * MiB, seed=15)
     model_id = register(balancer, hub, "acme/peered", {"pe.gguf": data})
-    # `xllm pull` never registers, so it holds no fleet token: it presents the XLLM_AUTH_TOKEN the
-    # fleet shares, which the serving holder accepts besides the fleet's.
-    holder = node_factory(balancer, hub, start=False, XLLM_AUTH_TOKEN=DIRECT_TOKEN)
+    # Nothing configured: `xllm pull` never registers, so it asks the balancer for the fleet token,
+    # which the serving holder accepts.
+    holder = node_factory(balancer, hub, start=False)
     pull(holder.home, balancer, hub, model_id)
     start_online(holder, balancer)
     wait_for(
@@ -537,8 +537,7 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     home = tmp_path / "second"
     args = ["pull", "--balancer", balancer.address, "--models-dir", str(home / "models"), "--json", model_id]
     # The origin is reachable and would serve the file: the peer is asked first all the same.
-    env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", "XLLM_AUTH_TOKEN": DIRECT_TOKEN}
-    done = xllm(home, *args, env=env)
+    done = xllm(home, *args, env={"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json"})
     assert done.returncode == 0, done.stderr
     assert (home / "models" / model_id / "pe.gguf").read_bytes() == data
     assert [r for r in hub.requests if r.is_file_body] == []

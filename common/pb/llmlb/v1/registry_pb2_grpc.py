@@ -65,6 +65,11 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.RegisterNodeRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_registry__pb2.RegisterNodeResponse.FromString,
                 _registered_method=True)
+        self.GetFleetToken = channel.unary_unary(
+                '/llmlb.v1.Registry/GetFleetToken',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.GetFleetTokenRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.FleetToken.FromString,
+                _registered_method=True)
         self.NodeSession = channel.stream_stream(
                 '/llmlb.v1.Registry/NodeSession',
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.NodeMessage.SerializeToString,
@@ -150,6 +155,14 @@ class RegistryServicer:
 
     def RegisterNode(self, request, context):
         """A node announces itself; the balancer records it and answers with the session parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFleetToken(self, request, context):
+        """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
+        registering, such as `xllm pull`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,6 +260,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.RegisterNode,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.RegisterNodeRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_registry__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'GetFleetToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFleetToken,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.GetFleetTokenRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.FleetToken.SerializeToString,
             ),
             'NodeSession': grpc.stream_stream_rpc_method_handler(
                     servicer.NodeSession,
@@ -451,6 +469,33 @@ class Registry:
             '/llmlb.v1.Registry/RegisterNode',
             llmlb_dot_v1_dot_registry__pb2.RegisterNodeRequest.SerializeToString,
             llmlb_dot_v1_dot_registry__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFleetToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/GetFleetToken',
+            llmlb_dot_v1_dot_registry__pb2.GetFleetTokenRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.FleetToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class RegistryStub:
     """Fleet-wide download / readiness state of one model (the data behind GET /v0/models/{id}/status)."""
     RegisterNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterNodeRequest, _registry_pb2.RegisterNodeResponse]
     """A node announces itself; the balancer records it and answers with the session parameters."""
+    GetFleetToken: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetFleetTokenRequest, _registry_pb2.FleetToken]
+    """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
+    registering, such as `xllm pull`.
+    """
     NodeSession: _grpc.StreamStreamMultiCallable[_registry_pb2.NodeMessage, _registry_pb2.BalancerMessage]
     """The live link of a registered node: it sends heartbeats and model state, the balancer sends
     commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
@@ -92,6 +96,10 @@ class RegistryAsyncStub(RegistryStub):
     """Fleet-wide download / readiness state of one model (the data behind GET /v0/models/{id}/status)."""
     RegisterNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterNodeRequest, _registry_pb2.RegisterNodeResponse]  # type: ignore[assignment]
     """A node announces itself; the balancer records it and answers with the session parameters."""
+    GetFleetToken: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetFleetTokenRequest, _registry_pb2.FleetToken]  # type: ignore[assignment]
+    """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
+    registering, such as `xllm pull`.
+    """
     NodeSession: _aio.StreamStreamMultiCallable[_registry_pb2.NodeMessage, _registry_pb2.BalancerMessage]  # type: ignore[assignment]
     """The live link of a registered node: it sends heartbeats and model state, the balancer sends
     commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
@@ -169,6 +177,16 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.RegisterNodeResponse, _abc.Awaitable[_registry_pb2.RegisterNodeResponse]]:
         """A node announces itself; the balancer records it and answers with the session parameters."""
+
+    @_abc_1.abstractmethod
+    def GetFleetToken(
+        self,
+        request: _registry_pb2.GetFleetTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.FleetToken, _abc.Awaitable[_registry_pb2.FleetToken]]:
+        """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
+        registering, such as `xllm pull`.
+        """
 
     @_abc_1.abstractmethod
     def NodeSession(
