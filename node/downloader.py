@@ -24,20 +24,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
-import grpc
-import grpc.aio
 import structlog
 
-from common.config import NodeConfig, normalize_origin
+from common.config import NodeConfig
 from common.errors import ErrorCode, LlmlbError
-from common.hub import HubFiles
 from common.metrics import NodeMetrics
-from common.pb.llmlb.v1 import manifest_pb2 as mpb
-from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
-from common.rpc import error_from_rpc
 from common.types import ManifestFile, Model
+from node.blob_sources import BlobSource, source_kind
 from node.storage import Storage, hash_file, partial_path
 
 log = structlog.get_logger(__name__)
@@ -45,68 +40,6 @@ log = structlog.get_logger(__name__)
 ATTEMPTS_PER_SOURCE = 3
 # Kept free beyond the file itself, so a download never fills the disk to the last block.
 DISK_RESERVE_BYTES = 64 * 1024 * 1024
-
-
-class BlobSource(Protocol):
-    """Somewhere a file's bytes can be read from, starting at any offset."""
-
-    name: str
-
-    def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]: ...
-
-
-class OriginSource:
-    """The model's origin hub, reached directly (``huggingface_hub`` URLs and headers)."""
-
-    name = "origin"
-
-    def __init__(self, config: NodeConfig, files: HubFiles) -> None:
-        self._config = config
-        self._files = files
-
-    def endpoint(self, origin: str) -> str:
-        if not self._config.origin_allowed(origin):
-            raise LlmlbError(
-                ErrorCode.ORIGIN_NOT_ALLOWED,
-                f"origin {origin} is not allowed on this node (set XLLM_ALLOWED_ORIGINS or use "
-                "--download-via balancer)",
-            )
-        # The configured spelling keeps a mirror's path prefix when it is the default origin.
-        if normalize_origin(origin) == normalize_origin(self._config.hf_endpoint):
-            return self._config.hf_endpoint
-        return origin
-
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
-        endpoint = self.endpoint(model.origin or self._config.hf_endpoint)
-        async for chunk in self._files.stream(endpoint, model.repo_id, model.revision, file.filename, offset):
-            yield chunk
-
-
-class ReadBlobSource:
-    """``Manifest.ReadBlob`` on the balancer (its origin proxy) or on a peer node holding the file."""
-
-    def __init__(self, name: str, channel: grpc.aio.Channel) -> None:
-        self.name = name
-        self._stub = mgrpc.ManifestStub(channel)
-
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
-        call = self._stub.ReadBlob(
-            mpb.ReadBlobRequest(model_id=model.id, filename=file.filename, offset=offset)
-        )
-        position = offset
-        try:
-            async for chunk in call:
-                if chunk.offset != position:
-                    raise LlmlbError(
-                        ErrorCode.DOWNLOAD_FAILED,
-                        f"{self.name} sent bytes at {chunk.offset} where {position} was expected",
-                    )
-                position += len(chunk.data)
-                yield chunk.data
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            call.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,11 +329,6 @@ class Downloader:
                 f"{source.name} ended {file.filename} at byte {done} of {file.size_bytes}",
             )
         return digest.hexdigest()
-
-
-def source_kind(name: str) -> str:
-    """``origin``, ``balancer`` or ``peer`` for a source name like ``peer:<node-id>``: a bounded label."""
-    return name.partition(":")[0]
 
 
 def _new_digest() -> hashlib._Hash:

@@ -33,7 +33,7 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from common.types import Capability, Model, ModelState
-from node.downloader import BlobSource, ReadBlobSource
+from node.blob_sources import BlobSource, ReadBlobSource
 from node.hardware import Hardware
 from node.model_states import ModelReport, ModelStates
 from node.token_auth import NodeCredentials

@@ -31,7 +31,8 @@ from common.errors import ErrorCode, LlmlbError
 from common.formats import check_filename
 from common.model_id import normalize_model_id
 from common.types import Backend, ManifestFile, Model, ModelState
-from node.downloader import BlobSource, Downloader, Progress
+from node.blob_sources import BlobSource
+from node.downloader import Downloader, Progress
 from node.model_states import ModelStates
 from node.storage import Storage
 

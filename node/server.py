@@ -23,7 +23,8 @@ from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, 
 from common.rpc import SERVER_OPTIONS
 from common.types import Backend, ModelState
 from node import hardware
-from node.downloader import Downloader, OriginSource
+from node.blob_sources import OriginSource
+from node.downloader import Downloader
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
 from node.metrics_http import MetricsHttpServer

@@ -11,7 +11,8 @@ import pytest
 
 from common.errors import ErrorCode, LlmlbError
 from common.types import Backend, ManifestFile, Model, ModelState
-from node.downloader import BlobSource, Downloader
+from node.blob_sources import BlobSource
+from node.downloader import Downloader
 from node.model_states import ModelStates
 from node.resolver import MANIFEST_TTL_S, Resolver
 from node.storage import Storage

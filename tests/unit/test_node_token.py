@@ -27,7 +27,8 @@ from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.rpc import SERVER_OPTIONS, error_from_rpc
 from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource, ModelState
-from node.downloader import Downloader, ReadBlobSource
+from node.blob_sources import ReadBlobSource
+from node.downloader import Downloader
 from node.storage import Storage
 from node.token_auth import NodeCredentials, server_interceptors
 
