@@ -28,7 +28,7 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc, registry_pb2_grpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
 from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port
 
 pytestmark = pytest.mark.slow

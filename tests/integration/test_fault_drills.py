@@ -41,9 +41,9 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub, gguf_blob
+from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.model_files import CACHE, ModelFiles
 from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
-from tests.fixtures.models import CACHE, ModelFiles
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,

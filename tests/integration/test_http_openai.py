@@ -23,8 +23,9 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
+from devkit.fake_hub import FakeHub
+from devkit.model_files import ModelFiles
+from tests.fixtures.models import SENTENCE, assert_heard
 from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 from tests.integration.conftest import BalancerProcess, balancer_channel
 
 GGUF = b"GGUF" + b"\x01" * 1024

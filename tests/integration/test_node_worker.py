@@ -29,8 +29,8 @@ from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
+from devkit.fake_hub import FakeHub, gguf_blob
 from node.server import assemble
-from tests.fixtures.fake_hub import FakeHub, gguf_blob
 from tests.integration.conftest import BalancerProcess, NodeProcess, xllm, xllm_start
 
 MiB = 1024 * 1024

@@ -18,14 +18,15 @@ from typing import Any
 import grpc
 import pytest
 
-from common import packaged_models
 from common.errors import ErrorCode
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, assert_heard, catalogue_model, words
+from devkit import packaged_models
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles, catalogue_model
+from tests.fixtures.models import SENTENCE, assert_heard, words
 from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow

@@ -19,10 +19,11 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, error_from_rpc
 from common.types import Backend
+from devkit.model_files import ModelFiles
 from node.hardware import Hardware
 from node.pool import ModelPool, PoolSettings
 from node.servicers.inference import InferenceServicer
-from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
+from tests.fixtures.models import SENTENCE, assert_heard
 
 pytestmark = pytest.mark.slow
 CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=16384)
