@@ -7,12 +7,13 @@ key, and hand nodes (and `xllm` commands pointed at it) a node-scoped key minted
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
 from devkit.fake_hub import FakeHub
+from tests.fixtures.eventually import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,19 +46,14 @@ def wait_serving(
 ) -> None:
     """Waits until the process's gRPC health check says SERVING; fails with its log if it dies."""
     health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def serving() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
-        try:
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not serving after {timeout}s:\n{log()}")
-        time.sleep(0.1)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    eventually(serving, within=timeout, what=f"{what} serving", ignoring=(grpc.RpcError,), describe=log)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> int:
@@ -387,15 +384,6 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
         node.stop()
 
 
-def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Polls ``predicate`` until it holds; fails naming ``what`` after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.05)
-
-
 def online(balancer: BalancerProcess) -> set[str]:
     """Ids of the nodes the balancer lists online."""
     nodes = balancer.registry.ListNodes(rpb.ListNodesRequest(), timeout=10).nodes
@@ -404,6 +392,14 @@ def online(balancer: BalancerProcess) -> set[str]:
 
 def wait_online(balancer: BalancerProcess, *nodes: NodeProcess, within: float = 30.0) -> None:
     """Waits until the balancer lists every one of ``nodes`` online (each saves its id on registering)."""
-    wait_for(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
+    eventually(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
     want = {n.node_id for n in nodes}
-    wait_for(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")
+    eventually(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")
+
+
+def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str, str]]:
+    """The commands the balancer still holds for a node, read from its database (read-only)."""
+    uri = f"file:{balancer.home / 'llmlb.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+        rows = db.execute("SELECT kind, model_id FROM node_commands WHERE node_id = ?", (node_id,))
+        return [(str(kind), str(model)) for kind, model in rows]

@@ -7,7 +7,6 @@ import os
 import pty
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
 from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -132,25 +132,27 @@ def test_nodes_are_listed_drained_and_removed(
             n["id"]: n for n in as_json(llmlb("nodes", "list", "--json", *at, home=home)).get("nodes", [])
         }
 
-    def wait_for(predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = time.monotonic() + 15
-        while not predicate(nodes := listed()):
-            assert time.monotonic() < deadline, json.dumps(nodes)[:3000]
-            time.sleep(0.2)
-        return nodes
+    def in_state(state: str) -> dict[str, Any]:
+        def listed_so() -> dict[str, Any] | None:
+            nodes = listed()
+            return nodes if nodes.get(node.node_id, {}).get("state") == state else None
 
-    nodes = wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_ONLINE")
+        return eventually(
+            listed_so, 15, f"{state} in nodes list", every=0.2, describe=lambda: json.dumps(listed())[:3000]
+        )
+
+    nodes = in_state("NODE_STATE_ONLINE")
     assert nodes[node.node_id]["address"] == node.address
     table = llmlb("nodes", "list", *at, home=home).stdout
     assert node.node_id in table and "online" in table
 
     drained = llmlb("nodes", "drain", node.node_id, *at, home=home)
     assert drained.returncode == 0 and "draining" in drained.stdout, drained.stderr
-    wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_DRAINING")
+    in_state("NODE_STATE_DRAINING")
 
     # A node that is gone for good (stopped, offline) is forgotten by `nodes rm`.
     node.stop()
-    wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_OFFLINE")
+    in_state("NODE_STATE_OFFLINE")
     removed = llmlb("nodes", "rm", node.node_id, "--json", *at, home=home)
     assert as_json(removed) == {"node_id": node.node_id}
     assert node.node_id not in listed()

@@ -21,12 +21,12 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
     sync_channel,
-    wait_for,
     wait_online,
     xllm,
 )
@@ -105,7 +105,7 @@ def test_a_peer_serves_a_node_with_the_fleets_token_and_a_wrong_token_falls_thro
     assert pulled.returncode == 0, pulled.stderr
     holder.start()
     wait_online(balancer, holder, within=15)
-    wait_for(present, 10, "the model present on the holder")
+    eventually(present, 10, "the model present on the holder")
 
     hub.clear_log()
     same = pull(tmp_path / "same", TOKEN, "http://127.0.0.1:9")  # no route to the origin: the peer or nothing
