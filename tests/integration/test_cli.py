@@ -16,7 +16,7 @@ import pytest
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port
+from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -166,6 +166,7 @@ def test_pull_wait_ends_with_exit_0_once_the_node_has_the_model_from_the_shared_
     at = ("--balancer", balancer.address)
     home = balancer.home
     node = node_factory(balancer, hub, "--shared-dir", str(CACHE))
+    wait_online(balancer, node)  # a pull reaches only nodes the balancer lists online
 
     pulled = llmlb(
         "models", "pull", "gemma-3-270m", "--node", node.node_id, "--wait", "--timeout", "120", *at,
@@ -217,6 +218,7 @@ def test_pull_wait_ends_with_exit_1_when_the_node_cannot_fetch_the_model(
     assert added.returncode == 0, added.stderr
     hub.corrupt("acme/tampered", "t.gguf", b"GGUF" + b"\x01" * 4096)
     node = node_factory(balancer, hub)
+    wait_online(balancer, node)
 
     pulled = llmlb("models", "pull", "acme/tampered", "--wait", "--timeout", "60", *at, home=home, timeout=90)
     one_line_error(pulled, "download_failed", "acme/tampered", node.node_id)
