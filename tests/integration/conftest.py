@@ -316,7 +316,10 @@ class NodeProcess:
 
     @property
     def node_id(self) -> str:
-        return (self.home / "node-id").read_text().strip()
+        """The id the node saved on registering, which comes after its health check already answers."""
+        saved = self.home / "node-id"
+        eventually(saved.exists, 30, f"the node's id saved in {saved}", describe=self.log)
+        return saved.read_text().strip()
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         code = stop_process(self.proc, sig)
