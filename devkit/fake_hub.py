@@ -20,6 +20,9 @@ LFS pointers are computed the way git and git-lfs compute them.
 
 Tests and benchmarks see what the server did through `FakeHub.requests` and `FakeHub.bytes_served`, and
 break downloads on purpose with `set_throttle`, `fail_after` and `corrupt`.
+
+One module although long: it is one protocol, and the repository model, the request handler and the
+fault knobs share private types; split, the parts would only import each other's internals.
 """
 
 from __future__ import annotations
