@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 help:
 	@echo "make install   create $(VENV) and install every dependency (Python and Debian)"
-	@echo "make run       demo: a balancer and a node serving gemma-3-270m and whisper-base (Ctrl-C stops)"
+	@echo "make run       demo: a balancer and a node serving gemma-3-270m, whisper-base and a Piper voice (Ctrl-C stops)"
 	@echo "make test      install, check generated stubs, run every test"
 	@echo "make lint      ruff + mypy"
 	@echo "make protos    regenerate common/pb from protos/"
@@ -67,7 +67,7 @@ format: install
 	$(BIN)/ruff format .
 
 run: install
-	$(BIN)/llmlb demo
+	$(PY) -m devkit.demo
 
 bench: install
 	$(PY) -m bench

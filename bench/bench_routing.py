@@ -2,7 +2,7 @@
 gRPC door and through its HTTP shim, side by side in one run.
 
 Three processes on 127.0.0.1: the balancer runs in this process (auth on, as by default: every routed
-call presents the admin key), an echo node (``tests.fixtures.echo_node``: a real gRPC node that answers
+call presents the admin key), an echo node (``devkit.echo_node``: a real gRPC node that answers
 at once) in a second, and the load generator in a third, so the balancer's process does only the
 balancer's work. A bare gRPC relay (one more server and client hop, no routing) in the balancer's
 process shows how much of the door's cost is gRPC itself. Latency is sequential calls, interleaved by
@@ -67,7 +67,7 @@ def _node_main(conn: Connection, balancer: str, key: str) -> None:
 
 async def _serve_node(conn: Connection, balancer: str, key: str) -> None:
     from common.logs import configure_logging
-    from tests.fixtures.echo_node import EchoNode
+    from devkit.echo_node import EchoNode
 
     configure_logging("console", "warning")
     node = EchoNode(balancer, api_key=key, models=(MODEL,))

@@ -37,10 +37,11 @@ from bench.quiet import QuietRounds, Round
 from common.inference import CompleteRequest, SamplingParams
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
+from devkit.model_files import ModelFiles, packaged_files
+from devkit.packaged_models import GEMMA
 from node.hardware import detect
 from node.pool import ModelPool, PoolSettings
 from node.servicers.inference import InferenceServicer
-from tests.fixtures.models import ModelFiles, gemma_files
 
 TOKENS = 128
 ROUNDS = 15
@@ -92,7 +93,7 @@ async def _threads_compared(llm: Any, quiet: QuietRounds) -> tuple[list[float], 
 
 
 async def run() -> str:
-    files = gemma_files()
+    files = packaged_files(GEMMA)
     threads = engine_threads()
     settings = PoolSettings(engine_threads=threads, context_tokens=CONTEXT_TOKENS)
     llm = await open_llama(next(iter(files.paths.values())))

@@ -38,7 +38,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from balancer.server import Balancer, start
 from bench.generation import PROMPT, direct_round, direct_tokens, engine_threads, grpc_round, open_llama
 from bench.quiet import QuietRounds, Round
-from common import packaged_models
 from common.channels import open_channel
 from common.config import load_balancer_config, load_node_config
 from common.logs import configure_logging
@@ -48,9 +47,10 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
+from devkit import packaged_models
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, catalogue_model
 from node.server import assemble
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, catalogue_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # The node's XLLM_AUTH_TOKEN: the "node" path calls it directly, and its port refuses callers without one.

@@ -25,7 +25,7 @@ from common.config import load_balancer_config
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MB = 32

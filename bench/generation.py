@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.packaged_models import GEMMA
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
+from devkit.packaged_models import GEMMA
 from node.threads import FreshThreadExecutor
 
 PROMPT = "Here is a long story about a lighthouse keeper and the sea. Once upon a time,"

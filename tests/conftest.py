@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 
 pytest_plugins = ("tests.fixtures.fake_hub", "tests.fixtures.models")
 

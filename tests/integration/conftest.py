@@ -7,12 +7,13 @@ key, and hand nodes (and `xllm` commands pointed at it) a node-scoped key minted
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc, registry_pb2_grpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
+from tests.fixtures.eventually import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 # The XLLM_AUTH_TOKEN of nodes a test calls directly, not through the balancer.
@@ -46,19 +48,14 @@ def wait_serving(
 ) -> None:
     """Waits until the process's gRPC health check says SERVING; fails with its log if it dies."""
     health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def serving() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
-        try:
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not serving after {timeout}s:\n{log()}")
-        time.sleep(0.1)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    eventually(serving, within=timeout, what=f"{what} serving", ignoring=(grpc.RpcError,), describe=log)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int) -> int:
@@ -321,7 +318,10 @@ class NodeProcess:
 
     @property
     def node_id(self) -> str:
-        return (self.home / "node-id").read_text().strip()
+        """The id the node saved on registering, which comes after its health check already answers."""
+        saved = self.home / "node-id"
+        eventually(saved.exists, 30, f"the node's id saved in {saved}", describe=self.log)
+        return saved.read_text().strip()
 
     def direct_channel(self) -> grpc.Channel:
         """A blocking channel to this node's own port, presenting its ``XLLM_AUTH_TOKEN``.
@@ -399,15 +399,6 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
         node.stop()
 
 
-def wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Polls ``predicate`` until it holds; fails naming ``what`` after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.05)
-
-
 def online(balancer: BalancerProcess) -> set[str]:
     """Ids of the nodes the balancer lists online."""
     nodes = balancer.registry.ListNodes(rpb.ListNodesRequest(), timeout=10).nodes
@@ -416,6 +407,14 @@ def online(balancer: BalancerProcess) -> set[str]:
 
 def wait_online(balancer: BalancerProcess, *nodes: NodeProcess, within: float = 30.0) -> None:
     """Waits until the balancer lists every one of ``nodes`` online (each saves its id on registering)."""
-    wait_for(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
+    eventually(lambda: all((n.home / "node-id").exists() for n in nodes), within, "saved node ids")
     want = {n.node_id for n in nodes}
-    wait_for(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")
+    eventually(lambda: want <= online(balancer), within, f"nodes {sorted(want)} online")
+
+
+def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str, str]]:
+    """The commands the balancer still holds for a node, read from its database (read-only)."""
+    uri = f"file:{balancer.home / 'llmlb.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+        rows = db.execute("SELECT kind, model_id FROM node_commands WHERE node_id = ?", (node_id,))
+        return [(str(kind), str(model)) for kind, model in rows]

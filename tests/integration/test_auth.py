@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import cast
 
@@ -15,9 +14,10 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_for
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import consistently, eventually
+from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -52,8 +52,8 @@ def online_node(
     node_factory: NodeFactory, balancer: BalancerProcess, hub: FakeHub, *args: str
 ) -> NodeProcess:
     node = node_factory(balancer, hub, *args)
-    wait_for(lambda: (node.home / "node-id").exists(), 15, "a registered node")
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 15, "the node online")
+    eventually(lambda: (node.home / "node-id").exists(), 15, "a registered node")
+    eventually(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 15, "the node online")
     return node
 
 
@@ -122,7 +122,7 @@ def test_a_node_needs_a_node_key_to_register(
 ) -> None:
     api_only = create_key(balancer, "wrong-kind", pb.SCOPE_API).secret
     refused = node_factory(balancer, hub, XLLM_API_KEY=api_only)
-    wait_for(lambda: "this call needs node" in refused.log(), 15, "the node logging why it was refused")
+    eventually(lambda: "this call needs node" in refused.log(), 15, "the node logging why it was refused")
     assert "PERMISSION_DENIED" in refused.log()
     assert not (refused.home / "node-id").exists()
     assert balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes == []
@@ -141,13 +141,12 @@ def test_drain_takes_a_node_out_of_rotation_and_it_stays_out_across_a_balancer_r
     reply = balancer.registry.DrainNode(rpb.DrainNodeRequest(node_id=node.node_id))
     assert (reply.id, reply.state) == (node.node_id, pb.NODE_STATE_DRAINING)
     assert node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING
-    wait_for(lambda: '"node.draining"' in node.log(), 5, "the node told to drain")
+    eventually(lambda: '"node.draining"' in node.log(), 5, "the node told to drain")
 
     balancer.restart()
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING, 15, "draining again")
-    for _ in range(10):  # heartbeats keep it out
-        assert node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING
-        time.sleep(0.2)
+    eventually(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING, 15, "draining again")
+    # Heartbeats keep it out of rotation.
+    consistently(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING, 2.0, "still draining")
     status, error = refusal(lambda: balancer.registry.DrainNode(rpb.DrainNodeRequest(node_id="nope")))
     assert (status, error.code) == (grpc.StatusCode.NOT_FOUND, ErrorCode.NODE_NOT_FOUND)
 
@@ -157,13 +156,13 @@ def test_a_node_drained_while_offline_is_told_when_it_reconnects_even_after_a_re
 ) -> None:
     node = online_node(node_factory, balancer, hub)
     node.stop()  # a node drains itself on SIGTERM, so count what its log already says
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_OFFLINE, 5, "the node offline")
+    eventually(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_OFFLINE, 5, "the node offline")
     drains = node.log().count('"node.draining"')
     balancer.registry.DrainNode(rpb.DrainNodeRequest(node_id=node.node_id))
     balancer.restart()  # the command lives in the store, not in the process
     node.start()
-    wait_for(lambda: node.log().count('"node.draining"') == drains + 1, 15, "the node told to drain")
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING, 5, "draining")
+    eventually(lambda: node.log().count('"node.draining"') == drains + 1, 15, "the node told to drain")
+    eventually(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_DRAINING, 5, "draining")
 
 
 def test_remove_node_forgets_an_offline_node(
@@ -183,12 +182,13 @@ def test_remove_node_drains_a_connected_node_and_closes_its_session(
 ) -> None:
     node = online_node(node_factory, balancer, hub)
     balancer.registry.RemoveNode(rpb.RemoveNodeRequest(node_id=node.node_id), timeout=10)
-    wait_for(lambda: '"node.draining"' in node.log(), 5, "the drain delivered before the session closed")
-    wait_for(lambda: "was removed from the balancer" in node.log(), 5, "the node told why its session ended")
-    wait_for(lambda: '"balancer.removed"' in node.log(), 5, "the node stops its link")
-    for _ in range(10):  # it does not register again until it is restarted
-        assert node_state(balancer, node.node_id) is None
-        time.sleep(0.2)
+    eventually(lambda: '"node.draining"' in node.log(), 5, "the drain delivered before the session closed")
+    eventually(
+        lambda: "was removed from the balancer" in node.log(), 5, "the node told why its session ended"
+    )
+    eventually(lambda: '"balancer.removed"' in node.log(), 5, "the node stops its link")
+    # It does not register again until it is restarted.
+    consistently(lambda: node_state(balancer, node.node_id) is None, 2.0, "the node still forgotten")
 
 
 def test_pull_model_makes_a_node_fetch_and_load_it(
@@ -209,7 +209,7 @@ def test_pull_model_makes_a_node_fetch_and_load_it(
 
     reply = registry.PullModel(rpb.PullModelRequest(model_id="Gemma-3-270M"))
     assert (reply.model_id, list(reply.node_ids)) == ("gemma-3-270m", [node.node_id])
-    wait_for(
+    eventually(
         lambda: (
             registry.GetModelStatus(rpb.GetModelStatusRequest(model_id="gemma-3-270m")).status
             == pb.MODEL_STATE_READY

@@ -7,16 +7,16 @@ import os
 import pty
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
+from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -132,25 +132,27 @@ def test_nodes_are_listed_drained_and_removed(
             n["id"]: n for n in as_json(llmlb("nodes", "list", "--json", *at, home=home)).get("nodes", [])
         }
 
-    def wait_for(predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        deadline = time.monotonic() + 15
-        while not predicate(nodes := listed()):
-            assert time.monotonic() < deadline, json.dumps(nodes)[:3000]
-            time.sleep(0.2)
-        return nodes
+    def in_state(state: str) -> dict[str, Any]:
+        def listed_so() -> dict[str, Any] | None:
+            nodes = listed()
+            return nodes if nodes.get(node.node_id, {}).get("state") == state else None
 
-    nodes = wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_ONLINE")
+        return eventually(
+            listed_so, 15, f"{state} in nodes list", every=0.2, describe=lambda: json.dumps(listed())[:3000]
+        )
+
+    nodes = in_state("NODE_STATE_ONLINE")
     assert nodes[node.node_id]["address"] == node.address
     table = llmlb("nodes", "list", *at, home=home).stdout
     assert node.node_id in table and "online" in table
 
     drained = llmlb("nodes", "drain", node.node_id, *at, home=home)
     assert drained.returncode == 0 and "draining" in drained.stdout, drained.stderr
-    wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_DRAINING")
+    in_state("NODE_STATE_DRAINING")
 
     # A node that is gone for good (stopped, offline) is forgotten by `nodes rm`.
     node.stop()
-    wait_for(lambda n: n.get(node.node_id, {}).get("state") == "NODE_STATE_OFFLINE")
+    in_state("NODE_STATE_OFFLINE")
     removed = llmlb("nodes", "rm", node.node_id, "--json", *at, home=home)
     assert as_json(removed) == {"node_id": node.node_id}
     assert node.node_id not in listed()
@@ -164,6 +166,7 @@ def test_pull_wait_ends_with_exit_0_once_the_node_has_the_model_from_the_shared_
     at = ("--balancer", balancer.address)
     home = balancer.home
     node = node_factory(balancer, hub, "--shared-dir", str(CACHE))
+    wait_online(balancer, node)  # a pull reaches only nodes the balancer lists online
 
     pulled = llmlb(
         "models", "pull", "gemma-3-270m", "--node", node.node_id, "--wait", "--timeout", "120", *at,
@@ -215,6 +218,7 @@ def test_pull_wait_ends_with_exit_1_when_the_node_cannot_fetch_the_model(
     assert added.returncode == 0, added.stderr
     hub.corrupt("acme/tampered", "t.gguf", b"GGUF" + b"\x01" * 4096)
     node = node_factory(balancer, hub)
+    wait_online(balancer, node)
 
     pulled = llmlb("models", "pull", "acme/tampered", "--wait", "--timeout", "60", *at, home=home, timeout=90)
     one_line_error(pulled, "download_failed", "acme/tampered", node.node_id)

@@ -1,4 +1,5 @@
-"""`llmlb demo` (what `make run` starts) as a real process: ready banner, a working OpenAI client, Ctrl-C."""
+"""The demo (`python -m devkit.demo`, what `make run` starts) as a real process: ready banner, every
+packaged model answering the official OpenAI client, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.fixtures.models import ModelFiles
+from devkit.model_files import ModelFiles
+from tests.fixtures.models import SENTENCE, assert_heard
 from tests.integration.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -36,14 +38,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_the_demo_serves_chat_and_transcription_to_an_openai_client_and_stops_on_ctrl_c(
-    tmp_path: Path, gemma: ModelFiles, whisper: ModelFiles
+def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_ctrl_c(
+    tmp_path: Path, gemma: ModelFiles, whisper: ModelFiles, piper: ModelFiles
 ) -> None:
     home = tmp_path / "home"
     grpc_port, http_port, node_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "balancer.cli", "demo", "--home", str(home),
+            sys.executable, "-m", "devkit.demo", "--home", str(home),
             "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
             "--node-listen", f"127.0.0.1:{node_port}", "--timeout", str(READY_WITHIN_S),
         ],
@@ -73,15 +75,36 @@ def test_the_demo_serves_chat_and_transcription_to_an_openai_client_and_stops_on
         assert (home / "demo" / "logs" / "balancer.log").exists() and "balancer.log" in banner
 
         client = OpenAI(base_url=base_url.group(1), api_key=api_key.group(1), timeout=120, max_retries=0)
+        chat = client.chat.completions.create(
+            model="gemma-3-270m",
+            messages=[{"role": "user", "content": "Name three colours."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert chat.choices[0].message.content and chat.choices[0].message.content.strip()
         completion = client.completions.create(
             model="gemma-3-270m", prompt="One, two, three, four,", max_tokens=6, temperature=0
         )
         assert completion.choices[0].text.strip()
+        embeddings = client.embeddings.create(model="gemma-3-270m", input=["a red fox", "a lazy dog"])
+        vectors = [e.embedding for e in embeddings.data]
+        assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0 and vectors[0] != vectors[1]
+
+        # Speech and transcription round trip: the demo's voice speaks, whisper hears the same words.
+        speech = client.audio.speech.create(
+            model="piper-en-us-joe-medium", voice="joe", input=SENTENCE, response_format="wav"
+        )
+        assert speech.content[:4] == b"RIFF", speech.content[:64]
+        heard = client.audio.transcriptions.create(
+            model="whisper-base", file=("speech.wav", speech.content, "audio/wav")
+        ).text
+        assert_heard(heard, SENTENCE)
+        # The banner's sample clip (spoken through the demo when it started) transcribes too.
         sample = re.search(r"file=@(\S+\.wav)", banner)
         assert sample, banner
+        assert f"{base_url.group(1)}/audio/speech" in banner and "piper-en-us-joe-medium" in banner
         with open(sample.group(1), "rb") as audio:
-            heard = client.audio.transcriptions.create(model="whisper-base", file=audio).text
-        assert "fox" in heard.lower()
+            assert_heard(client.audio.transcriptions.create(model="whisper-base", file=audio).text, SENTENCE)
         # The shared dir is used in place: the node's own models dir holds no copy.
         assert not list((home / "demo" / "node").rglob("*.gguf"))
 

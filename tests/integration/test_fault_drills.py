@@ -41,15 +41,15 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub, gguf_blob
+from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually, eventually_async
 from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
-from tests.fixtures.models import CACHE, ModelFiles
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
     sync_channel,
-    wait_for,
     wait_online,
     xllm,
 )
@@ -205,15 +205,15 @@ def test_a_node_killed_mid_answer_ends_a_stream_with_an_error_and_a_whole_answer
         # the caller sees one complete, correct answer.
         with ThreadPoolExecutor(1) as pool, http_client(balancer) as other:
             pending: Future[httpx.Response] = pool.submit(other.post, "/v1/completions", json=story)
-            busy = ""
-            deadline = time.monotonic() + 30
-            while not busy:  # the chosen node reports the request in its next heartbeat
+
+            def busy_node() -> str:  # the chosen node reports the request in its next heartbeat
                 assert not pending.done(), "the answer was complete before a node could be killed"
-                assert time.monotonic() < deadline, "no node reported the request"
-                for node in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes:
-                    if node.state == pb.NODE_STATE_ONLINE and node.load.active_requests:
-                        busy = node.id
-                time.sleep(0.05)
+                listed = balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes
+                return next(
+                    (n.id for n in listed if n.state == pb.NODE_STATE_ONLINE and n.load.active_requests), ""
+                )
+
+            busy = eventually(busy_node, 30, "a node reporting the request")
             kill(nodes[busy])
             retried = pending.result(timeout=120)
         survivor = next(n for n in nodes if n != busy)
@@ -253,8 +253,8 @@ def test_a_node_killed_mid_download_resumes_when_restarted_and_the_balancer_sees
     # The first request starts the download on the node, which dies with a third of it on disk.
     with ThreadPoolExecutor(1) as pool, http_client(balancer) as client:
         first = pool.submit(completion, client, GEMMA, COUNTING, 4)
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 24 * MiB, 60, "a partial file")
-        wait_for(lambda: node_status(balancer, GEMMA, node_id)["state"] == "downloading", 5, "downloading")
+        eventually(lambda: partial.exists() and partial.stat().st_size > 24 * MiB, 60, "a partial file")
+        eventually(lambda: node_status(balancer, GEMMA, node_id)["state"] == "downloading", 5, "downloading")
         kill(node)
         refused = first.result(timeout=60)
     assert refused.status_code == 503  # a clear error, not a hang
@@ -270,14 +270,14 @@ def test_a_node_killed_mid_download_resumes_when_restarted_and_the_balancer_sees
         here = node_status(balancer, GEMMA, node_id)
         return bool(here["state"] == "downloading" and here["downloaded_bytes"] > kept)
 
-    wait_for(resumed, 15, "the balancer sees the download resume past what was kept")
-    wait_for(lambda: node_status(balancer, GEMMA, node_id)["state"] == "present", 60, "present")
+    eventually(resumed, 15, "the balancer sees the download resume past what was kept")
+    eventually(lambda: node_status(balancer, GEMMA, node_id)["state"] == "present", 60, "present")
     hub.clear_faults()
     with http_client(balancer) as client:
         reply = completion(client, GEMMA, COUNTING, 4)
     assert "five" in answer_text(reply).lower() and reply.headers["x-llmlb-node"] == node_id
     # The node reports ready in its next state push (coalesced to one per 200 ms).
-    wait_for(lambda: node_status(balancer, GEMMA, node_id)["state"] == "ready", 5, "ready")
+    eventually(lambda: node_status(balancer, GEMMA, node_id)["state"] == "ready", 5, "ready")
     assert sha256_of(final) == sha256 and not partial.exists()
     assert hub.bytes_served(GEMMA_REPO, GEMMA_FILE) == size - kept  # resumed, not fetched again
 
@@ -342,20 +342,23 @@ async def test_a_balancer_killed_under_load_loses_no_answer_and_keeps_models_key
         ]
 
         async def answered_since(since: float, count: int, within: float, what: str) -> None:
-            deadline = time.monotonic() + within
-            while True:
-                doors = [o.door for o in outcomes if o.answered and o.started >= since]
-                if min(doors.count(HTTP), doors.count(GRPC)) >= count:
-                    return
-                assert time.monotonic() < deadline, f"not within {within}s: {what}: {summary(outcomes)}"
+            async def answered() -> bool:
                 assert not any(t.done() for t in senders), [t.exception() for t in senders if t.done()]
-                await asyncio.sleep(0.1)
+                doors = [o.door for o in outcomes if o.answered and o.started >= since]
+                return min(doors.count(HTTP), doors.count(GRPC)) >= count
+
+            await eventually_async(answered, within, what, every=0.1, describe=lambda: summary(outcomes))
 
         try:
             await answered_since(0.0, 5, 120, "answers through both doors before the kill")
             killed = time.monotonic()
             await asyncio.to_thread(balancer.stop, signal.SIGKILL)
-            await asyncio.sleep(1.0)  # the clients keep knocking on a closed port
+
+            async def refused_while_down() -> bool:  # the clients keep knocking on a closed port
+                refused = [o.door for o in outcomes if not o.answered and o.started > killed + 0.2]
+                return min(refused.count(HTTP), refused.count(GRPC)) >= 2
+
+            await eventually_async(refused_while_down, 10, "calls refused at both doors while it is down")
             back = time.monotonic()
             await asyncio.to_thread(balancer.start)
             await asyncio.to_thread(wait_online, balancer, *servers)
@@ -385,7 +388,7 @@ async def test_a_balancer_killed_under_load_loses_no_answer_and_keeps_models_key
     listed = {m.id for m in balancer.registry.ListModels(rpb.ListModelsRequest()).models}
     assert kept in listed and GEMMA in listed and doomed not in listed
     await asyncio.to_thread(offline.start)
-    await asyncio.to_thread(wait_for, lambda: not doomed_copy.exists(), 15, "the pending delete done")
+    await asyncio.to_thread(eventually, lambda: not doomed_copy.exists(), 15, "the pending delete done")
 
 
 # -- 4. the shared dir vanishes mid-run ------------------------------------------------------------
@@ -458,7 +461,7 @@ def test_a_model_too_big_for_the_disk_fails_clearly_leaves_nothing_and_the_node_
             again = completion(client, "acme/huge", COUNTING, 4)
             return again.status_code >= 500 and "insufficient storage" in again.json()["error"]["message"]
 
-        wait_for(told_why, 5, "later callers told why")
+        eventually(told_why, 5, "later callers told why")
 
         served = completion(client, GEMMA, COUNTING, 4)  # the node keeps serving what it has
         assert "five" in answer_text(served).lower() and served.headers["x-llmlb-node"] == node.node_id
@@ -470,7 +473,7 @@ def test_a_model_too_big_for_the_disk_fails_clearly_leaves_nothing_and_the_node_
         here = node_status(balancer, "acme/huge", node.node_id)
         return bool(here["state"] == "failed" and "insufficient storage" in here["error"])
 
-    wait_for(failed_with_reason, 5, "the balancer shows why the model failed")
+    eventually(failed_with_reason, 5, "the balancer shows why the model failed")
 
 
 # -- 6. a cached file corrupted between requests -----------------------------------------------------

@@ -23,8 +23,10 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
+from devkit.fake_hub import FakeHub
+from devkit.model_files import ModelFiles
+from tests.fixtures.eventually import eventually
+from tests.fixtures.models import SENTENCE, assert_heard
 from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 
 pytestmark = pytest.mark.slow
@@ -65,14 +67,14 @@ def admin(balancer: BalancerProcess) -> dict[str, str]:
 
 def wait_ready(balancer: BalancerProcess, model_id: str, timeout: float = 10.0) -> dict[str, object]:
     """The model's /v1/models entry once a node reports it ready (heartbeats carry the state)."""
-    deadline = time.monotonic() + timeout
     headers = admin(balancer)
-    while True:
-        entry = httpx.get(f"{balancer.http_url}/v1/models/{model_id}", headers=headers, timeout=5).json()
-        if entry.get("ready"):
-            return dict(entry)
-        assert time.monotonic() < deadline, entry
-        time.sleep(0.1)
+    last: dict[str, object] = {}
+
+    def ready_entry() -> dict[str, object] | None:
+        last.update(httpx.get(f"{balancer.http_url}/v1/models/{model_id}", headers=headers, timeout=5).json())
+        return dict(last) if last.get("ready") else None
+
+    return eventually(ready_entry, timeout, f"{model_id} ready", every=0.1, describe=lambda: str(last))
 
 
 def metric(balancer: BalancerProcess, line_start: str) -> float:
@@ -305,21 +307,19 @@ def test_a_full_queue_is_429_and_a_client_leaving_mid_stream_stops_the_node(
         # The stream is closed after one event: the node must stop, not write 3000 tokens to nobody.
         left_at = time.monotonic()
 
-    deadline = left_at + 10
     cancelled = 'llmlb_requests_total{code="cancelled",door="http",model="gemma-3-270m",route="complete"}'
-    while metric(balancer, cancelled) < 1:
-        assert time.monotonic() < deadline, "the shim never saw the client leave"
-        time.sleep(0.1)
+    eventually(lambda: metric(balancer, cancelled) >= 1, 10, "the shim seeing the client leave", every=0.1)
     # The node's slot is free again well before 3000 tokens could have been generated (~45 tokens/s).
     with httpx.Client(base_url=balancer.http_url, headers=headers, timeout=120) as http:
-        while True:
+
+        def answered() -> bool:
             again = http.post(
                 "/v1/completions", json={"model": GEMMA, "prompt": "One, two,", "max_tokens": 2}
             )
-            if again.status_code == 200:
-                break
-            assert again.status_code == 429 and time.monotonic() < deadline, again.text
-            time.sleep(0.2)
+            assert again.status_code in (200, 429), again.text
+            return again.status_code == 200
+
+        eventually(answered, left_at + 10 - time.monotonic(), "the node's slot free again", every=0.2)
     assert time.monotonic() - left_at < 10
 
 

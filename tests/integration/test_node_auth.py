@@ -27,14 +27,14 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
     sync_channel,
-    wait_for,
     wait_online,
     xllm,
 )
@@ -107,11 +107,13 @@ def test_with_nothing_set_a_direct_caller_is_refused_while_routed_calls_and_peer
         status = balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id=model_id))
         return any(n.node_id == holder.node_id and n.state == pb.MODEL_STATE_PRESENT for n in status.nodes)
 
-    wait_for(held, 10, "the model present on the holder")
+    eventually(held, 10, "the model present on the holder")
     hub.clear_log()
     balancer.registry.PullModel(rpb.PullModelRequest(model_id=model_id, node_ids=[fetcher.node_id]))
     fetched = fetcher.models_dir / model_id / "p.gguf"
-    wait_for(lambda: fetched.exists() and fetched.read_bytes() == data, 30, "the file fetched from the peer")
+    eventually(
+        lambda: fetched.exists() and fetched.read_bytes() == data, 30, "the file fetched from the peer"
+    )
     assert hub.bytes_served() == 0
     assert '"node.auth_refused"' not in holder.log()
 
@@ -185,7 +187,7 @@ def test_a_peer_serves_a_node_with_the_fleets_token_and_a_wrong_token_falls_thro
     assert pulled.returncode == 0, pulled.stderr
     holder.start()
     wait_online(balancer, holder, within=15)
-    wait_for(present, 10, "the model present on the holder")
+    eventually(present, 10, "the model present on the holder")
 
     hub.clear_log()
     same = pull(tmp_path / "same", TOKEN, "http://127.0.0.1:9")  # no route to the origin: the peer or nothing

@@ -21,8 +21,9 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
 from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -33,15 +34,16 @@ HEARTBEAT_MS = 30_000
 
 def log_event(node: NodeProcess, event: str, within: float) -> dict[str, Any]:
     """The first JSON log line of ``event`` the node writes within ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
+
+    def logged() -> dict[str, Any] | None:
         for line in node.log().splitlines():
             if f'"{event}"' in line:
                 record: dict[str, Any] = json.loads(line)
                 if record.get("event") == event:
                     return record
-        assert time.monotonic() < deadline, f"no {event} in the node log:\n{node.log()}"
-        time.sleep(0.05)
+        return None
+
+    return eventually(logged, within, f"{event} in the node log", describe=node.log)
 
 
 def node_state(balancer: BalancerProcess, node_id: str) -> pb.NodeState.ValueType:
@@ -52,12 +54,12 @@ def node_state(balancer: BalancerProcess, node_id: str) -> pb.NodeState.ValueTyp
 
 
 def wait_state(balancer: BalancerProcess, node_id: str, state: pb.NodeState.ValueType, within: float) -> None:
-    deadline = time.monotonic() + within
-    while (seen := node_state(balancer, node_id)) != state:
-        assert time.monotonic() < deadline, (
-            f"node state {pb.NodeState.Name(seen)}, not {pb.NodeState.Name(state)}"
-        )
-        time.sleep(0.05)
+    eventually(
+        lambda: node_state(balancer, node_id) == state,
+        within,
+        f"node {node_id} {pb.NodeState.Name(state)}",
+        describe=lambda: f"it is {pb.NodeState.Name(node_state(balancer, node_id))}",
+    )
 
 
 def chat(content: str, max_tokens: int) -> ipb.ChatRequest:

@@ -7,7 +7,6 @@ them from its packaged catalogue, so the node verifies each file against the cat
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import grpc
@@ -17,8 +16,9 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually
 from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = pytest.mark.slow
@@ -55,13 +55,15 @@ def test_a_node_serves_chat_from_a_shared_dir_and_the_balancer_sees_it_ready(
 
     # Used in place: nothing of the model was copied into the node's models dir.
     assert not [p for p in node.models_dir.rglob("*.gguf")]
-    deadline = time.monotonic() + 10
-    while True:
-        status = balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id="gemma-3-270m"))
-        if status.status == pb.MODEL_STATE_READY:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(0.1)
+    eventually(
+        lambda: (
+            balancer.registry.GetModelStatus(rpb.GetModelStatusRequest(model_id="gemma-3-270m")).status
+            == pb.MODEL_STATE_READY
+        ),
+        10,
+        "gemma-3-270m ready at the balancer",
+        every=0.1,
+    )
     listed = balancer.registry.GetModel(rpb.GetModelRequest(model_id="gemma-3-270m"))
     assert listed.ready
     assert [(n.node_id, n.ready) for n in listed.nodes] == [(node.node_id, True)]
@@ -72,10 +74,12 @@ def test_a_node_serves_chat_from_a_shared_dir_and_the_balancer_sees_it_ready(
 
     # Deleting the model unloads it on the node; the shared copy stays where it is.
     balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id="gemma-3-270m"))
-    deadline = time.monotonic() + 5
-    while any(n.model_id == "gemma-3-270m" for n in registered_models(balancer, node.node_id)):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(
+        lambda: not any(n.model_id == "gemma-3-270m" for n in registered_models(balancer, node.node_id)),
+        5,
+        "the node no longer reporting gemma-3-270m",
+        every=0.1,
+    )
     assert next(iter(gemma.paths.values())).exists()
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, ModelFiles
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
 from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
@@ -19,8 +19,9 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.integration.conftest import BalancerProcess, balancer_channel
+from devkit.fake_hub import FakeHub
+from tests.fixtures.eventually import eventually_async
+from tests.integration.conftest import BalancerProcess, balancer_channel, pending_commands
 
 GGUF = b"GGUF" + b"\x01" * 1024
 
@@ -94,16 +95,6 @@ async def online(balancer: BalancerProcess) -> dict[str, int]:
     return {n.id: n.state for n in nodes}
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float) -> float:
-    """Polls ``predicate`` until true; returns how long that took, or raises TimeoutError."""
-    start = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - start > within:
-            raise TimeoutError
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
-
-
 async def test_delete_reaches_an_online_node_within_a_second(balancer: BalancerProcess, hub: FakeHub) -> None:
     hub.add_repo("acme/m", {"w.gguf": GGUF})
     balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/m"))
@@ -122,7 +113,11 @@ async def test_delete_reaches_an_online_node_within_a_second(balancer: BalancerP
         assert time.monotonic() - started < 1.0
         assert command.delete_model.model_id == "acme/m"
         await node.send(rpb.NodeMessage(ack=rpb.CommandAck(command_id=command.command_id, ok=True)))
-        await asyncio.sleep(0.2)
+
+        async def acknowledged() -> bool:
+            return not await asyncio.to_thread(pending_commands, balancer, "node-a")
+
+        await eventually_async(acknowledged, 5, "the balancer recording the ack")
     finally:
         await node.close()
     # Acknowledged: a new session brings no command back.
@@ -172,7 +167,9 @@ async def test_a_dropped_node_leaves_rotation_within_a_second(balancer: Balancer
     async def offline() -> bool:
         return (await online(balancer))["node-c"] == pb.NODE_STATE_OFFLINE
 
-    assert await wait_until(offline, within=1.0) < 1.0
+    closed = time.monotonic()
+    await eventually_async(offline, 1.0, "node-c offline", every=0.02)
+    assert time.monotonic() - closed < 1.0
 
 
 async def test_a_silent_node_leaves_rotation_after_the_heartbeat_timeout(
@@ -188,7 +185,7 @@ async def test_a_silent_node_leaves_rotation_after_the_heartbeat_timeout(
         async def offline() -> bool:
             return (await online(proc))["node-d"] == pb.NODE_STATE_OFFLINE
 
-        await wait_until(offline, within=3.0)
+        await eventually_async(offline, 3.0, "node-d offline", every=0.02)
     finally:
         await node.close()
 
@@ -214,7 +211,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
                 )
             return st.status == pb.MODEL_STATE_DOWNLOADING and abs(st.progress - 0.25) < 0.01
 
-        await wait_until(reported, within=2.0)
+        await eventually_async(reported, 2.0, "the download progress at the balancer", every=0.02)
         ready = pb.ModelNodeStatus(model_id="gemma-3-270m", state=pb.MODEL_STATE_READY, total_bytes=253113024)
         await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[ready])))
 
@@ -225,7 +222,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
                 )
             return model.ready and [n.node_id for n in model.nodes] == ["node-e"]
 
-        await wait_until(is_ready, within=2.0)
+        await eventually_async(is_ready, 2.0, "the model ready on node-e", every=0.02)
         load = pb.NodeLoad(active_requests=3, queued_requests=1, memory_total_mb=24000)
         await node.send(rpb.NodeMessage(heartbeat=rpb.Heartbeat(models=[ready], load=load)))
 
@@ -235,7 +232,7 @@ async def test_session_reports_model_state(balancer: BalancerProcess) -> None:
             me = next(n for n in nodes if n.id == "node-e")
             return me.load.active_requests == 3 and [m.model_id for m in me.models] == ["gemma-3-270m"]
 
-        await wait_until(load_listed, within=2.0)
+        await eventually_async(load_listed, 2.0, "node-e's load listed", every=0.02)
     finally:
         await node.close()
 
@@ -277,7 +274,7 @@ async def test_a_node_offline_or_draining_is_not_ready_for_a_model_in_either_doo
         async def both_ready() -> bool:
             return await listings() == (both, both, both)
 
-        await wait_until(both_ready, within=2.0)
+        await eventually_async(both_ready, 2.0, "the model ready on both nodes", every=0.02)
 
         async with balancer_channel(balancer.address) as channel:
             await rgrpc.RegistryStub(channel).DrainNode(rpb.DrainNodeRequest(node_id="node-draining"))
@@ -286,7 +283,7 @@ async def test_a_node_offline_or_draining_is_not_ready_for_a_model_in_either_doo
         async def offline() -> bool:
             return (await online(balancer))["node-leaving"] == pb.NODE_STATE_OFFLINE
 
-        await wait_until(offline, within=2.0)
+        await eventually_async(offline, 2.0, "node-leaving offline", every=0.02)
         neither = {"node-leaving": False, "node-draining": False}
         assert await listings() == (neither, neither, neither)
         async with balancer_channel(balancer.address) as channel:

@@ -8,11 +8,9 @@ and what the balancer's fleet view says.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import sqlite3
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -29,9 +27,17 @@ from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
+from devkit.fake_hub import FakeHub, gguf_blob
 from node.server import assemble
-from tests.fixtures.fake_hub import FakeHub, gguf_blob
-from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, xllm, xllm_start
+from tests.fixtures.eventually import eventually
+from tests.integration.conftest import (
+    DIRECT_TOKEN,
+    BalancerProcess,
+    NodeProcess,
+    pending_commands,
+    xllm,
+    xllm_start,
+)
 
 MiB = 1024 * 1024
 NodeFactory = Callable[..., NodeProcess]
@@ -58,15 +64,6 @@ def pull(home: Path, balancer: BalancerProcess, hub: FakeHub, *models: str, **fl
     return results
 
 
-def wait_for(predicate: Callable[[], bool], within: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 def node_state(balancer: BalancerProcess, node_id: str) -> int:
     for node in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes:
         if node.id == node_id:
@@ -77,8 +74,8 @@ def node_state(balancer: BalancerProcess, node_id: str) -> int:
 def start_online(node: NodeProcess, balancer: BalancerProcess) -> str:
     """Starts the node and waits until the balancer lists it online; returns its id."""
     node.start()
-    wait_for(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
-    wait_for(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 10, "online")
+    eventually(lambda: (node.home / "node-id").exists(), 10, "a saved node id")
+    eventually(lambda: node_state(balancer, node.node_id) == pb.NODE_STATE_ONLINE, 10, "online")
     return node.node_id
 
 
@@ -183,9 +180,11 @@ def test_two_node_processes_on_one_models_dir_share_one_download(
     first = xllm_start(tmp_path / "a", *args, env={"HF_ENDPOINT": hub.url})
     second = None
     try:
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 30, "the first process downloading")
+        eventually(
+            lambda: partial.exists() and partial.stat().st_size > 0, 30, "the first process downloading"
+        )
         second = xllm_start(tmp_path / "b", *args, env={"HF_ENDPOINT": hub.url})
-        wait_for(lambda: holds_open(second.pid, lock), 30, "the second process at the file's lock")
+        eventually(lambda: holds_open(second.pid, lock), 30, "the second process at the file's lock")
         # Checked after: the first still holds the lock (it publishes the file before letting go), so
         # the second was waiting on the download in progress, not arriving after it ended.
         assert not final.exists()
@@ -218,7 +217,7 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
     args = ("pull", "--balancer", balancer.address, "--models-dir", str(node.models_dir), model_id)
     puller = xllm_start(node.home, *args, env={"HF_ENDPOINT": hub.url})
     try:
-        wait_for(lambda: partial.exists() and partial.stat().st_size > MiB, 30, "a partial file")
+        eventually(lambda: partial.exists() and partial.stat().st_size > MiB, 30, "a partial file")
     finally:
         puller.send_signal(signal.SIGKILL)
         puller.wait()
@@ -235,9 +234,9 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
         mine = [n for n in status.nodes if n.node_id == node_id]
         return bool(mine) and mine[0].state == pb.MODEL_STATE_DOWNLOADING and kept < mine[0].downloaded_bytes
 
-    wait_for(reported_progress, 10, "download progress at the balancer")
-    wait_for(final.exists, 30, "the resumed download")
-    wait_for(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 5, "present")
+    eventually(reported_progress, 10, "download progress at the balancer")
+    eventually(final.exists, 30, "the resumed download")
+    eventually(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 5, "present")
     assert final.read_bytes() == data
     fetched = hub.bytes_served("acme/big", "big.gguf")
     assert fetched < len(data)
@@ -427,7 +426,7 @@ def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
     node = node_factory(balancer, hub, start=False)
     pull(node.home, balancer, hub, model_id)
     node_id = start_online(node, balancer)
-    wait_for(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 10, "present")
+    eventually(lambda: model_state_on(balancer, model_id, node_id) == pb.MODEL_STATE_PRESENT, 10, "present")
     listed = next(n for n in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes if n.id == node_id)
     assert listed.address == node.address
     assert pb.BACKEND_CPU in listed.backends
@@ -439,7 +438,7 @@ def test_a_node_registers_reports_what_it_holds_and_keeps_its_id(
 
     node.stop()
     node.start()
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online again")
+    eventually(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 10, "online again")
     assert node.node_id == node_id
 
 
@@ -452,8 +451,9 @@ def test_killing_a_node_takes_it_out_of_the_fleet_within_a_second(
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait()
     node.proc = None
-    took = wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_OFFLINE, 1.0, "offline")
-    assert took < 1.0
+    killed = time.monotonic()
+    eventually(lambda: node_state(balancer, node_id) == pb.NODE_STATE_OFFLINE, 1.0, "offline", every=0.02)
+    assert time.monotonic() - killed < 1.0
 
 
 def test_a_node_reconnects_by_itself_after_the_balancer_restarts(
@@ -464,15 +464,7 @@ def test_a_node_reconnects_by_itself_after_the_balancer_restarts(
     port = balancer.port
     balancer.restart()
     assert balancer.port == port
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 15, "online after the restart")
-
-
-def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str, str]]:
-    """The commands the balancer still holds for a node, read from its database (read-only)."""
-    uri = f"file:{balancer.home / 'llmlb.db'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-        rows = db.execute("SELECT kind, model_id FROM node_commands WHERE node_id = ?", (node_id,))
-        return [(str(kind), str(model)) for kind, model in rows]
+    eventually(lambda: node_state(balancer, node_id) == pb.NODE_STATE_ONLINE, 15, "online after the restart")
 
 
 def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_stays(
@@ -493,10 +485,10 @@ def test_a_delete_reaches_an_online_node_within_a_second_and_the_shared_copy_sta
     started = time.monotonic()
     balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id=local_id))
     balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id=shared_id))
-    wait_for(lambda: not (node.models_dir / local_id).exists(), 1.0, "the local copy deleted")
+    eventually(lambda: not (node.models_dir / local_id).exists(), 1.0, "the local copy deleted")
     assert time.monotonic() - started < 1.0
     # Both deletes carried out and acknowledged: the balancer's durable queue for the node is empty.
-    wait_for(lambda: not pending_commands(balancer, node.node_id), 5.0, "both commands acknowledged")
+    eventually(lambda: not pending_commands(balancer, node.node_id), 5.0, "both commands acknowledged")
     assert (share / shared_id / "s.gguf").read_bytes() == shared_data  # never the shared dir
     assert node.models_dir.exists()  # only the model's own folder went
 
@@ -510,14 +502,14 @@ def test_an_offline_node_deletes_its_copy_when_it_reconnects(
     pull(node.home, balancer, hub, model_id)
     node_id = start_online(node, balancer)
     node.stop()
-    wait_for(lambda: node_state(balancer, node_id) == pb.NODE_STATE_OFFLINE, 5, "offline")
+    eventually(lambda: node_state(balancer, node_id) == pb.NODE_STATE_OFFLINE, 5, "offline")
 
     reply = balancer.registry.DeleteModel(rpb.DeleteModelRequest(model_id=model_id))
     assert reply.nodes_notified == 1
     assert (node.models_dir / model_id / "st.gguf").exists()  # nobody told it yet
     balancer.restart()  # the command is durable: it survives the balancer too
     node.start()
-    wait_for(lambda: not (node.models_dir / model_id).exists(), 10, "the copy deleted on reconnect")
+    eventually(lambda: not (node.models_dir / model_id).exists(), 10, "the copy deleted on reconnect")
 
 
 def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
@@ -530,7 +522,7 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     holder = node_factory(balancer, hub, start=False)
     pull(holder.home, balancer, hub, model_id)
     start_online(holder, balancer)
-    wait_for(
+    eventually(
         lambda: model_state_on(balancer, model_id, holder.node_id) == pb.MODEL_STATE_PRESENT, 10, "present"
     )
     hub.clear_log()

@@ -22,7 +22,7 @@ from common.errors import GRPC_CODE_KEY
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 from tests.integration.conftest import ROOT, BalancerProcess
 
 GGUF = b"GGUF" + bytes(range(256)) * 64

@@ -7,30 +7,41 @@ the node, carries deadlines and cancellation there, and retries elsewhere when a
 from __future__ import annotations
 
 import io
+import re
 import signal
 import threading
-import time
 import wave
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
-from common import packaged_models
 from common.errors import ErrorCode
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.rpc import error_from_rpc
-from tests.fixtures.fake_hub import FakeHub
-from tests.fixtures.models import CACHE, SENTENCE, ModelFiles, assert_heard, catalogue_model, words
+from devkit import packaged_models
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles, catalogue_model
+from tests.fixtures.eventually import eventually
+from tests.fixtures.models import SENTENCE, assert_heard, words
 from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
 FAST_BEATS = {"LLMLB_HEARTBEAT_INTERVAL_MS": "200", "LLMLB_HEARTBEAT_TIMEOUT_MS": "1500"}
+
+
+def queue_depth(balancer: BalancerProcess) -> float:
+    """Requests waiting for a node, as the balancer's ``/metrics`` reports them."""
+    scrape = httpx.get(f"{balancer.http_url}/metrics", timeout=5).text
+    found = re.search(r"^llmlb_queue_depth (\S+)$", scrape, re.M)
+    assert found, scrape[:2000]
+    return float(found.group(1))
 
 
 def repeated(clip: bytes, times: int) -> bytes:
@@ -147,15 +158,13 @@ def test_a_node_killed_mid_request_is_routed_around_and_the_unary_call_is_retrie
     )
     with channel, ThreadPoolExecutor(1) as pool:
         pending: Future[ipb.TranscribeResponse] = pool.submit(stub.Transcribe, long_job, timeout=180)
-        busy = ""
-        deadline = time.monotonic() + 30
-        while not busy:  # the node the balancer chose reports the request in its next heartbeat
+
+        def busy_node() -> str:  # the node the balancer chose reports the request in its next heartbeat
             assert not pending.done(), "the transcription finished before a node could be killed"
-            assert time.monotonic() < deadline
-            for node in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes:
-                if node.load.active_requests or node.load.queued_requests:
-                    busy = node.id
-            time.sleep(0.05)
+            listed = balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes
+            return next((n.id for n in listed if n.load.active_requests or n.load.queued_requests), "")
+
+        busy = eventually(busy_node, 30, "a node reporting the transcription")
         nodes[busy].stop(signal.SIGKILL)
         transcript = pending.result(timeout=180)
         survivor = next(n for n in nodes if n != busy)
@@ -205,7 +214,7 @@ def test_busy_nodes_queue_requests_then_refuse_with_queue_full_and_time_out(
 
         waiter = threading.Thread(target=queued)
         waiter.start()
-        time.sleep(0.3)  # the second request now waits in the queue of one
+        eventually(lambda: queue_depth(balancer) == 1, 10, "the second request waiting in the queue of one")
         with pytest.raises(grpc.RpcError) as full:
             list(stub.Complete(ipb.CompleteRequest(model="gemma-3-270m", prompt="x"), timeout=30))
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

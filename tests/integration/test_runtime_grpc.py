@@ -19,10 +19,12 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, error_from_rpc
 from common.types import Backend
+from devkit.model_files import ModelFiles
 from node.hardware import Hardware
 from node.pool import ModelPool, PoolSettings
 from node.servicers.inference import InferenceServicer
-from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard
+from tests.fixtures.eventually import eventually_async
+from tests.fixtures.models import SENTENCE, assert_heard
 
 pytestmark = pytest.mark.slow
 CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=16384)
@@ -79,14 +81,6 @@ def no_request_running(pool: ModelPool) -> bool:
     return sum(s.active for s in pool.details()) == 0
 
 
-async def wait_for(condition: Callable[[], bool], within: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < within, "condition not met in time"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 async def test_chat_streams_over_grpc_with_ids_usage_and_finish_reason(start_node) -> None:  # type: ignore[no-untyped-def]
     async for node in start_node():
         chunks = await read_chat(node.stub, "Say hello.", 6)
@@ -125,8 +119,11 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_slot(start_node) -
             if received == 3:
                 break
         call.cancel()
-        freed_in = await wait_for(functools.partial(no_request_running, node.pool), within=2.0)
-        assert freed_in < 1.0
+        cancelled = time.monotonic()
+
+        slot_free = functools.partial(no_request_running, node.pool)
+        await eventually_async(slot_free, 2.0, "the cancelled request's slot free", every=0.01)
+        assert time.monotonic() - cancelled < 1.0
         # The only slot serves the next client straight away, not after 2000 tokens.
         started = time.monotonic()
         chunks = await read_chat(node.stub, "Hi.", 4)

@@ -19,9 +19,9 @@ from common.inference import (
     SamplingParams,
     TextChunk,
 )
+from devkit.model_files import ModelFiles
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime, StopMatcher
-from tests.fixtures.models import ModelFiles
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)

@@ -17,11 +17,12 @@ import pytest
 from common.errors import ErrorCode, LlmlbError
 from common.inference import AudioFormat, SpeakRequest, TranscribeRequest
 from common.transcript_formats import ResponseFormat, render
+from devkit.model_files import ModelFiles
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.piper import PiperRuntime
 from node.runtimes.whisper import WhisperRuntime
 from tests.fixtures.espeak import espeak, open_espeak
-from tests.fixtures.models import SENTENCE, ModelFiles, assert_heard, speak_wav, word_errors, words
+from tests.fixtures.models import SENTENCE, assert_heard, speak_wav, word_errors, words
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Soak: two hundred clients keep a real balancer busy through both doors, and nothing goes missing.
 
-The balancer is a real `llmlb serve` process; the two nodes are echo nodes (``tests/fixtures/echo_node.py``)
+The balancer is a real `llmlb serve` process; the two nodes are echo nodes (``devkit/echo_node.py``)
 that speak the real node protocol and answer at once, so the balancer's own routing, queueing and both
 doors are what is soaked. Every request carries a unique marker as its request id and in its prompt;
 the echo answer repeats the prompt, and both the answer and the node's record of the call are matched
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.echo_node import EchoNode
-from tests.fixtures.fake_hub import FakeHub
+from devkit.echo_node import EchoNode
+from devkit.fake_hub import FakeHub
 from tests.fixtures.load import GRPC, HTTP, LoadClients, Outcome, keep_sending, markers, summary
 from tests.integration.conftest import BalancerProcess
 

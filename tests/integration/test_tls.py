@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 from tests.integration.conftest import BalancerProcess, ClientTls, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from tests.fixtures.fake_hub import FakeHub
+from devkit.fake_hub import FakeHub
 
 # Registers the `fake_hub` and `fake_hub_env` fixtures.
 

@@ -21,7 +21,7 @@ import pytest
 from balancer.server import Balancer, start
 from common.config import load_balancer_config
 from common.errors import ErrorCode
-from tests.fixtures.echo_node import EchoNode
+from devkit.echo_node import EchoNode
 
 pytestmark = pytest.mark.timeout(60)
 MODEL = "gemma-3-270m"

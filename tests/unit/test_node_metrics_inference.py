@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from node.runtimes.engines import Engines
 from node.server import node_gauges
 from node.servicers.inference import InferenceServicer
 from node.storage import Storage
+from tests.fixtures.eventually import eventually_async
 from tests.unit.runtimes.test_pool import COUNTER, CPU, Resolved, counter_model
 from tests.unit.test_node_storage import MemorySource, node_config
 
@@ -89,13 +90,6 @@ def chat(n: int, model: str = "counter") -> ipb.ChatRequest:
     )
 
 
-async def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_finished_chat_is_counted_with_its_latency_tokens_and_time_to_first_token(
     node: Node,
 ) -> None:
@@ -136,11 +130,13 @@ async def test_a_client_that_goes_away_mid_stream_is_counted_as_cancelled(node: 
     call = node.stub.Chat(chat(200))
     await call.read()
     call.cancel()
-    await wait_for(
+    await eventually_async(
         lambda: (
             node.value("xllm_requests_total", door="grpc", route="chat", model="counter", code="cancelled")
             == 1
-        )
+        ),
+        5,
+        "the cancelled chat counted",
     )
     assert node.servicer.in_flight == 0
 
@@ -150,7 +146,7 @@ async def test_queue_depth_active_requests_and_model_states_are_read_when_scrape
     first = node.stub.Chat(chat(100))
     await first.read()  # holds the only slot
     second = node.stub.Chat(chat(1))
-    await wait_for(lambda: node.value("xllm_queue_depth") == 1)
+    await eventually_async(lambda: node.value("xllm_queue_depth") == 1, 5, "one request queued")
 
     text = node.metrics.exposition()[0].decode()
     assert "xllm_active_requests 1.0" in text
@@ -161,7 +157,11 @@ async def test_queue_depth_active_requests_and_model_states_are_read_when_scrape
 
     first.cancel()
     assert [c async for c in second][-1].usage.completion_tokens == 1
-    await wait_for(lambda: node.value("xllm_active_requests") == 0 and node.value("xllm_queue_depth") == 0)
+    await eventually_async(
+        lambda: node.value("xllm_active_requests") == 0 and node.value("xllm_queue_depth") == 0,
+        5,
+        "nothing active or queued",
+    )
 
 
 async def test_a_draining_node_refuses_new_requests_while_the_one_in_flight_finishes(node: Node) -> None:

@@ -21,7 +21,7 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, error_from_rpc
 from common.types import Capability
-from tests.fixtures.echo_node import EchoNode
+from devkit.echo_node import EchoNode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,0 +1,100 @@
+"""``llmlb serve``: run the balancer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.config import load_balancer_config, parse_list, parse_listen, parse_optional_listen
+from common.errors import LlmlbError
+from common.logs import configure_logging
+
+SERVE_ENV_HELP = """\
+environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env, is read after it):
+  LLMLB_HOME                 where the database, .env and admin-key live (default ~/.llmlb)
+  LLMLB_GRPC_LISTEN          host:port the gRPC server binds (default 127.0.0.1:50051)
+  LLMLB_HTTP_LISTEN          host:port of the OpenAI HTTP API, /v0 and /metrics (default
+                             127.0.0.1:8080; "off" disables it)
+  LLMLB_AUTH                 require API keys: on or off (default on); the first start writes an admin
+                             key to $LLMLB_HOME/admin-key (mode 0600)
+  LLMLB_TLS_CERT / LLMLB_TLS_KEY   certificate and key: the gRPC door speaks TLS when both are set
+  LLMLB_TLS_CLIENT_CA        with TLS, callers must present a certificate this CA signed (mTLS)
+  LLMLB_DATABASE_URL         SQLAlchemy URL of the metadata store
+                             (default sqlite+aiosqlite:///$LLMLB_HOME/llmlb.db)
+  LLMLB_CATALOG              path of a supported_models.json to seed from (default: the packaged one)
+  LLMLB_ALLOWED_ORIGINS      comma-separated origin URLs models may come from (default: $HF_ENDPOINT)
+  LLMLB_ORIGIN_TIMEOUT       seconds per origin request (default 30)
+  LLMLB_HEARTBEAT_INTERVAL_MS / LLMLB_HEARTBEAT_TIMEOUT_MS   node session timing (default 1000 / 3000)
+  LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy (default 8)
+  LLMLB_QUEUE_SIZE           requests that may wait for a free node (default 256; 0: none wait)
+  LLMLB_QUEUE_TIMEOUT        seconds a request may wait for a node (default 30)
+  LLMLB_REQUEST_TIMEOUT      deadline of a routed request when the caller sets none (default 600)
+  LLMLB_ROUTE_ATTEMPTS       distinct nodes a request is tried on before it fails (default 3)
+  LLMLB_COOLDOWN_FAILURES    consecutive failures that put a node in cooldown (default 3)
+  LLMLB_COOLDOWN             seconds a node stays in cooldown (default 10)
+  LLMLB_MAX_BODY_MB          largest HTTP request body, e.g. an audio upload (default 64)
+  LLMLB_LOG_FORMAT           console or json (default console)
+  LLMLB_LOG_LEVEL            debug, info, warning or error (default info)
+  HF_ENDPOINT                Hugging Face endpoint (default https://huggingface.co)
+  HF_TOKEN                   token for private or gated repositories
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Adds ``serve`` and its flags to the ``llmlb`` parser."""
+    serve = sub.add_parser(
+        "serve",
+        help="run the balancer",
+        epilog=SERVE_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--grpc-listen", help="host:port for gRPC (LLMLB_GRPC_LISTEN)")
+    serve.add_argument("--http-listen", help='host:port for the HTTP API, or "off" (LLMLB_HTTP_LISTEN)')
+    serve.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require API keys; --no-auth lets every call through (LLMLB_AUTH)",
+    )
+    serve.add_argument("--database-url", help="metadata store URL (LLMLB_DATABASE_URL)")
+    serve.add_argument("--catalog", type=Path, help="supported_models.json to seed from (LLMLB_CATALOG)")
+    serve.add_argument("--hf-endpoint", help="Hugging Face endpoint (HF_ENDPOINT)")
+    serve.add_argument("--allowed-origins", help="comma-separated allowed origins (LLMLB_ALLOWED_ORIGINS)")
+    serve.add_argument("--log-format", choices=["console", "json"], help="(LLMLB_LOG_FORMAT)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(LLMLB_LOG_LEVEL)")
+    serve.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the balancer until it is stopped; 2 on a configuration error, 1 when it cannot serve."""
+    try:
+        config = load_balancer_config(
+            grpc_listen=parse_listen(args.grpc_listen) if args.grpc_listen else None,
+            http_listen=parse_optional_listen(args.http_listen) if args.http_listen else None,
+            auth=args.auth,
+            database_url=args.database_url,
+            catalog_path=args.catalog,
+            hf_endpoint=args.hf_endpoint,
+            allowed_origins=parse_list(args.allowed_origins) if args.allowed_origins else None,
+            log_format=args.log_format,
+            log_level=args.log_level,
+            home=args.home,
+        )
+    except ValueError as exc:
+        print(f"llmlb: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    # The balancer talks to the origins it is told to and nowhere else: no hub telemetry.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from balancer.server import serve  # imported late so client commands start fast
+
+    try:
+        asyncio.run(serve(config))
+    except (LlmlbError, OSError, ValueError, RuntimeError) as exc:  # grpc reports a busy port as RuntimeError
+        print(f"llmlb: {exc}", file=sys.stderr)
+        return 1
+    return 0

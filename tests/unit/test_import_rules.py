@@ -1,0 +1,71 @@
+"""Arrows point one way: ``balancer`` and ``node`` use ``common`` and never each other; nothing in the
+product imports the dev tooling, the tests or the benchmarks; dev tooling and benchmarks never import
+the tests. Every module's imports are parsed (not executed), lazy ones inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOP_LEVEL = ("common", "balancer", "node", "devkit", "bench", "tests")
+# package -> the top-level packages its modules may not import
+FORBIDDEN: dict[str, frozenset[str]] = {
+    "common": frozenset({"balancer", "node", "devkit", "bench", "tests"}),
+    "balancer": frozenset({"node", "devkit", "bench", "tests"}),
+    "node": frozenset({"balancer", "devkit", "bench", "tests"}),
+    "devkit": frozenset({"bench", "tests"}),
+    "bench": frozenset({"tests"}),
+    "tests": frozenset({"bench"}),
+}
+
+
+def imported_packages(source: str, module: str) -> set[str]:
+    """The top-level package of every module ``source`` imports (relative imports resolved)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: stays inside the importing package
+                found.add(module.split(".")[0])
+            elif node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def wrong_way_imports(root: Path) -> list[str]:
+    """``"<file> imports <package>"`` for every import the rules above forbid, under ``root``."""
+    wrong = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root)
+            module = ".".join(relative.with_suffix("").parts)
+            for imported in sorted(imported_packages(path.read_text(encoding="utf-8"), module) & forbidden):
+                wrong.append(f"{relative} imports {imported}")
+    return wrong
+
+
+def test_every_package_imports_only_the_way_its_arrow_points() -> None:
+    assert [p for p in TOP_LEVEL if not (ROOT / p).is_dir()] == []
+    assert wrong_way_imports(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("package", "source", "caught"),
+    [
+        ("balancer", "from node.runtimes.piper import PiperRuntime\n", "node"),
+        ("node", "def late():\n    import balancer.cli\n", "balancer"),
+        ("common", "from devkit import packaged_models\n", "devkit"),
+        ("bench", "from tests.fixtures.models import CACHE\n", "tests"),
+        ("devkit", "import tests.fixtures.models as m\n", "tests"),
+    ],
+)
+def test_a_wrong_way_import_is_caught_even_inside_a_function(
+    tmp_path: Path, package: str, source: str, caught: str
+) -> None:
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "bad.py").write_text(source)
+    assert wrong_way_imports(tmp_path) == [f"{package}/bad.py imports {caught}"]
