@@ -50,14 +50,6 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "llmlb.db"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, db_path: Path) -> str:
-    """An empty database on each engine: a SQLite file, or a fresh database on the test PostgreSQL."""
-    if request.param == "sqlite":
-        return db_url(db_path)
-    return str(request.getfixturevalue("postgres_url"))
-
-
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
     opened = await Store.open(database_url)
