@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, UOWTransaction
 
 from balancer.migrations import upgrade_to_head
 from balancer.store import converters
@@ -31,7 +32,16 @@ from balancer.store.engine import (
     is_sqlite,
     make_async_engine,
 )
-from balancer.store.tables import ApiKeyRow, ManifestFileRow, ModelRow, NodeCommandRow, NodeRow, SecretRow
+from balancer.store.tables import (
+    ApiKeyRow,
+    Base,
+    ManifestFileRow,
+    ModelRow,
+    NodeCommandRow,
+    NodeRow,
+    SecretRow,
+    check_lengths,
+)
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
@@ -43,6 +53,17 @@ MIGRATION_LOCK_ID = 0x6C6C6D6C62
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class _CheckedSession(Session):
+    """The store's sessions: every row written is checked against its columns' lengths first."""
+
+
+@event.listens_for(_CheckedSession, "before_flush")
+def _check_rows(session: Session, _flush: UOWTransaction, _instances: object) -> None:
+    for row in (*session.new, *session.dirty):
+        if isinstance(row, Base):
+            check_lengths(row)
 
 
 async def _migrate(url: URL) -> str | None:
@@ -65,7 +86,9 @@ class Store:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(
+            engine, expire_on_commit=False, sync_session_class=_CheckedSession
+        )
         # One writer at a time (SQLite's own rule), so read-then-write steps in a transaction are atomic.
         self._write_lock = asyncio.Lock()
         self._closed = False

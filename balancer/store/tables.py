@@ -60,6 +60,23 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class TooLong(ValueError):
+    """A text value longer than its column allows."""
+
+
+def check_lengths(row: Base) -> None:
+    """Refuse a string longer than its column, alike on every engine.
+
+    PostgreSQL refuses such a value with a driver error, while SQLite quietly stores it whole; checked
+    here, both raise :class:`TooLong`, which callers turn into a clear ``invalid_request``.
+    """
+    for column in row.__table__.columns:
+        length = getattr(column.type, "length", None)
+        value = getattr(row, column.key, None)
+        if length is not None and isinstance(value, str) and len(value) > length:
+            raise TooLong(f"{column.key} is {len(value)} characters long; the limit is {length}")
+
+
 class ModelRow(Base):
     """A catalogue entry; ``deleted_at`` marks a tombstone so a deleted catalogue model is not re-seeded."""
 

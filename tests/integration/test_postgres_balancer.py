@@ -40,6 +40,12 @@ async def test_a_balancer_on_postgresql_keeps_nodes_models_and_keys_across_a_res
         async with open_channel(f"127.0.0.1:{balancer.port}", api_key=admin) as channel:
             registry = rgrpc.RegistryStub(channel)
             await registry.RegisterNode(rpb.RegisterNodeRequest(node_id="n1", address="127.0.0.1:1"))
+            # Longer than the column: a clear invalid_request, not PostgreSQL's error as an internal one.
+            with pytest.raises(grpc.aio.AioRpcError) as too_long:
+                await registry.RegisterNode(
+                    rpb.RegisterNodeRequest(node_id="n2", address="127.0.0.1:2", version="9" * 65)
+                )
+            assert error_from_rpc(too_long.value).code is ErrorCode.INVALID_REQUEST
             catalogue = [m.id for m in (await registry.ListModels(rpb.ListModelsRequest())).models]
             kept = await registry.CreateKey(rpb.CreateKeyRequest(name="frontend", scopes=[pb.SCOPE_API]))
             dropped = await registry.CreateKey(rpb.CreateKeyRequest(name="old", scopes=[pb.SCOPE_API]))

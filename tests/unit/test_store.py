@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
 from balancer.migrations import head_revision
-from balancer.store import Store
+from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
 from balancer.store.tables import Base
 from common.types import (
@@ -177,6 +177,21 @@ async def test_list_models_is_sorted_by_id_and_each_has_its_own_files(store: Sto
 async def test_unknown_model_is_none(store: Store) -> None:
     assert await store.get_model("nobody/nothing") is None
     assert await store.delete_model("nobody/nothing") is False
+
+
+async def test_a_value_longer_than_its_column_is_refused_alike_on_every_engine(store: Store) -> None:
+    # PostgreSQL would refuse it with a driver error; SQLite would keep it whole.
+    with pytest.raises(TooLong, match="version is 65 characters long; the limit is 64"):
+        await store.upsert_node(make_node(version="v" * 65))
+    with pytest.raises(TooLong, match="name is 257 characters"):
+        await store.upsert_model(make_model(name="n" * 257))
+    long_file = ManifestFile("f" * 1025 + ".gguf", FileFormat.GGUF, 1)
+    with pytest.raises(TooLong, match="filename"):
+        await store.upsert_model(make_model(files=[long_file]))
+
+    assert await store.list_nodes() == [] and await store.list_models() == []
+    stored = await store.upsert_node(make_node(version="v" * 64))  # at the limit is fine
+    assert stored.version == "v" * 64
 
 
 async def test_naive_datetime_is_refused(store: Store) -> None:
