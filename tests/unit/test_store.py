@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
-from balancer.migrations import head_revision
+from balancer.migrations import alembic_config, head_revision
 from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
 from balancer.store.tables import Base
@@ -473,6 +474,26 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     assert versions == [head_revision()]
     assert head_revision() == "0002"
     assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets"} <= tables
+
+
+async def test_the_alembic_command_migrates_a_url_alone_and_the_store_then_finds_it_at_head(
+    database_url: str,
+) -> None:
+    # What an operator's `alembic upgrade head` does: no connection handed in, only the URL.
+    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "head")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            versions, tables = await connection.run_sync(_versions_and_tables)
+    finally:
+        await engine.dispose()
+    assert versions == [head_revision()] and "models" in tables
+
+    store = await Store.open(database_url)
+    try:
+        assert await store.upsert_model(make_model()) == await store.get_model("org/tiny-gguf")
+    finally:
+        await store.close()
 
 
 async def test_balancers_starting_together_on_a_new_postgresql_database_all_start(
