@@ -11,74 +11,33 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
 import structlog
-from sqlalchemy import delete, event, func, select, text, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, UOWTransaction
 
-from balancer.migrations import upgrade_to_head
 from balancer.store import converters
-from balancer.store.engine import (
-    DEFAULT_POOL_SIZE,
-    async_url,
-    is_memory_sqlite,
-    is_postgresql,
-    is_sqlite,
-    make_async_engine,
-)
+from balancer.store.engine import DEFAULT_POOL_SIZE, async_url, is_memory_sqlite, make_async_engine
+from balancer.store.migrate import migrate
 from balancer.store.tables import (
     ApiKeyRow,
-    Base,
+    CheckedSession,
     ManifestFileRow,
     ModelRow,
     NodeCommandRow,
     NodeRow,
     SecretRow,
-    check_lengths,
 )
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
 
-# The PostgreSQL advisory lock balancers starting together take around migrating: one migrates, the
-# others wait and then find the schema at head. Any constant works; this one is "llmlb" in ASCII.
-MIGRATION_LOCK_ID = 0x6C6C6D6C62
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-class _CheckedSession(Session):
-    """The store's sessions: every row written is checked against its columns' lengths first."""
-
-
-@event.listens_for(_CheckedSession, "before_flush")
-def _check_rows(session: Session, _flush: UOWTransaction, _instances: object) -> None:
-    for row in (*session.new, *session.dirty):
-        if isinstance(row, Base):
-            check_lengths(row)
-
-
-async def _migrate(url: URL) -> str | None:
-    """Create the database's directory and migrate it to head, through the store's own async driver."""
-    if is_sqlite(url) and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = make_async_engine(url, pooled=False)
-    try:
-        # One transaction (DDL is transactional on both engines): a failed migration changes nothing.
-        async with engine.begin() as connection:
-            if is_postgresql(url):
-                await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-            return await connection.run_sync(upgrade_to_head)
-    finally:
-        await engine.dispose()
 
 
 class Store:
@@ -86,9 +45,7 @@ class Store:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._sessions = async_sessionmaker(
-            engine, expire_on_commit=False, sync_session_class=_CheckedSession
-        )
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=CheckedSession)
         # One writer at a time (SQLite's own rule), so read-then-write steps in a transaction are atomic.
         self._write_lock = asyncio.Lock()
         self._closed = False
@@ -106,7 +63,7 @@ class Store:
         parsed = async_url(url)
         if is_memory_sqlite(parsed):
             raise ValueError("an in-memory SQLite store is not supported; give a file path")
-        revision = await _migrate(parsed)
+        revision = await migrate(parsed)
         log.info("store.migrated", url=parsed.render_as_string(hide_password=True), revision=revision)
         return cls(make_async_engine(parsed, pool_size=pool_size))
 

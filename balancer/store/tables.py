@@ -21,9 +21,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, UOWTransaction, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can name (and later alter) every constraint.
@@ -75,6 +76,17 @@ def check_lengths(row: Base) -> None:
         value = getattr(row, column.key, None)
         if length is not None and isinstance(value, str) and len(value) > length:
             raise TooLong(f"{column.key} is {len(value)} characters long; the limit is {length}")
+
+
+class CheckedSession(Session):
+    """The store's sessions: every row written is checked against its columns' lengths first."""
+
+
+@event.listens_for(CheckedSession, "before_flush")
+def _check_rows(session: Session, _flush: UOWTransaction, _instances: object) -> None:
+    for row in (*session.new, *session.dirty):
+        if isinstance(row, Base):
+            check_lengths(row)
 
 
 class ModelRow(Base):

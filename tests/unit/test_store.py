@@ -1,6 +1,7 @@
 """The balancer's metadata store, on real SQLite files and on a real PostgreSQL server.
 
-Every test that takes ``store`` or ``database_url`` runs on both engines.
+Every test that takes ``store`` or ``database_url`` runs on both engines. One module, over the usual
+size: every store behaviour shares the builders below, and splitting by table would scatter them.
 """
 
 from __future__ import annotations
