@@ -9,7 +9,8 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 # Debian packages the runtimes need: compilers and cmake for llama-cpp-python and stable-diffusion-cpp-python,
 # which build from source (pip caches the built wheels). Audio decoding and espeak-ng ship inside wheels.
-APT_PACKAGES ?= build-essential cmake
+# postgresql: the store's tests run their own server from its binaries (never the cluster it sets up).
+APT_PACKAGES ?= build-essential cmake postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help install apt protos check-protos test test-unit test-integration lint format run bench clean
@@ -49,7 +50,7 @@ check-protos: protos
 	fi
 
 test: install check-protos
-	LLMLB_REQUIRE_MODELS=1 $(BIN)/pytest -q tests/unit tests/integration tests/e2e
+	LLMLB_REQUIRE_MODELS=1 LLMLB_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/unit tests/integration tests/e2e
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

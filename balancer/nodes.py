@@ -16,6 +16,7 @@ import structlog
 
 from balancer.fleet import NodeInfo
 from balancer.parts import BalancerParts
+from balancer.store import TooLong
 from common.errors import ErrorCode, LlmlbError
 from common.types import Backend, Capability, CommandKind, GpuDevice, Node, NodeState
 
@@ -70,18 +71,21 @@ async def register_node(parts: BalancerParts, reg: NodeRegistration) -> Register
     if not reg.address:
         raise LlmlbError(ErrorCode.INVALID_REQUEST, "address (host:port of the node) is required")
     node_id = check_node_id(reg.node_id or f"node-{uuid.uuid4().hex[:12]}")
-    node = await parts.store.upsert_node(
-        Node(
-            id=node_id,
-            address=reg.address,
-            backends=list(reg.backends),
-            gpus=list(reg.gpus),
-            runtimes=list(reg.runtimes),
-            version=reg.version,
-            state=NodeState.OFFLINE,  # online once its session opens
-            last_seen_at=datetime.now(UTC),
+    try:
+        node = await parts.store.upsert_node(
+            Node(
+                id=node_id,
+                address=reg.address,
+                backends=list(reg.backends),
+                gpus=list(reg.gpus),
+                runtimes=list(reg.runtimes),
+                version=reg.version,
+                state=NodeState.OFFLINE,  # online once its session opens
+                last_seen_at=datetime.now(UTC),
+            )
         )
-    )
+    except TooLong as exc:  # an address or version longer than the store keeps
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"node registration: {exc}") from None
     # What routed calls present: the node's own token if it has one, else the fleet's (memory only).
     token = reg.auth_token or parts.fleet_token
     parts.fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=token))

@@ -12,6 +12,7 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.catalog import Catalog, load_catalog
@@ -114,7 +115,7 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
 async def start(config: BalancerConfig) -> Balancer:
     """Opens the store (migrating it), seeds the catalogue and starts serving gRPC."""
     seed = load_catalog(config.catalog_path, config.hf_endpoint)  # a broken file stops us before any I/O
-    store = await Store.open(config.database_url)
+    store = await Store.open(config.database_url, pool_size=config.database_pool_size)
     origin = Origin(config)
     catalog = Catalog(store, origin)
     await catalog.seed(seed)
@@ -173,7 +174,7 @@ async def start(config: BalancerConfig) -> Balancer:
         "balancer.listening",
         grpc=f"{host}:{port}",
         http=f"{config.http_listen.rpartition(':')[0]}:{http.port}" if http else "off",
-        database=config.database_url,
+        database=make_url(config.database_url).render_as_string(hide_password=True),
         models=len(seed),
         auth="on" if config.auth else "off",
     )

@@ -128,6 +128,8 @@ class BalancerConfig:
     home: Path
     grpc_listen: str = "127.0.0.1:50051"
     database_url: str = ""
+    # Connections a PostgreSQL store keeps open (a burst may open a few more); unused with SQLite.
+    database_pool_size: int = 5
     catalog_path: Path | None = None
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
     hf_token: str | None = None
@@ -198,6 +200,7 @@ def load_balancer_config(
         database_url=s.get(
             database_url, ("LLMLB_DATABASE_URL",), f"sqlite+aiosqlite:///{home / 'llmlb.db'}", str
         ),
+        database_pool_size=s.get(None, ("LLMLB_DATABASE_POOL_SIZE",), 5, parse_count),
         catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), None, Path),
         hf_endpoint=endpoint,
         hf_token=s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),

@@ -1,4 +1,4 @@
-"""Fixtures for every level: the fake Hugging Face hub and hermetic environment variables."""
+"""Fixtures for every level: the fake Hugging Face hub, PostgreSQL and hermetic environment variables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from devkit.fake_hub import FakeHub
 
-pytest_plugins = ("tests.fixtures.fake_hub", "tests.fixtures.models")
+pytest_plugins = ("tests.fixtures.fake_hub", "tests.fixtures.models", "tests.fixtures.postgres")
 
 
 @pytest.fixture(autouse=True)

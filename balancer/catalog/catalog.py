@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 import structlog
 
 from balancer.origin import Origin, PinnedRepo, RemoteFile
-from balancer.store import Store
+from balancer.store import Store, TooLong
 from common.errors import ErrorCode, LlmlbError
 from common.formats import backends_for, capabilities_for, check_filename, classify, is_manifest_file
 from common.model_id import derive_model_id, normalize_model_id
@@ -84,7 +84,10 @@ class Catalog:
         existing = self._models.get(model_id)
         if existing is not None and _same_registration(existing, model):
             return existing  # idempotent: nothing changed at the origin or in the request
-        stored = await self._store.upsert_model(model)
+        try:
+            stored = await self._store.upsert_model(model)
+        except TooLong as exc:  # e.g. a display name longer than the store keeps
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"model {model_id!r}: {exc}") from None
         self._models[model_id] = stored
         log.info(
             "model.registered",

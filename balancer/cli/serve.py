@@ -24,7 +24,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_TLS_CERT / LLMLB_TLS_KEY   certificate and key: the gRPC door speaks TLS when both are set
   LLMLB_TLS_CLIENT_CA        with TLS, callers must present a certificate this CA signed (mTLS)
   LLMLB_DATABASE_URL         SQLAlchemy URL of the metadata store
-                             (default sqlite+aiosqlite:///$LLMLB_HOME/llmlb.db)
+                             (default sqlite+aiosqlite:///$LLMLB_HOME/llmlb.db; PostgreSQL:
+                             postgresql+asyncpg://user:password@host:5432/database)
+  LLMLB_DATABASE_POOL_SIZE   PostgreSQL connections kept open (default 5; up to 5 more in a burst)
   LLMLB_CATALOG              path of a supported_models.json to seed from (default: the packaged one)
   LLMLB_ALLOWED_ORIGINS      comma-separated origin URLs models may come from (default: $HF_ENDPOINT)
   LLMLB_ORIGIN_TIMEOUT       seconds per origin request (default 30)

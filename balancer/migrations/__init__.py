@@ -38,7 +38,9 @@ def head_revision() -> str | None:
 def upgrade_to_head(connection: Connection) -> str | None:
     """Migrate the database behind ``connection`` to the newest revision and return that revision.
 
-    Blocking: call it from a worker thread. The caller owns the transaction and commits it.
+    Synchronous, like all of Alembic: from async code, run it through ``AsyncConnection.run_sync``, so
+    the same async driver (aiosqlite or asyncpg) migrates and serves. The caller owns the transaction
+    and commits it.
     """
     command.upgrade(alembic_config(connection=connection), "head")
     return MigrationContext.configure(connection).get_current_revision()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from alembic import context
 from sqlalchemy import Connection
 
-from balancer.store.engine import is_sqlite, make_sync_engine
+from balancer.store.engine import is_sqlite, make_async_engine
 from balancer.store.tables import Base
 
 config = context.config
@@ -45,12 +47,17 @@ def run_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     if url is None:
         raise RuntimeError("no connection and no sqlalchemy.url to migrate")
-    engine = make_sync_engine(url)
+    asyncio.run(_run_on_url(url))
+
+
+async def _run_on_url(url: str) -> None:
+    # The store's own async driver, so no second (blocking) driver is needed for migrations.
+    engine = make_async_engine(url, pooled=False)
     try:
-        with engine.begin() as owned:
-            _run(owned)
+        async with engine.begin() as owned:
+            await owned.run_sync(_run)
     finally:
-        engine.dispose()
+        await engine.dispose()
 
 
 if context.is_offline_mode():

@@ -1,10 +1,14 @@
-"""Engines for the metadata store, with the SQLite settings every connection needs."""
+"""Engines for the metadata store: SQLite (embedded, the default) or PostgreSQL (through asyncpg).
+
+SQLite gets the settings every connection needs (WAL, foreign keys, a busy timeout); PostgreSQL gets a
+bounded connection pool that survives database restarts and idle-connection reapers.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -12,9 +16,23 @@ from sqlalchemy.pool import NullPool
 # How long a connection waits for another writer's lock before failing with "database is locked".
 BUSY_TIMEOUT_MS = 5000
 
+# PostgreSQL pool. Writes are serialised inside one balancer and reads are short, so a few connections
+# carry the load; the bound matters once replicas share a server (each holds up to size + overflow).
+DEFAULT_POOL_SIZE = 5  # connections kept open (LLMLB_DATABASE_POOL_SIZE)
+POOL_MAX_OVERFLOW = 5  # extra connections opened under a burst, closed when returned
+POOL_TIMEOUT_S = 30  # how long a caller waits for a free connection before failing
+# Reopen connections older than this, before a firewall or PgBouncer drops them as idle.
+POOL_RECYCLE_S = 1800
+# The async driver each backend is used through when a URL names none (e.g. "postgresql://...").
+ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+
 
 def is_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
+
+
+def is_postgresql(url: URL) -> bool:
+    return url.get_backend_name() == "postgresql"
 
 
 def is_memory_sqlite(url: URL) -> bool:
@@ -23,10 +41,13 @@ def is_memory_sqlite(url: URL) -> bool:
     return is_sqlite(url) and (database in ("", ":memory:") or url.query.get("mode") == "memory")
 
 
-def sync_url(url: str | URL) -> URL:
-    """The same database through the backend's default blocking driver (aiosqlite → sqlite3)."""
+def async_url(url: str | URL) -> URL:
+    """``url`` with the backend's async driver when it names none: ``postgresql://`` → asyncpg."""
     parsed = make_url(url)
-    return parsed.set(drivername=parsed.get_backend_name())
+    driver = ASYNC_DRIVERS.get(parsed.get_backend_name())
+    if "+" not in parsed.drivername and driver is not None:
+        return parsed.set(drivername=f"{parsed.drivername}+{driver}")
+    return parsed
 
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -51,15 +72,26 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         event.listen(engine, "begin", _on_begin)
 
 
-def make_sync_engine(url: str | URL) -> Engine:
-    """A blocking engine for migrations; call it from a worker thread, never on the event loop."""
-    engine = create_engine(sync_url(url), poolclass=NullPool)
-    _install_sqlite_hooks(engine)
-    return engine
-
-
-def make_async_engine(url: str | URL) -> AsyncEngine:
-    """The engine the store's coroutines use."""
-    engine = create_async_engine(url)
+def make_async_engine(
+    url: str | URL, *, pool_size: int = DEFAULT_POOL_SIZE, pooled: bool = True
+) -> AsyncEngine:
+    """The engine the store's coroutines use; ``pooled=False`` for a one-off use such as migrating."""
+    parsed = async_url(url)
+    options: dict[str, Any] = {}
+    if not pooled:
+        options["poolclass"] = NullPool
+    elif is_postgresql(parsed):
+        options |= {
+            "pool_size": pool_size,
+            "max_overflow": POOL_MAX_OVERFLOW,
+            "pool_timeout": POOL_TIMEOUT_S,
+            "pool_recycle": POOL_RECYCLE_S,
+            # A connection the server closed (restart, failover) is replaced before use, not failed.
+            "pool_pre_ping": True,
+        }
+    if parsed.get_driver_name() == "asyncpg":
+        # Names the balancer's connections in pg_stat_activity for whoever runs the database.
+        options["connect_args"] = {"server_settings": {"application_name": "llmlb-balancer"}}
+    engine = create_async_engine(parsed, **options)
     _install_sqlite_hooks(engine.sync_engine)
     return engine

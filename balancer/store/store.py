@@ -11,19 +11,26 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
 import structlog
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from balancer.migrations import upgrade_to_head
 from balancer.store import converters
-from balancer.store.engine import is_memory_sqlite, is_sqlite, make_async_engine, make_sync_engine
-from balancer.store.tables import ApiKeyRow, ManifestFileRow, ModelRow, NodeCommandRow, NodeRow, SecretRow
+from balancer.store.engine import DEFAULT_POOL_SIZE, async_url, is_memory_sqlite, make_async_engine
+from balancer.store.migrate import migrate
+from balancer.store.tables import (
+    ApiKeyRow,
+    CheckedSession,
+    ManifestFileRow,
+    ModelRow,
+    NodeCommandRow,
+    NodeRow,
+    SecretRow,
+)
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
@@ -33,42 +40,32 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _migrate(url: URL) -> str | None:
-    """Create the database's directory and migrate it to head (blocking; runs in a worker thread)."""
-    if is_sqlite(url) and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = make_sync_engine(url)
-    try:
-        # One transaction: a failed migration leaves the schema as it was.
-        with engine.begin() as connection:
-            return upgrade_to_head(connection)
-    finally:
-        engine.dispose()
-
-
 class Store:
     """Async access to the balancer's metadata. Build it with :meth:`open`; :meth:`close` it at exit."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=CheckedSession)
         # One writer at a time (SQLite's own rule), so read-then-write steps in a transaction are atomic.
         self._write_lock = asyncio.Lock()
         self._closed = False
 
     @classmethod
-    async def open(cls, url: str) -> Store:
-        """Open the store at ``url`` (e.g. ``sqlite+aiosqlite:////abs/path/llmlb.db``).
+    async def open(cls, url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Store:
+        """Open the store at ``url`` and migrate its schema to the newest revision first.
 
-        Creates the file's parent directories and migrates the schema to the newest revision first.
-        In-memory SQLite is refused: the migration and the store would each see a different database.
+        ``url`` is ``sqlite+aiosqlite:////abs/path/llmlb.db`` (the file's parent directories are
+        created) or ``postgresql+asyncpg://user:password@host:port/database`` (the database must
+        exist); a URL without a driver gets the async one. ``pool_size`` is how many connections a
+        PostgreSQL store keeps open. In-memory SQLite is refused: the migration and the store would
+        each see a different database.
         """
-        parsed = make_url(url)
+        parsed = async_url(url)
         if is_memory_sqlite(parsed):
             raise ValueError("an in-memory SQLite store is not supported; give a file path")
-        revision = await asyncio.to_thread(_migrate, parsed)
+        revision = await migrate(parsed)
         log.info("store.migrated", url=parsed.render_as_string(hide_password=True), revision=revision)
-        return cls(make_async_engine(parsed))
+        return cls(make_async_engine(parsed, pool_size=pool_size))
 
     async def close(self) -> None:
         """Close every connection; the store refuses any use afterwards."""
@@ -134,11 +131,10 @@ class Store:
     async def list_models(self) -> list[Model]:
         """Every live model, sorted by id."""
         async with self._reading() as session:
-            rows = list(
-                await session.scalars(
-                    select(ModelRow).where(ModelRow.deleted_at.is_(None)).order_by(ModelRow.id)
-                )
-            )
+            # Sorted here, not by ORDER BY: PostgreSQL sorts text by the database's collation (often
+            # case-blind, punctuation-blind), SQLite by code point; both engines must list alike.
+            live = await session.scalars(select(ModelRow).where(ModelRow.deleted_at.is_(None)))
+            rows = sorted(live, key=lambda row: row.id)
             files: dict[str, list[ManifestFileRow]] = {row.id: [] for row in rows}
             query = (
                 select(ManifestFileRow)
@@ -227,9 +223,9 @@ class Store:
     async def list_nodes(self) -> list[Node]:
         """Every known node, sorted by id."""
         async with self._reading() as session:
-            return [
-                converters.node(row) for row in await session.scalars(select(NodeRow).order_by(NodeRow.id))
-            ]
+            # Code-point order on every engine (see list_models).
+            rows = sorted(await session.scalars(select(NodeRow)), key=lambda row: row.id)
+            return [converters.node(row) for row in rows]
 
     async def set_node_state(
         self, node_id: str, state: NodeState, *, seen_at: datetime | None = None
@@ -294,7 +290,12 @@ class Store:
                 raise ValueError(f"an API key with id {key.id!r} or the same secret is already stored")
             row = converters.api_key_row(key, created_at=converters.optional_utc(key.created_at) or _now())
             session.add(row)
-            await session.flush()
+            try:
+                await session.flush()
+            except IntegrityError:  # stored in between by another process on the same database
+                raise ValueError(
+                    f"an API key with id {key.id!r} or the same secret is already stored"
+                ) from None
             return converters.api_key(row)
 
     async def find_key(self, secret_hash: str) -> ApiKey | None:
@@ -305,9 +306,9 @@ class Store:
 
     async def list_keys(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
-        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
         async with self._reading() as session:
-            return [converters.api_key(row) for row in await session.scalars(query)]
+            rows = sorted(await session.scalars(select(ApiKeyRow)), key=lambda row: (row.created_at, row.id))
+            return [converters.api_key(row) for row in rows]
 
     async def revoke_key(self, key_id_or_prefix: str) -> bool:
         """Revoke the live key with this id, else the one live key with this prefix.

@@ -21,9 +21,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, UOWTransaction, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can name (and later alter) every constraint.
@@ -58,6 +59,34 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class TooLong(ValueError):
+    """A text value longer than its column allows."""
+
+
+def check_lengths(row: Base) -> None:
+    """Refuse a string longer than its column, alike on every engine.
+
+    PostgreSQL refuses such a value with a driver error, while SQLite quietly stores it whole; checked
+    here, both raise :class:`TooLong`, which callers turn into a clear ``invalid_request``.
+    """
+    for column in row.__table__.columns:
+        length = getattr(column.type, "length", None)
+        value = getattr(row, column.key, None)
+        if length is not None and isinstance(value, str) and len(value) > length:
+            raise TooLong(f"{column.key} is {len(value)} characters long; the limit is {length}")
+
+
+class CheckedSession(Session):
+    """The store's sessions: every row written is checked against its columns' lengths first."""
+
+
+@event.listens_for(CheckedSession, "before_flush")
+def _check_rows(session: Session, _flush: UOWTransaction, _instances: object) -> None:
+    for row in (*session.new, *session.dirty):
+        if isinstance(row, Base):
+            check_lengths(row)
 
 
 class ModelRow(Base):

@@ -1,4 +1,4 @@
-"""API keys on a real SQLite store: minting, checking scopes, revoking, the first admin key."""
+"""API keys on a real store, SQLite and PostgreSQL: minting, checking scopes, revoking, the admin key."""
 
 from __future__ import annotations
 
@@ -18,13 +18,9 @@ from common.rpc import bearer
 from common.types import ApiKey, Scope
 
 
-def db_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
-
-
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url(tmp_path / "llmlb.db"))
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(database_url)
     yield opened
     await opened.close()
 
@@ -86,7 +82,7 @@ async def test_with_auth_off_any_caller_passes(store: Store) -> None:
 
 
 async def test_bootstrap_writes_one_private_admin_key_on_the_first_start_only(
-    tmp_path: Path, store: Store
+    tmp_path: Path, database_url: str, store: Store
 ) -> None:
     path = tmp_path / "home" / "admin-key"
     secret = await KeyRing(store).bootstrap(path)
@@ -99,7 +95,7 @@ async def test_bootstrap_writes_one_private_admin_key_on_the_first_start_only(
     assert (await ring.list())[0].last_used_at is not None  # the use was recorded before the close
 
     await store.close()
-    reopened = await Store.open(db_url(tmp_path / "llmlb.db"))  # the second start of the balancer
+    reopened = await Store.open(database_url)  # the second start of the balancer
     try:
         path.unlink()
         assert await KeyRing(reopened).bootstrap(path) is None

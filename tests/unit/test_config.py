@@ -80,3 +80,11 @@ def test_env_file_parsing(tmp_path: Path) -> None:
     path.write_text('A=1\nB="two words"\nC=3 # trailing\n=skip\nnoequals\n')
     assert read_env_file(path) == {"A": "1", "B": "two words", "C": "3"}
     assert read_env_file(tmp_path / "missing") == {}
+
+
+def test_database_pool_size_comes_from_the_environment_and_must_be_positive(tmp_path: Path) -> None:
+    home = {"LLMLB_HOME": str(tmp_path)}
+    assert load_balancer_config(env=home).database_pool_size == 5
+    assert load_balancer_config(env=home | {"LLMLB_DATABASE_POOL_SIZE": "12"}).database_pool_size == 12
+    with pytest.raises(ValueError):
+        load_balancer_config(env=home | {"LLMLB_DATABASE_POOL_SIZE": "0"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,12 +12,12 @@ from balancer.fleet import Fleet
 from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.types import NodeState
-from tests.unit.test_store import db_url, make_node
+from tests.unit.test_store import make_node
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url(tmp_path / "llmlb.db"))
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(database_url)
     yield opened
     await opened.close()
 

@@ -1,4 +1,8 @@
-"""The balancer's metadata store, on real SQLite files."""
+"""The balancer's metadata store, on real SQLite files and on a real PostgreSQL server.
+
+Every test that takes ``store`` or ``database_url`` runs on both engines. One module, over the usual
+size: every store behaviour shares the builders below, and splitting by table would scatter them.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, Integer, MetaData, create_engine
+from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
-from balancer.migrations import head_revision
-from balancer.store import Store
+from balancer.migrations import alembic_config, head_revision
+from balancer.store import Store, TooLong
+from balancer.store.engine import async_url
 from balancer.store.tables import Base
 from common.types import (
     ApiKey,
@@ -33,6 +40,7 @@ from common.types import (
     NodeState,
     Scope,
 )
+from tests.fixtures.postgres import PostgresServer
 
 
 def db_url(path: Path) -> str:
@@ -45,8 +53,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(db_url(db_path))
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(database_url)
     yield opened
     await opened.close()
 
@@ -173,6 +181,21 @@ async def test_unknown_model_is_none(store: Store) -> None:
     assert await store.delete_model("nobody/nothing") is False
 
 
+async def test_a_value_longer_than_its_column_is_refused_alike_on_every_engine(store: Store) -> None:
+    # PostgreSQL would refuse it with a driver error; SQLite would keep it whole.
+    with pytest.raises(TooLong, match="version is 65 characters long; the limit is 64"):
+        await store.upsert_node(make_node(version="v" * 65))
+    with pytest.raises(TooLong, match="name is 257 characters"):
+        await store.upsert_model(make_model(name="n" * 257))
+    long_file = ManifestFile("f" * 1025 + ".gguf", FileFormat.GGUF, 1)
+    with pytest.raises(TooLong, match="filename"):
+        await store.upsert_model(make_model(files=[long_file]))
+
+    assert await store.list_nodes() == [] and await store.list_models() == []
+    stored = await store.upsert_node(make_node(version="v" * 64))  # at the limit is fine
+    assert stored.version == "v" * 64
+
+
 async def test_naive_datetime_is_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="naive"):
         await store.upsert_model(make_model(created_at=datetime(2025, 1, 1)))
@@ -199,13 +222,13 @@ async def test_delete_hides_model_and_queues_one_command_per_known_node(store: S
     assert await store.delete_model("org/tiny-gguf") is False
 
 
-async def test_delete_is_committed_before_it_returns(db_path: Path, store: Store) -> None:
+async def test_delete_is_committed_before_it_returns(database_url: str, store: Store) -> None:
     await store.upsert_node(make_node())
     await store.upsert_model(make_model())
     await store.delete_model("org/tiny-gguf")
 
-    # A second store on the same file, with the first never closed: as after a crash right after delete.
-    other = await Store.open(db_url(db_path))
+    # A second store on the same database, the first never closed: as after a crash right after delete.
+    other = await Store.open(database_url)
     try:
         assert await other.get_model("org/tiny-gguf") is None
         assert [c.model_id for c in await other.pending_commands("node-a")] == ["org/tiny-gguf"]
@@ -380,15 +403,15 @@ async def test_touch_key_records_last_use(store: Store) -> None:
 # opening, restarts and migrations
 
 
-async def test_everything_survives_a_restart(db_path: Path) -> None:
-    first = await Store.open(db_url(db_path))
+async def test_everything_survives_a_restart(database_url: str) -> None:
+    first = await Store.open(database_url)
     model = await first.upsert_model(make_model())
     node = await first.upsert_node(make_node())
     command = await first.add_command("node-a", CommandKind.PREFETCH, model.id)
     key = await first.add_key(make_key())
     await first.close()
 
-    second = await Store.open(db_url(db_path))
+    second = await Store.open(database_url)
     try:
         assert await second.get_model(model.id) == model
         assert await second.get_node(node.id) == node
@@ -399,9 +422,9 @@ async def test_everything_survives_a_restart(db_path: Path) -> None:
 
 
 async def test_a_secret_is_made_once_and_every_store_on_the_database_reads_the_same_one(
-    db_path: Path,
+    database_url: str,
 ) -> None:
-    first, second = await Store.open(db_url(db_path)), await Store.open(db_url(db_path))
+    first, second = await Store.open(database_url), await Store.open(database_url)
     try:  # two replicas on one database, both starting for the first time at once
         made = await asyncio.gather(
             first.secret("node-fleet", lambda: "made-by-first"),
@@ -413,18 +436,18 @@ async def test_a_secret_is_made_once_and_every_store_on_the_database_reads_the_s
         await first.close()
         await second.close()
 
-    reopened = await Store.open(db_url(db_path))
+    reopened = await Store.open(database_url)
     try:
         assert await reopened.secret("node-fleet", lambda: "made-after-a-restart") == made[0]
     finally:
         await reopened.close()
 
 
-async def test_the_fleet_token_survives_a_restart_and_is_not_the_stored_secret(db_path: Path) -> None:
-    store = await Store.open(db_url(db_path))
+async def test_the_fleet_token_survives_a_restart_and_is_not_the_stored_secret(database_url: str) -> None:
+    store = await Store.open(database_url)
     token = await load_fleet_token(store)
     await store.close()
-    store = await Store.open(db_url(db_path))
+    store = await Store.open(database_url)
     try:
         assert await load_fleet_token(store) == token
         stored = await store.secret(SECRET_NAME, lambda: "unused")
@@ -433,17 +456,82 @@ async def test_the_fleet_token_survives_a_restart_and_is_not_the_stored_secret(d
         await store.close()
 
 
-async def test_reopening_leaves_the_schema_at_head(db_path: Path) -> None:
+def _versions_and_tables(connection: Connection) -> tuple[list[str], set[str]]:
+    versions = list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    return versions, set(inspect(connection).get_table_names())
+
+
+async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     for _ in range(2):
-        store = await Store.open(db_url(db_path))
+        store = await Store.open(database_url)
         await store.close()
 
-    with sqlite3.connect(db_path) as db:
-        versions = db.execute("SELECT version_num FROM alembic_version").fetchall()
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert versions == [(head_revision(),)]
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            versions, tables = await connection.run_sync(_versions_and_tables)
+    finally:
+        await engine.dispose()
+    assert versions == [head_revision()]
     assert head_revision() == "0002"
     assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets"} <= tables
+
+
+async def test_the_alembic_command_migrates_a_url_alone_and_the_store_then_finds_it_at_head(
+    database_url: str,
+) -> None:
+    # What an operator's `alembic upgrade head` does: no connection handed in, only the URL.
+    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "head")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            versions, tables = await connection.run_sync(_versions_and_tables)
+    finally:
+        await engine.dispose()
+    assert versions == [head_revision()] and "models" in tables
+
+    store = await Store.open(database_url)
+    try:
+        assert await store.upsert_model(make_model()) == await store.get_model("org/tiny-gguf")
+    finally:
+        await store.close()
+
+
+async def test_balancers_starting_together_on_a_new_postgresql_database_all_start(
+    postgres_url: str,
+) -> None:
+    # Replicas deployed at once: one migrates, the others wait for it and find the schema at head.
+    stores = await asyncio.gather(*(Store.open(postgres_url) for _ in range(4)))
+    try:
+        await stores[0].upsert_model(make_model())
+        assert [[m.id for m in await s.list_models()] for s in stores] == [["org/tiny-gguf"]] * 4
+    finally:
+        for opened in stores:
+            await opened.close()
+
+
+async def test_listings_are_in_code_point_order_whatever_the_database_collation(
+    postgres_server: PostgresServer,
+) -> None:
+    # An ICU collation sorts "node_c" before "Node-Z"; SQLite and Python sort by code point.
+    name = postgres_server.create_database(icu_locale="en-US")
+    store = await Store.open(postgres_server.url(name))
+    try:
+        ids = ["node-b", "Node-Z", "node_c", "node.a"]
+        for node_id in ids:
+            await store.upsert_node(make_node(node_id))
+            await store.upsert_model(make_model(node_id.lower().replace("_", "-") + "/m"))
+        assert [n.id for n in await store.list_nodes()] == sorted(ids)
+        assert [m.id for m in await store.list_models()] == ["node-b/m", "node-c/m", "node-z/m", "node.a/m"]
+    finally:
+        await store.close()
+        postgres_server.drop_database(name)
+
+
+def test_a_url_without_a_driver_gets_the_async_one() -> None:
+    assert async_url("postgresql://u:p@db:5432/llmlb").drivername == "postgresql+asyncpg"
+    assert async_url("sqlite:////var/lib/llmlb.db").drivername == "sqlite+aiosqlite"
+    assert async_url("postgresql+asyncpg://db/llmlb").drivername == "postgresql+asyncpg"
 
 
 async def test_open_creates_parent_directories_from_any_cwd(
@@ -461,9 +549,13 @@ async def test_open_creates_parent_directories_from_any_cwd(
     assert path.is_file()
 
 
-async def test_database_uses_wal_journal_mode(db_path: Path, store: Store) -> None:
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+async def test_sqlite_database_uses_wal_journal_mode(db_path: Path) -> None:
+    store = await Store.open(db_url(db_path))
+    try:
+        with sqlite3.connect(db_path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        await store.close()
 
 
 async def test_in_memory_database_is_refused() -> None:
@@ -471,21 +563,25 @@ async def test_in_memory_database_is_refused() -> None:
         await Store.open("sqlite+aiosqlite://")
 
 
-async def test_migrations_match_the_tables_exactly(db_path: Path, store: Store) -> None:
-    engine = create_engine(f"sqlite:///{db_path}")
-    try:
-        with engine.connect() as connection:
-            context = MigrationContext.configure(
-                connection, opts={"compare_type": True, "compare_server_default": True}
-            )
-            assert compare_metadata(context, Base.metadata) == []
+def _schema_diffs(connection: Connection) -> tuple[list[Any], list[Any]]:
+    """What autogenerate would change: for the tables as declared, and for them plus one column."""
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": True}
+    )
+    drifted = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.tables.values():
+        table.to_metadata(drifted)
+    drifted.tables["nodes"].append_column(Column("zone", Integer, nullable=True))
+    return compare_metadata(context, Base.metadata), compare_metadata(context, drifted)
 
-            # The comparison does see drift: one extra column in the tables is reported.
-            drifted = MetaData(naming_convention=Base.metadata.naming_convention)
-            for table in Base.metadata.tables.values():
-                table.to_metadata(drifted)
-            drifted.tables["nodes"].append_column(Column("zone", Integer, nullable=True))
-            diffs = compare_metadata(context, drifted)
-            assert [(d[0], d[2], d[3].name) for d in diffs] == [("add_column", "nodes", "zone")]
+
+async def test_migrations_match_the_tables_exactly(database_url: str, store: Store) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            exact, drifted = await connection.run_sync(_schema_diffs)
     finally:
-        engine.dispose()
+        await engine.dispose()
+    assert exact == []
+    # The comparison does see drift: one extra column in the tables is reported.
+    assert [(d[0], d[2], d[3].name) for d in drifted] == [("add_column", "nodes", "zone")]
