@@ -167,7 +167,7 @@ def test_a_node_with_a_token_serves_only_callers_that_present_it_and_the_balance
     assert TOKEN not in balancer.log() and TOKEN not in node.log()
 
 
-def test_a_peer_serves_a_node_with_the_fleets_token_and_a_wrong_token_falls_through_to_the_origin(
+def test_a_peer_serves_pulls_that_share_its_token_or_ask_the_balancer_for_the_fleets(
     balancer: BalancerProcess, hub: FakeHub, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
     data = b"GGUF" + hashlib.sha256(b"peer").digest() * (1024 * 1024 // 32)
@@ -195,8 +195,11 @@ def test_a_peer_serves_a_node_with_the_fleets_token_and_a_wrong_token_falls_thro
     assert (tmp_path / "same" / "models" / model_id / "g.gguf").read_bytes() == data
     assert hub.bytes_served() == 0
 
-    wrong = pull(tmp_path / "wrong", "not-the-fleet-token", hub.url)
+    # A wrong XLLM_AUTH_TOKEN does not matter: `xllm pull` asks the balancer for the fleet token
+    # (Registry.GetFleetToken) before its first peer fetch, and the holder accepts that. (A peer that
+    # refuses is skipped for the next source: tests/unit/test_node_token.py.)
+    wrong = pull(tmp_path / "wrong", "not-the-fleet-token", "http://127.0.0.1:9")
     assert wrong.returncode == 0, wrong.stderr
     assert (tmp_path / "wrong" / "models" / model_id / "g.gguf").read_bytes() == data
-    assert hub.bytes_served() == len(data)  # the peer refused, so the origin served it all
-    assert (wrong.stdout + wrong.stderr).count("does not match") == 1  # refused once, not retried
+    assert hub.bytes_served() == 0
+    assert "does not match" not in wrong.stdout + wrong.stderr  # never refused
