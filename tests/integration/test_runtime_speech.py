@@ -124,7 +124,9 @@ def test_whisper_reads_flac_ogg_and_mp3(
     except (av.error.FFmpegError, ValueError) as exc:
         pytest.fail(f"this PyAV build cannot write {container}: {exc}")
     transcript = whisper_runtime.transcribe(TranscribeRequest("w", data, name))
-    assert {"quick", "fox", "lazy", "dog"} <= set(words(transcript.text))
+    # Piper draws phoneme lengths at random, and a lossy re-encoding of one take was once heard with
+    # "quick" as another word: one word off is the same tolerance every transcript check here has.
+    assert_heard(transcript.text, SENTENCE)
 
 
 def test_whisper_with_a_given_language_reports_it(
