@@ -403,7 +403,8 @@ def _report(
             "## Routing overhead: one 1-token Complete, direct vs through the balancer",
             "",
             f"Three processes on {os.cpu_count()} CPU(s): the balancer (auth on: each call presents the "
-            "admin key), an echo node that answers at once (a real gRPC node from `tests/fixtures`), and "
+            "admin key), an echo node that answers at once (a real gRPC node from `devkit/echo_node.py`), "
+            "and "
             "the load generator, so the balancer's process does only the balancer's work; the bare relay "
             "runs in the balancer's process while the balancer idles. Latency: "
             f"{SEQUENTIAL} sequential calls per path after {WARMUP} warm-up calls, interleaved in "
