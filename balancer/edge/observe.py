@@ -63,13 +63,13 @@ class Observer:
     def call(self, door: str, route: str) -> Call:
         return Call(self.metrics, door, route)
 
-    async def admit(self, call: Call, request: R) -> R:
-        """``request`` through admission (``edge.admission.admit``); a refusal is counted, then raised."""
-        try:
-            request = admit(request)
-        except LlmlbError as exc:
-            await self.failed(call, exc)
-            raise
+    def admit(self, call: Call, request: R) -> R:
+        """``request`` through admission (``edge.admission.admit``), its model then the call's label.
+
+        A refusal propagates to the door's ``unary``/``stream``/handler wrapper, which counts it once
+        (unlabelled, since the model was never admitted).
+        """
+        request = admit(request)
         call.model = request.model
         return request
 

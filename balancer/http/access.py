@@ -27,8 +27,7 @@ def _guarded(keys: KeyRing, access: Access | None, what: str, endpoint: Endpoint
 
     async def checked(request: Request) -> Response:
         # Raises ``unauthorized`` (no, unknown or revoked key) or ``forbidden`` (wrong scope, or unlisted).
-        if access is None or keys.enabled:
-            await keys.authorize(bearer(request.headers.get("authorization")), access, what)
+        await keys.authorize(bearer(request.headers.get("authorization")), access, what)
         return await endpoint(request)
 
     checked.__name__ = getattr(endpoint, "__name__", "endpoint")

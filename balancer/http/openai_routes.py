@@ -206,7 +206,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed("chat")
     async def chat_completions(request: Request, call: Call) -> Response:
         body = cv.parse_body(ChatCompletionBody, await request.body())
-        internal = await observer.admit(call, cv.chat_request(body, request_id(request)))
+        internal = observer.admit(call, cv.chat_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -224,7 +224,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed("complete")
     async def completions(request: Request, call: Call) -> Response:
         body = cv.parse_body(CompletionBody, await request.body())
-        internal = await observer.admit(call, cv.complete_request(body, request_id(request)))
+        internal = observer.admit(call, cv.complete_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -242,7 +242,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed("embed")
     async def embeddings(request: Request, call: Call) -> Response:
         body = cv.parse_body(EmbeddingBody, await request.body())
-        internal = await observer.admit(call, cv.embed_request(body, request_id(request)))
+        internal = observer.admit(call, cv.embed_request(body, request_id(request)))
         rid = internal.request_id
         result = await unless_disconnected(request.receive, routing.embed(internal))
         call.tokens(result.usage)
@@ -254,7 +254,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
             rid = request_id(request)
-            internal = await observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
+            internal = observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
             rid = internal.request_id
             fmt = parse_format(cv.form_text(form, "response_format"))
         transcript = await unless_disconnected(request.receive, routing.transcribe(internal))
@@ -265,7 +265,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed("speak")
     async def speech(request: Request, call: Call) -> Response:
         body = cv.parse_body(SpeechBody, await request.body())
-        internal = await observer.admit(call, cv.speak_request(body, request_id(request)))
+        internal = observer.admit(call, cv.speak_request(body, request_id(request)))
         rid = internal.request_id
         chunks = routing.speak(internal)
         first = await _first(chunks, request.receive)
@@ -286,7 +286,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed("image")
     async def image_generations(request: Request, call: Call) -> Response:
         body = cv.parse_body(ImageGenerationBody, await request.body())
-        internal = await observer.admit(call, cv.generate_image_request(body, request_id(request)))
+        internal = observer.admit(call, cv.generate_image_request(body, request_id(request)))
         return await image_answer(request, internal, internal.request_id)
 
     def image_form_route(operation: ImageOperation) -> Callable[[Request, Call], Awaitable[Response]]:
@@ -294,7 +294,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
                 image, _ = await _file(form, "image", "image[]")
                 mask, _ = await _file(form, "mask", required=False)
-                internal = await observer.admit(
+                internal = observer.admit(
                     call, cv.image_form_request(form, operation, image, mask, request_id(request))
                 )
             return await image_answer(request, internal, internal.request_id)

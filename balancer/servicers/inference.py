@@ -47,7 +47,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         call = self._observer.call(DOOR, route)
 
         async def admitted() -> T:
-            result = await answer(await self._observer.admit(call, request()), _time_left(context))
+            result = await answer(self._observer.admit(call, request()), _time_left(context))
             usage = getattr(result, "usage", None)
             if usage is not None:
                 call.tokens(usage)
@@ -65,7 +65,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         call = self._observer.call(DOOR, route)
 
         async def admitted() -> AsyncIterator[T]:
-            async for item in answer(await self._observer.admit(call, request()), _time_left(context)):
+            async for item in answer(self._observer.admit(call, request()), _time_left(context)):
                 yield item
 
         return self._observer.stream(call, admitted())
