@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from balancer.changes import NO_CHANGES, Change, Changes
 from balancer.edge.access import Access, grpc_access, unlisted
 from balancer.store import Store
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
@@ -45,9 +46,10 @@ def allows(key: ApiKey, *scopes: Scope) -> bool:
 class KeyRing:
     """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through."""
 
-    def __init__(self, store: Store, *, enabled: bool = True) -> None:
+    def __init__(self, store: Store, *, enabled: bool = True, changes: Changes = NO_CHANGES) -> None:
         self._store = store
         self.enabled = enabled
+        self._changes = changes
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}  # secret hash -> (expires, key)
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -67,6 +69,7 @@ class KeyRing:
             scopes=tuple(dict.fromkeys(scopes)),
         )
         stored = await self._store.add_key(key)
+        await self._changes.publish(Change.KEY, stored.id)
         log.info("key.created", key_id=stored.id, name=name, scopes=[s.value for s in stored.scopes])
         return stored, secret
 
@@ -81,11 +84,19 @@ class KeyRing:
             raise LlmlbError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         if not revoked:
             raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no live key {key_id_or_prefix!r}")
-        self._cache.clear()
+        self.forget()
+        await self._changes.publish(Change.KEY, key_id_or_prefix)
         for key in await self._store.list_keys():
             if key_id_or_prefix in (key.id, key.prefix) and key.revoked_at is not None:
                 return key
         raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+
+    def forget(self) -> None:
+        """Drops every remembered answer, so the next check of each key asks the store again.
+
+        Called on a revocation here and when another replica creates or revokes a key.
+        """
+        self._cache.clear()
 
     async def bootstrap(self, path: Path) -> str | None:
         """On a store with no keys, mints the first admin key and writes it to ``path`` (mode 0600).

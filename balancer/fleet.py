@@ -63,10 +63,16 @@ class NodeInfo:
 
 
 class Fleet:
-    """Connected nodes, their per-model states and their last reported load."""
+    """Connected nodes, their per-model states and their last reported load.
+
+    A node is connected to this replica (its session is here) or to another replica of the same
+    database (``remote``: what it reports reaches us through the store, see ``balancer.replicas``).
+    Both are routed to alike; a local session always wins over a remote report.
+    """
 
     def __init__(self) -> None:
         self._online: set[str] = set()
+        self._remote: dict[str, str] = {}  # node_id -> the replica holding its session
         self._draining: set[str] = set()
         self._info: dict[str, NodeInfo] = {}
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
@@ -105,6 +111,7 @@ class Fleet:
         """Forgets a node entirely (``llmlb nodes rm``)."""
         self._online.discard(node_id)
         self._draining.discard(node_id)
+        self._remote.pop(node_id, None)
         self._info.pop(node_id, None)
         self._models.pop(node_id, None)
         self._load.pop(node_id, None)
@@ -121,12 +128,42 @@ class Fleet:
 
     def connected(self, node_id: str) -> None:
         self._online.add(node_id)
+        self._remote.pop(node_id, None)
         self.version += 1
 
     def disconnected(self, node_id: str) -> None:
         self._online.discard(node_id)
         self._draining.discard(node_id)  # a drained node that comes back starts fresh
+        self._remote.pop(node_id, None)
         self.version += 1
+
+    def attached_elsewhere(
+        self,
+        info: NodeInfo,
+        replica_id: str,
+        *,
+        models: list[ModelOnNode],
+        load: NodeLoad,
+        draining: bool,
+    ) -> None:
+        """The node's session is on ``replica_id``: route to it with what it last reported there."""
+        if self._info.get(info.node_id) != info:
+            self.registered(info)
+        if info.node_id not in self._online:
+            self._online.add(info.node_id)
+            self.version += 1
+        self._remote[info.node_id] = replica_id
+        self.replace(info.node_id, models)
+        self.set_load(info.node_id, load)
+        self.set_draining(info.node_id, draining)
+
+    def remote_replica(self, node_id: str) -> str | None:
+        """The replica holding the node's session when that is not this one; None otherwise."""
+        return self._remote.get(node_id)
+
+    def remote_nodes(self) -> dict[str, str]:
+        """Nodes connected to other replicas, with the replica holding each."""
+        return dict(self._remote)
 
     def is_online(self, node_id: str) -> bool:
         return node_id in self._online

@@ -107,6 +107,7 @@ async def serve(
     if any(c.kind is CommandKind.DRAIN for c in await store.pending_commands(node_id)):
         session.draining = True
         fleet.set_draining(node_id, True)
+        await parts.replicas.reported(node_id)
     reader = asyncio.create_task(_read(parts, session, inbound))
     try:
         yield Accepted(node_id, config.heartbeat_interval_ms)
@@ -144,8 +145,10 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
             fleet.set_load(node_id, msg.load)
             fleet.replace(node_id, [replace(m, node_id=node_id) for m in msg.models])
             fleet.set_draining(node_id, msg.draining or session.draining)
+            await parts.replicas.reported(node_id)
         elif isinstance(msg, ModelReported):
             fleet.report(replace(msg.status, node_id=node_id))
+            await parts.replicas.reported(node_id)
         # Only commands sent to this node on this session can be cleared by it.
         elif isinstance(msg, CommandAck) and msg.command_id in session.sent:
             if msg.ok:

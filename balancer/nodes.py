@@ -7,13 +7,16 @@ that is offline gets them when it reconnects.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 
+from balancer.changes import Change
 from balancer.fleet import NodeInfo
 from balancer.parts import BalancerParts
 from balancer.store import TooLong
@@ -23,6 +26,7 @@ from common.types import Backend, Capability, CommandKind, GpuDevice, Node, Node
 log = structlog.get_logger(__name__)
 MAX_NODE_ID_LENGTH = 128
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
+DETACH_POLL_S = 0.05  # how often a removal looks whether another replica has let go of the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,7 @@ async def pull_model(parts: BalancerParts, model_id: str, node_ids: list[str]) -
     for node_id in targets:
         await queue_command(parts, node_id, CommandKind.PREFETCH, model.id)
     parts.sessions.notify_all()
+    await parts.replicas.publish(Change.COMMANDS)  # nodes held by other replicas
     log.info("model.pull_requested", model_id=model.id, node_ids=targets)
     return PulledModel(model.id, tuple(targets))
 
@@ -152,6 +157,7 @@ async def drain_node(parts: BalancerParts, node_id: str) -> Node:
     await queue_command(parts, node.id, CommandKind.DRAIN)
     online = _mark_draining(parts, node.id)
     parts.sessions.notify_all()
+    await parts.replicas.publish(Change.DRAIN, node.id)
     log.info("node.drain_requested", node_id=node.id, online=online)
     return replace(node, state=NodeState.DRAINING)
 
@@ -159,12 +165,29 @@ async def drain_node(parts: BalancerParts, node_id: str) -> Node:
 async def remove_node(parts: BalancerParts, node_id: str) -> str:
     """Forgets the node; a connected one is told to drain first and its session ends. Its id."""
     node = await known_node(parts, node_id)
+    timeout_s = parts.config.heartbeat_timeout_ms / 1000
     connected = parts.sessions.get(node.id) is not None
-    if connected:  # told to drain first, so it takes no new work while it is gone
+    elsewhere = not connected and parts.fleet.remote_replica(node.id) is not None
+    if connected or elsewhere:  # told to drain first, so it takes no new work while it is gone
         await queue_command(parts, node.id, CommandKind.DRAIN)
         _mark_draining(parts, node.id)
-        await parts.sessions.end(node.id, parts.config.heartbeat_timeout_ms / 1000)
+    if connected:
+        await parts.sessions.end(node.id, timeout_s)
+    await parts.replicas.publish(Change.REMOVE, node.id)  # the replica holding it ends its session
+    if elsewhere:
+        await _until_detached(parts, node.id, timeout_s)
     await parts.store.remove_node(node.id)
     parts.fleet.remove(node.id)
-    log.info("node.removed", node_id=node.id, was_connected=connected)
+    log.info("node.removed", node_id=node.id, was_connected=connected or elsewhere)
     return node.id
+
+
+async def _until_detached(parts: BalancerParts, node_id: str, timeout_s: float) -> None:
+    """Waits (at most ``timeout_s``) for the replica holding the node's session to end it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        node = await parts.store.get_node(node_id)
+        if node is None or not node.replica_id:
+            return
+        await asyncio.sleep(DETACH_POLL_S)
+    log.warning("node.session_end_timeout", node_id=node_id, replica_id="other")

@@ -8,6 +8,7 @@ from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.fleet import Fleet
 from balancer.origin import Origin
+from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.sessions import NodeSessions
 from balancer.store import Store
@@ -26,5 +27,6 @@ class BalancerParts:
     router: Router
     keys: KeyRing
     metrics: BalancerMetrics
+    replicas: Replicas  # this balancer among the replicas of its store (alone on SQLite)
     # What every node accepts on its Inference and Manifest port (``balancer.fleet_token``); never shown.
     fleet_token: str = field(default="", repr=False)

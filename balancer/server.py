@@ -24,6 +24,7 @@ from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
+from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.servicers.inference import InferenceServicer
 from balancer.servicers.manifest import ManifestServicer
@@ -42,7 +43,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2_grpc,
 )
 from common.rpc import SERVER_OPTIONS
-from common.types import ModelState, NodeState
+from common.types import ModelState
 
 log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
@@ -86,6 +87,7 @@ class Balancer:
             await self.http.stop(grace)
         await self.server.stop(grace)
         await self.parts.sessions.close_all()
+        await self.parts.replicas.stop()
         await self.clients.close()
         await self.parts.origin.close()
         await self.parts.keys.settle()
@@ -117,14 +119,15 @@ async def start(config: BalancerConfig) -> Balancer:
     seed = load_catalog(config.catalog_path, config.hf_endpoint)  # a broken file stops us before any I/O
     store = await Store.open(config.database_url, pool_size=config.database_pool_size)
     origin = Origin(config)
-    catalog = Catalog(store, origin)
-    await catalog.seed(seed)
     fleet = Fleet()
-    sessions = NodeSessions(store, fleet)
-    for node in await store.list_nodes():  # nobody is connected to a process that just started
-        await store.set_node_state(node.id, NodeState.OFFLINE)
+    replicas = Replicas(
+        store, fleet, database_url=config.database_url, timeout_s=config.heartbeat_timeout_ms / 1000
+    )
+    catalog = Catalog(store, origin, replicas)
+    await catalog.seed(seed)
+    sessions = NodeSessions(fleet, replicas)
 
-    keys = KeyRing(store, enabled=config.auth)
+    keys = KeyRing(store, enabled=config.auth, changes=replicas)
     secret = await keys.bootstrap(config.admin_key_file)
     if secret is not None:  # shown once; the file keeps it for the CLI on this machine
         print(
@@ -137,7 +140,10 @@ async def start(config: BalancerConfig) -> Balancer:
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
     router = Router(config, catalog, fleet, clients, metrics)
     fleet_token = await load_fleet_token(store)
-    parts = BalancerParts(config, store, origin, catalog, fleet, sessions, router, keys, metrics, fleet_token)
+    parts = BalancerParts(
+        config, store, origin, catalog, fleet, sessions, router, keys, metrics, replicas, fleet_token
+    )
+    await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)
@@ -156,6 +162,7 @@ async def start(config: BalancerConfig) -> Balancer:
     else:
         port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
+        await replicas.stop()
         await store.close()
         raise OSError(f"cannot listen on {config.grpc_listen}")
     await server.start()
@@ -165,6 +172,7 @@ async def start(config: BalancerConfig) -> Balancer:
             http = await start_http(create_app(parts), config.http_listen)
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
+            await replicas.stop()
             await store.close()
             raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None
     for name in ("", *SERVICE_NAMES):

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 
 from balancer.fleet import Fleet
-from balancer.store import Store
-from common.types import NodeState
+from balancer.replicas import Replicas
 
 log = structlog.get_logger(__name__)
 
@@ -36,9 +34,9 @@ class Session:
 
 
 class NodeSessions:
-    def __init__(self, store: Store, fleet: Fleet) -> None:
-        self._store = store
+    def __init__(self, fleet: Fleet, replicas: Replicas) -> None:
         self._fleet = fleet
+        self._replicas = replicas
         self._open: dict[str, Session] = {}
         self._closing: set[Session] = set()  # taken out of _open, their offline state not yet stored
 
@@ -50,8 +48,8 @@ class NodeSessions:
         session = Session(node_id)
         self._open[node_id] = session
         self._fleet.connected(node_id)
-        await self._store.set_node_state(node_id, NodeState.ONLINE, seen_at=datetime.now(UTC))
-        log.info("node.connected", node_id=node_id)
+        await self._replicas.attach(node_id)
+        log.info("node.connected", node_id=node_id, replica_id=self._replicas.id)
         return session
 
     async def close(self, session: Session) -> None:
@@ -62,7 +60,7 @@ class NodeSessions:
         self._closing.add(session)
         try:
             self._fleet.disconnected(session.node_id)
-            await self._store.set_node_state(session.node_id, NodeState.OFFLINE, seen_at=datetime.now(UTC))
+            await self._replicas.detach(session.node_id)
             log.info("node.disconnected", node_id=session.node_id)
         finally:
             self._closing.discard(session)
@@ -85,6 +83,16 @@ class NodeSessions:
         """Wakes every session so it sends the commands queued for its node."""
         for session in self._open.values():
             session.wake.set()
+
+    def notify(self, node_id: str) -> None:
+        """Wakes the node's session, if it is held here, so it sends the commands queued for it."""
+        session = self._open.get(node_id)
+        if session is not None:
+            session.wake.set()
+
+    def node_ids(self) -> list[str]:
+        """The nodes whose sessions this balancer holds."""
+        return sorted(self._open)
 
     def get(self, node_id: str) -> Session | None:
         """The node's open session, if it is connected."""

@@ -139,6 +139,8 @@ class Node:
     state: NodeState = NodeState.OFFLINE
     registered_at: datetime | None = None
     last_seen_at: datetime | None = None
+    replica_id: str = ""  # the balancer replica holding its session; empty while it has none
+    live: str = field(default="", repr=False)  # what it last reported there (JSON, for other replicas)
 
 
 class CommandKind(enum.StrEnum):

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 
 import structlog
 
+from balancer.changes import NO_CHANGES, Change, Changes
 from balancer.origin import Origin, PinnedRepo, RemoteFile
 from balancer.store import Store, TooLong
 from common.errors import ErrorCode, LlmlbError
@@ -39,18 +40,29 @@ class RegisterRequest:
 class Catalog:
     """Registers, lists and deletes models; pins every registration to an origin commit.
 
-    Reads are served from memory: this process is the store's only writer, and every write goes
-    through here, so the copy is exact. The store stays the truth across restarts (``load``).
+    Reads are served from memory. Every write of this process goes through here, so its copy is
+    exact; writes by other replicas of the same store arrive as ``refresh`` calls (and the periodic
+    ``load``). The store stays the truth across restarts.
     """
 
-    def __init__(self, store: Store, origin: Origin) -> None:
+    def __init__(self, store: Store, origin: Origin, changes: Changes = NO_CHANGES) -> None:
         self._store = store
         self._origin = origin
+        self._changes = changes
         self._models: dict[str, Model] = {}
 
     async def load(self) -> None:
-        """Reads every model from the store; call once at start, after seeding."""
+        """Reads every model from the store: at start, after seeding, and to resync with other replicas."""
         self._models = {m.id: m for m in await self._store.list_models()}
+
+    async def refresh(self, model_id: str) -> bool:
+        """Re-reads one model another replica registered or deleted; False when it is gone."""
+        model = await self._store.get_model(model_id)
+        if model is None:
+            self._models.pop(model_id, None)
+            return False
+        self._models[model_id] = model
+        return True
 
     async def register(self, req: RegisterRequest) -> Model:
         repo_id = _check_repo_id(req.repo_id)
@@ -89,6 +101,7 @@ class Catalog:
         except TooLong as exc:  # e.g. a display name longer than the store keeps
             raise LlmlbError(ErrorCode.INVALID_REQUEST, f"model {model_id!r}: {exc}") from None
         self._models[model_id] = stored
+        await self._changes.publish(Change.MODEL, model_id)
         log.info(
             "model.registered",
             model_id=model_id,
@@ -116,6 +129,7 @@ class Catalog:
         if not await self._store.delete_model(normal):
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} not found")
         self._models.pop(normal, None)
+        await self._changes.publish(Change.MODEL, normal)
         log.info("model.deleted", model_id=normal, nodes_notified=len(nodes))
         return len(nodes)
 

@@ -1,5 +1,10 @@
 """The balancer's own view of each node's load and health: in-flight calls, latency, cooldown.
 
+A node's load is the larger of this balancer's own calls in flight there and what the node last
+reported (its calls in flight plus queued, from every balancer replica): with several replicas each
+sees only its own calls, and the node's report is what keeps them from all taking a busy node for an
+idle one. The report is at most a heartbeat old, so the own count, always current, is the floor.
+
 A node's latency is an exponentially weighted average of how long it took to start answering; a
 node whose calls fail ``cooldown_failures`` times in a row is left alone for ``cooldown_s`` seconds
 (measured on the injected clock), unless no other node is left.
@@ -27,15 +32,23 @@ class NodeStats:
     failures: int = 0  # consecutive
     cooldown_until: float = 0.0
 
-    def score(self) -> float:
-        """Expected wait for a new call here: lower is better."""
-        return (self.outstanding + 1) * self.latency_s
+    def score(self, reported: int = 0) -> float:
+        """Expected wait for a new call here, given the node's own ``reported`` load: lower is better."""
+        return (max(self.outstanding, reported) + 1) * self.latency_s
 
 
 class NodeStatsTable:
     """Stats per node id, made on first use; records answers and faults and applies the cooldown."""
 
-    def __init__(self, *, cooldown_failures: int, cooldown_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        cooldown_failures: int,
+        cooldown_s: float,
+        clock: Callable[[], float],
+        reported: Callable[[str], int] = lambda _node_id: 0,
+    ) -> None:
+        self._reported = reported
         self._cooldown_failures = cooldown_failures
         self._cooldown_s = cooldown_s
         self._clock = clock
@@ -47,6 +60,10 @@ class NodeStatsTable:
         if stats is None:
             stats = self._stats[node_id] = NodeStats()
         return stats
+
+    def score(self, node_id: str) -> float:
+        """The node's expected wait (``NodeStats.score``) with the load it last reported."""
+        return self.of(node_id).score(self._reported(node_id))
 
     def answered(self, node_id: str, seconds: float) -> None:
         """The node started answering after ``seconds``: fold that into its latency, clear its faults."""

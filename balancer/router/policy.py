@@ -28,7 +28,8 @@ class Policy(Protocol):
 class PowerOfTwoChoices:
     """Draws two nodes at random and takes the one with the lower score (the default policy).
 
-    Score = (outstanding calls + 1) x latency average (``NodeStats.score``), so a node that is both
+    Score = (calls in flight + 1) x latency average (``NodeStatsTable.score``; in flight is the larger
+    of this balancer's own and the node's reported count), so a node that is both
     idle and fast wins; ties go to the first drawn. Thresholds: none of its own; the latency average's
     weight (``EWMA_ALPHA`` = 0.3) and a new node's assumed latency (``FIRST_LATENCY_S`` = 50 ms) live in
     ``node_stats``. Two random draws, not the global best, so a burst of requests does not all land on
@@ -44,7 +45,7 @@ class PowerOfTwoChoices:
         if len(nodes) == 1:
             return nodes[0]
         a, b = self._rng.sample(nodes, 2)
-        return a if stats.of(a.node_id).score() <= stats.of(b.node_id).score() else b
+        return a if stats.score(a.node_id) <= stats.score(b.node_id) else b
 
 
 class RoundRobin:

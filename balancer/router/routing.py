@@ -95,7 +95,10 @@ class Router:
         self._clock = clock
         self._policy = make_policy(policy, rng if rng is not None else random.Random())
         self._stats = NodeStatsTable(
-            cooldown_failures=config.cooldown_failures, cooldown_s=config.cooldown_s, clock=clock
+            cooldown_failures=config.cooldown_failures,
+            cooldown_s=config.cooldown_s,
+            clock=clock,
+            reported=self._reported_load,
         )
         self._candidates = Candidates(fleet)
         self._admission = Admission(
@@ -104,6 +107,10 @@ class Router:
             clock=clock,
             serves=self._candidates.serves,
         )
+
+    def _reported_load(self, node_id: str) -> int:
+        load = self._fleet.load(node_id)
+        return load.active_requests + load.queued_requests if load is not None else 0
 
     @property
     def waiting(self) -> int:

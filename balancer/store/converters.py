@@ -139,6 +139,8 @@ def node(row: NodeRow) -> Node:
         state=NodeState(row.state),
         registered_at=row.registered_at,
         last_seen_at=row.last_seen_at,
+        replica_id=row.replica_id or "",
+        live=row.live or "",
     )
 
 

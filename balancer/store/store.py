@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import delete, func, select, update
@@ -29,6 +31,7 @@ from balancer.store.tables import (
     ModelRow,
     NodeCommandRow,
     NodeRow,
+    ReplicaRow,
     SecretRow,
 )
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
@@ -206,10 +209,13 @@ class Store:
         now = _now()
         async with self._writing() as session:
             row = await session.get(NodeRow, node.id)
+            state = node.state
             if row is None:
                 row = NodeRow(id=node.id, registered_at=converters.optional_utc(node.registered_at) or now)
                 session.add(row)
-            converters.fill_node_row(row, node)
+            elif row.replica_id is not None:  # attached to a replica: registering again is not leaving
+                state = NodeState(row.state)
+            converters.fill_node_row(row, replace(node, state=state))
             row.last_seen_at = converters.optional_utc(node.last_seen_at) or now
             await session.flush()
             return converters.node(row)
@@ -227,15 +233,92 @@ class Store:
             rows = sorted(await session.scalars(select(NodeRow)), key=lambda row: row.id)
             return [converters.node(row) for row in rows]
 
-    async def set_node_state(
-        self, node_id: str, state: NodeState, *, seen_at: datetime | None = None
-    ) -> None:
-        """Record a node's state (and when it was last heard from); an unknown node is ignored."""
-        values: dict[str, object] = {"state": state.value}
-        if seen_at is not None:
-            values["last_seen_at"] = converters.utc(seen_at)
+    async def attach_node(self, node_id: str, replica_id: str, live: str) -> bool:
+        """Record that ``replica_id`` holds the node's session now, with what the node reports.
+
+        False when the node is unknown (removed meanwhile).
+        """
+        values = {
+            "state": NodeState.ONLINE.value,
+            "replica_id": replica_id,
+            "live": live,
+            "last_seen_at": _now(),
+        }
         async with self._writing() as session:
-            await session.execute(update(NodeRow).where(NodeRow.id == node_id).values(values))
+            done = await session.execute(
+                update(NodeRow).where(NodeRow.id == node_id).values(values).returning(NodeRow.id)
+            )
+            return done.first() is not None
+
+    async def update_node_live(self, node_id: str, replica_id: str, live: str) -> bool:
+        """Replace what the node reports, if ``replica_id`` still holds its session; True if it did."""
+        query = update(NodeRow).where(NodeRow.id == node_id, NodeRow.replica_id == replica_id)
+        async with self._writing() as session:
+            done = await session.execute(query.values(live=live).returning(NodeRow.id))
+            return done.first() is not None
+
+    async def detach_node(self, node_id: str, replica_id: str) -> bool:
+        """The node's session on ``replica_id`` ended: it is offline, unless another replica holds it now.
+
+        True when this changed the node (``replica_id`` was still the one holding it).
+        """
+        values = {"state": NodeState.OFFLINE.value, "replica_id": None, "live": None, "last_seen_at": _now()}
+        query = update(NodeRow).where(NodeRow.id == node_id, NodeRow.replica_id == replica_id)
+        async with self._writing() as session:
+            done = await session.execute(query.values(values).returning(NodeRow.id))
+            return done.first() is not None
+
+    # replicas
+
+    def _db_now(self) -> Any:
+        """The database's clock on PostgreSQL (replicas on several hosts agree on it), else ours."""
+        return func.now() if self._engine.dialect.name == "postgresql" else _now()
+
+    async def replica_beat(self, replica_id: str) -> bool:
+        """Record that ``replica_id`` is alive now. False when its row was missing (now recorded again)."""
+        async with self._writing() as session:
+            done = await session.execute(
+                update(ReplicaRow)
+                .where(ReplicaRow.id == replica_id)
+                .values(seen_at=self._db_now())
+                .returning(ReplicaRow.id)
+            )
+            if done.first() is not None:
+                return True
+            now = self._db_now()
+            session.add(ReplicaRow(id=replica_id, started_at=now, seen_at=now))
+            return False
+
+    async def replicas(self) -> list[str]:
+        """Every recorded replica's id."""
+        async with self._reading() as session:
+            return sorted(await session.scalars(select(ReplicaRow.id)))
+
+    async def stale_replicas(self, silent_s: float) -> list[str]:
+        """Replicas whose last beat is older than ``silent_s`` seconds, by the database's clock."""
+        query = select(ReplicaRow.id).where(ReplicaRow.seen_at < self._db_now() - timedelta(seconds=silent_s))
+        async with self._reading() as session:
+            return sorted(await session.scalars(query))
+
+    async def release_replica(self, replica_id: str) -> list[str]:
+        """Forget a replica that stopped or died: the nodes it held are offline. Their ids."""
+        values = {"state": NodeState.OFFLINE.value, "replica_id": None, "live": None}
+        async with self._writing() as session:
+            released = await session.execute(
+                update(NodeRow).where(NodeRow.replica_id == replica_id).values(values).returning(NodeRow.id)
+            )
+            node_ids = sorted(released.scalars())
+            await session.execute(delete(ReplicaRow).where(ReplicaRow.id == replica_id))
+        return node_ids
+
+    async def release_unattached(self) -> list[str]:
+        """Nodes recorded online by no live replica (e.g. written before replicas existed) are offline."""
+        query = update(NodeRow).where(NodeRow.replica_id.is_(None), NodeRow.state != NodeState.OFFLINE.value)
+        async with self._writing() as session:
+            released = await session.execute(
+                query.values(state=NodeState.OFFLINE.value).returning(NodeRow.id)
+            )
+            return sorted(released.scalars())
 
     async def remove_node(self, node_id: str) -> bool:
         """Forget a node and its pending commands; False if it was unknown."""

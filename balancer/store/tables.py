@@ -141,6 +141,10 @@ class NodeRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The replica holding the node's session (NULL while it has none), and what the node last
+    # reported there as JSON (``balancer.replicas.NodeSnapshot``), so every replica can route to it.
+    replica_id: Mapped[str | None] = mapped_column(String(64))
+    live: Mapped[str | None] = mapped_column(Text)
 
 
 class NodeCommandRow(Base):
@@ -183,3 +187,13 @@ class SecretRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     secret: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ReplicaRow(Base):
+    """A running balancer replica; its heartbeat (``seen_at``) tells the others it is alive."""
+
+    __tablename__ = "balancer_replicas"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime())

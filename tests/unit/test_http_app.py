@@ -23,6 +23,7 @@ from balancer.http.streaming import StreamingAnswer, unless_disconnected
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
+from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.sessions import NodeSessions
 from balancer.store import Store
@@ -54,6 +55,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     catalog = Catalog(store, origin)
     await catalog.seed(load_catalog(None, config.hf_endpoint))
     fleet = Fleet()
+    replicas = Replicas(store, fleet, database_url=config.database_url, timeout_s=3.0)
     metrics = BalancerMetrics(lambda: {})
     clients = NodeClients()
     keys = KeyRing(store)
@@ -65,10 +67,11 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         origin,
         catalog,
         fleet,
-        NodeSessions(store, fleet),
+        NodeSessions(fleet, replicas),
         Router(config, catalog, fleet, clients, metrics),
         keys,
         metrics,
+        replicas,
     )
     transport = httpx.ASGITransport(app=create_app(parts))
     async with httpx.AsyncClient(transport=transport, base_url="http://shim", timeout=10) as client:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from balancer.fleet import Fleet
+from balancer.replicas import Replicas
 from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.types import NodeState
@@ -22,6 +23,10 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
+def replicas(store: Store, fleet: Fleet) -> Replicas:
+    return Replicas(store, fleet, database_url="sqlite+aiosqlite:///unused.db", timeout_s=3.0)
+
+
 async def state(store: Store, node_id: str) -> NodeState:
     node = await store.get_node(node_id)
     assert node is not None
@@ -32,7 +37,7 @@ async def test_close_all_stores_each_node_offline_and_a_late_handler_leaves_the_
     store: Store,
 ) -> None:
     fleet = Fleet()
-    sessions = NodeSessions(store, fleet)
+    sessions = NodeSessions(fleet, replicas(store, fleet))
     for node_id in ("a", "b"):
         await store.upsert_node(make_node(node_id, state=NodeState.OFFLINE))
     opened = [await sessions.open("a"), await sessions.open("b")]
@@ -52,17 +57,18 @@ async def test_close_all_stores_each_node_offline_and_a_late_handler_leaves_the_
 async def test_close_all_waits_for_a_close_already_under_way(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sessions = NodeSessions(store, Fleet())
+    fleet = Fleet()
+    sessions = NodeSessions(fleet, replicas(store, fleet))
     await store.upsert_node(make_node("a"))
     session = await sessions.open("a")
     gate = asyncio.Event()
-    write = store.set_node_state
+    write = store.detach_node
 
-    async def slow_write(*args: Any, **kwargs: Any) -> None:
+    async def slow_write(*args: Any, **kwargs: Any) -> bool:
         await gate.wait()
-        await write(*args, **kwargs)
+        return await write(*args, **kwargs)
 
-    monkeypatch.setattr(store, "set_node_state", slow_write)
+    monkeypatch.setattr(store, "detach_node", slow_write)
     handler_close = asyncio.create_task(sessions.close(session))
     await asyncio.sleep(0)
     closing_all = asyncio.create_task(sessions.close_all())
@@ -79,4 +85,4 @@ async def test_a_closed_store_refuses_reads_and_writes(store: Store) -> None:
     with pytest.raises(RuntimeError, match="store is closed"):
         await store.get_node("a")
     with pytest.raises(RuntimeError, match="store is closed"):
-        await store.set_node_state("a", NodeState.OFFLINE)
+        await store.detach_node("a", "replica-1")

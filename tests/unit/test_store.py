@@ -282,18 +282,74 @@ async def test_node_round_trips_and_reregistration_keeps_registered_at(store: St
     assert fetched.runtimes == ["llama.cpp", "whisper"]
 
 
-async def test_set_node_state_records_state_and_last_seen(store: Store) -> None:
+async def test_a_session_attaches_a_node_to_one_replica_and_only_that_replica_detaches_it(
+    store: Store,
+) -> None:
     await store.upsert_node(make_node())
-    seen = datetime(2030, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
-
-    await store.set_node_state("node-a", NodeState.DRAINING, seen_at=seen)
-    await store.set_node_state("node-unknown", NodeState.ONLINE)
-
+    assert await store.attach_node("node-a", "replica-1", '{"models":[]}')
+    assert not await store.attach_node("node-unknown", "replica-1", "{}")
     node = await store.get_node("node-a")
-    assert node is not None
-    assert node.state is NodeState.DRAINING
-    assert node.last_seen_at == seen
-    assert [n.id for n in await store.list_nodes()] == ["node-a"]
+    assert node is not None and (node.state, node.replica_id, node.live) == (
+        NodeState.ONLINE,
+        "replica-1",
+        '{"models":[]}',
+    )
+
+    # The node moved to replica-2 before replica-1 noticed its old session end.
+    assert await store.attach_node("node-a", "replica-2", "{}")
+    assert not await store.update_node_live("node-a", "replica-1", '{"stale":true}')
+    assert not await store.detach_node("node-a", "replica-1")
+    node = await store.get_node("node-a")
+    assert node is not None and (node.state, node.replica_id, node.live) == (
+        NodeState.ONLINE,
+        "replica-2",
+        "{}",
+    )
+
+    # Registering again (a node re-registers before every session) does not take it offline.
+    await store.upsert_node(make_node(address="10.0.0.9:50051"))
+    node = await store.get_node("node-a")
+    assert node is not None and node.state is NodeState.ONLINE and node.address == "10.0.0.9:50051"
+
+    assert await store.detach_node("node-a", "replica-2")
+    node = await store.get_node("node-a")
+    assert node is not None and (node.state, node.replica_id, node.live) == (NodeState.OFFLINE, "", "")
+
+
+async def test_a_released_replica_leaves_its_nodes_offline_and_beats_tell_who_is_silent(store: Store) -> None:
+    for node_id in ("node-a", "node-b", "node-c"):
+        await store.upsert_node(make_node(node_id))
+    await store.attach_node("node-a", "replica-1", "{}")
+    await store.attach_node("node-b", "replica-1", "{}")
+    await store.attach_node("node-c", "replica-2", "{}")
+    assert not await store.replica_beat("replica-1")  # its first beat records it
+    assert await store.replica_beat("replica-1")
+    await store.replica_beat("replica-2")
+    assert await store.replicas() == ["replica-1", "replica-2"]
+    assert await store.stale_replicas(60) == []
+    assert await store.stale_replicas(-60) == ["replica-1", "replica-2"]  # every beat is in the past
+
+    assert await store.release_replica("replica-1") == ["node-a", "node-b"]
+
+    assert await store.replicas() == ["replica-2"]
+    states = {n.id: (n.state, n.replica_id) for n in await store.list_nodes()}
+    assert states == {
+        "node-a": (NodeState.OFFLINE, ""),
+        "node-b": (NodeState.OFFLINE, ""),
+        "node-c": (NodeState.ONLINE, "replica-2"),
+    }
+
+
+async def test_nodes_online_without_a_replica_are_released(store: Store) -> None:
+    await store.upsert_node(make_node("node-a", state=NodeState.ONLINE))  # as written before replicas
+    await store.upsert_node(make_node("node-b"))
+    await store.attach_node("node-b", "replica-1", "{}")
+
+    assert await store.release_unattached() == ["node-a"]
+    assert {n.id: n.state for n in await store.list_nodes()} == {
+        "node-a": NodeState.OFFLINE,
+        "node-b": NodeState.ONLINE,
+    }
 
 
 async def test_removing_a_node_drops_its_pending_commands(store: Store) -> None:
@@ -473,7 +529,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     finally:
         await engine.dispose()
     assert versions == [head_revision()]
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
     assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets"} <= tables
 
 

@@ -138,7 +138,7 @@ def test_power_of_two_choices_takes_the_lower_score_of_the_two_drawn(clock: Fake
 
     for _ in range(50):
         a, b = draws.sample(tier, 2)
-        lower = a if stats.of(a.node_id).score() <= stats.of(b.node_id).score() else b
+        lower = a if stats.score(a.node_id) <= stats.score(b.node_id) else b
 
         assert policy.choose(tier, stats) == lower
 
@@ -169,3 +169,16 @@ def test_policies_are_chosen_by_name():
     assert isinstance(make_policy("round-robin", random.Random(0)), RoundRobin)
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
         make_policy("fastest", random.Random(0))
+
+
+def test_a_node_busy_with_other_replicas_calls_scores_by_what_it_reports(clock: FakeClock):
+    """Another balancer replica's calls are invisible here; the node's own report shows them."""
+    reported = {"busy-elsewhere": 9, "idle": 0}
+    stats = NodeStatsTable(cooldown_failures=3, cooldown_s=10.0, clock=clock, reported=reported.__getitem__)
+    tier = [node("busy-elsewhere"), node("idle")]
+    stats.of("idle").outstanding = 2  # our own calls count when they are more than it reported
+
+    assert stats.score("busy-elsewhere") == (9 + 1) * stats.of("busy-elsewhere").latency_s
+    assert stats.score("idle") == (2 + 1) * stats.of("idle").latency_s
+    picks = {PowerOfTwoChoices(random.Random(seed)).choose(tier, stats) for seed in range(20)}
+    assert picks == {tier[1]}

@@ -1,0 +1,235 @@
+"""Two balancer replicas on one PostgreSQL: each routes to every node, and what either changes reaches
+the other through the database within the promised time.
+
+Both replicas run in this process (each with its own gRPC and HTTP ports, its own home directory and
+nothing shared but the database); nodes are echo nodes, each attached to one replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from balancer.server import Balancer, start
+from common.channels import open_channel
+from common.config import load_balancer_config
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from devkit.echo_node import EchoNode
+from devkit.fake_hub import FakeHub, gguf_blob
+
+pytestmark = pytest.mark.timeout(120)
+PROPAGATION_S = 1.0  # a change made on one replica is seen on the other within this long
+NODE_GONE_S = 2.0  # a dead node is out of rotation on every replica within this long
+
+
+@dataclass
+class Replica:
+    balancer: Balancer
+    http: httpx.AsyncClient  # the OpenAI door, as the admin
+    channel: grpc.aio.Channel  # the gRPC door, as the admin
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.balancer.port}"
+
+    @property
+    def registry(self) -> rgrpc.RegistryAsyncStub:
+        stub: rgrpc.RegistryAsyncStub = rgrpc.RegistryStub(self.channel)  # type: ignore[assignment]
+        return stub
+
+
+async def start_replica(home: Path, database_url: str, hub: FakeHub, admin: str = "") -> Replica:
+    env = {
+        "LLMLB_HOME": str(home),
+        "LLMLB_DATABASE_URL": database_url,
+        "LLMLB_GRPC_LISTEN": "127.0.0.1:0",
+        "LLMLB_HTTP_LISTEN": "127.0.0.1:0",
+        "LLMLB_LOG_LEVEL": "warning",
+        "HF_ENDPOINT": hub.url,
+    }
+    config = load_balancer_config(home=home, env=env)
+    balancer = await start(config)
+    key = admin or config.admin_key_file.read_text().strip()
+    http = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{balancer.http_port}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    return Replica(balancer, http, open_channel(f"127.0.0.1:{balancer.port}", api_key=key))
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, postgres_url: str, hub: FakeHub) -> AsyncIterator[tuple[Replica, Replica]]:
+    a = await start_replica(tmp_path / "a", postgres_url, hub)
+    b = await start_replica(tmp_path / "b", postgres_url, hub, admin_key(a))
+    yield a, b
+    for replica in (a, b):
+        await replica.http.aclose()
+        await replica.channel.close(None)
+        await replica.balancer.stop()
+
+
+def admin_key(replica: Replica) -> str:
+    return str(replica.http.headers["Authorization"]).removeprefix("Bearer ")
+
+
+async def within(seconds: float, check: Callable[[], Awaitable[bool]], what: str) -> float:
+    """Polls ``check`` until it holds; fails after ``seconds``. How long it took."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < seconds, f"{what}: not within {seconds} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def node_states(replica: Replica) -> dict[str, str]:
+    reply = await replica.http.get("/v0/nodes")
+    assert reply.status_code == 200, reply.text
+    return {n["id"]: n["state"] for n in reply.json()["data"]}
+
+
+async def chat(replica: Replica, model: str = "gemma-3-270m", key: str = "") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hello"}]}
+    return await replica.http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+async def test_every_replica_routes_to_every_node_and_a_dead_node_leaves_both_within_two_seconds(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    # Answers take a while, so concurrent requests spread by load rather than all take the faster node.
+    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a", delay_s=0.2)
+    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b", delay_s=0.2)
+    await on_a.start()
+    await on_b.start()
+    try:
+
+        async def both_online() -> bool:
+            wanted = {"on-a": "online", "on-b": "online"}
+            return await node_states(a) == wanted and await node_states(b) == wanted
+
+        await within(PROPAGATION_S, both_online, "each replica lists both nodes online")
+
+        # Each replica spreads its requests over both nodes, the one attached to the other included.
+        for replica in (a, b):
+            before = (on_a.total_calls, on_b.total_calls)
+            replies = await asyncio.gather(*(chat(replica) for _ in range(10)))  # 10 at once
+            assert [r.status_code for r in replies] == [200] * 10, [r.text for r in replies]
+            assert on_a.total_calls > before[0] and on_b.total_calls > before[1]
+
+        await on_b.stop()  # the node dies: its session on B breaks
+
+        async def gone_everywhere() -> bool:
+            return (await node_states(a))["on-b"] == "offline" and (await node_states(b))["on-b"] == "offline"
+
+        took = await within(NODE_GONE_S, gone_everywhere, "the dead node is out of rotation on both")
+        print(f"dead node out of rotation on both replicas after {took:.3f} s")
+        calls = on_b.total_calls
+        for replica in (a, b):
+            for _ in range(5):
+                assert (await chat(replica)).status_code == 200
+        assert on_b.total_calls == calls
+    finally:
+        await on_a.stop()
+        await on_b.stop()
+
+
+async def test_a_model_deleted_through_one_replica_is_deleted_by_nodes_on_the_other_within_a_second(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with EchoNode(b.address, api_key=admin_key(b), node_id="on-b", models=["gemma-3-270m"]) as node:
+        reply = await a.http.delete("/v1/models/gemma-3-270m")
+        assert reply.status_code == 200, reply.text
+
+        async def deleted() -> bool:
+            return "gemma-3-270m" not in node.models
+
+        took = await within(PROPAGATION_S, deleted, "the node on B deleted its copy")
+        print(f"delete through A reached a node on B after {took:.3f} s")
+        listed = (await b.http.get("/v1/models")).json()["data"]
+        assert "gemma-3-270m" not in [m["id"] for m in listed]
+        refused = await chat(b)
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_key_made_on_one_replica_opens_the_other_and_a_revocation_there_holds_within_a_second(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with EchoNode(a.address, api_key=admin_key(a), node_id="on-a"):
+        made = await a.registry.CreateKey(rpb.CreateKeyRequest(name="app", scopes=[pb.SCOPE_API]))
+        ok = await chat(b, key=made.secret)  # B has never seen it; it is in the shared store
+        assert ok.status_code == 200, ok.text
+        secret = made.secret
+
+        await a.registry.RevokeKey(rpb.RevokeKeyRequest(key=made.key.id))
+
+        async def refused_on_b() -> bool:
+            return (await chat(b, key=secret)).status_code == 401
+
+        took = await within(PROPAGATION_S, refused_on_b, "the revoked key is refused on B")
+        print(f"revocation on A held on B after {took:.3f} s")
+
+
+async def test_a_model_registered_and_pulled_through_one_replica_is_routable_on_the_other_within_a_second(
+    replicas: tuple[Replica, Replica], hub: FakeHub
+) -> None:
+    a, b = replicas
+    hub.add_repo("acme/fresh", {"fresh.gguf": gguf_blob(1024 * 1024, 7)})
+    async with EchoNode(b.address, api_key=admin_key(b), node_id="on-b", models=[]) as node:
+        registered = await a.http.post("/v0/models", json={"repo_id": "acme/fresh"})
+        assert registered.status_code == 201, registered.text
+        model_id = registered.json()["id"]
+
+        async def listed_on_b() -> bool:
+            models = (await b.http.get("/v1/models")).json()["data"]
+            return model_id in [m["id"] for m in models]
+
+        took = await within(PROPAGATION_S, listed_on_b, "the model registered on A is listed on B")
+        print(f"registration on A listed on B after {took:.3f} s")
+
+        pulled = await a.registry.PullModel(rpb.PullModelRequest(model_id=model_id))
+        assert list(pulled.node_ids) == ["on-b"]  # A sees the node held by B
+
+        async def routable_on_b() -> bool:
+            return (await chat(b, model_id)).status_code == 200
+
+        took = await within(PROPAGATION_S + 1.0, routable_on_b, "the pulled model answers through B")
+        assert model_id in node.models
+        assert (await chat(a, model_id)).status_code == 200
+
+
+async def test_a_node_drained_and_removed_through_one_replica_leaves_the_other(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with EchoNode(b.address, api_key=admin_key(b), node_id="on-b") as node:
+        await a.registry.DrainNode(rpb.DrainNodeRequest(node_id="on-b"))
+
+        async def draining_everywhere() -> bool:
+            states = [(await node_states(r))["on-b"] for r in (a, b)]
+            return node.draining and states == ["draining", "draining"]
+
+        await within(PROPAGATION_S, draining_everywhere, "the node on B drains, and both say so")
+
+        await a.registry.RemoveNode(rpb.RemoveNodeRequest(node_id="on-b"))
+
+        async def gone() -> bool:
+            listed = [await node_states(r) for r in (a, b)]
+            return all("on-b" not in nodes for nodes in listed)
+
+        await within(PROPAGATION_S, gone, "the removed node is listed by neither replica")
+    assert node.ended_with is grpc.StatusCode.NOT_FOUND  # B ended its session: removed
