@@ -21,7 +21,7 @@ import grpc.aio
 import structlog
 
 from balancer.edge.access import Access, grpc_access, unlisted
-from balancer.store import Store
+from balancer.store import Store, StoreUnavailable
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.rpc import metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
@@ -128,14 +128,7 @@ class KeyRing:
             )
         digest = hash_secret(token)
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            key = cached[1]
-        else:
-            key = await self._store.find_key(digest)
-            if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
-                self._cache.clear()
-            self._cache[digest] = (now + CACHE_SECONDS, key)
+        key = await self._lookup(digest, now)
         if key is None or key.revoked_at is not None:
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
         if not allows(key, scope, *also):
@@ -146,6 +139,31 @@ class KeyRing:
             task = asyncio.create_task(self._touch(key.id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return key
+
+    async def _lookup(self, digest: str, now: float) -> ApiKey | None:
+        """The key stored under ``digest``, from the cache while it is fresh, else from the store.
+
+        While the store cannot be reached the last answer it gave for this key stands, however old,
+        so clients keep working through a database outage; a key never seen before cannot be
+        checked and is refused as ``unavailable``, not as ``unauthorized``.
+        """
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            key = await self._store.find_key(digest)
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            # Asked again only after another cache period, so an outage costs each key one failed
+            # read every few seconds, not one per request.
+            self._cache[digest] = (now + CACHE_SECONDS, cached[1])
+            log.warning("key.checked_from_cache", key_id=cached[1].id if cached[1] else None)
+            return cached[1]
+        if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
+            self._cache.clear()
+        self._cache[digest] = (now + CACHE_SECONDS, key)
         return key
 
     async def settle(self) -> None:

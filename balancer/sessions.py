@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import structlog
 
 from balancer.fleet import Fleet
-from balancer.store import Store
+from balancer.store import Store, StoreUnavailable
 from common.types import NodeState
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ class NodeSessions:
         session = Session(node_id)
         self._open[node_id] = session
         self._fleet.connected(node_id)
-        await self._store.set_node_state(node_id, NodeState.ONLINE, seen_at=datetime.now(UTC))
+        await self._record(node_id, NodeState.ONLINE)
         log.info("node.connected", node_id=node_id)
         return session
 
@@ -62,11 +62,19 @@ class NodeSessions:
         self._closing.add(session)
         try:
             self._fleet.disconnected(session.node_id)
-            await self._store.set_node_state(session.node_id, NodeState.OFFLINE, seen_at=datetime.now(UTC))
+            await self._record(session.node_id, NodeState.OFFLINE)
             log.info("node.disconnected", node_id=session.node_id)
         finally:
             self._closing.discard(session)
             session.closed.set()
+
+    async def _record(self, node_id: str, state: NodeState) -> None:
+        # The stored state is for listings; routing follows the fleet in memory, so an outage of
+        # the store must not keep a session from opening or closing.
+        try:
+            await self._store.set_node_state(node_id, state, seen_at=datetime.now(UTC))
+        except StoreUnavailable:
+            log.warning("node.state_unstored", node_id=node_id, state=state.value)
 
     async def close_all(self) -> None:
         """Closes every session, and waits for the closes under way, before the store is closed.
