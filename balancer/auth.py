@@ -45,9 +45,12 @@ def allows(key: ApiKey, *scopes: Scope) -> bool:
 class KeyRing:
     """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through."""
 
-    def __init__(self, store: Store, *, enabled: bool = True) -> None:
+    def __init__(
+        self, store: Store, *, enabled: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store = store
         self.enabled = enabled
+        self._clock = clock  # monotonic seconds; injected where a test needs the cache to expire
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}  # secret hash -> (expires, key)
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -127,7 +130,7 @@ class KeyRing:
                 ErrorCode.UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'"
             )
         digest = hash_secret(token)
-        now = time.monotonic()
+        now = self._clock()
         key = await self._lookup(digest, now)
         if key is None or key.revoked_at is not None:
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
