@@ -132,6 +132,8 @@ async def test_inference_survives_a_database_outage_and_management_writes_work_a
             # Management writes and store reads fail fast with the one clear error, on both doors.
             assert await refused_http(doors, "DELETE", f"/v1/models/{DELETED}", admin) == HTTP_UNAVAILABLE
             assert await refused_http(doors, "GET", "/v0/nodes", admin) == HTTP_UNAVAILABLE
+            ready = await doors.http.get("/readyz")
+            assert (ready.status_code, ready.json()["error"]["code"]) == (503, "unavailable")
             for call in (
                 doors.registry.CreateKey(
                     rpb.CreateKeyRequest(name="during", scopes=[pb.SCOPE_API]), metadata=grpc_admin
