@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
+from sqlalchemy import exc as sa_exc
 
 from balancer.auth import CACHE_SECONDS, TOUCH_EVERY_S, KeyRing
 from balancer.http.errors import error_response
 from balancer.store import Store, StoreUnavailable
+from balancer.store.unavailable import is_unreachable
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, CommandKind, Node, NodeState, Scope
 
@@ -129,3 +132,31 @@ async def test_a_key_seen_before_the_outage_keeps_working_and_a_new_one_is_unava
     assert await keys.check(never_used, Scope.API) is not None
     await keys.settle()
     assert {key.name for key in await keys.list()} == {"frontend", "batch"}
+
+
+def wrapped(cause: BaseException) -> sa_exc.DBAPIError:
+    """SQLAlchemy's wrapper around a driver error raised ``from cause``, as the asyncpg adapter raises it."""
+    orig = Exception("driver error")
+    orig.__cause__ = cause
+    return sa_exc.DBAPIError("SELECT 1", {}, orig)
+
+
+@pytest.mark.parametrize(
+    ("error", "unreachable"),
+    [
+        (ConnectionRefusedError(111, "Connect call failed"), True),
+        (TimeoutError(), True),  # a connect or statement timeout
+        (sa_exc.TimeoutError("QueuePool limit reached"), True),  # no pooled connection came free
+        (sa_exc.OperationalError("SELECT 1", {}, Exception("unable to open database file")), True),
+        (sa_exc.DBAPIError("SELECT 1", {}, Exception("closed"), connection_invalidated=True), True),
+        (wrapped(asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")), True),
+        (wrapped(asyncpg.exceptions.CannotConnectNowError("the database system is starting up")), True),
+        (sa_exc.IntegrityError("INSERT", {}, Exception("duplicate key")), False),
+        (wrapped(asyncpg.exceptions.UniqueViolationError("duplicate key")), False),
+        (ValueError("a request error"), False),
+    ],
+)
+def test_only_errors_of_reaching_the_database_count_as_an_outage(
+    error: BaseException, unreachable: bool
+) -> None:
+    assert is_unreachable(error) is unreachable
