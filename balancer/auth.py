@@ -22,7 +22,7 @@ import structlog
 
 from balancer.changes import NO_CHANGES, Change, Changes
 from balancer.edge.access import Access, grpc_access, unlisted
-from balancer.store import Store
+from balancer.store import Store, StoreUnavailable
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.rpc import metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
@@ -46,10 +46,18 @@ def allows(key: ApiKey, *scopes: Scope) -> bool:
 class KeyRing:
     """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through."""
 
-    def __init__(self, store: Store, *, enabled: bool = True, changes: Changes = NO_CHANGES) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        enabled: bool = True,
+        changes: Changes = NO_CHANGES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
         self.enabled = enabled
         self._changes = changes
+        self._clock = clock  # monotonic seconds; injected where a test needs the cache to expire
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}  # secret hash -> (expires, key)
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -92,11 +100,12 @@ class KeyRing:
         raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
 
     def forget(self) -> None:
-        """Drops every remembered answer, so the next check of each key asks the store again.
+        """Makes every remembered answer stale, so the next check of each key asks the store again.
 
-        Called on a revocation here and when another replica creates or revokes a key.
+        Called on a revocation here and when another replica creates or revokes a key. The answers
+        are kept, stale, for a store that cannot be reached meanwhile (see ``_lookup``).
         """
-        self._cache.clear()
+        self._cache = {digest: (0.0, key) for digest, (_, key) in self._cache.items()}
 
     async def bootstrap(self, path: Path) -> str | None:
         """On a store with no keys, mints the first admin key and writes it to ``path`` (mode 0600).
@@ -138,15 +147,8 @@ class KeyRing:
                 ErrorCode.UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'"
             )
         digest = hash_secret(token)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            key = cached[1]
-        else:
-            key = await self._store.find_key(digest)
-            if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
-                self._cache.clear()
-            self._cache[digest] = (now + CACHE_SECONDS, key)
+        now = self._clock()
+        key = await self._lookup(digest, now)
         if key is None or key.revoked_at is not None:
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
         if not allows(key, scope, *also):
@@ -157,6 +159,31 @@ class KeyRing:
             task = asyncio.create_task(self._touch(key.id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return key
+
+    async def _lookup(self, digest: str, now: float) -> ApiKey | None:
+        """The key stored under ``digest``, from the cache while it is fresh, else from the store.
+
+        While the store cannot be reached the last answer it gave for this key stands, however old,
+        so clients keep working through a database outage; a key never seen before cannot be
+        checked and is refused as ``unavailable``, not as ``unauthorized``.
+        """
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            key = await self._store.find_key(digest)
+        except StoreUnavailable:
+            if cached is None:
+                raise
+            # Asked again only after another cache period, so an outage costs each key one failed
+            # read every few seconds, not one per request.
+            self._cache[digest] = (now + CACHE_SECONDS, cached[1])
+            log.warning("key.checked_from_cache", key_id=cached[1].id if cached[1] else None)
+            return cached[1]
+        if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
+            self._cache.clear()
+        self._cache[digest] = (now + CACHE_SECONDS, key)
         return key
 
     async def settle(self) -> None:

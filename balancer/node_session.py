@@ -21,6 +21,7 @@ import structlog
 from balancer.fleet import ModelOnNode, NodeLoad
 from balancer.parts import BalancerParts
 from balancer.sessions import Session
+from balancer.store import StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
 from common.types import CommandKind, NodeCommand
 
@@ -89,7 +90,9 @@ async def serve(
     """Runs one node's session: reads what it sends, yields what the balancer sends it.
 
     Raises ``invalid_request`` when the first message (within the heartbeat timeout) is not a hello,
-    ``node_not_found`` when the node is not registered or was removed while connected.
+    ``node_not_found`` when the node is not registered or was removed while connected, ``unavailable``
+    when the store cannot be reached to look the node up (the node retries). Once open, a session
+    outlives a store outage: command polls and acks that fail are retried on a later tick.
     """
     store, sessions, fleet, config = parts.store, parts.sessions, parts.fleet, parts.config
     timeout_s = config.heartbeat_timeout_ms / 1000
@@ -104,7 +107,7 @@ async def serve(
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode")
     session = await sessions.open(node_id)
     # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
-    if any(c.kind is CommandKind.DRAIN for c in await store.pending_commands(node_id)):
+    if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, node_id) or ()):
         session.draining = True
         fleet.set_draining(node_id, True)
         await parts.replicas.reported(node_id)
@@ -113,7 +116,8 @@ async def serve(
         yield Accepted(node_id, config.heartbeat_interval_ms)
         while not session.stopped:
             session.wake.clear()  # cleared before reading the queue, so no command slips between
-            for cmd in await store.pending_commands(node_id):
+            pending = await _pending(parts, node_id)
+            for cmd in pending or ():
                 if cmd.id not in session.sent:
                     session.sent.add(cmd.id)
                     yield cmd
@@ -123,10 +127,11 @@ async def serve(
             if silent_for > timeout_s:
                 log.warning("node.silent", node_id=node_id, seconds=round(silent_for, 1))
                 break
+            wait_s = timeout_s - silent_for
+            if pending is None:  # the store did not answer: ask again on the next heartbeat's tick
+                wait_s = min(wait_s, config.heartbeat_interval_ms / 1000)
             waker = asyncio.ensure_future(session.wake.wait())
-            await asyncio.wait(
-                {waker, reader}, timeout=timeout_s - silent_for, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({waker, reader}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             waker.cancel()
             if reader.done():
                 break
@@ -152,8 +157,27 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
         # Only commands sent to this node on this session can be cleared by it.
         elif isinstance(msg, CommandAck) and msg.command_id in session.sent:
             if msg.ok:
-                await parts.store.ack_command(msg.command_id)
+                await _ack(parts, session, msg.command_id)
             else:
                 log.warning(
                     "node.command_failed", node_id=node_id, command_id=msg.command_id, error=msg.error
                 )
+
+
+async def _pending(parts: BalancerParts, node_id: str) -> list[NodeCommand] | None:
+    """The node's queued commands; None while the store cannot be reached (the session stays up)."""
+    try:
+        return await parts.store.pending_commands(node_id)
+    except StoreUnavailable:
+        log.warning("node.commands_unread", node_id=node_id)
+        return None
+
+
+async def _ack(parts: BalancerParts, session: Session, command_id: int) -> None:
+    """Clears an acknowledged command; while the store cannot be reached the command stays queued
+    and is sent again once it answers, so the node carries it out (harmlessly) and acks it anew."""
+    try:
+        await parts.store.ack_command(command_id)
+    except StoreUnavailable:
+        log.warning("node.ack_unstored", node_id=session.node_id, command_id=command_id)
+        session.sent.discard(command_id)

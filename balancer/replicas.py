@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from balancer.changes import Change
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from balancer.store import Store
+from balancer.store import Store, StoreUnavailable
 from balancer.store.engine import is_postgresql
 from common.errors import LlmlbError
 from common.types import Capability, ModelState, Node, NodeState
@@ -204,8 +204,12 @@ class Replicas:
     async def attach(self, node_id: str) -> bool:
         """The node's session opened here: it is online, held by this replica. False if it is unknown."""
         snapshot = NodeSnapshot.of(self._fleet, node_id)
-        if not await self._store.attach_node(node_id, self.id, snapshot.to_json()):
-            return False
+        try:
+            if not await self._store.attach_node(node_id, self.id, snapshot.to_json()):
+                return False
+        except StoreUnavailable:  # routing follows memory; the resync records it once the store is back
+            log.warning("replica.attach_unstored", node_id=node_id)
+            return True
         self._written[node_id] = _Written(snapshot.routing_key(), snapshot.to_json(with_load=False), 0.0)
         await self.publish(Change.NODE, node_id)
         return True
@@ -214,7 +218,11 @@ class Replicas:
         """The node's session here ended: offline, unless another replica holds it already."""
         self._written.pop(node_id, None)
         self._loads.pop(node_id, None)
-        await self._store.detach_node(node_id, self.id)
+        try:
+            await self._store.detach_node(node_id, self.id)
+        except StoreUnavailable:  # the resync records it once the store is back
+            log.warning("replica.detach_unstored", node_id=node_id)
+            return
         await self.publish(Change.NODE, node_id)
         if self.shared:  # it may have attached elsewhere before this session noticed it was gone
             await self._refresh_node(node_id)
@@ -232,9 +240,13 @@ class Replicas:
         last = self._written.get(node_id)
         if last is not None and (last.body == body or (last.key == key and now - last.at < PROGRESS_EVERY_S)):
             return  # unchanged, or only progress, written a moment ago: a later report carries it
-        if await self._store.update_node_live(node_id, self.id, snapshot.to_json()):
-            self._written[node_id] = _Written(key, body, now)
-            await self.publish(Change.NODE, node_id)
+        try:
+            if not await self._store.update_node_live(node_id, self.id, snapshot.to_json()):
+                return
+        except StoreUnavailable:  # written with a later report once the store is back
+            return
+        self._written[node_id] = _Written(key, body, now)
+        await self.publish(Change.NODE, node_id)
 
     # -- what the others tell this replica ------------------------------------------------------
 
@@ -343,8 +355,11 @@ class Replicas:
         nodes = await self._store.list_nodes()
         listed = {n.id for n in nodes}
         for node in nodes:
-            if node.replica_id == self.id and parts.sessions.get(node.id) is None:
+            held_here = parts.sessions.get(node.id) is not None
+            if node.replica_id == self.id and not held_here:
                 await self._store.detach_node(node.id, self.id)  # a detach the store missed (an outage)
+            elif held_here and not node.replica_id:
+                await self.attach(node.id)  # an attach the store missed (an outage)
             else:
                 await self._refresh_node(node.id, node)
         for node_id in self._fleet.remote_nodes():

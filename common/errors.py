@@ -32,6 +32,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CANCELLED = "cancelled"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
 
 
@@ -61,6 +62,8 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.FORBIDDEN: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, _S.RESOURCE_EXHAUSTED, "invalid_request_error"),
     ErrorCode.CANCELLED: ErrorSpec(499, _S.CANCELLED, "invalid_request_error"),
+    # The balancer cannot reach what it depends on (its database): nothing wrong with the request.
+    ErrorCode.UNAVAILABLE: ErrorSpec(503, _S.UNAVAILABLE, "service_unavailable"),
     ErrorCode.INTERNAL: ErrorSpec(500, _S.INTERNAL, "server_error"),
 }
 

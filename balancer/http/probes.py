@@ -28,7 +28,7 @@ def probe_routes(parts: BalancerParts) -> list[BaseRoute]:
             nodes = await asyncio.wait_for(parts.store.list_nodes(), STORE_CHECK_TIMEOUT_S)
         except Exception as exc:  # any failure to answer means not ready; the reason goes to the log
             log.warning("http.not_ready", error=repr(exc))
-            error = LlmlbError(ErrorCode.INTERNAL, "the metadata store is not answering")
+            error = LlmlbError(ErrorCode.UNAVAILABLE, "the metadata store is not answering")
             return Response(
                 dumps({"status": "not_ready", **error.to_openai()}),
                 status_code=503,

@@ -2,5 +2,6 @@
 
 from balancer.store.store import Store
 from balancer.store.tables import TooLong
+from balancer.store.unavailable import StoreUnavailable
 
-__all__ = ["Store", "TooLong"]
+__all__ = ["Store", "StoreUnavailable", "TooLong"]

@@ -20,7 +20,11 @@ BUSY_TIMEOUT_MS = 5000
 # carry the load; the bound matters once replicas share a server (each holds up to size + overflow).
 DEFAULT_POOL_SIZE = 5  # connections kept open (LLMLB_DATABASE_POOL_SIZE)
 POOL_MAX_OVERFLOW = 5  # extra connections opened under a burst, closed when returned
-POOL_TIMEOUT_S = 30  # how long a caller waits for a free connection before failing
+POOL_TIMEOUT_S = 10  # how long a caller waits for a free connection before failing
+# While the database is unreachable a caller fails within these bounds, not the driver's minute or
+# the kernel's minutes: opening a connection, and any one statement on a pooled connection.
+CONNECT_TIMEOUT_S = 5
+COMMAND_TIMEOUT_S = 15
 # Reopen connections older than this, before a firewall or PgBouncer drops them as idle.
 POOL_RECYCLE_S = 1800
 # The async driver each backend is used through when a URL names none (e.g. "postgresql://...").
@@ -90,8 +94,14 @@ def make_async_engine(
             "pool_pre_ping": True,
         }
     if parsed.get_driver_name() == "asyncpg":
-        # Names the balancer's connections in pg_stat_activity for whoever runs the database.
-        options["connect_args"] = {"server_settings": {"application_name": "llmlb-balancer"}}
+        connect_args: dict[str, Any] = {
+            # Names the balancer's connections in pg_stat_activity for whoever runs the database.
+            "server_settings": {"application_name": "llmlb-balancer"},
+            "timeout": CONNECT_TIMEOUT_S,
+        }
+        if pooled:  # a migration may legitimately run long; the serving pool's statements may not
+            connect_args["command_timeout"] = COMMAND_TIMEOUT_S
+        options["connect_args"] = connect_args
     engine = create_async_engine(parsed, **options)
     _install_sqlite_hooks(engine.sync_engine)
     return engine

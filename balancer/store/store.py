@@ -34,6 +34,7 @@ from balancer.store.tables import (
     ReplicaRow,
     SecretRow,
 )
+from balancer.store.unavailable import mapped
 from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
 
 log = structlog.get_logger(__name__)
@@ -82,16 +83,24 @@ class Store:
 
     @asynccontextmanager
     async def _reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads; a database that cannot be reached raises ``StoreUnavailable``."""
         self._check_open()
-        async with self._sessions() as session:
-            yield session
+        with mapped("read"):
+            async with self._sessions() as session:
+                yield session
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncSession]:
-        """A session whose transaction commits on exit and rolls back on an exception."""
+        """A session whose transaction commits on exit and rolls back on an exception.
+
+        A database that cannot be reached (connecting, in a statement or at the commit) raises
+        ``StoreUnavailable``: the transaction is rolled back, unless the connection dropped during
+        the commit itself, when the server alone knows whether it landed.
+        """
         self._check_open()
-        async with self._write_lock, self._sessions.begin() as session:
-            yield session
+        with mapped("write"):
+            async with self._write_lock, self._sessions.begin() as session:
+                yield session
 
     # models
 
