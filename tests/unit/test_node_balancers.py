@@ -1,0 +1,74 @@
+"""Where a node's session tries next, and after how long, when it knows one balancer or several."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.balancers import BACKOFF_FIRST_S, BACKOFF_MAX_S, FAILOVER_AT_ONCE_EVERY_S, Reattach
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reattach(count: int, clock: Clock | None = None) -> Reattach:
+    return Reattach(count, clock=clock or Clock(), jitter=lambda: 1.0)
+
+
+def test_a_live_session_that_breaks_moves_to_the_next_balancer_at_once() -> None:
+    rule = reattach(3)
+    assert rule.after(0, up_s=2.0) == (1, 0.0)
+
+
+def test_failed_attempts_go_round_every_address_before_backing_off() -> None:
+    rule = reattach(3)
+    assert rule.after(0, up_s=None) == (1, 0.0)
+    assert rule.after(1, up_s=None) == (2, 0.0)
+    assert rule.after(2, up_s=None) == (0, BACKOFF_FIRST_S)  # every address failed: back off
+    assert rule.after(0, up_s=None) == (1, 0.0)
+    assert rule.after(1, up_s=None) == (2, 0.0)
+    assert rule.after(2, up_s=None) == (0, 2 * BACKOFF_FIRST_S)  # the next round waits longer
+
+
+def test_after_a_failover_the_round_ends_when_the_other_addresses_fail_too() -> None:
+    rule = reattach(2)
+    assert rule.after(0, up_s=30.0) == (1, 0.0)  # the replica died: straight to the other one
+    assert rule.after(1, up_s=None) == (0, BACKOFF_FIRST_S)  # that one is down too: both failed
+
+
+def test_sessions_that_keep_breaking_do_not_fail_over_at_once_more_than_once_in_a_while() -> None:
+    clock = Clock()
+    rule = reattach(2, clock)
+    assert rule.after(0, up_s=0.5) == (1, 0.0)
+    clock.now += 1
+    assert rule.after(1, up_s=0.5) == (0, BACKOFF_FIRST_S)  # a second break so soon waits
+    clock.now += FAILOVER_AT_ONCE_EVERY_S + 1
+    assert rule.after(0, up_s=0.5) == (1, 0.0)
+
+
+@pytest.mark.parametrize("up_s", [None, 3.0])
+def test_one_address_is_retried_with_capped_exponential_backoff(up_s: float | None) -> None:
+    rule = reattach(1)
+    delays = [rule.after(0, up_s) for _ in range(8)]
+    assert [index for index, _ in delays] == [0] * 8
+    assert [delay for _, delay in delays] == [
+        0.2,
+        0.4,
+        0.8,
+        1.6,
+        3.2,
+        BACKOFF_MAX_S,
+        BACKOFF_MAX_S,
+        BACKOFF_MAX_S,
+    ]
+
+
+def test_a_healthy_session_starts_the_backoff_again() -> None:
+    rule = reattach(1)
+    for _ in range(5):
+        rule.after(0, up_s=None)
+    assert rule.after(0, up_s=60.0) == (0, BACKOFF_FIRST_S)
