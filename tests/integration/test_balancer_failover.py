@@ -21,11 +21,11 @@ from typing import Any
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from devkit.fake_hub import FakeHub, gguf_blob
 from tests.fixtures.eventually import eventually
+from tests.fixtures.keyless import dead_address
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
-    free_port,
     online,
     wait_online,
     xllm,
@@ -35,10 +35,6 @@ MiB = 1024 * 1024
 # The promise is "back in a live replica's rotation within about 1-2 s"; the bound leaves room for a
 # busy two-core test machine.
 FAILOVER_WITHIN_S = 5.0
-
-
-def dead_address() -> str:
-    return f"127.0.0.1:{free_port()}"
 
 
 def log_events(node: NodeProcess, event: str) -> list[dict[str, Any]]:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from pathlib import Path
+
+import grpc
+import grpc.aio
 import pytest
 
-from node.balancers import BACKOFF_FIRST_S, BACKOFF_MAX_S, FAILOVER_AT_ONCE_EVERY_S, Reattach
+from common.channels import open_channel
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from node.balancers import (
+    BACKOFF_FIRST_S,
+    BACKOFF_MAX_S,
+    FAILOVER_AT_ONCE_EVERY_S,
+    BalancerChannels,
+    Reattach,
+)
+from tests.fixtures.keyless import dead_address, keyless_balancer
 
 
 class Clock:
@@ -72,3 +87,29 @@ def test_a_healthy_session_starts_the_backoff_again() -> None:
     for _ in range(5):
         rule.after(0, up_s=None)
     assert rule.after(0, up_s=60.0) == (0, BACKOFF_FIRST_S)
+
+
+async def test_a_lookup_skips_an_address_that_does_not_answer_and_settles_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    dead = dead_address()
+    async with keyless_balancer(tmp_path / "b") as live:
+        channels = BalancerChannels([dead, f"127.0.0.1:{live.port}"], open_channel)
+        try:
+
+            def ask(registry: rgrpc.RegistryAsyncStub) -> Awaitable[rpb.FleetToken]:
+                return registry.GetFleetToken(rpb.GetFleetTokenRequest(), timeout=5)
+
+            assert (await channels.ask(ask, settle=False)).token == live.parts.fleet_token
+            assert channels.current == 0  # a session decides which balancer is current, not a lookup
+            assert (await channels.ask(ask, settle=True)).token == live.parts.fleet_token
+            assert channels.address == f"127.0.0.1:{live.port}"
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # an answer is final, not a reason to move
+                await channels.ask(
+                    lambda r: r.GetModel(rpb.GetModelRequest(model_id="no-such-model"), timeout=5),
+                    settle=True,
+                )
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await channels.close()

@@ -6,36 +6,16 @@ store (so each answers with its own fleet token, which tells the answers apart),
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc.aio
 
-from balancer.server import Balancer, start
-from common.config import load_balancer_config
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from tests.fixtures.keyless import keyless_balancer
 
 CALLS = 8
-
-
-@asynccontextmanager
-async def keyless_balancer(home: Path) -> AsyncIterator[Balancer]:
-    """A balancer with keys off (one key could not open two separate stores) and no HTTP door."""
-    config = load_balancer_config(
-        home=home,
-        grpc_listen="127.0.0.1:0",
-        http_listen="",
-        hf_endpoint="http://127.0.0.1:9",
-        auth=False,
-        env={"LLMLB_HOME": str(home)},
-    )
-    balancer = await start(config)
-    try:
-        yield balancer
-    finally:
-        await balancer.stop(grace=0)
 
 
 async def test_a_round_robin_channel_over_two_balancers_sends_calls_to_both(tmp_path: Path) -> None:
