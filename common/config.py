@@ -114,6 +114,27 @@ def origin_listed(origin: str, allowed: tuple[str, ...]) -> bool:
         return False
 
 
+def parse_balancers(value: str) -> tuple[str, ...]:
+    """A comma-separated list of balancer addresses, each ``host:port``, in the order to try them.
+
+    One entry may be a DNS name that resolves to several addresses: gRPC resolves it and its default
+    ``pick_first`` policy tries each address in turn, so that case needs no list. ``unix:`` targets
+    pass as they are.
+    """
+    entries = tuple(item.strip() for item in value.split(","))
+    if not value.strip():
+        raise ValueError("expected host:port[,host:port...]")
+    for entry in entries:
+        if not entry:
+            raise ValueError("an empty entry in the list; expected host:port[,host:port...]")
+        if entry.startswith("unix:"):
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+            raise ValueError(f"{entry!r} is not host:port")
+    return entries
+
+
 def parse_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
@@ -287,7 +308,7 @@ class NodeConfig:
     home: Path
     models_dir: Path
     shared_dir: Path | None = None
-    balancer: str = "127.0.0.1:50051"
+    balancer: str = "127.0.0.1:50051"  # one address, or several joined by commas (see ``balancers``)
     grpc_listen: str = "127.0.0.1:50061"
     advertise: str = ""  # host:port the balancer and peers dial; the listen address when empty
     node_id: str = ""  # empty: the id saved in <home>/node-id, else one the balancer assigns
@@ -315,8 +336,26 @@ class NodeConfig:
     def node_id_file(self) -> Path:
         return self.home / "node-id"
 
+    @property
+    def balancers(self) -> tuple[str, ...]:
+        """The balancer addresses in the order the node tries them (``balancer`` holds them joined)."""
+        return parse_balancers(self.balancer)
+
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
+
+
+def balancer_setting(s: Settings, flag: str | None, names: tuple[str, ...]) -> str:
+    """The balancer list from ``flag`` or the first of ``names`` set, checked and joined with commas.
+
+    Checked here so a malformed list stops the process at start, naming where it came from.
+    """
+    if flag is None:
+        return ",".join(s.get(None, names, ("127.0.0.1:50051",), parse_balancers))
+    try:
+        return ",".join(parse_balancers(flag))
+    except ValueError as exc:
+        raise ValueError(f"--balancer={flag!r}: {exc}") from None
 
 
 def load_node_config(
@@ -359,7 +398,7 @@ def load_node_config(
         home=home,
         models_dir=resolve_models_dir(models_dir, s.env, home),
         shared_dir=shared.expanduser() if shared is not None else None,
-        balancer=s.get(balancer, ("XLLM_BALANCER", "LLMLB_ADDR"), "127.0.0.1:50051", str),
+        balancer=balancer_setting(s, balancer, ("XLLM_BALANCER", "LLMLB_ADDR")),
         grpc_listen=s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen),
         advertise=s.get(advertise, ("XLLM_ADVERTISE",), "", str),
         node_id=s.get(node_id, ("XLLM_NODE_ID",), "", str),

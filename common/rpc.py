@@ -108,6 +108,20 @@ def error_from_rpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> LlmlbError:
     return LlmlbError(code, details or status.name.lower())
 
 
+def answered(exc: grpc.RpcError) -> bool:
+    """Whether an llmlb service itself ended the call (its error code rides in trailing metadata)."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    metadata = cast(Sequence[tuple[str, str | bytes]], (trailing() if callable(trailing) else None) or ())
+    return any(key == GRPC_CODE_KEY for key, _ in metadata)
+
+
+def unreachable(exc: grpc.RpcError) -> bool:
+    """Whether a call failed without reaching a live server: nothing listens, the connection broke, or
+    no answer came in time. Another address may serve the same call; an answered error would repeat."""
+    status = exc.code() if hasattr(exc, "code") else None
+    return status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not answered(exc)
+
+
 def bearer(header_value: str | bytes | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` value; None when absent or another scheme."""
     if not header_value:

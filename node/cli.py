@@ -21,7 +21,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   LLM_MODELS_DIR               older name of XLLM_MODELS_DIR, still honoured
   XLLM_SHARED_DIR              shared (NFS) models dir used in place, never copied: <dir>/<model-id>/<file>
   XLLM_SHARED_DIR_TIMEOUT      seconds a shared-dir lookup may take before it is skipped (default 2)
-  XLLM_BALANCER                balancer gRPC address (then LLMLB_ADDR; default 127.0.0.1:50051)
+  XLLM_BALANCER                balancer gRPC address host:port, or several comma-separated (replicas
+                               sharing one store): the node attaches to one and fails over to the next
+                               by itself (then LLMLB_ADDR; default 127.0.0.1:50051)
   XLLM_GRPC_LISTEN             host:port the node's gRPC server binds (default 127.0.0.1:50061)
   XLLM_ADVERTISE               host:port the balancer and peers dial (default: the listen address)
   XLLM_NODE_ID                 node id (default: the one saved in $LLMLB_HOME/node-id, else assigned)
@@ -60,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(
             "--shared-dir", type=Path, help="shared models dir, used in place (XLLM_SHARED_DIR)"
         )
-        parser.add_argument("--balancer", help="balancer gRPC address (XLLM_BALANCER)")
+        parser.add_argument(
+            "--balancer", help="balancer gRPC address, or several comma-separated (XLLM_BALANCER)"
+        )
         parser.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
         return parser
 

@@ -4,8 +4,18 @@
 restart; the fleet token it answers with goes to ``NodeCredentials``, in memory only), then a
 ``NodeSession`` stream: a heartbeat every interval with load and the full per-model picture, a
 ``model_state`` message whenever a model changes (download progress included), and commands from the
-balancer (delete, prefetch, drain), each acknowledged once carried out. When the stream breaks, the
-link reconnects with capped exponential backoff until the node stops.
+balancer (delete, prefetch, drain), each acknowledged once carried out.
+
+The node may know several balancer addresses (replicas sharing one store, so any of them takes it).
+When a session that was up breaks, the link registers with the next address at once, so the node is
+back in a live replica's rotation within about a second; only when every address has failed in turn
+does it wait, with capped exponential backoff, before the next round (``node.balancers.Reattach``).
+With one address it retries that one with the same backoff. Lookups (models, peers, the fleet token,
+the blob proxy) go to the balancer the session is attached to, and to the others in turn while the
+one asked does not answer.
+
+Over 400 lines on purpose: registration, the session, commands and lookups share one state (the node
+id, ``connected``, the current balancer); the choice of address already lives in ``node.balancers``.
 """
 
 from __future__ import annotations
@@ -15,10 +25,10 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -33,15 +43,15 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from common.types import Capability, Model, ModelState
+from node.balancers import BalancerChannels, BalancerProxySource, Reattach
 from node.blob_sources import BlobSource, ReadBlobSource
 from node.hardware import Hardware
 from node.model_states import ModelReport, ModelStates
 from node.token_auth import NodeCredentials
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
-BACKOFF_FIRST_S = 0.2
-BACKOFF_MAX_S = 5.0
 LOOKUP_TIMEOUT_S = 5.0
 # model_state updates are coalesced: at most one per model this often.
 STATE_PUSH_INTERVAL_S = 0.2
@@ -126,14 +136,16 @@ class BalancerLink:
         self._draining = draining
         # Shared with the node's server door: each registration hands it the fleet token.
         self.credentials = credentials if credentials is not None else NodeCredentials(config.auth_token)
-        self.channel = open_channel(
-            config.balancer,
-            api_key=config.api_key,
-            tls_ca=config.tls_ca,
-            tls_cert=config.tls_cert,
-            tls_key=config.tls_key,
+        self._balancers = BalancerChannels(
+            config.balancers,
+            lambda address: open_channel(
+                address,
+                api_key=config.api_key,
+                tls_ca=config.tls_ca,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+            ),
         )
-        self._registry = rgrpc.RegistryStub(self.channel)
         self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}  # address -> (token, channel)
         self._old_peers: list[grpc.aio.Channel] = []  # dialled with an older token; closed at stop
         self.node_id = config.node_id or self._saved_node_id()
@@ -170,35 +182,69 @@ class BalancerLink:
             await channel.close(None)
         for channel in self._old_peers:
             await channel.close(None)
-        await self.channel.close(None)
+        await self._balancers.close()
+
+    # -- which balancer -------------------------------------------------------------------------
+
+    @property
+    def balancer(self) -> str:
+        """The address of the balancer the node is attached to (or last heard from)."""
+        return self._balancers.address
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel to ``balancer``: what every call the node makes to a balancer goes through."""
+        return self._balancers.channel
+
+    async def _ask(self, ask: Callable[[rgrpc.RegistryAsyncStub], Awaitable[T]]) -> T:
+        # While a session is up it decides which balancer is current; without one, whoever answers.
+        return await self._balancers.ask(ask, settle=not self.connected.is_set())
+
+    # -- the session loop -----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = BACKOFF_FIRST_S
+        reattach = Reattach(len(self._balancers.addresses))
+        index = self._balancers.current
         while True:
             started = time.monotonic()
-            try:
-                await self._register()
-                await self._session()
-                log.warning("balancer.session_ended", node_id=self.node_id)
-            except grpc.aio.AioRpcError as exc:
-                if self.connected.is_set() and exc.code() == grpc.StatusCode.NOT_FOUND:
-                    # An operator removed this node (llmlb nodes rm): it comes back only when restarted.
-                    log.warning("balancer.removed", node_id=self.node_id, detail=exc.details())
-                    self.connected.clear()
-                    return
-                log.warning(
-                    "balancer.unreachable",
-                    balancer=self._config.balancer,
-                    error=exc.code().name,
-                    detail=exc.details(),
-                )
-            except LlmlbError as exc:
-                log.warning("balancer.refused", balancer=self._config.balancer, error=exc.message)
+            if await self._attach(index):
+                return
+            up_s = time.monotonic() - started if self.connected.is_set() else None
             self.connected.clear()
-            if time.monotonic() - started > 10:
-                backoff = BACKOFF_FIRST_S  # it was up for a while: come back quickly
-            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
+            previous = self._balancers.addresses[index]
+            index, delay = reattach.after(index, up_s)
+            if up_s is not None and delay == 0.0:
+                log.info(
+                    "balancer.failover",
+                    node_id=self.node_id,
+                    previous=previous,
+                    next=self._balancers.addresses[index],
+                )
+            if delay:
+                await asyncio.sleep(delay)
+
+    async def _attach(self, index: int) -> bool:
+        """Registers with the balancer at ``index`` and runs the session until it ends.
+
+        True when the node must stop trying (an operator removed it); ``connected`` is still set when
+        the session had been up.
+        """
+        address = self._balancers.addresses[index]
+        try:
+            await self._register(index)
+            self._balancers.current = index
+            await self._session(index)
+            log.warning("balancer.session_ended", node_id=self.node_id, balancer=address)
+        except grpc.aio.AioRpcError as exc:
+            if self.connected.is_set() and exc.code() == grpc.StatusCode.NOT_FOUND:
+                # An operator removed this node (llmlb nodes rm): it comes back only when restarted.
+                log.warning("balancer.removed", node_id=self.node_id, balancer=address, detail=exc.details())
+                self.connected.clear()
+                return True
+            log.warning("balancer.unreachable", balancer=address, error=exc.code().name, detail=exc.details())
+        except LlmlbError as exc:
+            log.warning("balancer.refused", balancer=address, error=exc.message)
+        return False
 
     def _saved_node_id(self) -> str:
         try:
@@ -206,8 +252,8 @@ class BalancerLink:
         except OSError:
             return ""
 
-    async def _register(self) -> None:
-        reply = await self._registry.RegisterNode(
+    async def _register(self, index: int) -> None:
+        reply = await self._balancers.registry(index).RegisterNode(
             rpb.RegisterNodeRequest(
                 node_id=self.node_id,
                 address=self._advertise,
@@ -230,20 +276,22 @@ class BalancerLink:
         log.info(
             "balancer.registered",
             node_id=self.node_id,
-            balancer=self._config.balancer,
+            balancer=self._balancers.addresses[index],
             address=self._advertise,
             fleet_token="received" if reply.fleet_token else "none",  # never the token itself
         )
 
-    async def _session(self) -> None:
+    async def _session(self, index: int) -> None:
         while not self._outbox.empty():  # acks meant for a dead session: the commands come again
             self._outbox.get_nowait()
-        call = self._registry.NodeSession(self._outgoing())
+        call = self._balancers.registry(index).NodeSession(self._outgoing())
         async for msg in call:
             kind = msg.WhichOneof("body")
             if kind == "accepted":
                 self.connected.set()
-                log.info("balancer.connected", node_id=self.node_id)
+                log.info(
+                    "balancer.connected", node_id=self.node_id, balancer=self._balancers.addresses[index]
+                )
             elif kind == "command":
                 self._start_command(msg.command)
 
@@ -342,8 +390,10 @@ class BalancerLink:
 
     async def get_model(self, model_id: str) -> Model:
         try:
-            reply = await self._registry.GetModel(
-                rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+            reply = await self._ask(
+                lambda registry: registry.GetModel(
+                    rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+                )
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
@@ -352,8 +402,10 @@ class BalancerLink:
     async def peer_sources(self, model_id: str) -> list[BlobSource]:
         """Online nodes other than this one that report the model present or ready."""
         try:
-            model = await self._registry.GetModel(
-                rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+            model = await self._ask(
+                lambda registry: registry.GetModel(
+                    rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
+                )
             )
             holders = {
                 n.node_id
@@ -363,7 +415,9 @@ class BalancerLink:
             }
             if not holders:
                 return []
-            nodes = await self._registry.ListNodes(rpb.ListNodesRequest(), timeout=LOOKUP_TIMEOUT_S)
+            nodes = await self._ask(
+                lambda registry: registry.ListNodes(rpb.ListNodesRequest(), timeout=LOOKUP_TIMEOUT_S)
+            )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         if not self.credentials.has_fleet_token:  # not registered (``xllm pull``): ask for the token
@@ -378,7 +432,9 @@ class BalancerLink:
     async def _fetch_fleet_token(self) -> None:
         """The fleet token without registering; without it, peers are tried with ``XLLM_AUTH_TOKEN``."""
         try:
-            reply = await self._registry.GetFleetToken(rpb.GetFleetTokenRequest(), timeout=LOOKUP_TIMEOUT_S)
+            reply = await self._ask(
+                lambda registry: registry.GetFleetToken(rpb.GetFleetTokenRequest(), timeout=LOOKUP_TIMEOUT_S)
+            )
         except grpc.aio.AioRpcError as exc:  # an older balancer, or a key without the node scope
             log.warning("balancer.fleet_token_unavailable", error=error_from_rpc(exc).message)
             return
@@ -400,4 +456,5 @@ class BalancerLink:
         return channel
 
     def proxy_source(self) -> BlobSource:
-        return ReadBlobSource("balancer", self.channel)
+        """The balancer's origin proxy, read through whichever balancer is current when a read starts."""
+        return BalancerProxySource(self._balancers)

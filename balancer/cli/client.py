@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.channels import open_channel
-from common.config import BalancerConfig, Settings, llmlb_home
-from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.config import BalancerConfig, Settings, llmlb_home, parse_balancers
+from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
-from common.rpc import error_from_rpc
+from common.rpc import answered, error_from_rpc
 
 if TYPE_CHECKING:
     Stub = rgrpc.RegistryAsyncStub
@@ -24,10 +25,12 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 CALL_TIMEOUT_S = 20.0  # one control-plane call; a balancer that does not answer by then is reported
+PROBE_TIMEOUT_S = 5.0  # with several addresses, how long one may take to answer its health check
 
 CLIENT_ENV_HELP = """\
 environment of the client commands (flags win; $LLMLB_HOME/.env is read after the environment):
-  LLMLB_ADDR                 balancer gRPC address (default 127.0.0.1:50051)
+  LLMLB_ADDR                 balancer gRPC address, or several comma-separated (replicas): each command
+                             uses the first that answers (default 127.0.0.1:50051)
   LLMLB_API_KEY              API key to send; unset: the contents of $LLMLB_HOME/admin-key when readable
   LLMLB_HOME                 where admin-key is looked for (default ~/.llmlb)
   LLMLB_TLS_CA               CA certificate of the balancer: set, the CLI dials it with TLS
@@ -48,7 +51,10 @@ def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argpar
         epilog=CLIENT_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--balancer", help=f"balancer gRPC address (LLMLB_ADDR; default {DEFAULT_ADDR})")
+    parser.add_argument(
+        "--balancer",
+        help=f"balancer gRPC address, or several comma-separated (LLMLB_ADDR; default {DEFAULT_ADDR})",
+    )
     parser.add_argument("--api-key", help="API key (LLMLB_API_KEY; default: $LLMLB_HOME/admin-key)")
     parser.add_argument("--tls-ca", type=Path, help="CA of the balancer's certificate (LLMLB_TLS_CA)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -60,15 +66,20 @@ def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argpar
 class ClientSettings:
     """Where the client commands dial and what they present, from flags > environment > .env."""
 
-    address: str
+    address: str  # one address, or several joined by commas, tried in order
     api_key: str = ""
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
-    def channel(self) -> grpc.aio.Channel:
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return parse_balancers(self.address)
+
+    def channel(self, address: str | None = None) -> grpc.aio.Channel:
+        """A channel to ``address`` (default: the first one) with the key and TLS settings."""
         return open_channel(
-            self.address,
+            address or self.addresses[0],
             api_key=self.api_key,
             tls_ca=self.tls_ca,
             tls_cert=self.tls_cert,
@@ -90,8 +101,14 @@ def client_settings(
     """Resolves the client side: each argument is a flag and wins over the environment."""
     s = Settings()
     ca = tls_ca or s.get(None, ("LLMLB_TLS_CA",), None, Path)
+    where = "--balancer" if balancer else "LLMLB_ADDR"
+    address = balancer or s.raw("LLMLB_ADDR") or DEFAULT_ADDR
+    try:
+        address = ",".join(parse_balancers(address))  # a malformed list is a usage error, before any call
+    except ValueError as exc:
+        raise ValueError(f"{where}={address!r}: {exc}") from None
     return ClientSettings(
-        address=balancer or s.raw("LLMLB_ADDR") or DEFAULT_ADDR,
+        address=address,
         api_key=api_key or s.raw("LLMLB_API_KEY") or read_admin_key(llmlb_home(s.env)),
         tls_ca=ca,
         tls_cert=s.get(None, ("LLMLB_TLS_CLIENT_CERT",), None, Path) if ca else None,
@@ -104,18 +121,47 @@ def describe_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
 
     ``LlmlbError`` when the balancer answered; ``ConnectionError`` / ``TimeoutError`` when it did not.
     """
-    trailing = getattr(exc, "trailing_metadata", None)
-    answered = any(key == GRPC_CODE_KEY for key, _ in ((trailing() if callable(trailing) else None) or ()))
+    replied = answered(exc)
     status = exc.code() if hasattr(exc, "code") else None
-    if status == grpc.StatusCode.UNAVAILABLE and not answered:
+    if status == grpc.StatusCode.UNAVAILABLE and not replied:
         detail = exc.details() if hasattr(exc, "details") else ""
         return ConnectionError(
             f"cannot reach the balancer at {address} ({detail or 'no answer'}); "
             "is `llmlb serve` running? (--balancer / LLMLB_ADDR)"
         )
-    if status == grpc.StatusCode.DEADLINE_EXCEEDED and not answered:
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED and not replied:
         return TimeoutError(f"the balancer at {address} did not answer within {CALL_TIMEOUT_S:g} s")
     err = error_from_rpc(exc)
     if err.code is ErrorCode.UNAUTHORIZED:
         return LlmlbError(err.code, f"{err.message} (pass --api-key or set LLMLB_API_KEY)")
     return err
+
+
+async def dial(settings: ClientSettings) -> tuple[str, grpc.aio.Channel]:
+    """The first balancer that answers its health check, in the order given, and a channel to it.
+
+    One address is dialled without a check, as always: its first call reports what is wrong. Of several,
+    one that refuses the connection, times out or is not serving is passed over for the next; when none
+    answers, the error names every address tried.
+    """
+    addresses = settings.addresses
+    if len(addresses) == 1:
+        return addresses[0], settings.channel(addresses[0])
+    failures: list[str] = []
+    for address in addresses:
+        channel = settings.channel(address)
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            failures.append(f"{address}: {exc.details() or exc.code().name.lower()}")
+        else:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return address, channel
+            failures.append(f"{address}: not serving")
+        await channel.close(None)
+    tried = "; ".join(failures)
+    raise ConnectionError(
+        f"cannot reach any balancer ({tried}); is `llmlb serve` running? (--balancer / LLMLB_ADDR)"
+    )

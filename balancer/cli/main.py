@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 
 from balancer.cli import keys, models, nodes, pull, serve
-from balancer.cli.client import CLIENT_ENV_HELP, client_settings, describe_rpc_error
+from balancer.cli.client import CLIENT_ENV_HELP, ClientSettings, client_settings, describe_rpc_error, dial
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 
@@ -38,15 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run_client(args: argparse.Namespace) -> int:
-    settings = client_settings(args.balancer, args.api_key, args.tls_ca)
-    async with settings.channel() as channel:
+async def _run_client(args: argparse.Namespace, settings: ClientSettings) -> int:
+    address, channel = await dial(settings)  # of several balancers, the first that answers
+    async with channel:
         stub = rgrpc.RegistryStub(channel)
         try:
             code: int = await args.run(stub, args)
             return code
         except grpc.RpcError as exc:
-            raise describe_rpc_error(exc, settings.address) from None
+            raise describe_rpc_error(exc, address) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve.run(args)
     try:
-        return asyncio.run(_run_client(args))
+        settings = client_settings(args.balancer, args.api_key, args.tls_ca)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run_client(args, settings))
     except LlmlbError as exc:
         message = " ".join(exc.message.split())  # one line, whatever a node put in its reason
         print(f"error: {exc.code.value}: {message}", file=sys.stderr)

@@ -88,3 +88,35 @@ def test_database_pool_size_comes_from_the_environment_and_must_be_positive(tmp_
     assert load_balancer_config(env=home | {"LLMLB_DATABASE_POOL_SIZE": "12"}).database_pool_size == 12
     with pytest.raises(ValueError):
         load_balancer_config(env=home | {"LLMLB_DATABASE_POOL_SIZE": "0"})
+
+
+def test_a_node_takes_one_balancer_or_several_in_the_order_given(tmp_path: Path) -> None:
+    home = {"LLMLB_HOME": str(tmp_path)}
+    assert load_node_config(env=home).balancers == ("127.0.0.1:50051",)
+    listed = load_node_config(env=home | {"XLLM_BALANCER": " 10.0.0.1:50051, lb-b.internal:50051 "})
+    assert listed.balancers == ("10.0.0.1:50051", "lb-b.internal:50051")
+    assert listed.balancer == "10.0.0.1:50051,lb-b.internal:50051"
+    assert load_node_config(env=home | {"LLMLB_ADDR": "a:1,b:2"}).balancers == ("a:1", "b:2")
+    flagged = load_node_config(env=home | {"XLLM_BALANCER": "a:1"}, balancer="[::1]:7,c:3")
+    assert flagged.balancers == ("[::1]:7", "c:3")
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        ("a:1,,b:2", "an empty entry"),
+        ("a:1,", "an empty entry"),
+        ("a:1,b", "'b' is not host:port"),
+        ("a:1,b:port", "'b:port' is not host:port"),
+        (":50051", "':50051' is not host:port"),
+        ("a:70000", "'a:70000' is not host:port"),
+    ],
+)
+def test_a_malformed_balancer_list_is_refused_at_start_naming_its_source(
+    tmp_path: Path, value: str, complaint: str
+) -> None:
+    home = {"LLMLB_HOME": str(tmp_path)}
+    with pytest.raises(ValueError, match=f"^XLLM_BALANCER={value!r}: .*{complaint}"):
+        load_node_config(env=home | {"XLLM_BALANCER": value})
+    with pytest.raises(ValueError, match=f"^--balancer={value!r}: .*{complaint}"):
+        load_node_config(env=home, balancer=value)
