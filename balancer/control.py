@@ -46,6 +46,7 @@ class NodeView:
     state: NodeState
     load: NodeLoad | None
     models: tuple[ModelOnNode, ...]
+    replica: str = ""  # the balancer replica holding its session; empty while it has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,19 @@ async def list_nodes(parts: BalancerParts) -> list[NodeView]:
     """Every registered node, online or not, with its live state from the fleet."""
     fleet = parts.fleet
     return [
-        NodeView(node, node_state(fleet, node.id), fleet.load(node.id), tuple(fleet.node_models(node.id)))
+        NodeView(
+            node,
+            node_state(fleet, node.id),
+            fleet.load(node.id),
+            tuple(fleet.node_models(node.id)),
+            holding_replica(parts, node.id),
+        )
         for node in await parts.store.list_nodes()
     ]
+
+
+def holding_replica(parts: BalancerParts, node_id: str) -> str:
+    """The replica holding the node's session: this one, another one, or none ("") while offline."""
+    if parts.sessions.get(node_id) is not None:
+        return parts.replicas.id
+    return parts.fleet.remote_replica(node_id) or ""

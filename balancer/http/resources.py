@@ -130,6 +130,7 @@ def node_json(view: NodeView) -> dict[str, Any]:
         "version": node.version,
         "registered_at": _iso(node.registered_at),
         "last_seen_at": _iso(node.last_seen_at),
+        "replica": view.replica,
         "load": None
         if load is None
         else {

@@ -117,6 +117,7 @@ def _model_view_to_pb(view: ModelView) -> pb.Model:
 def _node_view_to_pb(view: NodeView) -> pb.Node:
     msg = converters.node_to_pb(view.node)
     msg.state = converters.node_state_to_pb(view.state)
+    msg.replica = view.replica
     msg.models.extend(_model_on_node_to_pb(m) for m in view.models)
     if view.load is not None:
         msg.load.CopyFrom(_load_to_pb(view.load))

@@ -532,6 +532,7 @@ class Node(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable node id, as registered"""
     address: _builtins.str
@@ -540,6 +541,8 @@ class Node(_message.Message):
     """llmlb version the node runs"""
     state: Global___NodeState.ValueType
     """ONLINE while its session is open, else OFFLINE (or DRAINING)"""
+    replica: _builtins.str
+    """the balancer replica holding its session; empty while offline"""
     @_builtins.property
     def backends(self) -> _containers.RepeatedScalarFieldContainer[Global___Backend.ValueType]:
         """compute backends the node offers"""
@@ -582,10 +585,11 @@ class Node(_message.Message):
         models: _abc.Iterable[Global___ModelNodeStatus] | None = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         last_seen_at: _timestamp_pb2.Timestamp | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_at", b"last_seen_at", "load", b"load", "registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backends", b"backends", "gpus", b"gpus", "id", b"id", "last_seen_at", b"last_seen_at", "load", b"load", "models", b"models", "registered_at", b"registered_at", "runtimes", b"runtimes", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backends", b"backends", "gpus", b"gpus", "id", b"id", "last_seen_at", b"last_seen_at", "load", b"load", "models", b"models", "registered_at", b"registered_at", "replica", b"replica", "runtimes", b"runtimes", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

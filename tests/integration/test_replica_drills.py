@@ -1,0 +1,268 @@
+"""Replica drills: two `llmlb serve` processes on one PostgreSQL, two real `xllm` nodes that know both,
+and clients spread over both replicas through both doors; one replica is killed, or both are
+restarted one after the other, while the clients keep sending.
+
+The clients do what a client of replicas does (see the README's "Production: replicas on PostgreSQL"):
+each has a home replica, and a request whose connection is refused or lost before an answer is sent
+again, with the same request id, to the other replica. Every retry is counted. What the drills assert:
+every request gets exactly one answer, the right one; a killed replica's nodes are held by the other
+within 2 s; a restarted replica serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import types_pb2 as pb
+from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE, ModelFiles
+from tests.fixtures.eventually import eventually, eventually_async
+from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, markers, summary
+from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
+
+pytestmark = pytest.mark.slow
+GEMMA = "gemma-3-270m"
+COUNTING = "One, two, three, four,"  # gemma continues it with "five"
+BEATS = {"LLMLB_HEARTBEAT_INTERVAL_MS": "200", "LLMLB_HEARTBEAT_TIMEOUT_MS": "1500"}
+HELD_ELSEWHERE_S = 2.0  # a killed replica's nodes are held by the other replica within this long
+# Connection failures a client may retry on the other replica: nothing reached a node, or the
+# replica died before it could answer. An error a replica sent itself is never retried.
+RETRIABLE = {"connect", "connection lost", "grpc UNAVAILABLE"}
+
+
+@dataclass
+class Ask:
+    """One request as its client saw it: every attempt, and the replicas tried in order."""
+
+    marker: str
+    attempts: list[Outcome] = field(default_factory=list)
+
+    @property
+    def answer(self) -> Outcome | None:
+        answered = [o for o in self.attempts if o.answered]
+        return answered[0] if answered else None
+
+
+class ReplicaClients:
+    """Clients of two replicas: each request goes to its home replica first, then the other on a
+    connection failure, alternating until it is answered or ``deadline_s`` has passed."""
+
+    def __init__(self, replicas: list[BalancerProcess], key: str) -> None:
+        self.clients = [LoadClients(r.http_url, r.address, key) for r in replicas]
+        self.asks: list[Ask] = []
+
+    async def close(self) -> None:
+        for clients in self.clients:
+            await clients.__aexit__(None, None, None)
+
+    async def ask(self, door: str, home: int, marker: str, deadline_s: float = 60.0) -> Ask:
+        ask = Ask(marker)
+        self.asks.append(ask)
+        started = time.monotonic()
+        target = home
+        while time.monotonic() - started < deadline_s:
+            clients = self.clients[target]
+            send = clients.http_complete if door == HTTP else clients.grpc_complete
+            outcome = await send(marker, GEMMA, COUNTING, max_tokens=3, deadline_s=deadline_s)
+            ask.attempts.append(outcome)
+            if outcome.error not in RETRIABLE:
+                break
+            target = 1 - target
+            if target == home:  # both refused: give the dead one's restart, or the network, a moment
+                await asyncio.sleep(0.1)
+        return ask
+
+    async def keep_asking(self, door: str, home: int, prefix: str, until: asyncio.Event) -> None:
+        next_marker = markers(prefix)
+        while not until.is_set():
+            await self.ask(door, home, next_marker())
+            await asyncio.sleep(0.05)
+
+    def describe(self) -> str:
+        outcomes = [o for a in self.asks for o in a.attempts]
+        recent = [(a.marker, [o.error or "ok" for o in a.attempts]) for a in self.asks[-8:]]
+        return f"{summary(outcomes)}; retries {self.retries()}; latest {recent}"
+
+    def retries(self) -> int:
+        return sum(len(a.attempts) - 1 for a in self.asks)
+
+    def answered_on(self, replica: int, since: float) -> int:
+        """Requests answered by ``replica`` that were sent after ``since``."""
+        return sum(
+            1
+            for a in self.asks
+            for i, o in enumerate(a.attempts)
+            if o.answered and o.started >= since and self._replica_of(a, i) == replica
+        )
+
+    def _replica_of(self, ask: Ask, attempt: int) -> int:
+        home = int(ask.marker.split("-")[1])  # markers are "<door>-<home>-<client>-<n>-<run>"
+        return home if attempt % 2 == 0 else 1 - home
+
+
+def check_every_request_answered_once(clients: ReplicaClients) -> None:
+    """Nothing lost, nothing answered twice, every answer the right one for its own request."""
+    outcomes = [o for a in clients.asks for o in a.attempts]
+    print("outcomes:", summary(outcomes), "retries:", clients.retries())
+    assert not [o for o in outcomes if o.error == TIMEOUT], "a request hung past its deadline"
+    unanswered = [a for a in clients.asks if a.answer is None]
+    assert not unanswered, [[o.error for o in a.attempts] for a in unanswered[:5]]
+    twice = [a.marker for a in clients.asks if sum(o.answered for o in a.attempts) != 1]
+    assert not twice, twice[:5]
+    assert len({a.marker for a in clients.asks}) == len(clients.asks)
+    for ask in clients.asks:
+        answer = ask.answer
+        assert answer is not None and answer.matched, answer
+        assert "five" in answer.text.lower(), answer
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, postgres_url: str, hub: FakeHub, gemma: ModelFiles
+) -> Iterator[tuple[list[BalancerProcess], list[NodeProcess], str]]:
+    """Two replicas on one fresh PostgreSQL database and two gemma nodes that know both (A first)."""
+    env = {"LLMLB_DATABASE_URL": postgres_url, "HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json", **BEATS}
+    a = BalancerProcess(tmp_path / "replica-a", env)
+    a.start()
+    b = BalancerProcess(tmp_path / "replica-b", env)
+    b.home.mkdir(parents=True)
+    (b.home / "admin-key").write_text(a.admin_key + "\n")  # the shared store's admin key, for the test
+    b.start()
+    key = a.registry.CreateKey(rpb.CreateKeyRequest(name="drill", scopes=[pb.SCOPE_API])).secret
+    node_env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **a.node_env()}
+    nodes = [
+        NodeProcess(tmp_path / f"node{i}", f"{a.address},{b.address}", node_env, ["--shared-dir", str(CACHE)])
+        for i in range(2)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        wait_online(a, *nodes, within=60)
+        wait_online(b, *nodes, within=10)
+        yield [a, b], nodes, key
+    finally:
+        for node in nodes:
+            node.stop()
+        for replica in (a, b):
+            replica.stop()
+
+
+def holders(replica: BalancerProcess) -> dict[str, str]:
+    """Which replica holds each online node's session, as ``replica`` lists it."""
+    listed = replica.registry.ListNodes(rpb.ListNodesRequest(), timeout=10).nodes
+    return {n.id: n.replica for n in listed if n.state == pb.NODE_STATE_ONLINE}
+
+
+async def run_clients(
+    clients: ReplicaClients, drill: Callable[[], Awaitable[None]], per_door_and_home: int = 4
+) -> None:
+    """Keeps 16 clients (both doors, both home replicas) sending while ``drill`` runs."""
+    stop = asyncio.Event()
+    senders = [
+        asyncio.create_task(clients.keep_asking(door, home, f"{door}-{home}-{i}", stop))
+        for door in (HTTP, GRPC)
+        for home in (0, 1)
+        for i in range(per_door_and_home)
+    ]
+    try:
+        await drill()
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+
+
+async def test_a_replica_killed_under_load_loses_no_request_and_its_nodes_are_held_by_the_other(
+    fleet: tuple[list[BalancerProcess], list[NodeProcess], str],
+) -> None:
+    (a, b), nodes, key = fleet
+    ids = {n.node_id for n in nodes}
+    replica_a = set(holders(a).values())
+    assert set(holders(a)) == ids and len(replica_a) == 1  # both nodes attached to A, the first address
+    clients = ReplicaClients([a, b], key)
+    timings: dict[str, float] = {}
+
+    async def drill() -> None:
+        async def answered(replica: int, since: float, count: int, what: str) -> None:
+            async def enough() -> bool:
+                return clients.answered_on(replica, since) >= count
+
+            await eventually_async(enough, 60, what, every=0.1, describe=clients.describe)
+
+        await answered(0, 0.0, 10, "answers from A before the kill")
+        await answered(1, 0.0, 10, "answers from B before the kill")
+        killed = time.monotonic()
+        await asyncio.to_thread(a.stop, signal.SIGKILL)
+
+        def held_by_b() -> bool:
+            held = holders(b)
+            return set(held) == ids and not set(held.values()) & replica_a
+
+        await asyncio.to_thread(eventually, held_by_b, 30, "A's nodes held by B", every=0.05)
+        timings["held_by_b_s"] = time.monotonic() - killed
+        await answered(1, killed, 20, "answers from B while A is down")
+        await asyncio.sleep(3)  # clients homed on A keep meeting a closed port meanwhile
+
+        restarted = time.monotonic()
+        await asyncio.to_thread(a.start)
+        await answered(0, restarted, 10, "answers from A after its restart")
+        await asyncio.sleep(1)
+
+    try:
+        await run_clients(clients, drill)
+    finally:
+        await clients.close()
+    print(f"A's nodes held by B {timings.get('held_by_b_s', -1):.3f} s after the kill")
+    check_every_request_answered_once(clients)
+    assert clients.retries() > 0  # the kill was felt: requests homed on A went to B meanwhile
+    assert timings["held_by_b_s"] <= HELD_ELSEWHERE_S
+
+
+async def test_a_rolling_restart_of_both_replicas_fails_no_request_of_a_retrying_client(
+    fleet: tuple[list[BalancerProcess], list[NodeProcess], str],
+) -> None:
+    (a, b), _nodes, key = fleet
+    clients = ReplicaClients([a, b], key)
+
+    async def drill() -> None:
+        for index, replica in enumerate((a, b)):
+            since = time.monotonic()
+
+            async def enough(replica_index: int = index, since: float = since) -> bool:
+                return clients.answered_on(replica_index, since) >= 10
+
+            await eventually_async(
+                enough,
+                60,
+                f"answers from replica {index} before its restart",
+                every=0.1,
+                describe=clients.describe,
+            )
+            await asyncio.to_thread(replica.stop, signal.SIGTERM)  # a graceful stop, as a deploy does
+            await asyncio.sleep(1)
+            back = time.monotonic()
+            await asyncio.to_thread(replica.start)
+
+            async def serving(replica_index: int = index, back: float = back) -> bool:
+                return clients.answered_on(replica_index, back) >= 10
+
+            await eventually_async(
+                serving,
+                60,
+                f"answers from replica {index} after its restart",
+                every=0.1,
+                describe=clients.describe,
+            )
+
+    try:
+        await run_clients(clients, drill)
+    finally:
+        await clients.close()
+    check_every_request_answered_once(clients)
