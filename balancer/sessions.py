@@ -50,7 +50,11 @@ class NodeSessions:
         session = Session(node_id)
         self._open[node_id] = session
         self._fleet.connected(node_id)
-        await self._store.set_node_state(node_id, NodeState.ONLINE, seen_at=datetime.now(UTC))
+        try:
+            await self._store.set_node_state(node_id, NodeState.ONLINE, seen_at=datetime.now(UTC))
+        except BaseException:  # e.g. cancelled as the stream drops: no caller holds the session to close it
+            await self.close(session)
+            raise
         log.info("node.connected", node_id=node_id)
         return session
 

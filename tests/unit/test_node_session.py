@@ -1,0 +1,96 @@
+"""The node-session protocol on a balancer's real parts (SQLite store, fleet, sessions), no transport.
+
+gRPC stops a stream's handler by cancelling it when the node's connection drops, at whatever ``await``
+the handler is in; these tests cancel it the same way at the moments a session is starting up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from balancer import node_session
+from balancer.auth import KeyRing
+from balancer.catalog import Catalog
+from balancer.fleet import Fleet
+from balancer.node_clients import NodeClients
+from balancer.origin import Origin
+from balancer.parts import BalancerParts
+from balancer.router import Router
+from balancer.sessions import NodeSessions
+from balancer.store import Store
+from common.config import BalancerConfig
+from common.metrics import BalancerMetrics
+from tests.unit.test_store import make_node
+
+NODE = "node-a"
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
+    config = BalancerConfig(home=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'llmlb.db'}")
+    store = await Store.open(config.database_url)
+    await store.upsert_node(make_node(NODE))
+    origin = Origin(config)
+    catalog = Catalog(store, origin)
+    fleet = Fleet()
+    metrics = BalancerMetrics(lambda: {})
+    clients = NodeClients()
+    router = Router(config, catalog, fleet, clients, metrics)
+    yield BalancerParts(
+        config, store, origin, catalog, fleet, NodeSessions(store, fleet), router, KeyRing(store), metrics
+    )
+    await clients.close()
+    await origin.close()
+    await store.close()
+
+
+async def hello_then_silence() -> AsyncIterator[node_session.NodeMessage]:
+    """A node that says hello and then nothing (its heartbeats do not matter before it is cancelled)."""
+    yield node_session.Hello(NODE)
+    await asyncio.Event().wait()
+
+
+async def handle_stream(parts: BalancerParts) -> None:
+    """What the gRPC servicer does with a stream: run the session and send everything it yields."""
+    async with aclosing(node_session.serve(parts, hello_then_silence())) as outgoing:
+        async for _ in outgoing:
+            pass
+
+
+@pytest.mark.parametrize(
+    "parked_in",
+    [
+        "set_node_state",  # storing the node online, just after the fleet lists it
+        "pending_commands",  # looking for a queued drain, before the session's first answer
+    ],
+)
+async def test_a_stream_dropped_while_its_session_starts_takes_the_node_out_of_rotation(
+    parts: BalancerParts, monkeypatch: pytest.MonkeyPatch, parked_in: str
+) -> None:
+    store = parts.store
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real = getattr(store, parked_in)
+
+    async def parked(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, parked_in, parked)
+    handler = asyncio.create_task(handle_stream(parts))
+    await asyncio.wait_for(entered.wait(), 5)
+    assert parts.fleet.is_online(NODE)  # ListNodes already shows it online, so a client may act on it
+
+    handler.cancel()  # the node's connection dropped
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(handler, 5)
+
+    assert not parts.fleet.is_online(NODE)
+    assert parts.sessions.get(NODE) is None
