@@ -106,13 +106,16 @@ async def serve(
     if await store.get_node(node_id) is None:
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode")
     session = await sessions.open(node_id)
-    # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
-    if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, node_id) or ()):
-        session.draining = True
-        fleet.set_draining(node_id, True)
-        await parts.replicas.reported(node_id)
-    reader = asyncio.create_task(_read(parts, session, inbound))
+    reader: asyncio.Task[None] | None = None
+    # From here on the session closes however the handler ends: grpc cancels it at whatever await it
+    # is in when the stream drops, and the fleet already lists the node.
     try:
+        # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
+        if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, node_id) or ()):
+            session.draining = True
+            fleet.set_draining(node_id, True)
+            await parts.replicas.reported(node_id)
+        reader = asyncio.create_task(_read(parts, session, inbound))
         yield Accepted(node_id, config.heartbeat_interval_ms)
         while not session.stopped:
             session.wake.clear()  # cleared before reading the queue, so no command slips between
@@ -131,12 +134,15 @@ async def serve(
             if pending is None:  # the store did not answer: ask again on the next heartbeat's tick
                 wait_s = min(wait_s, config.heartbeat_interval_ms / 1000)
             waker = asyncio.ensure_future(session.wake.wait())
-            await asyncio.wait({waker, reader}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
+            try:
+                await asyncio.wait({waker, reader}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when cancelled: a waker left pending outlives the session
+                waker.cancel()
             if reader.done():
                 break
     finally:
-        reader.cancel()
+        if reader is not None:
+            reader.cancel()
         await sessions.close(session)
     if session.ending:  # the node's link sees why its session ended
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} was removed from the balancer")

@@ -316,7 +316,7 @@ class Replicas:
     async def _end_removed(self, node_id: str) -> None:
         parts = self._parts
         assert parts is not None
-        await parts.sessions.end(node_id, self._timeout_s)
+        await parts.sessions.end(node_id, parts.config.heartbeat_timeout_ms / 1000)
         self._fleet.remove(node_id)
 
     async def _refresh_node(self, node_id: str, node: Node | None = None) -> None:

@@ -121,7 +121,7 @@ async def start(config: BalancerConfig) -> Balancer:
     origin = Origin(config)
     fleet = Fleet()
     replicas = Replicas(
-        store, fleet, database_url=config.database_url, timeout_s=config.heartbeat_timeout_ms / 1000
+        store, fleet, database_url=config.database_url, timeout_s=config.replica_timeout_ms / 1000
     )
     catalog = Catalog(store, origin, replicas)
     await catalog.seed(seed)

@@ -48,7 +48,11 @@ class NodeSessions:
         session = Session(node_id)
         self._open[node_id] = session
         self._fleet.connected(node_id)
-        await self._replicas.attach(node_id)
+        try:
+            await self._replicas.attach(node_id)
+        except BaseException:  # e.g. cancelled as the stream drops: no caller holds the session to close it
+            await self.close(session)
+            raise
         log.info("node.connected", node_id=node_id, replica_id=self._replicas.id)
         return session
 
@@ -60,7 +64,12 @@ class NodeSessions:
         self._closing.add(session)
         try:
             self._fleet.disconnected(session.node_id)
-            await self._replicas.detach(session.node_id)
+            write = asyncio.ensure_future(self._replicas.detach(session.node_id))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:  # grpc cancels a handler whose stream dropped, often right here
+                await write  # record it offline all the same: the other replicas route by the record
+                raise
             log.info("node.disconnected", node_id=session.node_id)
         finally:
             self._closing.discard(session)

@@ -158,6 +158,10 @@ class BalancerConfig:
     origin_timeout_s: float = 30.0
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_ms: int = 3000
+    # A replica whose beat is older than this is taken as dead and the nodes it held as offline.
+    # Longer than a node's timeout: a busy replica must not be declared dead by a late beat, and a
+    # killed replica's nodes do not wait for it (they attach to another replica by themselves).
+    replica_timeout_ms: int = 10_000
     log_format: str = "console"
     log_level: str = "info"
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
@@ -229,6 +233,7 @@ def load_balancer_config(
         origin_timeout_s=s.get(None, ("LLMLB_ORIGIN_TIMEOUT",), 30.0, float),
         heartbeat_interval_ms=s.get(None, ("LLMLB_HEARTBEAT_INTERVAL_MS",), 1000, int),
         heartbeat_timeout_ms=s.get(None, ("LLMLB_HEARTBEAT_TIMEOUT_MS",), 3000, int),
+        replica_timeout_ms=s.get(None, ("LLMLB_REPLICA_TIMEOUT_MS",), 10_000, int),
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),

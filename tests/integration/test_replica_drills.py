@@ -31,7 +31,6 @@ from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
 COUNTING = "One, two, three, four,"  # gemma continues it with "five"
-BEATS = {"LLMLB_HEARTBEAT_INTERVAL_MS": "200", "LLMLB_HEARTBEAT_TIMEOUT_MS": "1500"}
 HELD_ELSEWHERE_S = 2.0  # a killed replica's nodes are held by the other replica within this long
 # Connection failures a client may retry on the other replica: nothing reached a node, or the
 # replica died before it could answer. An error a replica sent itself is never retried.
@@ -129,7 +128,7 @@ def fleet(
     tmp_path: Path, postgres_url: str, hub: FakeHub, gemma: ModelFiles
 ) -> Iterator[tuple[list[BalancerProcess], list[NodeProcess], str]]:
     """Two replicas on one fresh PostgreSQL database and two gemma nodes that know both (A first)."""
-    env = {"LLMLB_DATABASE_URL": postgres_url, "HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json", **BEATS}
+    env = {"LLMLB_DATABASE_URL": postgres_url, "HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json"}
     a = BalancerProcess(tmp_path / "replica-a", env)
     a.start()
     b = BalancerProcess(tmp_path / "replica-b", env)
