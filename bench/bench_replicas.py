@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
 import socket
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -153,6 +155,15 @@ class _Replica:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    def warnings(self) -> Counter[str]:
+        """How many times each event was logged (at warning and above, the level it runs at)."""
+        events: Counter[str] = Counter()
+        with contextlib.suppress(OSError):
+            for line in (self.home / "serve.log").read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError, AttributeError):
+                    events[str(json.loads(line).get("event", "?"))] += 1
+        return events
+
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
             return (self.home / "serve.log").read_text(errors="replace")[-2000:]
@@ -194,6 +205,7 @@ def _start_replica(name: str, home: Path, database_url: str) -> _Replica:
         "LLMLB_HTTP_LISTEN": f"127.0.0.1:{http_port}",
         "LLMLB_AUTH": "on",
         "LLMLB_LOG_LEVEL": "warning",
+        "LLMLB_LOG_FORMAT": "json",  # so the report can count the warnings by event
         # Every call in flight may go to one node: this measures routing, not the wait queue.
         "LLMLB_NODE_MAX_INFLIGHT": str(IN_FLIGHT * 2),
         "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing here downloads; never the real hub
@@ -263,7 +275,7 @@ async def _simulate(conn: Connection, address: str, key: str, node_ids: list[str
             conn.send(None)
         elif command == "stats":
             s = sim.stats
-            conn.send((s.beats, s.missed, s.worst_late_s, list(s.ended)))
+            conn.send((s.beats, s.missed, s.worst_late_s, list(s.ended), s.reattached))
         elif command == "deleted":
             conn.send([n.deleted.get(DELETED) for n in sim.nodes])
         elif command == "stop":
@@ -358,6 +370,10 @@ async def _ask(conn: Connection, *message: Any) -> Any:
 @dataclass(slots=True)
 class _FleetResult:
     online_s: float | None = None
+    online_on: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # replica -> most, when all
+    opened_s: float = 0.0  # until every node had registered and opened its session once
+    reattached: int = 0
+    warnings: dict[str, Counter[str]] = field(default_factory=dict)  # replica -> event -> count
     failures: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
     beats: int = 0
@@ -385,16 +401,26 @@ async def _fleet(server: PostgresServer, root: Path, postmaster: int) -> _FleetR
             conns.append(mine)
         try:
             started = time.monotonic()
-            opening = asyncio.gather(*(_ask(c, "open") for c in conns))
+
+            async def open_all() -> list[list[str]]:
+                failures = await asyncio.gather(*(_ask(c, "open") for c in conns))
+                result.opened_s = time.monotonic() - started
+                return failures
+
+            opening = asyncio.ensure_future(open_all())
+            result.online_on = {r.name: (0, None) for r in (a, b)}
             while time.monotonic() - started < ONLINE_TIMEOUT_S:
-                counts = [await _online(a, key), await _online(b, key)]
-                if counts == [NODES, NODES]:
+                for replica in (a, b):
+                    count, when = await _online(replica, key), result.online_on[replica.name][1]
+                    if count == NODES and when is None:
+                        when = time.monotonic() - started
+                    result.online_on[replica.name] = (max(count, result.online_on[replica.name][0]), when)
+                if all(when is not None for _, when in result.online_on.values()):
                     result.online_s = time.monotonic() - started
                     break
                 await asyncio.sleep(0.5)
             result.failures = [f for failures in await opening for f in failures]
-            if result.online_s is None:
-                return result
+            # Measured even if not every node came online: the report says how many were.
             await asyncio.sleep(SETTLE_S)
             counted = time.monotonic()
             for conn in conns:
@@ -409,7 +435,8 @@ async def _fleet(server: PostgresServer, root: Path, postmaster: int) -> _FleetR
             await asyncio.sleep(STEADY_S)
             result.cpu = meter.shares()
             for conn in conns:
-                beats, missed, late, ended = await _ask(conn, "stats")
+                beats, missed, late, ended, reattached = await _ask(conn, "stats")
+                result.reattached += reattached
                 result.beats += beats
                 result.missed += missed
                 result.worst_late_s = max(result.worst_late_s, late)
@@ -432,6 +459,7 @@ async def _fleet(server: PostgresServer, root: Path, postmaster: int) -> _FleetR
                 await asyncio.sleep(0.2)
             for replica, times in zip(held, got, strict=True):
                 result.delays.setdefault(replica.name, []).extend(t - asked for t in times if t is not None)
+            result.warnings = {r.name: r.warnings() for r in (a, b)}
         finally:
             for conn in conns:
                 with contextlib.suppress(OSError, EOFError):
@@ -547,16 +575,24 @@ def _report(fleet: _FleetResult, routing: dict[str, _Phase], busy: float) -> str
         "call until each node received its delete command (one monotonic clock for all processes).",
         "",
     ]
+    reached = "; ".join(
+        f"{name}: {f'all after {when:.1f} s' if when is not None else f'at most {most:,}'}"
+        for name, (most, when) in fleet.online_on.items()
+    )
     if fleet.online_s is None:
         lines.append(
             f"- **not all {NODES:,} nodes were listed online on both replicas within "
-            f"{ONLINE_TIMEOUT_S:.0f} s**; nothing more was measured"
+            f"{ONLINE_TIMEOUT_S:.0f} s** ({reached}); the rest was measured with those that were"
         )
     else:
         lines.append(
             f"- all {NODES:,} registered, attached and listed online on both replicas "
-            f"{fleet.online_s:.1f} s after the first registration began"
+            f"{fleet.online_s:.1f} s after the first registration began ({reached})"
         )
+    lines.append(
+        f"- every node had registered and opened its session once after {fleet.opened_s:.1f} s "
+        f"({REGISTER_IN_FLIGHT} at a time per simulator)"
+    )
     if fleet.failures:
         lines.append(f"- {len(fleet.failures)} nodes failed to register or open: {fleet.failures[0]}")
     if fleet.cpu:
@@ -574,7 +610,14 @@ def _report(fleet: _FleetResult, routing: dict[str, _Phase], busy: float) -> str
             "simulators kept up)"
         )
     if fleet.ended:
-        lines.append(f"- {len(fleet.ended)} sessions ended early: {fleet.ended[0]}")
+        lines.append(
+            f"- {len(fleet.ended)} sessions ended under the run, e.g. `{fleet.ended[0]}`; "
+            f"{fleet.reattached} were opened again (a second later, as a node's link does)"
+        )
+    for name, events in fleet.warnings.items():
+        if events:
+            top = ", ".join(f"`{event}` ({count})" for event, count in events.most_common(4))
+            lines.append(f"- replica {name} logged {sum(events.values()):,} warnings or errors: {top}")
     if fleet.delays:
         every = [d for ds in fleet.delays.values() for d in ds]
         last = max(every) if len(every) == NODES else None

@@ -4,7 +4,8 @@ Each node speaks the node's side of the real protocol as ``devkit.echo_node`` do
 then a ``NodeSession`` stream: hello, a heartbeat every interval the balancer hands out at
 registration, reporting its models ready, acks for commands, a delete obeyed by dropping the model
 from later heartbeats), but it is only a session: its address is one nothing listens on, so it must
-not be routed to. What it costs is a few protobuf messages a second, so one process holds hundreds.
+not be routed to. A session that ends is opened again (registering first) a second later, as a
+node's link does. What it costs is a few protobuf messages a second, so one process holds hundreds.
 
 ```python
 swarm = NodeSwarm("127.0.0.1:50051", key, [f"sim-{i}" for i in range(500)], models=["m1", "m2"])
@@ -33,7 +34,10 @@ from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
 from common.types import Backend, Capability, ModelState
 
+REATTACH_S = 1.0  # pause before a session that ended is opened again
 UNUSED_PORT_BASE = 20000  # node i claims 127.0.0.1:(this + i); nothing is meant to listen there
+# What a write on a session that already ended raises, besides the RPC's own error.
+_BROKEN = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # what read() answers at the stream's end; not in the stubs
 
 
@@ -42,7 +46,9 @@ class SwarmNode:
     """One simulated node: its session stream and what it reports."""
 
     node_id: str
-    call: Any = None
+    stub: Any = None  # the Registry stub of the connection it uses
+    port: int = 0  # of its address, on which nothing listens
+    call: Any = None  # the current session
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time on the stream
     models: list[str] = field(default_factory=list)
     heartbeat: rpb.NodeMessage = field(default_factory=rpb.NodeMessage)
@@ -74,6 +80,7 @@ class SwarmStats:
     missed: int = 0  # beats skipped because the simulator fell a whole interval behind
     worst_late_s: float = 0.0
     ended: list[str] = field(default_factory=list)  # why sessions ended early
+    reattached: int = 0  # sessions opened again after one ended, as a node's link does
 
 
 class NodeSwarm:
@@ -101,6 +108,7 @@ class NodeSwarm:
         self.nodes = [SwarmNode(node_id, models=list(models)) for node_id in node_ids]
         self.stats = SwarmStats()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     async def open(self) -> list[str]:
         """Registers every node and opens its session; why any failed."""
@@ -108,21 +116,21 @@ class NodeSwarm:
         failures: list[str] = []
 
         async def one(i: int, node: SwarmNode) -> None:
-            stub = self._stubs[i % self._connections]
+            node.stub, node.port = self._stubs[i % self._connections], UNUSED_PORT_BASE + i
             async with gate:
                 try:
-                    await self._open(stub, node, port=UNUSED_PORT_BASE + i)
-                except (grpc.aio.AioRpcError, RuntimeError) as exc:
+                    await self._open(node)
+                except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as exc:
                     failures.append(f"{node.node_id}: {exc!r}"[:200])
 
         await asyncio.gather(*(one(i, node) for i, node in enumerate(self.nodes)))
         return failures
 
-    async def _open(self, stub: Any, node: SwarmNode, port: int) -> None:
-        reply = await stub.RegisterNode(
+    async def _open(self, node: SwarmNode) -> None:
+        reply = await node.stub.RegisterNode(
             rpb.RegisterNodeRequest(
                 node_id=node.node_id,
-                address=f"127.0.0.1:{port}",  # nothing listens: no request is routed to these nodes
+                address=f"127.0.0.1:{node.port}",  # nothing listens: no request is routed to these nodes
                 backends=[converters.backend_to_pb(Backend.CPU)],
                 runtimes=["swarm"],
                 capabilities=converters.capabilities_to_pb(self._capabilities),
@@ -133,18 +141,19 @@ class NodeSwarm:
             metadata=self._auth,
         )
         node.heartbeat_s = reply.heartbeat_interval_ms / 1000
-        node.call = stub.NodeSession(metadata=self._auth)
+        call = node.call = node.stub.NodeSession(metadata=self._auth)
         node.build_heartbeat()
         await node.send(rpb.NodeMessage(hello=rpb.NodeHello(node_id=node.node_id)))
-        first = await asyncio.wait_for(node.call.read(), 60)
+        first = await asyncio.wait_for(call.read(), 60)
         if first is _EOF or first.WhichOneof("body") != "accepted":
+            call.cancel()
             raise RuntimeError(f"session not accepted: {first}")
-        self._tasks.append(asyncio.create_task(self._beat(node)))
-        self._tasks.append(asyncio.create_task(self._read(node)))
+        self._tasks.append(asyncio.create_task(self._beat(node, call)))
+        self._tasks.append(asyncio.create_task(self._read(node, call)))
 
-    async def _beat(self, node: SwarmNode) -> None:
+    async def _beat(self, node: SwarmNode, call: Any) -> None:
         due = time.monotonic()
-        while True:
+        while node.call is call:
             now = time.monotonic()
             if due > now:
                 await asyncio.sleep(due - now)
@@ -152,17 +161,17 @@ class NodeSwarm:
             self.stats.worst_late_s = max(self.stats.worst_late_s, late)
             try:
                 await node.send(node.heartbeat)
-            except grpc.aio.AioRpcError:
-                return  # the read loop records why the session ended
+            except _BROKEN:
+                return  # the read loop records why the session ended, and opens another
             self.stats.beats += 1
             due += node.heartbeat_s
             if time.monotonic() - due > node.heartbeat_s:
                 self.stats.missed += 1
                 due = time.monotonic()
 
-    async def _read(self, node: SwarmNode) -> None:
+    async def _read(self, node: SwarmNode, call: Any) -> None:
         try:
-            while (message := await node.call.read()) is not _EOF:
+            while (message := await call.read()) is not _EOF:
                 if message.WhichOneof("body") != "command":
                     continue
                 command = message.command
@@ -175,16 +184,32 @@ class NodeSwarm:
             self.stats.ended.append(f"{node.node_id}: the balancer closed the stream")
         except grpc.aio.AioRpcError as exc:
             self.stats.ended.append(f"{node.node_id}: {exc.code().name} {exc.details()}")
+        except _BROKEN as exc:
+            self.stats.ended.append(f"{node.node_id}: {exc!r}")
+        await self._reattach(node)
+
+    async def _reattach(self, node: SwarmNode) -> None:
+        """Registers and opens the session again, a second after each failure, as a node's link does."""
+        while not self._closing:
+            await asyncio.sleep(REATTACH_S)
+            try:
+                await self._open(node)
+            except (grpc.aio.AioRpcError, RuntimeError, TimeoutError):
+                continue
+            self.stats.reattached += 1
+            return
 
     def reset(self) -> None:
         """Starts counting beats and lateness afresh (sessions that ended stay counted)."""
-        self.stats = SwarmStats(ended=self.stats.ended)
+        self.stats = SwarmStats(ended=self.stats.ended, reattached=self.stats.reattached)
 
     async def close(self) -> None:
         """Ends every session and closes the connections."""
-        for task in self._tasks:
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for node in self.nodes:
             if node.call is not None:
                 node.call.cancel()
