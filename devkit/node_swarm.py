@@ -109,6 +109,7 @@ class NodeSwarm:
         self.stats = SwarmStats()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self.opened = 0  # nodes whose first session ``open()`` has opened so far
 
     async def open(self) -> list[str]:
         """Registers every node and opens its session; why any failed."""
@@ -122,6 +123,8 @@ class NodeSwarm:
                     await self._open(node)
                 except (grpc.aio.AioRpcError, RuntimeError, TimeoutError) as exc:
                     failures.append(f"{node.node_id}: {exc!r}"[:200])
+                    return
+                self.opened += 1
 
         await asyncio.gather(*(one(i, node) for i, node in enumerate(self.nodes)))
         return failures
