@@ -21,7 +21,7 @@ help:
 	@echo "make test      install, check generated stubs, run every test"
 	@echo "make lint      ruff + mypy"
 	@echo "make protos    regenerate common/pb from protos/"
-	@echo "make bench     run the benchmarks and rewrite bench/RESULTS.md"
+	@echo "make bench     run the benchmarks and rewrite bench/RESULTS.md (one: python -m bench bench_x)"
 
 install: $(STAMP)
 
