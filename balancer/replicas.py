@@ -75,9 +75,13 @@ class NodeSnapshot:
 
     def routing_key(self) -> tuple[object, ...]:
         """The part routing depends on: a change here is written at once, progress alone is not."""
-        return (self.draining, sorted(self.capabilities), [(m.model_id, m.state) for m in self.models])
+        return (self.draining, self.capabilities, tuple((m.model_id, m.state) for m in self.models))
 
-    def to_json(self, *, with_load: bool = True) -> str:
+    def progress(self) -> tuple[object, ...]:
+        """The rest of what is written (the load aside): download progress and errors."""
+        return tuple((m.downloaded_bytes, m.total_bytes, m.error) for m in self.models)
+
+    def to_json(self) -> str:
         body: dict[str, Any] = {
             "capabilities": sorted(c.value for c in self.capabilities),
             "draining": self.draining,
@@ -85,15 +89,14 @@ class NodeSnapshot:
                 [m.model_id, m.state.value, m.downloaded_bytes, m.total_bytes, m.error] for m in self.models
             ],
         }
-        if with_load:
-            load = self.load
-            body["load"] = [
-                load.active_requests,
-                load.queued_requests,
-                load.cpu_percent,
-                load.memory_used_mb,
-                load.memory_total_mb,
-            ]
+        load = self.load
+        body["load"] = [
+            load.active_requests,
+            load.queued_requests,
+            load.cpu_percent,
+            load.memory_used_mb,
+            load.memory_total_mb,
+        ]
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -118,8 +121,8 @@ class NodeSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class _Written:
-    key: tuple[object, ...]
-    body: str
+    key: tuple[object, ...]  # NodeSnapshot.routing_key
+    progress: tuple[object, ...]  # NodeSnapshot.progress
     at: float
 
 
@@ -210,7 +213,7 @@ class Replicas:
         except StoreUnavailable:  # routing follows memory; the resync records it once the store is back
             log.warning("replica.attach_unstored", node_id=node_id)
             return True
-        self._written[node_id] = _Written(snapshot.routing_key(), snapshot.to_json(with_load=False), 0.0)
+        self._written[node_id] = _Written(snapshot.routing_key(), snapshot.progress(), 0.0)
         await self.publish(Change.NODE, node_id)
         return True
 
@@ -236,16 +239,19 @@ class Replicas:
         if self._loads.get(node_id) != load:
             self._loads[node_id] = load
             await self.publish(Change.LOAD, f"{node_id} {load[0]} {load[1]}")
-        key, body, now = snapshot.routing_key(), snapshot.to_json(with_load=False), time.monotonic()
+        # Compared as tuples, not as JSON: this runs for every heartbeat of every node held here.
+        key, progress, now = snapshot.routing_key(), snapshot.progress(), time.monotonic()
         last = self._written.get(node_id)
-        if last is not None and (last.body == body or (last.key == key and now - last.at < PROGRESS_EVERY_S)):
+        if last is not None and (
+            last.key == key and (last.progress == progress or now - last.at < PROGRESS_EVERY_S)
+        ):
             return  # unchanged, or only progress, written a moment ago: a later report carries it
         try:
             if not await self._store.update_node_live(node_id, self.id, snapshot.to_json()):
                 return
         except StoreUnavailable:  # written with a later report once the store is back
             return
-        self._written[node_id] = _Written(key, body, now)
+        self._written[node_id] = _Written(key, progress, now)
         await self.publish(Change.NODE, node_id)
 
     # -- what the others tell this replica ------------------------------------------------------
@@ -377,7 +383,8 @@ class Replicas:
             self._fleet.forget_model(model_id)
         parts.keys.forget()
         await self._resync_nodes()
-        parts.sessions.notify_all()
+        for node_id in await self._store.nodes_with_commands():  # in case a COMMANDS notice was lost
+            parts.sessions.notify(node_id)
 
     # -- liveness -------------------------------------------------------------------------------
 

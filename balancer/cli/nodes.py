@@ -33,7 +33,7 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
         if args.json:
             print_json(as_dict(listed))
             return 0
-        rows = [["NODE", "ADDRESS", "STATE", "BACKENDS", "LOAD", "MODELS", "VERSION"]]
+        rows = [["NODE", "ADDRESS", "STATE", "BACKENDS", "LOAD", "MODELS", "VERSION", "REPLICA"]]
         for n in listed.nodes:
             backends = ",".join(enum_name(pb.Backend, b, "BACKEND_") for b in n.backends) or "-"
             load = f"{n.load.active_requests}+{n.load.queued_requests}q" if n.HasField("load") else "-"
@@ -47,6 +47,7 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
                     load,
                     models,
                     n.version,
+                    n.replica or "-",
                 ]
             )
         print_table(rows)

@@ -360,6 +360,11 @@ class Store:
         async with self._reading() as session:
             return [converters.command(row) for row in await session.scalars(query)]
 
+    async def nodes_with_commands(self) -> list[str]:
+        """The nodes that have commands waiting, by id."""
+        async with self._reading() as session:
+            return sorted(await session.scalars(select(NodeCommandRow.node_id).distinct()))
+
     async def ack_command(self, command_id: int) -> bool:
         """Clear a command its node has carried out; False if there is no such pending command."""
         async with self._writing() as session:

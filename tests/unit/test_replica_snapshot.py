@@ -1,0 +1,59 @@
+"""What a replica writes about the nodes it holds, as other replicas read it back."""
+
+from __future__ import annotations
+
+import json
+
+from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.replicas import NodeSnapshot
+from common.types import Capability, ModelState
+
+
+def held_node() -> Fleet:
+    fleet = Fleet()
+    fleet.registered(NodeInfo("n1", "127.0.0.1:1", frozenset({Capability.CHAT, Capability.EMBEDDING})))
+    fleet.connected("n1")
+    fleet.replace(
+        "n1",
+        [
+            ModelOnNode("n1", "gemma-3-270m", ModelState.READY, 10, 10),
+            ModelOnNode("n1", "whisper-base", ModelState.DOWNLOADING, 3, 9),
+        ],
+    )
+    fleet.set_load("n1", NodeLoad(2, 1, 12.5, 100, 1000))
+    fleet.set_draining("n1", True)
+    return fleet
+
+
+def test_a_snapshot_reads_back_as_written() -> None:
+    written = NodeSnapshot.of(held_node(), "n1")
+
+    read = NodeSnapshot.from_json("n1", written.to_json())
+
+    assert read == written
+    assert read.models[1] == ModelOnNode("n1", "whisper-base", ModelState.DOWNLOADING, 3, 9)
+
+
+def test_values_this_version_does_not_know_are_left_out() -> None:
+    """A newer replica may write a capability or a state this one has no name for."""
+    body = json.loads(NodeSnapshot.of(held_node(), "n1").to_json())
+    body["capabilities"].append("teleportation")
+    body["models"].append(["future-model", "hibernating", 0, 0, ""])
+    body["extra"] = {"from": "a newer replica"}
+
+    read = NodeSnapshot.from_json("n1", json.dumps(body))
+
+    assert read.capabilities == {Capability.CHAT, Capability.EMBEDDING}
+    assert [m.model_id for m in read.models] == ["gemma-3-270m", "whisper-base"]
+
+
+def test_progress_alone_leaves_the_routing_key_unchanged() -> None:
+    fleet = held_node()
+    before = NodeSnapshot.of(fleet, "n1")
+    fleet.report(ModelOnNode("n1", "whisper-base", ModelState.DOWNLOADING, 6, 9))
+    during = NodeSnapshot.of(fleet, "n1")
+    fleet.report(ModelOnNode("n1", "whisper-base", ModelState.READY, 9, 9))
+    after = NodeSnapshot.of(fleet, "n1")
+
+    assert during.routing_key() == before.routing_key() and during.progress() != before.progress()
+    assert after.routing_key() != during.routing_key()
