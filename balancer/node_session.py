@@ -117,13 +117,19 @@ async def serve(
             await parts.replicas.reported(node_id)
         reader = asyncio.create_task(_read(parts, session, inbound))
         yield Accepted(node_id, config.heartbeat_interval_ms)
+        # The queue is read when the session starts and when something wakes it (commands queued here
+        # or, through a notice, on another replica; the periodic resync wakes it too): never on a
+        # timer, which with many nodes would cost a store query per node every few seconds.
+        read_queue = True
         while not session.stopped:
             session.wake.clear()  # cleared before reading the queue, so no command slips between
-            pending = await _pending(parts, node_id)
-            for cmd in pending or ():
-                if cmd.id not in session.sent:
-                    session.sent.add(cmd.id)
-                    yield cmd
+            pending: list[NodeCommand] | None = []
+            if read_queue:
+                pending = await _pending(parts, node_id)
+                for cmd in pending or ():
+                    if cmd.id not in session.sent:
+                        session.sent.add(cmd.id)
+                        yield cmd
             if session.ending:
                 break
             silent_for = time.monotonic() - session.last_seen
@@ -140,6 +146,7 @@ async def serve(
                 waker.cancel()
             if reader.done():
                 break
+            read_queue = pending is None or session.wake.is_set()
     finally:
         if reader is not None:
             reader.cancel()
