@@ -111,7 +111,7 @@ async def serve(
     # is in when the stream drops, and the fleet already lists the node.
     try:
         # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
-        if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, node_id) or ()):
+        if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, session) or ()):
             session.draining = True
             fleet.set_draining(node_id, True)
             await parts.replicas.reported(node_id)
@@ -125,7 +125,7 @@ async def serve(
             session.wake.clear()  # cleared before reading the queue, so no command slips between
             pending: list[NodeCommand] | None = []
             if read_queue:
-                pending = await _pending(parts, node_id)
+                pending = await _pending(parts, session)
                 for cmd in pending or ():
                     if cmd.id not in session.sent:
                         session.sent.add(cmd.id)
@@ -177,12 +177,12 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
                 )
 
 
-async def _pending(parts: BalancerParts, node_id: str) -> list[NodeCommand] | None:
+async def _pending(parts: BalancerParts, session: Session) -> list[NodeCommand] | None:
     """The node's queued commands; None while the store cannot be reached (the session stays up)."""
     try:
-        return await parts.store.pending_commands(node_id)
+        return await parts.sessions.pending(session)
     except StoreUnavailable:
-        log.warning("node.commands_unread", node_id=node_id)
+        log.warning("node.commands_unread", node_id=session.node_id)
         return None
 
 

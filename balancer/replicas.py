@@ -383,8 +383,8 @@ class Replicas:
             self._fleet.forget_model(model_id)
         parts.keys.forget()
         await self._resync_nodes()
-        for node_id in await self._store.nodes_with_commands():  # in case a COMMANDS notice was lost
-            parts.sessions.notify(node_id)
+        # In case a COMMANDS notice was lost: the sessions with commands waiting look again.
+        parts.sessions.notify_many(await self._store.nodes_with_commands())
 
     # -- liveness -------------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ async def start(config: BalancerConfig) -> Balancer:
     )
     catalog = Catalog(store, origin, replicas)
     await catalog.seed(seed)
-    sessions = NodeSessions(fleet, replicas)
+    sessions = NodeSessions(store, fleet, replicas)
 
     keys = KeyRing(store, enabled=config.auth, changes=replicas)
     secret = await keys.bootstrap(config.admin_key_file)

@@ -14,6 +14,8 @@ import structlog
 
 from balancer.fleet import Fleet
 from balancer.replicas import Replicas
+from balancer.store import Store
+from common.types import NodeCommand
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +29,7 @@ class Session:
     stopped: bool = False  # replaced by a newer session, or the balancer is stopping
     ending: bool = False  # the node was removed: send what is queued, then close the stream
     draining: bool = False  # told to drain: a heartbeat saying otherwise must not undo it
+    batched: bool = False  # woken with many others: its next queue read is the one shared read
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def heard(self) -> None:
@@ -34,8 +37,10 @@ class Session:
 
 
 class NodeSessions:
-    def __init__(self, fleet: Fleet, replicas: Replicas) -> None:
+    def __init__(self, store: Store, fleet: Fleet, replicas: Replicas) -> None:
+        self._store = store
         self._fleet = fleet
+        self._batch: asyncio.Future[dict[str, list[NodeCommand]]] | None = None
         self._replicas = replicas
         self._open: dict[str, Session] = {}
         self._closing: set[Session] = set()  # taken out of _open, their offline state not yet stored
@@ -90,8 +95,30 @@ class NodeSessions:
 
     def notify_all(self) -> None:
         """Wakes every session so it sends the commands queued for its node."""
-        for session in self._open.values():
-            session.wake.set()
+        self.notify_many(list(self._open))
+
+    def notify_many(self, node_ids: list[str]) -> None:
+        """Wakes the sessions of ``node_ids`` held here; their queues are read in one store read.
+
+        A delete reaches every node at once: a thousand sessions each reading its own queue would
+        make a thousand queries where one does.
+        """
+        self._batch = None  # commands were queued: the next shared read starts afresh
+        for node_id in node_ids:
+            session = self._open.get(node_id)
+            if session is not None:
+                session.batched = True
+                session.wake.set()
+
+    async def pending(self, session: Session) -> list[NodeCommand]:
+        """The commands waiting for the session's node, oldest first."""
+        if not session.batched:
+            return await self._store.pending_commands(session.node_id)
+        session.batched = False
+        if self._batch is None:
+            self._batch = asyncio.ensure_future(self._store.pending_by_node())
+        # Shielded: one session's handler cancelled must not cancel the read the others wait on.
+        return (await asyncio.shield(self._batch)).get(session.node_id, [])
 
     def notify(self, node_id: str) -> None:
         """Wakes the node's session, if it is held here, so it sends the commands queued for it."""

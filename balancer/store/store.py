@@ -360,6 +360,14 @@ class Store:
         async with self._reading() as session:
             return [converters.command(row) for row in await session.scalars(query)]
 
+    async def pending_by_node(self) -> dict[str, list[NodeCommand]]:
+        """Every waiting command, by node, each node's oldest first."""
+        by_node: dict[str, list[NodeCommand]] = {}
+        async with self._reading() as session:
+            for row in await session.scalars(select(NodeCommandRow).order_by(NodeCommandRow.id)):
+                by_node.setdefault(row.node_id, []).append(converters.command(row))
+        return by_node
+
     async def nodes_with_commands(self) -> list[str]:
         """The nodes that have commands waiting, by id."""
         async with self._reading() as session:

@@ -67,7 +67,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         origin,
         catalog,
         fleet,
-        NodeSessions(fleet, replicas),
+        NodeSessions(store, fleet, replicas),
         Router(config, catalog, fleet, clients, metrics),
         keys,
         metrics,

@@ -45,7 +45,7 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
     metrics = BalancerMetrics(lambda: {})
     clients = NodeClients()
     router = Router(config, catalog, fleet, clients, metrics)
-    sessions = NodeSessions(fleet, replicas)
+    sessions = NodeSessions(store, fleet, replicas)
     yield BalancerParts(
         config, store, origin, catalog, fleet, sessions, router, KeyRing(store), metrics, replicas
     )

@@ -12,7 +12,7 @@ from balancer.fleet import Fleet
 from balancer.replicas import Replicas
 from balancer.sessions import NodeSessions
 from balancer.store import Store
-from common.types import NodeState
+from common.types import CommandKind, NodeCommand, NodeState
 from tests.unit.test_store import make_node
 
 
@@ -37,7 +37,7 @@ async def test_close_all_stores_each_node_offline_and_a_late_handler_leaves_the_
     store: Store,
 ) -> None:
     fleet = Fleet()
-    sessions = NodeSessions(fleet, replicas(store, fleet))
+    sessions = NodeSessions(store, fleet, replicas(store, fleet))
     for node_id in ("a", "b"):
         await store.upsert_node(make_node(node_id, state=NodeState.OFFLINE))
     opened = [await sessions.open("a"), await sessions.open("b")]
@@ -58,7 +58,7 @@ async def test_close_all_waits_for_a_close_already_under_way(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fleet = Fleet()
-    sessions = NodeSessions(fleet, replicas(store, fleet))
+    sessions = NodeSessions(store, fleet, replicas(store, fleet))
     await store.upsert_node(make_node("a"))
     session = await sessions.open("a")
     gate = asyncio.Event()
@@ -86,3 +86,41 @@ async def test_a_closed_store_refuses_reads_and_writes(store: Store) -> None:
         await store.get_node("a")
     with pytest.raises(RuntimeError, match="store is closed"):
         await store.detach_node("a", "replica-1")
+
+
+async def test_sessions_woken_together_read_their_queues_in_one_store_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete reaches every node at once; a thousand queue reads must not become a thousand queries."""
+    fleet = Fleet()
+    sessions = NodeSessions(store, fleet, replicas(store, fleet))
+    ids = [f"n{i}" for i in range(20)]
+    for node_id in ids:
+        await store.upsert_node(make_node(node_id))
+    opened = [await sessions.open(node_id) for node_id in ids]
+    for node_id in ids:
+        await store.add_command(node_id, CommandKind.DELETE_MODEL, f"model-of-{node_id}")
+    reads: list[str] = []
+    by_node, each = store.pending_by_node, store.pending_commands
+
+    async def counted_by_node() -> dict[str, list[NodeCommand]]:
+        reads.append("all")
+        return await by_node()
+
+    async def counted_each(node_id: str) -> list[NodeCommand]:
+        reads.append(node_id)
+        return await each(node_id)
+
+    monkeypatch.setattr(store, "pending_by_node", counted_by_node)
+    monkeypatch.setattr(store, "pending_commands", counted_each)
+
+    sessions.notify_all()
+    assert all(s.wake.is_set() for s in opened)
+    queues = await asyncio.gather(*(sessions.pending(s) for s in opened))
+
+    assert reads == ["all"]
+    assert [[c.model_id for c in q] for q in queues] == [[f"model-of-{n}"] for n in ids]
+    # A session woken alone (or not woken) reads its own queue.
+    assert [c.model_id for c in await sessions.pending(opened[0])] == ["model-of-n0"]
+    assert reads == ["all", "n0"]
+    await sessions.close_all()
