@@ -183,7 +183,10 @@ class Replicas:
         except STORE_ERRORS as exc:  # the others release it once its beats stop
             log.warning("replica.release_failed", replica_id=self.id, error=str(exc))
         if self._conn is not None:
-            await self._conn.close(timeout=CONNECT_TIMEOUT_S)
+            try:
+                await self._conn.close(timeout=CONNECT_TIMEOUT_S)
+            except STORE_ERRORS:  # already broken (the database went away): nothing left to close
+                self._conn.terminate()
             self._conn = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
