@@ -26,6 +26,7 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.postgres import PostgresServer
 
 pytestmark = pytest.mark.timeout(120)
 PROPAGATION_S = 1.0  # a change made on one replica is seen on the other within this long
@@ -233,3 +234,65 @@ async def test_a_node_drained_and_removed_through_one_replica_leaves_the_other(
 
         await within(PROPAGATION_S, gone, "the removed node is listed by neither replica")
     assert node.ended_with is grpc.StatusCode.NOT_FOUND  # B ended its session: removed
+
+
+async def test_a_database_restart_under_load_loses_no_request_and_the_replicas_follow_each_other_after(
+    tmp_path: Path, restartable_postgres: PostgresServer, hub: FakeHub
+) -> None:
+    """While PostgreSQL is down both replicas keep routing from memory; when it is back, each one's
+    feed reconnects and changes made on one reach the other again."""
+    url = restartable_postgres.url(restartable_postgres.create_database())
+    a = await start_replica(tmp_path / "a", url, hub)
+    b = await start_replica(tmp_path / "b", url, hub, admin_key(a))
+    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a")
+    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b")
+    stop = asyncio.Event()
+    outcomes: list[int] = []
+
+    async def client(replica: Replica) -> None:
+        while not stop.is_set():
+            outcomes.append((await chat(replica)).status_code)
+            await asyncio.sleep(0.02)
+
+    try:
+        await on_a.start()
+        await on_b.start()
+        made = await a.registry.CreateKey(rpb.CreateKeyRequest(name="app", scopes=[pb.SCOPE_API]))
+        assert (await chat(b, key=made.secret)).status_code == 200
+        clients = [asyncio.create_task(client(r)) for r in (a, b, a, b)]
+        await asyncio.sleep(1)
+        await asyncio.to_thread(restartable_postgres.halt)
+        during = len(outcomes)
+        await asyncio.sleep(4)  # longer than a node's heartbeat timeout and a replica's resync
+        answered_during = len(outcomes) - during
+        await asyncio.to_thread(restartable_postgres.resume)
+        await asyncio.sleep(1)
+        stop.set()
+        await asyncio.gather(*clients)
+
+        assert answered_during > 20  # the outage was served, not waited out
+        assert outcomes and set(outcomes) == {200}, sorted(set(outcomes))
+        assert all(s == "online" for s in (await node_states(a)).values())
+
+        async def revoked_on_b() -> bool:
+            try:
+                await a.registry.RevokeKey(rpb.RevokeKeyRequest(key=made.key.id))
+            except grpc.aio.AioRpcError:  # A's pool still finding its feet: try again
+                return False
+            return True
+
+        await within(10, revoked_on_b, "a revocation through A once the database is back")
+
+        async def refused_on_b() -> bool:
+            return (await chat(b, key=made.secret)).status_code == 401
+
+        took = await within(PROPAGATION_S, refused_on_b, "the revocation on A holds on B after the outage")
+        print(f"after the database restart, a revocation on A held on B after {took:.3f} s")
+    finally:
+        stop.set()
+        for node in (on_a, on_b):
+            await node.stop()
+        for replica in (a, b):
+            await replica.http.aclose()
+            await replica.channel.close(None)
+            await replica.balancer.stop()
