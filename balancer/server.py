@@ -114,6 +114,30 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
     }
 
 
+async def bootstrap_admin_key(config: BalancerConfig, keys: KeyRing) -> None:
+    """On a store with no keys, makes the first admin key and shows it once (the file keeps it)."""
+    secret = await keys.bootstrap(config.admin_key_file)
+    if secret is not None:
+        print(
+            f"llmlb: created the first admin key (also in {config.admin_key_file}, mode 0600):\n  {secret}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def prepare_store(config: BalancerConfig) -> None:
+    """What must happen once before several replicas start at once on one store: migrate it, make
+    the first admin key and the fleet token's secret (``llmlb serve --workers``)."""
+    store = await Store.open(config.database_url, pool_size=1)
+    try:
+        keys = KeyRing(store, enabled=config.auth)
+        await bootstrap_admin_key(config, keys)
+        await load_fleet_token(store)
+        await keys.settle()
+    finally:
+        await store.close()
+
+
 async def start(config: BalancerConfig) -> Balancer:
     """Opens the store (migrating it), seeds the catalogue and starts serving gRPC."""
     seed = load_catalog(config.catalog_path, config.hf_endpoint)  # a broken file stops us before any I/O
@@ -128,13 +152,7 @@ async def start(config: BalancerConfig) -> Balancer:
     sessions = NodeSessions(store, fleet, replicas)
 
     keys = KeyRing(store, enabled=config.auth, changes=replicas)
-    secret = await keys.bootstrap(config.admin_key_file)
-    if secret is not None:  # shown once; the file keeps it for the CLI on this machine
-        print(
-            f"llmlb: created the first admin key (also in {config.admin_key_file}, mode 0600):\n  {secret}",
-            file=sys.stderr,
-            flush=True,
-        )
+    await bootstrap_admin_key(config, keys)
     clients = NodeClients()
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
@@ -144,7 +162,10 @@ async def start(config: BalancerConfig) -> Balancer:
         config, store, origin, catalog, fleet, sessions, router, keys, metrics, replicas, fleet_token
     )
     await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(keys)])
+    # Ports are shared only among ``--workers`` replicas: two balancers started on one port by
+    # mistake must fail, not split the traffic between them.
+    options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
+    server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)
     inference_pb2_grpc.add_InferenceServicer_to_server(
@@ -169,7 +190,7 @@ async def start(config: BalancerConfig) -> Balancer:
     http = None
     if config.http_listen:
         try:
-            http = await start_http(create_app(parts), config.http_listen)
+            http = await start_http(create_app(parts), config.http_listen, shared=config.shared_ports)
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
             await replicas.stop()

@@ -181,6 +181,10 @@ class BalancerConfig:
     cooldown_failures: int = 3  # consecutive failures that put a node in cooldown
     cooldown_s: float = 10.0
     max_body_mb: int = 64  # largest HTTP request body (audio uploads, image edits)
+    # Replica processes ``llmlb serve`` starts on this host, sharing its ports (PostgreSQL only).
+    workers: int = 1
+    # This process is one of those workers: it binds its ports shared (SO_REUSEPORT).
+    shared_ports: bool = False
 
     @property
     def admin_key_file(self) -> Path:
@@ -189,6 +193,9 @@ class BalancerConfig:
 
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
+
+
+WORKER_ENV = "LLMLB_WORKER"  # set by ``llmlb serve --workers N`` on each worker it starts (its index)
 
 
 def load_balancer_config(
@@ -202,6 +209,7 @@ def load_balancer_config(
     log_level: str | None = None,
     http_listen: str | None = None,
     auth: bool | None = None,
+    workers: int | None = None,
     home: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> BalancerConfig:
@@ -249,6 +257,8 @@ def load_balancer_config(
         cooldown_failures=s.get(None, ("LLMLB_COOLDOWN_FAILURES",), 3, parse_count),
         cooldown_s=s.get(None, ("LLMLB_COOLDOWN",), 10.0, parse_positive),
         max_body_mb=s.get(None, ("LLMLB_MAX_BODY_MB",), 64, parse_count),
+        workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
+        shared_ports=s.raw(WORKER_ENV) is not None,
     )
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import load_balancer_config, parse_list, parse_listen, parse_optional_listen
+from common.config import load_balancer_config, parse_count, parse_list, parse_listen, parse_optional_listen
 from common.errors import LlmlbError
 from common.logs import configure_logging
 
@@ -41,6 +41,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_MAX_BODY_MB          largest HTTP request body, e.g. an audio upload (default 64)
   LLMLB_LOG_FORMAT           console or json (default console)
   LLMLB_LOG_LEVEL            debug, info, warning or error (default info)
+  LLMLB_WORKERS              replica processes on this host sharing its ports (default 1;
+                             above 1 needs PostgreSQL and fixed ports)
+  LLMLB_REPLICA_TIMEOUT_MS   a replica silent this long is taken as dead (default 10000)
   HF_ENDPOINT                Hugging Face endpoint (default https://huggingface.co)
   HF_TOKEN                   token for private or gated repositories
 """
@@ -69,6 +72,11 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--log-format", choices=["console", "json"], help="(LLMLB_LOG_FORMAT)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(LLMLB_LOG_LEVEL)")
     serve.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="replica processes on this host sharing its ports; PostgreSQL only (LLMLB_WORKERS)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,14 +92,27 @@ def run(args: argparse.Namespace) -> int:
             allowed_origins=parse_list(args.allowed_origins) if args.allowed_origins else None,
             log_format=args.log_format,
             log_level=args.log_level,
+            workers=parse_count(str(args.workers)) if args.workers is not None else None,
             home=args.home,
         )
+        if config.workers > 1 and not config.shared_ports:
+            from balancer.workers import check_workers  # imported late so client commands start fast
+
+            check_workers(config)
     except ValueError as exc:
         print(f"llmlb: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
     # The balancer talks to the origins it is told to and nowhere else: no hub telemetry.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if config.workers > 1 and not config.shared_ports:  # the supervisor of the workers
+        from balancer.workers import supervise
+
+        try:
+            return supervise(config, sys.argv[1:])
+        except (LlmlbError, OSError, ValueError, RuntimeError) as exc:
+            print(f"llmlb: {exc}", file=sys.stderr)
+            return 1
     from balancer.server import serve  # imported late so client commands start fast
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass
 
 import structlog
@@ -30,8 +31,25 @@ class HttpServer:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def start_http(app: FastAPI, listen: str) -> HttpServer:
-    """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``."""
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT, so several worker processes accept on one port."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_http(app: FastAPI, listen: str, *, shared: bool = False) -> HttpServer:
+    """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``.
+
+    ``shared``: the port is bound with SO_REUSEPORT, for ``llmlb serve --workers``.
+    """
     host, _, port = listen.rpartition(":")
     config = uvicorn.Config(
         app,
@@ -45,7 +63,8 @@ async def start_http(app: FastAPI, listen: str) -> HttpServer:
     server = uvicorn.Server(config)
     # The balancer owns SIGINT/SIGTERM; uvicorn must not replace its handlers.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
+    sockets = [_shared_socket(host or "0.0.0.0", int(port))] if shared else None
+    task = asyncio.create_task(server.serve(sockets=sockets))
     while not server.started:
         if task.done():
             await task  # raises the bind error
