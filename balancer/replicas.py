@@ -149,6 +149,8 @@ class Replicas:
         self._written: dict[str, _Written] = {}  # node_id -> what was last written for it
         self._loads: dict[str, tuple[int, int]] = {}  # node_id -> (active, queued) last announced
         self._beating_since: float | None = None  # since when beats succeed without a gap
+        self._handing_over = False  # stopping gracefully: the nodes held here stay online for others
+        self._between: dict[str, float] = {}  # node_id -> when it was seen handed over, not yet re-held
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -173,13 +175,27 @@ class Replicas:
             self._spawn(self._resync_loop())
         log.info("replica.started", replica_id=self.id, shared=self.shared)
 
+    def begin_stop(self) -> None:
+        """The balancer stops gracefully: the sessions it closes next are handed over, not ended.
+
+        Those nodes are alive and attach to another replica within a second; marked offline, every
+        other replica would stop routing to them meanwhile. So they stay online in the store, held by
+        no replica (``stop`` records that), and the others keep routing to them until one of them
+        holds the node again, or the heartbeat timeout passes without that.
+        """
+        self._handing_over = self.shared
+
     async def stop(self) -> None:
         """Stops following the others and gives up this replica's row (its sessions are closed first)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            await self._store.release_replica(self.id)
+            if self._handing_over:
+                for node_id in await self._store.hand_over(self.id):
+                    await self.publish(Change.NODE, node_id)
+            else:
+                await self._store.release_replica(self.id)
         except STORE_ERRORS as exc:  # the others release it once its beats stop
             log.warning("replica.release_failed", replica_id=self.id, error=str(exc))
         if self._conn is not None:
@@ -224,6 +240,8 @@ class Replicas:
         """The node's session here ended: offline, unless another replica holds it already."""
         self._written.pop(node_id, None)
         self._loads.pop(node_id, None)
+        if self._handing_over:  # the node lives on and attaches elsewhere; ``stop`` records the handover
+            return
         try:
             await self._store.detach_node(node_id, self.id)
         except StoreUnavailable:  # the resync records it once the store is back
@@ -341,12 +359,18 @@ class Replicas:
         if node is None:
             fleet.remove(node_id)
             return
+        if not node.replica_id and node.state is not NodeState.OFFLINE and fleet.remote_replica(node_id):
+            # Handed over by a replica that stopped gracefully: it is alive and about to attach to one
+            # of us; keep routing to it meanwhile (``_settle_between`` ends the wait).
+            self._between.setdefault(node_id, time.monotonic())
+            return
         if (
             node.replica_id
             and node.replica_id != self.id
             and node.state is not NodeState.OFFLINE
             and node.live
         ):
+            self._between.pop(node_id, None)
             snapshot = NodeSnapshot.from_json(node.id, node.live)
             fleet.attached_elsewhere(
                 NodeInfo(node.id, node.address, snapshot.capabilities, auth_token=parts.fleet_token),
@@ -417,6 +441,19 @@ class Replicas:
         # After an outage nobody could beat: wait a full timeout of our own beats before judging others.
         if time.monotonic() - self._beating_since >= self._timeout_s:
             await self._release_stale()
+        await self._settle_between(parts.config.heartbeat_timeout_ms / 1000)
+
+    async def _settle_between(self, within_s: float) -> None:
+        """A handed-over node that no replica holds again within ``within_s`` is offline."""
+        now = time.monotonic()
+        for node_id, since in list(self._between.items()):
+            if now - since < within_s:
+                continue
+            del self._between[node_id]
+            if await self._store.settle_unheld(node_id):
+                log.warning("node.not_taken_over", node_id=node_id, seconds=round(now - since, 1))
+                await self.publish(Change.NODE, node_id)
+            await self._refresh_node(node_id)
 
     async def _release_stale(self) -> None:
         """Releases every replica silent past the timeout, and drops the nodes they held."""
@@ -429,7 +466,7 @@ class Replicas:
                 await self.publish(Change.NODE, node_id)
         alive = set(await self._store.replicas())
         for node_id, replica_id in self._fleet.remote_nodes().items():
-            if replica_id not in alive:
+            if replica_id not in alive and node_id not in self._between:
                 self._fleet.disconnected(node_id)
 
     async def _resync_loop(self) -> None:

@@ -86,6 +86,7 @@ class Balancer:
         if self.http is not None:
             await self.http.stop(grace)
         await self.server.stop(grace)
+        self.parts.replicas.begin_stop()
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
         await self.clients.close()

@@ -320,6 +320,31 @@ class Store:
             await session.execute(delete(ReplicaRow).where(ReplicaRow.id == replica_id))
         return node_ids
 
+    async def hand_over(self, replica_id: str) -> list[str]:
+        """A replica stopping gracefully lets go of its nodes, which stay online until another
+        replica holds them (``settle_unheld`` otherwise). Its row goes. The nodes' ids."""
+        async with self._writing() as session:
+            handed = await session.execute(
+                update(NodeRow)
+                .where(NodeRow.replica_id == replica_id)
+                .values(replica_id=None)
+                .returning(NodeRow.id)
+            )
+            node_ids = sorted(handed.scalars())
+            await session.execute(delete(ReplicaRow).where(ReplicaRow.id == replica_id))
+        return node_ids
+
+    async def settle_unheld(self, node_id: str) -> bool:
+        """The node, handed over and held by no replica since, is offline. True if it was still unheld."""
+        query = update(NodeRow).where(
+            NodeRow.id == node_id, NodeRow.replica_id.is_(None), NodeRow.state != NodeState.OFFLINE.value
+        )
+        async with self._writing() as session:
+            done = await session.execute(
+                query.values(state=NodeState.OFFLINE.value, live=None).returning(NodeRow.id)
+            )
+            return done.first() is not None
+
     async def release_unattached(self) -> list[str]:
         """Nodes recorded online by no live replica (e.g. written before replicas existed) are offline."""
         query = update(NodeRow).where(NodeRow.replica_id.is_(None), NodeRow.state != NodeState.OFFLINE.value)

@@ -296,3 +296,44 @@ async def test_a_database_restart_under_load_loses_no_request_and_the_replicas_f
             await replica.http.aclose()
             await replica.channel.close(None)
             await replica.balancer.stop()
+
+
+async def test_a_replica_stopped_gracefully_hands_its_nodes_over_instead_of_dropping_them(
+    tmp_path: Path, postgres_url: str, hub: FakeHub
+) -> None:
+    """A rolling restart: the stopping replica's nodes are alive and about to attach elsewhere, so the
+    other replica keeps routing to them; one that attaches nowhere is offline after the timeout."""
+    a = await start_replica(tmp_path / "a", postgres_url, hub)
+    b = await start_replica(tmp_path / "b", postgres_url, hub, admin_key(a))
+    node = EchoNode(b.address, api_key=admin_key(b), node_id="on-b")
+    try:
+        await node.start()
+
+        async def held_by_b_on_a() -> bool:
+            return (await node_states(a)).get("on-b") == "online"
+
+        await within(PROPAGATION_S, held_by_b_on_a, "A routes to the node B holds")
+        await b.http.aclose()
+        await b.channel.close(None)
+        await b.balancer.stop()  # SIGTERM's path: a graceful stop
+
+        # This echo node does not attach elsewhere by itself (a real node does within a second), so
+        # it stays handed over: A keeps routing to it for the heartbeat timeout, then lets it go.
+        stopped = time.monotonic()
+        for _ in range(5):
+            assert (await chat(a)).status_code == 200
+        assert time.monotonic() - stopped < 2.0  # all within the handover, not after it
+
+        async def offline_on_a() -> bool:
+            return (await node_states(a)).get("on-b") == "offline"
+
+        timeout_s = a.balancer.config.heartbeat_timeout_ms / 1000
+        took = await within(timeout_s + 3.0, offline_on_a, "the node nobody took over is offline")
+        assert took >= timeout_s - 1.0
+        refused = await chat(a)
+        assert refused.status_code == 503, refused.text
+    finally:
+        await node.stop()
+        await a.http.aclose()
+        await a.channel.close(None)
+        await a.balancer.stop()
