@@ -27,17 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,7 +40,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import httpx
 
 from common.channels import bearer_metadata
 from common.pb.llmlb.v1 import inference_pb2 as ipb
@@ -57,6 +51,8 @@ from common.rpc import CHANNEL_OPTIONS
 from common.types import Capability
 from devkit.node_swarm import NodeSwarm
 from devkit.postgres import PostgresServer, find_bin_dir
+from devkit.proc_cpu import CpuMeter
+from devkit.replica_process import ReplicaProcess, replica_pair
 
 NODES = 1000
 SIMULATORS = 2  # one per replica: each holds NODES // SIMULATORS sessions
@@ -78,168 +74,11 @@ IN_FLIGHT = 64
 LOAD_S = 6.0
 ROUNDS = 2
 START_TIMEOUT_S = 60.0
-_TICKS = os.sysconf("SC_CLK_TCK")
+# Every call in flight may go to one node: this measures routing, not the wait queue.
+_REPLICA_ENV = {"LLMLB_NODE_MAX_INFLIGHT": str(IN_FLIGHT * 2)}
 
 
-# -- CPU from /proc ---------------------------------------------------------------------------------
-
-
-def _proc_cpu_s(pid: int, *, with_children: bool = False) -> float:
-    """CPU seconds ``pid`` used so far (with the children it has reaped, if asked); 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if with_children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / _TICKS
-
-
-def _postgres_cpu_s(postmaster: int) -> float:
-    """The whole PostgreSQL server: the postmaster, its live backends and the ones that have exited."""
-    total = _proc_cpu_s(postmaster, with_children=True)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                    total += _proc_cpu_s(int(entry.name))
-    return total
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds every core of the machine has been busy (all but idle and iowait)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
-
-
-@dataclass(slots=True)
-class _CpuMeter:
-    """CPU shares of one core over a window, per named process (and the machine as a whole)."""
-
-    pids: dict[str, int]
-    postmaster: int
-    _start: dict[str, float] = field(default_factory=dict)
-    _at: float = 0.0
-
-    def _now(self) -> dict[str, float]:
-        now = {name: _proc_cpu_s(pid) for name, pid in self.pids.items()}
-        now["PostgreSQL"] = _postgres_cpu_s(self.postmaster)
-        now["whole machine"] = _machine_busy_s()
-        return now
-
-    def start(self) -> None:
-        self._start, self._at = self._now(), time.monotonic()
-
-    def shares(self) -> dict[str, float]:
-        wall = time.monotonic() - self._at
-        return {name: (cpu - self._start[name]) / wall for name, cpu in self._now().items()}
-
-
-# -- the replicas: `llmlb serve` processes ------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(slots=True)
-class _Replica:
-    name: str
-    proc: subprocess.Popen[bytes]
-    home: Path
-    grpc_port: int
-    http_port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def warnings(self) -> Counter[str]:
-        """How many times each event was logged (at warning and above, the level it runs at)."""
-        events: Counter[str] = Counter()
-        with contextlib.suppress(OSError):
-            for line in (self.home / "serve.log").read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError, AttributeError):
-                    events[str(json.loads(line).get("event", "?"))] += 1
-        return events
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.home / "serve.log").read_text(errors="replace")[-2000:]
-        return ""
-
-    async def wait_ready(self) -> None:
-        """Until ``/readyz`` answers 200 (the store answers); fails if the process exits first."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=2) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"replica {self.name} exited: {self.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/readyz")).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"replica {self.name} not ready in {START_TIMEOUT_S} s: {self.log_tail()}"
-                    )
-                await asyncio.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _start_replica(name: str, home: Path, database_url: str) -> _Replica:
-    home.mkdir(parents=True)
-    grpc_port, http_port = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "LLMLB_HOME": str(home),
-        "LLMLB_DATABASE_URL": database_url,
-        "LLMLB_GRPC_LISTEN": f"127.0.0.1:{grpc_port}",
-        "LLMLB_HTTP_LISTEN": f"127.0.0.1:{http_port}",
-        "LLMLB_AUTH": "on",
-        "LLMLB_LOG_LEVEL": "warning",
-        "LLMLB_LOG_FORMAT": "json",  # so the report can count the warnings by event
-        # Every call in flight may go to one node: this measures routing, not the wait queue.
-        "LLMLB_NODE_MAX_INFLIGHT": str(IN_FLIGHT * 2),
-        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing here downloads; never the real hub
-    }
-    with (home / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "balancer.cli", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    return _Replica(name, proc, home, grpc_port, http_port)
-
-
-@contextlib.asynccontextmanager
-async def _replicas(server: PostgresServer, root: Path) -> AsyncIterator[tuple[_Replica, _Replica, str]]:
-    """A and B on a new database; A starts first so it alone migrates the store and mints the admin key."""
-    url = server.url(server.create_database())
-    started: list[_Replica] = []
-    try:
-        for name in ("A", "B"):
-            started.append(_start_replica(name, root / name, url))
-            await started[-1].wait_ready()
-        key = (root / "A" / "admin-key").read_text().strip()
-        yield started[0], started[1], key
-    finally:
-        for replica in started:
-            replica.stop()
-
-
-async def _online(replica: _Replica, key: str) -> int:
+async def _online(replica: ReplicaProcess, key: str) -> int:
     """How many nodes the replica lists online; 0 while it does not answer within the timeout."""
     async with grpc.aio.insecure_channel(replica.address, options=CHANNEL_OPTIONS) as channel:
         try:
@@ -413,7 +252,7 @@ class _FleetResult:
 async def _fleet(server: PostgresServer, root: Path, postmaster: int) -> _FleetResult:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started gRPC
     result = _FleetResult()
-    async with _replicas(server, root) as (a, b, key):
+    async with replica_pair(server, root, _REPLICA_ENV) as (a, b, key):
         per = NODES // SIMULATORS
         held = [a if i % 2 == 0 else b for i in range(SIMULATORS)]
         conns: list[Connection] = []
@@ -452,12 +291,12 @@ async def _fleet(server: PostgresServer, root: Path, postmaster: int) -> _FleetR
             counted = time.monotonic()
             for conn in conns:
                 await _ask(conn, "reset")
-            pids = {"replica A": a.proc.pid, "replica B": b.proc.pid}
+            pids: dict[str, int | None] = {"replica A": a.pid, "replica B": b.pid}
             pids |= {
                 f"simulator {i + 1} (nodes on {r.name})": p.pid
                 for i, (r, p) in enumerate(zip(held, procs, strict=True))
             }
-            meter = _CpuMeter(pids, postmaster)
+            meter = CpuMeter(pids, postmaster)
             meter.start()
             await asyncio.sleep(STEADY_S)
             result.cpu = meter.shares()
@@ -515,7 +354,7 @@ class _Phase:
 async def _routing(server: PostgresServer, root: Path, postmaster: int) -> dict[str, _Phase]:
     ctx = multiprocessing.get_context("spawn")
     phases = {"A": _Phase(), "A+B": _Phase()}
-    async with _replicas(server, root) as (a, b, key):
+    async with replica_pair(server, root, _REPLICA_ENV) as (a, b, key):
         echo_conn, echo_end = ctx.Pipe()
         load_conn, load_end = ctx.Pipe()
         echo = ctx.Process(target=_echo_main, args=(echo_end, [a.address, b.address], key), daemon=True)
@@ -533,15 +372,15 @@ async def _routing(server: PostgresServer, root: Path, postmaster: int) -> dict[
             for name in phases:  # warm-up: connections, the replicas' caches
                 await _ask(load_conn, "load", targets[name], 1.0)
             assert echo.pid is not None and load.pid is not None  # both started above
-            pids = {
-                "replica A": a.proc.pid,
-                "replica B": b.proc.pid,
+            pids: dict[str, int | None] = {
+                "replica A": a.pid,
+                "replica B": b.pid,
                 "echo nodes": echo.pid,
                 "load generator": load.pid,
             }
             for _ in range(ROUNDS):
                 for name, phase in phases.items():
-                    meter = _CpuMeter(pids, postmaster)
+                    meter = CpuMeter(pids, postmaster)
                     meter.start()
                     done, failed, wall, errors = await _ask(load_conn, "load", targets[name], LOAD_S)
                     phase.cpu.append(meter.shares())

@@ -42,9 +42,9 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.load_clients import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
 from devkit.model_files import CACHE, ModelFiles
 from tests.fixtures.eventually import eventually, eventually_async
-from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,

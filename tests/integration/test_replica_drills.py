@@ -2,9 +2,10 @@
 and clients spread over both replicas through both doors; one replica is killed, or both are
 restarted one after the other, while the clients keep sending.
 
-The clients do what a client of replicas does (see the README's "Production: replicas on PostgreSQL"):
-each has a home replica, and a request whose connection is refused or lost before an answer is sent
-again, with the same request id, to the other replica. Every retry is counted. What the drills assert:
+The clients (``devkit.replica_clients``) do what a client of replicas does (see the README's
+"Production: replicas on PostgreSQL"): each has a home replica, and a request whose connection is
+refused or lost before an answer is sent again, with the same request id, to the other replica. Every
+retry is counted. ``bench/bench_replica_drill.py`` runs the kill drill at full scale. What the drills assert:
 every request gets exactly one answer, the right one; a killed replica's nodes are held by the other
 within 2 s; a restarted replica serves again.
 """
@@ -15,7 +16,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,88 +23,21 @@ import pytest
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub
+from devkit.load_clients import GRPC, HTTP, TIMEOUT, summary
 from devkit.model_files import CACHE, ModelFiles
+from devkit.replica_clients import ReplicaClients
 from tests.fixtures.eventually import eventually, eventually_async
-from tests.fixtures.load import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, markers, summary
 from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
 
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
 COUNTING = "One, two, three, four,"  # gemma continues it with "five"
 HELD_ELSEWHERE_S = 2.0  # a killed replica's nodes are held by the other replica within this long
-# Connection failures a client may retry on the other replica: nothing reached a node, or the
-# replica died before it could answer. An error a replica sent itself is never retried.
-RETRIABLE = {"connect", "connection lost", "grpc UNAVAILABLE"}
 
 
-@dataclass
-class Ask:
-    """One request as its client saw it: every attempt, and the replicas tried in order."""
-
-    marker: str
-    attempts: list[Outcome] = field(default_factory=list)
-
-    @property
-    def answer(self) -> Outcome | None:
-        answered = [o for o in self.attempts if o.answered]
-        return answered[0] if answered else None
-
-
-class ReplicaClients:
-    """Clients of two replicas: each request goes to its home replica first, then the other on a
-    connection failure, alternating until it is answered or ``deadline_s`` has passed."""
-
-    def __init__(self, replicas: list[BalancerProcess], key: str) -> None:
-        self.clients = [LoadClients(r.http_url, r.address, key) for r in replicas]
-        self.asks: list[Ask] = []
-
-    async def close(self) -> None:
-        for clients in self.clients:
-            await clients.__aexit__(None, None, None)
-
-    async def ask(self, door: str, home: int, marker: str, deadline_s: float = 60.0) -> Ask:
-        ask = Ask(marker)
-        self.asks.append(ask)
-        started = time.monotonic()
-        target = home
-        while time.monotonic() - started < deadline_s:
-            clients = self.clients[target]
-            send = clients.http_complete if door == HTTP else clients.grpc_complete
-            outcome = await send(marker, GEMMA, COUNTING, max_tokens=3, deadline_s=deadline_s)
-            ask.attempts.append(outcome)
-            if outcome.error not in RETRIABLE:
-                break
-            target = 1 - target
-            if target == home:  # both refused: give the dead one's restart, or the network, a moment
-                await asyncio.sleep(0.1)
-        return ask
-
-    async def keep_asking(self, door: str, home: int, prefix: str, until: asyncio.Event) -> None:
-        next_marker = markers(prefix)
-        while not until.is_set():
-            await self.ask(door, home, next_marker())
-            await asyncio.sleep(0.05)
-
-    def describe(self) -> str:
-        outcomes = [o for a in self.asks for o in a.attempts]
-        recent = [(a.marker, [o.error or "ok" for o in a.attempts]) for a in self.asks[-8:]]
-        return f"{summary(outcomes)}; retries {self.retries()}; latest {recent}"
-
-    def retries(self) -> int:
-        return sum(len(a.attempts) - 1 for a in self.asks)
-
-    def answered_on(self, replica: int, since: float) -> int:
-        """Requests answered by ``replica`` that were sent after ``since``."""
-        return sum(
-            1
-            for a in self.asks
-            for i, o in enumerate(a.attempts)
-            if o.answered and o.started >= since and self._replica_of(a, i) == replica
-        )
-
-    def _replica_of(self, ask: Ask, attempt: int) -> int:
-        home = int(ask.marker.split("-")[1])  # markers are "<door>-<home>-<client>-<n>-<run>"
-        return home if attempt % 2 == 0 else 1 - home
+def drill_clients(a: BalancerProcess, b: BalancerProcess, key: str) -> ReplicaClients:
+    """Clients of A (replica 0) and B (replica 1) asking gemma to count on, 3 tokens a request."""
+    return ReplicaClients([(a.http_url, a.address), (b.http_url, b.address)], key, GEMMA, COUNTING)
 
 
 def check_every_request_answered_once(clients: ReplicaClients) -> None:
@@ -185,7 +118,7 @@ async def test_a_replica_killed_under_load_loses_no_request_and_its_nodes_are_he
     ids = {n.node_id for n in nodes}
     replica_a = set(holders(a).values())
     assert set(holders(a)) == ids and len(replica_a) == 1  # both nodes attached to A, the first address
-    clients = ReplicaClients([a, b], key)
+    clients = drill_clients(a, b, key)
     timings: dict[str, float] = {}
 
     async def drill() -> None:
@@ -228,7 +161,7 @@ async def test_a_rolling_restart_of_both_replicas_fails_no_request_of_a_retrying
     fleet: tuple[list[BalancerProcess], list[NodeProcess], str],
 ) -> None:
     (a, b), _nodes, key = fleet
-    clients = ReplicaClients([a, b], key)
+    clients = drill_clients(a, b, key)
 
     async def drill() -> None:
         for index, replica in enumerate((a, b)):

@@ -19,7 +19,7 @@ import pytest
 
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub
-from tests.fixtures.load import GRPC, HTTP, LoadClients, Outcome, keep_sending, markers, summary
+from devkit.load_clients import GRPC, HTTP, LoadClients, Outcome, keep_sending, markers, summary
 from tests.integration.conftest import BalancerProcess
 
 pytestmark = pytest.mark.slow
