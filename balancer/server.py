@@ -81,12 +81,14 @@ class Balancer:
         return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stops taking calls on both doors at once, lets those in flight finish for up to ``grace``
+        seconds, then hands the node sessions over and closes the store."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.http is not None:
-            await self.http.stop(grace)
-        await self.server.stop(grace)
+        # Before the doors close: stopping the gRPC server ends the node sessions, to be handed over.
         self.parts.replicas.begin_stop()
+        doors = [self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else [])]
+        await asyncio.gather(*doors)
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
         await self.clients.close()
@@ -191,7 +193,9 @@ async def start(config: BalancerConfig) -> Balancer:
     http = None
     if config.http_listen:
         try:
-            http = await start_http(create_app(parts), config.http_listen, shared=config.shared_ports)
+            http = await start_http(
+                create_app(parts), config.http_listen, shared=config.shared_ports, grace_s=config.stop_grace_s
+            )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
             await replicas.stop()
@@ -219,5 +223,5 @@ async def serve(config: BalancerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("balancer.stopping")
-    await balancer.stop()
+    log.info("balancer.stopping", grace_s=config.stop_grace_s)
+    await balancer.stop(config.stop_grace_s)

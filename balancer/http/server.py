@@ -45,7 +45,7 @@ def _shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http(app: FastAPI, listen: str, *, shared: bool = False) -> HttpServer:
+async def start_http(app: FastAPI, listen: str, *, shared: bool = False, grace_s: float = 5.0) -> HttpServer:
     """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``.
 
     ``shared``: the port is bound with SO_REUSEPORT, for ``llmlb serve --workers``.
@@ -58,7 +58,7 @@ async def start_http(app: FastAPI, listen: str, *, shared: bool = False) -> Http
         log_config=None,  # structlog owns logging
         access_log=False,
         lifespan="off",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=max(1, round(grace_s)),  # then calls still running are cut
     )
     server = uvicorn.Server(config)
     # The balancer owns SIGINT/SIGTERM; uvicorn must not replace its handlers.
