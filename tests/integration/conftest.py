@@ -352,6 +352,21 @@ def _xllm_env(home: Path, args: Sequence[str], env: dict[str, str] | None) -> di
     return {**os.environ, **reach, **(env or {}), "LLMLB_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
+def llmlb(
+    *args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """One `llmlb` command as its own process; the key comes from ``home``/admin-key unless ``env`` or
+    a flag gives one."""
+    return subprocess.run(
+        [sys.executable, "-m", "balancer.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "LLMLB_HOME": str(home), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def xllm(
     home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -9,10 +9,7 @@ second.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +20,9 @@ from devkit.fake_hub import FakeHub, gguf_blob
 from tests.fixtures.eventually import eventually
 from tests.fixtures.keyless import dead_address
 from tests.integration.conftest import (
-    ROOT,
     BalancerProcess,
     NodeProcess,
+    llmlb,
     online,
     wait_online,
     xllm,
@@ -53,18 +50,6 @@ def log_events(node: NodeProcess, event: str) -> list[dict[str, Any]]:
 def attached_to(node: NodeProcess) -> list[str]:
     """The balancers the node logged attaching to (``balancer.connected``), in order."""
     return [str(e["balancer"]) for e in log_events(node, "balancer.connected")]
-
-
-def llmlb(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """One `llmlb` client command as its own process; the key comes from ``home``/admin-key."""
-    return subprocess.run(
-        [sys.executable, "-m", "balancer.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, "LLMLB_HOME": str(home), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_a_node_whose_first_balancer_is_down_registers_with_the_next(
@@ -135,7 +120,13 @@ def test_xllm_pull_asks_the_next_balancer_when_the_first_is_down(
 
 def test_the_cli_uses_the_first_balancer_that_answers(balancer: BalancerProcess) -> None:
     listed = llmlb(
-        "models", "list", "--json", "--balancer", f"{dead_address()},{balancer.address}", home=balancer.home
+        "models",
+        "list",
+        "--json",
+        "--balancer",
+        f"{dead_address()},{balancer.address}",
+        home=balancer.home,
+        timeout=60,
     )
     assert listed.returncode == 0, listed.stderr
     assert "gemma-3-270m" in {m["id"] for m in json.loads(listed.stdout)["models"]}
@@ -146,19 +137,20 @@ def test_the_cli_uses_the_first_balancer_that_answers(balancer: BalancerProcess)
         "--json",
         home=balancer.home,
         env={"LLMLB_ADDR": f"{dead_address()},{balancer.address}"},
+        timeout=60,
     )
     assert by_env.returncode == 0, by_env.stderr
 
 
 def test_the_cli_names_every_balancer_it_tried_when_none_answers(tmp_path: Path) -> None:
     one, two = dead_address(), dead_address()
-    failed = llmlb("models", "list", "--balancer", f"{one},{two}", home=tmp_path)
+    failed = llmlb("models", "list", "--balancer", f"{one},{two}", home=tmp_path, timeout=60)
     assert failed.returncode == 1, failed.stderr
     (line,) = failed.stderr.strip().splitlines()
     assert line.startswith("error: cannot reach any balancer")
     assert one in line and two in line
 
-    malformed = llmlb("models", "list", "--balancer", f"{one},,{two}", home=tmp_path)
+    malformed = llmlb("models", "list", "--balancer", f"{one},,{two}", home=tmp_path, timeout=60)
     assert malformed.returncode == 2
     assert (
         malformed.stderr.strip()

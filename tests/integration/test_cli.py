@@ -16,24 +16,10 @@ import pytest
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, wait_online
+from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, llmlb, wait_online
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
-
-
-def llmlb(
-    *args: str, home: Path, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """One `llmlb` command; the key comes from ``home``/admin-key unless ``env`` or a flag gives one."""
-    return subprocess.run(
-        [sys.executable, "-m", "balancer.cli", *args],
-        cwd=ROOT,
-        env={**os.environ, "LLMLB_HOME": str(home), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:

@@ -111,6 +111,15 @@ async def run_clients(
         await asyncio.gather(*senders)
 
 
+async def answered(clients: ReplicaClients, replica: int, since: float, count: int, what: str) -> None:
+    """Waits (at most 60 s) until ``replica`` has answered ``count`` requests sent after ``since``."""
+
+    async def enough() -> bool:
+        return clients.answered_on(replica, since) >= count
+
+    await eventually_async(enough, 60, what, every=0.1, describe=clients.describe)
+
+
 async def test_a_replica_killed_under_load_loses_no_request_and_its_nodes_are_held_by_the_other(
     fleet: tuple[list[BalancerProcess], list[NodeProcess], str],
 ) -> None:
@@ -122,14 +131,8 @@ async def test_a_replica_killed_under_load_loses_no_request_and_its_nodes_are_he
     timings: dict[str, float] = {}
 
     async def drill() -> None:
-        async def answered(replica: int, since: float, count: int, what: str) -> None:
-            async def enough() -> bool:
-                return clients.answered_on(replica, since) >= count
-
-            await eventually_async(enough, 60, what, every=0.1, describe=clients.describe)
-
-        await answered(0, 0.0, 10, "answers from A before the kill")
-        await answered(1, 0.0, 10, "answers from B before the kill")
+        await answered(clients, 0, 0.0, 10, "answers from A before the kill")
+        await answered(clients, 1, 0.0, 10, "answers from B before the kill")
         killed = time.monotonic()
         await asyncio.to_thread(a.stop, signal.SIGKILL)
 
@@ -139,12 +142,12 @@ async def test_a_replica_killed_under_load_loses_no_request_and_its_nodes_are_he
 
         await asyncio.to_thread(eventually, held_by_b, 30, "A's nodes held by B", every=0.05)
         timings["held_by_b_s"] = time.monotonic() - killed
-        await answered(1, killed, 20, "answers from B while A is down")
+        await answered(clients, 1, killed, 20, "answers from B while A is down")
         await asyncio.sleep(3)  # clients homed on A keep meeting a closed port meanwhile
 
         restarted = time.monotonic()
         await asyncio.to_thread(a.start)
-        await answered(0, restarted, 10, "answers from A after its restart")
+        await answered(clients, 0, restarted, 10, "answers from A after its restart")
         await asyncio.sleep(1)
 
     try:
@@ -166,32 +169,12 @@ async def test_a_rolling_restart_of_both_replicas_fails_no_request_of_a_retrying
     async def drill() -> None:
         for index, replica in enumerate((a, b)):
             since = time.monotonic()
-
-            async def enough(replica_index: int = index, since: float = since) -> bool:
-                return clients.answered_on(replica_index, since) >= 10
-
-            await eventually_async(
-                enough,
-                60,
-                f"answers from replica {index} before its restart",
-                every=0.1,
-                describe=clients.describe,
-            )
+            await answered(clients, index, since, 10, f"answers from replica {index} before its restart")
             await asyncio.to_thread(replica.stop, signal.SIGTERM)  # a graceful stop, as a deploy does
             await asyncio.sleep(1)
             back = time.monotonic()
             await asyncio.to_thread(replica.start)
-
-            async def serving(replica_index: int = index, back: float = back) -> bool:
-                return clients.answered_on(replica_index, back) >= 10
-
-            await eventually_async(
-                serving,
-                60,
-                f"answers from replica {index} after its restart",
-                every=0.1,
-                describe=clients.describe,
-            )
+            await answered(clients, index, back, 10, f"answers from replica {index} after its restart")
 
     try:
         await run_clients(clients, drill)

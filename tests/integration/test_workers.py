@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,7 +15,7 @@ from balancer.store import Store
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import ROOT, BalancerProcess
+from tests.integration.conftest import BalancerProcess, llmlb
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -96,25 +94,20 @@ async def test_two_workers_share_the_ports_one_that_dies_is_started_again_and_si
     ],
 )
 def test_workers_are_refused_where_they_cannot_work(tmp_path: Path, env: dict[str, str], why: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "balancer.cli", "serve", "--grpc-listen", "127.0.0.1:1"],
-        cwd=ROOT,
-        env={**os.environ, "LLMLB_HOME": str(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = llmlb("serve", "--grpc-listen", "127.0.0.1:1", home=tmp_path, env=env, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr and why in done.stderr, done.stderr
 
 
 def test_workers_need_fixed_ports(tmp_path: Path, postgres_url: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "balancer.cli", "serve", "--workers", "2", "--grpc-listen", "127.0.0.1:0"],
-        cwd=ROOT,
-        env={**os.environ, "LLMLB_HOME": str(tmp_path), "LLMLB_DATABASE_URL": postgres_url},
-        capture_output=True,
-        text=True,
+    done = llmlb(
+        "serve",
+        "--workers",
+        "2",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        home=tmp_path,
+        env={"LLMLB_DATABASE_URL": postgres_url},
         timeout=60,
     )
     assert done.returncode == 2, done.stderr
