@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from balancer.store import Store
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub
-from tests.fixtures.eventually import eventually
+from tests.fixtures.eventually import eventually, eventually_async
 from tests.integration.conftest import BalancerProcess, llmlb
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,6 +55,10 @@ async def replicas_recorded(url: str) -> list[str]:
         await store.close()
 
 
+async def _two(recorded: Awaitable[list[str]]) -> bool:
+    return len(await recorded) == 2
+
+
 async def test_two_workers_share_the_ports_one_that_dies_is_started_again_and_sigterm_stops_all(
     tmp_path: Path, postgres_url: str, hub: FakeHub
 ) -> None:
@@ -66,9 +71,12 @@ async def test_two_workers_share_the_ports_one_that_dies_is_started_again_and_si
         )
         assert first
         pids = workers_of(supervisor)
+        # The supervisor is ready when one worker answers; each worker is a replica once it beats.
+        await eventually_async(
+            lambda: _two(replicas_recorded(postgres_url)), 60, "both workers recorded as replicas", every=0.5
+        )
         async with EchoNode(supervisor.address, api_key=supervisor.admin_key, node_id="n1"):
             assert await asyncio.to_thread(chat_on_fresh_connections, supervisor, 12) == [200] * 12
-            assert len(await replicas_recorded(postgres_url)) == 2  # each worker is a replica
 
             os.kill(pids[0], signal.SIGKILL)
 
