@@ -88,6 +88,7 @@ class ChatRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     user: str = ""
+    prompt_cache_key: str = ""  # requests sharing a key share a prompt prefix; a routing hint
 
     def validate(self) -> None:
         if not self.messages:
@@ -106,6 +107,7 @@ class CompleteRequest:
     request_id: str = ""
     echo: bool = False
     user: str = ""
+    prompt_cache_key: str = ""  # requests sharing a key share a prompt prefix; a routing hint
 
     def validate(self) -> None:
         if not self.prompt:
@@ -117,6 +119,7 @@ class CompleteRequest:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, how many the node took from its prefix cache
 
     @property
     def total_tokens(self) -> int:

@@ -93,6 +93,7 @@ def chat_request_from_pb(msg: ipb.ChatRequest) -> ChatRequest:
         params=sampling_from_pb(msg.params),
         request_id=msg.request_id,
         user=msg.user,
+        prompt_cache_key=msg.prompt_cache_key,
     )
 
 
@@ -103,6 +104,7 @@ def chat_request_to_pb(request: ChatRequest) -> ipb.ChatRequest:
         params=sampling_to_pb(request.params),
         request_id=request.request_id,
         user=request.user,
+        prompt_cache_key=request.prompt_cache_key,
     )
 
 
@@ -114,6 +116,7 @@ def complete_request_from_pb(msg: ipb.CompleteRequest) -> CompleteRequest:
         request_id=msg.request_id,
         echo=msg.echo,
         user=msg.user,
+        prompt_cache_key=msg.prompt_cache_key,
     )
 
 
@@ -125,6 +128,7 @@ def complete_request_to_pb(request: CompleteRequest) -> ipb.CompleteRequest:
         request_id=request.request_id,
         echo=request.echo,
         user=request.user,
+        prompt_cache_key=request.prompt_cache_key,
     )
 
 
@@ -133,11 +137,16 @@ def usage_to_pb(usage: Usage) -> tpb.Usage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+        cached_tokens=usage.cached_tokens,
     )
 
 
 def usage_from_pb(msg: tpb.Usage) -> Usage:
-    return Usage(prompt_tokens=msg.prompt_tokens, completion_tokens=msg.completion_tokens)
+    return Usage(
+        prompt_tokens=msg.prompt_tokens,
+        completion_tokens=msg.completion_tokens,
+        cached_tokens=msg.cached_tokens,
+    )
 
 
 def text_chunk_to_pb(chunk: TextChunk) -> ipb.TextChunk:

@@ -33,12 +33,13 @@ def dumps(value: Any) -> bytes:
 # -- answers -----------------------------------------------------------------------------------------
 
 
-def usage_json(usage: Usage | None) -> dict[str, int]:
+def usage_json(usage: Usage | None) -> dict[str, Any]:
     usage = usage or Usage()
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

@@ -138,6 +138,7 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
         params=_sampling(body, max_tokens),
         request_id=request_id,
         user=body.user or "",
+        prompt_cache_key=body.prompt_cache_key or "",
     )
 
 
@@ -161,6 +162,7 @@ def complete_request(body: CompletionBody, request_id: str) -> CompleteRequest:
         request_id=request_id,
         echo=bool(body.echo),
         user=body.user or "",
+        prompt_cache_key=body.prompt_cache_key or "",
     )
 
 

@@ -40,6 +40,7 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    prompt_cache_key: str | None = None
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

@@ -210,12 +210,15 @@ class ChatRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model id"""
     request_id: _builtins.str
     """caller's id for logs; the balancer assigns one when empty"""
     user: _builtins.str
-    """end-user id, for logs only"""
+    """end-user id; also an affinity hint for cache-aware routing"""
+    prompt_cache_key: _builtins.str
+    """requests sharing a key share a prompt prefix: routed together"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """the conversation, oldest first"""
@@ -232,10 +235,11 @@ class ChatRequest(_message.Message):
         params: Global___SamplingParams | None = ...,
         request_id: _builtins.str = ...,
         user: _builtins.str = ...,
+        prompt_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "params", b"params", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "params", b"params", "prompt_cache_key", b"prompt_cache_key", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,6 +255,7 @@ class CompleteRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ECHO_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model id"""
     prompt: _builtins.str
@@ -260,7 +265,9 @@ class CompleteRequest(_message.Message):
     echo: _builtins.bool
     """prepend the prompt to the output"""
     user: _builtins.str
-    """end-user id, for logs only"""
+    """end-user id; also an affinity hint for cache-aware routing"""
+    prompt_cache_key: _builtins.str
+    """requests sharing a key share a prompt prefix: routed together"""
     @_builtins.property
     def params(self) -> Global___SamplingParams:
         """unset: the runtime's defaults"""
@@ -274,10 +281,11 @@ class CompleteRequest(_message.Message):
         request_id: _builtins.str = ...,
         echo: _builtins.bool = ...,
         user: _builtins.str = ...,
+        prompt_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "model", b"model", "params", b"params", "prompt", b"prompt", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "model", b"model", "params", b"params", "prompt", b"prompt", "prompt_cache_key", b"prompt_cache_key", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,6 +348,7 @@ class EmbedRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model id"""
     request_id: _builtins.str
@@ -347,7 +356,9 @@ class EmbedRequest(_message.Message):
     dimensions: _builtins.int
     """truncate vectors to this many dimensions"""
     user: _builtins.str
-    """end-user id, for logs only"""
+    """end-user id; also an affinity hint for cache-aware routing"""
+    prompt_cache_key: _builtins.str
+    """requests sharing a key share a prompt prefix: routed together"""
     @_builtins.property
     def input(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """one vector per input, in order"""
@@ -360,10 +371,11 @@ class EmbedRequest(_message.Message):
         request_id: _builtins.str = ...,
         dimensions: _builtins.int | None = ...,
         user: _builtins.str = ...,
+        prompt_cache_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "input", b"input", "model", b"model", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "input", b"input", "model", b"model", "prompt_cache_key", b"prompt_cache_key", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015

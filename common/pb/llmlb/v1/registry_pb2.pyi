@@ -389,6 +389,7 @@ class NodeMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     MODEL_STATE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    PREFIXES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___NodeHello:
         """must be the first message of a session"""
@@ -405,6 +406,10 @@ class NodeMessage(_message.Message):
     def ack(self) -> Global___CommandAck:
         """answer to a NodeCommand sent on this session"""
 
+    @_builtins.property
+    def prefixes(self) -> Global___PrefixReport:
+        """the prompt prefixes a model keeps computed, sent as they change"""
+
     def __init__(
         self,
         *,
@@ -412,16 +417,47 @@ class NodeMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         model_state: _types_pb2.ModelNodeStatus | None = ...,
         ack: Global___CommandAck | None = ...,
+        prefixes: Global___PrefixReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "model_state", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "model_state", "ack", "prefixes"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___NodeMessage: _TypeAlias = NodeMessage  # noqa: Y015
+
+@_typing.final
+class PrefixReport(_message.Message):
+    """Which prompt prefixes one loaded model keeps computed on the node (common/prefixes.py says how a
+    prefix is hashed). Replaces the model's previous report; empty when the model unloads. A new
+    session starts with no prefixes known, so the node reports each loaded model again after hello.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """at most common.prefixes.MAX_REPORTED per model"""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        hashes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefixReport: _TypeAlias = PrefixReport  # noqa: Y015
 
 @_typing.final
 class NodeHello(_message.Message):
