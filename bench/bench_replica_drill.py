@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -40,10 +38,11 @@ from devkit import packaged_models
 from devkit.fake_hub import FakeHub
 from devkit.load_clients import GRPC, HTTP, TIMEOUT, LoadClients, summary
 from devkit.model_files import CACHE, catalogue_model
+from devkit.node_process import NodeProcess
 from devkit.postgres import PostgresServer, find_bin_dir
 from devkit.proc_cpu import CpuMeter
 from devkit.replica_clients import RETRIABLE, Ask, ReplicaClients
-from devkit.replica_process import ROOT, ReplicaProcess, free_port, replica_pair
+from devkit.replica_process import ReplicaProcess, create_key, replica_pair
 
 MODEL = packaged_models.GEMMA
 PROMPT = "One, two, three, four,"  # gemma continues it with "five"
@@ -58,57 +57,6 @@ POLL_S = 0.05  # ListNodes on B while waiting for it to hold A's nodes
 HOLD_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 120.0  # two nodes loading gemma on a busy 2-core machine
 DRAIN_TIMEOUT_S = 90.0  # after the run, for the requests still in flight (each has a 60 s deadline)
-
-
-# -- the nodes: `xllm serve` processes ------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Node:
-    home: Path
-    proc: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls, home: Path, balancers: str, key: str, hub: str) -> _Node:
-        home.mkdir(parents=True)
-        env = {
-            **os.environ,
-            "LLMLB_HOME": str(home),
-            "XLLM_BALANCER": balancers,
-            "XLLM_API_KEY": key,
-            "XLLM_LOG_LEVEL": "warning",
-            "HF_ENDPOINT": hub,  # nothing may leave the machine
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        with (home / "node.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "node.cli", "serve"),
-                    *("--grpc-listen", f"127.0.0.1:{free_port()}"),
-                    *("--models-dir", str(home / "models"), "--shared-dir", str(CACHE)),
-                    *("--log-format", "json"),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return cls(home, proc)
-
-    @property
-    def node_id(self) -> str:
-        """The id the node saved on registering; "" until then."""
-        saved = self.home / "node-id"
-        return saved.read_text().strip() if saved.exists() else ""
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.2) -> None:
@@ -129,14 +77,6 @@ async def _holders(replica: ReplicaProcess, key: str, call_s: float = 2.0) -> di
         except grpc.aio.AioRpcError:
             return {}
     return {n.id: n.replica for n in reply.nodes if n.state == pb.NODE_STATE_ONLINE}
-
-
-async def _create_key(replica: ReplicaProcess, admin: str, name: str, scope: pb.Scope.ValueType) -> str:
-    async with grpc.aio.insecure_channel(replica.address, options=CHANNEL_OPTIONS) as channel:
-        reply = await rgrpc.RegistryStub(channel).CreateKey(
-            rpb.CreateKeyRequest(name=name, scopes=[scope]), timeout=10, metadata=bearer_metadata(admin)
-        )
-    return str(reply.secret)
 
 
 # -- the drill ---------------------------------------------------------------------------------------------
@@ -175,10 +115,11 @@ async def _warm_up(a: ReplicaProcess, key: str, nodes: int) -> None:
 async def _drill(server: PostgresServer, root: Path, hub: FakeHub, postmaster: int) -> _Drill:
     result = _Drill()
     async with replica_pair(server, root, {"HF_ENDPOINT": hub.url}) as (a, b, admin):
-        node_key = await _create_key(a, admin, "drill-nodes", pb.SCOPE_NODE)
-        key = await _create_key(a, admin, "drill-clients", pb.SCOPE_API)
+        node_key = await create_key(a, admin, "drill-nodes", pb.SCOPE_NODE)
+        key = await create_key(a, admin, "drill-clients", pb.SCOPE_API)
         nodes = [
-            _Node.start(root / f"node{i}", f"{a.address},{b.address}", node_key, hub.url) for i in range(2)
+            NodeProcess.start(root / f"node{i}", f"{a.address},{b.address}", node_key, hub.url)
+            for i in range(2)
         ]
         clients = ReplicaClients(
             [(a.http_url, a.address), (b.http_url, b.address)],

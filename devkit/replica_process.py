@@ -27,8 +27,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import grpc.aio
 import httpx
 
+from common.channels import bearer_metadata
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import CHANNEL_OPTIONS
 from devkit.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +136,15 @@ class ReplicaProcess:
         with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")[-2000:]
         return ""
+
+
+async def create_key(replica: ReplicaProcess, admin: str, name: str, scope: pb.Scope.ValueType) -> str:
+    """A new API key's secret, made through ``replica``'s Registry with the admin key ``admin``."""
+    async with grpc.aio.insecure_channel(replica.address, options=CHANNEL_OPTIONS) as channel:
+        reply = await rgrpc.RegistryStub(channel).CreateKey(
+            rpb.CreateKeyRequest(name=name, scopes=[scope]), timeout=10, metadata=bearer_metadata(admin)
+        )
+    return str(reply.secret)
 
 
 @contextlib.asynccontextmanager
