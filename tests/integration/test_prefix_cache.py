@@ -16,15 +16,18 @@ import grpc.aio
 import pytest
 
 from common.inference import ChatMessage, ChatRequest, CompleteRequest, SamplingParams, TextChunk
+from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from common.types import Backend
 from devkit.model_files import ModelFiles
 from node.hardware import Hardware
+from node.model_states import ModelStates
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime
+from node.server import node_gauges
 from node.servicers.inference import InferenceServicer
 
 pytestmark = pytest.mark.slow
@@ -142,7 +145,9 @@ async def test_cached_tokens_reach_the_client_through_the_nodes_grpc_inference(g
 
     pool = ModelPool(CPU, PoolSettings(prefix_cache_mb=64, engine_threads=2))
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    igrpc.add_InferenceServicer_to_server(InferenceServicer(pool, resolve, lambda: "node-test"), server)
+    metrics = NodeMetrics(lambda: node_gauges(ModelStates(), pool))
+    servicer = InferenceServicer(pool, resolve, lambda: "node-test", metrics=metrics)
+    igrpc.add_InferenceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
@@ -167,6 +172,13 @@ async def test_cached_tokens_reach_the_client_through_the_nodes_grpc_inference(g
         assert again.cached_tokens >= 256 and again.prompt_tokens > again.cached_tokens
         fresh = await usage("You are a pirate.", "Hello?")
         assert fresh.cached_tokens == 0
+        scraped = metrics.exposition()[0].decode()
+        series = 'xllm_prompt_tokens_total{model="gemma-3-270m",source="cached"}'
+        cached = f"{series} {float(again.cached_tokens)}"
+        assert cached in scraped
+        computed = first.prompt_tokens + again.prompt_tokens - again.cached_tokens + fresh.prompt_tokens
+        assert f'source="computed"}} {float(computed)}' in scraped
+        assert 'xllm_prefix_cache_bytes{model="gemma-3-270m"}' in scraped
     finally:
         await channel.close(grace=None)
         await server.stop(grace=None)
