@@ -124,7 +124,8 @@ class BalancerMetrics(_Metrics):
 
 
 class NodeMetrics(_Metrics):
-    """``xllm_*``: requests, latency, time to first token, tokens, queue, loaded models, downloads."""
+    """``xllm_*``: requests, latency, time to first token, tokens (prompt ones cached or computed), queue,
+    loaded models, prefix cache bytes, downloads."""
 
     def __init__(
         self, state: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]]
@@ -142,6 +143,27 @@ class NodeMetrics(_Metrics):
             ["outcome"],
             registry=self.registry,
         )
-        self.registry.register(
-            _Gauges(state, {"xllm_models": ("state",), "xllm_queue_depth": (), "xllm_active_requests": ()})
+        self.prompt_token_count = Counter(
+            "xllm_prompt_tokens_total",
+            "Prompt tokens, by model and source: cached (a kept prefix reused) or computed.",
+            ["model", "source"],
+            registry=self.registry,
         )
+        self.registry.register(
+            _Gauges(
+                state,
+                {
+                    "xllm_models": ("state",),
+                    "xllm_queue_depth": (),
+                    "xllm_active_requests": (),
+                    "xllm_prefix_cache_bytes": ("model",),
+                },
+            )
+        )
+
+    def prompt_tokens(self, model: str, cached: int, computed: int) -> None:
+        """Counts a request's prompt tokens by whether a kept prefix supplied them."""
+        if cached:
+            self.prompt_token_count.labels(model, "cached").inc(cached)
+        if computed:
+            self.prompt_token_count.labels(model, "computed").inc(computed)

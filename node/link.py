@@ -3,8 +3,10 @@
 ``RegisterNode`` first (the id the balancer assigns is saved in ``<home>/node-id`` and reused after a
 restart; the fleet token it answers with goes to ``NodeCredentials``, in memory only), then a
 ``NodeSession`` stream: a heartbeat every interval with load and the full per-model picture, a
-``model_state`` message whenever a model changes (download progress included), and commands from the
-balancer (delete, prefetch, drain), each acknowledged once carried out.
+``model_state`` message whenever a model changes (download progress included), a ``prefixes`` report
+whenever the prompt prefixes a loaded model keeps computed change (and every model's report at the
+start of each session, since a new session knows none), and commands from the balancer (delete,
+prefetch, drain), each acknowledged once carried out.
 
 The node may know several balancer addresses (replicas sharing one store, so any of them takes it).
 When a session that was up breaks, the link registers with the next address at once, so the node is
@@ -24,8 +26,9 @@ import asyncio
 import contextlib
 import os
 import random
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Protocol, TypeVar
@@ -55,6 +58,8 @@ T = TypeVar("T")
 LOOKUP_TIMEOUT_S = 5.0
 # model_state updates are coalesced: at most one per model this often.
 STATE_PUSH_INTERVAL_S = 0.2
+# Prefix reports are coalesced too: a burst of requests sends at most one report per model this often.
+PREFIX_PUSH_INTERVAL_S = 0.1
 
 
 class CommandHandler(Protocol):
@@ -159,6 +164,11 @@ class BalancerLink:
         self._running: set[int] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._beat_now = False
+        # Prefix reports arrive from runtime worker threads: kept under a lock, sent by the session.
+        self._prefix_lock = threading.Lock()
+        self._prefixes: dict[str, tuple[int, ...]] = {}  # model id -> the hashes last reported to us
+        self._prefixes_dirty: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         states.subscribe(self._changed)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -166,6 +176,7 @@ class BalancerLink:
     def start(self) -> None:
         if self.handler is None:
             raise RuntimeError("BalancerLink.start() needs a command handler")
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="balancer-link")
 
     async def stop(self) -> None:
@@ -298,8 +309,10 @@ class BalancerLink:
     async def _outgoing(self) -> AsyncIterator[rpb.NodeMessage]:
         yield rpb.NodeMessage(hello=rpb.NodeHello(node_id=self.node_id))
         yield self._heartbeat()
+        for report in self._prefix_reports(everything=True):  # this session knows no prefixes yet
+            yield report
         next_beat = time.monotonic() + self._heartbeat_s
-        next_push = 0.0
+        next_push = next_prefix_push = 0.0
         while True:
             self._wake.clear()
             while not self._outbox.empty():
@@ -310,11 +323,17 @@ class BalancerLink:
                 for state in dirty.values():
                     yield rpb.NodeMessage(model_state=state_to_pb(self.node_id, state))
                 next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
+            if self._prefixes_dirty and now >= next_prefix_push:
+                for report in self._prefix_reports(everything=False):
+                    yield report
+                next_prefix_push = now + PREFIX_PUSH_INTERVAL_S
             if now >= next_beat or self._beat_now:
                 self._beat_now = False
                 yield self._heartbeat()
                 next_beat = now + self._heartbeat_s
             until = min(next_beat, next_push) if self._dirty else next_beat
+            if self._prefixes_dirty:
+                until = min(until, next_prefix_push)
             if self._outbox.empty():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, until - time.monotonic()))
@@ -344,6 +363,28 @@ class BalancerLink:
         """Sends a heartbeat at once, e.g. so the balancer learns of a drain before the next beat."""
         self._beat_now = True
         self._wake.set()
+
+    def prefixes_changed(self, model_id: str, hashes: Sequence[int]) -> None:
+        """The prompt prefixes ``model_id`` keeps changed (empty: none); safe from any thread."""
+        with self._prefix_lock:
+            if hashes:
+                self._prefixes[model_id] = tuple(hashes)
+            elif self._prefixes.pop(model_id, None) is None:
+                return  # nothing was reported for it: nothing to take back
+            self._prefixes_dirty.add(model_id)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: nobody to tell
+                loop.call_soon_threadsafe(self._wake.set)
+
+    def _prefix_reports(self, everything: bool) -> Iterator[rpb.NodeMessage]:
+        """Reports of the models whose prefixes changed since the last ones sent (or of every model)."""
+        with self._prefix_lock:
+            names = set(self._prefixes) if everything else set(self._prefixes_dirty)
+            self._prefixes_dirty.clear()
+            reports = [(m, self._prefixes.get(m, ())) for m in sorted(names)]
+        for model_id, hashes in reports:
+            yield rpb.NodeMessage(prefixes=rpb.PrefixReport(model_id=model_id, hashes=hashes))
 
     def _changed(self, state: ModelReport) -> None:
         self._dirty[state.model_id] = state

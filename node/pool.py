@@ -42,10 +42,13 @@ from common.inference import (
 from common.types import Backend, Capability, Model, ModelState
 from node.hardware import Hardware
 from node.runtimes.base import (
+    DEFAULT_PREFIX_CACHE_MB,
     CancelFlag,
     Embedding,
     ImageGeneration,
     LoadContext,
+    PrefixCaching,
+    PrefixListener,
     Runtime,
     RuntimeSettings,
     Speech,
@@ -95,6 +98,7 @@ class PoolSettings:
     engine_threads: int = 0  # XLLM_ENGINE_THREADS: CPU threads per engine call; 0: one per core
     context_tokens: int = 4096  # XLLM_CONTEXT_TOKENS: llama.cpp context window per slot
     gpu_layers: int | None = None  # XLLM_GPU_LAYERS: layers offloaded on CUDA/Metal; unset: all
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # XLLM_PREFIX_CACHE_MB: kept prompt prefixes per model
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PoolSettings:
@@ -107,6 +111,7 @@ class PoolSettings:
             engine_threads=_env_int(env, "XLLM_ENGINE_THREADS", 0),
             context_tokens=_env_int(env, "XLLM_CONTEXT_TOKENS", 4096, minimum=256),
             gpu_layers=_env_int(env, "XLLM_GPU_LAYERS", -1, minimum=-1) if gpu_layers else None,
+            prefix_cache_mb=_env_int(env, "XLLM_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB),
         )
 
     def budget_mb(self, hardware: Hardware) -> int:
@@ -204,6 +209,8 @@ class ModelPool:
         # A thread per call, not a long-lived pool: see node/threads.py for what that saves.
         self._executor = FreshThreadExecutor(self.settings.worker_threads, "xllm-run")
         self._closed = False
+        # Told whenever a loaded model's kept prompt prefixes change (the balancer link); set before use.
+        self.prefix_listener: PrefixListener | None = None
 
     # -- state for heartbeats --------------------------------------------------------------------
 
@@ -238,6 +245,14 @@ class ModelPool:
         ]
         return sorted(out, key=lambda s: s.model_id)
 
+    def prefix_cache_bytes(self) -> dict[str, int]:
+        """Model id -> bytes of computed prompt prefixes its runtime keeps, for each model that keeps any."""
+        out: dict[str, int] = {}
+        for e in self._entries.values():
+            if e.state is ModelState.READY and isinstance(e.runtime, PrefixCaching):
+                out[e.model_id] = out.get(e.model_id, 0) + e.runtime.prefix_cache_bytes
+        return out
+
     @property
     def used_mb(self) -> int:
         return sum(e.memory_mb for e in self._holding())
@@ -256,6 +271,7 @@ class ModelPool:
             context_tokens=self.settings.context_tokens,
             gpu_layers=self.settings.gpu_layers,
             slots=self.settings.slots_per_model,
+            prefix_cache_mb=self.settings.prefix_cache_mb,
         )
 
     async def prefetch(self, resolved: ResolvedModel) -> None:
@@ -430,7 +446,12 @@ class ModelPool:
             log.warning("model_files_changed", model_id=model.id, engine=spec.engine)
             self._retire(entry)
         missing = [f.filename for f in model.files if f.filename not in resolved.paths]
-        context = LoadContext(model=model, paths=dict(resolved.paths), settings=self._runtime_settings())
+        context = LoadContext(
+            model=model,
+            paths=dict(resolved.paths),
+            settings=self._runtime_settings(),
+            prefix_listener=self.prefix_listener,
+        )
         entry = _Entry(
             model_id=model.id,
             engine=spec.engine,

@@ -225,6 +225,10 @@ def node_gauges(
             {(): float(load.queued_requests)},
         ),
         "xllm_active_requests": ("Requests running in a model's slot.", {(): float(load.active_requests)}),
+        "xllm_prefix_cache_bytes": (
+            "Bytes of computed prompt prefixes a loaded model keeps (XLLM_PREFIX_CACHE_MB), by model.",
+            {(model,): float(n) for model, n in models.prefix_cache_bytes().items()},
+        ),
     }
 
 
@@ -260,6 +264,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
+    models.prefix_listener = link  # the balancer hears which prompt prefixes each model keeps
     return NodeParts(
         found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics
     )

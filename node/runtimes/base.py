@@ -8,7 +8,7 @@ too; the pool runs them off the event loop and never runs more at once than its 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -29,6 +29,8 @@ from common.inference import (
 )
 from common.types import Backend, Capability, FileFormat, Model
 
+DEFAULT_PREFIX_CACHE_MB = 512  # computed prompt prefixes kept per llama.cpp model; 0: none
+
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
@@ -39,6 +41,16 @@ class RuntimeSettings:
     context_tokens: int = 4096  # llama.cpp context window per slot
     gpu_layers: int | None = None  # None: all layers on a GPU backend, none on the CPU
     slots: int = 1  # concurrent calls the pool may make into one loaded runtime
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # llama.cpp: saved prompt-prefix states per model
+
+
+class PrefixListener(Protocol):
+    """Hears which prompt prefixes a loaded model keeps computed, whenever that set changes.
+
+    Called on the runtime's worker thread; an empty list means the model keeps none (e.g. unloaded).
+    """
+
+    def prefixes_changed(self, model_id: str, hashes: Sequence[int]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,7 @@ class LoadContext:
     model: Model
     paths: Mapping[str, Path]  # manifest filename -> absolute path on disk
     settings: RuntimeSettings = field(default_factory=RuntimeSettings)
+    prefix_listener: PrefixListener | None = None  # told of the prefixes a text runtime keeps
 
     def files_of(self, fmt: FileFormat) -> list[Path]:
         return [
@@ -115,6 +128,16 @@ class TextGeneration(Runtime, Protocol):
         ...
 
     def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]: ...
+
+
+@runtime_checkable
+class PrefixCaching(Protocol):
+    """A runtime that keeps computed prompt prefixes (see ``node.runtimes.prefix_cache``)."""
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes of saved prefix states held now."""
+        ...
 
 
 @runtime_checkable

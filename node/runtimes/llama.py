@@ -2,6 +2,16 @@
 
 A ``Llama`` object is one context and is not thread-safe, so the runtime keeps one per concurrent slot,
 opened on demand; on the CPU and Metal they share the memory-mapped weights.
+
+Prompt prefixes are reused only at multiples of ``BLOCK`` tokens, the contexts' micro-batch size:
+llama.cpp's numbers depend on how a prompt is split into micro-batches, so a prefix evaluated in
+whole aligned blocks, followed by the rest from an aligned start, gives exactly what evaluating the
+prompt cold would give, and greedy answers do not change with the cache. A context keeps, and the
+model's ``PrefixCache`` saves, only the aligned part of each prompt (never generated tokens, which
+were evaluated one at a time).
+
+Over 400 lines on purpose: choosing the reuse point, generating and saving act on one leased context
+and the model's cache together; the state copying itself lives in ``node.runtimes.llama_state``.
 """
 
 from __future__ import annotations
@@ -10,7 +20,7 @@ import codecs
 import math
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +28,7 @@ import structlog
 
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
+    ChatMessage,
     ChatRequest,
     CompleteRequest,
     EmbedRequest,
@@ -26,9 +37,12 @@ from common.inference import (
     TextChunk,
     Usage,
 )
+from common.prefixes import chat_prefixes, text_prefixes
 from common.types import Backend, Capability, FileFormat
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
 from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
+from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
+from node.runtimes.prefix_cache import PrefixCache, common_length
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -123,6 +137,8 @@ class LlamaRuntime:
         self._embedders: _Contexts | None = None
         self._template: Any = None
         self._error: str | None = None
+        self._listener = context.prefix_listener
+        self._cache: PrefixCache | None = None
 
     @property
     def memory_mb(self) -> int:
@@ -131,12 +147,27 @@ class LlamaRuntime:
         kinds = (
             2 if Capability.EMBEDDING in self.model_capabilities else 1
         )  # embeddings use contexts of their own
-        return weights + per_slot * max(1, self.settings.slots) * kinds
+        return weights + per_slot * max(1, self.settings.slots) * kinds + self.settings.prefix_cache_mb
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes of saved prefix states held now (0 when not loaded)."""
+        cache = self._cache
+        return cache.bytes_held if cache is not None else 0
+
+    def prefix_hashes(self) -> list[int]:
+        """The names of the prefixes kept, most recently used first (see ``common.prefixes``)."""
+        cache = self._cache
+        return cache.hashes() if cache is not None else []
 
     def _open(self, embedding: bool) -> Llama:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
 
         kwargs: dict[str, Any] = {}
+        if not embedding:
+            # Aligned micro-batches make reused prefixes exact; a full-size sliding-window cache (gemma 3)
+            # keeps every position, so a context can be cut back to any block and saved whole.
+            kwargs.update(n_ubatch=BLOCK, swa_full=True)
         if self.settings.threads:
             kwargs["n_threads"] = kwargs["n_threads_batch"] = self.settings.threads
         try:
@@ -155,6 +186,7 @@ class LlamaRuntime:
             ) from exc
 
     def load(self) -> None:
+        self._cache = PrefixCache(self.settings.prefix_cache_mb * _MB, self._report)
         self._generators = _Contexts(lambda: self._open(embedding=False))
         self._embedders = _Contexts(lambda: self._open(embedding=True))
         try:
@@ -169,6 +201,13 @@ class LlamaRuntime:
             if contexts is not None:
                 contexts.close()
         self._generators = self._embedders = None
+        if self._cache is not None:  # a model loaded again never serves a stale prefix
+            self._cache.clear()
+            self._cache = None
+
+    def _report(self) -> None:
+        if self._listener is not None:
+            self._listener.prefixes_changed(self.model_id, self.prefix_hashes())
 
     def health(self) -> str | None:
         if self._error:
@@ -217,7 +256,10 @@ class LlamaRuntime:
         llm = contexts.acquire()
         try:
             tokens = self.render_chat(llm, request)
-            yield from generate_text(llm, tokens, request.params, cancel)
+            answer = yield from self._generate(llm, tokens, request.params, cancel)
+            # The next turn of the conversation repeats this answer: name the prefix with it.
+            names = chat_prefixes((*request.messages, ChatMessage("assistant", answer)))
+            self._save(llm, tokens, [p.hash for p in names])
         finally:
             contexts.release(llm)
 
@@ -228,9 +270,55 @@ class LlamaRuntime:
             tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
             if request.echo:
                 yield TextChunk(request_id="", delta=request.prompt)
-            yield from generate_text(llm, tokens, request.params, cancel)
+            answer = yield from self._generate(llm, tokens, request.params, cancel)
+            self._save(llm, tokens, [p.hash for p in text_prefixes(request.prompt + answer)])
         finally:
             contexts.release(llm)
+
+    # -- prefix reuse ----------------------------------------------------------------------------
+
+    def _generate(
+        self, llm: Llama, tokens: list[int], params: SamplingParams, cancel: CancelFlag
+    ) -> Generator[TextChunk, None, str]:
+        """``generate_text`` from the best aligned reuse point; returns the text generated."""
+        answer: list[str] = []
+        try:
+            cached = self._prepare(llm, tokens)
+            for chunk in generate_text(llm, tokens, params, cancel, cached=cached):
+                answer.append(chunk.delta)
+                yield chunk
+        except BaseException:
+            clear(llm)  # stopped part-way: what the context holds is not known to be whole
+            raise
+        return "".join(answer)
+
+    def _prepare(self, llm: Llama, tokens: list[int]) -> int:
+        """Leaves the context holding the longest aligned prefix of ``tokens`` it can; returns its length.
+
+        The prefix is shorter than the prompt, so at least one token is evaluated (fresh logits) and the
+        last micro-batch starts aligned. The context's own tokens and the cache's entries compete.
+        """
+        limit = aligned(len(tokens) - 1)
+        own = aligned(min(common_length(llm.input_ids[: llm.n_tokens].tolist(), tokens), limit))
+        cache = self._cache
+        entry, shared = cache.lookup(tokens) if cache is not None and cache.enabled else (None, 0)
+        reuse = aligned(min(shared, limit))
+        if entry is not None and reuse > own and restore(llm, entry.tokens, entry.state):
+            return keep(llm, reuse)
+        return keep(llm, own)
+
+    def _save(self, llm: Llama, tokens: list[int], hashes: list[int]) -> None:
+        """Cuts the context back to the prompt's aligned part and saves that state, named ``hashes``."""
+        n = aligned(len(tokens))
+        if llm.n_tokens < n or keep(llm, n) == 0:
+            clear(llm)
+            return
+        cache = self._cache
+        if cache is None or not cache.enabled or cache.covers(tokens[:n], hashes):
+            return
+        state = snapshot(llm, cache.budget_bytes)
+        if state is not None:
+            cache.add(tokens[:n], state, hashes)
 
     # -- embeddings ------------------------------------------------------------------------------
 
@@ -258,9 +346,12 @@ class LlamaRuntime:
 
 
 def generate_text(
-    llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag
+    llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag, *, cached: int = 0
 ) -> Iterator[TextChunk]:
-    """Streams text for ``prompt``: one chunk per decoded piece, then one with finish reason and usage."""
+    """Streams text for ``prompt``: one chunk per decoded piece, then one with finish reason and usage.
+
+    ``cached`` is how many of the prompt's first tokens the context already holds (for the usage).
+    """
     import llama_cpp
 
     n_ctx = llm.n_ctx()
@@ -313,7 +404,7 @@ def generate_text(
         request_id="",
         delta=tail,
         finish_reason=finish,
-        usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced),
+        usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=cached),
     )
 
 

@@ -27,6 +27,7 @@ from node.pool import ModelPool, ResolvedModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DOOR = "grpc"
+TEXT_ROUTES = ("chat", "complete")  # the routes whose prompts may come from a kept prefix
 
 
 @dataclass(slots=True)
@@ -52,6 +53,9 @@ class _Call:
 
     def used(self, usage: Usage) -> None:
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
+        if self.route in TEXT_ROUTES:  # say how much of the prompt a kept prefix gave
+            cached = min(usage.cached_tokens, usage.prompt_tokens)
+            self.metrics.prompt_tokens(self.model, cached, usage.prompt_tokens - cached)
 
 
 class InferenceServicer(igrpc.InferenceServicer):
