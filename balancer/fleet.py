@@ -6,8 +6,11 @@ picture the node sessions keep up to date and the router reads.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from common.prefixes import MAX_REPORTED
 from common.types import Capability, Model, ModelState
 
 
@@ -77,10 +80,17 @@ class Fleet:
         self._info: dict[str, NodeInfo] = {}
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
         self._load: dict[str, NodeLoad] = {}
+        # node_id -> model_id -> the prompt prefix hashes the node last reported it keeps computed
+        self._prefixes: dict[str, dict[str, frozenset[int]]] = {}
+        # node_id -> bumped whenever what the node holds in memory may be gone (a new session, a
+        # restart, a removal): the router's own guesses of what a node holds are tied to this
+        self._epochs: dict[str, int] = {}
         self.version = 0  # bumped on every change the router's candidate lists depend on
 
     def registered(self, info: NodeInfo) -> None:
+        """The node (re)registered: a restarted node has lost every prefix it had computed."""
         self._info[info.node_id] = info
+        self._forget_prefixes(info.node_id)
         self.version += 1
 
     def info(self, node_id: str) -> NodeInfo | None:
@@ -115,6 +125,7 @@ class Fleet:
         self._info.pop(node_id, None)
         self._models.pop(node_id, None)
         self._load.pop(node_id, None)
+        self._forget_prefixes(node_id)
         self.version += 1
 
     def set_load(self, node_id: str, load: NodeLoad) -> None:
@@ -135,7 +146,40 @@ class Fleet:
         self._online.discard(node_id)
         self._draining.discard(node_id)  # a drained node that comes back starts fresh
         self._remote.pop(node_id, None)
+        # A node re-sends its reports after each hello; until then it is not known to hold anything.
+        self._forget_prefixes(node_id)
         self.version += 1
+
+    # -- prompt prefixes (cache-aware routing) ------------------------------------------------------
+
+    def set_prefixes(self, node_id: str, model_id: str, hashes: Iterable[int]) -> None:
+        """The node's report of the prefixes ``model_id`` keeps computed; replaces the previous one.
+
+        At most ``MAX_REPORTED`` hashes are kept (a node reports no more; a faulty one cannot make
+        the balancer hold more). An empty report (the model unloaded) forgets the model.
+        """
+        kept = frozenset(itertools.islice(hashes, MAX_REPORTED))
+        per_node = self._prefixes.setdefault(node_id, {})
+        if kept:
+            per_node[model_id] = kept
+        else:
+            per_node.pop(model_id, None)
+
+    def prefixes(self, node_id: str, model_id: str) -> frozenset[int]:
+        """The prefix hashes ``node_id`` last reported for ``model_id``; empty when none."""
+        return self._prefixes.get(node_id, {}).get(model_id, frozenset())
+
+    def node_prefixes(self, node_id: str) -> dict[str, frozenset[int]]:
+        """Every model's reported prefix hashes on ``node_id``."""
+        return dict(self._prefixes.get(node_id, {}))
+
+    def epoch(self, node_id: str) -> int:
+        """Changes whenever ``node_id`` may have lost what it had computed (see ``__init__``)."""
+        return self._epochs.get(node_id, 0)
+
+    def _forget_prefixes(self, node_id: str) -> None:
+        self._prefixes.pop(node_id, None)
+        self._epochs[node_id] = self._epochs.get(node_id, 0) + 1
 
     def attached_elsewhere(
         self,
@@ -145,6 +189,7 @@ class Fleet:
         models: list[ModelOnNode],
         load: NodeLoad,
         draining: bool,
+        prefixes: dict[str, frozenset[int]] | None = None,
     ) -> None:
         """The node's session is on ``replica_id``: route to it with what it last reported there."""
         if self._info.get(info.node_id) != info:
@@ -156,6 +201,11 @@ class Fleet:
         self.replace(info.node_id, models)
         self.set_load(info.node_id, load)
         self.set_draining(info.node_id, draining)
+        if prefixes is not None:  # the holder's reports replace ours, model by model
+            for model_id in set(self._prefixes.get(info.node_id, {})) - set(prefixes):
+                self.set_prefixes(info.node_id, model_id, ())
+            for model_id, hashes in prefixes.items():
+                self.set_prefixes(info.node_id, model_id, hashes)
 
     def remote_replica(self, node_id: str) -> str | None:
         """The replica holding the node's session when that is not this one; None otherwise."""

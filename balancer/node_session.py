@@ -1,10 +1,11 @@
 """The node-session protocol, transport-neutral: hello, heartbeats, model states, command delivery and acks.
 
 A node opens its session with a hello; from then on it sends heartbeats (its load, every model it holds,
-whether it drains), model states between heartbeats, and acks for the commands it was sent. The balancer
-answers the hello, then sends every command queued for the node, each once per session; a command stays
-queued in the store until the node acks it, so one lost with a dropped stream is sent again on the next
-session. A node silent past the heartbeat timeout has its session closed.
+whether it drains), model states between heartbeats, the prompt prefixes each model keeps computed,
+and acks for the commands it was sent. The balancer answers the hello, then sends every command queued
+for the node, each once per session; a command stays queued in the store until the node acks it, so one
+lost with a dropped stream is sent again on the next session. A node silent past the heartbeat timeout
+has its session closed.
 
 The gRPC servicer converts its messages to and from the types here and calls ``serve``.
 """
@@ -55,6 +56,14 @@ class ModelReported:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixesReported:
+    """The prompt prefixes one model keeps computed on the node; replaces that model's previous report."""
+
+    model_id: str
+    hashes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CommandAck:
     """The node carried out a command (``ok``) or could not (``error`` says why)."""
 
@@ -78,7 +87,7 @@ class Unrecognised:
     kind: str = ""
 
 
-NodeMessage = Hello | Heartbeat | ModelReported | CommandAck | Unrecognised
+NodeMessage = Hello | Heartbeat | ModelReported | PrefixesReported | CommandAck | Unrecognised
 BalancerMessage = Accepted | NodeCommand
 
 _NOT_HELLO = "a node session starts with hello"
@@ -166,6 +175,9 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
             await parts.replicas.reported(node_id)
         elif isinstance(msg, ModelReported):
             fleet.report(replace(msg.status, node_id=node_id))
+            await parts.replicas.reported(node_id)
+        elif isinstance(msg, PrefixesReported):
+            fleet.set_prefixes(node_id, msg.model_id, msg.hashes)
             await parts.replicas.reported(node_id)
         # Only commands sent to this node on this session can be cleared by it.
         elif isinstance(msg, CommandAck) and msg.command_id in session.sent:

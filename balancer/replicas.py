@@ -6,7 +6,10 @@ their rows (``nodes.live``, a ``NodeSnapshot``) when it changes, and every chang
 announced with PostgreSQL's LISTEN/NOTIFY on one channel; the other replicas re-read what the notice
 names. Nothing rides on a notice alone: a periodic resync re-reads everything, which also catches the
 notices lost while a connection was down. A node's load, which changes with every request, is
-announced but not written.
+announced but not written. The prompt prefixes a node reports (for cache-aware routing) are written
+with its row, like download progress at most once per ``PROGRESS_EVERY_S``, so every replica routes a
+conversation's next turn to the node that holds it; a write carries at most ``MAX_REPORTED`` hashes
+per loaded model, 8 bytes each.
 
 Each replica beats its own row in ``balancer_replicas`` every second. A replica silent past the
 heartbeat timeout is taken as dead: any other replica releases it, and the nodes it held are offline
@@ -19,13 +22,14 @@ same way (``attach``/``detach``), so both engines run the same code.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
 import socket
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -48,7 +52,7 @@ log = structlog.get_logger(__name__)
 CHANNEL = "llmlb_changes"
 BEAT_S = 1.0  # how often a replica beats its row and looks for replicas that stopped beating
 RESYNC_S = 5.0  # how often a replica re-reads everything, in case a notice was lost
-PROGRESS_EVERY_S = 1.0  # a node's download progress alone is written at most this often
+PROGRESS_EVERY_S = 1.0  # a node's download progress or prefixes alone are written at most this often
 CONNECT_TIMEOUT_S = 5.0
 # What a store or listener call raises when the database cannot be reached or refuses.
 STORE_ERRORS = (LlmlbError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
@@ -62,6 +66,7 @@ class NodeSnapshot:
     draining: bool
     models: tuple[ModelOnNode, ...]
     load: NodeLoad
+    prefixes: dict[str, frozenset[int]] = field(default_factory=dict)  # model id -> reported hashes
 
     @classmethod
     def of(cls, fleet: Fleet, node_id: str) -> NodeSnapshot:
@@ -71,6 +76,7 @@ class NodeSnapshot:
             fleet.is_draining(node_id),
             tuple(fleet.node_models(node_id)),
             fleet.load(node_id) or NodeLoad(),
+            fleet.node_prefixes(node_id),
         )
 
     def routing_key(self) -> tuple[object, ...]:
@@ -78,8 +84,8 @@ class NodeSnapshot:
         return (self.draining, self.capabilities, tuple((m.model_id, m.state) for m in self.models))
 
     def progress(self) -> tuple[object, ...]:
-        """The rest of what is written (the load aside): download progress and errors."""
-        return tuple((m.downloaded_bytes, m.total_bytes, m.error) for m in self.models)
+        """The rest of what is written (the load aside): download progress, errors and prefixes."""
+        return (tuple((m.downloaded_bytes, m.total_bytes, m.error) for m in self.models), self.prefixes)
 
     def to_json(self) -> str:
         body: dict[str, Any] = {
@@ -89,6 +95,11 @@ class NodeSnapshot:
                 [m.model_id, m.state.value, m.downloaded_bytes, m.total_bytes, m.error] for m in self.models
             ],
         }
+        if self.prefixes:  # packed: 8 bytes a hash, not 20 digits
+            body["prefixes"] = {
+                model_id: base64.b64encode(b"".join(h.to_bytes(8, "little") for h in sorted(hashes))).decode()
+                for model_id, hashes in sorted(self.prefixes.items())
+            }
         load = self.load
         body["load"] = [
             load.active_requests,
@@ -111,11 +122,18 @@ class NodeSnapshot:
             if state in known_states
         )
         active, queued, cpu, used, total_mb = (body.get("load") or [0, 0, 0.0, 0, 0])[:5]
+        prefixes = {}
+        for model_id, packed in (body.get("prefixes") or {}).items():
+            raw = base64.b64decode(packed)
+            prefixes[str(model_id)] = frozenset(
+                int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw) - 7, 8)
+            )
         return cls(
             frozenset(Capability(c) for c in body.get("capabilities", []) if c in known_caps),
             bool(body.get("draining", False)),
             models,
             NodeLoad(int(active), int(queued), float(cpu), int(used), int(total_mb)),
+            prefixes,
         )
 
 
@@ -378,6 +396,7 @@ class Replicas:
                 models=list(snapshot.models),
                 load=snapshot.load,
                 draining=snapshot.draining,
+                prefixes=snapshot.prefixes,
             )
         elif fleet.remote_replica(node_id) is not None:
             fleet.disconnected(node_id)

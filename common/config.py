@@ -172,7 +172,9 @@ class BalancerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    # Routing: in-flight requests per node before it counts as busy, the wait queue behind them.
+    # Routing: the policy for chat and completions (``ROUTING_POLICIES``; embeddings, audio and images
+    # are routed by load alike), in-flight requests per node before it counts as busy, the wait queue.
+    routing: str = "cache-aware"
     node_max_inflight: int = 8
     queue_size: int = 256
     queue_timeout_s: float = 30.0
@@ -198,6 +200,19 @@ class BalancerConfig:
         return origin_listed(origin, self.allowed_origins)
 
 
+# The names of ``balancer.router.policy.POLICIES`` (a test keeps the two alike): checked here so a bad
+# value is a configuration error at start, not a failure at the first request.
+ROUTING_POLICIES = ("cache-aware", "power-of-two", "round-robin")
+
+
+def parse_routing(value: str) -> str:
+    """A routing policy name (``ROUTING_POLICIES``), case and spaces aside."""
+    name = value.strip().lower()
+    if name not in ROUTING_POLICIES:
+        raise ValueError(f"routing policy {value!r}: expected {', '.join(ROUTING_POLICIES)}")
+    return name
+
+
 WORKER_ENV = "LLMLB_WORKER"  # set by ``llmlb serve --workers N`` on each worker it starts (its index)
 
 
@@ -213,6 +228,7 @@ def load_balancer_config(
     http_listen: str | None = None,
     auth: bool | None = None,
     workers: int | None = None,
+    routing: str | None = None,
     home: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> BalancerConfig:
@@ -252,6 +268,7 @@ def load_balancer_config(
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),
+        routing=s.get(routing, ("LLMLB_ROUTING",), "cache-aware", parse_routing),
         node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
         queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
         queue_timeout_s=s.get(None, ("LLMLB_QUEUE_TIMEOUT",), 30.0, parse_positive),

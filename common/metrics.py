@@ -103,7 +103,8 @@ class _Metrics:
 
 
 class BalancerMetrics(_Metrics):
-    """``llmlb_*``: requests, latency, time to first token, tokens, retries, queue, nodes, downloads."""
+    """``llmlb_*``: requests, latency, time to first token, tokens, prompt tokens cached per node,
+    routing outcomes, retries, queue, nodes, downloads."""
 
     def __init__(
         self, state: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]]
@@ -115,12 +116,37 @@ class BalancerMetrics(_Metrics):
             ["route"],
             registry=self.registry,
         )
+        # Node ids are labels: they are bounded by registration (a node id is only routed to, and so
+        # only counted, once an operator's fleet token registered it), like models by the catalogue.
+        self.prompt_token_count = Counter(
+            "llmlb_prompt_tokens_total",
+            "Prompt tokens of chat and completion answers, by model, node and source: 'cached' (reused"
+            " from the node's prompt cache) or 'computed'.",
+            ["model", "node", "source"],
+            registry=self.registry,
+        )
+        self.route_outcomes = Counter(
+            "llmlb_route_outcomes_total",
+            "Chat and completion requests routed, by policy and outcome: 'hit' (to a node holding part of"
+            " the prompt), 'miss', 'yielded' (the holder was too busy) or 'affinity' (by prompt_cache_key"
+            " or user).",
+            ["policy", "outcome"],
+            registry=self.registry,
+        )
         self.registry.register(
             _Gauges(
                 state,
                 {"llmlb_nodes": ("state",), "llmlb_model_downloads": ("model",), "llmlb_queue_depth": ()},
             )
         )
+
+    def prompt_tokens(self, model: str, node: str, prompt: int, cached: int) -> None:
+        """Counts an answer's prompt tokens on ``node``: ``cached`` of them reused, the rest computed."""
+        cached = min(max(cached, 0), prompt)
+        if cached:
+            self.prompt_token_count.labels(model, node, "cached").inc(cached)
+        if prompt - cached:
+            self.prompt_token_count.labels(model, node, "computed").inc(prompt - cached)
 
 
 class NodeMetrics(_Metrics):

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import load_balancer_config, parse_count, parse_list, parse_listen, parse_optional_listen
+from common.config import (
+    load_balancer_config,
+    parse_count,
+    parse_list,
+    parse_listen,
+    parse_optional_listen,
+    parse_routing,
+)
 from common.errors import LlmlbError
 from common.logs import configure_logging
 
@@ -31,6 +38,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_ALLOWED_ORIGINS      comma-separated origin URLs models may come from (default: $HF_ENDPOINT)
   LLMLB_ORIGIN_TIMEOUT       seconds per origin request (default 30)
   LLMLB_HEARTBEAT_INTERVAL_MS / LLMLB_HEARTBEAT_TIMEOUT_MS   node session timing (default 1000 / 3000)
+  LLMLB_ROUTING              routing policy for chat and completions: cache-aware (default; to the node
+                             holding the prompt's prefix, unless it is much busier), power-of-two or
+                             round-robin
   LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy (default 8)
   LLMLB_QUEUE_SIZE           requests that may wait for a free node (default 256; 0: none wait)
   LLMLB_QUEUE_TIMEOUT        seconds a request may wait for a node (default 30)
@@ -72,6 +82,10 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--allowed-origins", help="comma-separated allowed origins (LLMLB_ALLOWED_ORIGINS)")
     serve.add_argument("--log-format", choices=["console", "json"], help="(LLMLB_LOG_FORMAT)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(LLMLB_LOG_LEVEL)")
+    serve.add_argument(
+        "--routing",
+        help="routing policy: cache-aware, power-of-two or round-robin (LLMLB_ROUTING)",
+    )
     serve.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
     serve.add_argument(
         "--workers",
@@ -94,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             workers=parse_count(str(args.workers)) if args.workers is not None else None,
+            routing=parse_routing(args.routing) if args.routing else None,
             home=args.home,
         )
         if config.workers > 1 and not config.shared_ports:

@@ -1,8 +1,10 @@
 """Admitting an inference request: the checks every door makes before the router sees it.
 
 The model id is put in its normal form (or refused with ``invalid_model_id``), a caller's request id must
-follow one rule (or is refused; an absent one is minted), and the request's own ``validate()`` applies the
-limits of ``common.inference`` (empty inputs, ranges, the speech length cap). One function, both doors.
+follow one rule (or is refused; an absent one is minted), a ``prompt_cache_key`` (a routing hint the
+balancer hashes and may remember) is at most ``MAX_PROMPT_CACHE_KEY_LENGTH`` characters, and the
+request's own ``validate()`` applies the limits of ``common.inference`` (empty inputs, ranges, the speech
+length cap). One function, both doors.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from common.model_id import normalize_model_id
 
 MAX_REQUEST_ID_LENGTH = 128
 REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+MAX_PROMPT_CACHE_KEY_LENGTH = 256
 
 
 R = TypeVar("R", bound=InferenceRequest)
@@ -44,8 +47,18 @@ def check_model(raw: str) -> str:
     return normalize_model_id(raw)
 
 
+def check_prompt_cache_key(given: str) -> None:
+    """``invalid_request`` when ``given`` is longer than ``MAX_PROMPT_CACHE_KEY_LENGTH``."""
+    if len(given) > MAX_PROMPT_CACHE_KEY_LENGTH:
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"prompt_cache_key must be at most {MAX_PROMPT_CACHE_KEY_LENGTH} characters (got {len(given)})",
+        )
+
+
 def admit(request: R) -> R:
     """``request`` with its model id normalised and a request id, once it passes every check."""
+    check_prompt_cache_key(getattr(request, "prompt_cache_key", ""))
     model = check_model(request.model)
     request_id = check_request_id(request.request_id)
     if model != request.model or request_id != request.request_id:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from balancer.edge.admission import admit
 from common.errors import ErrorCode, LlmlbError
-from common.inference import InferenceRequest, Usage
+from common.inference import InferenceRequest, TextChunk, Usage
 from common.metrics import BalancerMetrics
 
 T = TypeVar("T")
@@ -42,9 +42,15 @@ class Call:
     def first_chunk(self) -> None:
         self.metrics.first_token(self.route, time.perf_counter() - self.started)
 
-    def tokens(self, usage: Usage) -> None:
-        """Counts tokens of an answer; only answered requests get here, so their model is known."""
+    def tokens(self, usage: Usage, node_id: str = "") -> None:
+        """Counts tokens of an answer; only answered requests get here, so their model is known.
+
+        With ``node_id`` (a chat or completion answer) its prompt tokens are counted on that node too,
+        split into those the node's prompt cache saved and those it computed.
+        """
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
+        if node_id:
+            self.metrics.prompt_tokens(self.model, node_id, usage.prompt_tokens, usage.cached_tokens)
 
     def done(self, code: str) -> None:
         """``code`` is ``ok`` or an ``ErrorCode`` value."""
@@ -113,8 +119,10 @@ class Observer:
                     if first:
                         call.first_chunk()
                         first = False
-                    usage = getattr(item, "usage", None)
-                    if usage is not None:
+                    if isinstance(item, TextChunk):
+                        if item.usage is not None:
+                            call.tokens(item.usage, item.node_id)
+                    elif (usage := getattr(item, "usage", None)) is not None:
                         call.tokens(usage)
                     yield item
         except BaseException as exc:

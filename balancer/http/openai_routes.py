@@ -80,12 +80,12 @@ async def _text_events(
     try:
         async with closing(chunks):
             if first.usage is not None:
-                call.tokens(first.usage)
+                call.tokens(first.usage, first.node_id)
             for event in encoder.events(first, True):
                 yield event
             async for chunk in chunks:
                 if chunk.usage is not None:
-                    call.tokens(chunk.usage)
+                    call.tokens(chunk.usage, chunk.node_id)
                 for event in encoder.events(chunk, False):
                     yield event
         yield out.SSE_DONE
@@ -181,7 +181,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         if not stream:
             text, last = _joined(await unless_disconnected(request.receive, whole()))
             if last is not None and last.usage is not None:
-                call.tokens(last.usage)
+                call.tokens(last.usage, last.node_id)
             created = last.created if last and last.created else int(time.time())
             shown = last.model if last and last.model else model
             render = out.chat_completion_json if chat else out.text_completion_json

@@ -65,6 +65,10 @@ class NodeStatsTable:
         """The node's expected wait (``NodeStats.score``) with the load it last reported."""
         return self.of(node_id).score(self._reported(node_id))
 
+    def load(self, node_id: str) -> int:
+        """Calls the node is busy with: the larger of our own in flight there and its reported load."""
+        return max(self.of(node_id).outstanding, self._reported(node_id))
+
     def answered(self, node_id: str, seconds: float) -> None:
         """The node started answering after ``seconds``: fold that into its latency, clear its faults."""
         stats = self.of(node_id)

@@ -2,7 +2,8 @@
 
 In order: a node this request already tried is out; a node cooling down is out unless every remaining
 node is (then trying one beats refusing); a node at the in-flight limit is out (the request queues
-instead); only the best remaining tier is kept. The policy chooses within that tier.
+instead); only the best remaining tier is kept. The policy chooses within that tier (even one node, so
+that it says how the choice was made).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 from balancer.router.candidates import Candidate
 from balancer.router.node_stats import NodeStatsTable
-from balancer.router.policy import Policy
+from balancer.router.policy import Choice, Policy, RouteKey
 
 
 def pick(
@@ -22,7 +23,8 @@ def pick(
     now: float,
     max_inflight: int,
     policy: Policy,
-) -> Candidate | None:
+    key: RouteKey | None = None,
+) -> Choice | None:
     """The node for the next try, or None when every eligible node is busy (or none is left)."""
     usable = [c for c in candidates if c.node_id not in exclude]
     healthy = [c for c in usable if stats.of(c.node_id).cooldown_until <= now]
@@ -32,6 +34,4 @@ def pick(
         return None
     best = free[0].tier  # candidates come best tier first
     tier = [c for c in free if c.tier == best]
-    if len(tier) == 1:
-        return tier[0]
-    return policy.choose(tier, stats)
+    return policy.choose(tier, stats, key)

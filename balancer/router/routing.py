@@ -24,7 +24,8 @@ from balancer.router.candidates import Candidate, Candidates
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
-from balancer.router.policy import DEFAULT_POLICY, make_policy
+from balancer.router.policy import LOAD, RouteKey, make_policy
+from balancer.router.prefix_index import PrefixIndex
 from balancer.router.routes import (
     CHAT,
     CHAT_WHOLE,
@@ -54,6 +55,7 @@ from common.inference import (
 )
 from common.metrics import BalancerMetrics
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
+from common.prefixes import chat_prefixes, text_prefixes
 from common.types import Capability, Model
 
 log = structlog.get_logger(__name__)
@@ -71,8 +73,9 @@ class Router:
     Requests arrive admitted (``balancer.edge.admission``): model id in normal form, a request id, limits
     checked. The router decides only where they go.
 
-    ``policy`` names the routing policy (``policy.POLICIES``); ``rng`` and ``clock`` are the random
-    source and the monotonic clock every routing rule reads, so tests can fix both.
+    ``policy`` names the routing policy (``policy.POLICIES``; ``config.routing`` when not given);
+    ``rng`` and ``clock`` are the random source and the monotonic clock every routing rule reads, so
+    tests can fix both.
     """
 
     def __init__(
@@ -83,7 +86,7 @@ class Router:
         clients: NodeClients,
         metrics: BalancerMetrics | None = None,
         *,
-        policy: str = DEFAULT_POLICY,
+        policy: str | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -93,7 +96,10 @@ class Router:
         self._clients = clients
         self._metrics = metrics
         self._clock = clock
-        self._policy = make_policy(policy, rng if rng is not None else random.Random())
+        self._prefixes = PrefixIndex(fleet, clock=clock)
+        self._policy = make_policy(
+            policy or config.routing, rng if rng is not None else random.Random(), self._prefixes
+        )
         self._stats = NodeStatsTable(
             cooldown_failures=config.cooldown_failures,
             cooldown_s=config.cooldown_s,
@@ -169,10 +175,11 @@ class Router:
         clock = self._clock
         deadline = clock() + (timeout or self._config.request_timeout_s)
         model = await self._model(request.model, route.capability)
+        key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
         while True:
-            node = await self._next_node(model, route.capability, tried, deadline, last)
+            node = await self._next_node(model, route.capability, key, tried, deadline, last)
             started = clock()
             try:
                 answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
@@ -190,10 +197,11 @@ class Router:
         clock = self._clock
         deadline = clock() + (timeout or self._config.request_timeout_s)
         model = await self._model(request.model, route.capability)
+        key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
         while True:
-            node = await self._next_node(model, route.capability, tried, deadline, last)
+            node = await self._next_node(model, route.capability, key, tried, deadline, last)
             started = clock()
             stream = route.call(self._stub(node), pb, max(0.001, deadline - started))
             items = aiter(stream)
@@ -259,27 +267,33 @@ class Router:
         return model
 
     async def _next_node(
-        self, model: Model, capability: Capability, tried: set[str], deadline: float, last: Failure | None
+        self,
+        model: Model,
+        capability: Capability,
+        key: RouteKey | None,
+        tried: set[str],
+        deadline: float,
+        last: Failure | None,
     ) -> Candidate:
         """The next node to try; once every capable node failed, the last node's own error."""
         try:
-            return await self._acquire(model, capability, tried, deadline)
+            return await self._acquire(model, capability, key, tried, deadline)
         except LlmlbError as exc:
             if last is not None and exc.code is ErrorCode.NO_CAPABLE_NODES:
                 raise last.error from None
             raise
 
     async def _acquire(
-        self, model: Model, capability: Capability, exclude: set[str], deadline: float
+        self, model: Model, capability: Capability, key: RouteKey | None, exclude: set[str], deadline: float
     ) -> Candidate:
         candidates, why = self._candidates.ranked(model, capability)
-        node = self._pick(candidates, exclude)
+        node = self._pick(candidates, exclude, key)
         if node is None:
             _some_left(candidates, exclude, why or "every capable node failed this request")
 
             def attempt() -> Candidate | None:
                 candidates, why = self._candidates.ranked(model, capability)
-                node = self._pick(candidates, exclude)
+                node = self._pick(candidates, exclude, key)
                 if node is None:
                     _some_left(candidates, exclude, why or "no capable node left")
                 return node
@@ -288,20 +302,40 @@ class Router:
         self._stats.of(node.node_id).outstanding += 1
         return node
 
-    def _pick(self, candidates: list[Candidate], exclude: set[str]) -> Candidate | None:
-        return pick(
+    def _pick(self, candidates: list[Candidate], exclude: set[str], key: RouteKey | None) -> Candidate | None:
+        choice = pick(
             candidates,
             exclude,
             self._stats,
             now=self._clock(),
             max_inflight=self._config.node_max_inflight,
             policy=self._policy,
+            key=key,
         )
+        if choice is None:
+            return None
+        if key is not None:
+            # The node will hold these prefixes once it answers: the next turn finds it before its report.
+            self._prefixes.routed(choice.node.node_id, key.model_id, key.prefixes)
+        if self._metrics is not None and choice.outcome != LOAD:
+            self._metrics.route_outcomes.labels(self._policy.name, choice.outcome).inc()
+        return choice.node
 
     def _release(self, node: Candidate) -> None:
         self._stats.of(node.node_id).outstanding -= 1
         if self._admission.waiting:
             self._admission.wake(node.node_id)
+
+
+def route_key(model_id: str, request: InferenceRequest) -> RouteKey | None:
+    """What a cache-aware policy reads from ``request``; None for requests with no prompt to reuse."""
+    if isinstance(request, ChatRequest):
+        prefixes = chat_prefixes(request.messages)
+    elif isinstance(request, CompleteRequest):
+        prefixes = text_prefixes(request.prompt)
+    else:
+        return None
+    return RouteKey(model_id, tuple(prefixes), request.prompt_cache_key or request.user)
 
 
 def _some_left(candidates: list[Candidate], exclude: set[str], why: str) -> None:

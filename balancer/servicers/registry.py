@@ -70,6 +70,8 @@ def _node_message_from_pb(msg: rpb.NodeMessage) -> node_session.NodeMessage:
         )
     if kind == "model_state":
         return node_session.ModelReported(_model_on_node_from_pb(msg.model_state))
+    if kind == "prefixes":
+        return node_session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
     if kind == "ack":
         return node_session.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
     return node_session.Unrecognised(kind or "")

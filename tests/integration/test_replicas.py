@@ -21,9 +21,11 @@ import pytest
 from balancer.server import Balancer, start
 from common.channels import open_channel
 from common.config import load_balancer_config
+from common.inference import ChatMessage
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
+from common.prefixes import chat_prefixes
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub, gguf_blob
 from devkit.postgres import PostgresServer
@@ -337,3 +339,58 @@ async def test_a_replica_stopped_gracefully_hands_its_nodes_over_instead_of_drop
         await a.http.aclose()
         await a.channel.close(None)
         await a.balancer.stop()
+
+
+async def test_a_replica_without_the_nodes_session_routes_a_conversations_later_turn_to_its_node(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a")
+    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b")
+    await on_a.start()
+    await on_b.start()
+    try:
+
+        async def both_online() -> bool:
+            wanted = {"on-a": "online", "on-b": "online"}
+            return await node_states(a) == wanted and await node_states(b) == wanted
+
+        await within(PROPAGATION_S, both_online, "each replica lists both nodes online")
+        hit_counter = b.balancer.parts.metrics.route_outcomes.labels("cache-aware", "hit")
+        hits_before = hit_counter._value.get()
+        followed = 0
+        for i in range(20):
+            if followed == 3:
+                break
+            # The affinity key only steers the first turn onto the node held by A; the later turn
+            # goes to B without it, so only the prefixes A's node reported can lead B there.
+            first = [{"role": "user", "content": f"Tell me about topic {i}."}]
+            reply = await a.http.post(
+                "/v1/chat/completions",
+                json={"model": "gemma-3-270m", "messages": first, "prompt_cache_key": f"conv-{i}"},
+            )
+            assert reply.status_code == 200, reply.text
+            if reply.headers["x-llmlb-node"] != "on-a":
+                continue
+            answer = reply.json()["choices"][0]["message"]["content"]
+            answered = chat_prefixes(
+                [ChatMessage("user", first[0]["content"]), ChatMessage("assistant", answer)]
+            )
+
+            async def b_knows(held: int = answered[-1].hash) -> bool:
+                return held in b.balancer.parts.fleet.prefixes("on-a", "gemma-3-270m")
+
+            await within(PROPAGATION_S + 1, b_knows, "B knows what on-a holds")
+            later = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And?"}]
+            reply = await b.http.post(
+                "/v1/chat/completions", json={"model": "gemma-3-270m", "messages": later}
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["x-llmlb-node"] == "on-a"
+            assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            followed += 1
+        assert followed == 3
+        assert hit_counter._value.get() == hits_before + 3  # led there by what it knew, not by chance
+    finally:
+        await on_a.stop()
+        await on_b.stop()

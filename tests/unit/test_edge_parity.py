@@ -135,6 +135,18 @@ CASES = [
         ErrorCode.INVALID_REQUEST,
     ),
     Case(
+        "257-character prompt_cache_key on a chat",
+        _chat(CHAT_MODEL, prompt_cache_key="k" * 257),
+        _grpc_chat(CHAT_MODEL, prompt_cache_key="k" * 257),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
+        "257-character prompt_cache_key on a completion",
+        _post("/v1/completions", {"model": CHAT_MODEL, "prompt": "Hi", "prompt_cache_key": "k" * 257}),
+        _grpc("Complete", ipb.CompleteRequest(model=CHAT_MODEL, prompt="Hi", prompt_cache_key="k" * 257)),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
         "over-long speech input",
         _speech(VOICE_MODEL, "x" * 4097),
         _grpc_speak(VOICE_MODEL, "x" * 4097),

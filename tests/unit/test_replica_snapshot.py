@@ -22,6 +22,7 @@ def held_node() -> Fleet:
     )
     fleet.set_load("n1", NodeLoad(2, 1, 12.5, 100, 1000))
     fleet.set_draining("n1", True)
+    fleet.set_prefixes("n1", "gemma-3-270m", [0, 1, 2**64 - 1, 0x0123456789ABCDEF])
     return fleet
 
 
@@ -57,3 +58,34 @@ def test_progress_alone_leaves_the_routing_key_unchanged() -> None:
 
     assert during.routing_key() == before.routing_key() and during.progress() != before.progress()
     assert after.routing_key() != during.routing_key()
+
+
+def test_prefixes_read_back_on_another_replica_and_change_only_what_is_throttled() -> None:
+    fleet = held_node()
+    before = NodeSnapshot.of(fleet, "n1")
+    fleet.set_prefixes("n1", "gemma-3-270m", [7, 8])
+    after = NodeSnapshot.of(fleet, "n1")
+
+    assert NodeSnapshot.from_json("n1", after.to_json()).prefixes == {"gemma-3-270m": frozenset({7, 8})}
+    assert after.routing_key() == before.routing_key() and after.progress() != before.progress()
+
+    other = Fleet()
+    read = NodeSnapshot.from_json("n1", after.to_json())
+    other.attached_elsewhere(
+        NodeInfo("n1", "127.0.0.1:1"),
+        "r2",
+        models=list(read.models),
+        load=read.load,
+        draining=False,
+        prefixes=read.prefixes,
+    )
+    assert other.prefixes("n1", "gemma-3-270m") == {7, 8}
+    other.attached_elsewhere(
+        NodeInfo("n1", "127.0.0.1:1"),
+        "r2",
+        models=list(read.models),
+        load=read.load,
+        draining=False,
+        prefixes={},
+    )
+    assert other.prefixes("n1", "gemma-3-270m") == frozenset()

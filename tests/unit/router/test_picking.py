@@ -6,10 +6,12 @@ import random
 
 import pytest
 
+from balancer.fleet import Fleet
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate
 from balancer.router.node_stats import NodeStatsTable
 from balancer.router.picking import pick
-from balancer.router.policy import POLICIES, PowerOfTwoChoices, RoundRobin, make_policy
+from balancer.router.policy import POLICIES, CacheAware, PowerOfTwoChoices, RoundRobin, make_policy
+from balancer.router.prefix_index import PrefixIndex
 from tests.unit.router.conftest import FakeClock
 
 LIMIT = 2
@@ -19,6 +21,10 @@ COOLDOWN_S = 10.0
 
 def node(node_id: str, tier: int = READY) -> Candidate:
     return Candidate(node_id, f"{node_id}:50051", tier)
+
+
+def nothing_held(clock: FakeClock) -> PrefixIndex:
+    return PrefixIndex(Fleet(), clock=clock)
 
 
 def table(clock: FakeClock) -> NodeStatsTable:
@@ -33,8 +39,9 @@ def pick_now(
     policy_name: str = "power-of-two",
     rng: random.Random | None = None,
 ) -> Candidate | None:
-    policy = make_policy(policy_name, rng or random.Random(0))
-    return pick(candidates, exclude or set(), stats, now=clock(), max_inflight=LIMIT, policy=policy)
+    policy = make_policy(policy_name, rng or random.Random(0), nothing_held(clock))
+    choice = pick(candidates, exclude or set(), stats, now=clock(), max_inflight=LIMIT, policy=policy)
+    return choice.node if choice is not None else None
 
 
 # -- tiers and busy nodes --------------------------------------------------------------------------
@@ -133,14 +140,14 @@ def test_power_of_two_choices_takes_the_lower_score_of_the_two_drawn(clock: Fake
     stats.of("middling").latency_s = 0.05
     stats.of("slow").latency_s = 0.2
     tier = [fast, middling, slow]
-    policy = PowerOfTwoChoices(random.Random(42))
+    policy = PowerOfTwoChoices(random.Random(42), nothing_held(clock))
     draws = random.Random(42)  # the same seed: the same pairs, drawn here to know what was offered
 
     for _ in range(50):
         a, b = draws.sample(tier, 2)
         lower = a if stats.score(a.node_id) <= stats.score(b.node_id) else b
 
-        assert policy.choose(tier, stats) == lower
+        assert policy.choose(tier, stats, None).node == lower
 
 
 def test_power_of_two_choices_weighs_outstanding_calls_against_latency(clock: FakeClock):
@@ -150,7 +157,10 @@ def test_power_of_two_choices_weighs_outstanding_calls_against_latency(clock: Fa
     stats.of("slower-idle").latency_s = 0.05  # score 0.05
     tier = [node("fast-but-busy"), node("slower-idle")]
 
-    picks = {PowerOfTwoChoices(random.Random(seed)).choose(tier, stats) for seed in range(20)}
+    picks = {
+        PowerOfTwoChoices(random.Random(seed), nothing_held(clock)).choose(tier, stats, None).node
+        for seed in range(20)
+    }
 
     assert picks == {tier[1]}
 
@@ -159,16 +169,17 @@ def test_round_robin_takes_the_nodes_in_turn(clock: FakeClock):
     stats = table(clock)
     stats.of("a").latency_s = 5.0  # load and latency do not matter to it
     tier = [node("a"), node("b"), node("c")]
-    policy = RoundRobin(random.Random(0))
+    policy = RoundRobin(random.Random(0), nothing_held(clock))
 
-    assert [policy.choose(tier, stats).node_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    assert [policy.choose(tier, stats, None).node.node_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
 
 
-def test_policies_are_chosen_by_name():
-    assert set(POLICIES) == {"power-of-two", "round-robin"}
-    assert isinstance(make_policy("round-robin", random.Random(0)), RoundRobin)
+def test_policies_are_chosen_by_name(clock: FakeClock):
+    assert set(POLICIES) == {"cache-aware", "power-of-two", "round-robin"}
+    assert isinstance(make_policy("round-robin", random.Random(0), nothing_held(clock)), RoundRobin)
+    assert isinstance(make_policy("cache-aware", random.Random(0), nothing_held(clock)), CacheAware)
     with pytest.raises(ValueError, match="unknown routing policy 'fastest'"):
-        make_policy("fastest", random.Random(0))
+        make_policy("fastest", random.Random(0), nothing_held(clock))
 
 
 def test_a_node_busy_with_other_replicas_calls_scores_by_what_it_reports(clock: FakeClock):
@@ -180,5 +191,8 @@ def test_a_node_busy_with_other_replicas_calls_scores_by_what_it_reports(clock: 
 
     assert stats.score("busy-elsewhere") == (9 + 1) * stats.of("busy-elsewhere").latency_s
     assert stats.score("idle") == (2 + 1) * stats.of("idle").latency_s
-    picks = {PowerOfTwoChoices(random.Random(seed)).choose(tier, stats) for seed in range(20)}
+    picks = {
+        PowerOfTwoChoices(random.Random(seed), nothing_held(clock)).choose(tier, stats, None).node
+        for seed in range(20)
+    }
     assert picks == {tier[1]}
