@@ -14,6 +14,7 @@ Three workloads each:
 Then "today" (power-of-two on nodes with the prefix cache off: what the fleet did before) and the
 conversations again through two replicas on one PostgreSQL (clients alternating between them).
 TTFT is the time to the first streamed content; greedy sampling (temperature 0), 16 tokens per answer.
+Each node runs its engine on half the machine's cores (``XLLM_ENGINE_THREADS``), since both share it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -106,6 +108,7 @@ class Run:
     name: str
     answers: list[Answer] = field(default_factory=list)
     wall_s: float = 0.0
+    nodes: list[str] = field(default_factory=list)  # the fleet's node ids, for the shares
 
     def ok(self) -> list[Answer]:
         return [a for a in self.answers if not a.error]
@@ -292,7 +295,10 @@ async def _fleet(
         node_key = await create_key(balancers[0], admin, "bench-nodes", pb.SCOPE_NODE)
         key = await create_key(balancers[0], admin, "bench-clients", pb.SCOPE_API)
         addresses = ",".join(b.address for b in balancers)
-        node_env = {"XLLM_PREFIX_CACHE_MB": str(cache_mb)} if cache_mb is not None else {}
+        # Two nodes share this machine: one engine thread each, or their threads fight over the cores.
+        node_env = {"XLLM_ENGINE_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+        if cache_mb is not None:
+            node_env["XLLM_PREFIX_CACHE_MB"] = str(cache_mb)
         nodes = [
             NodeProcess.start(root / f"node{i}", addresses, node_key, hub.url, node_env) for i in range(2)
         ]
@@ -316,7 +322,8 @@ async def _policy_runs(root: Path, hub: FakeHub, routing: str, cache_mb: int | N
         for run in runs:
             run.name = f"{run.name}/{routing}" + ("" if cache_mb is None else " (cache off)")
             run.answers.sort(key=lambda a: a.turn)
-            setattr(run, "_nodes", fleet.node_ids)  # noqa: B010
+            run.nodes = fleet.node_ids
+            print(_row(run), flush=True)  # progress, and what a later failure would not take away
     return runs
 
 
@@ -330,15 +337,15 @@ async def _replica_run(root: Path, hub: FakeHub) -> Run:
         url = server.url(server.create_database())
         async with _fleet(root, hub, [url, url], "cache-aware") as fleet, fleet.clients() as clients:
             run = await conversations(clients, "conversations/cache-aware, two replicas", seed=1)
-            setattr(run, "_nodes", fleet.node_ids)  # noqa: B010
+            run.nodes = fleet.node_ids
+            print(_row(run), flush=True)
             return run
     finally:
         await asyncio.to_thread(server.stop)
 
 
 def _row(run: Run) -> str:
-    nodes: list[str] = getattr(run, "_nodes", [])
-    shares = run.shares(nodes)
+    shares = run.shares(run.nodes)
     errors = len(run.answers) - len(run.ok())
     return (
         f"| {run.name} | {run.ttft(False, 0.5):.2f} / {run.ttft(False, 0.9):.2f} | "
@@ -377,9 +384,9 @@ def _report(results: dict[str, Run]) -> str:
     later_today = _ratio(today.ttft(True, 0.5), ca.ttft(True, 0.5))
     rate = _ratio(ca.rate, p2.rate)
     rate_today = _ratio(ca.rate, today.rate)
-    shares = ca.shares(getattr(ca, "_nodes", []))
+    shares = ca.shares(ca.nodes)
     share = _ratio(max(shares), min(shares)) if shares else float("inf")
-    skew_shares = skew_ca.shares(getattr(skew_ca, "_nodes", []))
+    skew_shares = skew_ca.shares(skew_ca.nodes)
     skew_load = _ratio(max(skew_shares), statistics.mean(skew_shares)) if skew_shares else float("inf")
     fresh_gap = abs(1 - _ratio(fresh_ca.rate, fresh_p2.rate))
     two_later = _ratio(p2.ttft(True, 0.5), two.ttft(True, 0.5))

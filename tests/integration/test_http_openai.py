@@ -21,6 +21,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from common.pb.llmlb.v1 import inference_pb2 as ipb
+from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub
@@ -352,3 +354,52 @@ def fixed_sizes(audio: bytes) -> bytes:
     struct.pack_into("<I", header, 4, len(audio) - 8)
     struct.pack_into("<I", header, 40, len(audio) - 44)
     return bytes(header) + audio[44:]
+
+
+def test_a_conversations_later_turn_is_answered_from_its_nodes_prefix_cache_on_both_doors(
+    balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, node_factory: NodeFactory, share: Path
+) -> None:
+    balancer = balancer_factory(hub)
+    nodes = [node_factory(balancer, hub, "--shared-dir", str(share)) for _ in range(2)]
+    for node in nodes:
+        wait_online(balancer, node, within=15)
+    oai = client(balancer)
+    system = "You are the help desk of a bicycle shop. " + " ".join(
+        f"Rule {i}: answer questions about part number {i} politely and briefly." for i in range(12)
+    )
+    history: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Do you sell bells?"},
+    ]
+    first = oai.chat.completions.with_raw_response.create(
+        model=GEMMA, messages=history, max_tokens=6, temperature=0
+    )
+    answer = first.parse()
+    assert answer.usage is not None and answer.usage.prompt_tokens > 128
+    assert answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0  # nothing computed before
+    history += [
+        {"role": "assistant", "content": answer.choices[0].message.content or ""},
+        {"role": "user", "content": "And lights?"},
+    ]
+    second = oai.chat.completions.with_raw_response.create(
+        model=GEMMA, messages=history, max_tokens=6, temperature=0
+    )
+    again = second.parse()
+    assert second.headers["x-llmlb-node"] == first.headers["x-llmlb-node"]  # back where its prefix is
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert (again.usage.prompt_tokens_details.cached_tokens or 0) >= 128  # the system prompt, in whole blocks
+
+    # The gRPC door: the same conversation, one turn further, reports its cached tokens the same way.
+    request = ipb.ChatRequest(
+        model=GEMMA,
+        messages=[ipb.ChatMessage(role=str(m["role"]), content=str(m.get("content", ""))) for m in history],
+        params=ipb.SamplingParams(max_tokens=4, temperature=0),
+        prompt_cache_key="bicycle-desk",
+    )
+    assert balancer.channel is not None
+    chunks = list(igrpc.InferenceStub(balancer.channel).Chat(request, timeout=120))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens > usage.cached_tokens >= 128
+    cached = 'llmlb_prompt_tokens_total{model="gemma-3-270m",node="%s",source="cached"}'
+    assert metric(balancer, cached % first.headers["x-llmlb-node"]) >= 256
