@@ -50,7 +50,7 @@ check-protos: protos
 	fi
 
 test: install check-protos
-	LLMLB_REQUIRE_MODELS=1 LLMLB_REQUIRE_POSTGRES=1 $(BIN)/pytest -q tests/unit tests/integration tests/e2e
+	LLMLB_REQUIRE_MODELS=1 LLMLB_REQUIRE_POSTGRES=1 $(BIN)/pytest -q --durations=15 tests/unit tests/integration tests/e2e
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
