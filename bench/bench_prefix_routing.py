@@ -33,9 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import grpc.aio
 import httpx
 
+from common.channels import bearer_metadata
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
+from common.rpc import CHANNEL_OPTIONS
 from devkit import packaged_models
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, catalogue_model
@@ -247,6 +252,7 @@ class Fleet:
     balancers: list[ReplicaProcess]
     nodes: list[NodeProcess]
     key: str
+    admin: str
 
     @property
     def node_ids(self) -> list[str]:
@@ -267,9 +273,30 @@ class Fleet:
             ]
 
 
+async def _online(fleet: Fleet, registry: rgrpc.RegistryAsyncStub) -> bool:
+    reply = await registry.ListNodes(
+        rpb.ListNodesRequest(), timeout=10, metadata=bearer_metadata(fleet.admin)
+    )
+    online = {n.id for n in reply.nodes if n.state == pb.NODE_STATE_ONLINE}
+    return "" not in fleet.node_ids and set(fleet.node_ids) <= online
+
+
 async def _warm(fleet: Fleet) -> None:
-    """Until both nodes have loaded gemma and answered (a tiny prompt: nothing worth caching)."""
+    """Until both nodes have loaded gemma and answered (a tiny prompt: nothing worth caching).
+
+    Both are told to load it first: the router prefers a node with the model loaded over one with it
+    only on disk, so a node that loaded first would otherwise take every request.
+    """
     deadline = time.monotonic() + START_TIMEOUT_S
+    async with grpc.aio.insecure_channel(fleet.balancers[0].address, options=CHANNEL_OPTIONS) as channel:
+        registry = rgrpc.RegistryStub(channel)
+        while not await _online(fleet, registry):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes not online within {START_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.5)
+        await registry.PullModel(
+            rpb.PullModelRequest(model_id=MODEL), timeout=10, metadata=bearer_metadata(fleet.admin)
+        )
     seen: set[str] = set()
     async with fleet.clients() as clients:
         while seen != set(fleet.node_ids) or "" in seen:
@@ -304,7 +331,7 @@ async def _fleet(
         nodes = [
             NodeProcess.start(root / f"node{i}", addresses, node_key, hub.url, node_env) for i in range(2)
         ]
-        fleet = Fleet(balancers, nodes, key)
+        fleet = Fleet(balancers, nodes, key, admin)
         await _warm(fleet)
         yield fleet
     finally:

@@ -87,13 +87,21 @@ def metric(balancer: BalancerProcess, line_start: str) -> float:
     return 0.0
 
 
-def test_the_openai_client_gets_every_capability_through_the_balancer(
+def two_nodes_online(
     balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, node_factory: NodeFactory, share: Path
-) -> None:
+) -> tuple[BalancerProcess, list[NodeProcess]]:
+    """A balancer and two nodes answering from ``share``, once both are online."""
     balancer = balancer_factory(hub)
     nodes = [node_factory(balancer, hub, "--shared-dir", str(share)) for _ in range(2)]
     for node in nodes:
         wait_online(balancer, node, within=15)
+    return balancer, nodes
+
+
+def test_the_openai_client_gets_every_capability_through_the_balancer(
+    balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, node_factory: NodeFactory, share: Path
+) -> None:
+    balancer, nodes = two_nodes_online(balancer_factory, hub, node_factory, share)
     fleet = {n.node_id for n in nodes}
     listed_nodes = httpx.get(f"{balancer.http_url}/v0/nodes", headers=admin(balancer), timeout=5).json()[
         "data"
@@ -359,10 +367,7 @@ def fixed_sizes(audio: bytes) -> bytes:
 def test_a_conversations_later_turn_is_answered_from_its_nodes_prefix_cache_on_both_doors(
     balancer_factory: Callable[..., BalancerProcess], hub: FakeHub, node_factory: NodeFactory, share: Path
 ) -> None:
-    balancer = balancer_factory(hub)
-    nodes = [node_factory(balancer, hub, "--shared-dir", str(share)) for _ in range(2)]
-    for node in nodes:
-        wait_online(balancer, node, within=15)
+    balancer, _nodes = two_nodes_online(balancer_factory, hub, node_factory, share)
     oai = client(balancer)
     system = "You are the help desk of a bicycle shop. " + " ".join(
         f"Rule {i}: answer questions about part number {i} politely and briefly." for i in range(12)

@@ -8,6 +8,7 @@ nothing shared but the database); nodes are echo nodes, each attached to one rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -107,13 +108,14 @@ async def chat(replica: Replica, model: str = "gemma-3-270m", key: str = "") -> 
     return await replica.http.post("/v1/chat/completions", json=body, headers=headers)
 
 
-async def test_every_replica_routes_to_every_node_and_a_dead_node_leaves_both_within_two_seconds(
-    replicas: tuple[Replica, Replica],
-) -> None:
+@contextlib.asynccontextmanager
+async def one_node_on_each(
+    replicas: tuple[Replica, Replica], delay_s: float = 0.0
+) -> AsyncIterator[tuple[EchoNode, EchoNode]]:
+    """Echo nodes ``on-a`` (attached to A) and ``on-b`` (to B), once each replica lists both online."""
     a, b = replicas
-    # Answers take a while, so concurrent requests spread by load rather than all take the faster node.
-    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a", delay_s=0.2)
-    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b", delay_s=0.2)
+    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a", delay_s=delay_s)
+    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b", delay_s=delay_s)
     await on_a.start()
     await on_b.start()
     try:
@@ -123,7 +125,17 @@ async def test_every_replica_routes_to_every_node_and_a_dead_node_leaves_both_wi
             return await node_states(a) == wanted and await node_states(b) == wanted
 
         await within(PROPAGATION_S, both_online, "each replica lists both nodes online")
+        yield on_a, on_b
+    finally:
+        await on_a.stop()
+        await on_b.stop()
 
+
+async def test_every_replica_routes_to_every_node_and_a_dead_node_leaves_both_within_two_seconds(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    async with one_node_on_each(replicas, delay_s=0.2) as (on_a, on_b):
         # Each replica spreads its requests over both nodes, the one attached to the other included.
         for replica in (a, b):
             before = (on_a.total_calls, on_b.total_calls)
@@ -143,9 +155,6 @@ async def test_every_replica_routes_to_every_node_and_a_dead_node_leaves_both_wi
             for _ in range(5):
                 assert (await chat(replica)).status_code == 200
         assert on_b.total_calls == calls
-    finally:
-        await on_a.stop()
-        await on_b.stop()
 
 
 async def test_a_model_deleted_through_one_replica_is_deleted_by_nodes_on_the_other_within_a_second(
@@ -345,17 +354,7 @@ async def test_a_replica_without_the_nodes_session_routes_a_conversations_later_
     replicas: tuple[Replica, Replica],
 ) -> None:
     a, b = replicas
-    on_a = EchoNode(a.address, api_key=admin_key(a), node_id="on-a")
-    on_b = EchoNode(b.address, api_key=admin_key(b), node_id="on-b")
-    await on_a.start()
-    await on_b.start()
-    try:
-
-        async def both_online() -> bool:
-            wanted = {"on-a": "online", "on-b": "online"}
-            return await node_states(a) == wanted and await node_states(b) == wanted
-
-        await within(PROPAGATION_S, both_online, "each replica lists both nodes online")
+    async with one_node_on_each(replicas):
         hit_counter = b.balancer.parts.metrics.route_outcomes.labels("cache-aware", "hit")
         hits_before = hit_counter._value.get()
         followed = 0
@@ -391,6 +390,3 @@ async def test_a_replica_without_the_nodes_session_routes_a_conversations_later_
             followed += 1
         assert followed == 3
         assert hit_counter._value.get() == hits_before + 3  # led there by what it knew, not by chance
-    finally:
-        await on_a.stop()
-        await on_b.stop()
