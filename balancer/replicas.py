@@ -17,6 +17,10 @@ until they attach to a live replica (they do by themselves, see ``node.link``).
 
 With SQLite there is one balancer: nothing is announced or listened to, but sessions are recorded the
 same way (``attach``/``detach``), so both engines run the same code.
+
+Over 400 lines on purpose: attaching, announcing, listening, resyncing, beating and handing over all
+read and write one replica's view of who holds which node; the snapshot format and the change
+vocabulary already live apart (``NodeSnapshot`` here, ``changes.py``).
 """
 
 from __future__ import annotations
