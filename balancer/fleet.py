@@ -7,7 +7,7 @@ picture the node sessions keep up to date and the router reads.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from common.prefixes import MAX_REPORTED
@@ -80,6 +80,7 @@ class Fleet:
         self._info: dict[str, NodeInfo] = {}
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
         self._load: dict[str, NodeLoad] = {}
+        self._load_listeners: list[Callable[[str], None]] = []
         # node_id -> model_id -> the prompt prefix hashes the node last reported it keeps computed
         self._prefixes: dict[str, dict[str, frozenset[int]]] = {}
         # node_id -> bumped whenever what the node holds in memory may be gone (a new session, a
@@ -130,6 +131,12 @@ class Fleet:
 
     def set_load(self, node_id: str, load: NodeLoad) -> None:
         self._load[node_id] = load
+        for listener in self._load_listeners:
+            listener(node_id)
+
+    def on_load(self, listener: Callable[[str], None]) -> None:
+        """Calls ``listener(node_id)`` as each load report is recorded (the router's load estimate)."""
+        self._load_listeners.append(listener)
 
     def load(self, node_id: str) -> NodeLoad | None:
         return self._load.get(node_id)

@@ -1,9 +1,12 @@
 """The balancer's own view of each node's load and health: in-flight calls, latency, cooldown.
 
-A node's load is the larger of this balancer's own calls in flight there and what the node last
-reported (its calls in flight plus queued, from every balancer replica): with several replicas each
-sees only its own calls, and the node's report is what keeps them from all taking a busy node for an
-idle one. The report is at most a heartbeat old, so the own count, always current, is the floor.
+A node's load is this balancer's own calls in flight there now, plus the calls of others: what the
+node last reported (its calls in flight plus queued, from every balancer replica) less what this
+balancer had in flight there when that report arrived (``reported_now``). With several replicas each
+sees only its own calls, and the others' share is what keeps them from all taking a busy node for an
+idle one. A report is up to a heartbeat old: taken whole, it would make a node that just finished our
+call look busy for that long, and a second call would queue behind a first on one node while another
+idles; our own count is always current, so only the difference is taken from the report.
 
 A node's latency is an exponentially weighted average of how long it took to start answering; a
 node whose calls fail ``cooldown_failures`` times in a row is left alone for ``cooldown_s`` seconds
@@ -31,10 +34,15 @@ class NodeStats:
     latency_s: float = FIRST_LATENCY_S
     failures: int = 0  # consecutive
     cooldown_until: float = 0.0
+    own_at_report: int = 0  # ``outstanding`` when the node's last load report arrived
+
+    def load(self, reported: int = 0) -> int:
+        """Calls the node is busy with: ours now, plus the others' in its ``reported`` load."""
+        return self.outstanding + max(0, reported - self.own_at_report)
 
     def score(self, reported: int = 0) -> float:
         """Expected wait for a new call here, given the node's own ``reported`` load: lower is better."""
-        return (max(self.outstanding, reported) + 1) * self.latency_s
+        return (self.load(reported) + 1) * self.latency_s
 
 
 class NodeStatsTable:
@@ -66,8 +74,13 @@ class NodeStatsTable:
         return self.of(node_id).score(self._reported(node_id))
 
     def load(self, node_id: str) -> int:
-        """Calls the node is busy with: the larger of our own in flight there and its reported load."""
-        return max(self.of(node_id).outstanding, self._reported(node_id))
+        """Calls the node is busy with: ours in flight there, plus the others' in its last report."""
+        return self.of(node_id).load(self._reported(node_id))
+
+    def reported_now(self, node_id: str) -> None:
+        """A load report from ``node_id`` just arrived: what we have in flight there is part of it."""
+        stats = self.of(node_id)
+        stats.own_at_report = stats.outstanding
 
     def answered(self, node_id: str, seconds: float) -> None:
         """The node started answering after ``seconds``: fold that into its latency, clear its faults."""

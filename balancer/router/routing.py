@@ -106,6 +106,7 @@ class Router:
             clock=clock,
             reported=self._reported_load,
         )
+        fleet.on_load(self._stats.reported_now)
         self._candidates = Candidates(fleet)
         self._admission = Admission(
             queue_size=config.queue_size,

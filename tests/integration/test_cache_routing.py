@@ -92,11 +92,17 @@ async def test_a_conversations_later_turns_go_to_the_node_that_served_its_first(
 ) -> None:
     runs = await asyncio.gather(*(conversation(doors, topic) for topic in TOPICS))
 
+    # Eight conversations at once on three nodes: the guard may send a turn away from a node that is
+    # much busier than another, and that is the only reason a turn leaves its conversation's node.
+    counted = await outcomes(doors, "cache-aware")
+    moved = [t for where, _ in runs for t in range(1, len(where)) if where[t] != where[t - 1]]
+    assert len(moved) <= counted["yielded"], (runs, counted)
+    assert sum(len(set(where)) == 1 for where, _ in runs) >= len(TOPICS) // 2, runs
     for where, cached in runs:
-        assert len(set(where)) == 1, where
-        assert all(c > 0 for c in cached[1:]), cached  # (a first turn may find the shared system prompt)
+        stayed = [cached[t] for t in range(1, len(where)) if where[t] == where[t - 1]]
+        assert all(c > 0 for c in stayed), (where, cached)  # (a first turn may find the system prompt)
     assert len({where[0] for where, _ in runs}) > 1  # first turns still spread by load
-    assert (await outcomes(doors, "cache-aware"))["hit"] >= 2 * len(TOPICS)
+    assert counted["hit"] + counted["yielded"] >= 2 * len(TOPICS)  # no later turn was a plain miss
     text = await doors.metrics_text()
     assert re.search(
         r'^llmlb_prompt_tokens_total\{model="gemma-3-270m",node="n\d",source="cached"\} [1-9]', text, re.M

@@ -196,3 +196,25 @@ def test_a_node_busy_with_other_replicas_calls_scores_by_what_it_reports(clock: 
         for seed in range(20)
     }
     assert picks == {tier[1]}
+
+
+def test_a_report_counts_only_the_calls_of_others_so_a_node_we_just_finished_with_is_idle_at_once(
+    clock: FakeClock,
+):
+    """A report is up to a heartbeat old; our own calls in it are counted from our own, current tally."""
+    reported = {"n1": 0}
+    stats = NodeStatsTable(cooldown_failures=3, cooldown_s=10.0, clock=clock, reported=reported.__getitem__)
+    ours = stats.of("n1")
+    ours.outstanding = 1
+    reported["n1"] = 1  # the node reports our one call...
+    stats.reported_now("n1")
+    ours.outstanding = 0  # ...which then ends, before the next report
+    assert stats.load("n1") == 0
+
+    ours.outstanding = 1
+    reported["n1"] = 4  # three calls from other replicas besides ours
+    stats.reported_now("n1")
+    assert stats.load("n1") == 4
+    ours.outstanding = 2  # one more of ours since: the others' three still count
+    assert stats.load("n1") == 5
+    assert stats.score("n1") == (5 + 1) * ours.latency_s
