@@ -82,8 +82,8 @@ def _two_choices(nodes: Sequence[Candidate], stats: NodeStatsTable, rng: random.
 class PowerOfTwoChoices:
     """Draws two nodes at random and takes the one with the lower score, blind to prompt caches.
 
-    Score = (calls in flight + 1) x latency average (``NodeStatsTable.score``; in flight is the larger
-    of this balancer's own and the node's reported count), so a node that is both
+    Score = (calls in flight + 1) x latency average (``NodeStatsTable.score``; in flight is this
+    balancer's own calls plus the others' in the node's last report), so a node that is both
     idle and fast wins; ties go to the first drawn. Thresholds: none of its own; the latency average's
     weight (``EWMA_ALPHA`` = 0.3) and a new node's assumed latency (``FIRST_LATENCY_S`` = 50 ms) live in
     ``node_stats``. Two random draws, not the global best, so a burst of requests does not all land on
@@ -145,10 +145,11 @@ class CacheAware:
 
     **The guard.** A hot prefix (one system prompt, many users) must not pile onto the node that
     computed it while others idle. The node a hit or the affinity key prefers yields (power of two
-    among the other nodes, counted as ``yielded``) when its load (larger of our own calls in flight and
-    its reported active + queued) exceeds the idlest eligible node's by at least ``yield_margin`` (2)
-    calls AND is at least ``yield_ratio`` (2x) of it, counted as calls + 1. Nodes here are llama.cpp
-    servers with 1 to 4 slots: two calls more than an idle node is already a queue on a one-slot node,
+    among the other nodes, counted as ``yielded``) when its load (our calls in flight plus the others'
+    in its last report, ``NodeStatsTable.load``) exceeds the idlest eligible node's by at least
+    ``yield_margin`` (2) calls AND is at least ``yield_ratio`` (2x) of it, counted as calls + 1. Nodes
+    here are llama.cpp servers with 1 to 4 slots: two calls more than an idle node is already a queue on
+    a one-slot node,
     and recomputing a prompt costs less than waiting behind two whole answers. The ratio keeps a busy
     fleet (6 vs 4 calls) from scattering conversations over a difference that is only noise. Once a
     request yields, the node it went to holds the prefix too, so a hot prefix spreads over as many
