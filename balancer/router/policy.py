@@ -149,11 +149,10 @@ class CacheAware:
     in its last report, ``NodeStatsTable.load``) exceeds the idlest eligible node's by at least
     ``yield_margin`` (2) calls AND is at least ``yield_ratio`` (2x) of it, counted as calls + 1. Nodes
     here are llama.cpp servers with 1 to 4 slots: two calls more than an idle node is already a queue on
-    a one-slot node,
-    and recomputing a prompt costs less than waiting behind two whole answers. The ratio keeps a busy
-    fleet (6 vs 4 calls) from scattering conversations over a difference that is only noise. Once a
-    request yields, the node it went to holds the prefix too, so a hot prefix spreads over as many
-    nodes as its load needs and no more.
+    a one-slot node, and recomputing a prompt costs less than waiting behind two whole answers. The
+    ratio keeps a busy fleet (6 vs 4 calls) from scattering conversations over a difference that is
+    only noise. Once a request yields, the node it went to holds the prefix too, so a hot prefix spreads
+    over as many nodes as its load needs and no more.
     """
 
     name = "cache-aware"
