@@ -40,9 +40,15 @@ class NodeStats:
         """Calls the node is busy with: ours now, plus the others' in its ``reported`` load."""
         return self.outstanding + max(0, reported - self.own_at_report)
 
-    def score(self, reported: int = 0) -> float:
-        """Expected wait for a new call here, given the node's own ``reported`` load: lower is better."""
-        return (self.load(reported) + 1) * self.latency_s
+    def score(self, reported: int = 0) -> tuple[int, float]:
+        """How good a place for a new call this is, given the node's ``reported`` load: lower is better.
+
+        Fewer calls first, then the lower latency average. Not their product: the average moves only
+        when the node answers, so a node whose last answers were slow (long prompts, a busy spell)
+        would look slow for as long as it was passed over, and be passed over for ever. Fewer calls
+        first still sends more work to a faster node: it finishes sooner, so it has fewer calls.
+        """
+        return self.load(reported), self.latency_s
 
 
 class NodeStatsTable:
@@ -69,7 +75,7 @@ class NodeStatsTable:
             stats = self._stats[node_id] = NodeStats()
         return stats
 
-    def score(self, node_id: str) -> float:
+    def score(self, node_id: str) -> tuple[int, float]:
         """The node's expected wait (``NodeStats.score``) with the load it last reported."""
         return self.of(node_id).score(self._reported(node_id))
 

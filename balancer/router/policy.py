@@ -82,12 +82,11 @@ def _two_choices(nodes: Sequence[Candidate], stats: NodeStatsTable, rng: random.
 class PowerOfTwoChoices:
     """Draws two nodes at random and takes the one with the lower score, blind to prompt caches.
 
-    Score = (calls in flight + 1) x latency average (``NodeStatsTable.score``; in flight is this
-    balancer's own calls plus the others' in the node's last report), so a node that is both
-    idle and fast wins; ties go to the first drawn. Thresholds: none of its own; the latency average's
-    weight (``EWMA_ALPHA`` = 0.3) and a new node's assumed latency (``FIRST_LATENCY_S`` = 50 ms) live in
-    ``node_stats``. Two random draws, not the global best, so a burst of requests does not all land on
-    the one node that looked best a moment ago.
+    Score (``NodeStatsTable.score``): fewer calls in flight wins (this balancer's own calls plus the
+    others' in the node's last report), then the lower latency average; ties go to the first drawn.
+    Thresholds: none of its own; the latency average's weight (``EWMA_ALPHA`` = 0.3) and a new node's
+    assumed latency (``FIRST_LATENCY_S`` = 50 ms) live in ``node_stats``. Two random draws, not the
+    global best, so a burst of requests does not all land on the one node that looked best a moment ago.
     """
 
     name = "power-of-two"

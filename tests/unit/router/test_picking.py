@@ -150,11 +150,11 @@ def test_power_of_two_choices_takes_the_lower_score_of_the_two_drawn(clock: Fake
         assert policy.choose(tier, stats, None).node == lower
 
 
-def test_power_of_two_choices_weighs_outstanding_calls_against_latency(clock: FakeClock):
+def test_power_of_two_choices_takes_the_node_with_fewer_calls_however_fast_the_busy_one(clock: FakeClock):
     stats = table(clock)
     stats.of("fast-but-busy").latency_s = 0.01
-    stats.of("fast-but-busy").outstanding = 9  # score 0.1
-    stats.of("slower-idle").latency_s = 0.05  # score 0.05
+    stats.of("fast-but-busy").outstanding = 1
+    stats.of("slower-idle").latency_s = 5.0  # its last answers were slow: long prompts, say
     tier = [node("fast-but-busy"), node("slower-idle")]
 
     picks = {
@@ -189,8 +189,8 @@ def test_a_node_busy_with_other_replicas_calls_scores_by_what_it_reports(clock: 
     tier = [node("busy-elsewhere"), node("idle")]
     stats.of("idle").outstanding = 2  # our own calls count when they are more than it reported
 
-    assert stats.score("busy-elsewhere") == (9 + 1) * stats.of("busy-elsewhere").latency_s
-    assert stats.score("idle") == (2 + 1) * stats.of("idle").latency_s
+    assert stats.score("busy-elsewhere") == (9, stats.of("busy-elsewhere").latency_s)
+    assert stats.score("idle") == (2, stats.of("idle").latency_s)
     picks = {
         PowerOfTwoChoices(random.Random(seed), nothing_held(clock)).choose(tier, stats, None).node
         for seed in range(20)
@@ -217,4 +217,4 @@ def test_a_report_counts_only_the_calls_of_others_so_a_node_we_just_finished_wit
     assert stats.load("n1") == 4
     ours.outstanding = 2  # one more of ours since: the others' three still count
     assert stats.load("n1") == 5
-    assert stats.score("n1") == (5 + 1) * ours.latency_s
+    assert stats.score("n1") == (5, ours.latency_s)
