@@ -14,6 +14,8 @@ from typing import Protocol
 from common.errors import ErrorCode, LlmlbError
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8  # n: more choices per request would hold one node's slot for too long
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit for /v1/audio/speech
 
 
@@ -44,6 +46,23 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end of text or a stop sequence
     LENGTH = "length"  # max_tokens or the context window reached
     CANCELLED = "cancelled"  # the caller went away
+    TOOL_CALLS = "tool_calls"  # the model called one or more tools
+
+
+class ResponseFormatType(enum.StrEnum):
+    TEXT = "text"  # free text
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON valid against ``ResponseFormat.schema``
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The shape the answer's text must have, enforced while sampling."""
+
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    schema: str = ""  # JSON_SCHEMA: the JSON Schema as JSON text
+    name: str = ""  # OpenAI's json_schema.name; informational
+    strict: bool = False  # OpenAI's json_schema.strict; the schema is always enforced here
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +76,10 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    logprobs: bool = False  # each generated token's log-probability on the chunks
+    top_logprobs: int = 0  # and the likeliest alternatives at each position (needs logprobs)
+    n: int = 1  # choices to generate
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -69,6 +92,62 @@ class SamplingParams:
             raise _invalid(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise _invalid("stop sequences must not be empty")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise _invalid(f"n must be between 1 and {MAX_CHOICES}, got {self.n}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise _invalid(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise _invalid("top_logprobs needs logprobs to be true")
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""  # JSON Schema of the arguments as JSON text; empty: no arguments
+    strict: bool = False  # OpenAI's flag; arguments are always constrained to the schema here
+
+
+class ToolChoiceMode(enum.StrEnum):
+    AUTO = "auto"  # the model decides between text and tool calls
+    NONE = "none"  # text only; tools are not offered
+    REQUIRED = "required"  # at least one tool call
+    FUNCTION = "function"  # exactly a call of ``ToolChoice.function``
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    function: str = ""  # FUNCTION: the function's name
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: whole in a history message; a piece of one in a streamed chunk."""
+
+    index: int = 0  # position among one answer's calls
+    id: str = ""  # "call_..."; in a stream, on the call's first piece only
+    name: str = ""  # in a stream, on the call's first piece only
+    arguments: str = ""  # JSON text of the arguments; in a stream, the next piece of it
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and, when asked for, the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: bytes = b""
+    top_logprobs: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +155,8 @@ class ChatMessage:
     role: str  # "system", "user", "assistant" or "tool"
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # role "assistant": the calls it made
+    tool_call_id: str = ""  # role "tool": the call this message answers
 
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -89,6 +170,9 @@ class ChatRequest:
     request_id: str = ""
     user: str = ""
     prompt_cache_key: str = ""  # requests sharing a key share a prompt prefix; a routing hint
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True  # False: at most one call per answer
 
     def validate(self) -> None:
         if not self.messages:
@@ -128,7 +212,11 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
-    """One piece of a streamed text answer; the last one carries ``finish_reason`` and ``usage``."""
+    """One piece of a streamed text answer.
+
+    Each choice's last chunk carries its ``finish_reason``; the stream's very last chunk carries the
+    ``usage`` of all choices (with n = 1: one chunk carries both).
+    """
 
     request_id: str
     delta: str
@@ -137,6 +225,9 @@ class TextChunk:
     node_id: str = ""
     model: str = ""
     created: int = 0  # unix seconds when the request started
+    index: int = 0  # which choice (0 unless n > 1); each choice's last chunk has its finish_reason
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token behind ``delta`` when logprobs were asked for
+    tool_calls: tuple[ToolCall, ...] = ()  # pieces of tool calls
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,17 @@ from common.inference import (
     GenerateImageRequest,
     GenerateImageResponse,
     ImageOperation,
+    ResponseFormat,
+    ResponseFormatType,
     SamplingParams,
     SpeakRequest,
     TextChunk,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    TopLogprob,
     TranscribeRequest,
     Transcript,
     TranscriptSegment,
@@ -36,8 +44,24 @@ _FINISH_TO_PB = {
     FinishReason.STOP: ipb.FINISH_REASON_STOP,
     FinishReason.LENGTH: ipb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: ipb.FINISH_REASON_CANCELLED,
+    FinishReason.TOOL_CALLS: ipb.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_FROM_PB: dict[int, FinishReason] = {int(v): k for k, v in _FINISH_TO_PB.items()}
+
+_FORMAT_TO_PB = {
+    ResponseFormatType.TEXT: ipb.ResponseFormat.TYPE_TEXT,
+    ResponseFormatType.JSON_OBJECT: ipb.ResponseFormat.TYPE_JSON_OBJECT,
+    ResponseFormatType.JSON_SCHEMA: ipb.ResponseFormat.TYPE_JSON_SCHEMA,
+}
+_FORMAT_FROM_PB: dict[int, ResponseFormatType] = {int(v): k for k, v in _FORMAT_TO_PB.items()}
+
+_TOOL_CHOICE_TO_PB = {
+    ToolChoiceMode.AUTO: ipb.ToolChoice.MODE_AUTO,
+    ToolChoiceMode.NONE: ipb.ToolChoice.MODE_NONE,
+    ToolChoiceMode.REQUIRED: ipb.ToolChoice.MODE_REQUIRED,
+    ToolChoiceMode.FUNCTION: ipb.ToolChoice.MODE_FUNCTION,
+}
+_TOOL_CHOICE_FROM_PB: dict[int, ToolChoiceMode] = {int(v): k for k, v in _TOOL_CHOICE_TO_PB.items()}
 
 _AUDIO_TO_PB = {AudioFormat.WAV: ipb.AUDIO_FORMAT_WAV, AudioFormat.PCM: ipb.AUDIO_FORMAT_PCM}
 _AUDIO_FROM_PB: dict[int, AudioFormat] = {int(v): k for k, v in _AUDIO_TO_PB.items()}
@@ -62,6 +86,26 @@ def _known(table: Mapping[int, E], value: int, name: str, allowed: str) -> E:
         ) from None
 
 
+def response_format_from_pb(msg: ipb.ResponseFormat) -> ResponseFormat:
+    return ResponseFormat(
+        type=_known(
+            _FORMAT_FROM_PB,
+            msg.type,
+            "response_format.type",
+            "TYPE_TEXT, TYPE_JSON_OBJECT or TYPE_JSON_SCHEMA",
+        ),
+        schema=msg.schema,
+        name=msg.name,
+        strict=msg.strict,
+    )
+
+
+def response_format_to_pb(value: ResponseFormat) -> ipb.ResponseFormat:
+    return ipb.ResponseFormat(
+        type=_FORMAT_TO_PB[value.type], schema=value.schema, name=value.name, strict=value.strict
+    )
+
+
 def sampling_from_pb(msg: ipb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
@@ -71,6 +115,10 @@ def sampling_from_pb(msg: ipb.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else None,
         frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else None,
+        response_format=response_format_from_pb(msg.response_format),
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
+        n=msg.n or 1,
     )
 
 
@@ -83,28 +131,90 @@ def sampling_to_pb(params: SamplingParams) -> ipb.SamplingParams:
         seed=params.seed,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        response_format=response_format_to_pb(params.response_format),
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
+        n=params.n,
     )
+
+
+def tool_call_from_pb(msg: ipb.ToolCall) -> ToolCall:
+    return ToolCall(index=msg.index, id=msg.id, name=msg.name, arguments=msg.arguments)
+
+
+def tool_call_to_pb(call: ToolCall) -> ipb.ToolCall:
+    return ipb.ToolCall(index=call.index, id=call.id, name=call.name, arguments=call.arguments)
+
+
+def chat_message_from_pb(msg: ipb.ChatMessage) -> ChatMessage:
+    return ChatMessage(
+        role=msg.role,
+        content=msg.content,
+        name=msg.name,
+        tool_calls=tuple(tool_call_from_pb(c) for c in msg.tool_calls),
+        tool_call_id=msg.tool_call_id,
+    )
+
+
+def chat_message_to_pb(message: ChatMessage) -> ipb.ChatMessage:
+    return ipb.ChatMessage(
+        role=message.role,
+        content=message.content,
+        name=message.name,
+        tool_calls=[tool_call_to_pb(c) for c in message.tool_calls],
+        tool_call_id=message.tool_call_id,
+    )
+
+
+def tool_from_pb(msg: ipb.Tool) -> Tool:
+    return Tool(name=msg.name, description=msg.description, parameters=msg.parameters, strict=msg.strict)
+
+
+def tool_to_pb(tool: Tool) -> ipb.Tool:
+    return ipb.Tool(
+        name=tool.name, description=tool.description, parameters=tool.parameters, strict=tool.strict
+    )
+
+
+def tool_choice_from_pb(msg: ipb.ToolChoice) -> ToolChoice:
+    mode = _known(
+        _TOOL_CHOICE_FROM_PB,
+        msg.mode,
+        "tool_choice.mode",
+        "MODE_AUTO, MODE_NONE, MODE_REQUIRED or MODE_FUNCTION",
+    )
+    return ToolChoice(mode=mode, function=msg.function)
+
+
+def tool_choice_to_pb(choice: ToolChoice) -> ipb.ToolChoice:
+    return ipb.ToolChoice(mode=_TOOL_CHOICE_TO_PB[choice.mode], function=choice.function)
 
 
 def chat_request_from_pb(msg: ipb.ChatRequest) -> ChatRequest:
     return ChatRequest(
         model=msg.model,
-        messages=tuple(ChatMessage(role=m.role, content=m.content, name=m.name) for m in msg.messages),
+        messages=tuple(chat_message_from_pb(m) for m in msg.messages),
         params=sampling_from_pb(msg.params),
         request_id=msg.request_id,
         user=msg.user,
         prompt_cache_key=msg.prompt_cache_key,
+        tools=tuple(tool_from_pb(t) for t in msg.tools),
+        tool_choice=tool_choice_from_pb(msg.tool_choice),
+        parallel_tool_calls=msg.parallel_tool_calls if msg.HasField("parallel_tool_calls") else True,
     )
 
 
 def chat_request_to_pb(request: ChatRequest) -> ipb.ChatRequest:
     return ipb.ChatRequest(
         model=request.model,
-        messages=[ipb.ChatMessage(role=m.role, content=m.content, name=m.name) for m in request.messages],
+        messages=[chat_message_to_pb(m) for m in request.messages],
         params=sampling_to_pb(request.params),
         request_id=request.request_id,
         user=request.user,
         prompt_cache_key=request.prompt_cache_key,
+        tools=[tool_to_pb(t) for t in request.tools],
+        tool_choice=tool_choice_to_pb(request.tool_choice),
+        parallel_tool_calls=request.parallel_tool_calls,
     )
 
 
@@ -160,6 +270,19 @@ def text_chunk_to_pb(chunk: TextChunk) -> ipb.TextChunk:
         node_id=chunk.node_id,
         model=chunk.model,
         created=chunk.created,
+        index=chunk.index,
+        logprobs=[
+            ipb.TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=t.bytes,
+                top_logprobs=[
+                    ipb.TopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes) for a in t.top_logprobs
+                ],
+            )
+            for t in chunk.logprobs
+        ],
+        tool_calls=[tool_call_to_pb(c) for c in chunk.tool_calls],
     )
 
 
@@ -172,6 +295,17 @@ def text_chunk_from_pb(msg: ipb.TextChunk) -> TextChunk:
         node_id=msg.node_id,
         model=msg.model,
         created=msg.created,
+        index=msg.index,
+        logprobs=tuple(
+            TokenLogprob(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=t.bytes,
+                top_logprobs=tuple(TopLogprob(a.token, a.logprob, a.bytes) for a in t.top_logprobs),
+            )
+            for t in msg.logprobs
+        ),
+        tool_calls=tuple(tool_call_from_pb(c) for c in msg.tool_calls),
     )
 
 

@@ -38,6 +38,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """max_tokens or the context window reached"""
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 3
     """the caller went away"""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 4
+    """the model called one or more tools (TextChunk.tool_calls)"""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why a stream ended."""
@@ -50,6 +52,8 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens or the context window reached"""
 FINISH_REASON_CANCELLED: FinishReason.ValueType  # 3
 """the caller went away"""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 4
+"""the model called one or more tools (TextChunk.tool_calls)"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _AudioFormat:
@@ -103,6 +107,60 @@ IMAGE_OPERATION_VARIATION: ImageOperation.ValueType  # 3
 Global___ImageOperation: _TypeAlias = ImageOperation  # noqa: Y015
 
 @_typing.final
+class ResponseFormat(_message.Message):
+    """What shape the answer's text must have; enforced while sampling (a grammar), not checked afterwards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ResponseFormat._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_TEXT: ResponseFormat._Type.ValueType  # 0
+        """free text"""
+        TYPE_JSON_OBJECT: ResponseFormat._Type.ValueType  # 1
+        """any JSON object"""
+        TYPE_JSON_SCHEMA: ResponseFormat._Type.ValueType  # 2
+        """JSON valid against `schema`"""
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper): ...
+    TYPE_TEXT: ResponseFormat.Type.ValueType  # 0
+    """free text"""
+    TYPE_JSON_OBJECT: ResponseFormat.Type.ValueType  # 1
+    """any JSON object"""
+    TYPE_JSON_SCHEMA: ResponseFormat.Type.ValueType  # 2
+    """JSON valid against `schema`"""
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    type: Global___ResponseFormat.Type.ValueType
+    name: _builtins.str
+    """the schema's name (OpenAI's json_schema.name); informational"""
+    schema: _builtins.str
+    """TYPE_JSON_SCHEMA: the JSON Schema, as JSON text"""
+    strict: _builtins.bool
+    """OpenAI's json_schema.strict; the schema is always enforced here"""
+    def __init__(
+        self,
+        *,
+        type: Global___ResponseFormat.Type.ValueType = ...,
+        name: _builtins.str = ...,
+        schema: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "schema", b"schema", "strict", b"strict", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+@_typing.final
 class SamplingParams(_message.Message):
     """Sampling controls; an unset field takes the runtime's default."""
 
@@ -115,6 +173,10 @@ class SamplingParams(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
     FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """most tokens to generate; reaching it ends with FINISH_REASON_LENGTH"""
     temperature: _builtins.float
@@ -127,9 +189,19 @@ class SamplingParams(_message.Message):
     """-2..2; > 0 penalises tokens already in the text"""
     frequency_penalty: _builtins.float
     """-2..2; > 0 penalises tokens by how often they occur"""
+    logprobs: _builtins.bool
+    """return each generated token's log-probability (TextChunk.logprobs)"""
+    top_logprobs: _builtins.int
+    """0..20: also the likeliest alternatives at each position"""
+    n: _builtins.int
+    """choices to generate; 0 means 1 (TextChunk.index tells them apart)"""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """up to 4 stop sequences, not included in the output"""
+
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """unset: free text"""
 
     def __init__(
         self,
@@ -141,10 +213,14 @@ class SamplingParams(_message.Message):
         seed: _builtins.int | None = ...,
         presence_penalty: _builtins.float | None = ...,
         frequency_penalty: _builtins.float | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
+        n: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty", "_max_tokens", b"_max_tokens", "_presence_penalty", b"_presence_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "frequency_penalty", b"frequency_penalty", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "n", b"n", "presence_penalty", b"presence_penalty", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__frequency_penalty: _TypeAlias = _typing.Literal["frequency_penalty"]  # noqa: Y015
     _WhichOneofArgType__frequency_penalty: _TypeAlias = _typing.Literal["_frequency_penalty", b"_frequency_penalty"]  # noqa: Y015
@@ -174,28 +250,154 @@ class SamplingParams(_message.Message):
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
+class Tool(_message.Message):
+    """A function the model may call (chat only)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """[A-Za-z0-9_-]{1,64}"""
+    description: _builtins.str
+    """what it does, shown to the model"""
+    parameters: _builtins.str
+    """JSON Schema of its arguments, as JSON text; empty: no arguments"""
+    strict: _builtins.bool
+    """OpenAI's strict flag; arguments are always constrained to the schema here"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ToolChoice._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        MODE_AUTO: ToolChoice._Mode.ValueType  # 0
+        """the model decides between text and tool calls"""
+        MODE_NONE: ToolChoice._Mode.ValueType  # 1
+        """text only, tools are not offered"""
+        MODE_REQUIRED: ToolChoice._Mode.ValueType  # 2
+        """at least one tool call"""
+        MODE_FUNCTION: ToolChoice._Mode.ValueType  # 3
+        """exactly a call of `function`"""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
+    MODE_AUTO: ToolChoice.Mode.ValueType  # 0
+    """the model decides between text and tool calls"""
+    MODE_NONE: ToolChoice.Mode.ValueType  # 1
+    """text only, tools are not offered"""
+    MODE_REQUIRED: ToolChoice.Mode.ValueType  # 2
+    """at least one tool call"""
+    MODE_FUNCTION: ToolChoice.Mode.ValueType  # 3
+    """exactly a call of `function`"""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoice.Mode.ValueType
+    function: _builtins.str
+    """MODE_FUNCTION: the function's name"""
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoice.Mode.ValueType = ...,
+        function: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """A call the model made: in an assistant message of the history, or in a TextChunk as it is produced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """position among the calls of one answer"""
+    id: _builtins.str
+    """"call_..."; in a stream, set on the call's first piece only"""
+    name: _builtins.str
+    """the function; in a stream, set on the call's first piece only"""
+    arguments: _builtins.str
+    """JSON text of the arguments; in a stream, the next piece of it"""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
 class ChatMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """"system", "user", "assistant" or "tool" """
     content: _builtins.str
     """the message text"""
     name: _builtins.str
     """optional participant name"""
+    tool_call_id: _builtins.str
+    """role "tool": the call this message answers"""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """role "assistant": the calls it made (content may be empty)"""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
         name: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,6 +413,9 @@ class ChatRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_KEY_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model id"""
     request_id: _builtins.str
@@ -219,6 +424,8 @@ class ChatRequest(_message.Message):
     """end-user id; also an affinity hint for cache-aware routing"""
     prompt_cache_key: _builtins.str
     """requests sharing a key share a prompt prefix: routed together"""
+    parallel_tool_calls: _builtins.bool
+    """unset: true; false allows at most one call per answer"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """the conversation, oldest first"""
@@ -226,6 +433,14 @@ class ChatRequest(_message.Message):
     @_builtins.property
     def params(self) -> Global___SamplingParams:
         """unset: the runtime's defaults"""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """functions the model may call"""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """unset: MODE_AUTO when tools are given"""
 
     def __init__(
         self,
@@ -236,12 +451,17 @@ class ChatRequest(_message.Message):
         request_id: _builtins.str = ...,
         user: _builtins.str = ...,
         prompt_cache_key: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "parallel_tool_calls", b"parallel_tool_calls", "params", b"params", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "params", b"params", "prompt_cache_key", b"prompt_cache_key", "request_id", b"request_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "messages", b"messages", "model", b"model", "parallel_tool_calls", b"parallel_tool_calls", "params", b"params", "prompt_cache_key", b"prompt_cache_key", "request_id", b"request_id", "tool_choice", b"tool_choice", "tools", b"tools", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
 
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
@@ -292,8 +512,71 @@ class CompleteRequest(_message.Message):
 Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
 
 @_typing.final
+class TopLogprob(_message.Message):
+    """A token's log-probability, in OpenAI's terms."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """the token's text"""
+    logprob: _builtins.float
+    """natural log of its probability"""
+    bytes: _builtins.bytes
+    """the token's UTF-8 bytes (a token may hold part of a character)"""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        bytes: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "logprob", b"logprob", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
+
+@_typing.final
+class TokenLogprob(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    logprob: _builtins.float
+    bytes: _builtins.bytes
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """the likeliest tokens at this position, best first"""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        bytes: _builtins.bytes = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "logprob", b"logprob", "token", b"token", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprob: _TypeAlias = TokenLogprob  # noqa: Y015
+
+@_typing.final
 class TextChunk(_message.Message):
-    """One piece of a streamed text answer."""
+    """One piece of a streamed text answer. With n > 1 the choices' pieces interleave or follow each other;
+    each choice's last piece carries its finish_reason, and the stream's last chunk carries the usage of all.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -304,6 +587,9 @@ class TextChunk(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """the request's id, same on every chunk"""
     delta: _builtins.str
@@ -316,9 +602,19 @@ class TextChunk(_message.Message):
     """model id that answered"""
     created: _builtins.int
     """unix seconds when the request started, same on every chunk"""
+    index: _builtins.int
+    """which choice this piece belongs to (0 unless n > 1)"""
     @_builtins.property
     def usage(self) -> _types_pb2.Usage:
         """set on the last chunk only"""
+
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """SamplingParams.logprobs: one per token behind this delta"""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """pieces of tool calls (chat with tools)"""
 
     def __init__(
         self,
@@ -330,10 +626,13 @@ class TextChunk(_message.Message):
         node_id: _builtins.str = ...,
         model: _builtins.str = ...,
         created: _builtins.int = ...,
+        index: _builtins.int = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "delta", b"delta", "finish_reason", b"finish_reason", "model", b"model", "node_id", b"node_id", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "delta", b"delta", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "model", b"model", "node_id", b"node_id", "request_id", b"request_id", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
