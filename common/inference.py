@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.errors import ErrorCode, LlmlbError
+from common.json_schema_check import check_schema, parse_schema
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 8  # n: more choices per request would hold one node's slot for too long
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit for /v1/audio/speech
+MAX_TOOLS = 128  # OpenAI's limit
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 class InferenceRequest(Protocol):
@@ -50,6 +54,8 @@ class FinishReason(enum.StrEnum):
 
 
 class ResponseFormatType(enum.StrEnum):
+    """What ``ResponseFormat`` asks of the answer's text."""
+
     TEXT = "text"  # free text
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # JSON valid against ``ResponseFormat.schema``
@@ -63,6 +69,14 @@ class ResponseFormat:
     schema: str = ""  # JSON_SCHEMA: the JSON Schema as JSON text
     name: str = ""  # OpenAI's json_schema.name; informational
     strict: bool = False  # OpenAI's json_schema.strict; the schema is always enforced here
+
+    def validate(self) -> None:
+        """``invalid_request`` when the schema is missing, not JSON, or not enforceable while sampling."""
+        if self.type is ResponseFormatType.JSON_SCHEMA:
+            if not self.schema:
+                raise _invalid("response_format.json_schema: the schema is missing")
+            where = "response_format.json_schema"
+            check_schema(parse_schema(self.schema, where), where)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +112,7 @@ class SamplingParams:
             raise _invalid(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise _invalid("top_logprobs needs logprobs to be true")
+        self.response_format.validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +134,8 @@ class ToolChoiceMode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ToolChoice:
+    """Whether, and which, tool the model must call."""
+
     mode: ToolChoiceMode = ToolChoiceMode.AUTO
     function: str = ""  # FUNCTION: the function's name
 
@@ -181,6 +198,41 @@ class ChatRequest:
             if message.role not in CHAT_ROLES:
                 raise _invalid(f"unknown message role {message.role!r}; use one of {sorted(CHAT_ROLES)}")
         self.params.validate()
+        _check_tools(self)
+
+
+def _check_tools(request: ChatRequest) -> None:
+    """The tools offered, the choice among them and the calls in the history make sense together."""
+    if len(request.tools) > MAX_TOOLS:
+        raise _invalid(f"at most {MAX_TOOLS} tools, got {len(request.tools)}")
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        if TOOL_NAME.fullmatch(tool.name) is None:
+            raise _invalid(
+                f"tools.{i}.function.name {tool.name[:80]!r} must be 1 to 64 letters, digits, '_' or '-'"
+            )
+        if tool.name in names:
+            raise _invalid(f"tools.{i}.function.name {tool.name!r} is given twice")
+        names.add(tool.name)
+        if tool.parameters:
+            where = f"tools.{i}.function.parameters"
+            schema = parse_schema(tool.parameters, where)
+            if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+                raise _invalid(f"{where} must be a JSON Schema of type 'object'")
+            check_schema(schema, where)
+    choice = request.tool_choice
+    if choice.mode is ToolChoiceMode.FUNCTION and choice.function not in names:
+        raise _invalid(f"tool_choice names the function {choice.function[:80]!r}, which is not in tools")
+    if choice.mode is ToolChoiceMode.REQUIRED and not request.tools:
+        raise _invalid("tool_choice 'required' needs at least one tool")
+    for i, message in enumerate(request.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise _invalid(f"messages.{i}: a 'tool' message needs tool_call_id")
+        if message.tool_calls and message.role != "assistant":
+            raise _invalid(f"messages.{i}: only 'assistant' messages carry tool_calls")
+        for call in message.tool_calls:
+            if not call.name:
+                raise _invalid(f"messages.{i}.tool_calls.{call.index}: the function name is missing")
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,8 +41,10 @@ from common.prefixes import chat_prefixes, text_prefixes
 from common.types import Backend, Capability, FileFormat
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
 from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
+from node.runtimes.grammar import response_grammar, tool_grammar
 from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
 from node.runtimes.prefix_cache import PrefixCache, common_length
+from node.runtimes.tool_calls import offers_tools, read_calls, template_knows_tools, template_messages
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -239,13 +241,11 @@ class LlamaRuntime:
         vocab = llm.metadata
         bos = _token_text(llm, llm.token_bos(), vocab.get("tokenizer.ggml.bos_token_id"))
         eos = _token_text(llm, llm.token_eos(), vocab.get("tokenizer.ggml.eos_token_id"))
-        formatter = Jinja2ChatFormatter(self.chat_template(), eos_token=eos, bos_token=bos)
-        messages: list[Any] = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in request.messages
-        ]
+        template = self.chat_template()
+        formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        messages, tools = template_messages(request, template_knows_tools(template))
         try:
-            prompt = formatter(messages=messages).prompt
+            prompt = formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
         except Exception as exc:  # the template's own raise_exception, or a template error
             raise LlmlbError(ErrorCode.INVALID_REQUEST, f"chat template refused the messages: {exc}") from exc
         add_bos = not (bos and prompt.startswith(bos))
@@ -256,7 +256,8 @@ class LlamaRuntime:
         llm = contexts.acquire()
         try:
             tokens = self.render_chat(llm, request)
-            answer = yield from self._generate(llm, tokens, request.params, cancel)
+            stream = self._generate(llm, tokens, request.params, cancel, grammar=tool_grammar(request))
+            answer = yield from (read_calls(stream) if offers_tools(request) else stream)
             # The next turn of the conversation repeats this answer: name the prefix with it.
             names = chat_prefixes((*request.messages, ChatMessage("assistant", answer)))
             self._save(llm, tokens, [p.hash for p in names])
@@ -270,7 +271,8 @@ class LlamaRuntime:
             tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
             if request.echo:
                 yield TextChunk(request_id="", delta=request.prompt)
-            answer = yield from self._generate(llm, tokens, request.params, cancel)
+            grammar = response_grammar(request.params.response_format)
+            answer = yield from self._generate(llm, tokens, request.params, cancel, grammar=grammar)
             self._save(llm, tokens, [p.hash for p in text_prefixes(request.prompt + answer)])
         finally:
             contexts.release(llm)
@@ -278,13 +280,19 @@ class LlamaRuntime:
     # -- prefix reuse ----------------------------------------------------------------------------
 
     def _generate(
-        self, llm: Llama, tokens: list[int], params: SamplingParams, cancel: CancelFlag
+        self,
+        llm: Llama,
+        tokens: list[int],
+        params: SamplingParams,
+        cancel: CancelFlag,
+        *,
+        grammar: str | None = None,
     ) -> Generator[TextChunk, None, str]:
         """``generate_text`` from the best aligned reuse point; returns the text generated."""
         answer: list[str] = []
         try:
             cached = self._prepare(llm, tokens)
-            for chunk in generate_text(llm, tokens, params, cancel, cached=cached):
+            for chunk in generate_text(llm, tokens, params, cancel, cached=cached, grammar=grammar):
                 answer.append(chunk.delta)
                 yield chunk
         except BaseException:
@@ -346,11 +354,18 @@ class LlamaRuntime:
 
 
 def generate_text(
-    llm: Llama, prompt: list[int], params: SamplingParams, cancel: CancelFlag, *, cached: int = 0
+    llm: Llama,
+    prompt: list[int],
+    params: SamplingParams,
+    cancel: CancelFlag,
+    *,
+    cached: int = 0,
+    grammar: str | None = None,
 ) -> Iterator[TextChunk]:
     """Streams text for ``prompt``: one chunk per decoded piece, then one with finish reason and usage.
 
-    ``cached`` is how many of the prompt's first tokens the context already holds (for the usage).
+    ``cached`` is how many of the prompt's first tokens the context already holds (for the usage);
+    ``grammar`` (GBNF, see ``node.runtimes.grammar``) constrains what may be sampled.
     """
     import llama_cpp
 
@@ -379,6 +394,7 @@ def generate_text(
         repeat_penalty=1.0,
         presence_penalty=params.presence_penalty or 0.0,
         frequency_penalty=params.frequency_penalty or 0.0,
+        grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False) if grammar else None,
     )
     try:
         for token in tokens:
