@@ -125,7 +125,9 @@ class _Checker:
         word = "anyOf" if "anyOf" in keys else "oneOf"
         rest = keys - {word}
         if rest:
-            raise _Refusal(path, f"'{word}' beside {_names(rest)} is not supported; put them in each alternative")
+            raise _Refusal(
+                path, f"'{word}' beside {_names(rest)} is not supported; put them in each alternative"
+            )
         alternatives = schema[word]
         if not isinstance(alternatives, list) or not alternatives:
             raise _Refusal(path, f"'{word}' must be a non-empty list")
@@ -144,7 +146,9 @@ class _Checker:
             allowed = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
             for value in values:
                 if not any(_is_type(value, t) for t in allowed):
-                    raise _Refusal(path, f"the value {value!r} is not of the schema's type {schema['type']!r}")
+                    raise _Refusal(
+                        path, f"the value {value!r} is not of the schema's type {schema['type']!r}"
+                    )
 
     def _typed(self, schema: Mapping[str, Any], keys: set[str], path: str, depth: int) -> None:
         kind = schema.get("type")

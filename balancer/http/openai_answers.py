@@ -18,11 +18,17 @@ from common.inference import (
     FinishReason,
     GenerateImageResponse,
     TextChunk,
+    ToolCall,
     Usage,
 )
 
 AUDIO_CONTENT_TYPES = {AudioFormat.WAV: "audio/wav", AudioFormat.PCM: "audio/pcm"}
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
+_FINISH = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "stop",
+    FinishReason.TOOL_CALLS: "tool_calls",
+}
 
 
 def dumps(value: Any) -> bytes:
@@ -47,8 +53,60 @@ def finish_reason(reason: FinishReason | None) -> str:
     return _FINISH.get(reason, "stop") if reason is not None else "stop"
 
 
+def joined_tool_calls(chunks: list[TextChunk]) -> tuple[ToolCall, ...]:
+    """The whole calls of an answer, from the pieces its chunks carry (ids and names on first pieces)."""
+    calls: dict[int, ToolCall] = {}
+    for chunk in chunks:
+        for piece in chunk.tool_calls:
+            seen = calls.get(piece.index)
+            if seen is None:
+                calls[piece.index] = piece
+            else:
+                calls[piece.index] = ToolCall(
+                    index=piece.index,
+                    id=seen.id or piece.id,
+                    name=seen.name or piece.name,
+                    arguments=seen.arguments + piece.arguments,
+                )
+    return tuple(calls[i] for i in sorted(calls))
+
+
+def tool_call_json(call: ToolCall) -> dict[str, Any]:
+    """A whole call, as in ``message.tool_calls``."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_call_delta_json(piece: ToolCall) -> dict[str, Any]:
+    """A streamed piece, as in ``delta.tool_calls``: id, type and name on a call's first piece only."""
+    if piece.id or piece.name:
+        return {
+            "index": piece.index,
+            "id": piece.id,
+            "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments},
+        }
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
+
+
+def chat_message_json(text: str, tool_calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
+    """The assistant's ``message``: its content is null when it only called tools, as OpenAI's is."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        message["tool_calls"] = [tool_call_json(c) for c in tool_calls]
+    return message
+
+
 def chat_completion_json(
-    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    last: TextChunk | None,
+    tool_calls: tuple[ToolCall, ...] = (),
 ) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` from the joined text and the stream's last chunk."""
     return {
@@ -59,7 +117,7 @@ def chat_completion_json(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": chat_message_json(text, tool_calls),
                 "logprobs": None,
                 "finish_reason": finish_reason(last.finish_reason if last else None),
             }
@@ -104,7 +162,7 @@ class ChatChunks:
         }
         self._include_usage = include_usage
 
-    def _event(self, delta: dict[str, str], finish: str | None) -> bytes:
+    def _event(self, delta: dict[str, Any], finish: str | None) -> bytes:
         chunk = {
             **self._base,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
@@ -120,6 +178,8 @@ class ChatChunks:
             out.append(self._event({"role": "assistant", "content": ""}, None))
         if chunk.delta:
             out.append(self._event({"content": chunk.delta}, None))
+        if chunk.tool_calls:
+            out.append(self._event({"tool_calls": [tool_call_delta_json(p) for p in chunk.tool_calls]}, None))
         if chunk.finish_reason is not None:
             out.append(self._event({}, finish_reason(chunk.finish_reason)))
             if self._include_usage:

@@ -7,6 +7,7 @@ dataclasses. Model ids, request ids and the limits every door shares are checked
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -14,10 +15,13 @@ from pydantic import BaseModel, ValidationError
 
 from balancer.http.schemas import (
     ChatCompletionBody,
+    ChatMessageBody,
     CompletionBody,
     EmbeddingBody,
     ImageGenerationBody,
+    NamedToolChoice,
     SpeechBody,
+    ToolBody,
 )
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
@@ -28,8 +32,14 @@ from common.inference import (
     EmbedRequest,
     GenerateImageRequest,
     ImageOperation,
+    ResponseFormat,
+    ResponseFormatType,
     SamplingParams,
     SpeakRequest,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     TranscribeRequest,
 )
 
@@ -100,6 +110,85 @@ def _sampling(body: ChatCompletionBody | CompletionBody, max_tokens: int | None)
         seed=body.seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        response_format=response_format(body.response_format),
+    )
+
+
+def response_format(given: dict[str, Any] | None) -> ResponseFormat:
+    """OpenAI's ``response_format`` as a ``ResponseFormat``; the schema itself is checked at admission."""
+    if not given:
+        return ResponseFormat()
+    kind = given.get("type", "text")
+    if kind == "text":
+        return ResponseFormat()
+    if kind == "json_object":
+        return ResponseFormat(type=ResponseFormatType.JSON_OBJECT)
+    if kind != "json_schema":
+        raise invalid(
+            f"response_format.type {str(kind)[:40]!r} is not supported;"
+            " use 'text', 'json_object' or 'json_schema'"
+        )
+    spec = given.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise invalid("response_format.json_schema.schema must be a JSON Schema object")
+    return ResponseFormat(
+        type=ResponseFormatType.JSON_SCHEMA,
+        schema=json.dumps(spec["schema"]),
+        name=str(spec.get("name", "")),
+        strict=bool(spec.get("strict", False)),
+    )
+
+
+def _tools(tools: list[ToolBody] | None) -> tuple[Tool, ...]:
+    out = []
+    for i, tool in enumerate(tools or ()):
+        if tool.type != "function":
+            raise invalid(f"tools.{i}.type {tool.type[:40]!r} is not supported; use 'function'")
+        f = tool.function
+        out.append(
+            Tool(
+                name=f.name,
+                description=f.description or "",
+                parameters=json.dumps(f.parameters) if f.parameters is not None else "",
+                strict=bool(f.strict),
+            )
+        )
+    return tuple(out)
+
+
+_CHOICE_MODES = {
+    "auto": ToolChoiceMode.AUTO,
+    "none": ToolChoiceMode.NONE,
+    "required": ToolChoiceMode.REQUIRED,
+}
+
+
+def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
+    if choice is None:
+        return ToolChoice()
+    if isinstance(choice, str):
+        mode = _CHOICE_MODES.get(choice)
+        if mode is None:
+            raise invalid(
+                f"tool_choice {choice[:40]!r} is not supported; use 'auto', 'none', 'required' or a function"
+            )
+        return ToolChoice(mode)
+    if choice.type != "function" or choice.function is None:
+        raise invalid("tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}")
+    return ToolChoice(ToolChoiceMode.FUNCTION, choice.function.name)
+
+
+def _message(index: int, m: ChatMessageBody) -> ChatMessage:
+    calls = tuple(
+        ToolCall(index=j, id=c.id, name=c.function.name, arguments=c.function.arguments)
+        for j, c in enumerate(m.tool_calls or ())
+    )
+    return ChatMessage(
+        role="system" if m.role == "developer" else m.role,  # OpenAI's newer name for system
+        content=_message_text(index, m.content),
+        name=m.name or "",
+        tool_calls=calls,
+        tool_call_id=m.tool_call_id or "",
     )
 
 
@@ -119,18 +208,7 @@ def _message_text(index: int, content: Any) -> str:
 def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
     """An OpenAI chat completion body as a ``ChatRequest``."""
     _refuse_unsupported(body)
-    if body.tools:
-        raise invalid("tools are not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise invalid("response_format: only {'type': 'text'} is supported")
-    messages = tuple(
-        ChatMessage(
-            role="system" if m.role == "developer" else m.role,  # OpenAI's newer name for system
-            content=_message_text(i, m.content),
-            name=m.name or "",
-        )
-        for i, m in enumerate(body.messages)
-    )
+    messages = tuple(_message(i, m) for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return ChatRequest(
         model=body.model,
@@ -139,6 +217,9 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
         request_id=request_id,
         user=body.user or "",
         prompt_cache_key=body.prompt_cache_key or "",
+        tools=_tools(body.tools),
+        tool_choice=_tool_choice(body.tool_choice),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
 

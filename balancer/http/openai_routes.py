@@ -179,14 +179,19 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     ) -> Response:
         completion_id = ("chatcmpl-" if chat else "cmpl-") + rid
         if not stream:
-            text, last = _joined(await unless_disconnected(request.receive, whole()))
+            chunks_whole = await unless_disconnected(request.receive, whole())
+            text, last = _joined(chunks_whole)
             if last is not None and last.usage is not None:
                 call.tokens(last.usage, last.node_id)
             created = last.created if last and last.created else int(time.time())
             shown = last.model if last and last.model else model
-            render = out.chat_completion_json if chat else out.text_completion_json
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
-            return json_response(render(completion_id, created, shown, text, last), headers)
+            if chat:
+                calls = out.joined_tool_calls(chunks_whole)
+                return json_response(
+                    out.chat_completion_json(completion_id, created, shown, text, last, calls), headers
+                )
+            return json_response(out.text_completion_json(completion_id, created, shown, text, last), headers)
         chunks = answer()
         first = await _first(chunks, request.receive)
         call.first_chunk()

@@ -20,10 +20,40 @@ class TextPart(_Body):
     text: str | None = None
 
 
+class FunctionCallBody(_Body):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallBody(_Body):
+    id: str = ""
+    type: str = "function"
+    function: FunctionCallBody
+
+
 class ChatMessageBody(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionBody(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolBody(_Body):
+    type: str
+    function: FunctionBody
+
+
+class NamedToolChoice(_Body):
+    type: str
+    function: FunctionCallBody | None = None
 
 
 class StreamOptions(_Body):
@@ -50,7 +80,9 @@ class _Sampling(_Body):
 class ChatCompletionBody(_Sampling):
     messages: list[ChatMessageBody]
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
+    tools: list[ToolBody] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -59,6 +91,7 @@ class CompletionBody(_Sampling):
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class EmbeddingBody(_Body):

@@ -23,14 +23,14 @@ from common.inference import (
     Tool,
     ToolChoiceMode,
 )
-from node.runtimes.tool_calls import CALL_CLOSE, CALL_NAME_OPEN, CALL_OPEN, CALL_ARGUMENTS, CALL_SEPARATOR
+from node.runtimes.tool_calls import CALL_ARGUMENTS, CALL_CLOSE, CALL_NAME_OPEN, CALL_OPEN, CALL_SEPARATOR
 
 CACHE_SIZE = 64  # distinct schemas a node keeps built grammars for
 
 # A JSON object of any shape (OpenAI's json_object mode).
 _ANY_OBJECT = "{}"
 # Free text that does not begin with a call's marker: the other branch of tool_choice "auto".
-_FREE_TEXT = r'[^<] [^\x00]*'
+_FREE_TEXT = r"[^<] [^\x00]*"
 
 _RULE = re.compile(r"^([a-zA-Z0-9-]+)\s*::=\s*(.*)$")
 _NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]*")
@@ -60,7 +60,7 @@ def _rename(body: str, rename: dict[str, str]) -> str:
     i = 0
     while i < len(body):
         ch = body[i]
-        if ch in "\"[":
+        if ch in '"[':
             close = '"' if ch == '"' else "]"
             j = i + 1
             while j < len(body) and body[j] != close:

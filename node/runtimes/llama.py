@@ -42,6 +42,7 @@ from common.types import Backend, Capability, FileFormat
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
 from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
 from node.runtimes.grammar import response_grammar, tool_grammar
+from node.runtimes.grammar_sampler import GrammarFilter
 from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
 from node.runtimes.prefix_cache import PrefixCache, common_length
 from node.runtimes.tool_calls import offers_tools, read_calls, template_knows_tools, template_messages
@@ -385,6 +386,7 @@ def generate_text(
     produced = 0
     finish = FinishReason.LENGTH
     hit_stop = False  # a stop sequence, whose held-back prefix is dropped; end-of-generation keeps it
+    constrained = GrammarFilter(llm, grammar, greedy=temperature == 0) if grammar else None
     tokens = llm.generate(
         prompt,
         temp=temperature,
@@ -394,7 +396,7 @@ def generate_text(
         repeat_penalty=1.0,
         presence_penalty=params.presence_penalty or 0.0,
         frequency_penalty=params.frequency_penalty or 0.0,
-        grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False) if grammar else None,
+        logits_processor=[constrained] if constrained is not None else None,  # type: ignore[arg-type]
     )
     try:
         for token in tokens:
@@ -415,6 +417,8 @@ def generate_text(
                 break
     finally:
         tokens.close()
+        if constrained is not None:
+            constrained.close()
     tail = "" if hit_stop else stops.flush(decoder.decode(b"", final=True))
     yield TextChunk(
         request_id="",

@@ -82,7 +82,9 @@ def _arguments(text: str) -> Any:
         return text  # the history's calls are the caller's text; shown as given
 
 
-def template_messages(request: ChatRequest, knows_tools: bool) -> tuple[list[dict[str, Any]], list[Any] | None]:
+def template_messages(
+    request: ChatRequest, knows_tools: bool
+) -> tuple[list[dict[str, Any]], list[Any] | None]:
     """The messages (and tools, for a template that knows them) to render with the chat template."""
     names = {call.id: call.name for m in request.messages for call in m.tool_calls if call.id}
     if knows_tools:
@@ -105,7 +107,9 @@ def template_messages(request: ChatRequest, knows_tools: bool) -> tuple[list[dic
     messages: list[dict[str, Any]] = []
     for m in request.messages:
         if m.role == "tool":
-            result = json.dumps({"name": names.get(m.tool_call_id, ""), "content": m.content}, ensure_ascii=False)
+            result = json.dumps(
+                {"name": names.get(m.tool_call_id, ""), "content": m.content}, ensure_ascii=False
+            )
             text = f"{RESULT_OPEN}{result}{RESULT_CLOSE}"
             if messages and messages[-1].get("tool_results"):
                 messages[-1]["content"] += "\n" + text
@@ -134,7 +138,11 @@ def _openai_message(m: ChatMessage, names: dict[str, str]) -> dict[str, Any]:
         message["name"] = m.name
     if m.tool_calls:
         message["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": _arguments(c.arguments)},
+            }
             for c in m.tool_calls
         ]
     if m.role == "tool":
