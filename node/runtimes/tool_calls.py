@@ -253,7 +253,7 @@ class CallReader:
             if done:
                 break
         piece, self._buffer = self._buffer[:taken], self._buffer[taken:]
-        if piece.strip():
+        if piece:
             pieces.append(ToolCall(index=call.index, arguments=piece))
         if done:
             self._mode = "tail"
