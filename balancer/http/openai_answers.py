@@ -179,7 +179,9 @@ class ChatChunks:
         if chunk.delta:
             out.append(self._event({"content": chunk.delta}, None))
         if chunk.tool_calls:
-            out.append(self._event({"tool_calls": [tool_call_delta_json(p) for p in chunk.tool_calls]}, None))
+            # one entry per call, as OpenAI sends: a chunk's pieces of one call are joined
+            merged = joined_tool_calls([chunk])
+            out.append(self._event({"tool_calls": [tool_call_delta_json(p) for p in merged]}, None))
         if chunk.finish_reason is not None:
             out.append(self._event({}, finish_reason(chunk.finish_reason)))
             if self._include_usage:

@@ -7,6 +7,7 @@ that code, and what the metrics show afterwards must not grow with names callers
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ AUDIO_MODEL = "whisper-base"  # transcription only
 VOICE_MODEL = "piper-en-us-joe-medium"  # speech only
 HI = [{"role": "user", "content": "Hi"}]
 LONG_ID = "a" * 257
+UNENFORCEABLE = {"type": "object", "patternProperties": {"^x": {"type": "string"}}}
+TOOL = {"type": "function", "function": {"name": "f"}}
 HttpCall = Callable[[Doors], Awaitable[Any]]
 GrpcCall = Callable[[Doors], Any]
 
@@ -222,6 +225,38 @@ CASES = [
             rpb.RegisterModelRequest(repo_id="org/repo", capabilities=[99]),  # type: ignore[list-item]
             Scope.ADMIN,
         ),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
+        "a schema construct no grammar enforces",
+        _chat(
+            CHAT_MODEL,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": UNENFORCEABLE}},
+        ),
+        _grpc_chat(
+            CHAT_MODEL,
+            params=ipb.SamplingParams(
+                response_format=ipb.ResponseFormat(
+                    type=ipb.ResponseFormat.TYPE_JSON_SCHEMA, schema=json.dumps(UNENFORCEABLE)
+                )
+            ),
+        ),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
+        "tool_choice naming a function not in tools",
+        _chat(CHAT_MODEL, tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}}),
+        _grpc_chat(
+            CHAT_MODEL,
+            tools=[ipb.Tool(name="f")],
+            tool_choice=ipb.ToolChoice(mode=ipb.ToolChoice.MODE_FUNCTION, function="other"),
+        ),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
+        "a tool name with a space",
+        _chat(CHAT_MODEL, tools=[{"type": "function", "function": {"name": "get weather"}}]),
+        _grpc_chat(CHAT_MODEL, tools=[ipb.Tool(name="get weather")]),
         ErrorCode.INVALID_REQUEST,
     ),
 ]

@@ -30,7 +30,13 @@ from common.inference import (
     GeneratedImage,
     GenerateImageResponse,
     ImageOperation,
+    ResponseFormat,
+    ResponseFormatType,
     TextChunk,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
     Usage,
 )
 
@@ -89,6 +95,48 @@ def test_a_chat_body_becomes_a_chat_request_with_every_sampling_control() -> Non
     assert (request.request_id, request.user) == ("rid-1", "u1")
 
 
+def test_response_formats_tools_and_tool_history_become_the_internal_fields() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    request = cv.chat_request(
+        chat_body(
+            messages=[
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"a": 1}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            tools=[{"type": "function", "function": {"name": "f", "description": "d", "parameters": schema}}],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+            parallel_tool_calls=False,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": schema, "strict": True},
+            },
+        ),
+        "r",
+    )
+    assert request.tools == (Tool("f", "d", json.dumps(schema)),)
+    assert request.tool_choice == ToolChoice(ToolChoiceMode.FUNCTION, "f")
+    assert request.parallel_tool_calls is False
+    assert request.messages[1].tool_calls == (ToolCall(0, "call_1", "f", '{"a": 1}'),)
+    assert request.messages[2].tool_call_id == "call_1"
+    assert request.params.response_format == ResponseFormat(
+        ResponseFormatType.JSON_SCHEMA, json.dumps(schema), "n", True
+    )
+    assert cv.chat_request(chat_body(tool_choice="required"), "r").tool_choice.mode is ToolChoiceMode.REQUIRED
+    json_object = cv.chat_request(chat_body(response_format={"type": "json_object"}), "r")
+    assert json_object.params.response_format.type is ResponseFormatType.JSON_OBJECT
+
+
 def test_max_tokens_is_used_when_max_completion_tokens_is_absent() -> None:
     assert cv.chat_request(chat_body(max_tokens=5, stop=["a", "b"]), "r").params.max_tokens == 5
     assert cv.chat_request(chat_body(), "r").params.max_tokens is None
@@ -98,8 +146,13 @@ def test_max_tokens_is_used_when_max_completion_tokens_is_absent() -> None:
     ("fields", "fragment"),
     [
         ({"n": 2}, "n must be 1"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [{"type": "custom", "function": {"name": "f"}}]},
+            "tools.0.type 'custom' is not supported",
+        ),
+        ({"response_format": {"type": "regex"}}, "response_format.type 'regex' is not supported"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+        ({"tool_choice": "sometimes"}, "tool_choice 'sometimes' is not supported"),
         ({"logprobs": True}, "logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -218,6 +271,41 @@ def test_a_chat_stream_starts_with_the_assistant_role_and_ends_with_finish_reaso
     assert parsed[-1].choices == [] and parsed[-1].usage is not None
     assert (parsed[-1].usage.prompt_tokens, parsed[-1].usage.total_tokens) == (3, 5)
     assert all(c.usage is None for c in parsed[:-1])
+
+
+def test_tool_calls_take_openais_shapes_whole_and_streamed() -> None:
+    pieces = [
+        TextChunk("1", "", tool_calls=(ToolCall(0, "call_a", "f", ""), ToolCall(0, arguments='{"a"'))),
+        TextChunk("1", "", tool_calls=(ToolCall(0, arguments=": 1}"), ToolCall(1, "call_b", "g", "{}"))),
+        TextChunk("1", "", FinishReason.TOOL_CALLS, Usage(5, 9)),
+    ]
+    calls = out.joined_tool_calls(pieces)
+    assert calls == (ToolCall(0, "call_a", "f", '{"a": 1}'), ToolCall(1, "call_b", "g", "{}"))
+    whole = ChatCompletion.model_validate(
+        out.chat_completion_json("chatcmpl-1", 1, "m", "", pieces[-1], calls)
+    )
+    message = whole.choices[0].message
+    assert message.content is None and whole.choices[0].finish_reason == "tool_calls"
+    assert [
+        (c.id, c.type, c.function.name, c.function.arguments)
+        for c in message.tool_calls or []
+        if c.type == "function"
+    ] == [
+        ("call_a", "function", "f", '{"a": 1}'),
+        ("call_b", "function", "g", "{}"),
+    ]
+
+    encoder = out.ChatChunks("chatcmpl-1", 1, "m", include_usage=False)
+    raw = [e for i, chunk in enumerate(pieces) for e in encoder.events(chunk, i == 0)]
+    parsed = [ChatCompletionChunk.model_validate(e) for e in events(raw)]
+    deltas = [d for c in parsed for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.id, d.type, d.function and d.function.name) for d in deltas] == [
+        (0, "call_a", "function", "f"),
+        (0, None, None, None),
+        (1, "call_b", "function", "g"),
+    ]
+    assert "".join(d.function.arguments or "" for d in deltas if d.function and d.index == 0) == '{"a": 1}'
+    assert parsed[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_a_chat_stream_without_include_usage_has_no_usage_chunk() -> None:
