@@ -281,17 +281,24 @@ def read_calls(chunks: Iterable[TextChunk]) -> Generator[TextChunk, None, str]:
     """
     reader = CallReader()
     raw: list[str] = []
-    for chunk in chunks:
-        raw.append(chunk.delta)
-        text, pieces = reader.feed(chunk.delta)
-        if chunk.finish_reason is not None:
-            text += reader.flush()
-            finish = chunk.finish_reason
-            if reader.calls and finish is FinishReason.STOP:
-                finish = FinishReason.TOOL_CALLS
-            yield replace(chunk, delta=text, tool_calls=tuple(pieces), finish_reason=finish)
-        elif text or pieces:
-            yield replace(chunk, delta=text, tool_calls=tuple(pieces))
-        elif chunk.logprobs:
-            yield replace(chunk, delta="")  # the tokens still count, though held back for now
+    try:
+        for chunk in chunks:
+            raw.append(chunk.delta)
+            text, pieces = reader.feed(chunk.delta)
+            if chunk.finish_reason is not None:
+                text += reader.flush()
+                finish = chunk.finish_reason
+                if reader.calls and finish is FinishReason.STOP:
+                    finish = FinishReason.TOOL_CALLS
+                yield replace(chunk, delta=text, tool_calls=tuple(pieces), finish_reason=finish)
+            elif text or pieces:
+                yield replace(chunk, delta=text, tool_calls=tuple(pieces))
+            elif chunk.logprobs:
+                yield replace(chunk, delta="")  # the tokens still count, though held back for now
+    finally:
+        # Closed now, not when collected: the generation must let go of its context before the
+        # runtime hands the context to the next request.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     return "".join(raw)

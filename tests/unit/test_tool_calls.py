@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 import pytest
 
@@ -199,3 +200,20 @@ def test_grammars_keep_each_tools_rules_apart_and_follow_the_choice() -> None:
     )
     with_format = ChatRequest("m", (ChatMessage("user", "hi"),), SamplingParams(response_format=fmt))
     assert tool_grammar(with_format) == response_grammar(fmt)
+
+
+def test_closing_the_reader_closes_the_generation_at_once() -> None:
+    closed: list[bool] = []
+
+    def generation() -> Iterator[TextChunk]:
+        try:
+            yield TextChunk("", "Hi")
+            yield TextChunk("", " there")
+        finally:
+            closed.append(True)
+
+    running = generation()  # held here too, as the runtime holds it
+    reader = read_calls(running)
+    assert next(reader).delta == "Hi"
+    reader.close()  # the caller went away
+    assert closed == [True]
