@@ -2,8 +2,8 @@
 
 llama-cpp-python runs llama.cpp's grammar sampler over every token of the vocabulary (262,144 for
 gemma 3) before top-k, which halves the speed of a small model. The likeliest tokens are almost always
-allowed, so, as llama.cpp's own server does, this filter asks the grammar about the best few
-candidates only and falls back to the whole vocabulary when none of them is allowed. What it lets
+allowed, so this filter asks the grammar about the best few candidates, then a few thousand, and
+only then the whole vocabulary, stopping at the first stage with an allowed token. What it lets
 through is exactly what the full check would allow among those candidates, so greedy answers are the
 ones the full check would give.
 
@@ -14,7 +14,6 @@ chosen from the context's tokens at its next call (accepting it into the grammar
 from __future__ import annotations
 
 import ctypes
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,13 +22,16 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-CANDIDATES = 64  # checked one by one; top-k (40) never looks further
+# The likeliest tokens are asked about first, in one call per stage; top-k (40) never looks further
+# than the first stage. Structural tokens the grammar forces (a key's quotes) are often unlikely to a
+# small model, hence the middle stage before the whole vocabulary.
+STAGES = (64, 4096)
 
 
 class GrammarFilter:
     """Masks the scores of tokens the grammar does not allow next."""
 
-    def __init__(self, llm: Llama, grammar: str, *, greedy: bool) -> None:
+    def __init__(self, llm: Llama, grammar: str) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -38,9 +40,8 @@ class GrammarFilter:
         )
         if not self._sampler:
             raise ValueError("llama.cpp could not parse the grammar")
-        self._greedy = greedy
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        self._data = (llama_cpp.llama_token_data * STAGES[-1])()
+        self._view = np.ctypeslib.as_array(self._data)
         self._seen = -1  # how many of the context's tokens the grammar has accounted for
 
     def close(self) -> None:
@@ -51,20 +52,21 @@ class GrammarFilter:
     def __del__(self) -> None:
         self.close()
 
-    def _allowed(self, token: int) -> bool:
-        self._one[0].id = token  # type: ignore[assignment]
-        self._one[0].logit = 0.0
-        self._one[0].p = 0.0
-        self._array.size = 1
-        self._array.selected = -1
-        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
-        return not math.isinf(self._one[0].logit)
+    def _allowed(self, tokens: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+        """Those of ``tokens`` the grammar allows next, in the same order."""
+        if len(tokens) > len(self._view):
+            return tokens[self._allowed_mask(len(tokens), tokens)]
+        n = len(tokens)
+        self._view["id"][:n] = tokens
+        self._view["logit"][:n] = 0.0
+        array = self._lib.llama_token_data_array(data=self._data, size=n, selected=-1, sorted=False)
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(array))
+        return np.asarray(tokens[~np.isinf(self._view["logit"][:n])])
 
-    def _all_allowed(self, scores: npt.NDArray[np.single]) -> npt.NDArray[np.bool_]:
-        n = len(scores)
+    def _allowed_mask(self, n: int, tokens: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
         data = (self._lib.llama_token_data * n)()
         view = np.ctypeslib.as_array(data)
-        view["id"] = np.arange(n, dtype=np.int32)
+        view["id"] = tokens
         view["logit"] = 0.0
         array = self._lib.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
         self._lib.llama_sampler_apply(self._sampler, ctypes.byref(array))
@@ -76,18 +78,16 @@ class GrammarFilter:
         for token in input_ids[self._seen :]:
             self._lib.llama_sampler_accept(self._sampler, int(token))
         self._seen = len(input_ids)
-        best = np.argpartition(scores, -CANDIDATES)[-CANDIDATES:]
-        best = best[np.argsort(-scores[best])]
-        allowed = []
-        for token in best:
-            if self._allowed(int(token)):
-                allowed.append(int(token))
-                if self._greedy:
-                    break
+        allowed: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)
+        for size in (*STAGES, len(scores)):
+            if size >= len(scores):
+                allowed = self._allowed(np.arange(len(scores), dtype=np.intp))
+                break
+            best = np.argpartition(scores, -size)[-size:]
+            allowed = self._allowed(best)
+            if len(allowed):
+                break
         masked = np.full_like(scores, -np.inf)
-        if allowed:
-            masked[allowed] = scores[allowed]
-        else:  # none of the likeliest: ask about every token
-            keep = self._all_allowed(scores)
-            masked[keep] = scores[keep]
+        # Every token outside a stage scores below every token in it, so the best allowed is among these.
+        masked[allowed] = scores[allowed]
         return masked

@@ -386,7 +386,7 @@ def generate_text(
     produced = 0
     finish = FinishReason.LENGTH
     hit_stop = False  # a stop sequence, whose held-back prefix is dropped; end-of-generation keeps it
-    constrained = GrammarFilter(llm, grammar, greedy=temperature == 0) if grammar else None
+    constrained = GrammarFilter(llm, grammar) if grammar else None
     tokens = llm.generate(
         prompt,
         temp=temperature,
