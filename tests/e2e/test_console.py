@@ -131,6 +131,7 @@ async def test_an_operator_runs_the_fleet_from_the_console(
     downloading.total_bytes, downloading.downloaded_bytes = 4_000_000, 1_200_000
     await row.get_by_role("button", name=f"Pull {MODEL}").click()
     await confirm(page)
+    await expect(page.get_by_role("alert")).to_be_hidden()  # accepted: no refusal shown
     bar = row.locator(f"[data-progress='{MODEL}@echo-1']")
     await expect(bar).to_contain_text("30 % · 1.2 MB of 4.0 MB", timeout=WAIT_MS)
     await shot(page, "models")

@@ -65,7 +65,10 @@ function showInfo(title, body) {
 
 // Runs an action; its message (or none) replaces any earlier one, and an API refusal shows as the API gave it.
 async function act(what, fn) {
-  try { show((await fn()) || "", true); } catch (e) { show(`${what}: ${e.message}`); }
+  try {
+    const message = await fn();
+    show(typeof message === "string" ? message : "", true);
+  } catch (e) { show(`${what}: ${e.message}`); }
   await refresh();
 }
 
