@@ -559,7 +559,15 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
         await engine.dispose()
     assert versions == [head_revision()]
     assert head_revision() == "0004"
-    assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets", "usage"} <= tables
+    assert {
+        "models",
+        "manifest_files",
+        "nodes",
+        "node_commands",
+        "api_keys",
+        "balancer_secrets",
+        "usage",
+    } <= tables
 
 
 async def test_the_alembic_command_migrates_a_url_alone_and_the_store_then_finds_it_at_head(
