@@ -1,4 +1,4 @@
-"""Usage per key and model: counted in memory, written in batches, kept when the store fails, flushed on stop."""
+"""Usage per key and model: counted in memory, written in batches, kept on a failed write, flushed on stop."""
 
 from __future__ import annotations
 
