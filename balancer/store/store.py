@@ -3,6 +3,9 @@ and the secrets the balancer generates for itself.
 
 Transport-neutral and async. It takes and returns only the dataclasses of ``common.types``; rows of
 ``balancer.store.tables`` never leave this package.
+
+Over the usual size on purpose: every table's queries share one write lock, one session factory and
+the engine-specific upsert choice, and split by table they would each need all three.
 """
 
 from __future__ import annotations
