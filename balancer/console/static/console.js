@@ -167,8 +167,10 @@ function progressCell(s) {
   const before = state.seen.get(key);
   state.seen.set(key, { at: now, bytes: s.downloaded_bytes });
   const total = s.total_bytes;
-  const done = s.state !== "downloading" && total > 0 ? total : s.downloaded_bytes;
-  const pct = total > 0 ? Math.floor((100 * done) / total) : s.state === "downloading" ? 0 : 100;
+  // Nodes report bytes only while downloading; a model present, loading or ready has all of them.
+  const partial = s.state === "downloading" || s.state === "failed";
+  const done = !partial && total > 0 ? total : s.downloaded_bytes;
+  const pct = total > 0 ? Math.floor((100 * done) / total) : partial ? 0 : 100;
   let detail = `${pct} %`;
   if (total > 0) detail += ` · ${bytes(done)} of ${bytes(total)}`;
   if (s.state === "downloading" && before && now > before.at) {
