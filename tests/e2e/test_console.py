@@ -1,14 +1,17 @@
 """The operator's console in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-One balancer in this process with both doors, its origin the fake hub, and two echo nodes; one
-browser for the whole story an operator goes through: a wrong key refused, sign in, two nodes, a
-model registered from the hub and pulled with its progress bar to 100 %, a request in the charts, a
-key created and its usage after a request made with it, revoked, the model deleted, signed out.
+One balancer in this process with both doors, its origin the fake hub; two nodes: a real ``xllm``
+node that downloads from the hub and loads what it fetched, and an echo node that answers chat
+(``devkit.echo_node``). One browser for the whole story an operator goes through: a wrong key
+refused, sign in, two nodes, the Piper voice registered from the hub and pulled to the real node with
+its progress bar to 100 %, a request in the charts, a key created and its usage after a request made
+with it, revoked, the model deleted, signed out.
 Each page is written to ``build/console-screenshots/`` (two of them are shown in the README).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -20,9 +23,11 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from balancer.server import Balancer, start
 from common.config import load_balancer_config
-from common.types import ModelState, Scope
+from common.types import Scope
 from devkit.echo_node import EchoNode
-from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.fake_hub import FakeHub
+from devkit.model_files import ModelFiles
+from tests.integration.conftest import NodeProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "console-screenshots"
@@ -37,8 +42,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REPO = "acme/tiny-chat"
-MODEL = "tiny-chat"
+REPO = "acme/voice"
+MODEL = "voice"
+CHAT_MODEL = "gemma-3-270m"  # what the echo node serves
 WAIT_MS = 15_000
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,17 +66,28 @@ async def balancer(tmp_path: Path, fake_hub: FakeHub) -> AsyncIterator[Balancer]
 
 
 @pytest.fixture
-async def nodes(balancer: Balancer) -> AsyncIterator[list[EchoNode]]:
-    _, node_key = await balancer.parts.keys.create("nodes", [Scope.NODE])
-    started = [
-        EchoNode(f"127.0.0.1:{balancer.port}", api_key=node_key, node_id=f"echo-{i}", models=())
-        for i in (1, 2)
-    ]
-    for node in started:
-        await node.start()
-    yield started
-    for node in started:
-        await node.stop()
+async def node_key(balancer: Balancer) -> str:
+    return (await balancer.parts.keys.create("nodes", [Scope.NODE]))[1]
+
+
+@pytest.fixture
+async def echo(balancer: Balancer, node_key: str) -> AsyncIterator[EchoNode]:
+    node = EchoNode(f"127.0.0.1:{balancer.port}", api_key=node_key, node_id="echo", models=(CHAT_MODEL,))
+    await node.start()
+    yield node
+    await node.stop()
+
+
+@pytest.fixture
+async def real_node(
+    tmp_path: Path, balancer: Balancer, node_key: str, fake_hub: FakeHub
+) -> AsyncIterator[NodeProcess]:
+    env = {"HF_ENDPOINT": fake_hub.url, "XLLM_API_KEY": node_key, "XLLM_LOG_FORMAT": "json"}
+    node = NodeProcess(tmp_path / "node", f"127.0.0.1:{balancer.port}", env, ["--node-id", "xllm-1"])
+    # In a thread: the balancer and the echo node run on this event loop while the process starts.
+    await asyncio.to_thread(node.start)
+    yield node
+    await asyncio.to_thread(node.stop)
 
 
 @pytest.fixture
@@ -92,9 +109,16 @@ async def confirm(page: Page) -> None:
 
 
 async def test_an_operator_runs_the_fleet_from_the_console(
-    balancer: Balancer, nodes: list[EchoNode], browser: Browser, fake_hub: FakeHub
+    balancer: Balancer,
+    echo: EchoNode,
+    real_node: NodeProcess,
+    piper: ModelFiles,
+    browser: Browser,
+    fake_hub: FakeHub,
 ) -> None:
-    fake_hub.add_repo(REPO, {"tiny-chat-Q4_K_M.gguf": gguf_blob(4_000_000)})
+    onnx, config = (piper.paths[f.filename] for f in piper.model.files)
+    fake_hub.add_repo(REPO, {"voice.onnx": onnx.read_bytes(), "voice.onnx.json": config.read_bytes()})
+    fake_hub.set_throttle(10_000_000)  # about 6 s for the voice's 63 MB: the bar is seen moving
     admin = balancer.config.admin_key_file.read_text().strip()
     base = f"http://127.0.0.1:{balancer.http_port}"
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
@@ -114,36 +138,33 @@ async def test_an_operator_runs_the_fleet_from_the_console(
 
     await page.get_by_role("link", name="Nodes").click()
     await expect(page.locator("#nodes tr")).to_have_count(2)
-    await expect(page.locator("tr[data-node=echo-1]")).to_contain_text("online")
+    await expect(page.locator("tr[data-node=echo]")).to_contain_text("online")
+    await expect(page.locator("tr[data-node=xllm-1]")).to_contain_text("online")
     await shot(page, "nodes")
 
-    # Register from the hub, then pull to both nodes and follow one node's download to 100 %.
+    # Register from the hub, then pull to the real node and follow its download to 100 %.
     await page.get_by_role("link", name="Models").click()
     await page.get_by_label("Repository").fill(REPO)
-    await page.get_by_label("File").fill("tiny-chat-Q4_K_M.gguf")
+    await page.get_by_label("File").fill("voice.onnx")
     await page.get_by_label("Model id").fill(MODEL)
     await page.get_by_role("button", name="Register").click()
     await expect(page.get_by_role("alert")).to_have_text(f"Registered {MODEL}.", timeout=WAIT_MS)
     row = page.locator(f"tr[data-model='{MODEL}']")
     await expect(row).to_contain_text("not ready")
-    downloading = nodes[0]
-    downloading.state = ModelState.DOWNLOADING  # what the node reports while its download runs
-    downloading.total_bytes, downloading.downloaded_bytes = 4_000_000, 1_200_000
     await row.get_by_role("button", name=f"Pull {MODEL}").click()
+    await page.locator("#dialog").get_by_label("echo").uncheck()
     await confirm(page)
     await expect(page.get_by_role("alert")).to_be_hidden()  # accepted: no refusal shown
-    bar = row.locator(f"[data-progress='{MODEL}@echo-1']")
-    await expect(bar).to_contain_text("30 % · 1.2 MB of 4.0 MB", timeout=WAIT_MS)
+    bar = row.locator(f"[data-progress='{MODEL}@xllm-1']")
+    await expect(bar).to_contain_text(re.compile(r"\b[1-9]\d? % · [\d.]+ MB of 63\.2 MB · "), timeout=WAIT_MS)
     await shot(page, "models")
-    downloading.downloaded_bytes = 4_000_000
-    downloading.state = ModelState.READY
-    await expect(bar).to_contain_text("100 % · 4.0 MB of 4.0 MB", timeout=WAIT_MS)
+    await expect(bar).to_contain_text("100 % · 63.2 MB of 63.2 MB", timeout=30_000)
     await expect(bar.locator("progress")).to_have_attribute("value", "100")
-    await expect(row).to_contain_text("ready")
+    await expect(row.locator("td").nth(1)).to_have_text("ready", timeout=30_000)
 
     await row.get_by_role("button", name=f"Manifest of {MODEL}").click()
     manifest = page.locator("#dialog")
-    await expect(manifest).to_contain_text("tiny-chat-Q4_K_M.gguf")
+    await expect(manifest).to_contain_text("voice.onnx.json")
     await expect(manifest).to_contain_text(f"{REPO} at {fake_hub.head(REPO)}")
     await page.keyboard.press("Escape")
 
@@ -159,7 +180,7 @@ async def test_an_operator_runs_the_fleet_from_the_console(
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         reply = await http.post(
             "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "hello console"}]},
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hello console"}]},
             headers={"authorization": f"Bearer {secret}"},
         )
         assert reply.status_code == 200, reply.text
@@ -173,7 +194,7 @@ async def test_an_operator_runs_the_fleet_from_the_console(
     await shot(page, "overview")
 
     await page.get_by_role("link", name="Usage").click()
-    await expect(page.locator("#usage")).to_contain_text(MODEL, timeout=WAIT_MS)
+    await expect(page.locator("#usage")).to_contain_text(CHAT_MODEL, timeout=WAIT_MS)
     await shot(page, "usage")
 
     # Revoke: the key stops working at once.

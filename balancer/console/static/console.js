@@ -162,11 +162,12 @@ async function nodesPage() {
 }
 
 // Download progress per (model, node), with a rate and ETA from the bytes seen at the last poll.
-function progressCell(s) {
+// ``modelTotal``: the manifest's size, for nodes that report no byte counts once a model is present.
+function progressCell(s, modelTotal = 0) {
   const key = `${s.model_id}@${s.node_id}`, now = Date.now();
   const before = state.seen.get(key);
   state.seen.set(key, { at: now, bytes: s.downloaded_bytes });
-  const total = s.total_bytes;
+  const total = s.total_bytes || modelTotal;
   // Nodes report bytes only while downloading; a model present, loading or ready has all of them.
   const partial = s.state === "downloading" || s.state === "failed";
   const done = !partial && total > 0 ? total : s.downloaded_bytes;
@@ -220,7 +221,7 @@ async function modelsPage() {
     h("td", {}, h("b", { text: m.id }), h("div", { class: "hint", text: `${m.repo_id} · ${m.capabilities.join(", ")}` })),
     h("td", {}, stateCell(m.ready ? "ready" : "not ready")),
     h("td", { text: bytes(m.total_bytes) }),
-    h("td", {}, h("ul", { class: "plain" }, (perNode.get(m.id) || m.nodes.map((n) => ({ ...n, model_id: m.id, downloaded_bytes: 0, total_bytes: 0 }))).map(progressCell))),
+    h("td", {}, h("ul", { class: "plain" }, (perNode.get(m.id) || m.nodes.map((n) => ({ ...n, model_id: m.id, downloaded_bytes: 0, total_bytes: 0 }))).map((s) => progressCell(s, m.total_bytes)))),
     h("td", {},
       h("button", { type: "button", "aria-label": `Manifest of ${m.id}`, onclick: () => manifestDialog(m) }, "Manifest"), " ",
       admin ? h("button", { type: "button", "aria-label": `Pull ${m.id}`, onclick: () => pullDialog(m) }, "Pull") : null, " ",
