@@ -91,6 +91,7 @@ class Balancer:
         await asyncio.gather(*doors)
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
+        await self.parts.usage.stop()  # after the doors: every request counted is written
         await self.clients.close()
         await self.parts.origin.close()
         await self.parts.keys.settle()
@@ -172,7 +173,7 @@ async def start(config: BalancerConfig) -> Balancer:
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, catalog)), server
+        InferenceServicer(router, Observer(metrics, catalog, (parts.usage, parts.history))), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -190,6 +191,7 @@ async def start(config: BalancerConfig) -> Balancer:
         await store.close()
         raise OSError(f"cannot listen on {config.grpc_listen}")
     await server.start()
+    parts.usage.start()
     http = None
     if config.http_listen:
         try:
@@ -198,6 +200,7 @@ async def start(config: BalancerConfig) -> Balancer:
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
+            await parts.usage.stop()
             await replicas.stop()
             await store.close()
             raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None

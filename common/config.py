@@ -186,6 +186,7 @@ class BalancerConfig:
     # On SIGTERM, how long calls in flight may take to finish before they are cut (under the usual
     # 30 s an orchestrator waits before it kills).
     stop_grace_s: float = 25.0
+    usage_flush_s: float = 5.0  # how often usage counted in memory is written to the store
     # Replica processes ``llmlb serve`` starts on this host, sharing its ports (PostgreSQL only).
     workers: int = 1
     # This process is one of those workers: it binds its ports shared (SO_REUSEPORT).
@@ -278,6 +279,7 @@ def load_balancer_config(
         cooldown_s=s.get(None, ("LLMLB_COOLDOWN",), 10.0, parse_positive),
         max_body_mb=s.get(None, ("LLMLB_MAX_BODY_MB",), 64, parse_count),
         stop_grace_s=s.get(None, ("LLMLB_STOP_GRACE",), 25.0, parse_positive),
+        usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
         workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
         shared_ports=s.raw(WORKER_ENV) is not None,
     )

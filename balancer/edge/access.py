@@ -90,7 +90,23 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/models"): API,
     ("GET", "/v0/models/registry/{model_id:path}/manifest.json"): API,
     ("GET", "/v0/models/{model_id:path}/status"): API,
+    ("POST", "/v0/models/{model_id:path}/pull"): ADMIN,
     ("GET", "/v0/nodes"): READ,
+    ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
+    ("DELETE", "/v0/nodes/{node_id}"): ADMIN,
+    # Fleet-wide request metrics: operators only.
+    ("GET", "/v0/history"): ADMIN,
+    # Keys are managed by admins; any api key may ask who it is and read its own usage (the
+    # route narrows a non-admin key to its own rows).
+    ("GET", "/v0/keys"): ADMIN,
+    ("POST", "/v0/keys"): ADMIN,
+    ("DELETE", "/v0/keys/{key}"): ADMIN,
+    ("GET", "/v0/me"): API,
+    ("GET", "/v0/usage"): API,
+    # The console's page and its scripts: static and data-free, so open; every datum it shows
+    # comes from the routes above, with the signed-in key.
+    ("GET", "/ui"): PUBLIC,
+    ("GET", "/ui/{name}"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,

@@ -143,7 +143,7 @@ async def _file(form: FormData, *names: str, required: bool = True) -> tuple[byt
 def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     routing = parts.router
-    observer = Observer(parts.metrics, parts.catalog)
+    observer = Observer(parts.metrics, parts.catalog, (parts.usage, parts.history))
 
     def observed(route: str) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
         """Records each request's outcome and latency; streams record theirs when they end."""

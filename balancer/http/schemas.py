@@ -104,3 +104,16 @@ class RegisterModelBody(_Body):
     tags: list[str] = []
     required_vram_mb: int = 0
     chat_template: str = ""
+
+
+class PullModelBody(_Body):
+    """``POST /v0/models/{id}/pull``: the nodes to fetch and load the model (none: every capable node)."""
+
+    node_ids: list[str] = []
+
+
+class CreateKeyBody(_Body):
+    """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``)."""
+
+    name: str = ""
+    scopes: list[str]
