@@ -14,6 +14,7 @@ from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
 from balancer.http.openai_routes import openai_routes
 from balancer.http.probes import probe_routes
+from balancer.http.responses_routes import responses_routes
 from balancer.parts import BalancerParts
 
 
@@ -21,7 +22,10 @@ def create_app(parts: BalancerParts) -> FastAPI:
     """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
     # Plain Starlette routes: the endpoints parse their own bodies, and skip per-request dependency solving.
     # Every route behind its entry in the access table; an unlisted one refuses every caller.
-    routes = guard([*openai_routes(parts), *management_routes(parts), *probe_routes(parts)], parts.keys)
+    routes = guard(
+        [*openai_routes(parts), *responses_routes(parts), *management_routes(parts), *probe_routes(parts)],
+        parts.keys,
+    )
     app = FastAPI(title="llmlb", routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     # Added last runs first: the size limit sees the request before anything reads its body.
