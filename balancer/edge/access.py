@@ -95,6 +95,9 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
+    # The HTTP door's own description: routes and shapes, no data; open like the probes.
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from balancer.http.access import guard
+from balancer.http.docs_routes import docs_routes
 from balancer.http.errors import Unexpected, install_error_handlers
 from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
@@ -23,7 +24,13 @@ def create_app(parts: BalancerParts) -> FastAPI:
     # Plain Starlette routes: the endpoints parse their own bodies, and skip per-request dependency solving.
     # Every route behind its entry in the access table; an unlisted one refuses every caller.
     routes = guard(
-        [*openai_routes(parts), *responses_routes(parts), *management_routes(parts), *probe_routes(parts)],
+        [
+            *openai_routes(parts),
+            *responses_routes(parts),
+            *management_routes(parts),
+            *probe_routes(parts),
+            *docs_routes(),
+        ],
         parts.keys,
     )
     app = FastAPI(title="llmlb", routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
