@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from openai import omit
 
 from balancer.http.openai_requests import parse_body
 from balancer.http.responses_answers import ResponseBuilder
@@ -232,3 +233,23 @@ def test_every_event_and_the_response_validate_against_the_official_client_types
         assert parse(event).type == event["type"]
     whole = builder().whole([TextChunk("1", "ab", FinishReason.LENGTH)])
     assert sdk.Response.model_validate(whole).output_text == "ab"
+
+
+def test_the_clients_stream_helper_accumulates_the_events_into_its_final_response() -> None:
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    parse = TypeAdapter(ResponseStreamEvent).validate_python
+    b = builder()
+    raw = b.start() + b.feed(TextChunk("1", "Hel")) + b.feed(TextChunk("1", "lo"))
+    raw += b.feed(TextChunk("1", "", tool_calls=(ToolCall(0, "call_x", "get", '{"a":'),)))
+    raw += b.feed(TextChunk("1", "", tool_calls=(ToolCall(0, arguments="1}"),)))
+    raw += b.feed(TextChunk("1", "", FinishReason.TOOL_CALLS, Usage(4, 3)))
+    state: ResponseStreamState[object] = ResponseStreamState(input_tools=[], text_format=omit)
+    for event in events(raw):
+        state.handle_event(parse(event))
+    final = state._completed_response
+    assert final is not None and final.output_text == "Hello"
+    call = final.output[1]
+    assert call.type == "function_call" and (call.name, call.arguments) == ("get", '{"a":1}')
