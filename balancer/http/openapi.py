@@ -254,6 +254,7 @@ class Operation:
     ok_status: int = 200
     errors: tuple[int, ...] = _REFUSED
     path_params: tuple[str, ...] = ()
+    example: Schema | None = None  # a request body that works against the packaged gemma model
 
 
 def _json(name: str) -> dict[str, Schema]:
@@ -261,6 +262,7 @@ def _json(name: str) -> dict[str, Schema]:
 
 
 _TEXT_STREAM = {SSE: STR}
+EXAMPLE_MODEL = "gemma-3-270m"  # the catalogue's packaged text model
 _PLAIN = {"text/plain": STR}
 
 # Keyed by (method, path as the app declares it), the same keys as ``balancer.edge.access.HTTP_ACCESS``.
@@ -270,20 +272,29 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "OpenAI",
         "ChatCompletionBody",
         {**_json("ChatCompletion"), **_TEXT_STREAM},
+        example={"model": EXAMPLE_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
     ),
     ("POST", "/v1/completions"): Operation(
         "Text completion (SSE with stream: true)",
         "OpenAI",
         "CompletionBody",
         {**_json("TextCompletion"), **_TEXT_STREAM},
+        example={"model": EXAMPLE_MODEL, "prompt": "Once upon a time", "max_tokens": 8},
     ),
     ("POST", "/v1/responses"): Operation(
         "Responses API, stateless (typed SSE events with stream: true)",
         "OpenAI",
         "ResponseCreateBody",
         {**_json("Response"), **_TEXT_STREAM},
+        example={"model": EXAMPLE_MODEL, "input": "Hi", "max_output_tokens": 8},
     ),
-    ("POST", "/v1/embeddings"): Operation("Embeddings", "OpenAI", "EmbeddingBody", _json("EmbeddingList")),
+    ("POST", "/v1/embeddings"): Operation(
+        "Embeddings",
+        "OpenAI",
+        "EmbeddingBody",
+        _json("EmbeddingList"),
+        example={"model": EXAMPLE_MODEL, "input": ["Hello", "world"]},
+    ),
     ("POST", "/v1/audio/transcriptions"): Operation(
         "Transcribe audio (text, srt and vtt formats answer as text)",
         "OpenAI",
@@ -393,7 +404,10 @@ def _operation(method: str, path: str, op: Operation) -> Schema:
         ]
     if op.body:
         media = "multipart/form-data" if op.body.endswith("Form") else JSON
-        doc["requestBody"] = {"required": True, "content": {media: {"schema": ref(op.body)}}}
+        content: Schema = {"schema": ref(op.body)}
+        if op.example is not None:
+            content["example"] = op.example
+        doc["requestBody"] = {"required": True, "content": {media: content}}
     return doc
 
 
