@@ -43,6 +43,31 @@ def logprobs_json(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
 
 
 @dataclass(slots=True)
+class _Message:
+    item_id: str
+    output_index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+    def part(self) -> dict[str, Any]:
+        return {
+            "type": "output_text",
+            "text": "".join(self.text),
+            "annotations": [],
+            "logprobs": self.logprobs,
+        }
+
+    def item(self, status: str) -> dict[str, Any]:
+        return {
+            "type": "message",
+            "id": self.item_id,
+            "status": status,
+            "role": "assistant",
+            "content": [] if status == "in_progress" and not self.text else [self.part()],
+        }
+
+
+@dataclass(slots=True)
 class _Call:
     item_id: str
     call_id: str
@@ -66,7 +91,8 @@ class ResponseBuilder:
 
     ``feed`` returns the events a chunk adds (use them when streaming, or ignore them); ``response``
     renders the object at any point: ``in_progress`` before the answer ends, then ``completed`` or
-    ``incomplete`` (``max_output_tokens`` reached).
+    ``incomplete`` (``max_output_tokens`` reached). Text opens a ``message`` item and a tool call's
+    first piece a ``function_call`` item; each item is closed when the next one opens or the answer ends.
     """
 
     def __init__(self, response_id: str, created_at: int, model: str, echo: dict[str, Any]) -> None:
@@ -75,17 +101,21 @@ class ResponseBuilder:
         self.model = model
         self._echo = echo
         self._sequence = 0
-        self._message_id = "msg_" + response_id.removeprefix("resp_")
-        self._message_index: int | None = None  # its output index once text has begun
-        self._message_open = False
-        self._text: list[str] = []
-        self._logprobs: list[dict[str, Any]] = []
+        self._items: list[_Message | _Call] = []  # in output order
         self._calls: dict[int, _Call] = {}  # by the tool call's index in the answer
-        self._open_call: _Call | None = None
-        self._outputs = 0
+        self._open: _Message | _Call | None = None
         self._finish: FinishReason | None = None
         self._usage: Usage | None = None
         self._error: LlmlbError | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the answer's last chunk (the one with a finish reason) has been fed."""
+        return self._finish is not None
+
+    @property
+    def _suffix(self) -> str:
+        return self.response_id.removeprefix("resp_")
 
     # -- the object ---------------------------------------------------------------------------------
 
@@ -96,27 +126,12 @@ class ResponseBuilder:
             return "in_progress"
         return "incomplete" if self._finish is FinishReason.LENGTH else "completed"
 
-    def _message_item(self, status: str) -> dict[str, Any]:
-        part = self._text_part("".join(self._text))
-        return {
-            "type": "message",
-            "id": self._message_id,
-            "status": status,
-            "role": "assistant",
-            "content": [part] if status != "in_progress" or self._text else [],
-        }
-
-    def _text_part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(self._logprobs)}
-
     def _output(self) -> list[dict[str, Any]]:
         done = self._finish is not None
-        items: list[tuple[int, dict[str, Any]]] = []
-        if self._message_index is not None:
-            items.append((self._message_index, self._message_item("completed" if done else "in_progress")))
-        for call in self._calls.values():
-            items.append((call.output_index, call.item("completed" if done else "in_progress")))
-        return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+        return [
+            item.item("completed" if done or item is not self._open else "in_progress")
+            for item in self._items
+        ]
 
     def response(self) -> dict[str, Any]:
         """The ``response`` object as it stands."""
@@ -153,63 +168,75 @@ class ResponseBuilder:
             self._event("response.in_progress", response=self.response()),
         ]
 
-    def _open_message(self) -> list[bytes]:
-        self._message_index = self._outputs
-        self._outputs += 1
-        self._message_open = True
-        at = {"item_id": self._message_id, "output_index": self._message_index}
-        return [
-            self._event(
-                "response.output_item.added",
-                output_index=self._message_index,
-                item=self._message_item("in_progress"),
-            ),
-            self._event("response.content_part.added", **at, content_index=0, part=self._text_part("")),
-        ]
+    def _close(self) -> list[bytes]:
+        item, self._open = self._open, None
+        if isinstance(item, _Message):
+            at = {"item_id": item.item_id, "output_index": item.output_index, "content_index": 0}
+            part = item.part()
+            return [
+                self._event("response.output_text.done", **at, text=part["text"], logprobs=item.logprobs),
+                self._event("response.content_part.done", **at, part=part),
+                self._event(
+                    "response.output_item.done", output_index=item.output_index, item=item.item("completed")
+                ),
+            ]
+        if isinstance(item, _Call):
+            at = {"item_id": item.item_id, "output_index": item.output_index}
+            arguments = "".join(item.arguments)
+            return [
+                self._event(
+                    "response.function_call_arguments.done", **at, name=item.name, arguments=arguments
+                ),
+                self._event(
+                    "response.output_item.done", output_index=item.output_index, item=item.item("completed")
+                ),
+            ]
+        return []
 
-    def _close_message(self) -> list[bytes]:
-        if not self._message_open:
-            return []
-        self._message_open = False
-        text = "".join(self._text)
-        at = {"item_id": self._message_id, "output_index": self._message_index, "content_index": 0}
-        return [
-            self._event("response.output_text.done", **at, text=text, logprobs=list(self._logprobs)),
-            self._event("response.content_part.done", **at, part=self._text_part(text)),
+    def _text(self, chunk: TextChunk) -> list[bytes]:
+        events: list[bytes] = []
+        message = self._open
+        if not isinstance(message, _Message):
+            events += self._close()
+            # A second message (text after a tool call) gets an id of its own.
+            item_id = f"msg_{self._suffix}" + (f"_{len(self._items)}" if self._items else "")
+            message = _Message(item_id, len(self._items))
+            self._items.append(message)
+            self._open = message
+            at = {"item_id": item_id, "output_index": message.output_index}
+            events += [
+                self._event(
+                    "response.output_item.added",
+                    output_index=message.output_index,
+                    item=message.item("in_progress"),
+                ),
+                self._event("response.content_part.added", **at, content_index=0, part=message.part()),
+            ]
+        logprobs = logprobs_json(chunk.logprobs)
+        message.text.append(chunk.delta)
+        message.logprobs += logprobs
+        events.append(
             self._event(
-                "response.output_item.done",
-                output_index=self._message_index,
-                item=self._message_item("completed"),
-            ),
-        ]
-
-    def _close_call(self) -> list[bytes]:
-        call, self._open_call = self._open_call, None
-        if call is None:
-            return []
-        at = {"item_id": call.item_id, "output_index": call.output_index}
-        return [
-            self._event(
-                "response.function_call_arguments.done",
-                **at,
-                name=call.name,
-                arguments="".join(call.arguments),
-            ),
-            self._event(
-                "response.output_item.done", output_index=call.output_index, item=call.item("completed")
-            ),
-        ]
+                "response.output_text.delta",
+                item_id=message.item_id,
+                output_index=message.output_index,
+                content_index=0,
+                delta=chunk.delta,
+                logprobs=logprobs,
+            )
+        )
+        return events
 
     def _call_piece(self, piece: ToolCall) -> list[bytes]:
         events: list[bytes] = []
         call = self._calls.get(piece.index)
         if call is None:
-            events += self._close_message() + self._close_call()
-            call_id = piece.id or f"call_{self.response_id.removeprefix('resp_')}_{piece.index}"
-            call = _Call("fc_" + call_id.removeprefix("call_"), call_id, piece.name, self._outputs)
-            self._outputs += 1
+            events += self._close()
+            call_id = piece.id or f"call_{self._suffix}_{piece.index}"
+            call = _Call("fc_" + call_id.removeprefix("call_"), call_id, piece.name, len(self._items))
+            self._items.append(call)
             self._calls[piece.index] = call
-            self._open_call = call
+            self._open = call
             events.append(
                 self._event(
                     "response.output_item.added",
@@ -230,34 +257,16 @@ class ResponseBuilder:
         return events
 
     def feed(self, chunk: TextChunk) -> list[bytes]:
-        """The events ``chunk`` adds; its last chunk closes every item and the response."""
+        """The events ``chunk`` adds; the last chunk closes the open item and the response."""
         events: list[bytes] = []
         if chunk.delta:
-            if not self._message_open:
-                if self._message_index is not None:
-                    # Text after a tool call: rare, and one message item is all a response has here.
-                    self._message_open = True
-                else:
-                    events += self._close_call() + self._open_message()
-            self._text.append(chunk.delta)
-            chunk_logprobs = logprobs_json(chunk.logprobs)
-            self._logprobs += chunk_logprobs
-            events.append(
-                self._event(
-                    "response.output_text.delta",
-                    item_id=self._message_id,
-                    output_index=self._message_index,
-                    content_index=0,
-                    delta=chunk.delta,
-                    logprobs=chunk_logprobs,
-                )
-            )
+            events += self._text(chunk)
         for piece in chunk.tool_calls:
             events += self._call_piece(piece)
         if chunk.usage is not None:
             self._usage = chunk.usage
         if chunk.finish_reason is not None:
-            events += self._close_message() + self._close_call()
+            events += self._close()
             self._finish = chunk.finish_reason
             kind = "response.incomplete" if self._finish is FinishReason.LENGTH else "response.completed"
             events.append(self._event(kind, response=self.response()))
@@ -275,6 +284,6 @@ class ResponseBuilder:
         """The finished ``response`` object of a whole (non-streamed) answer."""
         for chunk in chunks:
             self.feed(chunk)
-        if self._finish is None:  # an empty answer: nothing was generated
+        if not self.finished:  # an empty answer: nothing was generated
             self.feed(TextChunk(self.response_id, "", FinishReason.STOP))
         return self.response()

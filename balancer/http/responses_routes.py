@@ -17,11 +17,11 @@ from starlette.routing import BaseRoute, Route
 
 from balancer.edge.observe import Call, Observer
 from balancer.http import openai_requests as cv
-from balancer.http.openai_routes import DOOR, SSE_HEADERS, _first, json_response, request_id
+from balancer.http.openai_routes import DOOR, SSE_HEADERS, json_response, request_id
 from balancer.http.responses_answers import ResponseBuilder
 from balancer.http.responses_requests import echoed, response_request
 from balancer.http.responses_schemas import ResponseCreateBody
-from balancer.http.streaming import StreamingAnswer, closing, unless_disconnected
+from balancer.http.streaming import StreamingAnswer, closing, first_item, unless_disconnected
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
 from common.inference import FinishReason, TextChunk
@@ -38,13 +38,13 @@ async def _events(
         async with closing(chunks):
             for event in builder.start():
                 yield event
-            pending = [first] if first is not None else []
-            async for chunk in _chain(pending, chunks):
-                if chunk.usage is not None:
-                    call.tokens(chunk.usage, chunk.node_id)
-                for event in builder.feed(chunk):
+            if first is not None:
+                for event in _fed(call, builder, first):
                     yield event
-            if first is None:  # an empty answer still completes
+            async for chunk in chunks:
+                for event in _fed(call, builder, chunk):
+                    yield event
+            if not builder.finished:  # an empty answer, or one whose last chunk said nothing: it ended
                 for event in builder.feed(TextChunk(builder.response_id, "", FinishReason.STOP)):
                     yield event
         code = "ok"
@@ -62,11 +62,10 @@ async def _events(
         call.done(code)
 
 
-async def _chain(first: list[TextChunk], rest: AsyncIterator[TextChunk]) -> AsyncIterator[TextChunk]:
-    for chunk in first:
-        yield chunk
-    async for chunk in rest:
-        yield chunk
+def _fed(call: Call, builder: ResponseBuilder, chunk: TextChunk) -> list[bytes]:
+    if chunk.usage is not None:
+        call.tokens(chunk.usage, chunk.node_id)
+    return builder.feed(chunk)
 
 
 def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
@@ -101,7 +100,7 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
             return json_response(builder.whole(chunks), headers)
         stream = routing.chat(internal)
-        first = await _first(stream, request.receive)
+        first = await first_item(stream, request.receive)
         call.first_chunk()
         if first is not None:
             builder.model = first.model or builder.model

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai.types.responses as sdk
 import pytest
 from openai import omit
+from openai.lib.streaming.responses._responses import ResponseStreamState
+from pydantic import TypeAdapter
 
 from balancer.http.openai_requests import parse_body
 from balancer.http.responses_answers import ResponseBuilder
@@ -218,9 +221,6 @@ def test_a_failure_midway_is_an_error_event_then_response_failed() -> None:
 
 
 def test_every_event_and_the_response_validate_against_the_official_client_types() -> None:
-    import openai.types.responses as sdk
-    from pydantic import TypeAdapter
-
     parse = TypeAdapter(sdk.ResponseStreamEvent).validate_python
     b = builder()
     raw = b.start() + b.feed(TextChunk("1", "Hi", logprobs=(TokenLogprob("Hi", -0.5, b"Hi"),)))
@@ -236,11 +236,7 @@ def test_every_event_and_the_response_validate_against_the_official_client_types
 
 
 def test_the_clients_stream_helper_accumulates_the_events_into_its_final_response() -> None:
-    from openai.lib.streaming.responses._responses import ResponseStreamState
-    from openai.types.responses import ResponseStreamEvent
-    from pydantic import TypeAdapter
-
-    parse = TypeAdapter(ResponseStreamEvent).validate_python
+    parse = TypeAdapter(sdk.ResponseStreamEvent).validate_python
     b = builder()
     raw = b.start() + b.feed(TextChunk("1", "Hel")) + b.feed(TextChunk("1", "lo"))
     raw += b.feed(TextChunk("1", "", tool_calls=(ToolCall(0, "call_x", "get", '{"a":'),)))
@@ -253,3 +249,18 @@ def test_the_clients_stream_helper_accumulates_the_events_into_its_final_respons
     assert final is not None and final.output_text == "Hello"
     call = final.output[1]
     assert call.type == "function_call" and (call.name, call.arguments) == ("get", '{"a":1}')
+
+
+def test_text_after_a_tool_call_is_a_second_message_item() -> None:
+    response = builder().whole(
+        [
+            TextChunk("1", "Let me look."),
+            TextChunk("1", "", tool_calls=(ToolCall(0, "call_x", "get", "{}"),)),
+            TextChunk("1", "Done.", FinishReason.STOP),
+        ]
+    )
+    output = response["output"]
+    assert [o["type"] for o in output] == ["message", "function_call", "message"]
+    assert [o["content"][0]["text"] for o in (output[0], output[2])] == ["Let me look.", "Done."]
+    assert output[0]["id"] != output[2]["id"]
+    assert all(o["status"] == "completed" for o in output)
