@@ -227,19 +227,19 @@ BODIES: tuple[type[BaseModel], ...] = (
 # -- operations ------------------------------------------------------------------------------------------
 
 # Every inference route can be refused for these reasons before (or instead of) answering.
-_REFUSED = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+_REFUSED = (400, 401, 403, 404, 413, 429, 502, 503, 504, 507)
 _READ = (401, 403, 404)
 _ERROR_TEXT = {
     400: "invalid request or model id",
     401: "no, unknown or revoked API key",
     403: "the key lacks the scope, or the origin is not allowed",
     404: "model (or node) not found, or the model lacks the capability",
-    409: "a conflicting registration",
     413: "request body over the size limit",
     429: "queue full; see Retry-After",
     502: "the model origin failed",
     503: "no capable node is ready, or the store is not answering",
     504: "the node did not answer in time",
+    507: "the node has no room for the model's files",
 }
 
 
@@ -331,7 +331,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "RegisterModelBody",
         _json("ModelDetail"),
         ok_status=201,
-        errors=(400, 401, 403, 404, 409, 413, 502, 503),
+        errors=(400, 401, 403, 404, 413, 502, 503, 507),
     ),
     ("GET", "/v0/models"): Operation(
         "List models with everything the catalogue holds",
