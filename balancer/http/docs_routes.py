@@ -49,7 +49,7 @@ const el = (tag, attrs, ...kids) => {
 const pre = (value) => el("pre", {}, JSON.stringify(value, null, 2));
 const link = (schema) => {
   const name = schema && schema.$ref ? schema.$ref.split("/").pop() : null;
-  return name ? el("a", {href: "#schema-" + name}, name) : pre(schema);
+  return name ? el("a", {href: "#schema-" + name}, name) : el("code", {}, JSON.stringify(schema));
 };
 fetch("/openapi.json").then((r) => r.json()).then((doc) => {
   document.getElementById("title").textContent = doc.info.title + " " + doc.info.version;
@@ -66,6 +66,7 @@ fetch("/openapi.json").then((r) => r.json()).then((doc) => {
       if (op.requestBody) {
         for (const [type, media] of Object.entries(op.requestBody.content)) {
           box.append(el("p", {}, "Body (" + type + "): ", link(media.schema)));
+          if (media.example) box.append(el("p", {}, "Example:"), pre(media.example));
         }
       }
       const list = el("ul");

@@ -33,7 +33,7 @@ from devkit.fake_hub import FakeHub
 from tests.integration.conftest import BalancerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-EXAMPLES_PER_OPERATION = 15
+EXAMPLES_PER_OPERATION = 10
 Operation = APIOperation[Any, Any, Any, Any]
 
 
