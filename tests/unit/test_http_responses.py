@@ -26,6 +26,8 @@ from common.inference import (
     ToolChoiceMode,
     Usage,
 )
+from tests.unit import test_http_app
+from tests.unit.test_http_app import Shim, error_of
 
 
 def body(**fields: Any) -> ResponseCreateBody:
@@ -264,3 +266,30 @@ def test_text_after_a_tool_call_is_a_second_message_item() -> None:
     assert [o["content"][0]["text"] for o in (output[0], output[2])] == ["Let me look.", "Done."]
     assert output[0]["id"] != output[2]["id"]
     assert all(o["status"] == "completed" for o in output)
+
+
+# -- the route, in process (no node) -----------------------------------------------------------------
+
+shim = test_http_app.shim  # the in-process shim on a balancer's real parts
+
+
+async def test_the_route_refuses_like_chat_does_in_openai_shape_and_counts_under_responses(
+    shim: Shim,
+) -> None:
+    url = "/v1/responses"
+    ask = {"model": "gemma-3-270m", "input": "Hi"}
+    assert "key" in error_of(await shim.client.post(url, json=ask), 401, "unauthorized")
+    unknown = await shim.client.post(url, headers=shim.api, json={**ask, "model": "nope", "stream": True})
+    error_of(unknown, 404, "model_not_found")  # a plain JSON error, not an event stream
+    bad = await shim.client.post(url, headers=shim.api, json={**ask, "previous_response_id": "resp_1"})
+    assert "previous_response_id" in error_of(bad, 400, "invalid_request")
+    error_of(
+        await shim.client.post(url, headers=shim.api, json={"model": "gemma-3-270m"}), 400, "invalid_request"
+    )
+    no_node = await shim.client.post(url, headers=shim.api, json=ask)
+    error_of(no_node, 503, "no_capable_nodes")
+    scrape = (await shim.client.get("/metrics")).text
+    assert (
+        'llmlb_requests_total{code="no_capable_nodes",door="http",model="gemma-3-270m",route="responses"} 1.0'
+        in (scrape)
+    )
