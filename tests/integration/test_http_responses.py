@@ -24,7 +24,7 @@ SHORT: dict[str, Any] = {"max_output_tokens": 8, "temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def balancer(tmp_path_factory: pytest.TempPathFactory, gemma: ModelFiles) -> Iterator[BalancerProcess]:
+def door(tmp_path_factory: pytest.TempPathFactory, gemma: ModelFiles) -> Iterator[BalancerProcess]:
     """A balancer with one gemma node answering from a shared dir that links the packaged model."""
     root = tmp_path_factory.mktemp("responses")
     share = root / "share"
@@ -46,14 +46,12 @@ def balancer(tmp_path_factory: pytest.TempPathFactory, gemma: ModelFiles) -> Ite
         balancer.stop()
 
 
-def client(balancer: BalancerProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{balancer.http_url}/v1", api_key=balancer.admin_key, max_retries=0, timeout=120
-    )
+def client(door: BalancerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{door.http_url}/v1", api_key=door.admin_key, max_retries=0, timeout=120)
 
 
-def test_a_plain_create_returns_text_usage_and_a_stateless_response(balancer: BalancerProcess) -> None:
-    response = client(balancer).responses.create(
+def test_a_plain_create_returns_text_usage_and_a_stateless_response(door: BalancerProcess) -> None:
+    response = client(door).responses.create(
         model=GEMMA, instructions="Answer briefly.", input="Name a colour.", **SHORT
     )
     assert response.id.startswith("resp_") and response.object == "response"
@@ -77,8 +75,8 @@ HISTORY: Any = [
 ]
 
 
-def test_message_items_with_text_parts_continue_a_conversation(balancer: BalancerProcess) -> None:
-    response = client(balancer).responses.create(
+def test_message_items_with_text_parts_continue_a_conversation(door: BalancerProcess) -> None:
+    response = client(door).responses.create(
         model=GEMMA,
         input=HISTORY,
         **SHORT,
@@ -87,9 +85,9 @@ def test_message_items_with_text_parts_continue_a_conversation(balancer: Balance
 
 
 def test_a_stream_sends_typed_events_in_order_and_its_text_equals_the_final_response(
-    balancer: BalancerProcess,
+    door: BalancerProcess,
 ) -> None:
-    with client(balancer).responses.stream(model=GEMMA, input="Say hello.", **SHORT) as stream:
+    with client(door).responses.stream(model=GEMMA, input="Say hello.", **SHORT) as stream:
         events = list(stream)
     kinds = [e.type for e in events]
     assert kinds[:4] == [
@@ -107,8 +105,8 @@ def test_a_stream_sends_typed_events_in_order_and_its_text_equals_the_final_resp
     assert last.response.usage is not None and last.response.usage.output_tokens > 0
 
 
-def test_stream_true_on_create_yields_the_same_events(balancer: BalancerProcess) -> None:
-    events = list(client(balancer).responses.create(model=GEMMA, input="Say hi.", stream=True, **SHORT))
+def test_stream_true_on_create_yields_the_same_events(door: BalancerProcess) -> None:
+    events = list(client(door).responses.create(model=GEMMA, input="Say hi.", stream=True, **SHORT))
     assert events[0].type == "response.created"
     done = events[-1]
     assert done.type in ("response.completed", "response.incomplete")
@@ -126,22 +124,20 @@ def test_stream_true_on_create_yields_the_same_events(balancer: BalancerProcess)
     ],
 )
 def test_what_is_not_offered_is_a_400_naming_it(
-    balancer: BalancerProcess, extra: dict[str, object], names: str
+    door: BalancerProcess, extra: dict[str, object], names: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client(balancer).responses.create(**{"model": GEMMA, "input": "hi", **SHORT, **extra})
+        client(door).responses.create(**{"model": GEMMA, "input": "hi", **SHORT, **extra})
     assert caught.value.status_code == 400
     body = caught.value.body
     assert isinstance(body, dict) and body["code"] == "invalid_request" and names in body["message"]
 
 
-def test_responses_are_counted_under_their_own_route(balancer: BalancerProcess) -> None:
-    client(balancer).responses.create(model=GEMMA, input="Hi.", **SHORT)
+def test_responses_are_counted_under_their_own_route(door: BalancerProcess) -> None:
+    client(door).responses.create(model=GEMMA, input="Hi.", **SHORT)
     line = f'llmlb_requests_total{{code="ok",door="http",model="{GEMMA}",route="responses"}}'
 
     def counted() -> bool:
-        return any(
-            row.startswith(line) for row in httpx.get(f"{balancer.http_url}/metrics").text.splitlines()
-        )
+        return any(row.startswith(line) for row in httpx.get(f"{door.http_url}/metrics").text.splitlines())
 
     eventually(counted, 5, "an ok responses request in the metrics")
