@@ -77,6 +77,7 @@ GRPC_ACCESS: dict[str, Access] = {
 HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/v1/chat/completions"): API,
     ("POST", "/v1/completions"): API,
+    ("POST", "/v1/responses"): API,
     ("POST", "/v1/embeddings"): API,
     ("POST", "/v1/audio/transcriptions"): API,
     ("POST", "/v1/audio/speech"): API,
@@ -110,6 +111,9 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
+    # The HTTP door's own description: routes and shapes, no data; open like the probes.
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
 }
 
 

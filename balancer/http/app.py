@@ -11,12 +11,14 @@ from fastapi import FastAPI
 
 from balancer.console import console_routes
 from balancer.http.access import guard
+from balancer.http.docs_routes import docs_routes
 from balancer.http.errors import Unexpected, install_error_handlers
 from balancer.http.key_routes import key_routes
 from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
 from balancer.http.openai_routes import openai_routes
 from balancer.http.probes import probe_routes
+from balancer.http.responses_routes import responses_routes
 from balancer.parts import BalancerParts
 
 
@@ -27,10 +29,12 @@ def create_app(parts: BalancerParts) -> FastAPI:
     routes = guard(
         [
             *openai_routes(parts),
+            *responses_routes(parts),
             *management_routes(parts),
             *key_routes(parts),
             *probe_routes(parts),
             *console_routes(),
+            *docs_routes(),
         ],
         parts.keys,
     )

@@ -271,6 +271,14 @@ async def test_manifest_status_and_nodes_under_v0(shim: Shim) -> None:
     assert "capabilities" in error_of(bad, 400, "invalid_request")
 
 
+async def test_a_repo_id_the_hub_client_rejects_is_a_400_not_an_unreachable_origin(shim: Shim) -> None:
+    for repo_id in ("\u00b3\u00cc", "org/two..dots", "-leading"):
+        bad = await shim.client.post(
+            "/v0/models", headers=shim.admin, json={"repo_id": repo_id, "model_id": "x"}
+        )
+        assert "repo_id" in error_of(bad, 400, "invalid_request")
+
+
 async def test_readiness_counts_nodes_and_models(shim: Shim) -> None:
     ready = await shim.client.get("/readyz")
     assert ready.json() == {"status": "ready", "nodes": {"registered": 0, "online": 0}, "models": 3}
