@@ -30,10 +30,10 @@ NEAR_TOP = 10.0
 
 def log_normalizer(logits: Floats) -> float:
     """``log(sum(exp(logits)))``, shifted by the maximum so it never overflows: logprob = logit - this."""
-    values = np.asarray(logits, dtype=np.float32)
-    top = float(np.max(values))
-    weights = np.exp(values - np.float32(top))  # float32: the vocabulary-sized step stays fast
-    return top + math.log(float(np.sum(weights, dtype=np.float64)))
+    values = np.asarray(logits)  # llama.cpp's float32 as is: the vocabulary-sized step stays fast
+    top = values.max()
+    weights = np.exp(values - top)
+    return float(top) + math.log(float(np.sum(weights, dtype=np.float64)))
 
 
 def log_softmax(logits: Floats) -> npt.NDArray[np.float64]:
@@ -44,7 +44,7 @@ def log_softmax(logits: Floats) -> npt.NDArray[np.float64]:
 
 
 def top_indices(scores: Floats, k: int) -> list[int]:
-    """The ``k`` highest-scoring token ids, best first (ties broken by the lower id)."""
+    """The ``k`` highest-scoring token ids, best first; equal scores in id order."""
     if k <= 0:
         return []
     k = min(k, scores.shape[0])
