@@ -113,9 +113,13 @@ class Choice:
     """One choice of a whole answer, joined from its chunks."""
 
     index: int
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 def join_choices(chunks: Sequence[TextChunk]) -> tuple[list[Choice], TextChunk | None]:
@@ -123,7 +127,7 @@ def join_choices(chunks: Sequence[TextChunk]) -> tuple[list[Choice], TextChunk |
     choices: dict[int, Choice] = {}
     for chunk in chunks:
         choice = choices.setdefault(chunk.index, Choice(chunk.index))
-        choice.text += chunk.delta
+        choice.pieces.append(chunk.delta)
         choice.logprobs.extend(chunk.logprobs)
         if chunk.finish_reason is not None:
             choice.finish_reason = chunk.finish_reason

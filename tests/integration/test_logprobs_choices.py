@@ -58,7 +58,7 @@ def oai(balancer: BalancerProcess) -> openai.OpenAI:
 
 def test_chat_logprobs_have_one_entry_per_token_with_the_alternatives_asked_for(oai: openai.OpenAI) -> None:
     answer = oai.chat.completions.create(
-        model=GEMMA, messages=ASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+        model=GEMMA, messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
     )
     [choice] = answer.choices
     assert answer.usage is not None and choice.logprobs is not None and choice.logprobs.content
@@ -75,7 +75,7 @@ def test_chat_logprobs_have_one_entry_per_token_with_the_alternatives_asked_for(
     streamed = oai.chat.completions.create(
         model=GEMMA,
         messages=ASK,
-        max_tokens=8,
+        max_tokens=6,
         temperature=0,
         logprobs=True,
         top_logprobs=2,
@@ -105,11 +105,20 @@ def test_completion_logprobs_are_parallel_lists_with_offsets(oai: openai.OpenAI)
     assert all(lp <= 0 for lp in logprobs.token_logprobs or [])
     assert all(len(top) == 2 for top in logprobs.top_logprobs or [])
 
+    # The tokens of a stop sequence are generated, so they are counted and listed, though cut from the text.
+    stopped = oai.completions.create(
+        model=GEMMA, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0, stop=[" of"]
+    )
+    [cut] = stopped.choices
+    assert stopped.usage is not None and cut.logprobs is not None and cut.finish_reason == "stop"
+    assert len(cut.logprobs.tokens or []) == stopped.usage.completion_tokens
+    assert "".join(cut.logprobs.tokens or []) == cut.text + " of"
+
 
 def test_n_chat_choices_each_with_an_index_and_usage_summed(oai: openai.OpenAI) -> None:
-    one = oai.chat.completions.create(model=GEMMA, messages=ASK, max_tokens=6, temperature=0)
+    one = oai.chat.completions.create(model=GEMMA, messages=ASK, max_tokens=4, temperature=0)
     three = oai.chat.completions.create(
-        model=GEMMA, messages=ASK, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True
+        model=GEMMA, messages=ASK, max_tokens=4, temperature=1.0, seed=11, n=3, logprobs=True
     )
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert all(c.message.content and c.finish_reason in ("stop", "length") for c in three.choices)
@@ -121,7 +130,7 @@ def test_n_chat_choices_each_with_an_index_and_usage_summed(oai: openai.OpenAI) 
     streamed = oai.chat.completions.create(
         model=GEMMA,
         messages=ASK,
-        max_tokens=6,
+        max_tokens=4,
         temperature=1.0,
         seed=11,
         n=3,
@@ -157,7 +166,7 @@ def test_n_completions_with_echo_each_begin_with_the_prompt(oai: openai.OpenAI) 
 def test_the_grpc_door_streams_logprobs_and_choices(balancer: BalancerProcess) -> None:
     with sync_channel(balancer.address, balancer.admin_key) as channel:
         stub = igrpc.InferenceStub(channel)
-        params = ipb.SamplingParams(max_tokens=5, temperature=0.8, seed=7, n=2, logprobs=True, top_logprobs=2)
+        params = ipb.SamplingParams(max_tokens=4, temperature=0.8, seed=7, n=2, logprobs=True, top_logprobs=2)
         request = ipb.ChatRequest(
             model=GEMMA, messages=[ipb.ChatMessage(role="user", content="Hi!")], params=params
         )
