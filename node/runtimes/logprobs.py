@@ -57,6 +57,14 @@ def top_indices(scores: Floats, k: int) -> list[int]:
     return [int(i) for i in candidates[part][order]]
 
 
+# OpenAI's floor for a log-probability: JSON has no -Infinity, and a masked logit (-inf) would give one.
+FLOOR = -9999.0
+
+
+def _finite(value: float) -> float:
+    return value if value > FLOOR else FLOOR
+
+
 def token_text(data: bytes) -> str:
     """A token's text; a token holding part of a multi-byte character shows its bytes as ``\\xNN``."""
     return data.decode("utf-8", errors="backslashreplace")
@@ -72,11 +80,13 @@ def token_logprob(logits: Floats, token: int, top: int, token_bytes: Callable[[i
     alternatives = []
     for i in top_indices(logits, top):
         data = token_bytes(i)
-        alternatives.append(TopLogprob(token=token_text(data), logprob=float(logits[i]) - norm, bytes=data))
+        alternatives.append(
+            TopLogprob(token=token_text(data), logprob=_finite(float(logits[i]) - norm), bytes=data)
+        )
     data = token_bytes(token)
     return TokenLogprob(
         token=token_text(data),
-        logprob=float(logits[token]) - norm,
+        logprob=_finite(float(logits[token]) - norm),
         bytes=data,
         top_logprobs=tuple(alternatives),
     )

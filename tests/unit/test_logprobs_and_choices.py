@@ -62,6 +62,12 @@ def test_token_logprob_reports_the_chosen_token_and_ranked_alternatives() -> Non
     assert token_logprob(logits, 0, 0, pieces.__getitem__).top_logprobs == ()
 
 
+def test_a_masked_token_gets_openais_floor_not_minus_infinity() -> None:
+    logits = np.array([0.0, -np.inf, 1.0], dtype=np.float32)
+    entry = token_logprob(logits, 1, 3, lambda i: b"x")
+    assert entry.logprob == -9999.0 and entry.top_logprobs[-1].logprob == -9999.0
+
+
 # -- requests ------------------------------------------------------------------------------------------
 
 
