@@ -196,6 +196,8 @@ class CompleteRequest:
     def validate(self) -> None:
         if not self.prompt:
             raise _invalid("prompt must not be empty")
+        if self.echo and self.params.logprobs:
+            raise _invalid("echo with logprobs is not supported: prompt tokens get no log-probabilities here")
         self.params.validate()
 
 

@@ -44,12 +44,13 @@ class _Sampling(_Body):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: Any = None  # accepted only when off: no runtime returns them
 
 
 class ChatCompletionBody(_Sampling):
     messages: list[ChatMessageBody]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -57,6 +58,7 @@ class ChatCompletionBody(_Sampling):
 class CompletionBody(_Sampling):
     prompt: str | list[str]
     echo: bool | None = None
+    logprobs: int | None = None  # legacy: how many alternatives per position (0..5); set: log-probabilities
     best_of: int | None = None
     suffix: str | None = None
 

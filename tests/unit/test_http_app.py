@@ -111,8 +111,8 @@ async def test_broken_json_and_wrong_types_are_400_not_422(shim: Shim) -> None:
     assert "max_tokens" in error_of(typed, 400, "invalid_request")
     missing = await shim.client.post("/v1/embeddings", headers=shim.api, json={"model": "gemma-3-270m"})
     assert "'input'" in error_of(missing, 400, "invalid_request")
-    n = await shim.client.post("/v1/chat/completions", headers=shim.api, json={**CHAT, "n": 3})
-    assert "n must be 1" in error_of(n, 400, "invalid_request")
+    n = await shim.client.post("/v1/chat/completions", headers=shim.api, json={**CHAT, "n": 9})
+    assert "n must be between 1 and 8" in error_of(n, 400, "invalid_request")
 
 
 async def test_bad_model_ids_are_invalid_model_id_before_any_lookup(shim: Shim) -> None:

@@ -97,10 +97,8 @@ def test_max_tokens_is_used_when_max_completion_tokens_is_absent() -> None:
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
-        ({"n": 2}, "n must be 1"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "only text content",
@@ -240,11 +238,14 @@ def test_a_completion_stream_carries_text_and_the_last_finish_reason() -> None:
 
 
 def test_whole_answers_parse_as_the_openai_client_objects() -> None:
-    last = TextChunk("1", "!", FinishReason.STOP, Usage(5, 2), node_id="n1", model="m", created=7)
-    chat = ChatCompletion.model_validate(out.chat_completion_json("chatcmpl-1", 7, "m", "Hi!", last))
+    chunks = [TextChunk("1", "Hi"), TextChunk("1", "!", FinishReason.STOP, Usage(5, 2), node_id="n1")]
+    choices, _ = out.join_choices(chunks)
+    answer = out.chat_completion_json("chatcmpl-1", 7, "m", choices, out.usage_of(chunks))
+    chat = ChatCompletion.model_validate(answer)
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("Hi!", "stop")
     assert chat.usage is not None and chat.usage.total_tokens == 7
-    text = Completion.model_validate(out.text_completion_json("cmpl-1", 7, "m", "five", None))
+    [five], _ = out.join_choices([TextChunk("1", "five", FinishReason.STOP)])
+    text = Completion.model_validate(out.text_completion_json("cmpl-1", 7, "m", [five], None))
     assert (text.object, text.choices[0].text, text.choices[0].finish_reason) == (
         "text_completion",
         "five",
