@@ -357,6 +357,11 @@ class NodeConfig:
     download_stall_timeout_s: float = 60.0
     download_timeout_s: float = 300.0
     peer_fetch: bool = True
+    # Ranges fetched at once per file, and their size: see node/downloader.py for the measured defaults.
+    download_connections: int = 4
+    download_piece_mb: int = 32
+    # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
+    bulk_listen: str = "127.0.0.1:0"
     shared_dir_timeout_s: float = 2.0
     auth_token: str = ""
     log_format: str = "console"
@@ -449,6 +454,16 @@ def load_node_config(
         ),
         download_timeout_s=s.get(download_timeout_s, ("XLLM_DOWNLOAD_TIMEOUT",), 300.0, parse_positive),
         peer_fetch=s.get(peer_fetch, ("XLLM_PEER_FETCH",), True, parse_bool),
+        download_connections=s.get(None, ("XLLM_DOWNLOAD_CONNECTIONS",), 4, parse_count),
+        download_piece_mb=s.get(None, ("XLLM_DOWNLOAD_PIECE_MB",), 32, parse_count),
+        bulk_listen=s.get(
+            None,
+            ("XLLM_BULK_LISTEN",),
+            # Beside the gRPC port, on the same interface, unless told otherwise.
+            s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen).rpartition(":")[0]
+            + ":0",
+            parse_optional_listen,
+        ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
         auth_token=s.get(None, ("XLLM_AUTH_TOKEN",), "", str),
         log_format=fmt,

@@ -104,8 +104,11 @@ class BalancerProxySource:
     def __init__(self, channels: BalancerChannels) -> None:
         self._channels = channels
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
-        async for chunk in ReadBlobSource(self.name, self._channels.channel).stream(model, file, offset):
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
+        source = ReadBlobSource(self.name, self._channels.channel)
+        async for chunk in source.stream(model, file, offset, length):
             yield chunk
 
 

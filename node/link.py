@@ -41,13 +41,15 @@ from common import converters
 from common.channels import open_channel
 from common.config import NodeConfig
 from common.errors import LlmlbError
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from common.types import Capability, Model, ModelState
 from node.balancers import BalancerChannels, BalancerProxySource, Reattach
-from node.blob_sources import BlobSource, ReadBlobSource
+from node.blob_sources import BlobSource, BulkSource, ReadBlobSource
 from node.hardware import Hardware
 from node.model_states import ModelReport, ModelStates
 from node.token_auth import NodeCredentials
@@ -463,12 +465,25 @@ class BalancerLink:
             raise error_from_rpc(exc) from None
         if not self.credentials.has_fleet_token:  # not registered (``xllm pull``): ask for the token
             await self._fetch_fleet_token()
-        found: list[BlobSource] = []
-        for node in nodes.nodes:
-            if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
-                found.append(ReadBlobSource(f"peer:{node.id}", self._peer_channel(node.address)))
+        peers = [n for n in nodes.nodes if n.id in holders and n.state == pb.NODE_STATE_ONLINE and n.address]
+        found: list[BlobSource] = list(await asyncio.gather(*(self._peer_source(n) for n in peers)))
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
+
+    async def _peer_source(self, node: pb.Node) -> BlobSource:
+        """The peer's bulk server when it runs one, else its ``ReadBlob`` (older nodes, or bulk off)."""
+        name, channel = f"peer:{node.id}", self._peer_channel(node.address)
+        try:
+            reply = await mgrpc.ManifestStub(channel).GetBulkEndpoint(
+                mpb.GetBulkEndpointRequest(), timeout=LOOKUP_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info("peer.no_bulk_path", peer=node.id, code=exc.code().name)
+            return ReadBlobSource(name, channel)
+        if reply.port <= 0:
+            return ReadBlobSource(name, channel)
+        host = node.address.rpartition(":")[0]
+        return BulkSource(name, host, reply.port, self.credentials.for_peers)
 
     async def _fetch_fleet_token(self) -> None:
         """The fleet token without registering; without it, peers are tried with ``XLLM_AUTH_TOKEN``."""

@@ -53,7 +53,9 @@ class GatedSource:
         self.gate = asyncio.Event()
         self.sent_some = asyncio.Event()
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
         yield DATA[offset : offset + 256 * 1024]
         self.sent_some.set()
         await self.gate.wait()
