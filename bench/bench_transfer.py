@@ -37,8 +37,8 @@ SIZES_MIB = tuple(int(v) for v in os.environ.get("BENCH_TRANSFER_MIB", "64,1024"
 
 async def _pull(
     home: Path, balancer: str, model_id: str, env: dict[str, str], *extra: str
-) -> tuple[float, float, int]:
-    """Runs ``xllm pull``; returns its wall time, the node's own transfer time and its peak RSS (kB)."""
+) -> tuple[float, tuple[float, float], int]:
+    """Runs ``xllm pull``: its wall time, the node's transfer and fsync times, its peak RSS (kB)."""
     full_env = {
         **os.environ,
         **env,
@@ -72,15 +72,17 @@ async def _pull(
     return elapsed, _transfer_seconds(text), peak
 
 
-def _transfer_seconds(log_text: str) -> float:
-    """The ``seconds`` of the node's ``download.done`` line(s), summed over the files it fetched."""
-    total = 0.0
+def _transfer_seconds(log_text: str) -> tuple[float, float]:
+    """``seconds`` and ``sync_s`` of the node's ``download.done`` line(s), summed over its files."""
+    total, sync = 0.0, 0.0
     for line in log_text.splitlines():
         if '"download.done"' in line:
-            total += float(json.loads(line)["seconds"])
+            done = json.loads(line)
+            total += float(done["seconds"])
+            sync += float(done.get("sync_s", 0.0))
     if total <= 0:
         raise RuntimeError(f"no download.done line in the node's log: {log_text[-2000:]}")
-    return total
+    return total, sync
 
 
 def _vm_hwm_kb(status: Path) -> int:
@@ -126,12 +128,14 @@ async def _serve_node(home: Path, balancer: str, env: dict[str, str]) -> asyncio
     return proc
 
 
-def _row(name: str, size_mb: int, wall: float, transfer: float, rss_kb: int, base: float) -> str:
+def _row(name: str, size_mb: int, wall: float, times: tuple[float, float], rss_kb: int, base: float) -> str:
+    transfer, sync = times
     rss = f"{rss_kb / 1024:.0f}" if rss_kb else "-"
     start_up = f"{wall - transfer:.2f}" if wall > transfer else "-"
+    net = transfer - sync
     return (
-        f"| {name} | {size_mb} | {transfer:.2f} | {size_mb * 1.048576 / transfer:.0f} | "
-        f"{base / transfer:.2f} | {start_up} | {wall:.2f} | {rss} |"
+        f"| {name} | {size_mb} | {transfer:.2f} | {size_mb * 1.048576 / transfer:.0f} | {sync:.2f} | "
+        f"{size_mb * 1.048576 / net:.0f} | {base / transfer:.2f} | {start_up} | {wall:.2f} | {rss} |"
     )
 
 
@@ -165,7 +169,7 @@ async def run() -> str:
                 started = time.perf_counter()
                 shutil.copyfile(source, tmp / f"copy-{size_mb}.bin")
                 base = time.perf_counter() - started
-                rows.append(_row("local file copy (shutil)", size_mb, base, base, 0, base))
+                rows.append(_row("local file copy (shutil)", size_mb, base, (base, 0.0), 0, base))
 
                 w, t, rss = await _pull(tmp / f"origin-{size_mb}", address, model_id, env)
                 rows.append(_row("node <- origin (hub, HTTP)", size_mb, w, t, rss, base))
@@ -194,11 +198,14 @@ async def run() -> str:
             "file renamed); `start-up s` is the rest of the process's wall time (interpreter, imports,",
             "manifest lookup). MB/s is of the transfer (10^6 bytes); `vs copy` is the local copy's time",
             "divided by the transfer's (1.00 = as fast as `shutil.copyfile`). Peak RSS is the fetching",
-            "process's VmHWM: it should not grow with the file (goal: within 20 %). The balancer runs",
+            "process's VmHWM: it should not grow with the file (goal: within 20 %). `of which fsync` is",
+            "the flush to disk before the rename (the disk's share); `MB/s before fsync` is the rest.",
+            "The local copy is not flushed. The balancer runs",
             "with auth off (`LLMLB_AUTH=false`): this measures moving bytes, not checking keys.",
             "",
-            "| path | MiB | transfer s | MB/s | vs copy | start-up s | process wall s | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| path | MiB | transfer s | MB/s | of which fsync s | MB/s before fsync | vs copy | start-up s "
+            "| process wall s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]

@@ -224,6 +224,7 @@ class Downloader:
         )
         digest = await transfer.run()
         loop = asyncio.get_running_loop()
+        fetched = time.monotonic()
         await loop.run_in_executor(self._storage.io_threads, _publish, part, path)
         self._storage.record_verified(model.id, file.filename, digest)
         # The transfer's own time (verification and rename included, process start-up not):
@@ -236,6 +237,8 @@ class Downloader:
             bytes=file.size_bytes,
             by_source=transfer.by_source,
             seconds=round(seconds, 4),
+            # Of those, the fsync before the rename: the disk's share, apart from the network's.
+            sync_s=round(time.monotonic() - fetched, 4),
             mib_per_s=round((file.size_bytes - have) / 2**20 / max(seconds, 1e-9), 1),
         )
 
