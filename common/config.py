@@ -166,6 +166,8 @@ class BalancerConfig:
     log_level: str = "info"
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
+    # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
+    bulk_listen: str = "127.0.0.1:0"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
     # TLS for the gRPC door; with a client CA, callers must present a certificate it signed (mTLS).
@@ -243,6 +245,7 @@ def load_balancer_config(
     if fmt not in ("console", "json"):
         raise ValueError(f"LLMLB_LOG_FORMAT={fmt!r}: expected console or json")
     tls_cert = s.get(None, ("LLMLB_TLS_CERT",), None, Path)
+    grpc_host = s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen).rpartition(":")[0]
     tls_key = s.get(None, ("LLMLB_TLS_KEY",), None, Path)
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("LLMLB_TLS_CERT and LLMLB_TLS_KEY go together: set both or neither")
@@ -264,6 +267,13 @@ def load_balancer_config(
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
+        # Beside the gRPC port; off under TLS, since the bulk path is plain HTTP.
+        bulk_listen=s.get(
+            None,
+            ("LLMLB_BULK_LISTEN",),
+            "" if tls_cert is not None else grpc_host + ":0",
+            parse_optional_listen,
+        ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -78,6 +78,7 @@ class OriginSource:
     """The model's origin hub, reached directly (``huggingface_hub`` URLs and headers)."""
 
     name = "origin"
+    via = "http"
 
     def __init__(self, config: NodeConfig, files: HubFiles) -> None:
         self._config = config
@@ -107,6 +108,8 @@ class OriginSource:
 
 class ReadBlobSource:
     """``Manifest.ReadBlob`` on the balancer (its origin proxy) or on a peer node holding the file."""
+
+    via = "grpc"
 
     def __init__(self, name: str, channel: grpc.aio.Channel) -> None:
         self.name = name
@@ -142,11 +145,52 @@ class BulkSource:
     size. The bearer token is the one the node presents to its peers' gRPC doors.
     """
 
-    def __init__(self, name: str, host: str, port: int, token: Callable[[], str]) -> None:
+    via = "bulk"
+
+    def __init__(
+        self, name: str, host: str, port: int, token: Callable[[], str], *, partial: bool = False
+    ) -> None:
         self.name = name
         self._host = host.strip("[]")
         self._port = port
         self._token = token
+        self.partial = partial  # a peer still downloading the file: it holds some ranges only
+
+    async def piece_map(
+        self, model: Model, file: ManifestFile
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """What a peer still downloading holds and is fetching now: ([start, end) held, ... fetching)."""
+        loop = asyncio.get_running_loop()
+        query = f"model={quote(model.id, safe='')}&file={quote(file.filename, safe='')}"
+        request = (
+            f"GET /pieces?{query} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Authorization: Bearer {self._token()}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (self._host, self._port))
+            await loop.sock_sendall(sock, request)
+            raw = b""
+            while chunk := await loop.sock_recv(sock, 65536):
+                raw += chunk
+                if len(raw) > 4 * 1024 * 1024:
+                    raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{self.name} sent an oversized piece map")
+        except OSError as exc:
+            raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{self.name} piece map failed: {exc!r}") from None
+        finally:
+            sock.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = _status(head)
+        if status != 200:
+            raise _refusal(self.name, status, body)
+        try:
+            found = json.loads(body)
+            held = [(int(a), int(b)) for a, b in found["held"]]
+            fetching = [(int(a), int(b)) for a, b in found["fetching"]]
+        except (ValueError, KeyError, TypeError):
+            raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{self.name} sent a bad piece map") from None
+        return held, fetching
 
     def _request(self, model: Model, file: ManifestFile, offset: int, length: int) -> bytes:
         last = "" if not length else str(offset + length - 1)

@@ -1,9 +1,8 @@
 """The node's bulk data door: model file bytes over HTTP/1.1 range requests, kernel to kernel.
 
-``GET /blob?model=<id>&file=<name>`` with ``Range: bytes=a-b`` and ``Authorization: Bearer <token>``
-(the same tokens the node's gRPC door accepts: the fleet token or ``XLLM_AUTH_TOKEN``) answers
-``206`` and the bytes, sent with ``loop.sendfile`` so they go from the page cache to the socket
-without passing through Python. Errors are the house JSON shape, ``{"error": {message, type, code}}``.
+The protocol is ``common/bulk_http.py``'s. A caller must present a token the node's gRPC door
+accepts (the fleet token or ``XLLM_AUTH_TOKEN``); the bytes are sent with ``loop.sendfile``, so they
+go from the page cache to the socket without passing through Python.
 
 Peers find the port through ``Manifest.GetBulkEndpoint`` on the node's gRPC door; a node without
 this server (an older one) answers that call UNIMPLEMENTED and is read with ``ReadBlob`` instead.
@@ -13,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from typing import Protocol
 
 import structlog
 
-from common.errors import ERRORS, ErrorCode, LlmlbError
-from common.formats import read_range_end
+from common.bulk_http import BlobRequest, covers, parse_range, partial_head, send_json, serve_connection
+from common.errors import ErrorCode, LlmlbError
+from common.model_id import normalize_model_id
 from common.types import ManifestFile
 from node.token_auth import NodeCredentials
 
@@ -31,17 +29,34 @@ log = structlog.get_logger(__name__)
 # Where a file's bytes are: (manifest entry, path). Raises model_not_found when not held.
 Locate = Callable[[str, str], Awaitable[tuple[ManifestFile, Path]]]
 
-MAX_HEAD_BYTES = 16 * 1024
-HEAD_TIMEOUT_S = 30.0
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+class PartialFile(Protocol):
+    """A download in progress on this node, as peers may read it (``node/transfer.py``)."""
+
+    @property
+    def file(self) -> ManifestFile: ...
+
+    @property
+    def part(self) -> Path: ...
+
+    def held_ranges(self) -> list[tuple[int, int]]: ...
+
+    def fetching_ranges(self) -> list[tuple[int, int]]: ...
+
+
+# The download in progress of (model id, filename), if any.
+FindPartial = Callable[[str, str], PartialFile | None]
 
 
 class BulkServer:
     """Serves the files ``locate`` finds to callers ``credentials`` accepts."""
 
-    def __init__(self, locate: Locate, credentials: NodeCredentials) -> None:
+    def __init__(
+        self, locate: Locate, credentials: NodeCredentials, partial: FindPartial = lambda m, f: None
+    ) -> None:
         self._locate = locate
         self._credentials = credentials
+        self._partial = partial
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -61,99 +76,34 @@ class BulkServer:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:  # keep-alive: one request after another on the connection
-                try:
-                    async with asyncio.timeout(HEAD_TIMEOUT_S):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-                    return
-                if len(head) > MAX_HEAD_BYTES:
-                    return
-                keep = await self._answer(head.decode("latin-1"), writer)
-                if not keep:
-                    return
-        except (ConnectionError, OSError):
-            return  # the reader went away mid-transfer: its download retries elsewhere
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await serve_connection(reader, writer, self._authorize, self._send, "node")
 
-    async def _answer(self, head: str, writer: asyncio.StreamWriter) -> bool:
-        lines = head.split("\r\n")
-        parts = lines[0].split()
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        keep = headers.get("connection", "").lower() != "close"
+    async def _authorize(self, token: str | None) -> None:
+        if not self._credentials.accepts(token):
+            raise LlmlbError(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <fleet token>'")
+
+    async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
+        partial: PartialFile | None = None
         try:
-            if len(parts) != 3 or parts[0] != "GET":
-                raise LlmlbError(ErrorCode.INVALID_REQUEST, "only GET /blob?model=&file= is served here")
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            presented = token.strip() if scheme.lower() == "bearer" and token.strip() else None
-            if not self._credentials.accepts(presented):
-                log.info("node.bulk_auth_refused", reason="missing" if presented is None else "wrong")
-                raise LlmlbError(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <fleet token>'")
-            url = urlsplit(parts[1])
-            query = parse_qs(url.query)
-            if url.path != "/blob" or "model" not in query or "file" not in query:
-                raise LlmlbError(ErrorCode.INVALID_REQUEST, "expected GET /blob?model=<id>&file=<name>")
-            file, path = await self._locate(query["model"][0], query["file"][0])
-            start, end = _range(headers.get("range", ""), file.size_bytes)
+            file, path = await self._locate(request.model_id, request.filename)
         except LlmlbError as exc:
-            await _send_error(writer, exc)
-            return keep
-        await self._send(writer, file, path, start, end)
-        return keep
-
-    async def _send(
-        self, writer: asyncio.StreamWriter, file: ManifestFile, path: Path, start: int, end: int
-    ) -> None:
-        length = end - start
-        head = (
-            "HTTP/1.1 206 Partial Content\r\n"
-            "Content-Type: application/octet-stream\r\n"
-            f"Content-Length: {length}\r\n"
-            f"Content-Range: bytes {start}-{end - 1}/{file.size_bytes}\r\n"
-            f"X-Sha256: {file.sha256}\r\n"
-            "\r\n"
-        )
-        writer.write(head.encode())
-        await writer.drain()
-        loop = asyncio.get_running_loop()
-        with path.open("rb") as fh:
+            partial = self._partial(normalize_model_id(request.model_id), request.filename)
+            if exc.code is not ErrorCode.MODEL_NOT_FOUND or partial is None:
+                raise
+            file, path = partial.file, partial.part
+        if request.path == "/pieces":
+            held = [(0, file.size_bytes)] if partial is None else partial.held_ranges()
+            fetching = [] if partial is None else partial.fetching_ranges()
+            await send_json(writer, {"size": file.size_bytes, "held": held, "fetching": fetching})
+            return
+        start, end = parse_range(request.range_header, file.size_bytes)
+        if partial is not None and not covers(partial.held_ranges(), start, end):
+            # A peer asked ahead of this node's own download: not an error of either, try later.
+            raise LlmlbError(ErrorCode.UNAVAILABLE, f"bytes {start}-{end - 1} are not held yet")
+        with path.open("rb") as fh:  # opened before the head goes out: a vanished file is a clean 404
+            writer.write(partial_head(start, end, file.size_bytes, file.sha256))
+            await writer.drain()
             # os.sendfile under the hood: page cache to socket, no copy through Python.
-            sent = await loop.sendfile(writer.transport, fh, start, length)
-        if sent != length:
-            raise ConnectionError(f"{path.name} ended after {sent} of {length} bytes")
-
-
-def _range(value: str, size: int) -> tuple[int, int]:
-    """``[start, end)`` of a single ``bytes=a-b`` range (the whole file when absent)."""
-    if not value:
-        return 0, size
-    match = _RANGE.match(value)
-    if match is None:
-        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"unsupported Range {value!r}: one bytes=a-b range")
-    start = int(match.group(1))
-    length = int(match.group(2)) - start + 1 if match.group(2) else 0
-    if length < 0:
-        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"Range {value!r} ends before it starts")
-    end = read_range_end(size, start, min(length, size - start) if length else 0)
-    return start, end
-
-
-async def _send_error(writer: asyncio.StreamWriter, exc: LlmlbError) -> None:
-    spec = ERRORS[exc.code]
-    status = (
-        416 if exc.code is ErrorCode.INVALID_REQUEST and "past the end" in exc.message else spec.http_status
-    )
-    body = json.dumps(
-        {"error": {"message": exc.message, "type": spec.openai_type, "code": exc.code.value}}
-    ).encode()
-    head = f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    writer.write(head.encode() + b"\r\n" + body)
-    await writer.drain()
+            sent = await asyncio.get_running_loop().sendfile(writer.transport, fh, start, end - start)
+        if sent != end - start:
+            raise ConnectionError(f"{path.name} ended after {sent} of {end - start} bytes")

@@ -16,7 +16,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -101,16 +101,33 @@ class Downloader:
         self._metrics = metrics or NodeMetrics(dict)
         self._slots = asyncio.Semaphore(config.max_downloads)
         self._inflight: dict[Path, asyncio.Task[None]] = {}
+        self._transfers: dict[tuple[str, str], RangedTransfer] = {}  # (model id, filename) -> running
+
+    def partial(self, model_id: str, filename: str) -> RangedTransfer | None:
+        """The download of ``model_id``/``filename`` running now, for peers reading what it holds."""
+        return self._transfers.get((model_id, filename))
 
     def active(self) -> int:
         return len(self._inflight)
 
-    async def fetch(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> Path:
-        """Makes ``file`` valid in the models dir and returns its path; raises ``download_failed``."""
+    async def fetch(
+        self,
+        model: Model,
+        file: ManifestFile,
+        sources: list[BlobSource],
+        *,
+        refresh: Callable[[], Awaitable[list[BlobSource]]] | None = None,
+        me: str = "",
+    ) -> Path:
+        """Makes ``file`` valid in the models dir and returns its path; raises ``download_failed``.
+
+        ``refresh`` asks again who holds or is fetching the file (the swarm, see ``node/transfer.py``)
+        and ``me`` is this node's name among those peers.
+        """
         path = self._storage.file_path(model.id, file.filename)
         task = self._inflight.get(path)
         if task is None:
-            task = asyncio.create_task(self._fetch_shared(model, file, sources))
+            task = asyncio.create_task(self._fetch_shared(model, file, sources, refresh, me))
             self._inflight[path] = task
             task.add_done_callback(
                 lambda t: self._inflight.pop(path, None) if self._inflight.get(path) is t else None
@@ -145,7 +162,14 @@ class Downloader:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fetch_shared(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+    async def _fetch_shared(
+        self,
+        model: Model,
+        file: ManifestFile,
+        sources: list[BlobSource],
+        refresh: Callable[[], Awaitable[list[BlobSource]]] | None,
+        me: str,
+    ) -> None:
         def waiting() -> None:  # another process holds the lock: report what its .partial holds
             done = self._storage.partial_bytes(model.id, file.filename)
             self.on_progress(Progress(model.id, file.filename, done, file.size_bytes))
@@ -155,13 +179,20 @@ class Downloader:
             if await self._storage.is_valid(model.id, file):
                 return  # another node process on this models dir finished it while we waited
             async with self._slots:
-                await self._download(model, file, sources)
+                await self._download(model, file, sources, refresh, me)
 
-    async def _download(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+    async def _download(
+        self,
+        model: Model,
+        file: ManifestFile,
+        sources: list[BlobSource],
+        refresh: Callable[[], Awaitable[list[BlobSource]]] | None,
+        me: str,
+    ) -> None:
         """One file's download, counted in ``xllm_downloads_total`` by its outcome."""
         outcome = "ok"
         try:
-            await self._download_file(model, file, sources)
+            await self._download_file(model, file, sources, refresh, me)
         except LlmlbError as exc:
             outcome = exc.code.value
             raise
@@ -174,7 +205,14 @@ class Downloader:
         finally:
             self._metrics.downloads.labels(outcome).inc()
 
-    async def _download_file(self, model: Model, file: ManifestFile, sources: list[BlobSource]) -> None:
+    async def _download_file(
+        self,
+        model: Model,
+        file: ManifestFile,
+        sources: list[BlobSource],
+        refresh: Callable[[], Awaitable[list[BlobSource]]] | None,
+        me: str,
+    ) -> None:
         path = self._storage.file_path(model.id, file.filename)
         part = partial_path(path)
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +227,7 @@ class Downloader:
             filename=file.filename,
             bytes=file.size_bytes,
             resume_from=have,
-            sources=[s.name for s in sources],
+            sources={s.name: getattr(s, "via", "stream") for s in sources},  # name -> wire path
             connections=self._config.download_connections,
             piece_mb=self._config.download_piece_mb,
         )
@@ -221,11 +259,19 @@ class Downloader:
             io_threads=self._storage.io_threads,
             metrics=self._metrics,
             on_done=progressed,
+            me=me,
+            refresh=refresh,
         )
-        digest = await transfer.run()
+        key = (model.id, file.filename)
+        self._transfers[key] = transfer  # peers may read what it holds while it runs
         loop = asyncio.get_running_loop()
-        fetched = time.monotonic()
-        await loop.run_in_executor(self._storage.io_threads, _publish, part, path)
+        try:
+            digest = await transfer.run()
+            fetched = time.monotonic()
+            await loop.run_in_executor(self._storage.io_threads, _publish, part, path)
+        finally:
+            # Only once the whole file is in place: a peer reading never finds neither.
+            self._transfers.pop(key, None)
         self._storage.record_verified(model.id, file.filename, digest)
         # The transfer's own time (verification and rename included, process start-up not):
         # what an operator compares between sources, and what the transfer bench reads.

@@ -143,6 +143,7 @@ class BalancerLink:
         self._draining = draining
         # Shared with the node's server door: each registration hands it the fleet token.
         self.credentials = credentials if credentials is not None else NodeCredentials(config.auth_token)
+        self._api_key = config.api_key
         self._balancers = BalancerChannels(
             config.balancers,
             lambda address: open_channel(
@@ -442,19 +443,24 @@ class BalancerLink:
             raise error_from_rpc(exc) from None
         return converters.model_from_pb(reply)
 
+    def swarm_name(self) -> str:
+        """This node's source name as its peers see it, once the balancer lists it; else empty."""
+        return f"peer:{self.node_id}" if self.node_id and self.connected.is_set() else ""
+
     async def peer_sources(self, model_id: str) -> list[BlobSource]:
-        """Online nodes other than this one that report the model present or ready."""
+        """Online nodes other than this one that hold the model (present, loading or ready), and
+        those still downloading it (the swarm: they serve the ranges they hold, over bulk only)."""
         try:
             model = await self._ask(
                 lambda registry: registry.GetModel(
                     rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
                 )
             )
+            whole = (pb.MODEL_STATE_PRESENT, pb.MODEL_STATE_READY, pb.MODEL_STATE_LOADING)
             holders = {
-                n.node_id
+                n.node_id: n.state == pb.MODEL_STATE_DOWNLOADING  # node id -> still downloading
                 for n in model.nodes
-                if n.state in (pb.MODEL_STATE_PRESENT, pb.MODEL_STATE_READY, pb.MODEL_STATE_LOADING)
-                and n.node_id != self.node_id
+                if (n.state in whole or n.state == pb.MODEL_STATE_DOWNLOADING) and n.node_id != self.node_id
             }
             if not holders:
                 return []
@@ -466,24 +472,28 @@ class BalancerLink:
         if not self.credentials.has_fleet_token:  # not registered (``xllm pull``): ask for the token
             await self._fetch_fleet_token()
         peers = [n for n in nodes.nodes if n.id in holders and n.state == pb.NODE_STATE_ONLINE and n.address]
-        found: list[BlobSource] = list(await asyncio.gather(*(self._peer_source(n) for n in peers)))
+        sources = await asyncio.gather(*(self._peer_source(n, partial=holders[n.id]) for n in peers))
+        found: list[BlobSource] = [s for s in sources if s is not None]
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
 
-    async def _peer_source(self, node: pb.Node) -> BlobSource:
-        """The peer's bulk server when it runs one, else its ``ReadBlob`` (older nodes, or bulk off)."""
+    async def _peer_source(self, node: pb.Node, *, partial: bool) -> BlobSource | None:
+        """The peer's bulk server when it runs one, else its ``ReadBlob`` (older nodes, or bulk off);
+        a peer still downloading is a source only through its bulk server (ReadBlob serves whole files)."""
         name, channel = f"peer:{node.id}", self._peer_channel(node.address)
         try:
+            # Asked each time: a peer restarted on the same address has a new bulk port.
             reply = await mgrpc.ManifestStub(channel).GetBulkEndpoint(
                 mpb.GetBulkEndpointRequest(), timeout=LOOKUP_TIMEOUT_S
             )
+            port = reply.port
         except grpc.aio.AioRpcError as exc:
             log.info("peer.no_bulk_path", peer=node.id, code=exc.code().name)
-            return ReadBlobSource(name, channel)
-        if reply.port <= 0:
-            return ReadBlobSource(name, channel)
+            port = 0
+        if port <= 0:
+            return None if partial else ReadBlobSource(name, channel)
         host = node.address.rpartition(":")[0]
-        return BulkSource(name, host, reply.port, self.credentials.for_peers)
+        return BulkSource(name, host, port, self.credentials.for_peers, partial=partial)
 
     async def _fetch_fleet_token(self) -> None:
         """The fleet token without registering; without it, peers are tried with ``XLLM_AUTH_TOKEN``."""
@@ -513,4 +523,5 @@ class BalancerLink:
 
     def proxy_source(self) -> BlobSource:
         """The balancer's origin proxy, read through whichever balancer is current when a read starts."""
-        return BalancerProxySource(self._balancers)
+        # The balancer's bulk proxy takes the node's key, or the fleet token when keys are not used.
+        return BalancerProxySource(self._balancers, lambda: self._api_key or self.credentials.for_peers())

@@ -297,7 +297,7 @@ async def start(config: NodeConfig) -> NodeProcess:
 
     bulk_server = None
     if config.bulk_listen:
-        bulk_server = BulkServer(resolver.locate, credentials)
+        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial)
         try:
             await bulk_server.start(config.bulk_listen)
         except OSError as exc:

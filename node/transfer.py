@@ -18,12 +18,13 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
 import structlog
 
+from common.bulk_http import covers, overlaps
 from common.errors import ErrorCode, LlmlbError
 from common.metrics import NodeMetrics
 from common.types import ManifestFile, Model
@@ -35,6 +36,9 @@ log = structlog.get_logger(__name__)
 ATTEMPTS_PER_SOURCE = 3  # failures in a row before a source is dropped for this file
 HASH_BLOCK = 4 * 1024 * 1024
 SIDECAR_EVERY_S = 1.0  # how often a piece's progress is saved while it is fetched
+SWARM_POLL_S = 0.25  # how often the piece maps of peers still downloading are read
+SWARM_REFRESH_S = 1.0  # how often the balancer is asked again who holds or is fetching the file
+SWARM_ABSENT_S = 5.0  # a peer listed as downloading with nothing running that long has left
 UNKNOWN_WRITER = "unknown"  # bytes an older node wrote (a plain-prefix .partial)
 _pwrite = os.pwrite  # one name for every write into a .partial (a full disk is drilled through it)
 
@@ -56,6 +60,8 @@ class RangedTransfer:
         io_threads: Executor,
         metrics: NodeMetrics,
         on_done: Callable[[int, dict[str, int]], None],
+        me: str = "",
+        refresh: Callable[[], Awaitable[list[BlobSource]]] | None = None,
     ) -> None:
         self._model = model
         self._file = file
@@ -78,12 +84,36 @@ class RangedTransfer:
         self._hashed = 0
         self._hashing: asyncio.Task[None] | None = None
         self._saved_at = 0.0
+        # The swarm: this node's source name as its peers know it ("" when it has none), how to ask
+        # the balancer again who holds or is fetching the file, and what each such peer holds.
+        self._me = me
+        self._refresh = refresh
+        self._maps: dict[str, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
+        self._reading: set[int] = set()  # pieces being read now, by this node
+        self._not_running: dict[str, int] = {}  # peer -> piece-map polls that found no download there
+
+    # -- what peers see of this download (node/bulk_server.py) -----------------------------------
+
+    @property
+    def file(self) -> ManifestFile:
+        return self._file
+
+    @property
+    def part(self) -> Path:
+        return self._part
+
+    def held_ranges(self) -> list[tuple[int, int]]:
+        return self._pieces.ranges()
+
+    def fetching_ranges(self) -> list[tuple[int, int]]:
+        return [self._pieces.bounds(i) for i in sorted(self._reading)]
 
     async def run(self) -> str:
         loop = asyncio.get_running_loop()
         size = self._file.size_bytes
         self._pieces = await loop.run_in_executor(self._io, load_pieces, self._part, size, self._piece_bytes)
         self._fd = await loop.run_in_executor(self._io, self._open)
+        watcher = asyncio.create_task(self._watch_swarm()) if self._refresh is not None else None
         try:
             for _ in range(len(self._sources) + 2):  # each round drops a source, so this ends
                 todo = [i for i in range(len(self._pieces.filled)) if not self._pieces.complete(i)]
@@ -112,6 +142,9 @@ class RangedTransfer:
                 self._pieces.save(self._part)
             raise
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             if self._fd >= 0:
                 await loop.run_in_executor(self._io, os.close, self._fd)
 
@@ -129,11 +162,13 @@ class RangedTransfer:
     # -- pieces -----------------------------------------------------------------------------------
 
     async def _fetch_all(self, todo: list[int]) -> None:
-        queue = list(reversed(todo))
+        remaining = set(todo)
 
         async def worker() -> None:
-            while queue:
-                await self._fetch_piece(queue.pop())
+            while remaining:
+                index = min(remaining, key=self._urgency)
+                remaining.discard(index)
+                await self._fetch_piece(index)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -141,6 +176,138 @@ class RangedTransfer:
                     group.create_task(worker())
         except BaseExceptionGroup as group_exc:
             raise _first(group_exc) from None
+
+    def _urgency(self, index: int) -> tuple[int, int]:
+        """Which piece a free worker takes next: one a peer holds, then one this node should fetch
+        from the origin (its own share), then the rest (waiting for the peer whose share it is)."""
+        start, end = self._pieces.bounds(index)
+        if any(covers(held, start, end) for held, _ in self._maps.values()):
+            return 0, index
+        if self._complete_peers() or self._owner(index) in ("", self._me):
+            return 1, index
+        return 2, index
+
+    def _live(self) -> list[BlobSource]:
+        return [s for s in self._sources if s.name not in self._dead]
+
+    def _complete_peers(self) -> list[BlobSource]:
+        return [s for s in self._live() if source_kind(s.name) == "peer" and not _is_partial(s)]
+
+    def _owner(self, index: int) -> str:
+        """The swarm member whose share of the origin reads piece ``index`` is ("" with no swarm).
+
+        Rendezvous hashing over this node and the peers still downloading: every member computes
+        the same owner from the same member list, and a member joining or leaving moves only the
+        pieces it wins or held, so the origin is read about once however the swarm changes.
+        """
+        members = [s.name for s in self._live() if _is_partial(s)]
+        if not members:
+            return ""
+        if self._me:
+            members.append(self._me)
+        start = self._pieces.bounds(index)[0]
+        key = f"{self._file.sha256 or self._file.filename}|{start}"
+        return max(members, key=lambda m: hashlib.sha256(f"{m}|{key}".encode()).digest())
+
+    async def _choose(self, index: int) -> BlobSource:
+        """The source for the rest of piece ``index``: a peer holding it, else the origin when it is
+        this node's share (or no peer is getting it), else wait for the peer whose share it is."""
+        waiting_since = time.monotonic()
+        while True:
+            start, end = self._pieces.bounds(index)
+            start += self._pieces.filled[index]
+            if not self._live():
+                return self._pick()  # raises, naming why each source was dropped
+            whole = self._complete_peers()
+            if whole:
+                return min(whole, key=lambda s: self._active.get(s.name, 0))
+            live = self._live()
+            holding = [
+                s for s in live if _is_partial(s) and covers(self._maps.get(s.name, ([], []))[0], start, end)
+            ]
+            if holding:
+                return min(holding, key=lambda s: self._active.get(s.name, 0))
+            upstream = [s for s in live if source_kind(s.name) != "peer"]
+            partials = [s for s in live if _is_partial(s)]
+            if not upstream and not partials:
+                return self._pick()
+            busy = any(overlaps(self._maps.get(s.name, ([], []))[1], start, end) for s in partials)
+            patience_over = time.monotonic() - waiting_since > self._stall_s
+            if upstream and (patience_over or (not busy and self._owner(index) in ("", self._me))):
+                return min(upstream, key=lambda s: self._active.get(s.name, 0))
+            if patience_over and not upstream:
+                raise LlmlbError(
+                    ErrorCode.TIMEOUT,
+                    f"no peer delivered bytes {start}-{end - 1} of {self._file.filename} within "
+                    f"{self._stall_s:g}s (XLLM_DOWNLOAD_STALL_TIMEOUT)",
+                )
+            await asyncio.sleep(SWARM_POLL_S)
+
+    def _held_by(self, name: str) -> list[tuple[int, int]]:
+        return self._maps.get(name, ([], []))[0]
+
+    async def _watch_swarm(self) -> None:
+        """Keeps the list of peers and what the ones still downloading hold up to date."""
+        assert self._refresh is not None
+        refreshed = 0.0
+        while True:
+            if time.monotonic() - refreshed >= SWARM_REFRESH_S:
+                refreshed = time.monotonic()
+                try:
+                    self._merge(await self._refresh())
+                except LlmlbError as exc:
+                    log.info("download.swarm_refresh_failed", filename=self._file.filename, error=exc.message)
+            partials = [s for s in self._live() if _is_partial(s)]
+            maps = await asyncio.gather(*(self._map_of(s) for s in partials))
+            for source, found in zip(partials, maps, strict=True):
+                if found is not None:
+                    self._maps[source.name] = found
+            await asyncio.sleep(SWARM_POLL_S)
+
+    async def _map_of(self, source: BlobSource) -> tuple[list[tuple[int, int]], list[tuple[int, int]]] | None:
+        piece_map = getattr(source, "piece_map", None)
+        if piece_map is None:
+            return None
+        try:
+            async with asyncio.timeout(2.0):
+                found: tuple[list[tuple[int, int]], list[tuple[int, int]]] = await piece_map(
+                    self._model, self._file
+                )
+            self._failures[source.name] = 0
+            self._not_running.pop(source.name, None)
+            return found
+        except (LlmlbError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, LlmlbError) else "no piece map within 2s"
+            if isinstance(exc, LlmlbError) and exc.code is ErrorCode.MODEL_NOT_FOUND:
+                # Listed as downloading but nothing running there (yet, or any more): it holds
+                # nothing for now, and only a long silence takes its share away.
+                misses = self._not_running.get(source.name, 0) + 1
+                self._not_running[source.name] = misses
+                if misses * SWARM_POLL_S < SWARM_ABSENT_S:
+                    return [], []
+            else:
+                failures = self._failures.get(source.name, 0) + 1
+                self._failures[source.name] = failures
+                if failures < ATTEMPTS_PER_SOURCE:
+                    return None
+            self._dead.setdefault(source.name, message)  # left the swarm: its share moves on
+            log.info("download.peer_left", filename=self._file.filename, peer=source.name, error=message)
+            return None
+
+    def _merge(self, found: list[BlobSource]) -> None:
+        """Adds peers that joined, and turns a peer that finished into a whole-file source."""
+        known = {s.name: i for i, s in enumerate(self._sources)}
+        for source in found:
+            if source.name == self._me:
+                continue
+            at = known.get(source.name)
+            if at is None:
+                # Before the origin: the list is peers first, and _pick keeps that order.
+                self._sources.insert(0, source)
+                known = {s.name: i for i, s in enumerate(self._sources)}
+            elif _is_partial(self._sources[at]) and not _is_partial(source):
+                self._sources[at] = source
+                self._maps.pop(source.name, None)
 
     def _pick(self) -> BlobSource:
         live = [s for s in self._sources if s.name not in self._dead]
@@ -158,7 +325,7 @@ class RangedTransfer:
 
     async def _fetch_piece(self, index: int) -> None:
         while not self._pieces.complete(index):
-            source = self._pick()
+            source = await self._choose(index)
             try:
                 await self._read_piece(source, index)
                 self._failures[source.name] = 0
@@ -182,6 +349,12 @@ class RangedTransfer:
                     attempt=failures,
                     error=exc.message,
                 )
+                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND) and _is_partial(source):
+                    # A peer still downloading did not hold the range after all (or is between its
+                    # download and the whole file): ask again later; its piece map says if it left.
+                    self._maps.pop(source.name, None)
+                    await asyncio.sleep(SWARM_POLL_S)
+                    continue
                 retryable = exc.code in (ErrorCode.DOWNLOAD_FAILED, ErrorCode.TIMEOUT)
                 if not retryable or failures >= ATTEMPTS_PER_SOURCE:
                     self._dead.setdefault(source.name, exc.message)
@@ -202,6 +375,7 @@ class RangedTransfer:
         if source.name not in writers:
             writers.append(source.name)
         self._active[source.name] = self._active.get(source.name, 0) + 1
+        self._reading.add(index)
         limit = loop.time() + (self._deadline - time.monotonic())
 
         def write(position: int, data: memoryview) -> None:
@@ -241,6 +415,7 @@ class RangedTransfer:
             ) from None
         finally:
             self._active[source.name] -= 1
+            self._reading.discard(index)
 
     async def _piece_done(self) -> None:
         self._saved_at = time.monotonic()
@@ -292,6 +467,10 @@ class RangedTransfer:
         self._digest = hashlib.sha256()
         self._hashed = 0
         return True
+
+
+def _is_partial(source: BlobSource) -> bool:
+    return bool(getattr(source, "partial", False))
 
 
 def _hash_range(fd: int, digest: hashlib._Hash, start: int, end: int) -> None:

@@ -534,8 +534,10 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     assert [r for r in hub.requests if r.is_file_body] == []
     assert hub.bytes_served() == 0
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    finished = [(e["filename"], e["source"]) for e in events if e.get("event") == "download.done"]
-    assert finished == [("pe.gguf", f"peer:{holder.node_id}")]
+    finished = [(e["filename"], e["by_source"]) for e in events if e.get("event") == "download.done"]
+    assert finished == [("pe.gguf", {f"peer:{holder.node_id}": len(data)})]
+    started = next(e for e in events if e.get("event") == "download.start")
+    assert started["sources"][f"peer:{holder.node_id}"] == "bulk"  # the holder's bulk port, not ReadBlob
 
 
 def test_xllm_models_lists_what_the_models_dir_holds(

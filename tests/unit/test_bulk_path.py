@@ -3,6 +3,7 @@ client that reads it into a ``.partial`` in pieces, resuming pieces, and a peer 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from structlog.testing import capture_logs
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
 from common.types import FileFormat, ManifestFile, Model, ModelSource
-from node.blob_sources import BulkSource, read_range
+from node.blob_sources import BlobSource, BulkSource, read_range
 from node.bulk_server import BulkServer
 from node.downloader import Downloader
 from node.pieces import PieceMap, held_bytes, sidecar_path
@@ -210,3 +211,101 @@ async def test_bad_bytes_from_the_origin_alone_fail_the_download_and_keep_nothin
     assert err.value.code is ErrorCode.DOWNLOAD_FAILED and "sha256" in err.value.message
     part = partial_path(storage.file_path("acme/m", f.filename))
     assert not part.exists() and not sidecar_path(part).exists()
+
+
+class SlowOrigin(RangeSource):
+    """An origin paced per chunk, counting every byte it sends (for "read about once")."""
+
+    def __init__(self, data: bytes, delay: float = 0.01) -> None:
+        super().__init__("origin", data)
+        self.delay = delay
+        self.sent = 0
+
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
+        async for chunk in super().stream(model, file, offset, length):
+            await asyncio.sleep(self.delay)
+            self.sent += len(chunk)
+            yield chunk
+
+
+class SwarmNode:
+    """One node of an in-process swarm: its models dir, downloader and bulk server."""
+
+    def __init__(self, name: str, tmp_path: Path, io_threads: ThreadPoolExecutor) -> None:
+        self.name = f"peer:{name}"
+        self.storage = Storage(tmp_path / name / "models", io_threads)
+        self.downloader = Downloader(self.storage, config(tmp_path / name))
+        credentials = NodeCredentials()
+        credentials.set_fleet_token(TOKEN)
+        self.server = BulkServer(self._locate, credentials, self.downloader.partial)
+        self.peers: list[SwarmNode] = []
+        self.file: ManifestFile | None = None
+
+    async def _locate(self, model_id: str, filename: str) -> tuple[ManifestFile, Path]:
+        path = self.storage.file_path(model_id, filename)
+        if self.file is None or not path.exists():
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, "not held whole")  # the partial, if any, is served
+        return self.file, path
+
+    async def swarm(self) -> list[BlobSource]:
+        return [
+            BulkSource(p.name, "127.0.0.1", p.server.port, lambda: TOKEN, partial=True)
+            for p in self.peers
+            if p.server.port
+        ]
+
+    async def fetch(self, f: ManifestFile, origin: BlobSource) -> Path:
+        self.file = f
+        sources = [*await self.swarm(), origin]
+        return await self.downloader.fetch(model(f), f, sources, refresh=self.swarm, me=self.name)
+
+
+async def test_two_nodes_fetching_one_file_at_once_read_the_origin_once_and_trade_pieces(
+    tmp_path: Path, io_threads: ThreadPoolExecutor
+) -> None:
+    data = DATA
+    f = manifest_file(data)
+    origin = SlowOrigin(data)
+    a, b = SwarmNode("a", tmp_path, io_threads), SwarmNode("b", tmp_path, io_threads)
+    a.peers, b.peers = [b], [a]
+    await a.server.start("127.0.0.1:0")
+    await b.server.start("127.0.0.1:0")
+    try:
+        with capture_logs() as logs:
+            paths = await asyncio.gather(a.fetch(f, origin), b.fetch(f, origin))
+    finally:
+        await a.server.stop()
+        await b.server.stop()
+    assert [p.read_bytes() == data for p in paths] == [True, True]
+    assert origin.sent <= 1.1 * len(data), sorted(origin.ranges)  # about once for the pair, not twice
+    done = {e["by_source"].get("origin", 0) for e in logs if e["event"] == "download.done"}
+    assert all(0 < n < len(data) for n in done)  # each read a share of it, and the rest from the other
+
+
+async def test_a_peer_that_leaves_mid_swarm_costs_only_a_refetch_from_the_origin(
+    tmp_path: Path, io_threads: ThreadPoolExecutor
+) -> None:
+    data = DATA[: 6 * MiB]
+    f = manifest_file(data)
+    origin = SlowOrigin(data)
+    stays, leaves = SwarmNode("a", tmp_path, io_threads), SwarmNode("b", tmp_path, io_threads)
+    stays.peers, leaves.peers = [leaves], [stays]
+    await stays.server.start("127.0.0.1:0")
+    await leaves.server.start("127.0.0.1:0")
+    leaving = asyncio.create_task(leaves.fetch(f, origin))
+    try:
+        staying = asyncio.create_task(stays.fetch(f, origin))
+        part = partial_path(leaves.storage.file_path("acme/m", f.filename))
+        while held_bytes(part) < MiB:  # noqa: ASYNC110 - polls a file another task writes
+            await asyncio.sleep(0.02)  # the leaver holds a piece of its share, then goes
+        leaving.cancel()
+        await leaves.server.stop()
+        leaves.server.port = 0
+        path = await asyncio.wait_for(staying, 60)
+    finally:
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        await stays.server.stop()
+    assert path.read_bytes() == data

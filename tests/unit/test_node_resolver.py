@@ -40,6 +40,9 @@ class Balancer:
             await self.peers_gate.wait()
         return []
 
+    def swarm_name(self) -> str:
+        return ""
+
     def proxy_source(self) -> BlobSource:
         raise AssertionError("not used")
 
