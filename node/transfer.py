@@ -38,6 +38,8 @@ HASH_BLOCK = 4 * 1024 * 1024
 SIDECAR_EVERY_S = 1.0  # how often a piece's progress is saved while it is fetched
 SWARM_POLL_S = 0.25  # how often the piece maps of peers still downloading are read
 SWARM_REFRESH_S = 1.0  # how often the balancer is asked again who holds or is fetching the file
+SWARM_MIN_BYTES = 64 * 1024 * 1024  # smaller files are not worth waiting for a swarm to form
+SWARM_SETTLE_ROUNDS = 3  # balancer lookups (SWARM_POLL_S apart) before a large file's first read
 SWARM_ABSENT_S = 5.0  # a peer listed as downloading with nothing running that long has left
 UNKNOWN_WRITER = "unknown"  # bytes an older node wrote (a plain-prefix .partial)
 _pwrite = os.pwrite  # one name for every write into a .partial (a full disk is drilled through it)
@@ -113,6 +115,7 @@ class RangedTransfer:
         size = self._file.size_bytes
         self._pieces = await loop.run_in_executor(self._io, load_pieces, self._part, size, self._piece_bytes)
         self._fd = await loop.run_in_executor(self._io, self._open)
+        await self._settle_swarm()
         watcher = asyncio.create_task(self._watch_swarm()) if self._refresh is not None else None
         try:
             for _ in range(len(self._sources) + 2):  # each round drops a source, so this ends
@@ -242,6 +245,23 @@ class RangedTransfer:
                     f"{self._stall_s:g}s (XLLM_DOWNLOAD_STALL_TIMEOUT)",
                 )
             await asyncio.sleep(SWARM_POLL_S)
+
+    async def _settle_swarm(self) -> None:
+        """Before a large file's first origin read, lets the nodes asked for it at the same moment
+        see each other (each reports "downloading" to the balancer within a few hundred ms), so
+        they split the origin's pieces from the start instead of each reading the same first ones."""
+        if self._refresh is None or self._file.size_bytes < SWARM_MIN_BYTES or self._complete_peers():
+            return
+        for _ in range(SWARM_SETTLE_ROUNDS):
+            await asyncio.sleep(SWARM_POLL_S)
+            try:
+                self._merge(await self._refresh())
+            except LlmlbError as exc:
+                log.info("download.swarm_refresh_failed", filename=self._file.filename, error=exc.message)
+                return
+        members = sorted(s.name for s in self._live() if _is_partial(s))
+        if members:
+            log.info("download.swarm", model_id=self._model.id, filename=self._file.filename, peers=members)
 
     def _held_by(self, name: str) -> list[tuple[int, int]]:
         return self._maps.get(name, ([], []))[0]
