@@ -9,6 +9,14 @@ arrive (read back from the page cache, in a thread), so the final sha256 costs o
 A final sha256 mismatch is blamed on the peers that wrote pieces (the origin is the reference): they
 are excluded for this file, their pieces are fetched again from the other sources, and the file is
 hashed again. With no peer to blame, nothing is kept and the download fails.
+
+The swarm: peers still downloading the same file serve the ranges they hold. Each piece has one
+owner among them (rendezvous hashing); a node reads from the origin only its own pieces (or ones
+nobody holds or is fetching) and waits for the rest to appear at a peer, so the fleet reads the
+origin about once.
+
+One module although long: piece scheduling, the swarm's view and hashing share one piece map and
+one set of per-source counters; split, each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -346,10 +354,16 @@ class RangedTransfer:
     async def _fetch_piece(self, index: int) -> None:
         while not self._pieces.complete(index):
             source = await self._choose(index)
+            before = self._pieces.filled[index]
             try:
                 await self._read_piece(source, index)
                 self._failures[source.name] = 0
             except LlmlbError as exc:
+                if exc.code is ErrorCode.DOWNLOAD_FAILED and self._pieces.filled[index] > before:
+                    # A connection that delivered bytes before it dropped: a resume, not a strike
+                    # against the source (several pieces in flight would otherwise use up its
+                    # attempts at once). A stall stays a strike: a source that keeps stalling is let go.
+                    self._failures[source.name] = 0
                 if exc.code is ErrorCode.INSUFFICIENT_STORAGE:
                     raise
                 if time.monotonic() >= self._deadline:
@@ -358,6 +372,12 @@ class RangedTransfer:
                         f"download of {self._file.filename} took longer than the total timeout "
                         "(XLLM_DOWNLOAD_TIMEOUT)",
                     ) from None
+                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND) and _is_partial(source):
+                    # A peer still downloading did not hold the range after all (or is between its
+                    # download and the whole file): ask again later; its piece map says if it left.
+                    self._maps.pop(source.name, None)
+                    await asyncio.sleep(SWARM_POLL_S)
+                    continue
                 failures = self._failures.get(source.name, 0) + 1
                 self._failures[source.name] = failures
                 log.warning(
@@ -369,12 +389,6 @@ class RangedTransfer:
                     attempt=failures,
                     error=exc.message,
                 )
-                if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.MODEL_NOT_FOUND) and _is_partial(source):
-                    # A peer still downloading did not hold the range after all (or is between its
-                    # download and the whole file): ask again later; its piece map says if it left.
-                    self._maps.pop(source.name, None)
-                    await asyncio.sleep(SWARM_POLL_S)
-                    continue
                 retryable = exc.code in (ErrorCode.DOWNLOAD_FAILED, ErrorCode.TIMEOUT)
                 if not retryable or failures >= ATTEMPTS_PER_SOURCE:
                     self._dead.setdefault(source.name, exc.message)

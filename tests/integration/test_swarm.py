@@ -105,6 +105,8 @@ def test_an_origin_dropping_connections_mid_range_is_resumed_piece_by_piece(
     done = xllm(home, *args, env={"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **PIECES})
     assert done.returncode == 0, done.stderr
     assert (home / "models" / model_id / "d.gguf").read_bytes() == data
-    assert hub.bytes_served("acme/dropping", "d.gguf") == len(data)  # each range resumed, none refetched
+    # Each range resumed where its bytes stopped, none fetched again whole: at most what the client's
+    # read buffer held when the connection dropped (256 KiB, common/hub.py) is asked for twice.
+    assert len(data) <= hub.bytes_served("acme/dropping", "d.gguf") <= len(data) + 3 * 256 * 1024
     retried = [e for e in events(done.stderr) if e.get("event") == "download.attempt_failed"]
     assert len(retried) == 3
