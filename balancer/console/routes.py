@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -44,8 +45,8 @@ def console_routes() -> list[BaseRoute]:
 
     def serve(name: str, request: Request) -> Response:
         found = files.get(name)
-        if found is None:
-            return Response("not found", status_code=404, media_type="text/plain", headers=HEADERS)
+        if found is None:  # the API's own 404 shape, like any unknown URL
+            raise HTTPException(404)
         body, media_type, etag = found
         headers = {**HEADERS, "etag": etag}
         if request.headers.get("if-none-match") == etag:

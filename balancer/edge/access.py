@@ -58,6 +58,7 @@ GRPC_ACCESS: dict[str, Access] = {
     # Manifests and proxied model bytes, for nodes resolving a model.
     f"{_MANIFEST}GetManifest": NODE,
     f"{_MANIFEST}ReadBlob": NODE,
+    f"{_MANIFEST}GetBulkEndpoint": NODE,  # where the same bytes are served over the bulk proxy
     # Inference.
     f"{_INFERENCE}Chat": API,
     f"{_INFERENCE}Complete": API,
