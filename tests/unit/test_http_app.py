@@ -115,6 +115,18 @@ async def test_broken_json_and_wrong_types_are_400_not_422(shim: Shim) -> None:
     assert "n must be between 1 and 8" in error_of(n, 400, "invalid_request")
 
 
+async def test_integers_too_large_for_the_wire_are_400_not_500(shim: Shim) -> None:
+    # JSON integers have no size; the node's messages carry int32 and int64 fields.
+    for route, body, name in (
+        ("/v1/completions", {"model": "gemma-3-270m", "prompt": "x", "max_tokens": 2**40}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**70}, "seed"),
+        ("/v1/embeddings", {"model": "gemma-3-270m", "input": "x", "dimensions": 2**40}, "dimensions"),
+        ("/v1/images/generations", {"model": "gemma-3-270m", "prompt": "x", "seed": -(2**64)}, "seed"),
+    ):
+        answer = await shim.client.post(route, headers=shim.admin, json=body)
+        assert name in error_of(answer, 400, "invalid_request"), route
+
+
 async def test_bad_model_ids_are_invalid_model_id_before_any_lookup(shim: Shim) -> None:
     traversal = await shim.client.post(
         "/v1/chat/completions", headers=shim.api, json={**CHAT, "model": "../x"}
