@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the runtimes need: compilers and cmake for llama-cpp-python and stable-diffusion-cpp-python,
 # which build from source (pip caches the built wheels). Audio decoding and espeak-ng ship inside wheels.
 # postgresql: the store's tests run their own server from its binaries (never the cluster it sets up).
-APT_PACKAGES ?= build-essential cmake postgresql
+APT_PACKAGES ?= build-essential cmake postgresql chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help install apt protos check-protos test test-unit test-integration lint format run bench clean

@@ -22,6 +22,7 @@ import structlog
 
 from balancer.changes import NO_CHANGES, Change, Changes
 from balancer.edge.access import Access, grpc_access, unlisted
+from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.rpc import metadata_bearer, refusing_handler
@@ -133,7 +134,9 @@ class KeyRing:
             raise unlisted(what)
         if access.public:
             return None
-        return await self.check(token, *access.scopes)
+        key = await self.check(token, *access.scopes)
+        set_caller(key)  # the edge counts usage per key; some routes answer per key
+        return key
 
     async def check(self, token: str | None, scope: Scope, *also: Scope) -> ApiKey | None:
         """The key behind ``token`` if it may act in ``scope`` (or one of ``also``); None when auth is off.

@@ -17,6 +17,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -139,6 +140,8 @@ class Origin:
     def _translate(self, exc: Exception, repo_id: str, revision: str) -> LlmlbError:
         where = f"{repo_id}@{revision or 'main'}"
         status = _status_of(exc)
+        if isinstance(exc, HFValidationError):  # refused before any request: the caller's input is wrong
+            return LlmlbError(ErrorCode.INVALID_REQUEST, f"invalid repo_id or revision {where!r}: {exc}")
         if isinstance(exc, GatedRepoError):
             return LlmlbError(
                 ErrorCode.ORIGIN_UNAUTHORIZED,

@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.fleet import Fleet
+from balancer.history import History
 from balancer.origin import Origin
 from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.sessions import NodeSessions
 from balancer.store import Store
+from balancer.usage import UsageCounter
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
 
@@ -30,3 +32,11 @@ class BalancerParts:
     replicas: Replicas  # this balancer among the replicas of its store (alone on SQLite)
     # What every node accepts on its Inference and Manifest port (``balancer.fleet_token``); never shown.
     fleet_token: str = field(default="", repr=False)
+    # Counted at the edge when each request ends: usage per key (flushed to the store in batches)
+    # and the console's short history of request metrics (memory only, this replica's own).
+    usage: UsageCounter = field(init=False)
+    history: History = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)
+        self.history = History(queue_depth=lambda: self.router.waiting)

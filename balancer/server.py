@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from balancer.auth import AuthInterceptor, KeyRing
+from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
@@ -63,6 +64,7 @@ class Balancer:
     port: int
     http: HttpServer | None
     clients: NodeClients
+    bulk: BulkProxy | None = None
 
     @property
     def config(self) -> BalancerConfig:
@@ -89,8 +91,11 @@ class Balancer:
         self.parts.replicas.begin_stop()
         doors = [self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else [])]
         await asyncio.gather(*doors)
+        if self.bulk is not None:
+            await self.bulk.stop()
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
+        await self.parts.usage.stop()  # after the doors: every request counted is written
         await self.clients.close()
         await self.parts.origin.close()
         await self.parts.keys.settle()
@@ -170,9 +175,20 @@ async def start(config: BalancerConfig) -> Balancer:
     options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
     server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
-    manifest_pb2_grpc.add_ManifestServicer_to_server(ManifestServicer(catalog, origin), server)
+    bulk = None
+    if config.bulk_listen:
+        bulk = BulkProxy(catalog, origin, keys, fleet_token)
+        try:
+            await bulk.start(config.bulk_listen)
+        except OSError as exc:
+            await replicas.stop()
+            await store.close()
+            raise OSError(f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}") from None
+    manifest_pb2_grpc.add_ManifestServicer_to_server(
+        ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
+    )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, catalog)), server
+        InferenceServicer(router, Observer(metrics, catalog, (parts.usage, parts.history))), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -186,10 +202,13 @@ async def start(config: BalancerConfig) -> Balancer:
     else:
         port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
+        if bulk is not None:
+            await bulk.stop()
         await replicas.stop()
         await store.close()
         raise OSError(f"cannot listen on {config.grpc_listen}")
     await server.start()
+    parts.usage.start()
     http = None
     if config.http_listen:
         try:
@@ -198,6 +217,9 @@ async def start(config: BalancerConfig) -> Balancer:
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
+            await parts.usage.stop()
+            if bulk is not None:
+                await bulk.stop()
             await replicas.stop()
             await store.close()
             raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None
@@ -212,7 +234,7 @@ async def start(config: BalancerConfig) -> Balancer:
         models=len(seed),
         auth="on" if config.auth else "off",
     )
-    return Balancer(parts, server, health_servicer, port, http, clients)
+    return Balancer(parts, server, health_servicer, port, http, clients, bulk)
 
 
 async def serve(config: BalancerConfig) -> None:

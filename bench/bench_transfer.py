@@ -3,13 +3,17 @@ beside a plain local file copy, with the peak RSS of the fetching process.
 
 Everything runs on 127.0.0.1: the origin is the fake Hugging Face hub, the balancer runs in this
 process, and each fetch is a real ``xllm pull`` process (a fresh interpreter, so its peak RSS is its
-own). The same fetch of a file 8x larger shows whether memory stays flat with the file's size.
+own). The transfer time is the node's own (its ``download.done`` log line: first byte asked for to
+verified file renamed into place); the rest of the process's wall time is start-up (imports,
+manifest lookup) and is reported beside it. The same fetch of a 16x larger file shows whether memory
+stays flat with the file's size. ``BENCH_TRANSFER_MIB`` (e.g. ``64,1024``) picks the sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -28,15 +32,20 @@ from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MB = 32
-LARGE_MB = 256
+SIZES_MIB = tuple(int(v) for v in os.environ.get("BENCH_TRANSFER_MIB", "64,1024").split(","))
 
 
 async def _pull(
     home: Path, balancer: str, model_id: str, env: dict[str, str], *extra: str
-) -> tuple[float, int]:
-    """Runs ``xllm pull`` and returns its wall time and peak RSS (kB)."""
-    full_env = {**os.environ, **env, "LLMLB_HOME": str(home), "XLLM_LOG_LEVEL": "warning"}
+) -> tuple[float, tuple[float, float], int]:
+    """Runs ``xllm pull``: its wall time, the node's transfer and fsync times, its peak RSS (kB)."""
+    full_env = {
+        **os.environ,
+        **env,
+        "LLMLB_HOME": str(home),
+        "XLLM_LOG_LEVEL": "info",
+        "XLLM_LOG_FORMAT": "json",
+    }
     args = ["-m", "node.cli", "pull", "--balancer", balancer, "--models-dir", str(home / "models"), *extra]
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
@@ -48,6 +57,8 @@ async def _pull(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stderr is not None
+    stderr = asyncio.create_task(proc.stderr.read())  # drained as it comes, so the pipe never fills
     peak = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.returncode is None:
@@ -55,10 +66,23 @@ async def _pull(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), 0.05)
     elapsed = time.perf_counter() - started
+    text = (await stderr).decode()
     if proc.returncode != 0:
-        assert proc.stderr is not None
-        raise RuntimeError(f"xllm pull failed: {(await proc.stderr.read()).decode()[-2000:]}")
-    return elapsed, peak
+        raise RuntimeError(f"xllm pull failed: {text[-2000:]}")
+    return elapsed, _transfer_seconds(text), peak
+
+
+def _transfer_seconds(log_text: str) -> tuple[float, float]:
+    """``seconds`` and ``sync_s`` of the node's ``download.done`` line(s), summed over its files."""
+    total, sync = 0.0, 0.0
+    for line in log_text.splitlines():
+        if '"download.done"' in line:
+            done = json.loads(line)
+            total += float(done["seconds"])
+            sync += float(done.get("sync_s", 0.0))
+    if total <= 0:
+        raise RuntimeError(f"no download.done line in the node's log: {log_text[-2000:]}")
+    return total, sync
 
 
 def _vm_hwm_kb(status: Path) -> int:
@@ -104,9 +128,15 @@ async def _serve_node(home: Path, balancer: str, env: dict[str, str]) -> asyncio
     return proc
 
 
-def _row(name: str, size_mb: int, seconds: float, rss_kb: int, base: float) -> str:
+def _row(name: str, size_mb: int, wall: float, times: tuple[float, float], rss_kb: int, base: float) -> str:
+    transfer, sync = times
     rss = f"{rss_kb / 1024:.0f}" if rss_kb else "-"
-    return f"| {name} | {size_mb} | {seconds:.2f} | {size_mb / seconds:.0f} | {base / seconds:.2f} | {rss} |"
+    start_up = f"{wall - transfer:.2f}" if wall > transfer else "-"
+    net = transfer - sync
+    return (
+        f"| {name} | {size_mb} | {transfer:.2f} | {size_mb * 1.048576 / transfer:.0f} | {sync:.2f} | "
+        f"{size_mb * 1.048576 / net:.0f} | {base / transfer:.2f} | {start_up} | {wall:.2f} | {rss} |"
+    )
 
 
 async def run() -> str:
@@ -128,7 +158,7 @@ async def run() -> str:
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
         closed = {"HF_ENDPOINT": "http://127.0.0.1:9"}
         try:
-            for size_mb in (SMALL_MB, LARGE_MB):
+            for size_mb in SIZES_MIB:
                 data = os.urandom(size_mb * 1024 * 1024)
                 repo = f"bench/blob-{size_mb}"
                 hub.add_repo(repo, {"w.gguf": data})
@@ -139,21 +169,21 @@ async def run() -> str:
                 started = time.perf_counter()
                 shutil.copyfile(source, tmp / f"copy-{size_mb}.bin")
                 base = time.perf_counter() - started
-                rows.append(_row("local file copy (shutil)", size_mb, base, 0, base))
+                rows.append(_row("local file copy (shutil)", size_mb, base, (base, 0.0), 0, base))
 
-                t, rss = await _pull(tmp / f"origin-{size_mb}", address, model_id, env)
-                rows.append(_row("node <- origin (hub, HTTP)", size_mb, t, rss, base))
-                t, rss = await _pull(
+                w, t, rss = await _pull(tmp / f"origin-{size_mb}", address, model_id, env)
+                rows.append(_row("node <- origin (hub, HTTP)", size_mb, w, t, rss, base))
+                w, t, rss = await _pull(
                     tmp / f"proxy-{size_mb}", address, model_id, closed, "--download-via", "balancer"
                 )
-                rows.append(_row("node <- balancer proxy (gRPC ReadBlob)", size_mb, t, rss, base))
+                rows.append(_row("node <- balancer proxy", size_mb, w, t, rss, base))
 
                 # A serving node that holds the file, found through the balancer, then a fresh node.
                 holder = await _serve_node(tmp / f"origin-{size_mb}", address, env)
                 try:
                     await _wait_present(address, model_id)
-                    t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, closed)
-                    rows.append(_row("node <- peer node (gRPC ReadBlob)", size_mb, t, rss, base))
+                    w, t, rss = await _pull(tmp / f"peer-{size_mb}", address, model_id, closed)
+                    rows.append(_row("node <- peer node", size_mb, w, t, rss, base))
                 finally:
                     holder.terminate()
                     await holder.wait()
@@ -163,13 +193,19 @@ async def run() -> str:
         [
             "## Blob transfer: origin, balancer proxy and peer vs a local file copy",
             "",
-            "Each fetch is a fresh `xllm pull` process on 127.0.0.1 writing a verified file; `vs copy` is",
-            "the local copy's time divided by the fetch's (1.00 = as fast as `shutil.copyfile`). Peak RSS is",
-            "the fetching process's VmHWM: it should not grow with the file (goal: flat). The balancer",
-            "runs with auth off (`LLMLB_AUTH=false`): this measures moving bytes, not checking keys.",
+            "Each fetch is a fresh `xllm pull` process on 127.0.0.1 writing a verified file. `transfer s`",
+            "is the node's own download time (its `download.done` line: first byte asked for to verified",
+            "file renamed); `start-up s` is the rest of the process's wall time (interpreter, imports,",
+            "manifest lookup). MB/s is of the transfer (10^6 bytes); `vs copy` is the local copy's time",
+            "divided by the transfer's (1.00 = as fast as `shutil.copyfile`). Peak RSS is the fetching",
+            "process's VmHWM: it should not grow with the file (goal: within 20 %). `of which fsync` is",
+            "the flush to disk before the rename (the disk's share); `MB/s before fsync` is the rest.",
+            "The local copy is not flushed. The balancer runs",
+            "with auth off (`LLMLB_AUTH=false`): this measures moving bytes, not checking keys.",
             "",
-            "| path | MiB | seconds | MiB/s | vs copy | peak RSS MiB |",
-            "|---|---|---|---|---|---|",
+            "| path | MiB | transfer s | MB/s | of which fsync s | MB/s before fsync | vs copy | start-up s "
+            "| process wall s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]

@@ -166,6 +166,8 @@ class BalancerConfig:
     log_level: str = "info"
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
+    # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
+    bulk_listen: str = "127.0.0.1:0"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
     # TLS for the gRPC door; with a client CA, callers must present a certificate it signed (mTLS).
@@ -186,6 +188,7 @@ class BalancerConfig:
     # On SIGTERM, how long calls in flight may take to finish before they are cut (under the usual
     # 30 s an orchestrator waits before it kills).
     stop_grace_s: float = 25.0
+    usage_flush_s: float = 5.0  # how often usage counted in memory is written to the store
     # Replica processes ``llmlb serve`` starts on this host, sharing its ports (PostgreSQL only).
     workers: int = 1
     # This process is one of those workers: it binds its ports shared (SO_REUSEPORT).
@@ -243,6 +246,7 @@ def load_balancer_config(
     if fmt not in ("console", "json"):
         raise ValueError(f"LLMLB_LOG_FORMAT={fmt!r}: expected console or json")
     tls_cert = s.get(None, ("LLMLB_TLS_CERT",), None, Path)
+    grpc_host = s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen).rpartition(":")[0]
     tls_key = s.get(None, ("LLMLB_TLS_KEY",), None, Path)
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("LLMLB_TLS_CERT and LLMLB_TLS_KEY go together: set both or neither")
@@ -264,6 +268,13 @@ def load_balancer_config(
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
+        # Beside the gRPC port; off under TLS, since the bulk path is plain HTTP.
+        bulk_listen=s.get(
+            None,
+            ("LLMLB_BULK_LISTEN",),
+            "" if tls_cert is not None else grpc_host + ":0",
+            parse_optional_listen,
+        ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -278,6 +289,7 @@ def load_balancer_config(
         cooldown_s=s.get(None, ("LLMLB_COOLDOWN",), 10.0, parse_positive),
         max_body_mb=s.get(None, ("LLMLB_MAX_BODY_MB",), 64, parse_count),
         stop_grace_s=s.get(None, ("LLMLB_STOP_GRACE",), 25.0, parse_positive),
+        usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
         workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
         shared_ports=s.raw(WORKER_ENV) is not None,
     )
@@ -357,6 +369,11 @@ class NodeConfig:
     download_stall_timeout_s: float = 60.0
     download_timeout_s: float = 300.0
     peer_fetch: bool = True
+    # Ranges fetched at once per file, and their size: see node/downloader.py for the measured defaults.
+    download_connections: int = 4
+    download_piece_mb: int = 32
+    # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
+    bulk_listen: str = "127.0.0.1:0"
     shared_dir_timeout_s: float = 2.0
     auth_token: str = ""
     log_format: str = "console"
@@ -449,6 +466,16 @@ def load_node_config(
         ),
         download_timeout_s=s.get(download_timeout_s, ("XLLM_DOWNLOAD_TIMEOUT",), 300.0, parse_positive),
         peer_fetch=s.get(peer_fetch, ("XLLM_PEER_FETCH",), True, parse_bool),
+        download_connections=s.get(None, ("XLLM_DOWNLOAD_CONNECTIONS",), 4, parse_count),
+        download_piece_mb=s.get(None, ("XLLM_DOWNLOAD_PIECE_MB",), 32, parse_count),
+        bulk_listen=s.get(
+            None,
+            ("XLLM_BULK_LISTEN",),
+            # Beside the gRPC port, on the same interface, unless told otherwise.
+            s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen).rpartition(":")[0]
+            + ":0",
+            parse_optional_listen,
+        ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
         auth_token=s.get(None, ("XLLM_AUTH_TOKEN",), "", str),
         log_format=fmt,

@@ -18,6 +18,8 @@ from common.json_schema_check import check_schema, parse_schema
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 8  # n: more choices per request would hold one node's slot for too long
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+INT32_MAX = 2**31 - 1  # the wire's int32 fields (max_tokens, dimensions)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the wire's int64 fields (seeds)
 SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit for /v1/audio/speech
 MAX_TOOLS = 128  # OpenAI's limit
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -37,6 +39,11 @@ class InferenceRequest(Protocol):
 
 def _invalid(message: str) -> LlmlbError:
     return LlmlbError(ErrorCode.INVALID_REQUEST, message)
+
+
+def _check_seed(seed: int | None) -> None:
+    if seed is not None and not INT64_MIN <= seed <= INT64_MAX:
+        raise _invalid(f"seed must be a 64-bit integer, got {seed}")
 
 
 def _check_range(name: str, value: float | None, low: float, high: float) -> None:
@@ -96,8 +103,9 @@ class SamplingParams:
     n: int = 1  # choices to generate
 
     def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise _invalid(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= INT32_MAX:
+            raise _invalid(f"max_tokens must be between 1 and {INT32_MAX}, got {self.max_tokens}")
+        _check_seed(self.seed)
         _check_range("temperature", self.temperature, 0.0, 2.0)
         _check_range("top_p", self.top_p, 0.0, 1.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
@@ -248,6 +256,8 @@ class CompleteRequest:
     def validate(self) -> None:
         if not self.prompt:
             raise _invalid("prompt must not be empty")
+        if self.echo and self.params.logprobs:
+            raise _invalid("echo with logprobs is not supported: prompt tokens get no log-probabilities here")
         self.params.validate()
 
 
@@ -295,8 +305,8 @@ class EmbedRequest:
             raise _invalid("input must not be empty")
         if any(not text for text in self.input):
             raise _invalid("input strings must not be empty")
-        if self.dimensions is not None and self.dimensions < 1:
-            raise _invalid(f"dimensions must be at least 1, got {self.dimensions}")
+        if self.dimensions is not None and not 1 <= self.dimensions <= INT32_MAX:
+            raise _invalid(f"dimensions must be between 1 and {INT32_MAX}, got {self.dimensions}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +425,7 @@ class GenerateImageRequest:
                 raise _invalid(f"{name} must be a multiple of 64 between 64 and 2048, got {value}")
         if self.steps < 0 or self.steps > 150:
             raise _invalid(f"steps must be between 1 and 150, got {self.steps}")
+        _check_seed(self.seed)
 
 
 @dataclass(frozen=True, slots=True)

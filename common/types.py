@@ -178,3 +178,19 @@ class ApiKey:
     created_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCount:
+    """What one API key asked of one model in one minute, as the balancer counted it.
+
+    ``key_id`` is "" for requests made with auth off; ``minute`` is the start of the minute, in UTC.
+    """
+
+    key_id: str
+    model: str
+    minute: datetime
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

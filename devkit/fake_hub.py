@@ -265,6 +265,8 @@ class FakeHub:
         self._tokens: dict[str, bool] = {token: True}  # token -> may read gated repos
         self._log: list[RequestRecord] = []
         self._throttle: int | None = None
+        self._total_throttle: int | None = None  # bytes/s shared by every body at once
+        self._total_next = 0.0  # when the shared pace lets the next byte go
         self._failures: dict[str, _Failure] = {}
         self._corrupt: dict[tuple[str, str], bytes] = {}
         self._last_ts = 0
@@ -457,6 +459,26 @@ class FakeHub:
         with self._lock:
             self._throttle = bytes_per_second
 
+    def set_total_throttle(self, bytes_per_second: int | None) -> None:
+        """Pace all file bodies together at `bytes_per_second` (None: no shared limit): an origin
+        link of that speed, however many connections share it. Combines with `set_throttle`."""
+        if bytes_per_second is not None and bytes_per_second <= 0:
+            raise ValueError("bytes_per_second must be positive")
+        with self._lock:
+            self._total_throttle = bytes_per_second
+            self._total_next = 0.0
+
+    def _total_wait(self, nbytes: int) -> float:
+        """Reserves `nbytes` of the shared pace; returns how long to wait before sending them."""
+        with self._lock:
+            rate = self._total_throttle
+            if rate is None:
+                return 0.0
+            now = time.monotonic()
+            start = max(now, self._total_next)
+            self._total_next = start + nbytes / rate
+            return self._total_next - now
+
     def fail_after(self, filename: str, nbytes: int, times: int = 1) -> None:
         """Drop the connection after `nbytes` of a body of `filename` (path in repo, any repo), `times` times.
 
@@ -476,9 +498,10 @@ class FakeHub:
             self._corrupt[(repo_id.lower(), filename)] = bytes(data)
 
     def clear_faults(self) -> None:
-        """Undo `set_throttle`, `fail_after` and `corrupt`."""
+        """Undo `set_throttle`, `set_total_throttle`, `fail_after` and `corrupt`."""
         with self._lock:
             self._throttle = None
+            self._total_throttle = None
             self._failures.clear()
             self._corrupt.clear()
 
@@ -1004,7 +1027,8 @@ class _Handler(BaseHTTPRequestHandler):
             size = _WRITE_CHUNK if rate is None else max(1, min(_WRITE_CHUNK, rate // 20))
             piece = body[sent : sent + size]
             # Wait before sending, so the last byte cannot arrive sooner than size / rate.
-            if rate is not None and self._hub._stopping.wait(len(piece) / rate):
+            wait = max(len(piece) / rate if rate is not None else 0.0, self._hub._total_wait(len(piece)))
+            if wait > 0 and self._hub._stopping.wait(wait):
                 raise ConnectionResetError("fake hub stopping")
             self._hub._count_sent(self._record, len(piece))
             self.wfile.write(piece)

@@ -18,10 +18,13 @@ import grpc
 import grpc.aio
 import structlog
 
+from common.errors import ErrorCode, LlmlbError
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
-from common.rpc import unreachable
+from common.rpc import error_from_rpc, unreachable
 from common.types import ManifestFile, Model
-from node.blob_sources import ReadBlobSource
+from node.blob_sources import BulkSource, RangeWriter, ReadBlobSource
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -96,16 +99,63 @@ class BalancerChannels:
 
 
 class BalancerProxySource:
-    """``Manifest.ReadBlob`` on the current balancer (its origin proxy): a read that starts or resumes
-    after a failover goes to the replica the node moved to, not to the one that died."""
+    """The balancer's origin proxy, read from whichever balancer is current when a read starts (a read
+    that starts or resumes after a failover goes to the replica the node moved to).
+
+    Over the balancer's bulk proxy (HTTP ranges, ``Manifest.GetBulkEndpoint`` says its port) when it
+    runs one, else over ``Manifest.ReadBlob``.
+    """
 
     name = "balancer"
+    via = "bulk, else grpc"
 
-    def __init__(self, channels: BalancerChannels) -> None:
+    def __init__(self, channels: BalancerChannels, token: Callable[[], str] = lambda: "") -> None:
         self._channels = channels
+        self._token = token
+        self._bulk_ports: dict[str, int] = {}  # balancer address -> its bulk port (0: none)
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
-        async for chunk in ReadBlobSource(self.name, self._channels.channel).stream(model, file, offset):
+    async def _bulk(self) -> BulkSource | None:
+        address = self._channels.address
+        port = self._bulk_ports.get(address)
+        if port is None:
+            try:
+                reply = await mgrpc.ManifestStub(self._channels.channel).GetBulkEndpoint(
+                    mpb.GetBulkEndpointRequest(), timeout=5.0
+                )
+                port = reply.port
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise error_from_rpc(exc) from None
+                port = 0  # an older balancer: ReadBlob only
+            self._bulk_ports[address] = port
+        if port <= 0:
+            return None
+        return BulkSource(self.name, address.rpartition(":")[0], port, self._token)
+
+    async def read_into(
+        self, model: Model, file: ManifestFile, offset: int, length: int, write: RangeWriter
+    ) -> None:
+        bulk = await self._bulk()
+        if bulk is not None:
+            await bulk.read_into(model, file, offset, length, write)
+            return
+        position = offset
+        async for chunk in self.stream(model, file, offset, length):
+            view = memoryview(chunk)[: offset + length - position]
+            write(position, view)
+            position += len(view)
+            if position >= offset + length:
+                return
+        raise LlmlbError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"{self.name} ended {file.filename} at byte {position}, {offset + length} was expected",
+        )
+
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
+        source = ReadBlobSource(self.name, self._channels.channel)
+        async for chunk in source.stream(model, file, offset, length):
             yield chunk
 
 

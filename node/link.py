@@ -41,13 +41,15 @@ from common import converters
 from common.channels import open_channel
 from common.config import NodeConfig
 from common.errors import LlmlbError
+from common.pb.llmlb.v1 import manifest_pb2 as mpb
+from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
 from common.types import Capability, Model, ModelState
 from node.balancers import BalancerChannels, BalancerProxySource, Reattach
-from node.blob_sources import BlobSource, ReadBlobSource
+from node.blob_sources import BlobSource, BulkSource, ReadBlobSource
 from node.hardware import Hardware
 from node.model_states import ModelReport, ModelStates
 from node.token_auth import NodeCredentials
@@ -141,6 +143,7 @@ class BalancerLink:
         self._draining = draining
         # Shared with the node's server door: each registration hands it the fleet token.
         self.credentials = credentials if credentials is not None else NodeCredentials(config.auth_token)
+        self._api_key = config.api_key
         self._balancers = BalancerChannels(
             config.balancers,
             lambda address: open_channel(
@@ -440,19 +443,24 @@ class BalancerLink:
             raise error_from_rpc(exc) from None
         return converters.model_from_pb(reply)
 
+    def swarm_name(self) -> str:
+        """This node's source name as its peers see it, once the balancer lists it; else empty."""
+        return f"peer:{self.node_id}" if self.node_id and self.connected.is_set() else ""
+
     async def peer_sources(self, model_id: str) -> list[BlobSource]:
-        """Online nodes other than this one that report the model present or ready."""
+        """Online nodes other than this one that hold the model (present, loading or ready), and
+        those still downloading it (the swarm: they serve the ranges they hold, over bulk only)."""
         try:
             model = await self._ask(
                 lambda registry: registry.GetModel(
                     rpb.GetModelRequest(model_id=model_id), timeout=LOOKUP_TIMEOUT_S
                 )
             )
+            whole = (pb.MODEL_STATE_PRESENT, pb.MODEL_STATE_READY, pb.MODEL_STATE_LOADING)
             holders = {
-                n.node_id
+                n.node_id: n.state == pb.MODEL_STATE_DOWNLOADING  # node id -> still downloading
                 for n in model.nodes
-                if n.state in (pb.MODEL_STATE_PRESENT, pb.MODEL_STATE_READY, pb.MODEL_STATE_LOADING)
-                and n.node_id != self.node_id
+                if (n.state in whole or n.state == pb.MODEL_STATE_DOWNLOADING) and n.node_id != self.node_id
             }
             if not holders:
                 return []
@@ -463,12 +471,29 @@ class BalancerLink:
             raise error_from_rpc(exc) from None
         if not self.credentials.has_fleet_token:  # not registered (``xllm pull``): ask for the token
             await self._fetch_fleet_token()
-        found: list[BlobSource] = []
-        for node in nodes.nodes:
-            if node.id in holders and node.state == pb.NODE_STATE_ONLINE and node.address:
-                found.append(ReadBlobSource(f"peer:{node.id}", self._peer_channel(node.address)))
+        peers = [n for n in nodes.nodes if n.id in holders and n.state == pb.NODE_STATE_ONLINE and n.address]
+        sources = await asyncio.gather(*(self._peer_source(n, partial=holders[n.id]) for n in peers))
+        found: list[BlobSource] = [s for s in sources if s is not None]
         random.shuffle(found)  # spread the fetches of many nodes over the holders
         return found
+
+    async def _peer_source(self, node: pb.Node, *, partial: bool) -> BlobSource | None:
+        """The peer's bulk server when it runs one, else its ``ReadBlob`` (older nodes, or bulk off);
+        a peer still downloading is a source only through its bulk server (ReadBlob serves whole files)."""
+        name, channel = f"peer:{node.id}", self._peer_channel(node.address)
+        try:
+            # Asked each time: a peer restarted on the same address has a new bulk port.
+            reply = await mgrpc.ManifestStub(channel).GetBulkEndpoint(
+                mpb.GetBulkEndpointRequest(), timeout=LOOKUP_TIMEOUT_S
+            )
+            port = reply.port
+        except grpc.aio.AioRpcError as exc:
+            log.info("peer.no_bulk_path", peer=node.id, code=exc.code().name)
+            port = 0
+        if port <= 0:
+            return None if partial else ReadBlobSource(name, channel)
+        host = node.address.rpartition(":")[0]
+        return BulkSource(name, host, port, self.credentials.for_peers, partial=partial)
 
     async def _fetch_fleet_token(self) -> None:
         """The fleet token without registering; without it, peers are tried with ``XLLM_AUTH_TOKEN``."""
@@ -498,4 +523,5 @@ class BalancerLink:
 
     def proxy_source(self) -> BlobSource:
         """The balancer's origin proxy, read through whichever balancer is current when a read starts."""
-        return BalancerProxySource(self._balancers)
+        # The balancer's bulk proxy takes the node's key, or the fleet token when keys are not used.
+        return BalancerProxySource(self._balancers, lambda: self._api_key or self.credentials.for_peers())

@@ -54,6 +54,8 @@ class ManifestProvider(Protocol):
 
     def proxy_source(self) -> BlobSource: ...
 
+    def swarm_name(self) -> str: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
@@ -196,9 +198,15 @@ class Resolver:
             self._states.progress(model.id, sum(held.values()), total)
             self._storage.save_manifest(model)  # so a restarted node can resume without asking anyone
             blob_sources = await self._sources(model)
+
+            async def refresh() -> list[BlobSource]:  # the swarm, as the balancer sees it now
+                return await self._manifests.peer_sources(model.id) if self._config.peer_fetch else []
+
             for file in missing:
                 self._still_wanted(model.id, deletes)
-                paths[file.filename] = await self._downloader.fetch(model, file, blob_sources)
+                paths[file.filename] = await self._downloader.fetch(
+                    model, file, blob_sources, refresh=refresh, me=self._manifests.swarm_name()
+                )
                 sources[file.filename] = "download"
             self._still_wanted(model.id, deletes)
         except (LlmlbError, asyncio.CancelledError) as exc:

@@ -24,6 +24,7 @@ from common.rpc import SERVER_OPTIONS
 from common.types import Backend, ModelState
 from node import hardware
 from node.blob_sources import OriginSource
+from node.bulk_server import BulkServer
 from node.downloader import Downloader
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
@@ -103,6 +104,7 @@ class NodeProcess:
     address: str
     inference: InferenceServicer
     metrics_server: MetricsHttpServer | None = None
+    bulk_server: BulkServer | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -142,6 +144,8 @@ class NodeProcess:
         await asyncio.gather(*self.background, return_exceptions=True)
         await self.parts.link.stop()  # the balancer takes the node out of rotation first
         await self.server.stop(grace)
+        if self.bulk_server is not None:
+            await self.bulk_server.stop()
         await self.parts.close()
         if self.metrics_server is not None:  # last: a scrape during the stop still answers
             await self.metrics_server.stop()
@@ -291,7 +295,18 @@ async def start(config: NodeConfig) -> NodeProcess:
             raise OSError(f"cannot listen on {config.metrics_listen} for metrics: {exc}") from None
         log.info("node.metrics_listening", address=metrics_server.address, path="/metrics")
 
-    manifest_pb2_grpc.add_ManifestServicer_to_server(NodeManifestServicer(resolver, storage), server)
+    bulk_server = None
+    if config.bulk_listen:
+        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial)
+        try:
+            await bulk_server.start(config.bulk_listen)
+        except OSError as exc:
+            await parts.close()
+            raise OSError(f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}") from None
+    bulk_port = bulk_server.port if bulk_server is not None else 0
+    manifest_pb2_grpc.add_ManifestServicer_to_server(
+        NodeManifestServicer(resolver, storage, bulk_port), server
+    )
     inference = InferenceServicer(
         parts.models,
         resolver.resolve,
@@ -318,6 +333,7 @@ async def start(config: NodeConfig) -> NodeProcess:
         advertised_address(config, port),
         inference,
         metrics_server,
+        bulk_server,
     )
     await resolver.survey()  # the balancer hears at once what this node already holds
     link.start()
@@ -326,6 +342,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     log.info(
         "node.listening",
         grpc=node.address,
+        bulk_port=bulk_port or None,
         models_dir=str(storage.root),
         shared_dir=str(config.shared_dir) if config.shared_dir else None,
         backend=parts.hardware.backend.value,

@@ -27,6 +27,7 @@ from common.formats import check_filename
 from common.model_id import model_dir, normalize_model_id
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.types import ManifestFile, Model
+from node.pieces import held_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -199,10 +200,8 @@ class Storage:
         self.verifier.record(self.file_path(model_id, filename), sha256, self.marker_path(model_id, filename))
 
     def partial_bytes(self, model_id: str, filename: str) -> int:
-        try:
-            return partial_path(self.file_path(model_id, filename)).stat().st_size
-        except OSError:
-            return 0
+        """Bytes a download in progress holds (its pieces' sidecar, else the plain prefix's length)."""
+        return held_bytes(partial_path(self.file_path(model_id, filename)))
 
     # -- the manifest a model's files were fetched for ------------------------------------------
 

@@ -58,6 +58,7 @@ GRPC_ACCESS: dict[str, Access] = {
     # Manifests and proxied model bytes, for nodes resolving a model.
     f"{_MANIFEST}GetManifest": NODE,
     f"{_MANIFEST}ReadBlob": NODE,
+    f"{_MANIFEST}GetBulkEndpoint": NODE,  # where the same bytes are served over the bulk proxy
     # Inference.
     f"{_INFERENCE}Chat": API,
     f"{_INFERENCE}Complete": API,
@@ -77,6 +78,7 @@ GRPC_ACCESS: dict[str, Access] = {
 HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("POST", "/v1/chat/completions"): API,
     ("POST", "/v1/completions"): API,
+    ("POST", "/v1/responses"): API,
     ("POST", "/v1/embeddings"): API,
     ("POST", "/v1/audio/transcriptions"): API,
     ("POST", "/v1/audio/speech"): API,
@@ -90,10 +92,29 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/models"): API,
     ("GET", "/v0/models/registry/{model_id:path}/manifest.json"): API,
     ("GET", "/v0/models/{model_id:path}/status"): API,
+    ("POST", "/v0/models/{model_id:path}/pull"): ADMIN,
     ("GET", "/v0/nodes"): READ,
+    ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
+    ("DELETE", "/v0/nodes/{node_id}"): ADMIN,
+    # Fleet-wide request metrics: operators only.
+    ("GET", "/v0/history"): ADMIN,
+    # Keys are managed by admins; any api key may ask who it is and read its own usage (the
+    # route narrows a non-admin key to its own rows).
+    ("GET", "/v0/keys"): ADMIN,
+    ("POST", "/v0/keys"): ADMIN,
+    ("DELETE", "/v0/keys/{key}"): ADMIN,
+    ("GET", "/v0/me"): API,
+    ("GET", "/v0/usage"): API,
+    # The console's page and its scripts: static and data-free, so open; every datum it shows
+    # comes from the routes above, with the signed-in key.
+    ("GET", "/ui"): PUBLIC,
+    ("GET", "/ui/{name}"): PUBLIC,
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
     ("GET", "/metrics"): PUBLIC,
+    # The HTTP door's own description: routes and shapes, no data; open like the probes.
+    ("GET", "/openapi.json"): PUBLIC,
+    ("GET", "/docs"): PUBLIC,
 }
 
 

@@ -1,5 +1,9 @@
 """The metrics of one request, the same on both doors: outcome, latency, first token, tokens.
 
+When a request ends, its ``Call`` is also handed to the observer's sinks: the usage counter (per API
+key and model, ``balancer.usage``) and the console's short history (``balancer.history``). Both only
+update memory, so the request path gains no I/O.
+
 A model name becomes a Prometheus label only once the catalogue knows it: an answered request's model
 was found by the router, and a refused one is looked up before it is counted, so callers asking for
 made-up models add no series (they are counted under an empty model label).
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from balancer.edge.admission import admit
+from balancer.edge.caller import caller_key_id
 from common.errors import ErrorCode, LlmlbError
 from common.inference import InferenceRequest, TextChunk, Usage
 from common.metrics import BalancerMetrics
@@ -28,6 +33,12 @@ class Catalogue(Protocol):
     async def get(self, model_id: str) -> Any: ...
 
 
+class Sink(Protocol):
+    """Told of every request when it ends; must not block or await (it runs on the request path)."""
+
+    def finished(self, call: Call, code: str, elapsed_s: float) -> None: ...
+
+
 @dataclass(slots=True)
 class Call:
     """One request being answered; ``done`` records it once, whichever way it ends."""
@@ -36,11 +47,18 @@ class Call:
     door: str
     route: str
     model: str = ""  # the admitted (normal) model id; cleared before counting if the catalogue lacks it
+    key_id: str = ""  # the caller's API key ("" with auth off)
+    sinks: tuple[Sink, ...] = ()
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    node_id: str = ""  # the node that answered, when the answer says
+    first_token_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def first_chunk(self) -> None:
-        self.metrics.first_token(self.route, time.perf_counter() - self.started)
+        self.first_token_s = time.perf_counter() - self.started
+        self.metrics.first_token(self.route, self.first_token_s)
 
     def tokens(self, usage: Usage, node_id: str = "") -> None:
         """Counts tokens of an answer; only answered requests get here, so their model is known.
@@ -49,25 +67,33 @@ class Call:
         split into those the node's prompt cache saved and those it computed.
         """
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
         if node_id:
+            self.node_id = node_id
             self.metrics.prompt_tokens(self.model, node_id, usage.prompt_tokens, usage.cached_tokens)
 
     def done(self, code: str) -> None:
         """``code`` is ``ok`` or an ``ErrorCode`` value."""
         if not self.finished:
             self.finished = True
-            self.metrics.observe(self.door, self.route, self.model, code, time.perf_counter() - self.started)
+            elapsed = time.perf_counter() - self.started
+            self.metrics.observe(self.door, self.route, self.model, code, elapsed)
+            for sink in self.sinks:
+                sink.finished(self, code, elapsed)
 
 
 class Observer:
     """Opens a ``Call`` per request and closes it with its outcome; both doors hold one."""
 
-    def __init__(self, metrics: BalancerMetrics, catalogue: Catalogue) -> None:
+    def __init__(self, metrics: BalancerMetrics, catalogue: Catalogue, sinks: tuple[Sink, ...] = ()) -> None:
         self.metrics = metrics
         self._catalogue = catalogue
+        self._sinks = sinks
 
     def call(self, door: str, route: str) -> Call:
-        return Call(self.metrics, door, route)
+        """A new call, made by the key the door's access check let in."""
+        return Call(self.metrics, door, route, key_id=caller_key_id(), sinks=self._sinks)
 
     def admit(self, call: Call, request: R) -> R:
         """``request`` through admission (``edge.admission.admit``), its model then the call's label.

@@ -1,4 +1,5 @@
-"""The ``/v0`` management API: register and inspect models, read manifests and statuses, list nodes."""
+"""The ``/v0`` management API: register, inspect and pull models, read manifests and statuses, list,
+drain and remove nodes, and read this replica's short history of request metrics."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from balancer import control
+from balancer import control, nodes
 from balancer.catalog import RegisterRequest
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
-from balancer.http.schemas import RegisterModelBody
+from balancer.http.schemas import PullModelBody, RegisterModelBody
 from balancer.parts import BalancerParts
-from common.errors import unknown_capabilities
+from common.errors import ErrorCode, LlmlbError, unknown_capabilities
 from common.types import Capability
 
 
@@ -64,10 +65,50 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
         views = await control.list_nodes(parts)
         return answer({"object": "list", "data": [node_json(v) for v in views]})
 
+    async def pull_model(request: Request) -> Response:
+        body = cv.parse_body(PullModelBody, await request.body() or b"{}")
+        pulled = await nodes.pull_model(parts, request.path_params["model_id"], list(body.node_ids))
+        return answer({"model_id": pulled.model_id, "node_ids": list(pulled.node_ids)}, 202)
+
+    async def drain_node(request: Request) -> Response:
+        node = await nodes.drain_node(parts, request.path_params["node_id"])
+        return answer({"id": node.id, "state": node.state.value})
+
+    async def remove_node(request: Request) -> Response:
+        return answer({"id": await nodes.remove_node(parts, request.path_params["node_id"]), "removed": True})
+
+    async def history(request: Request) -> Response:
+        query = request.query_params
+        kind, name = "all", ""
+        if query.get("model"):
+            kind, name = "model", query["model"].lower()
+        elif query.get("node"):
+            kind, name = "node", query["node"]
+        try:
+            since = float(query.get("since", "0"))
+        except ValueError:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST, "since must be a time in seconds since the epoch"
+            ) from None
+        h = parts.history
+        return answer(
+            {
+                "replica": parts.replicas.id,
+                "bucket_s": h.bucket_s,
+                "series": {"kind": kind, "name": name, "points": h.points(kind, name, since)},
+                "models": h.names("model"),
+                "nodes": h.names("node"),
+            }
+        )
+
     return [
         Route("/v0/models", register_model, methods=["POST"]),
         Route("/v0/models", list_models, methods=["GET"]),
         Route("/v0/models/registry/{model_id:path}/manifest.json", manifest, methods=["GET"]),
         Route("/v0/models/{model_id:path}/status", status, methods=["GET"]),
+        Route("/v0/models/{model_id:path}/pull", pull_model, methods=["POST"]),
         Route("/v0/nodes", list_nodes, methods=["GET"]),
+        Route("/v0/nodes/{node_id}/drain", drain_node, methods=["POST"]),
+        Route("/v0/nodes/{node_id}", remove_node, methods=["DELETE"]),
+        Route("/v0/history", history, methods=["GET"]),
     ]

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import array
 import base64
+import codecs
 import json
 import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import LlmlbError
@@ -18,6 +21,7 @@ from common.inference import (
     FinishReason,
     GenerateImageResponse,
     TextChunk,
+    TokenLogprob,
     ToolCall,
     Usage,
 )
@@ -53,21 +57,20 @@ def finish_reason(reason: FinishReason | None) -> str:
     return _FINISH.get(reason, "stop") if reason is not None else "stop"
 
 
-def joined_tool_calls(chunks: list[TextChunk]) -> tuple[ToolCall, ...]:
-    """The whole calls of an answer, from the pieces its chunks carry (ids and names on first pieces)."""
+def joined_tool_calls(pieces: Iterable[ToolCall]) -> tuple[ToolCall, ...]:
+    """Whole calls from streamed pieces (ids and names on first pieces), in index order."""
     calls: dict[int, ToolCall] = {}
-    for chunk in chunks:
-        for piece in chunk.tool_calls:
-            seen = calls.get(piece.index)
-            if seen is None:
-                calls[piece.index] = piece
-            else:
-                calls[piece.index] = ToolCall(
-                    index=piece.index,
-                    id=seen.id or piece.id,
-                    name=seen.name or piece.name,
-                    arguments=seen.arguments + piece.arguments,
-                )
+    for piece in pieces:
+        seen = calls.get(piece.index)
+        if seen is None:
+            calls[piece.index] = piece
+        else:
+            calls[piece.index] = ToolCall(
+                index=piece.index,
+                id=seen.id or piece.id,
+                name=seen.name or piece.name,
+                arguments=seen.arguments + piece.arguments,
+            )
     return tuple(calls[i] for i in sorted(calls))
 
 
@@ -100,15 +103,105 @@ def chat_message_json(text: str, tool_calls: tuple[ToolCall, ...] = ()) -> dict[
     return message
 
 
+# -- log-probabilities ---------------------------------------------------------------------------------
+
+
+def token_logprob_json(entry: TokenLogprob) -> dict[str, Any]:
+    """One token of chat's ``logprobs.content``."""
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.bytes),
+        "top_logprobs": [
+            {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in entry.top_logprobs
+        ],
+    }
+
+
+def chat_logprobs_json(entries: Sequence[TokenLogprob], asked: bool) -> dict[str, Any] | None:
+    """Chat's ``choices[i].logprobs``: null unless asked for."""
+    if not asked:
+        return None
+    return {"content": [token_logprob_json(e) for e in entries], "refusal": None}
+
+
+class TextOffsets:
+    """Where each token starts in a choice's text, in characters (legacy completions' ``text_offset``).
+
+    Counted from the tokens' own bytes: an echoed prompt would shift them, which is why echo and
+    logprobs are refused together (``CompleteRequest.validate``).
+    """
+
+    def __init__(self) -> None:
+        self._chars = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, data: bytes) -> int:
+        """The offset of the token whose bytes are ``data``; a token inside a character shares its start."""
+        offset = self._chars
+        self._chars += len(self._decoder.decode(data))
+        return offset
+
+
+def completion_logprobs_json(
+    entries: Sequence[TokenLogprob], offsets: TextOffsets, asked: bool
+) -> dict[str, Any] | None:
+    """A legacy completion's ``choices[i].logprobs``: parallel lists; null unless asked for."""
+    if not asked:
+        return None
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        "text_offset": [offsets.next(e.bytes) for e in entries],
+    }
+
+
+# -- whole answers -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice of a whole answer, joined from its chunks."""
+
+    index: int
+    pieces: list[str] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # pieces, as streamed
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def join_choices(chunks: Sequence[TextChunk]) -> tuple[list[Choice], TextChunk | None]:
+    """The choices of a whole answer, in index order, and the stream's last chunk (None if empty)."""
+    choices: dict[int, Choice] = {}
+    for chunk in chunks:
+        choice = choices.setdefault(chunk.index, Choice(chunk.index))
+        choice.pieces.append(chunk.delta)
+        choice.logprobs.extend(chunk.logprobs)
+        choice.tool_calls.extend(chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            choice.finish_reason = chunk.finish_reason
+    return [choices[i] for i in sorted(choices)], (chunks[-1] if chunks else None)
+
+
+def usage_of(chunks: Sequence[TextChunk]) -> Usage | None:
+    """The usage of all choices: on the stream's last chunk (the last that has one, to be lenient)."""
+    return next((c.usage for c in reversed(chunks) if c.usage is not None), None)
+
+
 def chat_completion_json(
     completion_id: str,
     created: int,
     model: str,
-    text: str,
-    last: TextChunk | None,
-    tool_calls: tuple[ToolCall, ...] = (),
+    choices: Sequence[Choice],
+    usage: Usage | None,
+    logprobs: bool = False,
 ) -> dict[str, Any]:
-    """A non-streamed ``chat.completion`` from the joined text and the stream's last chunk."""
+    """A non-streamed ``chat.completion`` from the joined choices; ``logprobs``: whether they were asked."""
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -116,19 +209,25 @@ def chat_completion_json(
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": chat_message_json(text, tool_calls),
-                "logprobs": None,
-                "finish_reason": finish_reason(last.finish_reason if last else None),
+                "index": c.index,
+                "message": chat_message_json(c.text, joined_tool_calls(c.tool_calls)),
+                "logprobs": chat_logprobs_json(c.logprobs, logprobs),
+                "finish_reason": finish_reason(c.finish_reason),
             }
+            for c in choices or [Choice(0)]
         ],
-        "usage": usage_json(last.usage if last else None),
+        "usage": usage_json(usage),
         "system_fingerprint": None,
     }
 
 
 def text_completion_json(
-    completion_id: str, created: int, model: str, text: str, last: TextChunk | None
+    completion_id: str,
+    created: int,
+    model: str,
+    choices: Sequence[Choice],
+    usage: Usage | None,
+    logprobs: bool = False,
 ) -> dict[str, Any]:
     """A non-streamed ``text_completion``."""
     return {
@@ -138,21 +237,31 @@ def text_completion_json(
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finish_reason(last.finish_reason if last else None),
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs_json(c.logprobs, TextOffsets(), logprobs),
+                "finish_reason": finish_reason(c.finish_reason),
             }
+            for c in choices or [Choice(0)]
         ],
-        "usage": usage_json(last.usage if last else None),
+        "usage": usage_json(usage),
         "system_fingerprint": None,
     }
 
 
-class ChatChunks:
-    """Encodes one streamed chat answer as ``chat.completion.chunk`` server-sent events."""
+# -- streamed answers ----------------------------------------------------------------------------------
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+
+class ChatChunks:
+    """Encodes one streamed chat answer as ``chat.completion.chunk`` server-sent events.
+
+    Each choice (``index``) begins with a ``role: assistant`` event and ends with its finish_reason; the
+    usage event, when asked for, follows the chunk that carries the usage (the stream's last).
+    """
+
+    def __init__(
+        self, completion_id: str, created: int, model: str, include_usage: bool, logprobs: bool = False
+    ) -> None:
         self._base: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -161,38 +270,52 @@ class ChatChunks:
             "system_fingerprint": None,
         }
         self._include_usage = include_usage
+        self._logprobs = logprobs
+        self._started: set[int] = set()
 
-    def _event(self, delta: dict[str, Any], finish: str | None) -> bytes:
+    def _event(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> bytes:
         chunk = {
             **self._base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
         if self._include_usage:
             chunk["usage"] = None  # OpenAI's shape: null on every chunk but the usage one
         return sse(chunk)
 
     def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
-        """The events for one internal chunk; the first carries ``role: assistant``."""
+        """The events for one internal chunk; a choice's first carries ``role: assistant``."""
+        del first  # each choice's first chunk is known by its index
         out = []
-        if first:
-            out.append(self._event({"role": "assistant", "content": ""}, None))
-        if chunk.delta:
-            out.append(self._event({"content": chunk.delta}, None))
+        index = chunk.index
+        if index not in self._started:
+            self._started.add(index)
+            out.append(self._event(index, {"role": "assistant", "content": ""}, None))
+        if chunk.delta or chunk.logprobs:
+            logprobs = chat_logprobs_json(chunk.logprobs, self._logprobs)
+            out.append(self._event(index, {"content": chunk.delta}, None, logprobs))
         if chunk.tool_calls:
             # one entry per call, as OpenAI sends: a chunk's pieces of one call are joined
-            merged = joined_tool_calls([chunk])
-            out.append(self._event({"tool_calls": [tool_call_delta_json(p) for p in merged]}, None))
+            calls = [tool_call_delta_json(p) for p in joined_tool_calls(chunk.tool_calls)]
+            out.append(self._event(index, {"tool_calls": calls}, None))
         if chunk.finish_reason is not None:
-            out.append(self._event({}, finish_reason(chunk.finish_reason)))
-            if self._include_usage:
-                out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
+            out.append(self._event(index, {}, finish_reason(chunk.finish_reason)))
+        if chunk.usage is not None and self._include_usage:
+            out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
         return out
 
 
 class CompletionChunks:
     """Encodes one streamed completion as ``text_completion`` server-sent events."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, completion_id: str, created: int, model: str, include_usage: bool, logprobs: bool = False
+    ) -> None:
         self._base: dict[str, Any] = {
             "id": completion_id,
             "object": "text_completion",
@@ -201,20 +324,22 @@ class CompletionChunks:
             "system_fingerprint": None,
         }
         self._include_usage = include_usage
+        self._logprobs = logprobs
+        self._offsets: dict[int, TextOffsets] = {}
 
     def events(self, chunk: TextChunk, first: bool) -> list[bytes]:
         del first  # completions have no role event
-        if not chunk.delta and chunk.finish_reason is None:
-            return []
-        finish = finish_reason(chunk.finish_reason) if chunk.finish_reason is not None else None
-        event: dict[str, Any] = {
-            **self._base,
-            "choices": [{"index": 0, "text": chunk.delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self._include_usage:
-            event["usage"] = None
-        out = [sse(event)]
-        if finish is not None and self._include_usage:
+        offsets = self._offsets.setdefault(chunk.index, TextOffsets())
+        out = []
+        if chunk.delta or chunk.logprobs or chunk.finish_reason is not None:
+            finish = finish_reason(chunk.finish_reason) if chunk.finish_reason is not None else None
+            logprobs = completion_logprobs_json(chunk.logprobs, offsets, self._logprobs)
+            choice = {"index": chunk.index, "text": chunk.delta, "logprobs": logprobs}
+            event: dict[str, Any] = {**self._base, "choices": [{**choice, "finish_reason": finish}]}
+            if self._include_usage:
+                event["usage"] = None
+            out.append(sse(event))
+        if chunk.usage is not None and self._include_usage:
             out.append(sse({**self._base, "choices": [], "usage": usage_json(chunk.usage)}))
         return out
 

@@ -47,6 +47,7 @@ B = TypeVar("B", bound=BaseModel)
 
 # Legacy completions stop after 16 tokens when max_tokens is not given, as OpenAI's do.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+COMPLETION_MAX_LOGPROBS = 5  # legacy completions' ``logprobs``: at most 5 alternatives, as OpenAI's
 SPEECH_FORMATS = {"wav": AudioFormat.WAV, "pcm": AudioFormat.PCM}
 
 
@@ -94,15 +95,23 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _refuse_unsupported(body: ChatCompletionBody | CompletionBody) -> None:
-    if body.n not in (None, 1):
-        raise invalid(f"n must be 1: one choice per request is supported, got {body.n}")
-    if body.logprobs not in (None, False, 0):
-        raise invalid("logprobs are not supported")
+def _logprobs(body: ChatCompletionBody | CompletionBody) -> tuple[bool, int]:
+    """(logprobs, top_logprobs): chat names both; a legacy completion's ``logprobs: k`` means both."""
+    if isinstance(body, ChatCompletionBody):
+        return bool(body.logprobs), body.top_logprobs or 0
+    if body.logprobs is None:
+        return False, 0
+    if not 0 <= body.logprobs <= COMPLETION_MAX_LOGPROBS:
+        raise invalid(f"logprobs must be between 0 and {COMPLETION_MAX_LOGPROBS}, got {body.logprobs}")
+    return True, body.logprobs
 
 
 def _sampling(body: ChatCompletionBody | CompletionBody, max_tokens: int | None) -> SamplingParams:
+    logprobs, top_logprobs = _logprobs(body)
     return SamplingParams(
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=1 if body.n is None else body.n,
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -207,7 +216,6 @@ def _message_text(index: int, content: Any) -> str:
 
 def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
     """An OpenAI chat completion body as a ``ChatRequest``."""
-    _refuse_unsupported(body)
     messages = tuple(_message(i, m) for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return ChatRequest(
@@ -225,9 +233,9 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
 
 def complete_request(body: CompletionBody, request_id: str) -> CompleteRequest:
     """An OpenAI (legacy) completion body as a ``CompleteRequest``."""
-    _refuse_unsupported(body)
-    if body.best_of not in (None, 1):
-        raise invalid(f"best_of must be 1, got {body.best_of}")
+    # best_of > n asks the server to rank choices by log-probability and keep the best; not done here.
+    if body.best_of not in (None, 1, body.n or 1):
+        raise invalid(f"best_of must equal n (choices are not ranked here), got best_of={body.best_of}")
     if body.suffix:
         raise invalid("suffix is not supported")
     prompt = body.prompt

@@ -124,10 +124,6 @@ async def _audio_bytes(
         call.done(code)
 
 
-def _joined(chunks: list[TextChunk]) -> tuple[str, TextChunk | None]:
-    return "".join(c.delta for c in chunks), (chunks[-1] if chunks else None)
-
-
 async def _file(form: FormData, *names: str, required: bool = True) -> tuple[bytes, str]:
     for name in names:
         value = form.get(name)
@@ -143,7 +139,7 @@ async def _file(form: FormData, *names: str, required: bool = True) -> tuple[byt
 def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     routing = parts.router
-    observer = Observer(parts.metrics, parts.catalog)
+    observer = Observer(parts.metrics, parts.catalog, (parts.usage, parts.history))
 
     def observed(route: str) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
         """Records each request's outcome and latency; streams record theirs when they end."""
@@ -176,22 +172,20 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         stream: bool,
         include_usage: bool,
         chat: bool,
+        logprobs: bool = False,
     ) -> Response:
         completion_id = ("chatcmpl-" if chat else "cmpl-") + rid
         if not stream:
             chunks_whole = await unless_disconnected(request.receive, whole())
-            text, last = _joined(chunks_whole)
-            if last is not None and last.usage is not None:
-                call.tokens(last.usage, last.node_id)
+            choices, last = out.join_choices(chunks_whole)
+            usage = out.usage_of(chunks_whole)
+            if usage is not None:
+                call.tokens(usage, last.node_id if last else "")
             created = last.created if last and last.created else int(time.time())
             shown = last.model if last and last.model else model
+            render = out.chat_completion_json if chat else out.text_completion_json
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
-            if chat:
-                calls = out.joined_tool_calls(chunks_whole)
-                return json_response(
-                    out.chat_completion_json(completion_id, created, shown, text, last, calls), headers
-                )
-            return json_response(out.text_completion_json(completion_id, created, shown, text, last), headers)
+            return json_response(render(completion_id, created, shown, choices, usage, logprobs), headers)
         chunks = answer()
         first = await _first(chunks, request.receive)
         call.first_chunk()
@@ -200,7 +194,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         created = first.created or int(time.time())
         shown = first.model or model
         encoder = (out.ChatChunks if chat else out.CompletionChunks)(
-            completion_id, created, shown, include_usage
+            completion_id, created, shown, include_usage, logprobs
         )
         return StreamingAnswer(
             _text_events(call, first, chunks, encoder),
@@ -224,6 +218,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             stream=bool(body.stream),
             include_usage=include_usage,
             chat=True,
+            logprobs=internal.params.logprobs,
         )
 
     @observed("complete")
@@ -242,6 +237,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             stream=bool(body.stream),
             include_usage=include_usage,
             chat=False,
+            logprobs=internal.params.logprobs,
         )
 
     @observed("embed")

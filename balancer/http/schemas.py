@@ -74,12 +74,13 @@ class _Sampling(_Body):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: Any = None  # accepted only when off: no runtime returns them
 
 
 class ChatCompletionBody(_Sampling):
     messages: list[ChatMessageBody]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     tools: list[ToolBody] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -89,6 +90,7 @@ class ChatCompletionBody(_Sampling):
 class CompletionBody(_Sampling):
     prompt: str | list[str]
     echo: bool | None = None
+    logprobs: int | None = None  # legacy: how many alternatives per position (0..5); set: log-probabilities
     best_of: int | None = None
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
@@ -137,3 +139,16 @@ class RegisterModelBody(_Body):
     tags: list[str] = []
     required_vram_mb: int = 0
     chat_template: str = ""
+
+
+class PullModelBody(_Body):
+    """``POST /v0/models/{id}/pull``: the nodes to fetch and load the model (none: every capable node)."""
+
+    node_ids: list[str] = []
+
+
+class CreateKeyBody(_Body):
+    """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``)."""
+
+    name: str = ""
+    scopes: list[str]

@@ -62,6 +62,18 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
+async def first_item(stream: AsyncIterator[T], receive: Receive) -> T | None:
+    """The stream's first item (None for an empty stream), unless the client goes away first.
+
+    The stream is closed if that fails, so the work behind it stops.
+    """
+    try:
+        return await unless_disconnected(receive, anext(stream, None))
+    except BaseException:
+        await close(stream)
+        raise
+
+
 class StreamingAnswer(Response):
     """Sends ``body`` as it is produced; a client disconnect closes ``body`` at once."""
 

@@ -21,9 +21,15 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class ManifestServicer(mgrpc.ManifestServicer):
-    def __init__(self, catalog: Catalog, origin: Origin) -> None:
+    def __init__(self, catalog: Catalog, origin: Origin, bulk_port: int = 0) -> None:
         self._catalog = catalog
         self._origin = origin
+        self._bulk_port = bulk_port
+
+    @rpc_errors
+    async def GetBulkEndpoint(self, request: mpb.GetBulkEndpointRequest, context: Ctx) -> mpb.BulkEndpoint:
+        """The port of this balancer's bulk proxy (``balancer/bulk_proxy.py``); 0 when off."""
+        return mpb.BulkEndpoint(port=self._bulk_port)
 
     @rpc_errors
     async def GetManifest(self, request: mpb.GetManifestRequest, context: Ctx) -> pb.ModelManifest:

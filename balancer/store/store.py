@@ -3,6 +3,9 @@ and the secrets the balancer generates for itself.
 
 Transport-neutral and async. It takes and returns only the dataclasses of ``common.types``; rows of
 ``balancer.store.tables`` never leave this package.
+
+Over the usual size on purpose: every table's queries share one write lock, one session factory and
+the engine-specific upsert choice, and split by table they would each need all three.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from balancer.store.tables import (
     NodeRow,
     ReplicaRow,
     SecretRow,
+    UsageRow,
 )
 from balancer.store.unavailable import mapped
-from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState
+from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState, UsageCount
 
 log = structlog.get_logger(__name__)
 
@@ -478,6 +482,57 @@ class Store:
         """How many keys were ever stored, revoked ones included."""
         async with self._reading() as session:
             return int(await session.scalar(select(func.count()).select_from(ApiKeyRow)) or 0)
+
+    # usage
+
+    async def add_usage(self, counts: Sequence[UsageCount]) -> None:
+        """Adds ``counts`` to the stored rows of their (key, model, minute), in one transaction."""
+        if not counts:
+            return
+        insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        async with self._writing() as session:
+            for c in counts:
+                statement = insert(UsageRow).values(
+                    key_id=c.key_id,
+                    model=c.model,
+                    minute=converters.utc(c.minute),
+                    requests=c.requests,
+                    errors=c.errors,
+                    prompt_tokens=c.prompt_tokens,
+                    completion_tokens=c.completion_tokens,
+                )
+                # Added, not replaced: several replicas (or flushes) may count the same minute.
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["key_id", "model", "minute"],
+                        set_={
+                            name: getattr(UsageRow, name) + getattr(statement.excluded, name)
+                            for name in ("requests", "errors", "prompt_tokens", "completion_tokens")
+                        },
+                    )
+                )
+
+    async def usage(
+        self, since: datetime, *, key_id: str | None = None, model: str | None = None
+    ) -> list[UsageCount]:
+        """Stored usage from the minute holding ``since`` on, optionally of one key and one model;
+        ordered by key, model and minute."""
+        start = converters.utc(since).replace(second=0, microsecond=0)
+        query = select(UsageRow).where(UsageRow.minute >= start)
+        if key_id is not None:
+            query = query.where(UsageRow.key_id == key_id)
+        if model is not None:
+            query = query.where(UsageRow.model == model)
+        async with self._reading() as session:
+            rows = await session.scalars(query)
+            found = [
+                UsageCount(
+                    r.key_id, r.model, r.minute, r.requests, r.errors, r.prompt_tokens, r.completion_tokens
+                )
+                for r in rows
+            ]
+        # Sorted here, not by the database: its collation must not decide the order.
+        return sorted(found, key=lambda c: (c.key_id, c.model, c.minute))
 
     # secrets
 

@@ -197,3 +197,20 @@ class ReplicaRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime())
     seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class UsageRow(Base):
+    """Requests and tokens of one API key on one model in one minute (``key_id`` "" when auth is off).
+
+    Written in batches that add to the row (``balancer.usage``); kept so usage survives restarts.
+    """
+
+    __tablename__ = "usage"
+
+    key_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True, index=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)

@@ -124,7 +124,10 @@ CancelFlag = threading.Event
 @runtime_checkable
 class TextGeneration(Runtime, Protocol):
     def chat(self, request: ChatRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
-        """Text deltas; the last chunk has ``finish_reason`` and ``usage``."""
+        """Text deltas, choice after choice (``TextChunk.index``) when ``params.n`` > 1.
+
+        Each choice's last chunk has its ``finish_reason``; the very last chunk has the ``usage`` of all.
+        """
         ...
 
     def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]: ...

@@ -21,6 +21,7 @@ import math
 import random
 import threading
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from common.inference import (
     FinishReason,
     SamplingParams,
     TextChunk,
+    TokenLogprob,
     Usage,
 )
 from common.prefixes import chat_prefixes, text_prefixes
@@ -44,6 +46,7 @@ from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
 from node.runtimes.grammar import response_grammar, tool_grammar
 from node.runtimes.grammar_sampler import GrammarFilter
 from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
+from node.runtimes.logprobs import LogprobReader
 from node.runtimes.prefix_cache import PrefixCache, common_length
 from node.runtimes.tool_calls import offers_tools, read_calls, template_knows_tools, template_messages
 
@@ -270,10 +273,9 @@ class LlamaRuntime:
         llm = contexts.acquire()
         try:
             tokens = llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
-            if request.echo:
-                yield TextChunk(request_id="", delta=request.prompt)
+            lead = request.prompt if request.echo else ""
             grammar = response_grammar(request.params.response_format)
-            answer = yield from self._generate(llm, tokens, request.params, cancel, grammar=grammar)
+            answer = yield from self._generate(llm, tokens, request.params, cancel, lead, grammar=grammar)
             self._save(llm, tokens, [p.hash for p in text_prefixes(request.prompt + answer)])
         finally:
             contexts.release(llm)
@@ -286,20 +288,42 @@ class LlamaRuntime:
         tokens: list[int],
         params: SamplingParams,
         cancel: CancelFlag,
+        lead: str = "",
         *,
         grammar: str | None = None,
     ) -> Generator[TextChunk, None, str]:
-        """``generate_text`` from the best aligned reuse point; returns the text generated."""
-        answer: list[str] = []
-        try:
-            cached = self._prepare(llm, tokens)
-            for chunk in generate_text(llm, tokens, params, cancel, cached=cached, grammar=grammar):
-                answer.append(chunk.delta)
-                yield chunk
-        except BaseException:
-            clear(llm)  # stopped part-way: what the context holds is not known to be whole
-            raise
-        return "".join(answer)
+        """``generate_text`` from the best aligned reuse point, once per choice; returns choice 0's text.
+
+        The choices run in turn in this one context: each after the first finds the prompt's aligned part
+        still held, so the prompt is evaluated about once. With a seed, choice i samples with seed + i, so
+        the choices differ. Usage: the prompt counted once, the choices' tokens summed (OpenAI's way), on
+        the last choice's last chunk. ``lead`` begins every choice's text (an echoed prompt); ``grammar``
+        (GBNF) constrains every choice.
+        """
+        first = ""
+        total: Usage | None = None
+        for index in range(params.n):
+            choice = params if params.seed is None or not index else replace(params, seed=params.seed + index)
+            answer: list[str] = []
+            try:
+                if lead:
+                    yield TextChunk(request_id="", delta=lead, index=index)
+                cached = self._prepare(llm, tokens)
+                for chunk in generate_text(llm, tokens, choice, cancel, cached=cached, grammar=grammar):
+                    answer.append(chunk.delta)
+                    if params.n > 1:
+                        total = _summed(total, chunk.usage)
+                        last = index == params.n - 1
+                        chunk = replace(chunk, index=index, usage=total if last and chunk.usage else None)
+                    yield chunk
+            except BaseException:
+                clear(llm)  # stopped part-way: what the context holds is not known to be whole
+                raise
+            if index == 0:
+                first = "".join(answer)
+            if cancel.is_set():  # nobody is waiting for the other choices
+                break
+        return first
 
     def _prepare(self, llm: Llama, tokens: list[int]) -> int:
         """Leaves the context holding the longest aligned prefix of ``tokens`` it can; returns its length.
@@ -383,6 +407,8 @@ def generate_text(
     stops = StopMatcher(params.stop)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab  # the generator yields ids; llama.cpp alone knows which end generation
+    reader = LogprobReader(llm, params.top_logprobs) if params.logprobs else None
+    pending: list[TokenLogprob] = []  # entries of tokens whose text is not sent yet
     produced = 0
     finish = FinishReason.LENGTH
     hit_stop = False  # a stop sequence, whose held-back prefix is dropped; end-of-generation keeps it
@@ -407,9 +433,12 @@ def generate_text(
                 finish = FinishReason.STOP
                 break
             produced += 1
+            if reader is not None:  # now, before the generator evaluates the token
+                pending.append(reader.read(token))
             text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
             if text:
-                yield TextChunk(request_id="", delta=text)
+                yield TextChunk(request_id="", delta=text, logprobs=tuple(pending))
+                pending.clear()
             if stopped:
                 finish, hit_stop = FinishReason.STOP, True
                 break
@@ -425,7 +454,15 @@ def generate_text(
         delta=tail,
         finish_reason=finish,
         usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=cached),
+        logprobs=tuple(pending),
     )
+
+
+def _summed(total: Usage | None, usage: Usage | None) -> Usage | None:
+    """Usage of several choices of one prompt: its tokens (and cached ones) once, the answers' summed."""
+    if usage is None or total is None:
+        return usage or total
+    return replace(total, completion_tokens=total.completion_tokens + usage.completion_tokens)
 
 
 def context_bytes(path: Path) -> int:

@@ -276,14 +276,16 @@ def read_calls(chunks: Iterable[TextChunk]) -> Generator[TextChunk, None, str]:
     """``chunks`` (a runtime's text chunks) with the answer split into text and tool-call pieces.
 
     A stream that made calls and ended normally ends with ``FinishReason.TOOL_CALLS``. Each chunk keeps
-    its other fields (log-probabilities, usage), so counts stay per token. Returns the answer's raw
-    text, as generated.
+    its other fields (log-probabilities, usage), so counts stay per token. Each choice (``index``) is
+    read apart. Returns the raw text of choice 0, as generated.
     """
-    reader = CallReader()
+    readers: dict[int, CallReader] = {}  # one per choice (n > 1 runs the choices in turn)
     raw: list[str] = []
     try:
         for chunk in chunks:
-            raw.append(chunk.delta)
+            if chunk.index == 0:
+                raw.append(chunk.delta)
+            reader = readers.setdefault(chunk.index, CallReader())
             text, pieces = reader.feed(chunk.delta)
             if chunk.finish_reason is not None:
                 text += reader.flush()
@@ -291,7 +293,7 @@ def read_calls(chunks: Iterable[TextChunk]) -> Generator[TextChunk, None, str]:
                 if reader.calls and finish is FinishReason.STOP:
                     finish = FinishReason.TOOL_CALLS
                 yield replace(chunk, delta=text, tool_calls=tuple(pieces), finish_reason=finish)
-            elif text or pieces:
+            elif text or pieces or chunk.usage is not None:
                 yield replace(chunk, delta=text, tool_calls=tuple(pieces))
             elif chunk.logprobs:
                 yield replace(chunk, delta="")  # the tokens still count, though held back for now

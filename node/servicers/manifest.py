@@ -28,9 +28,15 @@ CHUNK_BYTES = 1024 * 1024
 
 
 class NodeManifestServicer(mgrpc.ManifestServicer):
-    def __init__(self, resolver: Resolver, storage: Storage) -> None:
+    def __init__(self, resolver: Resolver, storage: Storage, bulk_port: int = 0) -> None:
         self._resolver = resolver
         self._storage = storage
+        self._bulk_port = bulk_port
+
+    @rpc_errors
+    async def GetBulkEndpoint(self, request: mpb.GetBulkEndpointRequest, context: Ctx) -> mpb.BulkEndpoint:
+        """The port of this node's bulk server (``node/bulk_server.py``); 0 when it runs none."""
+        return mpb.BulkEndpoint(port=self._bulk_port)
 
     @rpc_errors
     async def GetManifest(self, request: mpb.GetManifestRequest, context: Ctx) -> pb.ModelManifest:

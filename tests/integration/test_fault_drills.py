@@ -44,6 +44,7 @@ from common.rpc import error_from_rpc
 from devkit.fake_hub import FakeHub, gguf_blob
 from devkit.load_clients import GRPC, HTTP, TIMEOUT, LoadClients, Outcome, keep_sending, markers, summary
 from devkit.model_files import CACHE, ModelFiles
+from node.pieces import held_bytes
 from tests.fixtures.eventually import eventually, eventually_async
 from tests.integration.conftest import (
     ROOT,
@@ -253,13 +254,13 @@ def test_a_node_killed_mid_download_resumes_when_restarted_and_the_balancer_sees
     # The first request starts the download on the node, which dies with a third of it on disk.
     with ThreadPoolExecutor(1) as pool, http_client(balancer) as client:
         first = pool.submit(completion, client, GEMMA, COUNTING, 4)
-        eventually(lambda: partial.exists() and partial.stat().st_size > 24 * MiB, 60, "a partial file")
+        eventually(lambda: partial.exists() and held_bytes(partial) > 24 * MiB, 60, "a partial file")
         eventually(lambda: node_status(balancer, GEMMA, node_id)["state"] == "downloading", 5, "downloading")
         kill(node)
         refused = first.result(timeout=60)
     assert refused.status_code == 503  # a clear error, not a hang
     assert refused.json()["error"]["code"] == ErrorCode.NO_CAPABLE_NODES.value
-    kept = partial.stat().st_size
+    kept = held_bytes(partial)
     assert 0 < kept < size and not final.exists()
 
     hub.clear_log()

@@ -28,6 +28,7 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub, gguf_blob
+from node.pieces import held_bytes
 from node.server import assemble
 from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
@@ -180,9 +181,7 @@ def test_two_node_processes_on_one_models_dir_share_one_download(
     first = xllm_start(tmp_path / "a", *args, env={"HF_ENDPOINT": hub.url})
     second = None
     try:
-        eventually(
-            lambda: partial.exists() and partial.stat().st_size > 0, 30, "the first process downloading"
-        )
+        eventually(lambda: partial.exists() and held_bytes(partial) > 0, 30, "the first process downloading")
         second = xllm_start(tmp_path / "b", *args, env={"HF_ENDPOINT": hub.url})
         eventually(lambda: holds_open(second.pid, lock), 30, "the second process at the file's lock")
         # Checked after: the first still holds the lock (it publishes the file before letting go), so
@@ -217,11 +216,11 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
     args = ("pull", "--balancer", balancer.address, "--models-dir", str(node.models_dir), model_id)
     puller = xllm_start(node.home, *args, env={"HF_ENDPOINT": hub.url})
     try:
-        eventually(lambda: partial.exists() and partial.stat().st_size > MiB, 30, "a partial file")
+        eventually(lambda: partial.exists() and held_bytes(partial) > MiB, 30, "a partial file")
     finally:
         puller.send_signal(signal.SIGKILL)
         puller.wait()
-    kept = partial.stat().st_size
+    kept = held_bytes(partial)
     assert 0 < kept < len(data)
     hub.clear_log()
     hub.set_throttle(3 * MiB)
@@ -244,7 +243,7 @@ def test_a_node_killed_mid_download_resumes_on_its_next_start(
     ranges = [
         {k.lower(): v for k, v in r.headers.items()}.get("range") for r in hub.requests if r.is_file_body
     ]
-    assert ranges == [f"bytes={kept}-"]
+    assert ranges == [f"bytes={kept}-{len(data) - 1}"]  # one explicit range: what was missing
 
 
 def test_a_corrupted_cached_file_is_rejected_and_fetched_again(
@@ -535,8 +534,10 @@ def test_a_node_fetches_from_a_peer_that_holds_the_model_before_the_origin(
     assert [r for r in hub.requests if r.is_file_body] == []
     assert hub.bytes_served() == 0
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    finished = [(e["filename"], e["source"]) for e in events if e.get("event") == "download.done"]
-    assert finished == [("pe.gguf", f"peer:{holder.node_id}")]
+    finished = [(e["filename"], e["by_source"]) for e in events if e.get("event") == "download.done"]
+    assert finished == [("pe.gguf", {f"peer:{holder.node_id}": len(data)})]
+    started = next(e for e in events if e.get("event") == "download.start")
+    assert started["sources"][f"peer:{holder.node_id}"] == "bulk"  # the holder's bulk port, not ReadBlob
 
 
 def test_xllm_models_lists_what_the_models_dir_holds(

@@ -120,3 +120,20 @@ def test_a_malformed_balancer_list_is_refused_at_start_naming_its_source(
         load_node_config(env=home | {"XLLM_BALANCER": value})
     with pytest.raises(ValueError, match=f"^--balancer={value!r}: .*{complaint}"):
         load_node_config(env=home, balancer=value)
+
+
+def test_download_ranges_and_the_bulk_ports_come_from_the_environment(tmp_path: Path) -> None:
+    home = {"LLMLB_HOME": str(tmp_path)}
+    node = load_node_config(home=tmp_path, env=home, grpc_listen="10.0.0.5:50061")
+    assert (node.download_connections, node.download_piece_mb) == (4, 32)
+    assert node.bulk_listen == "10.0.0.5:0"  # beside the gRPC port, any free port
+    tuned = load_node_config(
+        home=tmp_path,
+        env=home
+        | {"XLLM_DOWNLOAD_CONNECTIONS": "8", "XLLM_DOWNLOAD_PIECE_MB": "16", "XLLM_BULK_LISTEN": "off"},
+    )
+    assert (tuned.download_connections, tuned.download_piece_mb, tuned.bulk_listen) == (8, 16, "")
+    with pytest.raises(ValueError):
+        load_node_config(home=tmp_path, env=home | {"XLLM_DOWNLOAD_CONNECTIONS": "0"})
+    assert load_balancer_config(env=home, grpc_listen="0.0.0.0:50051").bulk_listen == "0.0.0.0:0"
+    assert load_balancer_config(env=home | {"LLMLB_BULK_LISTEN": "off"}).bulk_listen == ""

@@ -205,6 +205,18 @@ CASES = [
         ErrorCode.INVALID_REQUEST,
     ),
     Case(
+        "too many choices",
+        _chat(CHAT_MODEL, n=9),
+        _grpc_chat(CHAT_MODEL, params=ipb.SamplingParams(n=9)),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
+        "alternatives without logprobs",
+        _chat(CHAT_MODEL, top_logprobs=2),
+        _grpc_chat(CHAT_MODEL, params=ipb.SamplingParams(top_logprobs=2)),
+        ErrorCode.INVALID_REQUEST,
+    ),
+    Case(
         "an audio format that does not exist",
         _speech(VOICE_MODEL, "hello", response_format="midi"),
         _grpc_speak(VOICE_MODEL, "hello", format=42),  # type: ignore[arg-type]

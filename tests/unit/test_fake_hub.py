@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -457,6 +458,21 @@ def test_throttle_paces_file_bodies(tiny_hub: FakeHub) -> None:
     assert throttled.content == WEIGHTS_V1
     assert throttled_s >= 0.28
     assert free_s < throttled_s
+
+
+def test_a_total_throttle_paces_all_bodies_together_like_one_link(tiny_hub: FakeHub) -> None:
+    url = f"{tiny_hub.url}/{REPO}/resolve/main/model.gguf"  # 3000 bytes
+    tiny_hub.set_total_throttle(20_000)  # alone, one body would take 0.15 s
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        bodies = list(pool.map(lambda _: httpx.get(url).content, range(4)))
+    together_s = time.monotonic() - started
+    assert bodies == [WEIGHTS_V1] * 4
+    assert together_s >= 0.55  # 12,000 bytes through one 20,000 B/s link, not four
+    tiny_hub.clear_faults()
+    started = time.monotonic()
+    httpx.get(url)
+    assert time.monotonic() - started < together_s
 
 
 def test_fail_after_drops_the_connection_mid_body_then_recovers(tiny_hub: FakeHub) -> None:

@@ -111,8 +111,20 @@ async def test_broken_json_and_wrong_types_are_400_not_422(shim: Shim) -> None:
     assert "max_tokens" in error_of(typed, 400, "invalid_request")
     missing = await shim.client.post("/v1/embeddings", headers=shim.api, json={"model": "gemma-3-270m"})
     assert "'input'" in error_of(missing, 400, "invalid_request")
-    n = await shim.client.post("/v1/chat/completions", headers=shim.api, json={**CHAT, "n": 3})
-    assert "n must be 1" in error_of(n, 400, "invalid_request")
+    n = await shim.client.post("/v1/chat/completions", headers=shim.api, json={**CHAT, "n": 9})
+    assert "n must be between 1 and 8" in error_of(n, 400, "invalid_request")
+
+
+async def test_integers_too_large_for_the_wire_are_400_not_500(shim: Shim) -> None:
+    # JSON integers have no size; the node's messages carry int32 and int64 fields.
+    for route, body, name in (
+        ("/v1/completions", {"model": "gemma-3-270m", "prompt": "x", "max_tokens": 2**40}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**70}, "seed"),
+        ("/v1/embeddings", {"model": "gemma-3-270m", "input": "x", "dimensions": 2**40}, "dimensions"),
+        ("/v1/images/generations", {"model": "gemma-3-270m", "prompt": "x", "seed": -(2**64)}, "seed"),
+    ):
+        answer = await shim.client.post(route, headers=shim.admin, json=body)
+        assert name in error_of(answer, 400, "invalid_request"), route
 
 
 async def test_bad_model_ids_are_invalid_model_id_before_any_lookup(shim: Shim) -> None:
@@ -269,6 +281,14 @@ async def test_manifest_status_and_nodes_under_v0(shim: Shim) -> None:
         "/v0/models", headers=shim.admin, json={"repo_id": "org/x", "capabilities": ["fly"]}
     )
     assert "capabilities" in error_of(bad, 400, "invalid_request")
+
+
+async def test_a_repo_id_the_hub_client_rejects_is_a_400_not_an_unreachable_origin(shim: Shim) -> None:
+    for repo_id in ("\u00b3\u00cc", "org/two..dots", "-leading"):
+        bad = await shim.client.post(
+            "/v0/models", headers=shim.admin, json={"repo_id": repo_id, "model_id": "x"}
+        )
+        assert "repo_id" in error_of(bad, 400, "invalid_request")
 
 
 async def test_readiness_counts_nodes_and_models(shim: Shim) -> None:

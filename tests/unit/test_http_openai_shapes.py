@@ -145,7 +145,6 @@ def test_max_tokens_is_used_when_max_completion_tokens_is_absent() -> None:
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
-        ({"n": 2}, "n must be 1"),
         (
             {"tools": [{"type": "custom", "function": {"name": "f"}}]},
             "tools.0.type 'custom' is not supported",
@@ -153,7 +152,6 @@ def test_max_tokens_is_used_when_max_completion_tokens_is_absent() -> None:
         ({"response_format": {"type": "regex"}}, "response_format.type 'regex' is not supported"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
         ({"tool_choice": "sometimes"}, "tool_choice 'sometimes' is not supported"),
-        ({"logprobs": True}, "logprobs"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "only text content",
@@ -279,10 +277,11 @@ def test_tool_calls_take_openais_shapes_whole_and_streamed() -> None:
         TextChunk("1", "", tool_calls=(ToolCall(0, arguments=": 1}"), ToolCall(1, "call_b", "g", "{}"))),
         TextChunk("1", "", FinishReason.TOOL_CALLS, Usage(5, 9)),
     ]
-    calls = out.joined_tool_calls(pieces)
+    choices, _ = out.join_choices(pieces)
+    calls = out.joined_tool_calls(choices[0].tool_calls)
     assert calls == (ToolCall(0, "call_a", "f", '{"a": 1}'), ToolCall(1, "call_b", "g", "{}"))
     whole = ChatCompletion.model_validate(
-        out.chat_completion_json("chatcmpl-1", 1, "m", "", pieces[-1], calls)
+        out.chat_completion_json("chatcmpl-1", 1, "m", choices, out.usage_of(pieces))
     )
     message = whole.choices[0].message
     assert message.content is None and whole.choices[0].finish_reason == "tool_calls"
@@ -328,11 +327,14 @@ def test_a_completion_stream_carries_text_and_the_last_finish_reason() -> None:
 
 
 def test_whole_answers_parse_as_the_openai_client_objects() -> None:
-    last = TextChunk("1", "!", FinishReason.STOP, Usage(5, 2), node_id="n1", model="m", created=7)
-    chat = ChatCompletion.model_validate(out.chat_completion_json("chatcmpl-1", 7, "m", "Hi!", last))
+    chunks = [TextChunk("1", "Hi"), TextChunk("1", "!", FinishReason.STOP, Usage(5, 2), node_id="n1")]
+    choices, _ = out.join_choices(chunks)
+    answer = out.chat_completion_json("chatcmpl-1", 7, "m", choices, out.usage_of(chunks))
+    chat = ChatCompletion.model_validate(answer)
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("Hi!", "stop")
     assert chat.usage is not None and chat.usage.total_tokens == 7
-    text = Completion.model_validate(out.text_completion_json("cmpl-1", 7, "m", "five", None))
+    [five], _ = out.join_choices([TextChunk("1", "five", FinishReason.STOP)])
+    text = Completion.model_validate(out.text_completion_json("cmpl-1", 7, "m", [five], None))
     assert (text.object, text.choices[0].text, text.choices[0].finish_reason) == (
         "text_completion",
         "five",

@@ -132,6 +132,35 @@ async def test_the_openai_client_chats_completes_and_embeds_through_the_door(sta
     assert raw.headers["x-llmlb-node"].startswith("echo-")
 
 
+async def test_n_choices_and_logprobs_are_joined_and_streamed_per_choice(start_door: StartDoor) -> None:
+    door = await start_door()
+    client = door.openai()
+    asked: list[Any] = [{"role": "user", "content": PROMPT}]
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=asked, max_tokens=2, n=3, logprobs=True, top_logprobs=2
+    )
+    assert [(c.index, c.message.content, c.finish_reason) for c in chat.choices] == [
+        (i, "one two", "length") for i in range(3)
+    ]
+    assert chat.usage is not None and (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (6, 6)
+    for choice in chat.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert [t.token for t in choice.logprobs.content] == ["one", " two"]
+        assert [t.token for t in choice.logprobs.content[1].top_logprobs] == [" two", " two~1"]
+
+    stream = await client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, n=2, logprobs=1, stream=True
+    )
+    texts = {0: "", 1: ""}
+    offsets: dict[int, list[int]] = {0: [], 1: []}
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.logprobs is not None:
+                offsets[c.index] += c.logprobs.text_offset or []
+    assert texts == {0: "one two", 1: "one two"} and offsets == {0: [0, 3], 1: [0, 3]}
+
+
 async def test_a_client_leaving_mid_stream_cancels_the_node_call_at_once(start_door: StartDoor) -> None:
     door = await start_door(({"chunk_delay_s": 5.0},))  # one chunk, then a long pause
     [node] = door.nodes

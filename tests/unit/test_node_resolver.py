@@ -40,6 +40,9 @@ class Balancer:
             await self.peers_gate.wait()
         return []
 
+    def swarm_name(self) -> str:
+        return ""
+
     def proxy_source(self) -> BlobSource:
         raise AssertionError("not used")
 
@@ -53,7 +56,9 @@ class GatedSource:
         self.gate = asyncio.Event()
         self.sent_some = asyncio.Event()
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
         yield DATA[offset : offset + 256 * 1024]
         self.sent_some.set()
         await self.gate.wait()

@@ -12,12 +12,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 from structlog.testing import capture_logs
 
 import node.downloader
+import node.transfer
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
 from common.types import FileFormat, ManifestFile, Model, ModelSource
@@ -67,7 +67,9 @@ class MemorySource:
         self.open = 0
         self.most_open = 0
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
         self.offsets.append(offset)
         self.open += 1
         self.most_open = max(self.most_open, self.open)
@@ -328,17 +330,18 @@ async def test_a_disk_that_fills_mid_download_fails_as_insufficient_storage_and_
     config = node_config(tmp_path)
     storage = Storage(config.models_dir, io_threads)
     f = manifest_file()
-    write = node.downloader._write
+    write = node.transfer._pwrite
     written = 0
 
-    def write_until_full(fh: BinaryIO, chunk: bytes, digest: hashlib._Hash) -> None:
+    def write_until_full(fd: int, chunk: memoryview, position: int) -> int:
         nonlocal written
         if written + len(chunk) > 300_000:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(fh, chunk, digest)
-        written += len(chunk)
+        n = write(fd, chunk, position)
+        written += n
+        return n
 
-    monkeypatch.setattr(node.downloader, "_write", write_until_full)
+    monkeypatch.setattr(node.transfer, "_pwrite", write_until_full)
     first, second = MemorySource(DATA), MemorySource(DATA)
     with pytest.raises(LlmlbError) as err:
         await Downloader(storage, config).fetch(model(f), f, [first, second])

@@ -243,7 +243,9 @@ class CountingSource:
         self.name = inner.name
         self.opened = 0
 
-    async def stream(self, model: Model, file: ManifestFile, offset: int) -> AsyncIterator[bytes]:
+    async def stream(
+        self, model: Model, file: ManifestFile, offset: int, length: int = 0
+    ) -> AsyncIterator[bytes]:
         self.opened += 1
         async for chunk in self.inner.stream(model, file, offset):
             yield chunk

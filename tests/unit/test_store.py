@@ -39,6 +39,7 @@ from common.types import (
     Node,
     NodeState,
     Scope,
+    UsageCount,
 )
 from tests.fixtures.postgres import PostgresServer
 
@@ -456,6 +457,34 @@ async def test_touch_key_records_last_use(store: Store) -> None:
     assert key is not None and key.last_used_at == used
 
 
+# usage
+
+
+async def test_usage_batches_add_to_their_minute_and_read_back_filtered_in_order(database_url: str) -> None:
+    minute = datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+    later = datetime(2030, 1, 2, 3, 5, tzinfo=UTC)
+    store = await Store.open(database_url)
+    try:
+        await store.add_usage(
+            [UsageCount("key-b", "m", minute, 1, 0, 10, 20), UsageCount("key-a", "m", later, 1)]
+        )
+        await store.add_usage([UsageCount("key-b", "m", minute, 2, 1, 5, 5)])  # the same minute: added
+        assert await store.usage(minute) == [
+            UsageCount("key-a", "m", later, 1, 0, 0, 0),
+            UsageCount("key-b", "m", minute, 3, 1, 15, 25),
+        ]
+        assert [c.key_id for c in await store.usage(minute, key_id="key-b", model="m")] == ["key-b"]
+        assert await store.usage(later) == [UsageCount("key-a", "m", later, 1, 0, 0, 0)]
+        assert await store.usage(minute, model="other") == []
+    finally:
+        await store.close()
+    reopened = await Store.open(database_url)  # usage survives a restart
+    try:
+        assert len(await reopened.usage(minute)) == 2
+    finally:
+        await reopened.close()
+
+
 # opening, restarts and migrations
 
 
@@ -529,8 +558,16 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     finally:
         await engine.dispose()
     assert versions == [head_revision()]
-    assert head_revision() == "0003"
-    assert {"models", "manifest_files", "nodes", "node_commands", "api_keys", "balancer_secrets"} <= tables
+    assert head_revision() == "0004"
+    assert {
+        "models",
+        "manifest_files",
+        "nodes",
+        "node_commands",
+        "api_keys",
+        "balancer_secrets",
+        "usage",
+    } <= tables
 
 
 async def test_the_alembic_command_migrates_a_url_alone_and_the_store_then_finds_it_at_head(

@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from common.pb.llmlb.v1 import types_pb2 as llmlb_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmlb/v1/manifest.proto\x12\x08llmlb.v1\x1a\x14llmlb/v1/types.proto\"J\n\x12GetManifestRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x11.llmlb.v1.Backend\"U\n\x0fReadBlobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"M\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\x8e\x01\n\x08Manifest\x12\x44\n\x0bGetManifest\x12\x1c.llmlb.v1.GetManifestRequest\x1a\x17.llmlb.v1.ModelManifest\x12<\n\x08ReadBlob\x12\x19.llmlb.v1.ReadBlobRequest\x1a\x13.llmlb.v1.BlobChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmlb/v1/manifest.proto\x12\x08llmlb.v1\x1a\x14llmlb/v1/types.proto\"\x18\n\x16GetBulkEndpointRequest\"\x1c\n\x0c\x42ulkEndpoint\x12\x0c\n\x04port\x18\x01 \x01(\x05\"J\n\x12GetManifestRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\"\n\x07\x62\x61\x63kend\x18\x02 \x01(\x0e\x32\x11.llmlb.v1.Backend\"U\n\x0fReadBlobRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"M\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xdb\x01\n\x08Manifest\x12\x44\n\x0bGetManifest\x12\x1c.llmlb.v1.GetManifestRequest\x1a\x17.llmlb.v1.ModelManifest\x12<\n\x08ReadBlob\x12\x19.llmlb.v1.ReadBlobRequest\x1a\x13.llmlb.v1.BlobChunk0\x01\x12K\n\x0fGetBulkEndpoint\x12 .llmlb.v1.GetBulkEndpointRequest\x1a\x16.llmlb.v1.BulkEndpointb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.pb.llmlb.v1.manifest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETMANIFESTREQUEST']._serialized_start=59
-  _globals['_GETMANIFESTREQUEST']._serialized_end=133
-  _globals['_READBLOBREQUEST']._serialized_start=135
-  _globals['_READBLOBREQUEST']._serialized_end=220
-  _globals['_BLOBCHUNK']._serialized_start=222
-  _globals['_BLOBCHUNK']._serialized_end=299
-  _globals['_MANIFEST']._serialized_start=302
-  _globals['_MANIFEST']._serialized_end=444
+  _globals['_GETBULKENDPOINTREQUEST']._serialized_start=59
+  _globals['_GETBULKENDPOINTREQUEST']._serialized_end=83
+  _globals['_BULKENDPOINT']._serialized_start=85
+  _globals['_BULKENDPOINT']._serialized_end=113
+  _globals['_GETMANIFESTREQUEST']._serialized_start=115
+  _globals['_GETMANIFESTREQUEST']._serialized_end=189
+  _globals['_READBLOBREQUEST']._serialized_start=191
+  _globals['_READBLOBREQUEST']._serialized_end=276
+  _globals['_BLOBCHUNK']._serialized_start=278
+  _globals['_BLOBCHUNK']._serialized_end=355
+  _globals['_MANIFEST']._serialized_start=358
+  _globals['_MANIFEST']._serialized_end=577
 # @@protoc_insertion_point(module_scope)

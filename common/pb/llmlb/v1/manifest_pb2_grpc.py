@@ -45,6 +45,11 @@ class ManifestStub:
                 request_serializer=llmlb_dot_v1_dot_manifest__pb2.ReadBlobRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_manifest__pb2.BlobChunk.FromString,
                 _registered_method=True)
+        self.GetBulkEndpoint = channel.unary_unary(
+                '/llmlb.v1.Manifest/GetBulkEndpoint',
+                request_serializer=llmlb_dot_v1_dot_manifest__pb2.GetBulkEndpointRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_manifest__pb2.BulkEndpoint.FromString,
+                _registered_method=True)
 
 
 class ManifestServicer:
@@ -66,6 +71,15 @@ class ManifestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBulkEndpoint(self, request, context):
+        """Where this process serves the same bytes over its bulk path: HTTP/1.1 range requests on
+        `port` (same host as this gRPC door), authenticated with the same bearer token. port 0: none,
+        use ReadBlob. Older processes answer UNIMPLEMENTED, which means the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManifestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +92,11 @@ def add_ManifestServicer_to_server(servicer, server):
                     servicer.ReadBlob,
                     request_deserializer=llmlb_dot_v1_dot_manifest__pb2.ReadBlobRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_manifest__pb2.BlobChunk.SerializeToString,
+            ),
+            'GetBulkEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBulkEndpoint,
+                    request_deserializer=llmlb_dot_v1_dot_manifest__pb2.GetBulkEndpointRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_manifest__pb2.BulkEndpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +153,33 @@ class Manifest:
             '/llmlb.v1.Manifest/ReadBlob',
             llmlb_dot_v1_dot_manifest__pb2.ReadBlobRequest.SerializeToString,
             llmlb_dot_v1_dot_manifest__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBulkEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Manifest/GetBulkEndpoint',
+            llmlb_dot_v1_dot_manifest__pb2.GetBulkEndpointRequest.SerializeToString,
+            llmlb_dot_v1_dot_manifest__pb2.BulkEndpoint.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,11 @@ class ManifestStub:
     NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
     offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
     """
+    GetBulkEndpoint: _grpc.UnaryUnaryMultiCallable[_manifest_pb2.GetBulkEndpointRequest, _manifest_pb2.BulkEndpoint]
+    """Where this process serves the same bytes over its bulk path: HTTP/1.1 range requests on
+    `port` (same host as this gRPC door), authenticated with the same bearer token. port 0: none,
+    use ReadBlob. Older processes answer UNIMPLEMENTED, which means the same.
+    """
 
 @_typing.type_check_only
 class ManifestAsyncStub(ManifestStub):
@@ -54,6 +59,11 @@ class ManifestAsyncStub(ManifestStub):
     """The bytes of one manifest file from `offset`, as a stream of chunks in order.
     NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
     offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
+    """
+    GetBulkEndpoint: _aio.UnaryUnaryMultiCallable[_manifest_pb2.GetBulkEndpointRequest, _manifest_pb2.BulkEndpoint]  # type: ignore[assignment]
+    """Where this process serves the same bytes over its bulk path: HTTP/1.1 range requests on
+    `port` (same host as this gRPC door), authenticated with the same bearer token. port 0: none,
+    use ReadBlob. Older processes answer UNIMPLEMENTED, which means the same.
     """
 
 class ManifestServicer(metaclass=_abc_1.ABCMeta):
@@ -74,6 +84,17 @@ class ManifestServicer(metaclass=_abc_1.ABCMeta):
         """The bytes of one manifest file from `offset`, as a stream of chunks in order.
         NOT_FOUND when the model or file is unknown (or, on a node, not held); INVALID_ARGUMENT when
         offset is past the end; UNAVAILABLE (download_failed) when the origin fails mid-way.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBulkEndpoint(
+        self,
+        request: _manifest_pb2.GetBulkEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_manifest_pb2.BulkEndpoint, _abc.Awaitable[_manifest_pb2.BulkEndpoint]]:
+        """Where this process serves the same bytes over its bulk path: HTTP/1.1 range requests on
+        `port` (same host as this gRPC door), authenticated with the same bearer token. port 0: none,
+        use ReadBlob. Older processes answer UNIMPLEMENTED, which means the same.
         """
 
 def add_ManifestServicer_to_server(servicer: ManifestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

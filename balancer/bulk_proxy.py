@@ -1,0 +1,88 @@
+"""The balancer's bulk proxy: origin bytes passed through to nodes over HTTP/1.1 range requests.
+
+The protocol is ``common/bulk_http.py``'s, the same a node's bulk server speaks, so a node reads
+the proxy and its peers with one client. Like ``Manifest.ReadBlob`` here, nothing is written to
+the balancer's disk: each chunk from the origin goes to the caller as it arrives. A caller presents
+the fleet token (what registered nodes hold) or a ``node``-scope API key; with keys off, anyone on
+the network may read, as with every other call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+
+import structlog
+
+from balancer.auth import KeyRing
+from balancer.catalog import Catalog
+from balancer.origin import Origin
+from common.bulk_http import BlobRequest, parse_range, partial_head, serve_connection
+from common.errors import ErrorCode, LlmlbError
+from common.types import Scope
+
+log = structlog.get_logger(__name__)
+
+
+class BulkProxy:
+    """Serves ranges of catalogued files, read from their origin as they are sent."""
+
+    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_token: str) -> None:
+        self._catalog = catalog
+        self._origin = origin
+        self._keys = keys
+        self._fleet_token = fleet_token
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, listen: str) -> int:
+        host, _, port = listen.rpartition(":")
+        self._server = await asyncio.start_server(self._serve, host.strip("[]") or None, int(port))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("balancer.bulk_listening", address=f"{host}:{self.port}")
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(reader, writer, self._authorize, self._send, "balancer")
+
+    async def _authorize(self, token: str | None) -> None:
+        if token and self._fleet_token and hmac.compare_digest(token.encode(), self._fleet_token.encode()):
+            return
+        await self._keys.check(token, Scope.NODE)
+
+    async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
+        if request.path != "/blob":
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, "the balancer's proxy serves /blob only")
+        model = await self._catalog.get(request.model_id)
+        file = next((f for f in model.files if f.filename == request.filename), None)
+        if file is None:
+            raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{request.filename!r} is not a file of {model.id!r}")
+        start, end = parse_range(request.range_header, file.size_bytes)
+        stream = self._origin.stream(
+            model.origin, model.repo_id, model.revision or "main", file.filename, start, end - start
+        ).__aiter__()
+        try:
+            first = await anext(stream)  # an origin that refuses does so before any byte: a clean error
+            writer.write(partial_head(start, end, file.size_bytes, file.sha256))
+            writer.write(first)
+            try:
+                async for chunk in stream:
+                    writer.write(chunk)
+                    await writer.drain()
+                await writer.drain()
+            except LlmlbError as exc:
+                # The head is out: the only honest signal left is a short body, so the node resumes.
+                raise ConnectionError(exc.message) from None
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()

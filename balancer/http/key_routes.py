@@ -1,0 +1,123 @@
+"""``/v0/keys``, ``/v0/me`` and ``/v0/usage``: API keys, who the caller is, and usage per key and model.
+
+An ``admin`` key manages keys and reads anyone's usage; an ``api`` key reads only its own usage: asking
+for another key's is refused, and asking for none answers with its own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from balancer.auth import allows
+from balancer.edge.caller import caller
+from balancer.http import openai_answers as out
+from balancer.http import openai_requests as cv
+from balancer.http.schemas import CreateKeyBody
+from balancer.parts import BalancerParts
+from balancer.usage import window
+from common.errors import ErrorCode, LlmlbError
+from common.types import ApiKey, Scope, UsageCount
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def key_json(key: ApiKey) -> dict[str, Any]:
+    """A key as operators see it: never its secret or hash."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "scopes": [s.value for s in key.scopes],
+        "created_at": _iso(key.created_at),
+        "revoked_at": _iso(key.revoked_at),
+        "last_used_at": _iso(key.last_used_at),
+    }
+
+
+def usage_json(count: UsageCount) -> dict[str, Any]:
+    return {
+        "key_id": count.key_id,
+        "model": count.model,
+        "minute": count.minute.isoformat(),
+        "requests": count.requests,
+        "errors": count.errors,
+        "prompt_tokens": count.prompt_tokens,
+        "completion_tokens": count.completion_tokens,
+    }
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """``since`` as ISO 8601 (with a zone, or UTC) or seconds since the epoch; None when absent."""
+    if not value:
+        return None
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"since must be an ISO 8601 time or seconds since the epoch; got {value!r}",
+        ) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _scopes(names: list[str]) -> list[Scope]:
+    try:
+        return [Scope(name) for name in names]
+    except ValueError:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "each scope must be api, node or admin") from None
+
+
+def key_routes(parts: BalancerParts) -> list[BaseRoute]:
+    """Keys (admin), the caller's own key (``/v0/me``) and usage (admin: any key; api: its own)."""
+
+    def answer(payload: object, status: int = 200) -> Response:
+        return Response(out.dumps(payload), status_code=status, media_type="application/json")
+
+    async def list_keys(request: Request) -> Response:
+        return answer({"object": "list", "data": [key_json(k) for k in await parts.keys.list()]})
+
+    async def create_key(request: Request) -> Response:
+        body = cv.parse_body(CreateKeyBody, await request.body())
+        key, secret = await parts.keys.create(body.name, _scopes(body.scopes))
+        return answer({**key_json(key), "secret": secret}, 201)  # the only time the secret is shown
+
+    async def revoke_key(request: Request) -> Response:
+        return answer(key_json(await parts.keys.revoke(request.path_params["key"])))
+
+    async def me(request: Request) -> Response:
+        key = caller()
+        if key is None:  # auth is off: every call is allowed, as if by an admin
+            return answer({"id": "", "name": "", "scopes": [Scope.ADMIN.value], "replica": parts.replicas.id})
+        return answer({**key_json(key), "replica": parts.replicas.id})
+
+    async def usage(request: Request) -> Response:
+        query = request.query_params
+        key = caller()
+        wanted = query.get("key") or None
+        if key is not None and not allows(key, Scope.ADMIN):
+            if wanted not in (None, key.id):
+                raise LlmlbError(ErrorCode.FORBIDDEN, "an api key may read only its own usage")
+            wanted = key.id
+        since = window(parse_since(query.get("since")))
+        model = (query.get("model") or "").lower() or None
+        counts = await parts.usage.usage(since, key_id=wanted, model=model)
+        return answer({"object": "list", "since": since.isoformat(), "data": [usage_json(c) for c in counts]})
+
+    return [
+        Route("/v0/keys", list_keys, methods=["GET"]),
+        Route("/v0/keys", create_key, methods=["POST"]),
+        Route("/v0/keys/{key}", revoke_key, methods=["DELETE"]),
+        Route("/v0/me", me, methods=["GET"]),
+        Route("/v0/usage", usage, methods=["GET"]),
+    ]

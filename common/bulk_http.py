@@ -1,0 +1,171 @@
+"""The bulk data path's wire protocol, shared by the node's server and the balancer's proxy.
+
+Plain HTTP/1.1, ``Authorization: Bearer <token>`` on every request, two request shapes:
+
+- ``GET /blob?model=<id>&file=<name>`` with a single ``Range: bytes=a-b``: ``206`` with
+  ``Content-Range`` and the bytes. A node still downloading the file answers ``503`` (code
+  ``unavailable``) for bytes it does not hold yet.
+- ``GET /pieces?model=<id>&file=<name>``: ``200`` and JSON ``{"size", "held": [[start, end], ...],
+  "fetching": [[start, end], ...]}``: what a node still downloading holds and is fetching now.
+
+Errors are the house JSON ``{"error": {message, type, code}}`` with the error table's HTTP status
+(416 for a range past the end). Connections are kept alive.
+
+Each door supplies what differs: who may read (``Authorize``) and how a range's bytes are sent
+(``SendRange``: ``sendfile`` on a node, the origin's stream on the balancer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+
+from common.errors import ERRORS, ErrorCode, LlmlbError
+from common.formats import read_range_end
+
+log = structlog.get_logger(__name__)
+
+MAX_HEAD_BYTES = 16 * 1024
+HEAD_TIMEOUT_S = 30.0
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRequest:
+    """One parsed request: which file, and the bearer token presented (None when absent)."""
+
+    model_id: str
+    filename: str
+    range_header: str
+    token: str | None
+    path: str = "/blob"  # or "/pieces"
+
+
+# Raises unauthorized/forbidden unless the token may read.
+Authorize = Callable[[str | None], Awaitable[None]]
+# Answers one authorized request on the writer (headers and body), or raises LlmlbError before any byte.
+SendRange = Callable[[BlobRequest, asyncio.StreamWriter], Awaitable[None]]
+
+
+def parse_range(value: str, size: int) -> tuple[int, int]:
+    """``[start, end)`` of a single ``bytes=a-b`` range (the whole file when absent)."""
+    if not value:
+        return 0, size
+    match = _RANGE.match(value)
+    if match is None:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"unsupported Range {value!r}: one bytes=a-b range")
+    start = int(match.group(1))
+    length = int(match.group(2)) - start + 1 if match.group(2) else 0
+    if length < 0:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"Range {value!r} ends before it starts")
+    end = read_range_end(size, start, min(length, size - start) if length else 0)
+    return start, end
+
+
+def partial_head(start: int, end: int, size: int, sha256: str) -> bytes:
+    """The ``206`` head for bytes ``[start, end)`` of a ``size``-byte file."""
+    return (
+        "HTTP/1.1 206 Partial Content\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {end - start}\r\n"
+        f"Content-Range: bytes {start}-{end - 1}/{size}\r\n"
+        f"X-Sha256: {sha256}\r\n"
+        "\r\n"
+    ).encode()
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    authorize: Authorize,
+    send: SendRange,
+    door: str,
+) -> None:
+    """Answers requests on one connection until the caller closes it or asks to."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(HEAD_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                return
+            if len(head) > MAX_HEAD_BYTES:
+                return
+            request, keep = _parse(head.decode("latin-1"))
+            try:
+                if isinstance(request, LlmlbError):
+                    raise request
+                try:
+                    await authorize(request.token)
+                except LlmlbError:
+                    log.info(
+                        f"{door}.bulk_auth_refused", reason="missing" if request.token is None else "wrong"
+                    )
+                    raise
+                await send(request, writer)
+            except LlmlbError as exc:
+                await send_error(writer, exc)
+            if not keep:
+                return
+    except (ConnectionError, OSError):
+        return  # the reader went away mid-transfer: its download retries elsewhere
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def _parse(head: str) -> tuple[BlobRequest | LlmlbError, bool]:
+    lines = head.split("\r\n")
+    parts = lines[0].split()
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    keep = headers.get("connection", "").lower() != "close"
+    if len(parts) != 3 or parts[0] != "GET":
+        return LlmlbError(ErrorCode.INVALID_REQUEST, "only GET /blob?model=&file= is served here"), keep
+    url = urlsplit(parts[1])
+    query = parse_qs(url.query)
+    if url.path not in ("/blob", "/pieces") or "model" not in query or "file" not in query:
+        return LlmlbError(ErrorCode.INVALID_REQUEST, "expected GET /blob?model=<id>&file=<name>"), keep
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    request = BlobRequest(query["model"][0], query["file"][0], headers.get("range", ""), presented, url.path)
+    return request, keep
+
+
+def covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether ``[start, end)`` lies inside one of ``ranges`` (merged, half-open)."""
+    return any(a <= start and end <= b for a, b in ranges)
+
+
+def overlaps(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    return any(a < end and start < b for a, b in ranges)
+
+
+async def send_json(writer: asyncio.StreamWriter, body: object) -> None:
+    data = json.dumps(body).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    writer.write(head.encode() + data)
+    await writer.drain()
+
+
+async def send_error(writer: asyncio.StreamWriter, exc: LlmlbError) -> None:
+    """The house JSON error, with the error table's HTTP status (416 for a range past the end)."""
+    spec = ERRORS[exc.code]
+    past_end = exc.code is ErrorCode.INVALID_REQUEST and "past the end" in exc.message
+    status = 416 if past_end else spec.http_status
+    error = {"message": exc.message, "type": spec.openai_type, "code": exc.code.value}
+    body = json.dumps({"error": error}).encode()
+    head = f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    await writer.drain()
