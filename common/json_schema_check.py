@@ -53,7 +53,7 @@ def parse_schema(text: str, where: str) -> Any:
         raise _invalid(f"{where}: the schema is {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}")
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _invalid(f"{where}: the schema is not valid JSON: {exc}") from None
 
 
@@ -154,14 +154,14 @@ class _Checker:
         kind = schema.get("type")
         if isinstance(kind, list):
             for t in kind:
-                if t not in _TYPES:
+                if not isinstance(t, str) or t not in _TYPES:
                     raise _Refusal(path, f"unknown type {t!r}")
             if keys - {"type"}:
                 raise _Refusal(
                     path, f"a list of types beside {_names(keys - {'type'})} is not supported; use 'anyOf'"
                 )
             return
-        if kind is not None and kind not in _TYPES:
+        if kind is not None and (not isinstance(kind, str) or kind not in _TYPES):
             raise _Refusal(path, f"unknown type {kind!r}")
         if kind == "object" or (kind is None and ("properties" in keys or "additionalProperties" in keys)):
             self._object(schema, keys, path, depth)
@@ -219,7 +219,7 @@ class _Checker:
     def _string(self, schema: Mapping[str, Any], keys: set[str], path: str) -> None:
         self._refuse_extra(keys - {"type", "format", "minLength", "maxLength"}, path)
         if "format" in keys:
-            if schema["format"] not in _FORMATS:
+            if not isinstance(schema["format"], str) or schema["format"] not in _FORMATS:
                 raise _Refusal(
                     path, f"format {schema['format']!r} is not supported; supported: {sorted(_FORMATS)}"
                 )
@@ -250,5 +250,5 @@ def _is_type(value: Any, kind: Any) -> bool:
         "boolean": lambda v: isinstance(v, bool),
         "null": lambda v: v is None,
     }
-    check = checks.get(kind)
+    check = checks.get(kind) if isinstance(kind, str) else None
     return bool(check(value)) if check else False

@@ -77,6 +77,10 @@ def test_schemas_a_grammar_enforces_exactly_are_admitted(schema: Any) -> None:
         ({"type": ["string", "null"], "maxLength": 3}, "use 'anyOf'"),
         ({"type": "string", "const": 3}, "is not of the schema's type"),
         ({"type": "object", "properties": {"a": {"type": "string", "minLength": "2"}}}, "(at properties.a)"),
+        ({"type": {"weird": 1}}, "unknown type {'weird': 1}"),
+        ({"type": [["string"]]}, "unknown type ['string']"),
+        ({"type": {"a": 1}, "enum": [1]}, "is not of the schema's type"),
+        ({"type": "string", "format": ["date"]}, "format ['date'] is not supported"),
     ],
 )
 def test_what_a_grammar_cannot_enforce_is_refused_by_name(schema: Any, says: str) -> None:
@@ -94,6 +98,8 @@ def test_a_schema_that_is_not_json_or_missing_is_refused() -> None:
         "m", ASK, SamplingParams(response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA))
     )
     assert "the schema is missing" in refusal(missing)
+    deep = ResponseFormat(ResponseFormatType.JSON_SCHEMA, "[" * 20_000 + "]" * 20_000)
+    assert "not valid JSON" in refusal(ChatRequest("m", ASK, SamplingParams(response_format=deep)))
 
 
 def tools_request(*tools: Tool, choice: ToolChoice | None = None, messages: Any = ASK) -> ChatRequest:
