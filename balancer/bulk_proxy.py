@@ -18,7 +18,7 @@ import structlog
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.origin import Origin
-from common.bulk_http import BlobRequest, parse_range, partial_head, serve_connection
+from common.bulk_http import BlobRequest, BulkListener, parse_range, partial_head, serve_connection
 from common.errors import ErrorCode, LlmlbError
 from common.types import Scope
 
@@ -33,22 +33,18 @@ class BulkProxy:
         self._origin = origin
         self._keys = keys
         self._fleet_token = fleet_token
-        self._server: asyncio.Server | None = None
-        self.port = 0
+        self._listener = BulkListener(self._serve)
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
 
     async def start(self, listen: str) -> int:
-        host, _, port = listen.rpartition(":")
-        self._server = await asyncio.start_server(self._serve, host.strip("[]") or None, int(port))
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("balancer.bulk_listening", address=f"{host}:{self.port}")
-        return self.port
+        """Listens on ``host:port`` (port 0: any free one) and returns the port."""
+        return await self._listener.start(listen, "balancer.bulk_listening")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await serve_connection(reader, writer, self._authorize, self._send, "balancer")

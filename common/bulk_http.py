@@ -169,3 +169,30 @@ async def send_error(writer: asyncio.StreamWriter, exc: LlmlbError) -> None:
     head = f"HTTP/1.1 {status} Error\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     writer.write(head.encode() + b"\r\n" + body)
     await writer.drain()
+
+
+class BulkListener:
+    """The listening socket of a bulk server (a node's or the balancer's proxy): start, port, stop."""
+
+    def __init__(
+        self, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    ) -> None:
+        self._handle = handle
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, listen: str, event: str) -> int:
+        """Listens on ``host:port`` (port 0: any free one), logs ``event`` and returns the port."""
+        host, _, port = listen.rpartition(":")
+        self._server = await asyncio.start_server(self._handle, host.strip("[]") or None, int(port))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info(event, address=f"{host}:{self.port}")
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):  # connections still sending are cut at the 2 s mark
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+        self.port = 0  # stopped: nothing to advertise

@@ -11,14 +11,21 @@ this server (an older one) answers that call UNIMPLEMENTED and is read with ``Re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from common.bulk_http import BlobRequest, covers, parse_range, partial_head, send_json, serve_connection
+from common.bulk_http import (
+    BlobRequest,
+    BulkListener,
+    covers,
+    parse_range,
+    partial_head,
+    send_json,
+    serve_connection,
+)
 from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
 from common.types import ManifestFile
@@ -57,23 +64,18 @@ class BulkServer:
         self._locate = locate
         self._credentials = credentials
         self._partial = partial
-        self._server: asyncio.Server | None = None
-        self.port = 0
+        self._listener = BulkListener(self._serve)
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
 
     async def start(self, listen: str) -> int:
         """Listens on ``host:port`` (port 0: any free one) and returns the port."""
-        host, _, port = listen.rpartition(":")
-        self._server = await asyncio.start_server(self._serve, host.strip("[]") or None, int(port))
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        log.info("node.bulk_listening", address=f"{host}:{self.port}")
-        return self.port
+        return await self._listener.start(listen, "node.bulk_listening")
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await serve_connection(reader, writer, self._authorize, self._send, "node")

@@ -17,7 +17,6 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive
 
 from balancer import control
 from balancer.edge.observe import Call, Observer
@@ -31,7 +30,7 @@ from balancer.http.schemas import (
     ImageGenerationBody,
     SpeechBody,
 )
-from balancer.http.streaming import StreamingAnswer, close, closing, unless_disconnected
+from balancer.http.streaming import StreamingAnswer, closing, first_item, unless_disconnected
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
@@ -61,13 +60,32 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
     return Response(out.dumps(payload), media_type="application/json", headers=headers)
 
 
-async def _first(chunks: AsyncIterator[T], receive: Receive) -> T | None:
-    """The stream's first item (None for an empty stream); the stream is closed if that fails."""
-    try:
-        return await unless_disconnected(receive, anext(chunks, None))
-    except BaseException:
-        await close(chunks)
-        raise
+def door_observer(parts: BalancerParts) -> Observer:
+    """The HTTP door's observer: metrics, and the usage counter and history the console reads."""
+    return Observer(parts.metrics, parts.catalog, (parts.usage, parts.history))
+
+
+def observed(
+    observer: Observer, route: str
+) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
+    """Records each request's outcome and latency; streams record theirs when they end."""
+
+    def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            call = observer.call(DOOR, route)
+            try:
+                response = await handler(request, call)
+            except BaseException as exc:
+                await observer.failed(call, exc)
+                raise
+            if not isinstance(response, StreamingAnswer):
+                call.done("ok")
+            return response
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    return wrap
 
 
 async def _text_events(
@@ -139,27 +157,7 @@ async def _file(form: FormData, *names: str, required: bool = True) -> tuple[byt
 def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     routing = parts.router
-    observer = Observer(parts.metrics, parts.catalog, (parts.usage, parts.history))
-
-    def observed(route: str) -> Callable[[Callable[[Request, Call], Awaitable[Response]]], Endpoint]:
-        """Records each request's outcome and latency; streams record theirs when they end."""
-
-        def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
-            async def endpoint(request: Request) -> Response:
-                call = observer.call(DOOR, route)
-                try:
-                    response = await handler(request, call)
-                except BaseException as exc:
-                    await observer.failed(call, exc)
-                    raise
-                if not isinstance(response, StreamingAnswer):
-                    call.done("ok")
-                return response
-
-            endpoint.__name__ = handler.__name__
-            return endpoint
-
-        return wrap
+    observer = door_observer(parts)
 
     async def text_answer(
         request: Request,
@@ -187,7 +185,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
             return json_response(render(completion_id, created, shown, choices, usage, logprobs), headers)
         chunks = answer()
-        first = await _first(chunks, request.receive)
+        first = await first_item(chunks, request.receive)
         call.first_chunk()
         if first is None:
             first = TextChunk(rid, "", FinishReason.STOP)
@@ -202,7 +200,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             headers={**SSE_HEADERS, "x-request-id": rid, "x-llmlb-node": first.node_id},
         )
 
-    @observed("chat")
+    @observed(observer, "chat")
     async def chat_completions(request: Request, call: Call) -> Response:
         body = cv.parse_body(ChatCompletionBody, await request.body())
         internal = observer.admit(call, cv.chat_request(body, request_id(request)))
@@ -221,7 +219,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             logprobs=internal.params.logprobs,
         )
 
-    @observed("complete")
+    @observed(observer, "complete")
     async def completions(request: Request, call: Call) -> Response:
         body = cv.parse_body(CompletionBody, await request.body())
         internal = observer.admit(call, cv.complete_request(body, request_id(request)))
@@ -240,7 +238,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             logprobs=internal.params.logprobs,
         )
 
-    @observed("embed")
+    @observed(observer, "embed")
     async def embeddings(request: Request, call: Call) -> Response:
         body = cv.parse_body(EmbeddingBody, await request.body())
         internal = observer.admit(call, cv.embed_request(body, request_id(request)))
@@ -250,7 +248,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
         return json_response(out.embeddings_json(result, internal.model, body.encoding_format), headers)
 
-    @observed("transcribe")
+    @observed(observer, "transcribe")
     async def transcriptions(request: Request, call: Call) -> Response:
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
@@ -263,13 +261,13 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         headers = {"x-request-id": rid, "x-llmlb-node": transcript.node_id}
         return Response(text.encode(), media_type=content_type, headers=headers)
 
-    @observed("speak")
+    @observed(observer, "speak")
     async def speech(request: Request, call: Call) -> Response:
         body = cv.parse_body(SpeechBody, await request.body())
         internal = observer.admit(call, cv.speak_request(body, request_id(request)))
         rid = internal.request_id
         chunks = routing.speak(internal)
-        first = await _first(chunks, request.receive)
+        first = await first_item(chunks, request.receive)
         call.first_chunk()
         if first is None:
             raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
@@ -284,7 +282,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
         return json_response(out.images_json(result, int(time.time())), headers)
 
-    @observed("image")
+    @observed(observer, "image")
     async def image_generations(request: Request, call: Call) -> Response:
         body = cv.parse_body(ImageGenerationBody, await request.body())
         internal = observer.admit(call, cv.generate_image_request(body, request_id(request)))
@@ -313,7 +311,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def delete_model(request: Request) -> Response:
         return json_response(deleted_json(await control.delete_model(parts, request.path_params["model_id"])))
 
-    image = observed("image")
+    image = observed(observer, "image")
     return [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),

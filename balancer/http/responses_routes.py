@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from balancer.edge.observe import Call, Observer
+from balancer.edge.observe import Call
 from balancer.http import openai_requests as cv
-from balancer.http.openai_routes import DOOR, SSE_HEADERS, json_response, request_id
+from balancer.http.openai_routes import SSE_HEADERS, door_observer, json_response, observed, request_id
 from balancer.http.responses_answers import ResponseBuilder
 from balancer.http.responses_requests import echoed, response_request
 from balancer.http.responses_schemas import ResponseCreateBody
@@ -71,20 +71,10 @@ def _fed(call: Call, builder: ResponseBuilder, chunk: TextChunk) -> list[bytes]:
 def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
     """``POST /v1/responses``, behind the same access, admission and metrics as chat."""
     routing = parts.router
-    observer = Observer(parts.metrics, parts.catalog)
+    observer = door_observer(parts)
 
-    async def create_response(request: Request) -> Response:
-        call = observer.call(DOOR, ROUTE)
-        try:
-            response = await _answer(request, call)
-        except BaseException as exc:
-            await observer.failed(call, exc)
-            raise
-        if not isinstance(response, StreamingAnswer):
-            call.done("ok")
-        return response
-
-    async def _answer(request: Request, call: Call) -> Response:
+    @observed(observer, ROUTE)
+    async def create_response(request: Request, call: Call) -> Response:
         body = cv.parse_body(ResponseCreateBody, await request.body())
         internal = observer.admit(call, response_request(body, request_id(request)))
         rid = internal.request_id  # admission gives one to a request that came without

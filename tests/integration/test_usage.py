@@ -1,5 +1,6 @@
-"""Usage per key and model through both doors: each request is counted for the key that made it, an
-``api`` key reads only its own, and what was counted survives a graceful stop and restart.
+"""Usage per key and model through both doors (the Responses API included): each request is counted
+for the key that made it, an ``api`` key reads only its own, and what was counted survives a graceful
+stop and restart.
 
 One balancer in this process with both doors and an echo node (``devkit.echo_node``).
 """
@@ -40,6 +41,10 @@ async def test_both_doors_count_usage_for_the_calling_key_and_an_api_key_sees_on
                 headers=doors.headers(Scope.API),
             )
             assert reply.status_code == 200, reply.text
+            response = await doors.http.post(  # the Responses API is counted like chat
+                "/v1/responses", json={"model": MODEL, "input": "six seven"}, headers=doors.headers(Scope.API)
+            )
+            assert response.status_code == 200, response.text
             request = ipb.ChatRequest(
                 model=MODEL, messages=[ipb.ChatMessage(role="user", content="four five")]
             )
@@ -55,7 +60,7 @@ async def test_both_doors_count_usage_for_the_calling_key_and_an_api_key_sees_on
 
         everyone = (await doors.http.get("/v0/usage", headers=doors.headers(Scope.ADMIN))).json()["data"]
         assert {(r["key_id"], r["model"], r["requests"]) for r in everyone} == {
-            (api_id, MODEL, 1),
+            (api_id, MODEL, 2),
             (admin_id, MODEL, 1),
         }
         assert all(r["completion_tokens"] > 0 for r in everyone)
@@ -68,4 +73,4 @@ async def test_both_doors_count_usage_for_the_calling_key_and_an_api_key_sees_on
     # Stopped gracefully before any periodic flush was due: a restart still finds every request.
     async with open_doors(home) as restarted:
         rows = (await restarted.http.get("/v0/usage", headers=restarted.headers(Scope.ADMIN))).json()["data"]
-        assert sorted(r["requests"] for r in rows) == [1, 1]
+        assert sorted(r["requests"] for r in rows) == [1, 2]

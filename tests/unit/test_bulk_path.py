@@ -301,8 +301,7 @@ async def test_a_peer_that_leaves_mid_swarm_costs_only_a_refetch_from_the_origin
         while held_bytes(part) < MiB:  # noqa: ASYNC110 - polls a file another task writes
             await asyncio.sleep(0.02)  # the leaver holds a piece of its share, then goes
         leaving.cancel()
-        await leaves.server.stop()
-        leaves.server.port = 0
+        await leaves.server.stop()  # its port is 0 now: no longer advertised
         path = await asyncio.wait_for(staying, 60)
     finally:
         leaving.cancel()
