@@ -207,6 +207,9 @@ async def start(config: BalancerConfig) -> Balancer:
         await replicas.stop()
         await store.close()
         raise OSError(f"cannot listen on {config.grpc_listen}")
+    # Before the port answers: a client that reaches it must find every service SERVING, not unknown.
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     parts.usage.start()
     http = None
@@ -223,8 +226,6 @@ async def start(config: BalancerConfig) -> Balancer:
             await replicas.stop()
             await store.close()
             raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.grpc_listen.rpartition(":")[0]
     log.info(
         "balancer.listening",
