@@ -157,7 +157,8 @@ def _tools(body: ResponseCreateBody) -> tuple[Tool, ...]:
     return tuple(tools)
 
 
-def _tool_choice(choice: str | NamedToolChoice | None, tools: tuple[Tool, ...]) -> ToolChoice:
+def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
+    """The choice as given; whether it names one of the tools is checked at admission, as for chat."""
     if choice is None:
         return ToolChoice()
     if isinstance(choice, str):
@@ -172,8 +173,6 @@ def _tool_choice(choice: str | NamedToolChoice | None, tools: tuple[Tool, ...]) 
         return ToolChoice(mode=mode)
     if choice.type != "function" or not choice.name:
         raise invalid(f"tool_choice of type {choice.type!r} is not supported; name a function tool")
-    if choice.name not in {t.name for t in tools}:
-        raise invalid(f"tool_choice names {choice.name!r}, which is not among tools")
     return ToolChoice(mode=ToolChoiceMode.FUNCTION, function=choice.name)
 
 
@@ -184,7 +183,6 @@ def logprobs_asked(body: ResponseCreateBody) -> bool:
 def response_request(body: ResponseCreateBody, request_id: str) -> ChatRequest:
     """A ``POST /v1/responses`` body as a ``ChatRequest`` (one choice; the balancer keeps no state)."""
     _refuse_unsupported(body)
-    tools = _tools(body)
     return ChatRequest(
         model=body.model,
         messages=tuple(_messages(body)),
@@ -199,8 +197,8 @@ def response_request(body: ResponseCreateBody, request_id: str) -> ChatRequest:
         request_id=request_id,
         user=body.user or "",
         prompt_cache_key=body.prompt_cache_key or "",
-        tools=tools,
-        tool_choice=_tool_choice(body.tool_choice, tools),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body.tool_choice),
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 

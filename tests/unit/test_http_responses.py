@@ -35,8 +35,9 @@ def body(**fields: Any) -> ResponseCreateBody:
 
 
 def refusal(**fields: Any) -> str:
+    """The 400's message, from the mapping or from admission's checks after it (as the route runs them)."""
     with pytest.raises(LlmlbError) as caught:
-        response_request(body(**fields), "r")
+        response_request(body(**fields), "r").validate()
     assert caught.value.code is ErrorCode.INVALID_REQUEST
     return caught.value.message
 
