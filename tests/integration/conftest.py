@@ -30,6 +30,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
 from devkit.fake_hub import FakeHub
+from devkit.model_files import CACHE
 from tests.fixtures.eventually import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -433,3 +434,28 @@ def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str,
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
         rows = db.execute("SELECT kind, model_id FROM node_commands WHERE node_id = ?", (node_id,))
         return [(str(kind), str(model)) for kind, model in rows]
+
+
+@contextlib.contextmanager
+def packaged_models_fleet(root: Path) -> Iterator[BalancerProcess]:
+    """A balancer and one node serving the packaged models' dir (``CACHE``), online, for a whole module.
+
+    Module-scoped fixtures outlive the per-test hermetic environment, so this makes its own alike. Ask
+    for the model's fixture (``gemma``, ...) first: it lays the packaged files out in ``CACHE``.
+    """
+    with pytest.MonkeyPatch.context() as env, FakeHub() as hub:
+        for name in list(os.environ):
+            if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
+                env.delenv(name, raising=False)
+        env.setenv("HOME", str(root / "home"))
+        balancer = BalancerProcess(root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json"})
+        balancer.start()
+        node_env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **balancer.node_env()}
+        node = NodeProcess(root / "node", balancer.address, node_env, ["--shared-dir", str(CACHE)])
+        try:
+            node.start()
+            wait_online(balancer, node)
+            yield balancer
+        finally:
+            node.stop()
+            balancer.stop()

@@ -16,7 +16,7 @@ import pytest
 
 from devkit.model_files import ModelFiles
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
+from tests.integration.conftest import BalancerProcess, packaged_models_fleet
 
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
@@ -25,25 +25,9 @@ SHORT: dict[str, Any] = {"max_output_tokens": 8, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory: pytest.TempPathFactory, gemma: ModelFiles) -> Iterator[BalancerProcess]:
-    """A balancer with one gemma node answering from a shared dir that links the packaged model."""
-    root = tmp_path_factory.mktemp("responses")
-    share = root / "share"
-    for filename, path in gemma.paths.items():
-        link = share / gemma.model.id / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
-    no_hub = {"HF_ENDPOINT": "http://127.0.0.1:9"}  # the model is in the shared dir: no origin needed
-    balancer = BalancerProcess(root / "balancer", {**no_hub, "LLMLB_LOG_FORMAT": "json"})
-    balancer.start()
-    node_env = {**no_hub, "XLLM_LOG_FORMAT": "json", **balancer.node_env()}
-    node = NodeProcess(root / "node", balancer.address, node_env, ["--shared-dir", str(share)])
-    try:
-        node.start()
-        wait_online(balancer, node, within=30)
+    """A balancer with one gemma node answering from the packaged models' dir."""
+    with packaged_models_fleet(tmp_path_factory.mktemp("responses")) as balancer:
         yield balancer
-    finally:
-        node.stop()
-        balancer.stop()
 
 
 def client(door: BalancerProcess) -> openai.OpenAI:

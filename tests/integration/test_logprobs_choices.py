@@ -5,7 +5,6 @@ One balancer and one real gemma-3-270m node serve the whole module (started once
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -15,9 +14,12 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
-from devkit.fake_hub import FakeHub
-from devkit.model_files import CACHE, ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
+from devkit.model_files import ModelFiles
+from tests.integration.conftest import (
+    BalancerProcess,
+    packaged_models_fleet,
+    sync_channel,
+)
 
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
@@ -28,25 +30,8 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def balancer(gemma: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BalancerProcess]:
     """A balancer and one gemma node answering from the packaged models' dir, for the whole module."""
-    del gemma  # requested so that the packaged model is laid out in CACHE
-    root = tmp_path_factory.mktemp("logprobs")
-    with pytest.MonkeyPatch.context() as env, FakeHub() as hub:
-        # What the per-test hermetic environment does, for processes that outlive one test.
-        for name in list(os.environ):
-            if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
-                env.delenv(name, raising=False)
-        env.setenv("HOME", str(root / "home"))
-        balancer = BalancerProcess(root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json"})
-        balancer.start()
-        node_env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **balancer.node_env()}
-        node = NodeProcess(root / "node", balancer.address, node_env, ["--shared-dir", str(CACHE)])
-        try:
-            node.start()
-            wait_online(balancer, node)
-            yield balancer
-        finally:
-            node.stop()
-            balancer.stop()
+    with packaged_models_fleet(tmp_path_factory.mktemp("logprobs")) as balancer:
+        yield balancer
 
 
 @pytest.fixture(scope="module")

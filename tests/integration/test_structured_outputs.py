@@ -8,7 +8,6 @@ would check them: parsed, and validated against the schema that was asked for.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -20,9 +19,8 @@ import pytest
 
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
-from devkit.fake_hub import FakeHub
 from devkit.model_files import ModelFiles
-from tests.integration.conftest import BalancerProcess, NodeProcess, wait_online
+from tests.integration.conftest import BalancerProcess, packaged_models_fleet
 
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
@@ -80,31 +78,9 @@ class Verdict(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, gemma: ModelFiles) -> Iterator[BalancerProcess]:
-    """A balancer and one node answering gemma from a shared dir, once the node is online."""
-    root = tmp_path_factory.mktemp("structured")
-    share = root / "share"
-    for filename, path in gemma.paths.items():
-        link = share / gemma.model.id / filename
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
-    with FakeHub() as hub, pytest.MonkeyPatch.context() as patch:
-        # Module-scoped, so set up before the per-test hermetic environment: made hermetic here alike.
-        for name in list(os.environ):
-            if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
-                patch.delenv(name)
-        patch.setenv("HOME", str(root / "home"))
-        env = {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json"}
-        balancer = BalancerProcess(root / "balancer", env)
-        balancer.start()
-        node_env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **balancer.node_env()}
-        node = NodeProcess(root / "node", balancer.address, node_env, ["--shared-dir", str(share)])
-        try:
-            node.start()
-            wait_online(balancer, node, within=30)
-            yield balancer
-        finally:
-            node.stop()
-            balancer.stop()
+    """A balancer and one node answering gemma from the packaged models' dir, once the node is online."""
+    with packaged_models_fleet(tmp_path_factory.mktemp("structured")) as balancer:
+        yield balancer
 
 
 @pytest.fixture(scope="module")
