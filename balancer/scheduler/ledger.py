@@ -26,6 +26,7 @@ class Ledger:
 
     def __init__(self, nodes: Iterable[NodeFacts]) -> None:
         self._free: dict[tuple[str, DeviceKind, int], int] = {}  # (node, kind, index) -> MB
+        self._largest: dict[str, int] = {}  # node -> the most free on one device it places on
         self._holds: set[tuple[str, str]] = set()  # (model_id, node_id) with an active copy
         self._in_zone: Counter[tuple[str, str]] = Counter()  # (model_id, zone) -> active copies
         self._on_node: Counter[str] = Counter()  # node_id -> active copies of any model
@@ -34,6 +35,7 @@ class Ledger:
         for node in nodes:
             for device in node.devices:
                 self._free[(node.id, device.kind, device.index)] = device.free_mb
+            self._largest[node.id] = self._most_free(node)
             if not node.online:
                 continue
             for model_id in node.on_disk | node.shared | node.loaded:
@@ -55,6 +57,15 @@ class Ledger:
         reported = next((d for d in node.devices if d.kind is kind and d.index == device), None)
         if key in self._free and reported is not None and model_id not in reported.used_mb:
             self._free[key] -= need_mb
+            self._largest[node.id] = self._most_free(node)
+
+    def _most_free(self, node: NodeFacts) -> int:
+        kind = node.placement_kind
+        return max((self._free[(node.id, kind, d.index)] for d in node.devices if d.kind is kind), default=-1)
+
+    def largest_free(self, node_id: str) -> int:
+        """The most MB free on any one device ``node_id`` places models on (-1: it has none)."""
+        return self._largest.get(node_id, -1)
 
     def free_mb(self, node_id: str, device: DeviceFacts) -> int:
         """What is free on ``device`` of ``node_id`` now: its report less this pass's placements."""

@@ -40,7 +40,7 @@ from balancer.scheduler.facts import (
     NodeFacts,
 )
 from balancer.scheduler.filters import FAILURE_BACKOFF_S, default_filters
-from balancer.scheduler.filters.memory_fit import gb
+from balancer.scheduler.filters.memory_fit import MemoryFitFilter, gb
 from balancer.scheduler.ledger import Ledger
 from balancer.scheduler.plan import Decision, Explanation, Place, Plan, Remove, Shortfall
 from balancer.scheduler.ranking import Candidate, Ranking
@@ -93,6 +93,7 @@ class Reconciler:
         self._filters: tuple[Filter, ...] = default_filters(failure_backoff_s)
         self._static = tuple(f for f in self._filters if f.static)
         self._dynamic = tuple(f for f in self._filters if not f.static)
+        self._memory = next(f for f in self._filters if isinstance(f, MemoryFitFilter))
         self._ranking = Ranking()
         self._failure_backoff_s = failure_backoff_s
         self._retry_base_s = retry_base_s
@@ -319,9 +320,15 @@ class Reconciler:
         passing, static_excluded = self._eligible(ask, nodes, ledger, cache)
         excluded = Counter(static_excluded)
         candidates: list[Candidate] = []
+        # Where the need is the same on every node, the ledger's largest free device answers for the
+        # memory filter on most nodes of a full fleet without its per-device walk and its text.
+        same_need = deployment.memory_mb or need.required_mb
         for node in passing:
             fit: Passed | None = None
             for rule in self._dynamic:
+                if rule is self._memory and same_need and ledger.largest_free(node.id) < same_need:
+                    excluded[rule.name] += 1
+                    break
                 answer = rule.check(ask, node, ledger)
                 if isinstance(answer, str):
                     excluded[rule.name] += 1

@@ -277,3 +277,20 @@ def test_a_copy_that_keeps_failing_backs_off_longer_though_another_copy_serves()
     failed_again = Copy(SMALL.model_id, "c", 0, CopyState.FAILED, since=clock.advance(1))
     plan = run(reconciler, deployments, nodes, [serving, failed_again])
     assert plan.shortfalls[0].reason == "backing off after 2 failures in a row; next try in 20 s"
+
+
+def test_without_a_catalogue_figure_the_need_is_estimated_per_node_from_its_context_settings() -> None:
+    unsized = gguf("org/unsized-gguf", 10)  # 10 GiB of files: 11,264 MB of weights, plus the context
+    nodes = [
+        cuda_node("short-ctx", gpu(0, 16), context_mb=512),
+        cuda_node("long-ctx", gpu(0, 16), context_mb=6_000),
+    ]
+    plan = run(
+        Reconciler(Clock()),
+        [Deployment(unsized.model_id, copies=2)],
+        nodes,
+        needs={unsized.model_id: unsized},
+    )
+
+    assert [(p.node_id, p.need_mb) for p in plan.places] == [("short-ctx", 11_264 + 512)]
+    assert plan.shortfalls[0].reason.endswith("(1 by memory, 1 by one-per-node)")
