@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from balancer.scheduler.autoscaler import Autoscaler, Scale
 from balancer.scheduler.deployment import Deployment
+from balancer.scheduler.explain import NodeVerdict
 from balancer.scheduler.facts import (
     Copy,
     CopyState,
@@ -37,6 +38,7 @@ __all__ = [
     "Explanation",
     "ModelNeed",
     "NodeFacts",
+    "NodeVerdict",
     "Place",
     "Plan",
     "Rates",

@@ -155,8 +155,9 @@ class CopyState(enum.StrEnum):
 class Copy:
     """One scheduled copy: a model placed on a node's device, and how it is doing.
 
-    ``since``: when it entered ``state``; ``placed_at`` and ``estimate_s``: when it was placed and
-    how long the scheduler expected it to take to answer, to compare with what happened.
+    ``since``: when it entered ``state`` (a failed copy's ``since`` tells one failure from the next);
+    ``placed_at`` and ``estimate_s``: when it was placed and how long the scheduler expected it to
+    take to answer, to compare with what happened.
     """
 
     model_id: str
