@@ -1,7 +1,8 @@
 """The balancer's metadata store: catalogue and manifests, nodes, durable node commands, API keys,
-and the secrets the balancer generates for itself.
+the secrets the balancer generates for itself, and the scheduler's deployments.
 
-Transport-neutral and async. It takes and returns only the dataclasses of ``common.types``; rows of
+Transport-neutral and async. It takes and returns only the dataclasses of ``common.types`` (and the
+scheduler's ``Deployment``); rows of
 ``balancer.store.tables`` never leave this package.
 
 Over the usual size on purpose: every table's queries share one write lock, one session factory and
@@ -24,12 +25,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from balancer.scheduler.deployment import Deployment
 from balancer.store import converters
 from balancer.store.engine import DEFAULT_POOL_SIZE, async_url, is_memory_sqlite, make_async_engine
 from balancer.store.migrate import migrate
 from balancer.store.tables import (
     ApiKeyRow,
     CheckedSession,
+    DeploymentRow,
     ManifestFileRow,
     ModelRow,
     NodeCommandRow,
@@ -563,3 +566,62 @@ class Store:
             if row is None:  # pragma: no cover  # inserted above, or by the balancer that won
                 raise RuntimeError(f"secret {name!r} vanished from the store")
             return row.secret
+
+    # deployments
+
+    async def put_deployment(self, deployment: Deployment) -> Deployment:
+        """Insert or replace the deployment of its model; an existing one keeps its ``created_at``.
+
+        Returns it as stored, with both times set.
+        """
+        now = _now()
+        async with self._writing() as session:
+            row = await session.get(DeploymentRow, deployment.model_id)
+            if row is None:
+                created = converters.optional_utc(deployment.created_at) or now
+                row = DeploymentRow(model_id=deployment.model_id, created_at=created)
+                session.add(row)
+            row.copies = deployment.copies
+            row.min_copies = deployment.min_copies
+            row.max_copies = deployment.max_copies
+            row.selector = dict(deployment.selector)
+            row.memory_mb = deployment.memory_mb
+            row.updated_at = now
+            await session.flush()
+            return self._deployment(row)
+
+    async def get_deployment(self, model_id: str) -> Deployment | None:
+        """The deployment of ``model_id``, or None."""
+        async with self._reading() as session:
+            row = await session.get(DeploymentRow, model_id)
+            return None if row is None else self._deployment(row)
+
+    async def list_deployments(self) -> list[Deployment]:
+        """Every deployment, by model id (code-point order on every engine, see ``list_models``)."""
+        async with self._reading() as session:
+            rows = sorted(await session.scalars(select(DeploymentRow)), key=lambda row: row.model_id)
+            return [self._deployment(row) for row in rows]
+
+    async def delete_deployment(self, model_id: str) -> bool:
+        """Forget the deployment of ``model_id``; False if there was none. Its copies are the
+        scheduler's to remove."""
+        async with self._writing() as session:
+            removed = await session.execute(
+                delete(DeploymentRow)
+                .where(DeploymentRow.model_id == model_id)
+                .returning(DeploymentRow.model_id)
+            )
+            return removed.first() is not None
+
+    @staticmethod
+    def _deployment(row: DeploymentRow) -> Deployment:
+        return Deployment(
+            model_id=row.model_id,
+            copies=row.copies,
+            min_copies=row.min_copies,
+            max_copies=row.max_copies,
+            selector=dict(row.selector),
+            memory_mb=row.memory_mb,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )

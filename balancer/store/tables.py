@@ -214,3 +214,19 @@ class UsageRow(Base):
     errors: Mapped[int] = mapped_column(BigInteger)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     completion_tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class DeploymentRow(Base):
+    """A deployment (``balancer.scheduler.Deployment``): ``copies`` for a fixed count, else
+    ``min_copies``..``max_copies`` autoscaled; ``selector`` the node labels it needs."""
+
+    __tablename__ = "deployments"
+
+    model_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    copies: Mapped[int | None] = mapped_column(Integer)
+    min_copies: Mapped[int] = mapped_column(Integer)
+    max_copies: Mapped[int | None] = mapped_column(Integer)
+    selector: Mapped[dict[str, str]] = mapped_column(JSON)
+    memory_mb: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
 from balancer.migrations import alembic_config, head_revision
+from balancer.scheduler import Deployment
 from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
 from balancer.store.tables import Base
@@ -485,6 +486,61 @@ async def test_usage_batches_add_to_their_minute_and_read_back_filtered_in_order
         await reopened.close()
 
 
+# deployments
+
+
+async def test_deployments_round_trip_replace_in_place_and_survive_a_restart(database_url: str) -> None:
+    fixed = Deployment("org/big-gguf", copies=3, selector={"zone": "a", "gpu": "h100"}, memory_mb=20_000)
+    scaled = Deployment("org/small-gguf", copies=None, min_copies=0, max_copies=4)
+    store = await Store.open(database_url)
+    try:
+        stored = await store.put_deployment(fixed)
+        await store.put_deployment(scaled)
+        assert stored.created_at is not None and stored.created_at == stored.updated_at
+        assert await store.get_deployment("org/big-gguf") == stored
+        assert dict(stored.selector) == {"zone": "a", "gpu": "h100"} and stored.memory_mb == 20_000
+
+        changed = await store.put_deployment(dataclasses.replace(fixed, copies=5, selector={}))
+        assert changed.copies == 5 and dict(changed.selector) == {}
+        assert changed.created_at == stored.created_at
+        assert changed.updated_at is not None and changed.updated_at >= stored.updated_at  # type: ignore[operator]
+        assert await store.get_deployment("org/unknown") is None
+    finally:
+        await store.close()
+
+    reopened = await Store.open(database_url)
+    try:
+        listed = await reopened.list_deployments()
+        assert [d.model_id for d in listed] == ["org/big-gguf", "org/small-gguf"]
+        assert listed[0].copies == 5
+        assert (listed[1].copies, listed[1].min_copies, listed[1].max_copies) == (None, 0, 4)
+        assert listed[1].autoscaled and not listed[0].autoscaled
+        assert await reopened.delete_deployment("org/big-gguf") is True
+        assert await reopened.delete_deployment("org/big-gguf") is False
+        assert [d.model_id for d in await reopened.list_deployments()] == ["org/small-gguf"]
+    finally:
+        await reopened.close()
+
+
+async def test_a_deployment_for_a_model_id_longer_than_its_column_is_refused(store: Store) -> None:
+    with pytest.raises(TooLong):
+        await store.put_deployment(Deployment("org/" + "m" * 300))
+    assert await store.list_deployments() == []
+
+
+def test_a_deployment_must_say_either_a_count_or_a_range() -> None:
+    for wrong in (
+        {"copies": None},
+        {"copies": 2, "max_copies": 3},
+        {"copies": None, "min_copies": 3, "max_copies": 2},
+        {"copies": -1},
+        {"memory_mb": 0},
+        {"selector": {"zone": ""}},
+    ):
+        with pytest.raises(ValueError, match="deployment of"):
+            Deployment("org/m", **wrong)  # type: ignore[arg-type]
+
+
 # opening, restarts and migrations
 
 
@@ -558,7 +614,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     finally:
         await engine.dispose()
     assert versions == [head_revision()]
-    assert head_revision() == "0004"
+    assert head_revision() == "0006"
     assert {
         "models",
         "manifest_files",
@@ -567,6 +623,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
         "api_keys",
         "balancer_secrets",
         "usage",
+        "deployments",
     } <= tables
 
 
