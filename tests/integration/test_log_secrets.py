@@ -1,11 +1,12 @@
 """No log line carries a secret: a real balancer and node, driven down every error path we can reach.
 
-Each run starts `llmlb serve` and `xllm serve` in one log format (console, then JSON) at debug level,
-with every kind of secret the fleet knows: the admin key, a node key, an API key, a key nobody issued,
-the fleet token and the stored secret it is derived from, the node's own token, an HF token and a
-PostgreSQL password. It then sends bad ranges, a 0-byte file and bad credentials to both bulk servers,
-bad and wrong-scope keys to both doors, a database nobody answers on, a node that dies and a balancer
-that goes away, and finally reads every log the processes wrote: no secret may appear in any of them.
+Each run starts `llmlb serve` (on PostgreSQL) and `xllm serve` in one log format (console, then JSON)
+at debug level, with every kind of secret the fleet knows: the admin key, a node key, an API key, a
+key nobody issued, the fleet token and the stored secret it is derived from, the node's own token, an
+HF token and the password in the store's URL. It then sends bad ranges, a 0-byte file and bad
+credentials to both bulk servers, bad and wrong-scope keys to both doors, freezes the node, stops the
+database, kills the balancer and starts one whose database nobody answers on, and finally reads every
+log the processes wrote: no secret may appear in any of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,6 +30,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.postgres import SUPERUSER, PostgresServer
 from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
     ROOT,
@@ -82,15 +83,16 @@ def drive_bulk_server(port: int, good: str, others: list[str], model_id: str) ->
     assert bulk_get(port, good, "/nowhere") == 400
 
 
-def secrets_of(balancer: BalancerProcess, api_key: str) -> dict[str, str]:
-    with sqlite3.connect(balancer.home / "llmlb.db") as db:
-        row = db.execute("SELECT secret FROM balancer_secrets WHERE name = ?", (SECRET_NAME,)).fetchone()
+def secrets_of(
+    balancer: BalancerProcess, api_key: str, store: PostgresServer, database: str
+) -> dict[str, str]:
+    fleet_secret = store.sql(f"SELECT secret FROM balancer_secrets WHERE name = '{SECRET_NAME}'", database)
     found = {
         "admin key": balancer.admin_key,
         "node key": balancer.node_key,
         "api key": api_key,
-        "fleet secret": row[0],
-        "fleet token": derive(row[0]),
+        "fleet secret": fleet_secret,
+        "fleet token": derive(fleet_secret),
     }
     assert all(len(value) >= 16 for value in found.values()), "each secret is real and long enough to find"
     return found | {
@@ -141,15 +143,22 @@ def test_no_log_line_carries_a_secret_on_any_error_path(
     balancer_factory: Callable[..., BalancerProcess],
     node_factory: Callable[..., NodeProcess],
     hub: FakeHub,
+    restartable_postgres: PostgresServer,
     tmp_path: Path,
 ) -> None:
     stopped_at_start = database_down(tmp_path, fmt)  # meanwhile: it needs nothing below
     hub.add_token(HF_SECRET)
     hub.add_repo("acme/logged", {"w.gguf": DATA, "empty.json": b""}, private=True)
-    balancer = balancer_factory(hub, LLMLB_LOG_FORMAT=fmt, LLMLB_LOG_LEVEL="debug", HF_TOKEN=HF_SECRET)
+    store = restartable_postgres
+    database = store.create_database()
+    # Loopback connections are trusted, so the password is never checked, only carried everywhere.
+    url = f"postgresql+asyncpg://{SUPERUSER}:{PG_PASSWORD}@{store.host}:{store.port}/{database}"
+    balancer = balancer_factory(
+        hub, LLMLB_LOG_FORMAT=fmt, LLMLB_LOG_LEVEL="debug", HF_TOKEN=HF_SECRET, LLMLB_DATABASE_URL=url
+    )
     model_id = balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/logged")).id
     api_key = balancer.registry.CreateKey(rpb.CreateKeyRequest(name="api", scopes=[pb.SCOPE_API])).secret
-    secrets = secrets_of(balancer, api_key)
+    secrets = secrets_of(balancer, api_key, store, database)
     env = {
         "XLLM_LOG_FORMAT": fmt,
         "XLLM_LOG_LEVEL": "debug",
@@ -202,7 +211,7 @@ def test_no_log_line_carries_a_secret_on_any_error_path(
         refused = http.post("/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {api_key}"})
         assert refused.status_code >= 400  # weights no runtime loads: refused, and logged
 
-    # An unreachable node (frozen, so it needs no restart), then an unreachable balancer.
+    # An unreachable node (frozen, so it needs no restart), the database down, an unreachable balancer.
     assert node.proc is not None
     node_id = node.node_id
     node.proc.send_signal(signal.SIGSTOP)
@@ -217,6 +226,8 @@ def test_no_log_line_carries_a_secret_on_any_error_path(
         )
     finally:
         node.proc.send_signal(signal.SIGCONT)
+    store.halt()
+    eventually(lambda: "store.unavailable" in balancer.log(), 15, "the balancer finding its store down")
     balancer.stop(signal.SIGKILL)
     eventually(lambda: "balancer.unreachable" in node.log(), 15, "the node noticing its balancer gone")
     node.stop()
