@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 
 import structlog
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.origin import Origin
-from common.bulk_http import BlobRequest, BulkListener, parse_range, partial_head, serve_connection
+from common.bulk_http import BlobRequest, BulkListener, parse_range, range_head, serve_connection
 from common.errors import ErrorCode, LlmlbError
+from common.secret import Secret
 from common.types import Scope
 
 log = structlog.get_logger(__name__)
@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 class BulkProxy:
     """Serves ranges of catalogued files, read from their origin as they are sent."""
 
-    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_token: str) -> None:
+    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_token: Secret) -> None:
         self._catalog = catalog
         self._origin = origin
         self._keys = keys
@@ -49,10 +49,11 @@ class BulkProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await serve_connection(reader, writer, self._authorize, self._send, "balancer")
 
-    async def _authorize(self, token: str | None) -> None:
-        if token and self._fleet_token and hmac.compare_digest(token.encode(), self._fleet_token.encode()):
+    async def _authorize(self, token: Secret | None) -> None:
+        presented = token.reveal() if token is not None else None
+        if self._fleet_token.matches(presented):
             return
-        await self._keys.check(token, Scope.NODE)
+        await self._keys.check(presented, Scope.NODE)
 
     async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
         if request.path != "/blob":
@@ -62,12 +63,16 @@ class BulkProxy:
         if file is None:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"{request.filename!r} is not a file of {model.id!r}")
         start, end = parse_range(request.range_header, file.size_bytes)
+        if end == start:  # a 0-byte file: nothing to ask the origin for
+            writer.write(range_head(start, end, file.size_bytes, file.sha256))
+            await writer.drain()
+            return
         stream = self._origin.stream(
             model.origin, model.repo_id, model.revision or "main", file.filename, start, end - start
         ).__aiter__()
         try:
             first = await anext(stream)  # an origin that refuses does so before any byte: a clean error
-            writer.write(partial_head(start, end, file.size_bytes, file.sha256))
+            writer.write(range_head(start, end, file.size_bytes, file.sha256))
             writer.write(first)
             try:
                 async for chunk in stream:

@@ -86,7 +86,10 @@ class Origin:
     async def pin(self, origin: str, repo_id: str, revision: str) -> PinnedRepo:
         """Lists ``repo_id`` at ``revision`` (branch, tag or sha), pinned to the commit it resolves to."""
         origin = self.check_allowed(origin)
-        api = HfApi(endpoint=self._base_url(origin), token=self._config.hf_token or False)
+        api = HfApi(
+            endpoint=self._base_url(origin),
+            token=self._config.hf_token.reveal() if self._config.hf_token else False,
+        )
         try:
             info = await asyncio.to_thread(
                 api.model_info,

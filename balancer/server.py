@@ -12,7 +12,6 @@ import grpc.aio
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy.engine import make_url
 
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
@@ -44,6 +43,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2_grpc,
 )
 from common.rpc import SERVER_OPTIONS
+from common.secret import Secret, masked_url
 from common.types import ModelState
 
 log = structlog.get_logger(__name__)
@@ -123,11 +123,11 @@ def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tup
 
 
 async def bootstrap_admin_key(config: BalancerConfig, keys: KeyRing) -> None:
-    """On a store with no keys, makes the first admin key and shows it once (the file keeps it)."""
+    """On a store with no keys, makes the first admin key and says which file holds it (mode 0600)."""
     secret = await keys.bootstrap(config.admin_key_file)
-    if secret is not None:
+    if secret is not None:  # shown by where it is, never itself: stderr ends up in logs
         print(
-            f"llmlb: created the first admin key (also in {config.admin_key_file}, mode 0600):\n  {secret}",
+            f"llmlb: created the first admin key in {config.admin_key_file} (mode 0600)",
             file=sys.stderr,
             flush=True,
         )
@@ -177,7 +177,7 @@ async def start(config: BalancerConfig) -> Balancer:
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     bulk = None
     if config.bulk_listen:
-        bulk = BulkProxy(catalog, origin, keys, fleet_token)
+        bulk = BulkProxy(catalog, origin, keys, Secret(fleet_token))
         try:
             await bulk.start(config.bulk_listen)
         except OSError as exc:
@@ -231,7 +231,7 @@ async def start(config: BalancerConfig) -> Balancer:
         "balancer.listening",
         grpc=f"{host}:{port}",
         http=f"{config.http_listen.rpartition(':')[0]}:{http.port}" if http else "off",
-        database=make_url(config.database_url).render_as_string(hide_password=True),
+        database=masked_url(config.database_url),
         models=len(seed),
         auth="on" if config.auth else "off",
     )

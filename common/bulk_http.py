@@ -3,8 +3,10 @@
 Plain HTTP/1.1, ``Authorization: Bearer <token>`` on every request, two request shapes:
 
 - ``GET /blob?model=<id>&file=<name>`` with a single ``Range: bytes=a-b``: ``206`` with
-  ``Content-Range`` and the bytes. A node still downloading the file answers ``503`` (code
-  ``unavailable``) for bytes it does not hold yet.
+  ``Content-Range`` and the bytes; a 0-byte file, which no range can address, is a ``200`` with an
+  empty body. A header that is not one ``bytes=a-b`` (numbers of at most 19 digits) is a ``400``. A
+  node still downloading the file answers ``503`` (code ``unavailable``) for bytes it does not hold
+  yet.
 - ``GET /pieces?model=<id>&file=<name>``: ``200`` and JSON ``{"size", "held": [[start, end], ...],
   "fetching": [[start, end], ...]}``: what a node still downloading holds and is fetching now.
 
@@ -29,12 +31,15 @@ import structlog
 
 from common.errors import ERRORS, ErrorCode, LlmlbError
 from common.formats import read_range_end
+from common.secret import Secret
 
 log = structlog.get_logger(__name__)
 
 MAX_HEAD_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 30.0
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# At most 19 digits a number: any file's offsets fit, and int() never meets Python's 4300-digit limit.
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d{1,19})\s*-\s*(\d{0,19})\s*$", re.IGNORECASE)
+_SHOWN_CHARS = 64  # of a refused header, in the error message
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,33 +49,52 @@ class BlobRequest:
     model_id: str
     filename: str
     range_header: str
-    token: str | None
+    token: Secret | None
     path: str = "/blob"  # or "/pieces"
 
 
 # Raises unauthorized/forbidden unless the token may read.
-Authorize = Callable[[str | None], Awaitable[None]]
+Authorize = Callable[[Secret | None], Awaitable[None]]
 # Answers one authorized request on the writer (headers and body), or raises LlmlbError before any byte.
 SendRange = Callable[[BlobRequest, asyncio.StreamWriter], Awaitable[None]]
 
 
 def parse_range(value: str, size: int) -> tuple[int, int]:
-    """``[start, end)`` of a single ``bytes=a-b`` range (the whole file when absent)."""
+    """``[start, end)`` of a single ``bytes=a-b`` range (the whole file when absent).
+
+    Raises ``invalid_request``: a ``400`` for a header that is not one such range, a ``416`` (its
+    message says "past the end") for one that starts past the end. A 0-byte file reads as ``(0, 0)``.
+    """
     if not value:
         return 0, size
     match = _RANGE.match(value)
+    shown = repr(value[:_SHOWN_CHARS]) + ("..." if len(value) > _SHOWN_CHARS else "")
     if match is None:
-        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"unsupported Range {value!r}: one bytes=a-b range")
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"unsupported Range {shown}: one bytes=a-b range, at most 19 digits each",
+        )
     start = int(match.group(1))
     length = int(match.group(2)) - start + 1 if match.group(2) else 0
     if length < 0:
-        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"Range {value!r} ends before it starts")
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, f"Range {shown} ends before it starts")
     end = read_range_end(size, start, min(length, size - start) if length else 0)
     return start, end
 
 
-def partial_head(start: int, end: int, size: int, sha256: str) -> bytes:
-    """The ``206`` head for bytes ``[start, end)`` of a ``size``-byte file."""
+def range_head(start: int, end: int, size: int, sha256: str) -> bytes:
+    """The head for bytes ``[start, end)`` of a ``size``-byte file: ``206``, or ``200`` for no bytes.
+
+    Only a 0-byte file reads as an empty range, and ``Content-Range`` cannot name a byte of it.
+    """
+    if start == end:
+        return (
+            "HTTP/1.1 200 OK\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            "Content-Length: 0\r\n"
+            f"X-Sha256: {sha256}\r\n"
+            "\r\n"
+        ).encode()
     return (
         "HTTP/1.1 206 Partial Content\r\n"
         "Content-Type: application/octet-stream\r\n"
@@ -116,6 +140,10 @@ async def serve_connection(
                 return
     except (ConnectionError, OSError):
         return  # the reader went away mid-transfer: its download retries elsewhere
+    except Exception:
+        # A fault of this server, not the caller's: logged (plain traceback, no locals) and the
+        # connection closed, rather than left to asyncio's handler for unhandled callback errors.
+        log.exception(f"{door}.bulk_failed")
     finally:
         writer.close()
         with contextlib.suppress(Exception):
@@ -138,7 +166,7 @@ def _parse(head: str) -> tuple[BlobRequest | LlmlbError, bool]:
     if url.path not in ("/blob", "/pieces") or "model" not in query or "file" not in query:
         return LlmlbError(ErrorCode.INVALID_REQUEST, "expected GET /blob?model=<id>&file=<name>"), keep
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    presented = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    presented = Secret(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
     request = BlobRequest(query["model"][0], query["file"][0], headers.get("range", ""), presented, url.path)
     return request, keep
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
+
+from common.secret import Secret, secret_or_none
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 T = TypeVar("T")
@@ -153,7 +155,7 @@ class BalancerConfig:
     database_pool_size: int = 5
     catalog_path: Path | None = None
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
-    hf_token: str | None = None
+    hf_token: Secret | None = None  # a Secret: printed masked, wherever the config goes
     allowed_origins: tuple[str, ...] = (DEFAULT_HF_ENDPOINT,)
     origin_timeout_s: float = 30.0
     heartbeat_interval_ms: int = 1000
@@ -259,7 +261,7 @@ def load_balancer_config(
         database_pool_size=s.get(None, ("LLMLB_DATABASE_POOL_SIZE",), 5, parse_count),
         catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), None, Path),
         hf_endpoint=endpoint,
-        hf_token=s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        hf_token=secret_or_none(s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
         allowed_origins=origins,
         origin_timeout_s=s.get(None, ("LLMLB_ORIGIN_TIMEOUT",), 30.0, float),
         heartbeat_interval_ms=s.get(None, ("LLMLB_HEARTBEAT_INTERVAL_MS",), 1000, int),
@@ -363,7 +365,7 @@ class NodeConfig:
     backend: str = "auto"
     download_via: str = "origin"
     hf_endpoint: str = DEFAULT_HF_ENDPOINT
-    hf_token: str | None = None
+    hf_token: Secret | None = None  # this and the two tokens below: Secrets, printed masked
     allowed_origins: tuple[str, ...] = (DEFAULT_HF_ENDPOINT,)
     max_downloads: int = 1
     download_stall_timeout_s: float = 60.0
@@ -375,10 +377,11 @@ class NodeConfig:
     # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
     bulk_listen: str = "127.0.0.1:0"
     shared_dir_timeout_s: float = 2.0
-    auth_token: str = ""
+    auth_token: Secret = field(default_factory=Secret)
     log_format: str = "console"
     log_level: str = "info"
-    api_key: str = ""  # bearer key (scope node) the node presents to the balancer
+    # The bearer key (scope node) the node presents to the balancer.
+    api_key: Secret = field(default_factory=Secret)
     tls_ca: Path | None = None  # CA that signed the balancer's certificate; set: dial it with TLS
     tls_cert: Path | None = None  # client certificate for mTLS with the balancer
     tls_key: Path | None = None
@@ -458,7 +461,7 @@ def load_node_config(
         backend=s.get(backend, ("XLLM_BACKEND",), "auto", parse_backend_name),
         download_via=s.get(download_via, ("XLLM_DOWNLOAD_VIA",), "origin", parse_download_via),
         hf_endpoint=endpoint,
-        hf_token=s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"),
+        hf_token=secret_or_none(s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
         allowed_origins=origins,
         max_downloads=downloads,
         download_stall_timeout_s=s.get(
@@ -477,10 +480,10 @@ def load_node_config(
             parse_optional_listen,
         ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
-        auth_token=s.get(None, ("XLLM_AUTH_TOKEN",), "", str),
+        auth_token=Secret(s.get(None, ("XLLM_AUTH_TOKEN",), "", str)),
         log_format=fmt,
         log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),
-        api_key=s.get(api_key, ("XLLM_API_KEY",), "", str),
+        api_key=Secret(s.get(api_key, ("XLLM_API_KEY",), "", str)),
         tls_ca=s.get(None, ("XLLM_TLS_CA",), None, Path),
         tls_cert=s.get(None, ("XLLM_TLS_CERT",), None, Path),
         tls_key=s.get(None, ("XLLM_TLS_KEY",), None, Path),

@@ -15,6 +15,7 @@ from huggingface_hub import hf_hub_url
 from huggingface_hub.utils._headers import build_hf_headers
 
 from common.errors import ErrorCode, LlmlbError
+from common.secret import Secret
 
 CHUNK_BYTES = 256 * 1024
 
@@ -22,7 +23,7 @@ CHUNK_BYTES = 256 * 1024
 class HubFiles:
     """An HTTP client for file bodies on one or more hubs, sharing one connection pool."""
 
-    def __init__(self, *, token: str | None, timeout_s: float, library: str) -> None:
+    def __init__(self, *, token: Secret | None, timeout_s: float, library: str) -> None:
         self._token = token
         self._timeout_s = timeout_s
         self._library = library
@@ -32,7 +33,9 @@ class HubFiles:
         if self._http is None:
             self._http = httpx.AsyncClient(
                 # token=False: never pick up a token from the developer's hub cache, only the configured one.
-                headers=build_hf_headers(token=self._token or False, library_name=self._library),
+                headers=build_hf_headers(
+                    token=self._token.reveal() if self._token else False, library_name=self._library
+                ),
                 follow_redirects=True,  # LFS files redirect to a CDN; httpx drops auth across hosts
                 timeout=httpx.Timeout(self._timeout_s),
             )

@@ -22,12 +22,13 @@ from common.bulk_http import (
     BulkListener,
     covers,
     parse_range,
-    partial_head,
+    range_head,
     send_json,
     serve_connection,
 )
 from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
+from common.secret import Secret
 from common.types import ManifestFile
 from node.token_auth import NodeCredentials
 
@@ -80,8 +81,8 @@ class BulkServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await serve_connection(reader, writer, self._authorize, self._send, "node")
 
-    async def _authorize(self, token: str | None) -> None:
-        if not self._credentials.accepts(token):
+    async def _authorize(self, token: Secret | None) -> None:
+        if not self._credentials.accepts(token.reveal() if token is not None else None):
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <fleet token>'")
 
     async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
@@ -103,8 +104,10 @@ class BulkServer:
             # A peer asked ahead of this node's own download: not an error of either, try later.
             raise LlmlbError(ErrorCode.UNAVAILABLE, f"bytes {start}-{end - 1} are not held yet")
         with path.open("rb") as fh:  # opened before the head goes out: a vanished file is a clean 404
-            writer.write(partial_head(start, end, file.size_bytes, file.sha256))
+            writer.write(range_head(start, end, file.size_bytes, file.sha256))
             await writer.drain()
+            if end == start:
+                return  # a 0-byte file: the head says it all (sendfile refuses a count of 0)
             # os.sendfile under the hood: page cache to socket, no copy through Python.
             sent = await asyncio.get_running_loop().sendfile(writer.transport, fh, start, end - start)
         if sent != end - start:

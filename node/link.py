@@ -148,7 +148,7 @@ class BalancerLink:
             config.balancers,
             lambda address: open_channel(
                 address,
-                api_key=config.api_key,
+                api_key=config.api_key.reveal(),
                 tls_ca=config.tls_ca,
                 tls_cert=config.tls_cert,
                 tls_key=config.tls_key,
@@ -276,7 +276,7 @@ class BalancerLink:
                 runtimes=self._runtimes,
                 capabilities=converters.capabilities_to_pb(self._capabilities),
                 version=version(),
-                auth_token=self._config.auth_token,
+                auth_token=self._config.auth_token.reveal(),
                 memory_total_mb=self._hardware.memory_total_mb,
             ),
             timeout=LOOKUP_TIMEOUT_S,
@@ -524,4 +524,6 @@ class BalancerLink:
     def proxy_source(self) -> BlobSource:
         """The balancer's origin proxy, read through whichever balancer is current when a read starts."""
         # The balancer's bulk proxy takes the node's key, or the fleet token when keys are not used.
-        return BalancerProxySource(self._balancers, lambda: self._api_key or self.credentials.for_peers())
+        return BalancerProxySource(
+            self._balancers, lambda: self._api_key.reveal() or self.credentials.for_peers()
+        )

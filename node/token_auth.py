@@ -11,7 +11,6 @@ Both tokens live in memory only: never logged, never written to disk.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import structlog
 
 from common.errors import GRPC_CODE_KEY, ErrorCode
 from common.rpc import metadata_bearer, refusing_handler
+from common.secret import Secret
 
 log = structlog.get_logger(__name__)
 
@@ -32,13 +32,6 @@ MISSING = (
 WRONG = "the token presented does not match this fleet's token or this node's XLLM_AUTH_TOKEN"
 
 
-def token_matches(presented: str | None, expected: str) -> bool:
-    """Whether ``presented`` is ``expected`` (never true for an empty one), compared in constant time."""
-    if presented is None or not expected:
-        return False
-    return hmac.compare_digest(presented.encode(), expected.encode())
-
-
 class NodeCredentials:
     """The tokens this node accepts, and the one it presents to its peers.
 
@@ -46,9 +39,9 @@ class NodeCredentials:
     balancer. Neither is ever shown: the ``repr`` says only which are known.
     """
 
-    def __init__(self, own: str = "") -> None:
-        self._own = own
-        self._fleet = ""
+    def __init__(self, own: Secret | None = None) -> None:
+        self._own = own if own is not None else Secret()
+        self._fleet = Secret()
 
     @property
     def has_fleet_token(self) -> bool:
@@ -57,12 +50,12 @@ class NodeCredentials:
     def set_fleet_token(self, token: str) -> None:
         """The fleet token from the latest registration; an empty one (an older balancer) keeps the last."""
         if token:
-            self._fleet = token
+            self._fleet = Secret(token)
 
     def accepts(self, presented: str | None) -> bool:
         """Whether ``presented`` is the fleet token or this node's own, each compared in constant time."""
-        fleet = token_matches(presented, self._fleet)
-        own = token_matches(presented, self._own)
+        fleet = self._fleet.matches(presented)
+        own = self._own.matches(presented)
         return fleet or own
 
     def for_peers(self) -> str:
@@ -71,7 +64,7 @@ class NodeCredentials:
         A node that never registers (``xllm pull``) asks the balancer for the fleet token before its
         first peer fetch; until it has one, it presents its own ``XLLM_AUTH_TOKEN``.
         """
-        return self._fleet or self._own
+        return (self._fleet or self._own).reveal()
 
     def __repr__(self) -> str:
         own = "set" if self._own else "unset"

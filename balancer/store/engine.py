@@ -81,7 +81,8 @@ def make_async_engine(
 ) -> AsyncEngine:
     """The engine the store's coroutines use; ``pooled=False`` for a one-off use such as migrating."""
     parsed = async_url(url)
-    options: dict[str, Any] = {}
+    # Parameters are key hashes and secrets: never in a log line or an error's message.
+    options: dict[str, Any] = {"hide_parameters": True}
     if not pooled:
         options["poolclass"] = NullPool
     elif is_postgresql(parsed):

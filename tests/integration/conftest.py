@@ -306,7 +306,7 @@ class NodeProcess:
                     "--models-dir",
                     str(self.models_dir),
                     "--log-format",
-                    "json",
+                    self.env.get("XLLM_LOG_FORMAT", "json"),
                     *self.args,
                 ],
                 cwd=ROOT,

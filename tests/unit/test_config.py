@@ -11,6 +11,7 @@ from common.config import (
     read_env_file,
     resolve_models_dir,
 )
+from common.secret import Secret
 
 
 def test_defaults_live_under_home(tmp_path: Path) -> None:
@@ -32,7 +33,7 @@ def test_flag_beats_env_beats_env_file(tmp_path: Path) -> None:
     assert load_balancer_config(env=env, grpc_listen="127.0.0.1:3333").grpc_listen == "127.0.0.1:3333"
     cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path)})
     assert cfg.grpc_listen == "127.0.0.1:1111"
-    assert cfg.hf_token == "from-file"
+    assert cfg.hf_token == Secret("from-file")
     assert cfg.log_level == "debug"
 
 

@@ -20,6 +20,7 @@ import node.downloader
 import node.transfer
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
+from common.secret import Secret
 from common.types import FileFormat, ManifestFile, Model, ModelSource
 from node.downloader import DISK_RESERVE_BYTES, Downloader, Progress
 from node.storage import Storage, Verifier, partial_path
@@ -383,7 +384,7 @@ def test_node_config_takes_flags_over_environment_over_the_env_file(tmp_path: Pa
     assert config.max_downloads == 2
     assert config.download_via == "origin"
     assert config.shared_dir == Path("/mnt/models")
-    assert config.hf_token == "from-file"
+    assert config.hf_token == Secret("from-file")
     assert config.download_timeout_s == 300.0
     for bad in (
         {"XLLM_MAX_DOWNLOADS": "0"},

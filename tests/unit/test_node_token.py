@@ -26,6 +26,7 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.rpc import SERVER_OPTIONS, error_from_rpc
+from common.secret import Secret
 from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource, ModelState
 from node.blob_sources import ReadBlobSource
 from node.downloader import Downloader
@@ -61,7 +62,7 @@ class NodeDoor:
     """A gRPC server built as the node builds its own: Inference, Manifest, health, behind its credentials."""
 
     def __init__(self, token: str, listen: str = "127.0.0.1:0") -> None:
-        self.credentials = NodeCredentials(token)
+        self.credentials = NodeCredentials(Secret(token))
         interceptors = server_interceptors(self.credentials)
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         # Only the calls these tests make are implemented; the rest answer UNIMPLEMENTED.
