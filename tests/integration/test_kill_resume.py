@@ -52,7 +52,7 @@ def kill_when_on_disk(puller: subprocess.Popen[str], partial: Path, nbytes: int)
         eventually(lambda: on_disk(partial) >= nbytes, 30, f"{nbytes} bytes on disk", every=0.01)
     finally:
         puller.send_signal(signal.SIGKILL)
-        puller.wait()
+        puller.communicate()  # reaps it and closes its pipes
 
 
 def test_a_node_killed_with_sigkill_at_a_quarter_half_or_three_quarters_resumes_every_piece(
