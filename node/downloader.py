@@ -2,7 +2,8 @@
 
 The bytes go to ``<file>.partial`` in pieces fetched at once (``node/transfer.py``); only a file
 whose size and sha256 match the manifest is renamed into place, so a reader never sees half a file.
-A killed node leaves its ``.partial`` behind and the next attempt continues from its last byte.
+A killed node leaves its ``.partial`` behind and the next attempt continues each piece from where
+its sidecar's last checkpoint says it stopped (``node/pieces.py``).
 
 Sharing: callers asking for the same file in one process wait on one task; node processes sharing a
 models dir take an exclusive ``flock`` on the file's lock file, which the kernel releases when the

@@ -5,6 +5,11 @@ place. The sidecar ``<file>.partial.pieces`` (a small JSON file, replaced atomic
 piece, how many of its bytes from the piece's start are written, and which source wrote them; a
 killed download resumes each piece where the sidecar says it stopped. A ``.partial`` without a
 sidecar is the older plain prefix: its length is the filled prefix, and it resumes from there.
+
+The sidecar never claims a byte that is not on disk, whatever stops the node (SIGKILL, a crash, a
+power cut): a checkpoint copies the map, syncs the file's data, and only then saves the copy. It is
+taken often (``Checkpoints``), so a kill loses at most about 1 % of the file or half a second of
+transfer, whichever is less; the syncs run in an I/O thread, batched, never one per write.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SIDECAR_SUFFIX = ".pieces"
+CHECKPOINT_EVERY_S = 0.5  # the sidecar is at most this far behind the bytes written...
+CHECKPOINT_SHARE = 0.01  # ...or this share of the file's bytes, whichever comes first
 
 
 def sidecar_path(partial: Path) -> Path:
@@ -85,6 +94,9 @@ class PieceMap:
         self.filled[index] = 0
         self.writers[index] = []
 
+    def copy(self) -> PieceMap:
+        return PieceMap(self.size, self.piece_bytes, list(self.filled), [list(w) for w in self.writers])
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -96,11 +108,69 @@ class PieceMap:
         )
 
     def save(self, partial: Path) -> None:
-        """Replaces the sidecar atomically: a kill leaves the old map or the new one, never half of one."""
+        """Replaces the sidecar atomically and durably: after a kill or a power cut, the old map or the
+        new one, never half of one. Callers sync the bytes it claims first (``write_checkpoint``)."""
         target = sidecar_path(partial)
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_json())
+        with tmp.open("w") as fh:
+            fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
+        # The folder is not synced: a rename lost to a power cut leaves the older map, which claims less.
         os.replace(tmp, target)
+
+
+class Checkpoints:
+    """When a download's piece map is saved: once ``every_s`` has passed or ``share`` of the file has
+    arrived since the last save, whichever comes first, and only when something changed.
+
+    A kill loses what arrived since the last checkpoint; the byte rule bounds that at any speed, the
+    time rule keeps a slow download's sidecar fresh, and both bound the syncs to a few per second or
+    about ``1 / share`` per file. ``clock`` is injectable, so the rule is tested without waiting.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        every_s: float = CHECKPOINT_EVERY_S,
+        share: float = CHECKPOINT_SHARE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._every_s = every_s
+        self._every_bytes = max(1, int(size * share))
+        self._clock = clock
+        self._saved_at = clock()
+        self._saved: list[int] | None = None  # the filled counts last saved; None: nothing saved yet
+
+    def next_in(self, pieces: PieceMap) -> float | None:
+        """Seconds until a checkpoint of ``pieces`` is due: 0 now, None while nothing changed."""
+        if self._saved is None:
+            return 0.0
+        if pieces.filled == self._saved:
+            return None
+        if pieces.done_bytes() - sum(self._saved) >= self._every_bytes:
+            return 0.0
+        return max(0.0, self._saved_at + self._every_s - self._clock())
+
+    def due(self, pieces: PieceMap) -> bool:
+        return self.next_in(pieces) == 0.0
+
+    def take(self, pieces: PieceMap) -> PieceMap:
+        """The map to save now, copied on the thread that fills it: it claims only bytes already
+        written, and the sync that follows makes them durable before the map says so."""
+        self._saved_at = self._clock()
+        self._saved = list(pieces.filled)
+        return pieces.copy()
+
+
+def write_checkpoint(
+    fd: int, partial: Path, pieces: PieceMap, sync: Callable[[int], None] = os.fdatasync
+) -> None:
+    """Blocking (run it in an I/O thread): makes the bytes ``pieces`` claims durable, then the sidecar
+    that claims them. In the other order a crash could leave a map claiming bytes the disk never got."""
+    sync(fd)
+    pieces.save(partial)
 
 
 def load_pieces(partial: Path, size: int, piece_bytes: int) -> PieceMap:

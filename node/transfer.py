@@ -2,7 +2,8 @@
 
 The file is split into pieces (``XLLM_DOWNLOAD_PIECE_MB``); up to ``XLLM_DOWNLOAD_CONNECTIONS``
 pieces are fetched at once, each written in place with ``pwrite``, each resumed where it stopped
-after a failure (the sidecar in ``node/pieces.py`` keeps that across a kill). Peers are preferred
+after a failure (the sidecar in ``node/pieces.py`` keeps that across a kill: checkpoints taken as
+bytes arrive sync the data, then save the map, in an I/O thread). Peers are preferred
 over the origin, the least busy first. The contiguous filled prefix is hashed while later pieces
 arrive (read back from the page cache, in a thread), so the final sha256 costs only the tail.
 
@@ -22,6 +23,7 @@ one set of per-source counters; split, each part would reach into the others' st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -37,13 +39,12 @@ from common.errors import ErrorCode, LlmlbError
 from common.metrics import NodeMetrics
 from common.types import ManifestFile, Model
 from node.blob_sources import BlobSource, read_range, source_kind
-from node.pieces import PieceMap, discard, load_pieces
+from node.pieces import Checkpoints, PieceMap, discard, load_pieces, write_checkpoint
 
 log = structlog.get_logger(__name__)
 
 ATTEMPTS_PER_SOURCE = 3  # failures in a row before a source is dropped for this file
 HASH_BLOCK = 4 * 1024 * 1024
-SIDECAR_EVERY_S = 1.0  # how often a piece's progress is saved while it is fetched
 SWARM_POLL_S = 0.25  # how often the piece maps of peers still downloading are read
 SWARM_REFRESH_S = 1.0  # how often the balancer is asked again who holds or is fetching the file
 SWARM_MIN_BYTES = 64 * 1024 * 1024  # smaller files are not worth waiting for a swarm to form
@@ -93,7 +94,10 @@ class RangedTransfer:
         self._digest = hashlib.sha256()
         self._hashed = 0
         self._hashing: asyncio.Task[None] | None = None
-        self._saved_at = 0.0
+        self._checkpoints = Checkpoints(file.size_bytes)
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._checkpoint_now = asyncio.Event()  # wakes a checkpointer waiting out the interval
+        self._checkpoints_stopped = False
         # The swarm: this node's source name as its peers know it ("" when it has none), how to ask
         # the balancer again who holds or is fetching the file, and what each such peer holds.
         self._me = me
@@ -141,21 +145,24 @@ class RangedTransfer:
             raise LlmlbError(ErrorCode.DOWNLOAD_FAILED, f"{self._file.filename} never matched its sha256")
         except BaseException as exc:
             await self._stop_hashing()
-            await loop.run_in_executor(self._io, os.close, self._fd)
-            self._fd = -1
+            await self._stop_checkpoint()
             # Wrong bytes, a full disk, or nothing fetched: nothing stays. Else the next try resumes.
             wrong = isinstance(exc, LlmlbError) and (
                 exc.code is ErrorCode.INSUFFICIENT_STORAGE or "sha256" in exc.message
             )
-            if wrong or self._pieces.done_bytes() == 0:
+            keep = not wrong and self._pieces.done_bytes() > 0
+            if keep:
+                await self._write_checkpoint(self._checkpoints.take(self._pieces))
+            await loop.run_in_executor(self._io, os.close, self._fd)
+            self._fd = -1
+            if not keep:
                 await loop.run_in_executor(self._io, discard, self._part)
-            else:
-                self._pieces.save(self._part)
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
+            await self._stop_checkpoint()
             if self._fd >= 0:
                 await loop.run_in_executor(self._io, os.close, self._fd)
 
@@ -166,7 +173,7 @@ class RangedTransfer:
     def _open(self) -> int:
         fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
         # The map goes first: a full-length .partial without one reads as a whole plain prefix.
-        self._pieces.save(self._part)
+        write_checkpoint(fd, self._part, self._checkpoints.take(self._pieces))
         os.ftruncate(fd, self._file.size_bytes)
         return fd
 
@@ -433,10 +440,7 @@ class RangedTransfer:
             counter.inc(written)
             timer.reschedule(min(loop.time() + self._stall_s, limit))
             self._on_done(pieces.done_bytes(), self._by_source)
-            now = time.monotonic()
-            if now - self._saved_at >= SIDECAR_EVERY_S:
-                self._saved_at = now
-                pieces.save(self._part)
+            self._checkpoint_if_due()
 
         try:
             async with asyncio.timeout(min(loop.time() + self._stall_s, limit)) as timer:
@@ -452,11 +456,46 @@ class RangedTransfer:
             self._reading.discard(index)
 
     async def _piece_done(self) -> None:
-        self._saved_at = time.monotonic()
-        # On the loop, like the saves between: a few hundred bytes, and never two at once.
-        self._pieces.save(self._part)
+        self._checkpoint_if_due()
         if self._hashing is None or self._hashing.done():
             self._hashing = asyncio.create_task(self._hash_prefix())
+
+    # -- checkpoints (the sidecar) ----------------------------------------------------------------
+
+    def _checkpoint_if_due(self) -> None:
+        """After bytes arrive: starts the checkpointer, or wakes it when a checkpoint is due now."""
+        if self._checkpointing is None or self._checkpointing.done():
+            if self._checkpoints.next_in(self._pieces) is not None:
+                self._checkpointing = asyncio.create_task(self._checkpoint())
+        elif self._checkpoints.due(self._pieces):
+            self._checkpoint_now.set()
+
+    async def _checkpoint(self) -> None:
+        """Runs while bytes are unsaved, one checkpoint at a time (a slow disk batches more bytes
+        into each sync instead of queueing syncs), so even a stalled source's last bytes are saved."""
+        while not self._checkpoints_stopped and (wait := self._checkpoints.next_in(self._pieces)) is not None:
+            if wait > 0:
+                self._checkpoint_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._checkpoint_now.wait()
+                continue
+            # Copied here, on the loop that fills the map: it claims only bytes already written.
+            await self._write_checkpoint(self._checkpoints.take(self._pieces))
+
+    async def _write_checkpoint(self, snapshot: PieceMap) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._io, write_checkpoint, self._fd, self._part, snapshot)
+        except OSError as exc:  # the bytes stay written; the sidecar keeps its older, smaller claim
+            log.warning("download.checkpoint_failed", filename=self._file.filename, error=repr(exc))
+
+    async def _stop_checkpoint(self) -> None:
+        """Ends the checkpointer, waiting out a sync in flight: it must not meet a closed (or reused) fd."""
+        self._checkpoints_stopped = True
+        self._checkpoint_now.set()
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
 
     # -- hashing ----------------------------------------------------------------------------------
 
