@@ -5,7 +5,8 @@ Each client has a home replica. A request whose connection is refused or lost be
 again, with the same request id, to the next replica, round the list until it is answered or its
 deadline has passed; an error a replica sent itself is never retried. Every retry is counted, so a
 drill can say what was lost (no answer), what was answered twice and what was answered wrongly (an
-answer carrying another request's id).
+answer carrying another request's id). A client refused with ``queue_full`` (a replica shedding load)
+waits its ``Retry-After`` before its next request, as a well-behaved client does.
 
 ```python
 clients = ReplicaClients([(a.http_url, a.address), (b.http_url, b.address)], key, model, prompt)
@@ -17,10 +18,12 @@ await clients.close()
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from common.errors import ErrorCode
 from devkit.load_clients import HTTP, LoadClients, Outcome, markers, summary
 
 # Connection failures a client may retry on another replica: nothing reached a node, or the replica
@@ -100,8 +103,12 @@ class ReplicaClients:
         """One client: asks one request after another (ids ``<prefix>-<n>-<run>``) until ``until`` is set."""
         next_marker = markers(prefix)
         while not until.is_set():
-            await self.ask(door, home, next_marker())
-            await asyncio.sleep(PAUSE_S)
+            ask = await self.ask(door, home, next_marker())
+            last = ask.attempts[-1] if ask.attempts else None
+            shed = last is not None and last.error.endswith(ErrorCode.QUEUE_FULL.value)
+            pause = max(PAUSE_S, last.retry_after_s) if shed and last is not None else PAUSE_S
+            with contextlib.suppress(TimeoutError):  # the run's end cuts a long Retry-After short
+                await asyncio.wait_for(until.wait(), pause)
 
     def describe(self) -> str:
         """One line for a failure message: outcomes by door and result, retries, the latest requests."""
