@@ -276,7 +276,8 @@ def _report(title: str, d: _Drill, busy: float) -> str:
         "`/v1/completions`, gRPC `Inference.Complete`) and home replica, each sending one request after "
         f"another ({'/'.join(map(str, TOKENS))} tokens in turn, a unique request id each) for {RUN_S:.0f} s "
         "after both nodes had answered once. A request whose connection is refused or lost is sent again, "
-        "with the same id, to the other replica (`devkit.replica_clients`, as in "
+        "with the same id, to the other replica, and so is one refused with `queue_full`, after its "
+        "`Retry-After` and within its 60 s deadline (`devkit.replica_clients`, as in "
         f"`tests/integration/test_replica_drills.py`). A is SIGKILLed at {KILL_AT_S:.0f} s and started "
         f"again at {RESTART_AT_S:.0f} s. On 2 shared cores the two nodes, both replicas, PostgreSQL and "
         "the clients all compete for CPU, so the rates and latencies are this machine's, not a fleet's.",
