@@ -1,6 +1,7 @@
-"""A replica killed under full load: two replicas, two real gemma nodes, 200 clients for 60 s; replica A
-is SIGKILLed at 20 s and started again at 40 s. Counted: what was lost, answered twice or answered
-wrongly, how fast A's nodes were held by B, how fast A answered again after its restart.
+"""A replica killed under full load: two replicas, two real gemma nodes, 200 clients (``BENCH_DRILL_CLIENTS``)
+for 60 s; replica A is SIGKILLed at 20 s and started again at 40 s. Counted: what was lost, answered
+twice or answered wrongly, answered, refused fast or timed out, how fast A's nodes were held by B, how
+fast A answered again after its restart.
 
 The full-scale run of ``tests/integration/test_replica_drills.py``'s kill drill (16 clients there).
 Process layout, all on 127.0.0.1: a throw-away PostgreSQL (``devkit.postgres``), the fake hub as the
@@ -47,7 +48,8 @@ from devkit.replica_process import ReplicaProcess, create_key, replica_pair
 MODEL = packaged_models.GEMMA
 PROMPT = "One, two, three, four,"  # gemma continues it with "five"
 TOKENS = (1, 2, 3)  # max_tokens, cycled request by request
-CLIENTS = 200  # spread evenly over both doors and both home replicas
+# Spread evenly over both doors and both home replicas; fewer for a shorter run on a busy machine.
+CLIENTS = int(os.environ.get("BENCH_DRILL_CLIENTS", "200"))
 RUN_S = 60.0
 KILL_AT_S = 20.0
 RESTART_AT_S = 40.0
@@ -57,6 +59,7 @@ POLL_S = 0.05  # ListNodes on B while waiting for it to hold A's nodes
 HOLD_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 120.0  # two nodes loading gemma on a busy 2-core machine
 DRAIN_TIMEOUT_S = 90.0  # after the run, for the requests still in flight (each has a 60 s deadline)
+FAST_REFUSAL_S = 0.1  # a shed request (429 / RESOURCE_EXHAUSTED) counts as refused fast within this
 
 
 async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.2) -> None:
@@ -202,7 +205,7 @@ async def _drill(server: PostgresServer, root: Path, hub: FakeHub, postmaster: i
 
 async def run() -> str:
     """Runs the drill on a throw-away PostgreSQL; returns the markdown section."""
-    title = "## Replica killed under load: 200 clients, two replicas, two gemma nodes"
+    title = f"## Replica killed under load: {CLIENTS} clients, two replicas, two gemma nodes"
     bin_dir = find_bin_dir()
     if bin_dir is None:
         return f"{title}\n\nNot measured: PostgreSQL's binaries are not installed.\n"
@@ -245,6 +248,10 @@ def _report(title: str, d: _Drill, busy: float) -> str:
     wrong = sum(1 for _, answer in answered if not answer.matched)
     off_text = sum(1 for _, answer in answered if "five" not in answer.text.lower())
     timeouts = sum(1 for ask in d.asks for o in ask.attempts if o.error == TIMEOUT)
+    attempts = [o for ask in d.asks for o in ask.attempts]
+    refused = [o for o in attempts if o.error.endswith("queue_full")]
+    fast = sum(1 for o in refused if o.seconds < FAST_REFUSAL_S)
+    timed_out = sum(1 for o in attempts if o.error == TIMEOUT or o.error.endswith(" timeout"))
     latency = [o.started + o.seconds - ask.attempts[0].started for ask, o in answered]
     retried = [s for (ask, _), s in zip(answered, latency, strict=True) if len(ask.attempts) > 1]
     windows = int(RUN_S // WINDOW_S)
@@ -269,7 +276,8 @@ def _report(title: str, d: _Drill, busy: float) -> str:
         "`/v1/completions`, gRPC `Inference.Complete`) and home replica, each sending one request after "
         f"another ({'/'.join(map(str, TOKENS))} tokens in turn, a unique request id each) for {RUN_S:.0f} s "
         "after both nodes had answered once. A request whose connection is refused or lost is sent again, "
-        "with the same id, to the other replica (`devkit.replica_clients`, as in "
+        "with the same id, to the other replica, and so is one refused with `queue_full`, after its "
+        "`Retry-After` and within its 60 s deadline (`devkit.replica_clients`, as in "
         f"`tests/integration/test_replica_drills.py`). A is SIGKILLed at {KILL_AT_S:.0f} s and started "
         f"again at {RESTART_AT_S:.0f} s. On 2 shared cores the two nodes, both replicas, PostgreSQL and "
         "the clients all compete for CPU, so the rates and latencies are this machine's, not a fleet's.",
@@ -286,6 +294,11 @@ def _report(title: str, d: _Drill, busy: float) -> str:
         f'answers not continuing the count with "five": {off_text}',
         f"- attempts that ran past their deadline: {timeouts}; every attempt by door and result: "
         f"`{d.attempts}`",
+        f"- attempts answered: {sum(o.answered for o in attempts):,}; refused fast (429 / RESOURCE_EXHAUSTED "
+        f"`queue_full` in < {FAST_REFUSAL_S * 1000:.0f} ms, the client then waiting its `Retry-After`): "
+        f"{fast:,}; refused later (left the queue once its wait no longer fit): {len(refused) - fast:,}; "
+        f"**timed out** (the client's deadline, or 504 / DEADLINE_EXCEEDED): {timed_out:,} (goal 0: "
+        f"{_verdict(timed_out == 0)})",
         f"- A's nodes held by B (`ListNodes`' `replica`, polled on B every {POLL_S * 1000:.0f} ms) "
         f"{_seconds(d.held_s, f'**not within {HOLD_TIMEOUT_S:.0f} s**')} after the kill (goal ≤ "
         f"{GOAL_HELD_S:.0f} s: {_verdict(d.held_s is not None and d.held_s <= GOAL_HELD_S)})",
@@ -295,10 +308,11 @@ def _report(title: str, d: _Drill, busy: float) -> str:
     rate = sum(done[:windows]) / RUN_S
     if rate:
         lines.append(
-            f"- capacity: the two nodes answered {rate:.1f} requests/s here, so {CLIENTS} clients each "
-            f"wait about {CLIENTS / rate:.0f} s in the replicas' queues; past their 30 s queue timeout they "
-            "fail (HTTP 504, gRPC DEADLINE_EXCEEDED), kill or no kill: on this machine that is most of what "
-            "is lost"
+            f"- capacity: the two nodes answered {rate:.1f} requests/s here (goodput), so {CLIENTS} clients "
+            f"would each wait about {CLIENTS / rate:.0f} s in the replicas' queues; the replicas refuse at "
+            "once (429 with `Retry-After`) a request whose expected wait exceeds `LLMLB_MAX_QUEUE_WAIT` or "
+            "its deadline, instead of letting it time out, kill or no kill: on this machine that is most "
+            "of what is not answered"
         )
     if latency:
         lines.append(
@@ -343,6 +357,8 @@ def _cause(error: str) -> str:
     """Why a request was lost, from its last attempt's error."""
     if error == TIMEOUT or error.endswith(" timeout"):
         return "timed out waiting (the balancer's 30 s queue timeout, or the client's 60 s deadline)"
+    if error.endswith("queue_full"):
+        return "refused: the expected wait did not fit (429 / RESOURCE_EXHAUSTED with `Retry-After`)"
     if error in RETRIABLE:
         return "refused or cut off on every replica until the client's deadline"
     return f"ended with `{error}`"

@@ -182,6 +182,9 @@ class BalancerConfig:
     node_max_inflight: int = 8
     queue_size: int = 256
     queue_timeout_s: float = 30.0
+    # A request whose expected wait in that queue (requests ahead times the recent service time,
+    # over the slots) is longer is refused at once (429 with Retry-After) rather than left to time out.
+    max_queue_wait_s: float = 15.0
     request_timeout_s: float = 600.0  # deadline for a routed call when the caller sets none
     route_attempts: int = 3  # distinct nodes a request may be tried on before the error is returned
     cooldown_failures: int = 3  # consecutive failures that put a node in cooldown
@@ -285,6 +288,7 @@ def load_balancer_config(
         node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
         queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
         queue_timeout_s=s.get(None, ("LLMLB_QUEUE_TIMEOUT",), 30.0, parse_positive),
+        max_queue_wait_s=s.get(None, ("LLMLB_MAX_QUEUE_WAIT",), 15.0, parse_positive),
         request_timeout_s=s.get(None, ("LLMLB_REQUEST_TIMEOUT",), 600.0, parse_positive),
         route_attempts=s.get(None, ("LLMLB_ROUTE_ATTEMPTS",), 3, parse_count),
         cooldown_failures=s.get(None, ("LLMLB_COOLDOWN_FAILURES",), 3, parse_count),

@@ -7,6 +7,7 @@ gRPC servicers and the HTTP shim translate it through ``ERRORS``.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -69,6 +70,8 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
 
 # gRPC trailing-metadata key that carries the stable machine code beside the status.
 GRPC_CODE_KEY = "llmlb-error-code"
+# gRPC trailing-metadata key with whole seconds to wait before retrying, as HTTP's ``Retry-After``.
+GRPC_RETRY_AFTER_KEY = "retry-after"
 
 
 class LlmlbError(Exception):
@@ -94,6 +97,15 @@ class LlmlbError(Exception):
                 "param": None,
             }
         }
+
+    def retry_after(self) -> int | None:
+        """Whole seconds, at least 1, to wait before retrying: always on 429, else when a wait is named.
+
+        Both doors send it: HTTP as ``Retry-After``, gRPC in the ``retry-after`` trailer.
+        """
+        if self.retry_after_s is None and self.code is not ErrorCode.QUEUE_FULL:
+            return None
+        return max(1, math.ceil(self.retry_after_s or 1))
 
     def __repr__(self) -> str:
         return f"LlmlbError({self.code.value!r}, {self.message!r})"

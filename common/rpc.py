@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from common.errors import ERRORS, GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.errors import ERRORS, GRPC_CODE_KEY, GRPC_RETRY_AFTER_KEY, ErrorCode, LlmlbError
 
 log = structlog.get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,10 +39,12 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: LlmlbError) -> None:
-    """Ends the RPC with the error's gRPC status and its machine code in trailing metadata."""
-    await context.abort(
-        error.spec.grpc_status, error.message, trailing_metadata=((GRPC_CODE_KEY, error.code.value),)
-    )
+    """Ends the RPC with the error's gRPC status; its code and any retry delay go in trailing metadata."""
+    trailing: tuple[tuple[str, str], ...] = ((GRPC_CODE_KEY, error.code.value),)
+    wait = error.retry_after()
+    if wait is not None:
+        trailing += ((GRPC_RETRY_AFTER_KEY, str(wait)),)
+    await context.abort(error.spec.grpc_status, error.message, trailing_metadata=trailing)
 
 
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], name: str, exc: Exception) -> None:

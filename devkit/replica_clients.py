@@ -3,8 +3,10 @@
 
 Each client has a home replica. A request whose connection is refused or lost before an answer is sent
 again, with the same request id, to the next replica, round the list until it is answered or its
-deadline has passed; an error a replica sent itself is never retried. Every retry is counted, so a
-drill can say what was lost (no answer), what was answered twice and what was answered wrongly (an
+deadline has passed; an error a replica sent itself is not retried, but for ``queue_full`` (a replica
+shedding load): that request waits the refusal's ``Retry-After`` and is sent again to the next replica
+with what is left of its deadline, as OpenAI's own client does with a 429. Every retry is counted, so
+a drill can say what was lost (no answer), what was answered twice and what was answered wrongly (an
 answer carrying another request's id).
 
 ```python
@@ -21,11 +23,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from common.errors import ErrorCode
 from devkit.load_clients import HTTP, LoadClients, Outcome, markers, summary
 
 # Connection failures a client may retry on another replica: nothing reached a node, or the replica
 # died before it could answer. An error a replica sent itself is never retried.
 RETRIABLE = frozenset({"connect", "connection lost", "grpc UNAVAILABLE"})
+# A replica shedding load (429 / RESOURCE_EXHAUSTED): asked again, on the next replica, after Retry-After.
+SHED = ErrorCode.QUEUE_FULL.value
 PAUSE_S = 0.05  # between one client's requests
 BOTH_REFUSED_PAUSE_S = 0.1  # every replica refused: give a restart, or the network, a moment
 
@@ -85,11 +90,20 @@ class ReplicaClients:
         tokens = self.max_tokens[len(self.asks) % len(self.max_tokens)]
         self.asks.append(ask)
         started = time.monotonic()
+        call_s = deadline_s  # each attempt's deadline; after a shed one, what is left of the request's
         while time.monotonic() - started < deadline_s:
             clients = self.clients[ask.replica_of(len(ask.attempts))]
             send = clients.http_complete if door == HTTP else clients.grpc_complete
-            outcome = await send(marker, self.model, self.prompt, max_tokens=tokens, deadline_s=deadline_s)
+            outcome = await send(marker, self.model, self.prompt, max_tokens=tokens, deadline_s=call_s)
             ask.attempts.append(outcome)
+            if outcome.error.endswith(SHED):
+                left = deadline_s - (time.monotonic() - started)
+                if outcome.retry_after_s >= left:
+                    break
+                wait = max(outcome.retry_after_s, BOTH_REFUSED_PAUSE_S)
+                await asyncio.sleep(wait)
+                call_s = left - wait
+                continue
             if outcome.error not in RETRIABLE:
                 break
             if ask.replica_of(len(ask.attempts)) == home:  # every replica refused

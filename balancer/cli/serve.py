@@ -44,6 +44,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy (default 8)
   LLMLB_QUEUE_SIZE           requests that may wait for a free node (default 256; 0: none wait)
   LLMLB_QUEUE_TIMEOUT        seconds a request may wait for a node (default 30)
+  LLMLB_MAX_QUEUE_WAIT       longest expected wait a request is queued for; longer: 429 at once
+                             with Retry-After (default 15)
   LLMLB_REQUEST_TIMEOUT      deadline of a routed request when the caller sets none (default 600)
   LLMLB_ROUTE_ATTEMPTS       distinct nodes a request is tried on before it fails (default 3)
   LLMLB_COOLDOWN_FAILURES    consecutive failures that put a node in cooldown (default 3)

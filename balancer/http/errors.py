@@ -6,7 +6,6 @@ middleware that turns anything unexpected into a 500 with no traceback in the bo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import structlog
@@ -23,10 +22,9 @@ log = structlog.get_logger(__name__)
 
 
 def retry_after(error: LlmlbError) -> str | None:
-    """Whole seconds, at least 1, for ``Retry-After``: always on 429, else when the error names a wait."""
-    if error.retry_after_s is None and error.code is not ErrorCode.QUEUE_FULL:
-        return None
-    return str(max(1, math.ceil(error.retry_after_s or 1)))
+    """``Retry-After``'s value (``LlmlbError.retry_after``): on a 429, or when the error names a wait."""
+    seconds = error.retry_after()
+    return None if seconds is None else str(seconds)
 
 
 def error_response(

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from balancer import control
+from balancer.edge.deadline import REQUEST_TIMEOUT_HEADER, header_timeout
 from balancer.edge.observe import Call, Observer
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
@@ -54,6 +55,11 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 def request_id(request: Request) -> str:
     """The caller's ``X-Request-Id``, checked at admission like the gRPC door's ``request_id`` field."""
     return request.headers.get("x-request-id", "")
+
+
+def request_timeout(request: Request) -> float | None:
+    """The caller's ``X-Request-Timeout`` (``balancer.edge.deadline``): the gRPC deadline's twin."""
+    return header_timeout(request.headers.get(REQUEST_TIMEOUT_HEADER))
 
 
 def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -202,6 +208,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed(observer, "chat")
     async def chat_completions(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         body = cv.parse_body(ChatCompletionBody, await request.body())
         internal = observer.admit(call, cv.chat_request(body, request_id(request)))
         rid = internal.request_id
@@ -209,8 +216,8 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         return await text_answer(
             request,
             call,
-            lambda: routing.chat(internal),
-            lambda: routing.chat_whole(internal),
+            lambda: routing.chat(internal, timeout=timeout),
+            lambda: routing.chat_whole(internal, timeout=timeout),
             rid=rid,
             model=internal.model,
             stream=bool(body.stream),
@@ -221,6 +228,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed(observer, "complete")
     async def completions(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         body = cv.parse_body(CompletionBody, await request.body())
         internal = observer.admit(call, cv.complete_request(body, request_id(request)))
         rid = internal.request_id
@@ -228,8 +236,8 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         return await text_answer(
             request,
             call,
-            lambda: routing.complete(internal),
-            lambda: routing.complete_whole(internal),
+            lambda: routing.complete(internal, timeout=timeout),
+            lambda: routing.complete_whole(internal, timeout=timeout),
             rid=rid,
             model=internal.model,
             stream=bool(body.stream),
@@ -240,33 +248,36 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed(observer, "embed")
     async def embeddings(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         body = cv.parse_body(EmbeddingBody, await request.body())
         internal = observer.admit(call, cv.embed_request(body, request_id(request)))
         rid = internal.request_id
-        result = await unless_disconnected(request.receive, routing.embed(internal))
+        result = await unless_disconnected(request.receive, routing.embed(internal, timeout=timeout))
         call.tokens(result.usage)
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
         return json_response(out.embeddings_json(result, internal.model, body.encoding_format), headers)
 
     @observed(observer, "transcribe")
     async def transcriptions(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
             rid = request_id(request)
             internal = observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
             rid = internal.request_id
             fmt = parse_format(cv.form_text(form, "response_format"))
-        transcript = await unless_disconnected(request.receive, routing.transcribe(internal))
+        transcript = await unless_disconnected(request.receive, routing.transcribe(internal, timeout=timeout))
         text, content_type = render(transcript, fmt)
         headers = {"x-request-id": rid, "x-llmlb-node": transcript.node_id}
         return Response(text.encode(), media_type=content_type, headers=headers)
 
     @observed(observer, "speak")
     async def speech(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         body = cv.parse_body(SpeechBody, await request.body())
         internal = observer.admit(call, cv.speak_request(body, request_id(request)))
         rid = internal.request_id
-        chunks = routing.speak(internal)
+        chunks = routing.speak(internal, timeout=timeout)
         first = await first_item(chunks, request.receive)
         call.first_chunk()
         if first is None:
@@ -278,7 +289,10 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         )
 
     async def image_answer(request: Request, internal: GenerateImageRequest, rid: str) -> Response:
-        result = await unless_disconnected(request.receive, routing.generate_images(internal))
+        timeout = request_timeout(request)
+        result = await unless_disconnected(
+            request.receive, routing.generate_images(internal, timeout=timeout)
+        )
         headers = {"x-request-id": rid, "x-llmlb-node": result.node_id}
         return json_response(out.images_json(result, int(time.time())), headers)
 

@@ -280,7 +280,7 @@ _ERROR_TEXT = {
     403: "the key lacks the scope, or the origin is not allowed",
     404: "model (or node) not found, or the model lacks the capability",
     413: "request body over the size limit",
-    429: "queue full; see Retry-After",
+    429: "queue full, or the expected wait exceeds the request's time (X-Request-Timeout); see Retry-After",
     502: "the model origin failed",
     503: "no capable node is ready, or the store is not answering",
     504: "the node did not answer in time",

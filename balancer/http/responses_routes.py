@@ -17,7 +17,14 @@ from starlette.routing import BaseRoute, Route
 
 from balancer.edge.observe import Call
 from balancer.http import openai_requests as cv
-from balancer.http.openai_routes import SSE_HEADERS, door_observer, json_response, observed, request_id
+from balancer.http.openai_routes import (
+    SSE_HEADERS,
+    door_observer,
+    json_response,
+    observed,
+    request_id,
+    request_timeout,
+)
 from balancer.http.responses_answers import ResponseBuilder
 from balancer.http.responses_requests import echoed, response_request
 from balancer.http.responses_schemas import ResponseCreateBody
@@ -75,12 +82,13 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     @observed(observer, ROUTE)
     async def create_response(request: Request, call: Call) -> Response:
+        timeout = request_timeout(request)
         body = cv.parse_body(ResponseCreateBody, await request.body())
         internal = observer.admit(call, response_request(body, request_id(request)))
         rid = internal.request_id  # admission gives one to a request that came without
         builder = ResponseBuilder("resp_" + rid, int(time.time()), internal.model, echoed(body))
         if not body.stream:
-            chunks = await unless_disconnected(request.receive, routing.chat_whole(internal))
+            chunks = await unless_disconnected(request.receive, routing.chat_whole(internal, timeout=timeout))
             last = chunks[-1] if chunks else None
             if last is not None:
                 builder.model = last.model or builder.model
@@ -89,7 +97,7 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
                     call.tokens(last.usage, last.node_id)
             headers = {"x-request-id": rid, "x-llmlb-node": last.node_id if last else ""}
             return json_response(builder.whole(chunks), headers)
-        stream = routing.chat(internal)
+        stream = routing.chat(internal, timeout=timeout)
         first = await first_item(stream, request.receive)
         call.first_chunk()
         if first is not None:

@@ -3,7 +3,10 @@
 One bounded FIFO queue per (model, capability), ``queue_size`` requests in all. A freed slot wakes the
 oldest waiter that the freed node could serve, not every waiter; a waiter that loses the slot to a new
 arrival keeps its place at the front. A full queue refuses at once with ``QUEUE_FULL`` and a
-``retry_after``; a request that waits past ``queue_timeout_s`` (or its own deadline) gets ``TIMEOUT``.
+``retry_after``; so does a request whose expected wait (``shedding``) exceeds ``max_wait_s`` or would
+take it past its deadline, and a queued one whose expected wait, looked at again each time it looks
+for a node, no longer fits what it has left. A request that waits past ``queue_timeout_s`` (or its own
+deadline) gets ``TIMEOUT`` and is never handed a node.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from balancer.router.candidates import Candidate, Key
+from balancer.router.shedding import ServiceTimes, estimate, judge
 from common.errors import ErrorCode, LlmlbError
 
 QUEUE_RECHECK_S = 0.5  # queued requests also look again this often, for nodes that came online
@@ -30,29 +34,55 @@ class Admission:
         queue_timeout_s: float,
         clock: Callable[[], float],
         serves: Callable[[Key, str], bool],
+        max_wait_s: float | None = None,
+        service: ServiceTimes | None = None,
         recheck_s: float = QUEUE_RECHECK_S,
     ) -> None:
-        """``serves(key, node_id)`` says whether a freed node could serve ``key``'s waiters."""
+        """``serves(key, node_id)`` says whether a freed node could serve ``key``'s waiters.
+
+        ``service`` holds the recent service times the expected wait is estimated from (none: no
+        estimate, nothing shed); ``max_wait_s`` is the longest expected wait a request is queued for
+        (default: the queue timeout).
+        """
         self._recheck_s = recheck_s
         self._queue_size = queue_size
         self._queue_timeout_s = queue_timeout_s
+        self._max_wait_s = queue_timeout_s if max_wait_s is None else max_wait_s
+        self._service = service if service is not None else ServiceTimes()
         self._clock = clock
         self._serves = serves
         self._queues: dict[Key, deque[asyncio.Event]] = {}
         self.waiting = 0  # requests in the queue now
 
-    async def wait(self, key: Key, deadline: float, attempt: Callable[[], Candidate | None]) -> Candidate:
+    async def wait(
+        self,
+        key: Key,
+        deadline: float,
+        attempt: Callable[[], Candidate | None],
+        slots: Callable[[], int] = lambda: 0,
+    ) -> Candidate:
         """Waits in ``key``'s queue until ``attempt()`` finds a node, and returns it.
 
-        ``attempt`` returns None while every node is busy and raises when no node is left at all.
+        ``attempt`` returns None while every node is busy and raises when no node is left at all;
+        ``slots()`` is how many calls the nodes that could serve ``key`` take at once.
         """
+        now = self._clock()
+        queue = self._queues.get(key)
+        ahead = len(queue) if queue is not None else 0
         if self.waiting >= self._queue_size:
+            expected = estimate(ahead, self._service.of(key), slots())
             raise LlmlbError(
                 ErrorCode.QUEUE_FULL,
                 f"every node serving {key[0]!r} is busy and the queue is full; retry shortly",
-                retry_after_s=QUEUE_FULL_RETRY_AFTER_S,
+                retry_after_s=expected.wait_s if expected is not None else QUEUE_FULL_RETRY_AFTER_S,
             )
-        until = min(deadline, self._clock() + self._queue_timeout_s)
+        until = min(deadline, now + self._queue_timeout_s)
+        judge(
+            estimate(ahead, self._service.of(key), slots()),
+            key[0],
+            wait_left_s=min(self._max_wait_s, until - now),
+            deadline_left_s=deadline - now,
+        )
         turn = asyncio.Event()
         self._queues.setdefault(key, deque()).append(turn)
         self.waiting += 1
@@ -64,6 +94,9 @@ class Admission:
                     raise LlmlbError(ErrorCode.TIMEOUT, f"waited too long for a free node serving {key[0]!r}")
                 with suppress(TimeoutError):
                     await asyncio.wait_for(turn.wait(), min(left, self._recheck_s))
+                now = self._clock()
+                if now >= until:  # woken too late: a node now would only start work nobody waits for
+                    raise LlmlbError(ErrorCode.TIMEOUT, f"waited too long for a free node serving {key[0]!r}")
                 node = attempt()
                 if node is not None:
                     served = True
@@ -72,6 +105,13 @@ class Admission:
                     turn.clear()
                     # Looked up again: the key's queue may have emptied and gone while this one was out.
                     self._queues.setdefault(key, deque()).appendleft(turn)
+                # The service time may have grown since it queued: leave now if it can no longer make it.
+                judge(
+                    estimate(self._ahead_of(key, turn), self._service.of(key), slots()),
+                    key[0],
+                    wait_left_s=until - now,
+                    deadline_left_s=deadline - now,
+                )
         finally:
             self.waiting -= 1
             queue = self._queues.get(key)
@@ -81,6 +121,11 @@ class Admission:
                 self.wake(None)  # woken but leaving without the slot: hand the turn on
             if queue is not None and not queue:
                 del self._queues[key]
+
+    def _ahead_of(self, key: Key, turn: asyncio.Event) -> int:
+        """How many requests are queued before ``turn`` in ``key``'s queue."""
+        queue = self._queues.get(key)
+        return queue.index(turn) if queue is not None and turn in queue else 0
 
     def wake(self, node_id: str | None) -> None:
         """Wakes the oldest queued request that ``node_id`` could serve (any, when None)."""

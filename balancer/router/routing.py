@@ -2,8 +2,10 @@
 
 One path for unary calls and one for streams, driven by the route table (``routes``). Each try asks
 ``candidates`` for the ranked nodes, ``picking`` and the policy for one of them, and ``admission`` for
-a place in the queue when all are busy; ``failover`` says whether a failed call may go to another node,
-and ``node_stats`` keeps the latency and cooldown that the next pick reads.
+a place in the queue when all are busy (``shedding`` refuses at once a request that would wait past its
+time); ``failover`` says whether a failed call may go to another node, and ``node_stats`` keeps the
+latency and cooldown that the next pick reads. No call starts on a node once the request's deadline
+has passed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from balancer.catalog import Catalog  # the one place this package names the mod
 from balancer.fleet import Fleet
 from balancer.node_clients import NodeClients
 from balancer.router.admission import Admission
-from balancer.router.candidates import Candidate, Candidates
+from balancer.router.candidates import Candidate, Candidates, Key
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
@@ -37,6 +39,7 @@ from balancer.router.routes import (
     TRANSCRIBE,
     Route,
 )
+from balancer.router.shedding import ServiceTimes
 from common.config import BalancerConfig
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
@@ -108,9 +111,12 @@ class Router:
         )
         fleet.on_load(self._stats.reported_now)
         self._candidates = Candidates(fleet)
+        self._service = ServiceTimes()
         self._admission = Admission(
             queue_size=config.queue_size,
             queue_timeout_s=config.queue_timeout_s,
+            max_wait_s=config.max_queue_wait_s,
+            service=self._service,
             clock=clock,
             serves=self._candidates.serves,
         )
@@ -174,8 +180,9 @@ class Router:
     async def _unary(self, route: Route[R, T], request: R, timeout: float | None) -> T:
         pb = route.to_pb(request)
         clock = self._clock
-        deadline = clock() + (timeout or self._config.request_timeout_s)
+        deadline = self._deadline(timeout)
         model = await self._model(request.model, route.capability)
+        queue_key = (model.id, route.capability)
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
@@ -189,15 +196,18 @@ class Router:
                 continue
             finally:
                 self._release(node)
-            self._stats.answered(node.node_id, clock() - started)
+            took = clock() - started
+            self._stats.answered(node.node_id, took)
+            self._service.finished(queue_key, took)
             return route.from_pb(answer)
 
     async def _stream(self, route: Route[R, T], request: R, timeout: float | None) -> AsyncGenerator[T, None]:
         pb = route.to_pb(request)
         from_pb = route.from_pb
         clock = self._clock
-        deadline = clock() + (timeout or self._config.request_timeout_s)
+        deadline = self._deadline(timeout)
         model = await self._model(request.model, route.capability)
+        queue_key = (model.id, route.capability)
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
@@ -211,6 +221,7 @@ class Router:
                     first = await anext(items)
                 except StopAsyncIteration:
                     self._stats.answered(node.node_id, clock() - started)
+                    self._service.finished(queue_key, clock() - started)
                     return
                 except grpc.aio.AioRpcError as exc:
                     last = self._failed(route, model, node, exc, tried)
@@ -226,6 +237,7 @@ class Router:
                     if failure.node_fault:
                         self._stats.faulted(node.node_id)
                     raise failure.error from None
+                self._service.finished(queue_key, clock() - started)
                 return
             finally:
                 stream.cancel()  # a no-op once finished; stops the node when the caller left early
@@ -252,6 +264,10 @@ class Router:
         if self._metrics is not None:
             self._metrics.retries.labels(route.name).inc()
         return failure
+
+    def _deadline(self, timeout: float | None) -> float:
+        """When the request must be answered by: its caller's ``timeout`` (0: passed), else the default."""
+        return self._clock() + (timeout if timeout is not None else self._config.request_timeout_s)
 
     def _stub(self, node: Candidate) -> igrpc.InferenceStub:
         return self._clients.stub(node.node_id, node.address, self._fleet.token(node.node_id))
@@ -287,6 +303,7 @@ class Router:
     async def _acquire(
         self, model: Model, capability: Capability, key: RouteKey | None, exclude: set[str], deadline: float
     ) -> Candidate:
+        _in_time(model, deadline, self._clock())
         candidates, why = self._candidates.ranked(model, capability)
         node = self._pick(candidates, exclude, key)
         if node is None:
@@ -299,7 +316,13 @@ class Router:
                     _some_left(candidates, exclude, why or "no capable node left")
                 return node
 
-            node = await self._admission.wait((model.id, capability), deadline, attempt)
+            def slots() -> int:
+                candidates, _ = self._candidates.ranked(model, capability)
+                usable = sum(1 for c in candidates if c.node_id not in exclude)
+                return usable * self._config.node_max_inflight
+
+            queue_key: Key = (model.id, capability)
+            node = await self._admission.wait(queue_key, deadline, attempt, slots)
         self._stats.of(node.node_id).outstanding += 1
         return node
 
@@ -337,6 +360,14 @@ def route_key(model_id: str, request: InferenceRequest) -> RouteKey | None:
     else:
         return None
     return RouteKey(model_id, tuple(prefixes), request.prompt_cache_key or request.user)
+
+
+def _in_time(model: Model, deadline: float, now: float) -> None:
+    """Raises ``TIMEOUT`` once ``deadline`` has passed: no node starts work nobody waits for."""
+    if now >= deadline:
+        raise LlmlbError(
+            ErrorCode.TIMEOUT, f"the request's deadline passed before a node serving {model.id!r} began"
+        )
 
 
 def _some_left(candidates: list[Candidate], exclude: set[str], why: str) -> None:

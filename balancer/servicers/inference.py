@@ -1,7 +1,8 @@
 """The balancer's gRPC ``Inference`` door: protobuf in, the edge and the ``Router``, protobuf out.
 
 Admission and metrics are the edge's (``balancer.edge``), shared with the HTTP door; this servicer only
-converts. The caller's deadline travels to the node; a caller that goes away cancels the node's work.
+converts. The caller's deadline (``balancer.edge.deadline``) travels to the node; a caller that goes away
+cancels the node's work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
+from balancer.edge.deadline import time_left
 from balancer.edge.observe import Observer
 from balancer.router import Router
 from common import inference_pb as conv
@@ -26,8 +28,7 @@ T = TypeVar("T")
 
 
 def _time_left(context: Context) -> float | None:
-    left = context.time_remaining()
-    return left if left is not None and left > 0 else None
+    return time_left(context.time_remaining())
 
 
 class InferenceServicer(igrpc.InferenceServicer):

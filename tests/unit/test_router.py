@@ -17,6 +17,7 @@ from balancer.server import Balancer, start
 from common.channels import bearer_metadata
 from common.config import load_balancer_config
 from common.errors import ErrorCode, LlmlbError
+from common.inference import CompleteRequest
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, error_from_rpc
@@ -451,6 +452,21 @@ async def test_callers_deadline_reaches_the_node(door: Door, start_node: StartNo
     complete_left, embed_left = (call.time_remaining for call in node.seen)
     assert complete_left is not None and 0 < complete_left <= 2.0 + DEADLINE_SLACK_S
     assert embed_left is not None and 2.0 + DEADLINE_SLACK_S < embed_left <= 4.0 + DEADLINE_SLACK_S
+
+
+async def test_a_request_whose_deadline_has_passed_never_starts_work_on_a_node(
+    door: Door, start_node: StartNode
+):
+    node = await start_node()
+    request = CompleteRequest(model=MODEL, prompt="too late", request_id="late-1")
+
+    with pytest.raises(LlmlbError) as late:
+        await door.balancer.parts.router.complete_whole(request, timeout=0.0)
+
+    assert late.value.code is ErrorCode.TIMEOUT
+    assert node.total_calls == 0
+    answered = await door.balancer.parts.router.complete_whole(request, timeout=CALL_TIMEOUT_S)
+    assert answered[-1].node_id == node.node_id  # the node itself was there to answer
 
 
 async def test_cancelling_a_stream_midway_cancels_the_nodes_handler(door: Door, start_node: StartNode):

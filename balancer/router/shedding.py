@@ -1,0 +1,81 @@
+"""Shedding: refusing at once a request that would wait past its time, instead of queueing it.
+
+Per (model, capability) the router keeps how long a call holds a node's slot: an exponentially
+weighted average of the calls that finished (``ServiceTimes``). A request that finds every capable
+node busy, with ``ahead`` requests queued before it, waits about ``(ahead + 1) * service / slots``:
+``slots`` calls run at once and one of them ends every ``service / slots`` seconds, and it needs
+``ahead + 1`` of those ends. The slots are the capable nodes' in-flight limit summed; the service time,
+measured from the balancer, includes any queueing on the node, so their ratio is the rate the nodes
+really answer at.
+
+``judge`` refuses (``QUEUE_FULL``: 429 / RESOURCE_EXHAUSTED, with ``Retry-After`` the expected wait)
+when that wait exceeds the longest the request may wait, or when the wait plus one service time would
+pass the request's deadline: it would be answered too late to matter, and the node's time is better
+spent on a request that can still be answered in time. The caller learns in milliseconds what it
+would otherwise learn at its deadline. Before any call has finished there is no estimate, and nothing
+is shed by it (the queue's size and timeout still bound the wait).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from balancer.router.candidates import Key
+from common.errors import ErrorCode, LlmlbError
+
+SERVICE_ALPHA = 0.3  # weight of the newest finished call in the service-time average
+
+
+class ServiceTimes:
+    """How long a call of each (model, capability) held a node's slot, averaged over recent calls."""
+
+    def __init__(self) -> None:
+        self._mean: dict[Key, float] = {}
+
+    def finished(self, key: Key, seconds: float) -> None:
+        """A call for ``key`` held its slot for ``seconds``: fold it into the average."""
+        mean = self._mean.get(key)
+        self._mean[key] = seconds if mean is None else mean + SERVICE_ALPHA * (seconds - mean)
+
+    def of(self, key: Key) -> float | None:
+        """The average for ``key``; None before any call for it finished."""
+        return self._mean.get(key)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a queued request can expect: its wait for a slot, and then the call itself."""
+
+    wait_s: float
+    service_s: float
+
+
+def estimate(ahead: int, service_s: float | None, slots: int) -> Estimate | None:
+    """The expected wait of a request with ``ahead`` requests queued before it; None without data."""
+    if service_s is None or slots <= 0:
+        return None
+    return Estimate((ahead + 1) * service_s / slots, service_s)
+
+
+def judge(expected: Estimate | None, model: str, *, wait_left_s: float, deadline_left_s: float) -> None:
+    """Raises ``QUEUE_FULL`` when ``expected`` says the request would not be answered in its time.
+
+    ``wait_left_s``: how much longer it may wait in the queue; ``deadline_left_s``: until its deadline.
+    """
+    if expected is None:
+        return
+    wait = expected.wait_s
+    if wait > wait_left_s:
+        why = f"the expected wait of {wait:.1f} s exceeds the {max(0.0, wait_left_s):.1f} s it may wait"
+    elif wait + expected.service_s > deadline_left_s:
+        why = (
+            f"the expected wait of {wait:.1f} s and {expected.service_s:.1f} s to answer would pass "
+            f"the request's deadline in {max(0.0, deadline_left_s):.1f} s"
+        )
+    else:
+        return
+    raise LlmlbError(
+        ErrorCode.QUEUE_FULL,
+        f"every node serving {model!r} is busy: {why}; retry later",
+        retry_after_s=wait,
+    )
