@@ -177,7 +177,7 @@ async def start(config: BalancerConfig) -> Balancer:
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     bulk = None
     if config.bulk_listen:
-        bulk = BulkProxy(catalog, origin, keys, fleet_token)
+        bulk = BulkProxy(catalog, origin, keys, fleet_token, config.http_limits)
         try:
             await bulk.start(config.bulk_listen)
         except OSError as exc:
@@ -216,7 +216,11 @@ async def start(config: BalancerConfig) -> Balancer:
     if config.http_listen:
         try:
             http = await start_http(
-                create_app(parts), config.http_listen, shared=config.shared_ports, grace_s=config.stop_grace_s
+                create_app(parts),
+                config.http_listen,
+                shared=config.shared_ports,
+                grace_s=config.stop_grace_s,
+                limits=config.http_limits,
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)

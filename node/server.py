@@ -287,7 +287,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     storage, resolver, link, commands = parts.storage, parts.resolver, parts.link, parts.commands
     metrics_server = None
     if config.metrics_listen:
-        metrics_server = MetricsHttpServer(parts.metrics.exposition)
+        metrics_server = MetricsHttpServer(parts.metrics.exposition, config.http_limits)
         try:
             await metrics_server.start(config.metrics_listen)
         except OSError as exc:
@@ -297,7 +297,7 @@ async def start(config: NodeConfig) -> NodeProcess:
 
     bulk_server = None
     if config.bulk_listen:
-        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial)
+        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial, config.http_limits)
         try:
             await bulk_server.start(config.bulk_listen)
         except OSError as exc:
