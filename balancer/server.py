@@ -43,7 +43,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from common.rpc import SERVER_OPTIONS
+from common.rpc import server_options
 from common.types import ModelState
 
 log = structlog.get_logger(__name__)
@@ -172,7 +172,7 @@ async def start(config: BalancerConfig) -> Balancer:
     await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
     # Ports are shared only among ``--workers`` replicas: two balancers started on one port by
     # mistake must fail, not split the traffic between them.
-    options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
+    options = [*server_options(config.max_body_mb), ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
     server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     bulk = None
