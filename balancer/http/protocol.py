@@ -45,7 +45,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # answered 431: what still comes is dropped until the connection closes
-        self._head_done = False  # a head was finished during the read being parsed
+        self._boundary = False  # a head or a whole request ended within the read being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -62,11 +62,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._head_done = False
+        self._boundary = False
         super().data_received(data)
-        # A head still unfinished after this read counts it whole (a read is at most 256 KiB, so the
-        # overshoot is bounded); a head finished within it was measured in on_headers_complete.
-        if self._in_head and not self._head_done and not self._refused:
+        # A read that lies wholly within a head counts whole. One across a boundary is not counted:
+        # a head that ended in it was measured in on_headers_complete, and the start of the next
+        # head that began in it is at most one read (256 KiB), a bounded overshoot.
+        if self._in_head and not self._boundary and not self._refused:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse_head()
@@ -96,7 +97,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._disarm_head_timer()
         self._in_head = False
-        self._head_done = True
+        self._boundary = True
         self._head_bytes = 0
         super().on_headers_complete()
 
@@ -109,6 +110,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_message_complete()
         self._in_head = True  # what follows is the next request's head
+        self._boundary = True
         self._head_bytes = 0
 
     def _arm_head_timer(self) -> None:
