@@ -25,7 +25,7 @@ from balancer.edge.access import Access, grpc_access, unlisted
 from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
-from common.rpc import metadata_bearer, refusing_handler
+from common.rpc import OpenReads, metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
 
 log = structlog.get_logger(__name__)
@@ -202,10 +202,15 @@ class KeyRing:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Checks each call against its method's entry in ``GRPC_ACCESS``; a method with none is refused."""
+    """Checks each call against its method's entry in ``GRPC_ACCESS``; a method with none is refused.
+
+    A refused call ends before its request is read; an open method's requests are read through
+    ``OpenReads``, so callers without a key make the server hold little whatever they send.
+    """
 
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
+        self._open_reads = OpenReads()
 
     async def intercept_service(
         self,
@@ -217,10 +222,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         method = handler_call_details.method
         token = metadata_bearer(handler_call_details.invocation_metadata)
+        access = grpc_access(method)
         try:
-            await self._keys.authorize(token, grpc_access(method), method)
+            await self._keys.authorize(token, access, method)
         except LlmlbError as exc:
             log.info("auth.refused", method=method, code=exc.code.value)
             trailing = ((GRPC_CODE_KEY, exc.code.value),)
             return refusing_handler(handler, exc.spec.grpc_status, exc.message, trailing)
+        if access is not None and access.public:
+            return self._open_reads.guard(handler)
         return handler

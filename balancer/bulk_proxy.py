@@ -18,6 +18,7 @@ from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.origin import Origin
 from common.bulk_http import BlobRequest, BulkListener, parse_range, range_head, serve_connection
+from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
 from common.errors import ErrorCode, LlmlbError
 from common.secret import Secret
 from common.types import Scope
@@ -28,12 +29,19 @@ log = structlog.get_logger(__name__)
 class BulkProxy:
     """Serves ranges of catalogued files, read from their origin as they are sent."""
 
-    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_token: Secret) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        origin: Origin,
+        keys: KeyRing,
+        fleet_token: Secret,
+        limits: HttpLimits = DEFAULT_HTTP_LIMITS,
+    ) -> None:
         self._catalog = catalog
         self._origin = origin
         self._keys = keys
         self._fleet_token = fleet_token
-        self._listener = BulkListener(self._serve)
+        self._listener = BulkListener(self._serve, limits)
 
     @property
     def port(self) -> int:
@@ -47,7 +55,7 @@ class BulkProxy:
         await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._authorize, self._send, "balancer")
+        await serve_connection(reader, writer, self._authorize, self._send, "balancer", self._listener.limits)
 
     async def _authorize(self, token: Secret | None) -> None:
         presented = token.reveal() if token is not None else None

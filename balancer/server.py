@@ -42,7 +42,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from common.rpc import SERVER_OPTIONS
+from common.rpc import server_options
 from common.secret import Secret, masked_url
 from common.types import ModelState
 
@@ -172,12 +172,12 @@ async def start(config: BalancerConfig) -> Balancer:
     await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
     # Ports are shared only among ``--workers`` replicas: two balancers started on one port by
     # mistake must fail, not split the traffic between them.
-    options = [*SERVER_OPTIONS, ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
+    options = [*server_options(config.max_body_mb), ("grpc.so_reuseport", 1 if config.shared_ports else 0)]
     server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(keys)])
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     bulk = None
     if config.bulk_listen:
-        bulk = BulkProxy(catalog, origin, keys, Secret(fleet_token))
+        bulk = BulkProxy(catalog, origin, keys, Secret(fleet_token), config.http_limits)
         try:
             await bulk.start(config.bulk_listen)
         except OSError as exc:
@@ -216,7 +216,11 @@ async def start(config: BalancerConfig) -> Balancer:
     if config.http_listen:
         try:
             http = await start_http(
-                create_app(parts), config.http_listen, shared=config.shared_ports, grace_s=config.stop_grace_s
+                create_app(parts),
+                config.http_listen,
+                shared=config.shared_ports,
+                grace_s=config.stop_grace_s,
+                limits=config.http_limits,
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)

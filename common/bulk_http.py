@@ -11,7 +11,8 @@ Plain HTTP/1.1, ``Authorization: Bearer <token>`` on every request, two request 
   "fetching": [[start, end], ...]}``: what a node still downloading holds and is fetching now.
 
 Errors are the house JSON ``{"error": {message, type, code}}`` with the error table's HTTP status
-(416 for a range past the end). Connections are kept alive.
+(416 for a range past the end). Connections are kept alive, within ``HttpLimits``
+(``common/http_limits.py``): a head over the size limit gets 431 and the connection closes.
 
 Each door supplies what differs: who may read (``Authorize``) and how a range's bytes are sent
 (``SendRange``: ``sendfile`` on a node, the origin's stream on the balancer).
@@ -29,14 +30,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from common.config import HttpLimits
 from common.errors import ERRORS, ErrorCode, LlmlbError
 from common.formats import read_range_end
+from common.http_limits import HeadTooLarge, read_head, refuse_head, start_server
 from common.secret import Secret
 
 log = structlog.get_logger(__name__)
 
-MAX_HEAD_BYTES = 16 * 1024
-HEAD_TIMEOUT_S = 30.0
 # At most 19 digits a number: any file's offsets fit, and int() never meets Python's 4300-digit limit.
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d{1,19})\s*-\s*(\d{0,19})\s*$", re.IGNORECASE)
 _SHOWN_CHARS = 64  # of a refused header, in the error message
@@ -111,17 +112,20 @@ async def serve_connection(
     authorize: Authorize,
     send: SendRange,
     door: str,
+    limits: HttpLimits,
 ) -> None:
-    """Answers requests on one connection until the caller closes it or asks to."""
+    """Answers requests on one connection until the caller closes it, asks to, or stays silent."""
     try:
+        fresh = True
         while True:
             try:
-                async with asyncio.timeout(HEAD_TIMEOUT_S):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                head = await read_head(reader, limits, fresh=fresh)
+            except HeadTooLarge:
+                await refuse_head(reader, writer, limits, f"{door}.bulk")
                 return
-            if len(head) > MAX_HEAD_BYTES:
+            if head is None:
                 return
+            fresh = False
             request, keep = _parse(head.decode("latin-1"))
             try:
                 if isinstance(request, LlmlbError):
@@ -203,16 +207,22 @@ class BulkListener:
     """The listening socket of a bulk server (a node's or the balancer's proxy): start, port, stop."""
 
     def __init__(
-        self, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+        self,
+        handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        limits: HttpLimits,
     ) -> None:
         self._handle = handle
+        self.limits = limits
         self._server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self, listen: str, event: str) -> int:
         """Listens on ``host:port`` (port 0: any free one), logs ``event`` and returns the port."""
         host, _, port = listen.rpartition(":")
-        self._server = await asyncio.start_server(self._handle, host.strip("[]") or None, int(port))
+        door = event.removesuffix("_listening")  # node.bulk, balancer.bulk: the prefix of its log events
+        self._server = await start_server(
+            self._handle, host.strip("[]") or None, int(port), self.limits, door
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(event, address=f"{host}:{self.port}")
         return self.port

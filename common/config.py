@@ -145,6 +145,41 @@ def parse_listen(value: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one HTTP/1.1 port lets any caller, authorized or not, hold before its request is read.
+
+    Applied alike to the balancer's HTTP door and bulk port and to a node's bulk and metrics ports.
+    """
+
+    max_header_bytes: int = 64 * 1024  # request line and headers together; over it: 431, then closed
+    header_timeout_s: float = 10.0  # from the connection (or a request's first byte) to its last header
+    keepalive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 1024  # open connections per port; more are closed as soon as they connect
+
+
+DEFAULT_HTTP_LIMITS = HttpLimits()
+
+
+def load_http_limits(s: Settings, prefixes: tuple[str, ...]) -> HttpLimits:
+    """The HTTP limits from ``<prefix>MAX_HEADER_KB``, ``HEADER_TIMEOUT``, ``KEEPALIVE_TIMEOUT`` and
+    ``MAX_CONNECTIONS``, the first prefix set winning."""
+    default = DEFAULT_HTTP_LIMITS
+
+    def names(suffix: str) -> tuple[str, ...]:
+        return tuple(prefix + suffix for prefix in prefixes)
+
+    return HttpLimits(
+        max_header_bytes=1024
+        * s.get(None, names("MAX_HEADER_KB"), default.max_header_bytes // 1024, parse_count),
+        header_timeout_s=s.get(None, names("HEADER_TIMEOUT"), default.header_timeout_s, parse_positive),
+        keepalive_timeout_s=s.get(
+            None, names("KEEPALIVE_TIMEOUT"), default.keepalive_timeout_s, parse_positive
+        ),
+        max_connections=s.get(None, names("MAX_CONNECTIONS"), default.max_connections, parse_count),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerConfig:
     """Everything the balancer process is told, resolved once at start."""
 
@@ -189,7 +224,9 @@ class BalancerConfig:
     route_attempts: int = 3  # distinct nodes a request may be tried on before the error is returned
     cooldown_failures: int = 3  # consecutive failures that put a node in cooldown
     cooldown_s: float = 10.0
-    max_body_mb: int = 64  # largest HTTP request body (audio uploads, image edits)
+    # Largest HTTP request body (audio uploads, image edits); gRPC messages are bounded from it too.
+    max_body_mb: int = 64
+    http_limits: HttpLimits = DEFAULT_HTTP_LIMITS  # the HTTP door's and the bulk port's
     # On SIGTERM, how long calls in flight may take to finish before they are cut (under the usual
     # 30 s an orchestrator waits before it kills).
     stop_grace_s: float = 25.0
@@ -294,6 +331,7 @@ def load_balancer_config(
         cooldown_failures=s.get(None, ("LLMLB_COOLDOWN_FAILURES",), 3, parse_count),
         cooldown_s=s.get(None, ("LLMLB_COOLDOWN",), 10.0, parse_positive),
         max_body_mb=s.get(None, ("LLMLB_MAX_BODY_MB",), 64, parse_count),
+        http_limits=load_http_limits(s, ("LLMLB_",)),
         stop_grace_s=s.get(None, ("LLMLB_STOP_GRACE",), 25.0, parse_positive),
         usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
         workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
@@ -390,6 +428,9 @@ class NodeConfig:
     tls_cert: Path | None = None  # client certificate for mTLS with the balancer
     tls_key: Path | None = None
     metrics_listen: str = ""  # host:port of the node's Prometheus /metrics; empty: off
+    http_limits: HttpLimits = DEFAULT_HTTP_LIMITS  # the bulk and metrics ports'
+    # Largest request the gRPC port takes, as the balancer's LLMLB_MAX_BODY_MB: the uploads it forwards.
+    max_body_mb: int = 64
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
 
     @property
@@ -492,5 +533,7 @@ def load_node_config(
         tls_cert=s.get(None, ("XLLM_TLS_CERT",), None, Path),
         tls_key=s.get(None, ("XLLM_TLS_KEY",), None, Path),
         metrics_listen=s.get(metrics_listen, ("XLLM_METRICS_LISTEN",), "", parse_optional_listen),
+        http_limits=load_http_limits(s, ("XLLM_", "LLMLB_")),
+        max_body_mb=s.get(None, ("XLLM_MAX_BODY_MB", "LLMLB_MAX_BODY_MB"), 64, parse_count),
         drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 30.0, parse_positive),
     )

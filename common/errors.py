@@ -32,6 +32,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
@@ -62,6 +63,8 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, _S.UNAUTHENTICATED, "authentication_error"),
     ErrorCode.FORBIDDEN: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, _S.RESOURCE_EXHAUSTED, "invalid_request_error"),
+    # An HTTP request line and headers over the ports' limit; gRPC has its own metadata limit.
+    ErrorCode.HEADERS_TOO_LARGE: ErrorSpec(431, _S.RESOURCE_EXHAUSTED, "invalid_request_error"),
     ErrorCode.CANCELLED: ErrorSpec(499, _S.CANCELLED, "invalid_request_error"),
     # The balancer cannot reach what it depends on (its database): nothing wrong with the request.
     ErrorCode.UNAVAILABLE: ErrorSpec(503, _S.UNAVAILABLE, "service_unavailable"),

@@ -26,6 +26,7 @@ from common.bulk_http import (
     send_json,
     serve_connection,
 )
+from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
 from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
 from common.secret import Secret
@@ -60,12 +61,16 @@ class BulkServer:
     """Serves the files ``locate`` finds to callers ``credentials`` accepts."""
 
     def __init__(
-        self, locate: Locate, credentials: NodeCredentials, partial: FindPartial = lambda m, f: None
+        self,
+        locate: Locate,
+        credentials: NodeCredentials,
+        partial: FindPartial = lambda m, f: None,
+        limits: HttpLimits = DEFAULT_HTTP_LIMITS,
     ) -> None:
         self._locate = locate
         self._credentials = credentials
         self._partial = partial
-        self._listener = BulkListener(self._serve)
+        self._listener = BulkListener(self._serve, limits)
 
     @property
     def port(self) -> int:
@@ -79,7 +84,7 @@ class BulkServer:
         await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._authorize, self._send, "node")
+        await serve_connection(reader, writer, self._authorize, self._send, "node", self._listener.limits)
 
     async def _authorize(self, token: Secret | None) -> None:
         if not self._credentials.accepts(token.reveal() if token is not None else None):

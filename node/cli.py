@@ -40,6 +40,16 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_TLS_CA                  CA certificate of the balancer's TLS; set: dial the balancer with TLS
   XLLM_TLS_CERT / XLLM_TLS_KEY client certificate and key for mutual TLS with the balancer
   XLLM_METRICS_LISTEN          host:port of the node's Prometheus GET /metrics (default off)
+  XLLM_MAX_BODY_MB             largest gRPC request in MiB, less 1 MiB for the fields beside an upload
+                               (then LLMLB_MAX_BODY_MB; default 64: keep it at the balancer's)
+  XLLM_MAX_HEADER_KB           largest request head on the bulk and metrics ports (metrics: 16 at most);
+                               over it: 431, then closed (then LLMLB_MAX_HEADER_KB; default 64)
+  XLLM_HEADER_TIMEOUT          seconds a request's headers may take on those ports (then
+                               LLMLB_HEADER_TIMEOUT; default 10)
+  XLLM_KEEPALIVE_TIMEOUT       seconds an idle kept-alive bulk connection stays open (then
+                               LLMLB_KEEPALIVE_TIMEOUT; default 5)
+  XLLM_MAX_CONNECTIONS         open connections per port; more are closed at once (then
+                               LLMLB_MAX_CONNECTIONS; default 1024)
   XLLM_DRAIN_TIMEOUT           seconds in-flight requests may take to finish after SIGTERM (default 30)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
   LLMLB_HOME                   state directory (default ~/.llmlb)

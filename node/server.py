@@ -20,7 +20,7 @@ from common.errors import ErrorCode, LlmlbError
 from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
-from common.rpc import SERVER_OPTIONS
+from common.rpc import server_options
 from common.types import Backend, ModelState
 from node import hardware
 from node.blob_sources import OriginSource
@@ -279,7 +279,9 @@ async def start(config: NodeConfig) -> NodeProcess:
     # Inference and Manifest refuse every caller until the balancer hands this node the fleet token
     # (or the caller presents XLLM_AUTH_TOKEN); health and reflection stay open.
     credentials = NodeCredentials(config.auth_token)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(credentials))
+    server = grpc.aio.server(
+        options=server_options(config.max_body_mb), interceptors=server_interceptors(credentials)
+    )
     port = server.add_insecure_port(config.grpc_listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.grpc_listen}")
@@ -287,7 +289,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     storage, resolver, link, commands = parts.storage, parts.resolver, parts.link, parts.commands
     metrics_server = None
     if config.metrics_listen:
-        metrics_server = MetricsHttpServer(parts.metrics.exposition)
+        metrics_server = MetricsHttpServer(parts.metrics.exposition, config.http_limits)
         try:
             await metrics_server.start(config.metrics_listen)
         except OSError as exc:
@@ -297,7 +299,7 @@ async def start(config: NodeConfig) -> NodeProcess:
 
     bulk_server = None
     if config.bulk_listen:
-        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial)
+        bulk_server = BulkServer(resolver.locate, credentials, parts.downloader.partial, config.http_limits)
         try:
             await bulk_server.start(config.bulk_listen)
         except OSError as exc:

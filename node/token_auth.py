@@ -19,7 +19,7 @@ import grpc.aio
 import structlog
 
 from common.errors import GRPC_CODE_KEY, ErrorCode
-from common.rpc import metadata_bearer, refusing_handler
+from common.rpc import OpenReads, metadata_bearer, refusing_handler
 from common.secret import Secret
 
 log = structlog.get_logger(__name__)
@@ -77,6 +77,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, credentials: NodeCredentials) -> None:
         self._credentials = credentials
+        self._open_reads = OpenReads()  # what callers without a token may make the node hold
 
     async def intercept_service(
         self,
@@ -85,8 +86,10 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
+        if handler is None:
             return handler
+        if method.startswith(OPEN_SERVICES):
+            return self._open_reads.guard(handler)
         presented = metadata_bearer(handler_call_details.invocation_metadata)
         if self._credentials.accepts(presented):
             return handler

@@ -50,7 +50,14 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_ROUTE_ATTEMPTS       distinct nodes a request is tried on before it fails (default 3)
   LLMLB_COOLDOWN_FAILURES    consecutive failures that put a node in cooldown (default 3)
   LLMLB_COOLDOWN             seconds a node stays in cooldown (default 10)
-  LLMLB_MAX_BODY_MB          largest HTTP request body, e.g. an audio upload (default 64)
+  LLMLB_MAX_BODY_MB          largest HTTP request body, e.g. an audio upload (default 64); the gRPC
+                             port takes messages up to this and 1 MiB more
+  LLMLB_MAX_HEADER_KB        largest request line and headers on the HTTP and bulk ports; over it:
+                             431, then the connection closes (default 64)
+  LLMLB_HEADER_TIMEOUT       seconds a request's headers may take to arrive, from the connection or
+                             a kept-alive request's first byte; then it closes (default 10)
+  LLMLB_KEEPALIVE_TIMEOUT    seconds an idle kept-alive HTTP connection stays open (default 5)
+  LLMLB_MAX_CONNECTIONS      open connections per HTTP port; more are closed at once (default 1024)
   LLMLB_LOG_FORMAT           console or json (default console)
   LLMLB_LOG_LEVEL            debug, info, warning or error (default info)
   LLMLB_STOP_GRACE           on SIGTERM, seconds calls in flight may take to finish (default 25)

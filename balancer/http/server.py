@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from dataclasses import dataclass
 
 import structlog
 import uvicorn
 from fastapi import FastAPI
+
+from balancer.http.protocol import limited_protocol
+from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +49,18 @@ def _shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_http(app: FastAPI, listen: str, *, shared: bool = False, grace_s: float = 5.0) -> HttpServer:
+async def start_http(
+    app: FastAPI,
+    listen: str,
+    *,
+    shared: bool = False,
+    grace_s: float = 5.0,
+    limits: HttpLimits = DEFAULT_HTTP_LIMITS,
+) -> HttpServer:
     """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``.
 
-    ``shared``: the port is bound with SO_REUSEPORT, for ``llmlb serve --workers``.
+    ``shared``: the port is bound with SO_REUSEPORT, for ``llmlb serve --workers``. ``limits``: what a
+    connection may hold before its request reaches the app (``balancer/http/protocol.py``).
     """
     host, _, port = listen.rpartition(":")
     config = uvicorn.Config(
@@ -58,6 +70,8 @@ async def start_http(app: FastAPI, listen: str, *, shared: bool = False, grace_s
         log_config=None,  # structlog owns logging
         access_log=False,
         lifespan="off",
+        http=limited_protocol(limits),
+        timeout_keep_alive=math.ceil(limits.keepalive_timeout_s),  # uvicorn counts whole seconds
         timeout_graceful_shutdown=max(1, round(grace_s)),  # then calls still running are cut
     )
     server = uvicorn.Server(config)

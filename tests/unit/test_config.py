@@ -5,12 +5,14 @@ from pathlib import Path
 import pytest
 
 from common.config import (
+    HttpLimits,
     load_balancer_config,
     load_node_config,
     normalize_origin,
     read_env_file,
     resolve_models_dir,
 )
+from common.rpc import server_options
 from common.secret import Secret
 
 
@@ -138,3 +140,38 @@ def test_download_ranges_and_the_bulk_ports_come_from_the_environment(tmp_path: 
         load_node_config(home=tmp_path, env=home | {"XLLM_DOWNLOAD_CONNECTIONS": "0"})
     assert load_balancer_config(env=home, grpc_listen="0.0.0.0:50051").bulk_listen == "0.0.0.0:0"
     assert load_balancer_config(env=home | {"LLMLB_BULK_LISTEN": "off"}).bulk_listen == ""
+
+
+def test_transport_limits_come_from_the_environment_and_a_node_falls_back_to_the_balancers_names(
+    tmp_path: Path,
+) -> None:
+    balancer = load_balancer_config(env={"LLMLB_HOME": str(tmp_path)})
+    assert balancer.http_limits == HttpLimits(64 * 1024, 10.0, 5.0, 1024)
+    assert balancer.max_body_mb == 64
+    env = {
+        "LLMLB_HOME": str(tmp_path),
+        "LLMLB_MAX_HEADER_KB": "8",
+        "LLMLB_HEADER_TIMEOUT": "2.5",
+        "LLMLB_KEEPALIVE_TIMEOUT": "1",
+        "LLMLB_MAX_CONNECTIONS": "20",
+        "LLMLB_MAX_BODY_MB": "16",
+    }
+    assert load_balancer_config(env=env).http_limits == HttpLimits(8 * 1024, 2.5, 1.0, 20)
+    node = load_node_config(env=env | {"XLLM_MAX_CONNECTIONS": "30", "XLLM_MAX_BODY_MB": "32"})
+    assert node.http_limits == HttpLimits(8 * 1024, 2.5, 1.0, 30)
+    assert node.max_body_mb == 32
+    assert load_node_config(env=env).max_body_mb == 16
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LLMLB_MAX_HEADER_KB", "LLMLB_HEADER_TIMEOUT", "LLMLB_KEEPALIVE_TIMEOUT", "LLMLB_MAX_CONNECTIONS"],
+)
+def test_a_transport_limit_of_zero_is_refused_at_start(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        load_balancer_config(env={"LLMLB_HOME": str(tmp_path), name: "0"})
+
+
+def test_the_grpc_receive_limit_is_the_body_limit_and_room_for_the_fields_beside_it() -> None:
+    options = dict(server_options(16))
+    assert options["grpc.max_receive_message_length"] == 17 * 1024 * 1024

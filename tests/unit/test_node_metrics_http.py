@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -112,8 +113,14 @@ async def test_other_paths_are_not_found_and_other_methods_not_allowed(server: M
 async def test_a_malformed_request_gets_400(server: MetricsHttpServer) -> None:
     status, _, _ = await request(server.port, b"hello\r\n\r\n")
     assert status == 400
-    status, _, _ = await request(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
-    assert status == 400
+
+
+async def test_a_head_over_the_scrape_limit_gets_431_with_the_house_error(server: MetricsHttpServer) -> None:
+    status, headers, body = await request(
+        server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+    )
+    assert status == 431 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
 
 
 async def test_a_failing_scrape_answers_500_and_the_door_keeps_serving() -> None:
