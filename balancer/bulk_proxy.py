@@ -47,12 +47,16 @@ class BulkProxy:
         await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._authorize, self._send, "balancer")
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        await serve_connection(
+            reader, writer, lambda token: self._authorize(token, client), self._send, "balancer"
+        )
 
-    async def _authorize(self, token: str | None) -> None:
+    async def _authorize(self, token: str | None, client: str = "") -> None:
         if token and self._fleet_token and hmac.compare_digest(token.encode(), self._fleet_token.encode()):
             return
-        await self._keys.check(token, Scope.NODE)
+        await self._keys.check(token, Scope.NODE, client=client)
 
     async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
         if request.path != "/blob":
