@@ -74,6 +74,7 @@ class KeyRing:
         self._cache: dict[str, tuple[float, ApiKey]] = {}
         self._unknown = UnknownTokens(unknown_cache, unknown_ttl_s)
         self._lookups = LookupRate(lookups_per_s)
+        self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -194,27 +195,32 @@ class KeyRing:
         checked and is refused as ``unavailable``, not as ``unauthorized``.
 
         A token the store does not hold is remembered apart (``UnknownTokens``), never in the key
-        cache; a token never seen is looked up only within ``client``'s rate (``LookupRate``).
+        cache; a token never seen is looked up only within ``client``'s rate (``LookupRate``), and
+        once however many requests bring it at the same moment (``_first_read``).
         """
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        never_seen = cached is None
-        if never_seen:
+        if cached is None:
             if self._unknown.holds(digest, now):
                 return None
-            wait = self._lookups.take(client, now)
-            if wait > 0:
-                raise LlmlbError(
-                    ErrorCode.UNAUTHORIZED,
-                    "too many unknown API keys from this address; try again shortly",
-                    retry_after_s=wait,
-                )
+            reading = self._reading.get(digest)
+            if reading is None:
+                wait = self._lookups.take(client, now)
+                if wait > 0:
+                    raise LlmlbError(
+                        ErrorCode.UNAUTHORIZED,
+                        "too many unknown API keys from this address; try again shortly",
+                        retry_after_s=wait,
+                    )
+                reading = asyncio.ensure_future(self._first_read(digest, now, client))
+                self._reading[digest] = reading
+                reading.add_done_callback(lambda done: self._read_done(digest, done))
+            # Shielded: one caller that goes away must not cancel the read the others wait on.
+            return await asyncio.shield(reading)
         try:
             key = await self._store.find_key(digest)
         except StoreUnavailable:
-            if cached is None:
-                raise
             # Asked again only after another cache period, so an outage costs each key one failed
             # read every few seconds, not one per request.
             self._cache[digest] = (now + CACHE_SECONDS, cached[1])
@@ -224,10 +230,24 @@ class KeyRing:
             self._cache.pop(digest, None)
             self._unknown.add(digest, now)
             return None
-        if never_seen:
-            self._lookups.give_back(client)  # a real key: only misses count against the address
         self._cache[digest] = (now + CACHE_SECONDS, key)
         return key
+
+    async def _first_read(self, digest: str, now: float, client: str) -> ApiKey | None:
+        """The store's answer for a token never seen; raises ``StoreUnavailable`` while it is down."""
+        key = await self._store.find_key(digest)
+        if key is None:
+            self._unknown.add(digest, now)
+            return None
+        self._lookups.give_back(client)  # a real key: only misses count against the address
+        self._cache[digest] = (now + CACHE_SECONDS, key)
+        return key
+
+    def _read_done(self, digest: str, done: asyncio.Future[ApiKey | None]) -> None:
+        if self._reading.get(digest) is done:
+            del self._reading[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved here: a failed read whose callers all left is not an error
 
     def needs_client(self, token: str | None, access: Access | None) -> bool:
         """Whether checking ``token`` for ``access`` may spend a lookup of the caller's address: a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -68,6 +69,16 @@ async def test_new_keys_from_one_address_pass_and_only_unknown_tokens_spend_its_
     with pytest.raises(LlmlbError) as limited:
         await keys.check("llmlb-another-guess", Scope.API, client="192.0.2.1")
     assert limited.value.code is ErrorCode.UNAUTHORIZED and limited.value.retry_after_s is not None
+    await keys.settle()
+
+
+async def test_a_new_key_used_by_many_requests_at_once_is_read_once_and_passes_every_one(
+    store: Store,
+) -> None:
+    keys = KeyRing(store, lookups_per_s=1)
+    _, secret = await keys.create("busy-client", [Scope.API])
+    checked = await asyncio.gather(*(keys.check(secret, Scope.API, client="192.0.2.1") for _ in range(50)))
+    assert all(key is not None and key.name == "busy-client" for key in checked)
     await keys.settle()
 
 
