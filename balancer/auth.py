@@ -2,19 +2,22 @@
 
 Only the sha256 of a secret is stored. Secrets are 32 random bytes, so a plain hash is enough (no
 password stretching) and checking costs one hash plus, at most every few seconds, one store read.
+Tokens the store does not hold are remembered apart and looked up at a bounded rate per client
+address (``balancer.unknown_keys``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -24,8 +27,9 @@ from balancer.changes import NO_CHANGES, Change, Changes
 from balancer.edge.access import Access, grpc_access, unlisted
 from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
+from balancer.unknown_keys import LOOKUPS_PER_S, UNKNOWN_CACHE, UNKNOWN_TTL_S, LookupRate, UnknownTokens
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
-from common.rpc import OpenReads, metadata_bearer, refusing_handler
+from common.rpc import OpenReads, abort_with, metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
 
 log = structlog.get_logger(__name__)
@@ -45,7 +49,11 @@ def allows(key: ApiKey, *scopes: Scope) -> bool:
 
 
 class KeyRing:
-    """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through."""
+    """Mints, lists, revokes and checks API keys; ``enabled=False`` lets every call through.
+
+    ``unknown_cache`` and ``unknown_ttl_s`` bound the memory of tokens the store does not hold;
+    ``lookups_per_s`` is how many never-seen tokens one client address may have looked up a second.
+    """
 
     def __init__(
         self,
@@ -54,12 +62,19 @@ class KeyRing:
         enabled: bool = True,
         changes: Changes = NO_CHANGES,
         clock: Callable[[], float] = time.monotonic,
+        unknown_cache: int = UNKNOWN_CACHE,
+        unknown_ttl_s: float = UNKNOWN_TTL_S,
+        lookups_per_s: float = LOOKUPS_PER_S,
     ) -> None:
         self._store = store
         self.enabled = enabled
         self._changes = changes
         self._clock = clock  # monotonic seconds; injected where a test needs the cache to expire
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}  # secret hash -> (expires, key)
+        # secret hash -> (fresh until, key): only keys the store holds, so no caller can push one out
+        self._cache: dict[str, tuple[float, ApiKey]] = {}
+        self._unknown = UnknownTokens(unknown_cache, unknown_ttl_s)
+        self._lookups = LookupRate(lookups_per_s)
+        self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -78,6 +93,7 @@ class KeyRing:
             scopes=tuple(dict.fromkeys(scopes)),
         )
         stored = await self._store.add_key(key)
+        self._unknown.discard(key.secret_hash)
         await self._changes.publish(Change.KEY, stored.id)
         log.info("key.created", key_id=stored.id, name=name, scopes=[s.value for s in stored.scopes])
         return stored, secret
@@ -104,9 +120,11 @@ class KeyRing:
         """Makes every remembered answer stale, so the next check of each key asks the store again.
 
         Called on a revocation here and when another replica creates or revokes a key. The answers
-        are kept, stale, for a store that cannot be reached meanwhile (see ``_lookup``).
+        are kept, stale, for a store that cannot be reached meanwhile (see ``_lookup``); tokens
+        remembered as unknown are forgotten, since one of them may be a key just created elsewhere.
         """
         self._cache = {digest: (0.0, key) for digest, (_, key) in self._cache.items()}
+        self._unknown.clear()
 
     async def bootstrap(self, path: Path) -> str | None:
         """On a store with no keys, mints the first admin key and writes it to ``path`` (mode 0600).
@@ -125,23 +143,28 @@ class KeyRing:
         log.info("key.bootstrapped", key_id=key.id, file=str(path))
         return secret
 
-    async def authorize(self, token: str | None, access: Access | None, what: str) -> ApiKey | None:
+    async def authorize(
+        self, token: str | None, access: Access | None, what: str, client: str = ""
+    ) -> ApiKey | None:
         """The caller's key if ``access`` lets it in; refuses every caller when ``access`` is None.
 
-        ``what`` names the call (a gRPC method, an HTTP route) in the refusal of an unlisted one.
+        ``what`` names the call (a gRPC method, an HTTP route) in the refusal of an unlisted one;
+        ``client`` is the caller's address (see ``check``).
         """
         if access is None:
             raise unlisted(what)
         if access.public:
             return None
-        key = await self.check(token, *access.scopes)
+        key = await self.check(token, *access.scopes, client=client)
         set_caller(key)  # the edge counts usage per key; some routes answer per key
         return key
 
-    async def check(self, token: str | None, scope: Scope, *also: Scope) -> ApiKey | None:
+    async def check(self, token: str | None, scope: Scope, *also: Scope, client: str = "") -> ApiKey | None:
         """The key behind ``token`` if it may act in ``scope`` (or one of ``also``); None when auth is off.
 
-        Raises ``unauthorized`` (no, unknown or revoked key) or ``forbidden`` (the key lacks the scope).
+        Raises ``unauthorized`` (no, unknown or revoked key; or, with ``Retry-After``, a token never
+        seen from a ``client`` address that had too many looked up this second) or ``forbidden`` (the
+        key lacks the scope).
         """
         if not self.enabled:
             return None
@@ -151,7 +174,7 @@ class KeyRing:
             )
         digest = hash_secret(token)
         now = self._clock()
-        key = await self._lookup(digest, now)
+        key = await self._lookup(digest, now, client)
         if key is None or key.revoked_at is not None:
             raise LlmlbError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key")
         if not allows(key, scope, *also):
@@ -164,30 +187,76 @@ class KeyRing:
             task.add_done_callback(self._tasks.discard)
         return key
 
-    async def _lookup(self, digest: str, now: float) -> ApiKey | None:
+    async def _lookup(self, digest: str, now: float, client: str) -> ApiKey | None:
         """The key stored under ``digest``, from the cache while it is fresh, else from the store.
 
         While the store cannot be reached the last answer it gave for this key stands, however old,
         so clients keep working through a database outage; a key never seen before cannot be
         checked and is refused as ``unavailable``, not as ``unauthorized``.
+
+        A token the store does not hold is remembered apart (``UnknownTokens``), never in the key
+        cache; a token never seen is looked up only within ``client``'s rate (``LookupRate``), and
+        once however many requests bring it at the same moment (``_first_read``).
         """
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if cached is None:
+            if self._unknown.holds(digest, now):
+                return None
+            reading = self._reading.get(digest)
+            if reading is None:
+                wait = self._lookups.take(client, now)
+                if wait > 0:
+                    raise LlmlbError(
+                        ErrorCode.UNAUTHORIZED,
+                        "too many unknown API keys from this address; try again shortly",
+                        retry_after_s=wait,
+                    )
+                reading = asyncio.ensure_future(self._first_read(digest, now, client))
+                self._reading[digest] = reading
+                reading.add_done_callback(lambda done: self._read_done(digest, done))
+            # Shielded: one caller that goes away must not cancel the read the others wait on.
+            return await asyncio.shield(reading)
         try:
             key = await self._store.find_key(digest)
         except StoreUnavailable:
-            if cached is None:
-                raise
             # Asked again only after another cache period, so an outage costs each key one failed
             # read every few seconds, not one per request.
             self._cache[digest] = (now + CACHE_SECONDS, cached[1])
-            log.warning("key.checked_from_cache", key_id=cached[1].id if cached[1] else None)
+            log.warning("key.checked_from_cache", key_id=cached[1].id)
             return cached[1]
-        if len(self._cache) > 10_000:  # unknown tokens must not grow memory without bound
-            self._cache.clear()
+        if key is None:
+            self._cache.pop(digest, None)
+            self._unknown.add(digest, now)
+            return None
         self._cache[digest] = (now + CACHE_SECONDS, key)
         return key
+
+    async def _first_read(self, digest: str, now: float, client: str) -> ApiKey | None:
+        """The store's answer for a token never seen; raises ``StoreUnavailable`` while it is down."""
+        key = await self._store.find_key(digest)
+        if key is None:
+            self._unknown.add(digest, now)
+            return None
+        self._lookups.give_back(client)  # a real key: only misses count against the address
+        self._cache[digest] = (now + CACHE_SECONDS, key)
+        return key
+
+    def _read_done(self, digest: str, done: asyncio.Future[ApiKey | None]) -> None:
+        if self._reading.get(digest) is done:
+            del self._reading[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved here: a failed read whose callers all left is not an error
+
+    def needs_client(self, token: str | None, access: Access | None) -> bool:
+        """Whether checking ``token`` for ``access`` may spend a lookup of the caller's address: a
+        token neither known nor remembered as unknown (the gRPC door then checks it in the handler,
+        where the address is known)."""
+        if not self.enabled or access is None or access.public or not token:
+            return False
+        digest = hash_secret(token)
+        return digest not in self._cache and not self._unknown.holds(digest, self._clock())
 
     async def settle(self) -> None:
         """Waits for the last-used writes still in flight, so the store can close under none of them."""
@@ -223,12 +292,86 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         token = metadata_bearer(handler_call_details.invocation_metadata)
         access = grpc_access(method)
+        if self._keys.needs_client(token, access):
+            # Only the handler's context knows the caller's address: check there, before the call runs.
+            return checked_in_handler(handler, self._keys, token, access, method)
         try:
             await self._keys.authorize(token, access, method)
         except LlmlbError as exc:
-            log.info("auth.refused", method=method, code=exc.code.value)
-            trailing = ((GRPC_CODE_KEY, exc.code.value),)
-            return refusing_handler(handler, exc.spec.grpc_status, exc.message, trailing)
+            return _refused(handler, method, exc)
         if access is not None and access.public:
             return self._open_reads.guard(handler)
         return handler
+
+
+def peer_host(peer: str) -> str:
+    """The address of a gRPC peer without its port: ``ipv4:10.0.0.7:5123`` and ``ipv6:[::1]:5123``
+    give ``10.0.0.7`` and ``::1``; anything else (``unix:...``) is kept whole."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        host = rest.rpartition(":")[0] or rest
+        return host.removeprefix("[").removesuffix("]")
+    return peer
+
+
+def _refused(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, exc: LlmlbError
+) -> grpc.RpcMethodHandler[Any, Any]:
+    log.info("auth.refused", method=method, code=exc.code.value)
+    trailing = ((GRPC_CODE_KEY, exc.code.value),)
+    return refusing_handler(handler, exc.spec.grpc_status, exc.message, trailing)
+
+
+def checked_in_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    keys: KeyRing,
+    token: str | None,
+    access: Access | None,
+    method: str,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with the key check first, made with the caller's address from ``context.peer()``.
+
+    The wrapped handler takes its request as a stream whatever ``handler`` takes, and reads it only after
+    the check: gRPC reads a unary request whole before its handler runs, so a caller with a made-up key
+    could otherwise make the server hold a message up to the limit before being refused.
+    """
+
+    async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            await keys.authorize(token, access, method, peer_host(context.peer()))
+        except LlmlbError as exc:
+            log.info("auth.refused", method=method, code=exc.code.value)
+            await abort_with(context, exc)
+
+    async def request(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The call itself, started once the check has passed: a response, a coroutine or a generator."""
+        await check(context)
+        if handler.request_streaming:
+            behaviour = cast(Callable[..., Any], handler.stream_stream or handler.stream_unary)
+            return behaviour(requests, context)
+        first = await anext(requests, None)
+        if first is None:
+            await abort_with(context, LlmlbError(ErrorCode.INVALID_REQUEST, "no request message"))
+        behaviour = cast(Callable[..., Any], handler.unary_stream or handler.unary_unary)
+        return behaviour(first, context)
+
+    async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await (await request(requests, context))
+
+    async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        answer = await request(requests, context)
+        if inspect.isasyncgen(answer):
+            async for item in answer:
+                yield item
+        else:  # a handler that writes through the context
+            await answer
+
+    shapes: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **shapes)
+    return grpc.stream_unary_rpc_method_handler(unary, **shapes)

@@ -55,13 +55,22 @@ class BulkProxy:
         await self._listener.stop()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._authorize, self._send, "balancer", self._listener.limits)
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        await serve_connection(
+            reader,
+            writer,
+            lambda token: self._authorize(token, client),
+            self._send,
+            "balancer",
+            self._listener.limits,
+        )
 
-    async def _authorize(self, token: Secret | None) -> None:
+    async def _authorize(self, token: Secret | None, client: str = "") -> None:
         presented = token.reveal() if token is not None else None
         if self._fleet_token.matches(presented):
             return
-        await self._keys.check(presented, Scope.NODE)
+        await self._keys.check(presented, Scope.NODE, client=client)
 
     async def _send(self, request: BlobRequest, writer: asyncio.StreamWriter) -> None:
         if request.path != "/blob":

@@ -4,7 +4,10 @@
 Fed from the edge when each request ends (``finished``: O(1), no I/O, no await), read by
 ``GET /v0/history``. Each balancer replica keeps its own; Prometheus stays the long-term source.
 Latency percentiles come from a bounded sample per bucket (the most recent ``samples`` values), so a
-busy bucket costs a fixed amount of memory.
+busy bucket costs a fixed amount of memory. A model or node has a series only while ``known`` says it
+may (the catalogue holds the model, the node is registered: ``balancer.edge.labels``); the series of
+a model deleted or a node removed is dropped before a new series is made and before each read, so
+the number of series stays bounded by the catalogue and the fleet.
 """
 
 from __future__ import annotations
@@ -74,17 +77,20 @@ class History:
         span_s: int = SPAN_S,
         samples: int = SAMPLES,
         clock: Callable[[], float] = time.time,
+        known: Callable[[str, str], bool] = lambda kind, name: True,
     ) -> None:
         self.bucket_s = bucket_s
         self._length = max(1, span_s // bucket_s)
         self._samples = samples
         self._queue_depth = queue_depth
         self._clock = clock  # wall-clock seconds: points carry times a browser can show
+        self._known = known  # whether ("model", id) or ("node", id) may have a series now
         self._series: dict[tuple[str, str], deque[Bucket]] = {}
 
     def _bucket(self, series: tuple[str, str], start: int) -> Bucket:
         ring = self._series.get(series)
         if ring is None:
+            self._prune()  # rare (a name's first request): the old names go before a new one comes
             ring = self._series[series] = deque(maxlen=self._length)
         if not ring or ring[-1].start != start:
             ring.append(Bucket(start))
@@ -95,9 +101,9 @@ class History:
         start = int(self._clock()) // self.bucket_s * self.bucket_s
         depth = self._queue_depth()
         series = [ALL]
-        if call.model:
+        if call.model and self._known("model", call.model):
             series.append(("model", call.model))
-        if call.node_id:
+        if call.node_id and self._known("node", call.node_id):
             series.append(("node", call.node_id))
         for name in series:
             b = self._bucket(name, start)
@@ -111,8 +117,14 @@ class History:
                 _keep(b.ttfts, b.seen_ttft, call.first_token_s, self._samples)
                 b.seen_ttft += 1
 
+    def _prune(self) -> None:
+        """Drops the series of models deleted and nodes removed since they were made."""
+        for series in [s for s in self._series if s != ALL and not self._known(*s)]:
+            del self._series[series]
+
     def names(self, kind: str) -> list[str]:
         """The models or nodes with a series, sorted."""
+        self._prune()
         return sorted(name for k, name in self._series if k == kind)
 
     def points(self, kind: str = "all", name: str = "", since: float = 0.0) -> list[dict[str, Any]]:
@@ -120,6 +132,7 @@ class History:
 
         Buckets with no requests are absent; a chart draws them as zero.
         """
+        self._prune()
         ring = self._series.get((kind, name) if kind != "all" else ALL, deque())
         horizon = self._clock() - self._length * self.bucket_s
         return [

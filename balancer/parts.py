@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
+from balancer.edge.labels import Labels
 from balancer.fleet import Fleet
 from balancer.history import History
 from balancer.origin import Origin
@@ -36,7 +37,10 @@ class BalancerParts:
     # and the console's short history of request metrics (memory only, this replica's own).
     usage: UsageCounter = field(init=False)
     history: History = field(init=False)
+    # The names metrics and the history may use as labels: catalogue models and registered nodes.
+    labels: Labels = field(init=False)
 
     def __post_init__(self) -> None:
         self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)
-        self.history = History(queue_depth=lambda: self.router.waiting)
+        self.labels = Labels(self.catalog, self.fleet)
+        self.history = History(queue_depth=lambda: self.router.waiting, known=self.labels.known)

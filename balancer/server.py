@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
+from balancer.edge.labels import Labels
 from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
 from balancer.fleet_token import load_fleet_token
@@ -103,15 +104,21 @@ class Balancer:
         log.info("balancer.stopped")
 
 
-def _fleet_gauges(fleet: Fleet, router: Router) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
-    """Scrape-time gauges: nodes by state, models downloading, requests queued."""
+def _fleet_gauges(
+    fleet: Fleet, router: Router, labels: Labels
+) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
+    """Scrape-time gauges: nodes by state, models downloading, requests queued.
+
+    A model id a node reports that the catalogue lacks is counted under the empty label.
+    """
     online = fleet.online()
     draining = fleet.draining()
     downloads: dict[tuple[str, ...], float] = {}
     for node_id in online:
         for status in fleet.node_models(node_id):
             if status.state is ModelState.DOWNLOADING:
-                downloads[(status.model_id,)] = downloads.get((status.model_id,), 0.0) + 1
+                label = (labels.model(status.model_id),)
+                downloads[label] = downloads.get(label, 0.0) + 1
     return {
         "llmlb_nodes": (
             "Nodes connected to this balancer, by state.",
@@ -159,11 +166,18 @@ async def start(config: BalancerConfig) -> Balancer:
     await catalog.seed(seed)
     sessions = NodeSessions(store, fleet, replicas)
 
-    keys = KeyRing(store, enabled=config.auth, changes=replicas)
+    keys = KeyRing(
+        store,
+        enabled=config.auth,
+        changes=replicas,
+        unknown_cache=config.unknown_key_cache,
+        unknown_ttl_s=config.unknown_key_ttl_s,
+        lookups_per_s=config.unknown_key_rate,
+    )
     await bootstrap_admin_key(config, keys)
     clients = NodeClients()
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
-    metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router))
+    metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router, parts.labels))
     router = Router(config, catalog, fleet, clients, metrics)
     fleet_token = await load_fleet_token(store)
     parts = BalancerParts(
@@ -188,7 +202,7 @@ async def start(config: BalancerConfig) -> Balancer:
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, catalog, (parts.usage, parts.history))), server
+        InferenceServicer(router, Observer(metrics, parts.labels, (parts.usage, parts.history))), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -207,6 +207,12 @@ class BalancerConfig:
     bulk_listen: str = "127.0.0.1:0"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
+    # Tokens the store does not hold: how many are remembered and for how long (apart from real
+    # keys, which they can never push out), and how many never-seen tokens one client address may
+    # have looked up in the store a second (as many at once); past that they are refused unread.
+    unknown_key_cache: int = 10_000
+    unknown_key_ttl_s: float = 30.0
+    unknown_key_rate: float = 5.0
     # TLS for the gRPC door; with a client CA, callers must present a certificate it signed (mTLS).
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -318,6 +324,9 @@ def load_balancer_config(
             parse_optional_listen,
         ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
+        unknown_key_cache=s.get(None, ("LLMLB_UNKNOWN_KEY_CACHE",), 10_000, parse_count),
+        unknown_key_ttl_s=s.get(None, ("LLMLB_UNKNOWN_KEY_TTL",), 30.0, parse_positive),
+        unknown_key_rate=s.get(None, ("LLMLB_UNKNOWN_KEY_RATE",), 5.0, parse_positive),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),

@@ -119,6 +119,10 @@ class Catalog:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} not found")
         return model
 
+    def knows(self, model_id: str) -> bool:
+        """Whether ``model_id`` (in normal form) is in the catalogue now; no store read."""
+        return model_id in self._models
+
     async def list_models(self) -> list[Model]:
         return [self._models[k] for k in sorted(self._models)]
 

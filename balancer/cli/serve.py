@@ -28,6 +28,11 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              127.0.0.1:8080; "off" disables it)
   LLMLB_AUTH                 require API keys: on or off (default on); the first start writes an admin
                              key to $LLMLB_HOME/admin-key (mode 0600)
+  LLMLB_UNKNOWN_KEY_CACHE    tokens the store does not hold that are remembered, apart from real keys
+                             (default 10000)
+  LLMLB_UNKNOWN_KEY_TTL      seconds such a token is answered 401 from memory (default 30)
+  LLMLB_UNKNOWN_KEY_RATE     never-seen tokens one client address may have looked up a second;
+                             past that, 401 with Retry-After and no store read (default 5)
   LLMLB_TLS_CERT / LLMLB_TLS_KEY   certificate and key: the gRPC door speaks TLS when both are set
   LLMLB_TLS_CLIENT_CA        with TLS, callers must present a certificate this CA signed (mTLS)
   LLMLB_DATABASE_URL         SQLAlchemy URL of the metadata store

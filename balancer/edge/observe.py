@@ -4,9 +4,9 @@ When a request ends, its ``Call`` is also handed to the observer's sinks: the us
 key and model, ``balancer.usage``) and the console's short history (``balancer.history``). Both only
 update memory, so the request path gains no I/O.
 
-A model name becomes a Prometheus label only once the catalogue knows it: an answered request's model
-was found by the router, and a refused one is looked up before it is counted, so callers asking for
-made-up models add no series (they are counted under an empty model label).
+A model name becomes a Prometheus label only once the catalogue knows it, and a node id only once it
+is registered (``balancer.edge.labels``): callers asking for made-up models, and nodes answering
+under made-up ids, add no series (they are counted under the empty label).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from balancer.edge.admission import admit
 from balancer.edge.caller import caller_key_id
+from balancer.edge.labels import Labels
 from common.errors import ErrorCode, LlmlbError
 from common.inference import InferenceRequest, TextChunk, Usage
 from common.metrics import BalancerMetrics
@@ -27,10 +28,6 @@ from common.metrics import BalancerMetrics
 T = TypeVar("T")
 R = TypeVar("R", bound=InferenceRequest)
 OK = "ok"
-
-
-class Catalogue(Protocol):
-    async def get(self, model_id: str) -> Any: ...
 
 
 class Sink(Protocol):
@@ -44,6 +41,7 @@ class Call:
     """One request being answered; ``done`` records it once, whichever way it ends."""
 
     metrics: BalancerMetrics
+    labels: Labels
     door: str
     route: str
     model: str = ""  # the admitted (normal) model id; cleared before counting if the catalogue lacks it
@@ -51,7 +49,7 @@ class Call:
     sinks: tuple[Sink, ...] = ()
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
-    node_id: str = ""  # the node that answered, when the answer says
+    node_id: str = ""  # the registered node that answered, when the answer names one
     first_token_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,14 +62,15 @@ class Call:
         """Counts tokens of an answer; only answered requests get here, so their model is known.
 
         With ``node_id`` (a chat or completion answer) its prompt tokens are counted on that node too,
-        split into those the node's prompt cache saved and those it computed.
+        split into those the node's prompt cache saved and those it computed; an id the answer gives
+        that no registered node has is counted under the empty label.
         """
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
         self.prompt_tokens += usage.prompt_tokens
         self.completion_tokens += usage.completion_tokens
         if node_id:
-            self.node_id = node_id
-            self.metrics.prompt_tokens(self.model, node_id, usage.prompt_tokens, usage.cached_tokens)
+            self.node_id = self.labels.node(node_id)
+            self.metrics.prompt_tokens(self.model, self.node_id, usage.prompt_tokens, usage.cached_tokens)
 
     def done(self, code: str) -> None:
         """``code`` is ``ok`` or an ``ErrorCode`` value."""
@@ -86,14 +85,14 @@ class Call:
 class Observer:
     """Opens a ``Call`` per request and closes it with its outcome; both doors hold one."""
 
-    def __init__(self, metrics: BalancerMetrics, catalogue: Catalogue, sinks: tuple[Sink, ...] = ()) -> None:
+    def __init__(self, metrics: BalancerMetrics, labels: Labels, sinks: tuple[Sink, ...] = ()) -> None:
         self.metrics = metrics
-        self._catalogue = catalogue
+        self._labels = labels
         self._sinks = sinks
 
     def call(self, door: str, route: str) -> Call:
         """A new call, made by the key the door's access check let in."""
-        return Call(self.metrics, door, route, key_id=caller_key_id(), sinks=self._sinks)
+        return Call(self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks)
 
     def admit(self, call: Call, request: R) -> R:
         """``request`` through admission (``edge.admission.admit``), its model then the call's label.
@@ -115,16 +114,8 @@ class Observer:
             code = ErrorCode.CANCELLED.value
         else:
             code = ErrorCode.INTERNAL.value
-        if call.model and not await self._known(call.model):
-            call.model = ""
+        call.model = self._labels.model(call.model)
         call.done(code)
-
-    async def _known(self, model: str) -> bool:
-        try:
-            await self._catalogue.get(model)
-        except LlmlbError:
-            return False
-        return True
 
     async def unary(self, call: Call, answer: Callable[[], Awaitable[T]]) -> T:
         """Awaits ``answer`` and records its outcome."""

@@ -27,7 +27,8 @@ def _guarded(keys: KeyRing, access: Access | None, what: str, endpoint: Endpoint
 
     async def checked(request: Request) -> Response:
         # Raises ``unauthorized`` (no, unknown or revoked key) or ``forbidden`` (wrong scope, or unlisted).
-        await keys.authorize(bearer(request.headers.get("authorization")), access, what)
+        client = request.client.host if request.client is not None else ""
+        await keys.authorize(bearer(request.headers.get("authorization")), access, what, client)
         return await endpoint(request)
 
     checked.__name__ = getattr(endpoint, "__name__", "endpoint")

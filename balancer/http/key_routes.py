@@ -54,21 +54,41 @@ def usage_json(count: UsageCount) -> dict[str, Any]:
 
 
 def parse_since(value: str | None) -> datetime | None:
-    """``since`` as ISO 8601 (with a zone, or UTC) or seconds since the epoch; None when absent."""
+    """``since`` as ISO 8601 (with a zone, or UTC) or seconds since the epoch, in UTC; None when absent.
+
+    A time no date can hold in UTC (``inf``, ``1e20``, year 9999 with an offset west of UTC) is refused
+    here, naming ``since``, rather than overflowing later in the query.
+    """
     if not value:
         return None
     try:
-        return datetime.fromtimestamp(float(value), UTC)
+        seconds: float | None = float(value)
     except ValueError:
-        pass
+        seconds = None
     try:
+        if seconds is not None:
+            return datetime.fromtimestamp(seconds, UTC)
         at = datetime.fromisoformat(value)
     except ValueError:
-        raise LlmlbError(
-            ErrorCode.INVALID_REQUEST,
-            f"since must be an ISO 8601 time or seconds since the epoch; got {value!r}",
-        ) from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        if seconds is None:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST,
+                f"since must be an ISO 8601 time or seconds since the epoch; got {value[:64]!r}",
+            ) from None
+        raise _out_of_range(value) from None
+    except (OverflowError, OSError):
+        raise _out_of_range(value) from None
+    try:
+        return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    except OverflowError:
+        raise _out_of_range(value) from None
+
+
+def _out_of_range(value: str) -> LlmlbError:
+    return LlmlbError(
+        ErrorCode.INVALID_REQUEST,
+        f"since is out of range: {value[:64]!r} is not a time between the years 1 and 9999 in UTC",
+    )
 
 
 def _scopes(names: list[str]) -> list[Scope]:

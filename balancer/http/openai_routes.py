@@ -68,7 +68,7 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 def door_observer(parts: BalancerParts) -> Observer:
     """The HTTP door's observer: metrics, and the usage counter and history the console reads."""
-    return Observer(parts.metrics, parts.catalog, (parts.usage, parts.history))
+    return Observer(parts.metrics, parts.labels, (parts.usage, parts.history))
 
 
 def observed(

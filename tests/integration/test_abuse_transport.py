@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -297,14 +298,18 @@ def _bytes_message(size: int) -> bytes:
     return b"\x0a" + varint + bytes([length]) + b"a" * size
 
 
-async def _send_calls(address: str, method: str, calls: int, size: int) -> list[grpc.StatusCode]:
+async def _send_calls(
+    address: str, method: str, calls: int, size: int, made_up_keys: bool = False
+) -> list[grpc.StatusCode]:
+    """``calls`` concurrent calls of ``size`` bytes each; with ``made_up_keys``, each with a new key."""
     payload = _bytes_message(size)
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
 
         async def one() -> grpc.StatusCode:
+            metadata = (("authorization", f"Bearer llmlb-{secrets.token_hex(16)}"),) if made_up_keys else None
             try:
-                await call(payload, timeout=30)
+                await call(payload, timeout=30, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 return exc.code()
             return grpc.StatusCode.OK
@@ -320,6 +325,20 @@ async def test_grpc_calls_without_a_key_are_refused_before_their_message_is_read
         codes = await asyncio.gather(
             _send_calls(balancer.address, "/llmlb.v1.Inference/Transcribe", 8, 60 * MB),
             _send_calls(node.address, "/llmlb.v1.Inference/Transcribe", 8, 60 * MB),
+        )
+    assert {code for each in codes for code in each} == {grpc.StatusCode.UNAUTHENTICATED}
+    assert max(growth.values()) < RSS_GROWTH_MB, f"peak RSS growth by pid, MB: {growth}"
+
+
+async def test_grpc_calls_with_made_up_keys_are_refused_before_their_message_is_read(fleet: Fleet) -> None:
+    """8 calls of 60 MB each, each with a key nobody issued: the balancer checks a never-seen key with
+    the caller's address (which only the handler sees), still before the message is read."""
+    balancer, node = fleet.balancer, fleet.node
+    assert balancer.proc is not None and node.proc is not None
+    async with peak_growth({balancer.proc.pid, node.proc.pid}) as growth:
+        codes = await asyncio.gather(
+            _send_calls(balancer.address, "/llmlb.v1.Inference/Transcribe", 8, 60 * MB, made_up_keys=True),
+            _send_calls(node.address, "/llmlb.v1.Inference/Transcribe", 8, 60 * MB, made_up_keys=True),
         )
     assert {code for each in codes for code in each} == {grpc.StatusCode.UNAUTHENTICATED}
     assert max(growth.values()) < RSS_GROWTH_MB, f"peak RSS growth by pid, MB: {growth}"

@@ -5,11 +5,13 @@ A balancer (both doors, in this process) on a PostgreSQL server of the test's ow
 answering on both doors with keys used before, and the node stays in rotation across several
 heartbeat timeouts; management writes and store reads fail fast with ``unavailable`` and one clear
 message. Once the server is back, the same writes succeed and nothing written before is missing.
+Ten thousand requests with random keys just before the outage change none of that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from pathlib import Path
 
@@ -37,6 +39,7 @@ FAIL_WITHIN_S = 8.0  # a write during the outage fails this fast, not after the 
 HEARTBEAT_MS = 300
 # Long enough to outlive the key cache and several heartbeat timeouts: neither may end the session.
 OUTAGE_TRAFFIC_S = max(CACHE_SECONDS, 4 * 3 * HEARTBEAT_MS / 1000) + 1
+RANDOM_TOKENS = 10_000  # as many as the key cache once held in all, known keys included
 
 
 async def chat_http(doors: Doors, secret: str, text: str) -> str:
@@ -54,6 +57,53 @@ async def chat_grpc(doors: Doors, secret: str, text: str) -> str:
     metadata = (("authorization", f"Bearer {secret}"),)
     chunks = doors.inference.Chat(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
     return "".join([chunk.delta async for chunk in chunks])
+
+
+async def random_tokens_http(port: int, count: int, connections: int = 4, depth: int = 16) -> None:
+    """``count`` requests with made-up keys on the HTTP door, as a scanner sends them: pipelined,
+    ``depth`` at a time, on a few connections. Each one must be a 401."""
+
+    async def one_connection(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for sent in range(0, n, depth):
+                batch = min(depth, n - sent)
+                writer.write(
+                    b"".join(
+                        b"GET /v1/models HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer llmlb-"
+                        + secrets.token_urlsafe(32).encode()
+                        + b"\r\n\r\n"
+                        for _ in range(batch)
+                    )
+                )
+                for _ in range(batch):
+                    status = await reader.readline()
+                    assert status.startswith(b"HTTP/1.1 401 "), status
+                    length = 0
+                    while (line := await reader.readline()) not in (b"\r\n", b""):
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    await reader.readexactly(length)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_connection(count // connections) for _ in range(connections)))
+
+
+async def random_tokens_grpc(doors: Doors, count: int, concurrency: int = 8) -> None:
+    """``count`` calls with made-up keys on the gRPC door, ``concurrency`` at a time; each one is
+    UNAUTHENTICATED."""
+
+    async def caller(n: int) -> None:
+        for _ in range(n):
+            metadata = (("authorization", f"Bearer llmlb-{secrets.token_urlsafe(32)}"),)
+            status, _ = await grpc_error(
+                doors.registry.ListModels(rpb.ListModelsRequest(), metadata=metadata)
+            )
+            assert status is grpc.StatusCode.UNAUTHENTICATED
+
+    await asyncio.gather(*(caller(count // concurrency) for _ in range(concurrency)))
 
 
 async def refused_http(doors: Doors, method: str, path: str, secret: str) -> tuple[int, ErrorCode, str]:
@@ -101,6 +151,9 @@ async def test_inference_survives_a_database_outage_and_management_writes_work_a
                 assert await chat_http(doors, secret, "hello before") == "hello before"
                 assert await chat_grpc(doors, secret, "hello before") == "hello before"
 
+            # A flood of random keys, as a scanner sends them: the keys used above keep their place.
+            await random_tokens_grpc(doors, RANDOM_TOKENS // 5)
+            await random_tokens_http(doors.balancer.http_port or 0, RANDOM_TOKENS - RANDOM_TOKENS // 5)
             await asyncio.to_thread(server.halt)
 
             # Inference keeps answering on both doors, from memory, for as long as the drill runs.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,6 +53,33 @@ async def test_missing_and_unknown_keys_are_unauthorized(keys: KeyRing) -> None:
     assert await refused(keys, None, Scope.API) is ErrorCode.UNAUTHORIZED
     assert await refused(keys, "", Scope.API) is ErrorCode.UNAUTHORIZED
     assert await refused(keys, "llmlb-not-a-key", Scope.API) is ErrorCode.UNAUTHORIZED
+
+
+async def test_new_keys_from_one_address_pass_and_only_unknown_tokens_spend_its_rate(store: Store) -> None:
+    keys = KeyRing(store, lookups_per_s=1)
+    minted = [(await keys.create(f"client-{i}", [Scope.API]))[1] for i in range(5)]
+    for secret in minted:  # each a store read, each found: the address keeps its budget
+        assert await keys.check(secret, Scope.API, client="192.0.2.1") is not None
+    with pytest.raises(LlmlbError) as unknown:
+        await keys.check("llmlb-not-a-key", Scope.API, client="192.0.2.1")
+    assert unknown.value.message == "invalid or revoked API key"
+    with pytest.raises(LlmlbError) as again:  # remembered: refused the same way, no read, no budget
+        await keys.check("llmlb-not-a-key", Scope.API, client="192.0.2.1")
+    assert again.value.message == "invalid or revoked API key"
+    with pytest.raises(LlmlbError) as limited:
+        await keys.check("llmlb-another-guess", Scope.API, client="192.0.2.1")
+    assert limited.value.code is ErrorCode.UNAUTHORIZED and limited.value.retry_after_s is not None
+    await keys.settle()
+
+
+async def test_a_new_key_used_by_many_requests_at_once_is_read_once_and_passes_every_one(
+    store: Store,
+) -> None:
+    keys = KeyRing(store, lookups_per_s=1)
+    _, secret = await keys.create("busy-client", [Scope.API])
+    checked = await asyncio.gather(*(keys.check(secret, Scope.API, client="192.0.2.1") for _ in range(50)))
+    assert all(key is not None and key.name == "busy-client" for key in checked)
+    await keys.settle()
 
 
 async def test_a_revoked_key_stops_working_at_once(keys: KeyRing) -> None:

@@ -93,6 +93,24 @@ def test_database_pool_size_comes_from_the_environment_and_must_be_positive(tmp_
         load_balancer_config(env=home | {"LLMLB_DATABASE_POOL_SIZE": "0"})
 
 
+def test_the_unknown_key_limits_come_from_the_environment_and_must_be_positive(tmp_path: Path) -> None:
+    home = {"LLMLB_HOME": str(tmp_path)}
+    config = load_balancer_config(env=home)
+    assert (config.unknown_key_cache, config.unknown_key_ttl_s, config.unknown_key_rate) == (
+        10_000,
+        30.0,
+        5.0,
+    )
+    config = load_balancer_config(
+        env=home
+        | {"LLMLB_UNKNOWN_KEY_CACHE": "500", "LLMLB_UNKNOWN_KEY_TTL": "2.5", "LLMLB_UNKNOWN_KEY_RATE": "0.5"}
+    )
+    assert (config.unknown_key_cache, config.unknown_key_ttl_s, config.unknown_key_rate) == (500, 2.5, 0.5)
+    for name in ("LLMLB_UNKNOWN_KEY_CACHE", "LLMLB_UNKNOWN_KEY_TTL", "LLMLB_UNKNOWN_KEY_RATE"):
+        with pytest.raises(ValueError, match=name):
+            load_balancer_config(env=home | {name: "0"})
+
+
 def test_a_node_takes_one_balancer_or_several_in_the_order_given(tmp_path: Path) -> None:
     home = {"LLMLB_HOME": str(tmp_path)}
     assert load_node_config(env=home).balancers == ("127.0.0.1:50051",)

@@ -67,6 +67,23 @@ def test_a_request_with_an_unknown_model_counts_only_for_the_fleet() -> None:
     assert history.names("model") == [] and history.names("node") == []
 
 
+def test_only_known_models_and_nodes_get_a_series_and_removed_ones_lose_theirs() -> None:
+    live = {("model", "m"), ("node", "n1"), ("node", "n2")}
+    history = History(clock=Clock(), known=lambda kind, name: (kind, name) in live)
+    for i in range(200):  # names no catalogue or registration vouches for
+        history.finished(Finished(model=f"made-up-{i}", node_id=f"impostor-{i}"), "ok", 0.01)
+    history.finished(Finished(model="m", node_id="n1"), "ok", 0.01)
+    history.finished(Finished(model="m", node_id="n2"), "ok", 0.01)
+    assert history.points()[0]["requests"] == 202  # every request still counts for the fleet
+    assert history.names("model") == ["m"] and history.names("node") == ["n1", "n2"]
+
+    live -= {("model", "m"), ("node", "n2")}  # the model deleted, the node removed
+    assert history.names("model") == [] and history.names("node") == ["n1"]
+    assert history.points("node", "n2") == [] and history.points("model", "m") == []
+    live.add(("node", "n2"))  # registered again: it starts a new series, not the old one
+    assert history.points("node", "n2") == []
+
+
 def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([5.0, 1.0, 3.0], 50) == 3.0

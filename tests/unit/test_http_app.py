@@ -310,6 +310,26 @@ async def test_http_requests_are_counted_in_the_metrics_by_route_and_code(shim: 
     assert "acme/secret-name" not in scrape  # names that are not models never become labels
 
 
+@pytest.mark.parametrize(
+    "since", ["inf", "-inf", "1e20", "-1e20", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"]
+)
+async def test_a_usage_time_no_date_can_hold_is_a_400_naming_since(shim: Shim, since: str) -> None:
+    response = await shim.client.get("/v0/usage", params={"since": since}, headers=shim.admin)
+    assert error_of(response, 400, "invalid_request").startswith("since is out of range")
+
+
+async def test_usage_times_at_the_ends_of_the_range_are_answered_in_utc(shim: Shim) -> None:
+    for since, shown in (
+        ("9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59+00:00"),
+        ("9999-12-31T20:00:00-03:00", "9999-12-31T23:00:00+00:00"),
+        ("0001-01-01T00:00:00", "0001-01-01T00:00:00+00:00"),
+        ("0", "1970-01-01T00:00:00+00:00"),
+    ):
+        response = await shim.client.get("/v0/usage", params={"since": since}, headers=shim.admin)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"object": "list", "since": shown, "data": []}
+
+
 # -- streaming and disconnects ---------------------------------------------------------------------------
 
 

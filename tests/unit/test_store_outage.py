@@ -134,6 +134,60 @@ async def test_a_key_seen_before_the_outage_keeps_working_and_a_new_one_is_unava
     assert {key.name for key in await keys.list()} == {"frontend", "batch"}
 
 
+async def test_unknown_tokens_past_an_address_rate_are_refused_without_a_store_read(
+    store: Store, db_dir: Path
+) -> None:
+    clock = FakeClock()
+    keys = KeyRing(store, clock=clock, lookups_per_s=2)
+    async with database_gone(store, db_dir):
+        # A token that reaches the store is "unavailable" now; one refused before it is "unauthorized".
+        for token in ("llmlb-a", "llmlb-b"):
+            with pytest.raises(LlmlbError) as read:
+                await keys.check(token, Scope.API, client="203.0.113.9")
+            assert read.value.code is ErrorCode.UNAVAILABLE
+        with pytest.raises(LlmlbError) as limited:
+            await keys.check("llmlb-c", Scope.API, client="203.0.113.9")
+        assert limited.value.code is ErrorCode.UNAUTHORIZED
+        assert limited.value.spec.http_status == 401
+        assert limited.value.retry_after_s == pytest.approx(0.5)
+        assert "too many unknown API keys from this address" in limited.value.message
+        with pytest.raises(LlmlbError) as elsewhere:  # another address has its own budget
+            await keys.check("llmlb-c", Scope.API, client="198.51.100.4")
+        assert elsewhere.value.code is ErrorCode.UNAVAILABLE
+        clock.now += 0.5
+        with pytest.raises(LlmlbError) as later:
+            await keys.check("llmlb-c", Scope.API, client="203.0.113.9")
+        assert later.value.code is ErrorCode.UNAVAILABLE
+
+
+async def test_an_unknown_token_is_answered_from_memory_for_its_ttl_and_never_evicts_a_key(
+    store: Store, db_dir: Path
+) -> None:
+    clock = FakeClock()
+    keys = KeyRing(store, clock=clock, unknown_cache=3, unknown_ttl_s=30.0, lookups_per_s=1e9)
+    _, known = await keys.create("frontend", [Scope.API])
+    assert await keys.check(known, Scope.API) is not None
+    for token in ("llmlb-0", "llmlb-1", "llmlb-2", "llmlb-3"):
+        with pytest.raises(LlmlbError):
+            await keys.check(token, Scope.API)
+    async with database_gone(store, db_dir):
+        clock.now += CACHE_SECONDS + 1
+        for token in ("llmlb-1", "llmlb-2", "llmlb-3"):  # remembered: refused without a store read
+            with pytest.raises(LlmlbError) as remembered:
+                await keys.check(token, Scope.API)
+            assert remembered.value.code is ErrorCode.UNAUTHORIZED
+        with pytest.raises(LlmlbError) as forgotten:  # the oldest, past the bound: asked again
+            await keys.check("llmlb-0", Scope.API)
+        assert forgotten.value.code is ErrorCode.UNAVAILABLE
+        checked = await keys.check(known, Scope.API)  # the key itself was never pushed out
+        assert checked is not None and checked.name == "frontend"
+        clock.now += 30.0
+        with pytest.raises(LlmlbError) as expired:
+            await keys.check("llmlb-1", Scope.API)
+        assert expired.value.code is ErrorCode.UNAVAILABLE
+    await keys.settle()
+
+
 def wrapped(cause: BaseException) -> sa_exc.DBAPIError:
     """SQLAlchemy's wrapper around a driver error raised ``from cause``, as the asyncpg adapter raises it."""
     orig = Exception("driver error")
