@@ -3,20 +3,20 @@
 The protocol is ``common/bulk_http.py``'s, the same a node's bulk server speaks, so a node reads
 the proxy and its peers with one client. Like ``Manifest.ReadBlob`` here, nothing is written to
 the balancer's disk: each chunk from the origin goes to the caller as it arrives. A caller presents
-the fleet token (what registered nodes hold) or a ``node``-scope API key; with keys off, anyone on
-the network may read, as with every other call.
+a current fleet token (what registered nodes hold; it expires and rotates) or a ``node``-scope API
+key; with keys off, anyone on the network may read, as with every other call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 
 import structlog
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
+from balancer.fleet_token import FleetTokens
 from balancer.origin import Origin
 from common.bulk_http import BlobRequest, BulkListener, parse_range, partial_head, serve_connection
 from common.errors import ErrorCode, LlmlbError
@@ -28,11 +28,11 @@ log = structlog.get_logger(__name__)
 class BulkProxy:
     """Serves ranges of catalogued files, read from their origin as they are sent."""
 
-    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_token: str) -> None:
+    def __init__(self, catalog: Catalog, origin: Origin, keys: KeyRing, fleet_tokens: FleetTokens) -> None:
         self._catalog = catalog
         self._origin = origin
         self._keys = keys
-        self._fleet_token = fleet_token
+        self._fleet_tokens = fleet_tokens
         self._listener = BulkListener(self._serve)
 
     @property
@@ -50,7 +50,7 @@ class BulkProxy:
         await serve_connection(reader, writer, self._authorize, self._send, "balancer")
 
     async def _authorize(self, token: str | None) -> None:
-        if token and self._fleet_token and hmac.compare_digest(token.encode(), self._fleet_token.encode()):
+        if self._fleet_tokens.accepts(token):  # one a node holds now: it expires, and a revocation rotates it
             return
         await self._keys.check(token, Scope.NODE)
 
