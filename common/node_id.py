@@ -1,9 +1,9 @@
 """Node-id rules: what a valid node id is.
 
-A node id is at most 128 characters of ASCII letters, digits, ``-``, ``_`` and ``.``: the model-id
-alphabet without ``/``, since a node id is never a path. It goes into the ``x-llmlb-node`` header and
-into logs, so a control character or a non-Latin-1 one must never get in. Checked wherever an id
-enters (registration, a key bound to a node id).
+A node id is at most 128 characters of ASCII letters (either case), digits, ``-``, ``_`` and ``.``:
+the model-id alphabet without ``/``, since a node id is never a path. It goes into the
+``x-llmlb-node`` header and into logs, so a control character or a non-Latin-1 one must never get
+in. Checked wherever an id enters (registration, a key bound to a node id).
 """
 
 from __future__ import annotations
