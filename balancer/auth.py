@@ -29,6 +29,7 @@ from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
 from balancer.unknown_keys import LOOKUPS_PER_S, UNKNOWN_CACHE, UNKNOWN_TTL_S, LookupRate, UnknownTokens
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.node_id import check_node_id
 from common.rpc import OpenReads, abort_with, metadata_bearer, refusing_handler
 from common.types import ApiKey, Scope
 
@@ -77,13 +78,25 @@ class KeyRing:
         self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called with each key revoked here (``balancer.node_owners.revoked``: the fleet token rotates,
+        # the key's nodes are cut off).
+        self.on_revoke: Callable[[ApiKey], Awaitable[None]] | None = None
 
-    async def create(self, name: str, scopes: Sequence[Scope]) -> tuple[ApiKey, str]:
-        """A new key and its secret; the secret is returned here and never stored."""
+    async def create(self, name: str, scopes: Sequence[Scope], *, node_id: str = "") -> tuple[ApiKey, str]:
+        """A new key and its secret; the secret is returned here and never stored.
+
+        ``node_id`` binds a ``node`` key to that one node id: it may register no other.
+        """
         if not scopes:
             raise LlmlbError(ErrorCode.INVALID_REQUEST, "a key needs at least one scope (api, node, admin)")
         if len(name) > 128:
             raise LlmlbError(ErrorCode.INVALID_REQUEST, "a key name has at most 128 characters")
+        if node_id:
+            check_node_id(node_id)
+            if Scope.NODE not in scopes or Scope.ADMIN in scopes:
+                raise LlmlbError(
+                    ErrorCode.INVALID_REQUEST, "only a node key (without admin) is bound to a node id"
+                )
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         key = ApiKey(
             id=f"key-{secrets.token_hex(6)}",
@@ -91,11 +104,18 @@ class KeyRing:
             prefix=secret[:SHOWN_PREFIX_LENGTH],
             secret_hash=hash_secret(secret),
             scopes=tuple(dict.fromkeys(scopes)),
+            node_id=node_id,
         )
         stored = await self._store.add_key(key)
         self._unknown.discard(key.secret_hash)
         await self._changes.publish(Change.KEY, stored.id)
-        log.info("key.created", key_id=stored.id, name=name, scopes=[s.value for s in stored.scopes])
+        log.info(
+            "key.created",
+            key_id=stored.id,
+            name=name,
+            scopes=[s.value for s in stored.scopes],
+            node_id=node_id or None,
+        )
         return stored, secret
 
     async def list(self) -> list[ApiKey]:
@@ -110,11 +130,17 @@ class KeyRing:
         if not revoked:
             raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no live key {key_id_or_prefix!r}")
         self.forget()
-        await self._changes.publish(Change.KEY, key_id_or_prefix)
+        found = None
         for key in await self._store.list_keys():
             if key_id_or_prefix in (key.id, key.prefix) and key.revoked_at is not None:
-                return key
-        raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+                found = key
+                break
+        if found is not None and self.on_revoke is not None:
+            await self.on_revoke(found)
+        await self._changes.publish(Change.KEY, key_id_or_prefix)  # after the rotation: others re-read it
+        if found is None:
+            raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+        return found
 
     def forget(self) -> None:
         """Makes every remembered answer stale, so the next check of each key asks the store again.
@@ -137,6 +163,7 @@ class KeyRing:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left there earlier keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
         os.replace(tmp, path)

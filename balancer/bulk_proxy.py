@@ -3,8 +3,8 @@
 The protocol is ``common/bulk_http.py``'s, the same a node's bulk server speaks, so a node reads
 the proxy and its peers with one client. Like ``Manifest.ReadBlob`` here, nothing is written to
 the balancer's disk: each chunk from the origin goes to the caller as it arrives. A caller presents
-the fleet token (what registered nodes hold) or a ``node``-scope API key; with keys off, anyone on
-the network may read, as with every other call.
+a current fleet token (what registered nodes hold; it expires and rotates) or a ``node``-scope API
+key; with keys off, anyone on the network may read, as with every other call.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import structlog
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
+from balancer.fleet_token import FleetTokens
 from balancer.origin import Origin
 from common.bulk_http import BlobRequest, BulkListener, parse_range, range_head, serve_connection
 from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
@@ -34,13 +35,13 @@ class BulkProxy:
         catalog: Catalog,
         origin: Origin,
         keys: KeyRing,
-        fleet_token: Secret,
+        fleet_tokens: FleetTokens,
         limits: HttpLimits = DEFAULT_HTTP_LIMITS,
     ) -> None:
         self._catalog = catalog
         self._origin = origin
         self._keys = keys
-        self._fleet_token = fleet_token
+        self._fleet_tokens = fleet_tokens
         self._listener = BulkListener(self._serve, limits)
 
     @property
@@ -68,7 +69,7 @@ class BulkProxy:
 
     async def _authorize(self, token: Secret | None, client: str = "") -> None:
         presented = token.reveal() if token is not None else None
-        if self._fleet_token.matches(presented):
+        if self._fleet_tokens.accepts(presented):  # one a node holds now: it expires, a revocation rotates it
             return
         await self._keys.check(presented, Scope.NODE, client=client)
 

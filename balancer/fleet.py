@@ -55,8 +55,9 @@ class NodeLoad:
 class NodeInfo:
     """What a node said about itself when it registered: where to call it and what it can serve.
 
-    ``auth_token`` is what calls to the node must present; it lives here only, in memory: never
-    stored, listed or logged (``repr=False`` keeps it out of any printed record).
+    ``auth_token`` is the node's own token (``XLLM_AUTH_TOKEN``), which calls to it present instead of
+    the fleet token; it lives here only, in memory: never stored, listed or logged (``repr=False``
+    keeps it out of any printed record).
     """
 
     node_id: str
@@ -73,7 +74,9 @@ class Fleet:
     Both are routed to alike; a local session always wins over a remote report.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fleet_token: Callable[[], str] = lambda: "") -> None:
+        # The fleet token to present now (``balancer.fleet_token.FleetTokens.current``): it rotates.
+        self._fleet_token = fleet_token
         self._online: set[str] = set()
         self._remote: dict[str, str] = {}  # node_id -> the replica holding its session
         self._draining: set[str] = set()
@@ -98,9 +101,17 @@ class Fleet:
         return self._info.get(node_id)
 
     def token(self, node_id: str) -> str:
-        """The token calls to ``node_id`` present, from its latest registration; empty when none."""
+        """The token calls to ``node_id`` present now: its own, else the fleet's; empty when unknown."""
+        credential = self.credential(node_id)
+        return credential if isinstance(credential, str) else credential()
+
+    def credential(self, node_id: str) -> str | Callable[[], str]:
+        """What calls to ``node_id`` present: the node's own token from its latest registration, else
+        what reads the current fleet token at each call (one channel outlives its rotations)."""
         info = self._info.get(node_id)
-        return info.auth_token if info is not None else ""
+        if info is None:
+            return ""
+        return info.auth_token or self._fleet_token
 
     def set_draining(self, node_id: str, draining: bool) -> None:
         if draining != (node_id in self._draining):

@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 import grpc.aio
 
-from common.channels import open_channel
+from common.channels import ApiKeySource, open_channel
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 
 
 @dataclass(frozen=True, slots=True)
 class _Client:
     address: str
-    token: str = field(repr=False)
+    token: ApiKeySource = field(repr=False)
     channel: grpc.aio.Channel
     stub: igrpc.InferenceStub
 
@@ -30,7 +30,8 @@ class NodeClients:
         # at shutdown.
         self._old: list[grpc.aio.Channel] = []
 
-    def stub(self, node_id: str, address: str, token: str = "") -> igrpc.InferenceStub:
+    def stub(self, node_id: str, address: str, token: ApiKeySource = "") -> igrpc.InferenceStub:
+        """The node's stub; a callable ``token`` (the fleet token, which rotates) is read at each call."""
         known = self._clients.get(node_id)
         if known is not None and known.address == address and known.token == token:
             return known.stub

@@ -19,12 +19,14 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from balancer import node_owners
 from balancer.fleet import ModelOnNode, NodeLoad
+from balancer.fleet_token import Grant
 from balancer.parts import BalancerParts
 from balancer.sessions import Session
 from balancer.store import StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
-from common.types import CommandKind, NodeCommand
+from common.types import ApiKey, CommandKind, NodeCommand
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +83,13 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class Tokens:
+    """The fleet tokens the node holds from now on (sent at the start, at each turn, on a rotation)."""
+
+    grant: Grant
+
+
+@dataclass(frozen=True, slots=True)
 class Unrecognised:
     """A message this balancer does not know (from a newer node): it still shows the node is alive."""
 
@@ -88,22 +97,27 @@ class Unrecognised:
 
 
 NodeMessage = Hello | Heartbeat | ModelReported | PrefixesReported | CommandAck | Unrecognised
-BalancerMessage = Accepted | NodeCommand
+BalancerMessage = Accepted | Tokens | NodeCommand
 
 _NOT_HELLO = "a node session starts with hello"
 
 
 async def serve(
-    parts: BalancerParts, inbound: AsyncIterator[NodeMessage]
+    parts: BalancerParts, inbound: AsyncIterator[NodeMessage], caller: ApiKey | None = None
 ) -> AsyncGenerator[BalancerMessage, None]:
     """Runs one node's session: reads what it sends, yields what the balancer sends it.
 
-    Raises ``invalid_request`` when the first message (within the heartbeat timeout) is not a hello,
-    ``node_not_found`` when the node is not registered or was removed while connected, ``unavailable``
-    when the store cannot be reached to look the node up (the node retries). Once open, a session
-    outlives a store outage: command polls and acks that fail are retried on a later tick.
+    ``caller`` is the key that opened the stream (None with keys off): only the node's owner (or an
+    admin key) may speak for it. Raises ``invalid_request`` when the first message (within the
+    heartbeat timeout) is not a hello, ``node_not_found`` when the node is not registered or was
+    removed while connected, ``forbidden`` when the node belongs to another key, ``unauthorized``
+    when its key was revoked while connected, ``unavailable`` when the store cannot be reached to
+    look the node up (the node retries). Once open, a session outlives a store outage: command polls
+    and acks that fail are retried on a later tick. The fleet tokens follow the first answer and are
+    sent again before each turn of their window and at once when a revocation rotates them.
     """
     store, sessions, fleet, config = parts.store, parts.sessions, parts.fleet, parts.config
+    tokens = parts.fleet_tokens
     timeout_s = config.heartbeat_timeout_ms / 1000
     try:
         first = await asyncio.wait_for(anext(inbound), timeout_s)
@@ -112,8 +126,10 @@ async def serve(
     if not isinstance(first, Hello) or not first.node_id:
         raise LlmlbError(ErrorCode.INVALID_REQUEST, _NOT_HELLO)
     node_id = first.node_id
-    if await store.get_node(node_id) is None:
+    node = await store.get_node(node_id)
+    if node is None:
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode")
+    node_owners.check_session(caller, node)  # another key's session would take the node's place
     session = await sessions.open(node_id)
     reader: asyncio.Task[None] | None = None
     # From here on the session closes however the handler ends: grpc cancels it at whatever await it
@@ -126,12 +142,18 @@ async def serve(
             await parts.replicas.reported(node_id)
         reader = asyncio.create_task(_read(parts, session, inbound))
         yield Accepted(node_id, config.heartbeat_interval_ms)
+        granted = tokens.version, tokens.epoch()
+        yield Tokens(tokens.grant(replaces=True))  # the whole set: a rotation may have passed it by
         # The queue is read when the session starts and when something wakes it (commands queued here
         # or, through a notice, on another replica; the periodic resync wakes it too): never on a
         # timer, which with many nodes would cost a store query per node every few seconds.
         read_queue = True
-        while not session.stopped:
+        while not session.stopped and not session.revoked:
             session.wake.clear()  # cleared before reading the queue, so no command slips between
+            if (tokens.version, tokens.epoch()) != granted:  # a new window, or a rotation
+                rotated = tokens.version != granted[0]
+                granted = tokens.version, tokens.epoch()
+                yield Tokens(tokens.grant(replaces=rotated))
             pending: list[NodeCommand] | None = []
             if read_queue:
                 pending = await _pending(parts, session)
@@ -139,13 +161,13 @@ async def serve(
                     if cmd.id not in session.sent:
                         session.sent.add(cmd.id)
                         yield cmd
-            if session.ending:
+            if session.ending or session.revoked:
                 break
             silent_for = time.monotonic() - session.last_seen
             if silent_for > timeout_s:
                 log.warning("node.silent", node_id=node_id, seconds=round(silent_for, 1))
                 break
-            wait_s = timeout_s - silent_for
+            wait_s = min(timeout_s - silent_for, tokens.seconds_to_next())
             if pending is None:  # the store did not answer: ask again on the next heartbeat's tick
                 wait_s = min(wait_s, config.heartbeat_interval_ms / 1000)
             waker = asyncio.ensure_future(session.wake.wait())
@@ -160,7 +182,9 @@ async def serve(
         if reader is not None:
             reader.cancel()
         await sessions.close(session)
-    if session.ending:  # the node's link sees why its session ended
+    if session.revoked:  # the node's link sees why its session ended, and cannot register again
+        raise LlmlbError(ErrorCode.UNAUTHORIZED, f"the key node {node_id!r} registered with was revoked")
+    if session.ending:
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} was removed from the balancer")
 
 

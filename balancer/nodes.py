@@ -8,7 +8,6 @@ that is offline gets them when it reconnects.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -16,16 +15,16 @@ from datetime import UTC, datetime
 
 import structlog
 
+from balancer import node_owners
 from balancer.changes import Change
 from balancer.fleet import NodeInfo
 from balancer.parts import BalancerParts
 from balancer.store import TooLong
 from common.errors import ErrorCode, LlmlbError
-from common.types import Backend, Capability, CommandKind, GpuDevice, Node, NodeState
+from common.node_id import check_node_id
+from common.types import ApiKey, Backend, Capability, CommandKind, GpuDevice, Node, NodeState
 
 log = structlog.get_logger(__name__)
-MAX_NODE_ID_LENGTH = 128
-_NODE_ID = re.compile(r"[A-Za-z0-9._-]+")
 DETACH_POLL_S = 0.05  # how often a removal looks whether another replica has let go of the node
 
 
@@ -60,39 +59,41 @@ class PulledModel:
     node_ids: tuple[str, ...]
 
 
-def check_node_id(node_id: str) -> str:
-    """``node_id`` unchanged, or ``invalid_request`` when it is too long or has other characters."""
-    if len(node_id) > MAX_NODE_ID_LENGTH or not _NODE_ID.fullmatch(node_id):
-        raise LlmlbError(
-            ErrorCode.INVALID_REQUEST,
-            f"node_id {node_id[:80]!r}: at most {MAX_NODE_ID_LENGTH} letters, digits, '-', '_' or '.'",
-        )
-    return node_id
+async def register_node(
+    parts: BalancerParts, reg: NodeRegistration, key: ApiKey | None = None
+) -> RegisteredNode:
+    """Records the node (offline until its session opens) and what it can serve.
 
-
-async def register_node(parts: BalancerParts, reg: NodeRegistration) -> RegisteredNode:
-    """Records the node (offline until its session opens) and what it can serve."""
+    ``key`` is the caller's (None with keys off): the id must be its to register
+    (``balancer.node_owners``), and a node online at another address keeps it.
+    """
     if not reg.address:
         raise LlmlbError(ErrorCode.INVALID_REQUEST, "address (host:port of the node) is required")
-    node_id = check_node_id(reg.node_id or f"node-{uuid.uuid4().hex[:12]}")
-    try:
-        node = await parts.store.upsert_node(
-            Node(
-                id=node_id,
-                address=reg.address,
-                backends=list(reg.backends),
-                gpus=list(reg.gpus),
-                runtimes=list(reg.runtimes),
-                version=reg.version,
-                state=NodeState.OFFLINE,  # online once its session opens
-                last_seen_at=datetime.now(UTC),
-            )
+    node_id = check_node_id(node_owners.requested_id(key, reg.node_id) or f"node-{uuid.uuid4().hex[:12]}")
+    fleet = parts.fleet
+    new = Node(
+        id=node_id,
+        address=reg.address,
+        backends=list(reg.backends),
+        gpus=list(reg.gpus),
+        runtimes=list(reg.runtimes),
+        version=reg.version,
+        state=NodeState.OFFLINE,  # online once its session opens
+        last_seen_at=datetime.now(UTC),
+    )
+
+    def claim(stored: Node | None) -> Node:  # run in the store's write, so two callers cannot both pass
+        online = stored is not None and (bool(stored.replica_id) or fleet.is_online(stored.id))
+        return replace(
+            new, owner_key_id=node_owners.owner_after_registration(key, stored, reg.address, online)
         )
+
+    try:
+        node = await parts.store.upsert_node(new, claim)
     except TooLong as exc:  # an address or version longer than the store keeps
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"node registration: {exc}") from None
-    # What routed calls present: the node's own token if it has one, else the fleet's (memory only).
-    token = reg.auth_token or parts.fleet_token
-    parts.fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=token))
+    # Routed calls present the node's own token if it has one, else the fleet's (memory only).
+    fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=reg.auth_token))
     config = parts.config
     return RegisteredNode(node, config.heartbeat_interval_ms, config.heartbeat_timeout_ms)
 

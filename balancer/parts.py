@@ -8,6 +8,7 @@ from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.edge.labels import Labels
 from balancer.fleet import Fleet
+from balancer.fleet_token import FleetTokens
 from balancer.history import History
 from balancer.origin import Origin
 from balancer.replicas import Replicas
@@ -32,13 +33,18 @@ class BalancerParts:
     metrics: BalancerMetrics
     replicas: Replicas  # this balancer among the replicas of its store (alone on SQLite)
     # What every node accepts on its Inference and Manifest port (``balancer.fleet_token``); never shown.
-    fleet_token: str = field(default="", repr=False)
+    fleet_tokens: FleetTokens = field(repr=False)
     # Counted at the edge when each request ends: usage per key (flushed to the store in batches)
     # and the console's short history of request metrics (memory only, this replica's own).
     usage: UsageCounter = field(init=False)
     history: History = field(init=False)
     # The names metrics and the history may use as labels: catalogue models and registered nodes.
     labels: Labels = field(init=False)
+
+    @property
+    def fleet_token(self) -> str:
+        """The fleet token to present now."""
+        return self.fleet_tokens.current()
 
     def __post_init__(self) -> None:
         self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)

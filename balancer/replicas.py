@@ -41,6 +41,7 @@ import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from balancer import node_owners
 from balancer.changes import Change
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.store import Store, StoreUnavailable
@@ -338,6 +339,7 @@ class Replicas:
             sessions.notify_all()  # a delete or pull queued commands for nodes held here
         elif change is Change.KEY:
             parts.keys.forget()
+            self._spawn(node_owners.follow_revocations(parts))  # a rotated fleet token, a revoked owner
         elif change is Change.COMMANDS:
             sessions.notify(subject) if subject else sessions.notify_all()
         elif change is Change.DRAIN:
@@ -395,7 +397,7 @@ class Replicas:
             self._between.pop(node_id, None)
             snapshot = NodeSnapshot.from_json(node.id, node.live)
             fleet.attached_elsewhere(
-                NodeInfo(node.id, node.address, snapshot.capabilities, auth_token=parts.fleet_token),
+                NodeInfo(node.id, node.address, snapshot.capabilities),
                 node.replica_id,
                 models=list(snapshot.models),
                 load=snapshot.load,
@@ -432,6 +434,7 @@ class Replicas:
         for model_id in before - after:
             self._fleet.forget_model(model_id)
         parts.keys.forget()
+        await node_owners.follow_revocations(parts)
         await self._resync_nodes()
         # In case a COMMANDS notice was lost: the sessions with commands waiting look again.
         parts.sessions.notify_many(await self._store.nodes_with_commands())

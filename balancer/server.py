@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sys
 from dataclasses import dataclass
@@ -13,13 +14,14 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from balancer import node_owners
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.labels import Labels
 from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
-from balancer.fleet_token import load_fleet_token
+from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
 from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
@@ -44,7 +46,7 @@ from common.pb.llmlb.v1 import (
     registry_pb2_grpc,
 )
 from common.rpc import server_options
-from common.secret import Secret, masked_url
+from common.secret import masked_url
 from common.types import ModelState
 
 log = structlog.get_logger(__name__)
@@ -147,7 +149,7 @@ async def prepare_store(config: BalancerConfig) -> None:
     try:
         keys = KeyRing(store, enabled=config.auth)
         await bootstrap_admin_key(config, keys)
-        await load_fleet_token(store)
+        await FleetTokens(store, config.fleet_token_ttl_s).load()
         await keys.settle()
     finally:
         await store.close()
@@ -158,7 +160,9 @@ async def start(config: BalancerConfig) -> Balancer:
     seed = load_catalog(config.catalog_path, config.hf_endpoint)  # a broken file stops us before any I/O
     store = await Store.open(config.database_url, pool_size=config.database_pool_size)
     origin = Origin(config)
-    fleet = Fleet()
+    fleet_tokens = FleetTokens(store, config.fleet_token_ttl_s)
+    await fleet_tokens.load()
+    fleet = Fleet(fleet_tokens.current)
     replicas = Replicas(
         store, fleet, database_url=config.database_url, timeout_s=config.replica_timeout_ms / 1000
     )
@@ -179,10 +183,10 @@ async def start(config: BalancerConfig) -> Balancer:
     # The gauges read the router at scrape time; the closure sees it once it is assigned below.
     metrics = BalancerMetrics(lambda: _fleet_gauges(fleet, router, parts.labels))
     router = Router(config, catalog, fleet, clients, metrics)
-    fleet_token = await load_fleet_token(store)
     parts = BalancerParts(
-        config, store, origin, catalog, fleet, sessions, router, keys, metrics, replicas, fleet_token
+        config, store, origin, catalog, fleet, sessions, router, keys, metrics, replicas, fleet_tokens
     )
+    keys.on_revoke = functools.partial(node_owners.revoked, parts)
     await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
     # Ports are shared only among ``--workers`` replicas: two balancers started on one port by
     # mistake must fail, not split the traffic between them.
@@ -191,7 +195,7 @@ async def start(config: BalancerConfig) -> Balancer:
     registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(parts), server)
     bulk = None
     if config.bulk_listen:
-        bulk = BulkProxy(catalog, origin, keys, Secret(fleet_token), config.http_limits)
+        bulk = BulkProxy(catalog, origin, keys, fleet_tokens, config.http_limits)
         try:
             await bulk.start(config.bulk_listen)
         except OSError as exc:

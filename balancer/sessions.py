@@ -28,6 +28,7 @@ class Session:
     sent: set[int] = field(default_factory=set)  # command ids delivered on this session
     stopped: bool = False  # replaced by a newer session, or the balancer is stopping
     ending: bool = False  # the node was removed: send what is queued, then close the stream
+    revoked: bool = False  # the key the node registered with was revoked: close the stream now
     draining: bool = False  # told to drain: a heartbeat saying otherwise must not undo it
     batched: bool = False  # woken with many others: its next queue read is the one shared read
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -92,6 +93,24 @@ class NodeSessions:
             await self.close(session)
         while self._closing:
             await asyncio.wait([asyncio.ensure_future(s.closed.wait()) for s in self._closing])
+
+    def wake_all(self) -> None:
+        """Wakes every session, e.g. so each sends its node the fleet tokens after a rotation."""
+        for session in self._open.values():
+            session.wake.set()
+
+    async def cut(self, node_id: str, timeout_s: float) -> bool:
+        """Ends the node's session at once (its key was revoked); False if it had none open."""
+        session = self._open.get(node_id)
+        if session is None:
+            return False
+        session.revoked = True
+        session.wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(session.closed.wait()), timeout_s)
+        except TimeoutError:
+            log.warning("node.session_end_timeout", node_id=node_id)
+        return True
 
     def notify_all(self) -> None:
         """Wakes every session so it sends the commands queued for its node."""

@@ -16,12 +16,18 @@ def bearer_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {api_key}"),) if api_key else ()
 
 
+# A key, or what reads the current one at each call (a token that rotates, e.g. the fleet token).
+ApiKeySource = str | Callable[[], str]
+
+
 class _KeyDetails:
-    def __init__(self, api_key: str) -> None:
-        self._metadata = bearer_metadata(api_key)
+    def __init__(self, api_key: ApiKeySource) -> None:
+        self._key = api_key
+        self._metadata = bearer_metadata(api_key) if isinstance(api_key, str) else ()
 
     def _details(self, details: Any) -> Any:
-        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+        metadata = self._metadata if isinstance(self._key, str) else bearer_metadata(self._key())
+        return details._replace(metadata=tuple(details.metadata or ()) + metadata)
 
 
 # grpc.aio files an interceptor under the first call kind it matches, so each kind needs its own class.
@@ -53,8 +59,11 @@ class _StreamStreamKey(_KeyDetails, grpc.aio.StreamStreamClientInterceptor):  # 
         return await continuation(self._details(details), requests)
 
 
-def key_interceptors(api_key: str) -> list[Any]:
-    """Client interceptors adding ``authorization: Bearer <key>`` to every kind of call."""
+def key_interceptors(api_key: ApiKeySource) -> list[Any]:
+    """Client interceptors adding ``authorization: Bearer <key>`` to every kind of call.
+
+    A callable ``api_key`` is read at each call, so one channel follows a token that rotates.
+    """
     kinds = (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)
     return [kind(api_key) for kind in kinds] if api_key else []
 
@@ -73,12 +82,13 @@ def client_credentials(
 def open_channel(
     target: str,
     *,
-    api_key: str = "",
+    api_key: ApiKeySource = "",
     tls_ca: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` that presents ``api_key`` and speaks TLS when ``tls_ca`` is set."""
+    """An asyncio channel to ``target`` that presents ``api_key`` (read at each call when callable) and
+    speaks TLS when ``tls_ca`` is set."""
     interceptors: Any = key_interceptors(api_key) or None
     credentials = client_credentials(tls_ca, tls_cert, tls_key)
     if credentials is None:

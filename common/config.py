@@ -195,6 +195,9 @@ class BalancerConfig:
     origin_timeout_s: float = 30.0
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_ms: int = 3000
+    # How long one window of the fleet token lasts (``balancer.fleet_token``): a node holds this
+    # window's token and the next, renewed over its session, so a token works at most twice this long.
+    fleet_token_ttl_s: float = 3600.0
     # A replica whose beat is older than this is taken as dead and the nodes it held as offline.
     # Longer than a node's timeout: a busy replica must not be declared dead by a late beat, and a
     # killed replica's nodes do not wait for it (they attach to another replica by themselves).
@@ -312,6 +315,7 @@ def load_balancer_config(
         origin_timeout_s=s.get(None, ("LLMLB_ORIGIN_TIMEOUT",), 30.0, float),
         heartbeat_interval_ms=s.get(None, ("LLMLB_HEARTBEAT_INTERVAL_MS",), 1000, int),
         heartbeat_timeout_ms=s.get(None, ("LLMLB_HEARTBEAT_TIMEOUT_MS",), 3000, int),
+        fleet_token_ttl_s=s.get(None, ("LLMLB_FLEET_TOKEN_TTL",), 3600.0, parse_positive),
         replica_timeout_ms=s.get(None, ("LLMLB_REPLICA_TIMEOUT_MS",), 10_000, int),
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),

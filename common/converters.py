@@ -280,4 +280,5 @@ def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
         created_at=timestamp(key.created_at),
         revoked_at=timestamp(key.revoked_at),
         last_used_at=timestamp(key.last_used_at),
+        node_id=key.node_id,
     )

@@ -141,6 +141,7 @@ class Node:
     last_seen_at: datetime | None = None
     replica_id: str = ""  # the balancer replica holding its session; empty while it has none
     live: str = field(default="", repr=False)  # what it last reported there (JSON, for other replicas)
+    owner_key_id: str = ""  # the key the node id belongs to (see ``balancer.node_owners``); "": none
 
 
 class CommandKind(enum.StrEnum):
@@ -178,6 +179,7 @@ class ApiKey:
     created_at: datetime | None = None
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
+    node_id: str = ""  # a node key bound to one node id registers that id only; "": any it owns
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The node's live link to the balancer: registration, the session stream, commands, and lookups.
 
 ``RegisterNode`` first (the id the balancer assigns is saved in ``<home>/node-id`` and reused after a
-restart; the fleet token it answers with goes to ``NodeCredentials``, in memory only), then a
+restart; the fleet tokens it answers with go to ``NodeCredentials``, in memory only, and are renewed
+over the session), then a
 ``NodeSession`` stream: a heartbeat every interval with load and the full per-model picture, a
 ``model_state`` message whenever a model changes (download progress included), a ``prefixes`` report
 whenever the prompt prefixes a loaded model keeps computed change (and every model's report at the
@@ -154,8 +155,7 @@ class BalancerLink:
                 tls_key=config.tls_key,
             ),
         )
-        self._peers: dict[str, tuple[str, grpc.aio.Channel]] = {}  # address -> (token, channel)
-        self._old_peers: list[grpc.aio.Channel] = []  # dialled with an older token; closed at stop
+        self._peers: dict[str, grpc.aio.Channel] = {}  # address -> channel
         self.node_id = config.node_id or self._saved_node_id()
         self.connected = asyncio.Event()
         self._heartbeat_s = 1.0
@@ -192,9 +192,7 @@ class BalancerLink:
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
-        for _, channel in self._peers.values():
-            await channel.close(None)
-        for channel in self._old_peers:
+        for channel in self._peers.values():
             await channel.close(None)
         await self._balancers.close()
 
@@ -285,7 +283,10 @@ class BalancerLink:
             self._config.node_id_file.parent.mkdir(parents=True, exist_ok=True)
             self._config.node_id_file.write_text(reply.node_id + "\n")
         self.node_id = reply.node_id
-        self.credentials.set_fleet_token(reply.fleet_token)
+        if reply.HasField("fleet_tokens"):
+            self._hold(reply.fleet_tokens)
+        else:  # an older balancer: one token that never changes
+            self.credentials.set_fleet_token(reply.fleet_token)
         self._heartbeat_s = max(0.05, reply.heartbeat_interval_ms / 1000)
         log.info(
             "balancer.registered",
@@ -308,6 +309,14 @@ class BalancerLink:
                 )
             elif kind == "command":
                 self._start_command(msg.command)
+            elif kind == "fleet_token":  # renewed before the old ones run out, or rotated
+                self._hold(msg.fleet_token)
+
+    def _hold(self, tokens: rpb.FleetToken) -> None:
+        """The fleet tokens the balancer sent, in memory only, each accepted for the time it gave."""
+        self.credentials.set_fleet_tokens(
+            tokens.token, ((t.token, t.valid_ms / 1000) for t in tokens.accepted), replaces=tokens.replaces
+        )
 
     async def _outgoing(self) -> AsyncIterator[rpb.NodeMessage]:
         yield rpb.NodeMessage(hello=rpb.NodeHello(node_id=self.node_id))
@@ -504,21 +513,20 @@ class BalancerLink:
         except grpc.aio.AioRpcError as exc:  # an older balancer, or a key without the node scope
             log.warning("balancer.fleet_token_unavailable", error=error_from_rpc(exc).message)
             return
-        self.credentials.set_fleet_token(reply.token)
+        if reply.accepted:
+            self._hold(reply)
+        else:  # an older balancer
+            self.credentials.set_fleet_token(reply.token)
 
     def _peer_channel(self, address: str) -> grpc.aio.Channel:
-        """One channel per peer, presenting the fleet token (see ``NodeCredentials.for_peers``).
+        """One channel per peer, presenting the fleet token current at each call (it rotates; see
+        ``NodeCredentials.for_peers``).
 
         A peer that refuses it answers UNAUTHENTICATED; the download moves on to the next source.
         """
-        token = self.credentials.for_peers()
-        known = self._peers.get(address)
-        if known is not None and known[0] == token:
-            return known[1]
-        if known is not None:  # the fleet token changed (the balancer's store was replaced)
-            self._old_peers.append(known[1])
-        channel = open_channel(address, api_key=token)
-        self._peers[address] = (token, channel)
+        channel = self._peers.get(address)
+        if channel is None:
+            channel = self._peers[address] = open_channel(address, api_key=self.credentials.for_peers)
         return channel
 
     def proxy_source(self) -> BlobSource:

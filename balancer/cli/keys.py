@@ -26,6 +26,12 @@ def add_parsers(keys: Any) -> None:
         choices=["api", "node", "admin"],
         help="api: inference and reading; node: node workers; admin: everything (repeatable)",
     )
+    create.add_argument(
+        "--node-id",
+        default="",
+        help="bind a node key to this node id: it may register that id only (and take it over from "
+        "the key that held it)",
+    )
     add_client_parser(keys, "list", "list keys (never their secrets), revoked ones included", run)
     add_client_parser(keys, "revoke", "revoke a key at once", run).add_argument(
         "key", help="key id or its shown prefix"
@@ -37,12 +43,15 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
     t = CALL_TIMEOUT_S
     if args.action == "create":
         scopes = sorted({pb.Scope.Value(f"SCOPE_{s.upper()}") for s in args.scopes})
-        made = await stub.CreateKey(rpb.CreateKeyRequest(name=args.name, scopes=scopes), timeout=t)
+        made = await stub.CreateKey(
+            rpb.CreateKeyRequest(name=args.name, scopes=scopes, node_id=args.node_id), timeout=t
+        )
         if args.json:
             print_json(as_dict(made))
         else:
             key = made.key
-            print(f"created key {key.id} ({key.name}, scope {scope_names(key.scopes)})")
+            bound = f", node {key.node_id} only" if key.node_id else ""
+            print(f"created key {key.id} ({key.name}, scope {scope_names(key.scopes)}{bound})")
             print("its secret, shown this once (only a hash is kept):")
             print(made.secret)
     elif args.action == "list":
@@ -51,13 +60,14 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
             print_json(as_dict(listed))
             return 0
         print_table(
-            [["KEY", "NAME", "PREFIX", "SCOPES", "CREATED", "LAST USED", "REVOKED"]]
+            [["KEY", "NAME", "PREFIX", "SCOPES", "NODE", "CREATED", "LAST USED", "REVOKED"]]
             + [
                 [
                     k.id,
                     k.name,
                     k.prefix,
                     scope_names(k.scopes),
+                    k.node_id or "-",
                     when(k, "created_at"),
                     when(k, "last_used_at"),
                     when(k, "revoked_at"),

@@ -43,6 +43,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_ALLOWED_ORIGINS      comma-separated origin URLs models may come from (default: $HF_ENDPOINT)
   LLMLB_ORIGIN_TIMEOUT       seconds per origin request (default 30)
   LLMLB_HEARTBEAT_INTERVAL_MS / LLMLB_HEARTBEAT_TIMEOUT_MS   node session timing (default 1000 / 3000)
+  LLMLB_FLEET_TOKEN_TTL      seconds one window of the fleet token lasts (default 3600): nodes renew it
+                             over their session; a kept token works at most twice this long, and
+                             revoking a node or admin key rotates it at once
   LLMLB_ROUTING              routing policy for chat and completions: cache-aware (default; to the node
                              holding the prompt's prefix, unless it is much busier), power-of-two or
                              round-robin

@@ -38,6 +38,7 @@ def key_json(key: ApiKey) -> dict[str, Any]:
         "created_at": _iso(key.created_at),
         "revoked_at": _iso(key.revoked_at),
         "last_used_at": _iso(key.last_used_at),
+        "node_id": key.node_id,  # "" unless the key may register that one node id only
     }
 
 
@@ -109,7 +110,7 @@ def key_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     async def create_key(request: Request) -> Response:
         body = cv.parse_body(CreateKeyBody, await request.body())
-        key, secret = await parts.keys.create(body.name, _scopes(body.scopes))
+        key, secret = await parts.keys.create(body.name, _scopes(body.scopes), node_id=body.node_id)
         return answer({**key_json(key), "secret": secret}, 201)  # the only time the secret is shown
 
     async def revoke_key(request: Request) -> Response:

@@ -201,12 +201,12 @@ ANSWERS: dict[str, Schema] = {
     ),
     "Key": obj(
         {"id": STR, "name": STR, "prefix": STR, "scopes": arr(STR)},
-        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME},
+        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME, "node_id": STR},
     ),
     "KeyList": obj({"object": {"const": "list"}, "data": arr(ref("Key"))}),
     "NewKey": obj(
         {"id": STR, "name": STR, "prefix": STR, "scopes": arr(STR), "secret": STR},
-        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME},
+        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME, "node_id": STR},
     ),
     "Me": obj({"id": STR, "name": STR, "scopes": arr(STR), "replica": STR}, {"prefix": STR}),
     "Usage": obj(

@@ -148,7 +148,9 @@ class PullModelBody(_Body):
 
 
 class CreateKeyBody(_Body):
-    """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``)."""
+    """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``);
+    ``node_id`` binds a node key to the one node id it may register."""
 
     name: str = ""
     scopes: list[str]
+    node_id: str = ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
@@ -68,6 +68,17 @@ NO_NODE_RETRY_AFTER_S = 5.0
 
 R = TypeVar("R", bound=InferenceRequest)
 T = TypeVar("T")
+A = TypeVar("A")  # a node's answer as it came: one message, or a list of them
+
+
+def _stamped(answer: A, node_id: str) -> A:
+    """The node's answer naming the node it was routed to: the registered id, never what the node
+    wrote in it (that goes into the ``x-llmlb-node`` header, where a CR/LF would break the reply)."""
+    messages: Any = answer if isinstance(answer, list) else (answer,)
+    for message in messages:
+        if "node_id" in message.DESCRIPTOR.fields_by_name:
+            message.node_id = node_id
+    return answer
 
 
 class Router:
@@ -199,7 +210,7 @@ class Router:
             took = clock() - started
             self._stats.answered(node.node_id, took)
             self._service.finished(queue_key, took)
-            return route.from_pb(answer)
+            return route.from_pb(_stamped(answer, node.node_id))
 
     async def _stream(self, route: Route[R, T], request: R, timeout: float | None) -> AsyncGenerator[T, None]:
         pb = route.to_pb(request)
@@ -227,11 +238,11 @@ class Router:
                     last = self._failed(route, model, node, exc, tried)
                     continue
                 self._stats.answered(node.node_id, clock() - started)
-                yield from_pb(first)
+                yield from_pb(_stamped(first, node.node_id))
                 # Past the first item the caller has bytes: a failure now ends the stream, no retry.
                 try:
                     async for item in items:
-                        yield from_pb(item)
+                        yield from_pb(_stamped(item, node.node_id))
                 except grpc.aio.AioRpcError as exc:
                     failure = classify(exc)
                     if failure.node_fault:
@@ -270,7 +281,7 @@ class Router:
         return self._clock() + (timeout if timeout is not None else self._config.request_timeout_s)
 
     def _stub(self, node: Candidate) -> igrpc.InferenceStub:
-        return self._clients.stub(node.node_id, node.address, self._fleet.token(node.node_id))
+        return self._clients.stub(node.node_id, node.address, self._fleet.credential(node.node_id))
 
     # -- choosing a node ---------------------------------------------------------------------------
 

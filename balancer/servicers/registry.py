@@ -15,7 +15,9 @@ import grpc.aio
 from balancer import control, node_session, nodes
 from balancer.catalog import RegisterRequest
 from balancer.control import ModelView, NodeView
+from balancer.edge.caller import caller
 from balancer.fleet import ModelOnNode, NodeLoad
+from balancer.fleet_token import Grant
 from balancer.parts import BalancerParts
 from common import converters
 from common.errors import ErrorCode, LlmlbError
@@ -95,11 +97,21 @@ def _command_to_pb(cmd: NodeCommand) -> rpb.NodeCommand:
     return msg
 
 
+def _grant_to_pb(grant: Grant) -> rpb.FleetToken:
+    return rpb.FleetToken(
+        token=grant.token,
+        accepted=[rpb.AcceptedToken(token=t, valid_ms=int(s * 1000)) for t, s in grant.accepted],
+        replaces=grant.replaces,
+    )
+
+
 def _balancer_message_to_pb(out: node_session.BalancerMessage) -> rpb.BalancerMessage:
     if isinstance(out, node_session.Accepted):
         return rpb.BalancerMessage(
             accepted=rpb.SessionAccepted(node_id=out.node_id, heartbeat_interval_ms=out.heartbeat_interval_ms)
         )
+    if isinstance(out, node_session.Tokens):
+        return rpb.BalancerMessage(fleet_token=_grant_to_pb(out.grant))
     return rpb.BalancerMessage(command=_command_to_pb(out))
 
 
@@ -191,17 +203,20 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 capabilities=frozenset(converters.requested_capabilities_from_pb(request.capabilities)),
                 auth_token=request.auth_token,
             ),
+            caller(),
         )
+        grant = self._parts.fleet_tokens.grant(replaces=True)  # what a rotation it missed withdrew, too
         return rpb.RegisterNodeResponse(
             node_id=registered.node.id,
             heartbeat_interval_ms=registered.heartbeat_interval_ms,
             heartbeat_timeout_ms=registered.heartbeat_timeout_ms,
-            fleet_token=self._parts.fleet_token,
+            fleet_token=grant.token,
+            fleet_tokens=_grant_to_pb(grant),
         )
 
     @rpc_errors
     async def GetFleetToken(self, request: rpb.GetFleetTokenRequest, context: Ctx) -> rpb.FleetToken:
-        return rpb.FleetToken(token=self._parts.fleet_token)
+        return _grant_to_pb(self._parts.fleet_tokens.grant(replaces=True))
 
     @rpc_errors
     async def ListNodes(self, request: rpb.ListNodesRequest, context: Ctx) -> rpb.ListNodesResponse:
@@ -228,7 +243,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
         known = [s for s in scopes if s is not None]
         if len(known) != len(scopes):
             raise LlmlbError(ErrorCode.INVALID_REQUEST, "each scope must be api, node or admin")
-        key, secret = await self._keys.create(request.name, known)
+        key, secret = await self._keys.create(request.name, known, node_id=request.node_id)
         return rpb.CreateKeyResponse(key=converters.api_key_to_pb(key), secret=secret)
 
     @rpc_errors
@@ -246,6 +261,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
         self, request_iterator: AsyncIterator[rpb.NodeMessage], context: Ctx
     ) -> AsyncIterator[rpb.BalancerMessage]:
         # aclosing: when grpc drops the stream, the session closes now, not whenever it is collected.
-        async with aclosing(node_session.serve(self._parts, _node_messages(request_iterator))) as outgoing:
+        messages = _node_messages(request_iterator)
+        async with aclosing(node_session.serve(self._parts, messages, caller())) as outgoing:
             async for out in outgoing:
                 yield _balancer_message_to_pb(out)

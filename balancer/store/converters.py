@@ -126,6 +126,7 @@ def fill_node_row(row: NodeRow, node: Node) -> None:
     row.runtimes = list(node.runtimes)
     row.version = node.version
     row.state = node.state.value
+    row.owner_key_id = node.owner_key_id or None
 
 
 def node(row: NodeRow) -> Node:
@@ -141,6 +142,7 @@ def node(row: NodeRow) -> Node:
         last_seen_at=row.last_seen_at,
         replica_id=row.replica_id or "",
         live=row.live or "",
+        owner_key_id=row.owner_key_id or "",
     )
 
 
@@ -170,6 +172,7 @@ def api_key_row(key: ApiKey, *, created_at: datetime) -> ApiKeyRow:
         created_at=created_at,
         revoked_at=optional_utc(key.revoked_at),
         last_used_at=optional_utc(key.last_used_at),
+        node_id=key.node_id or None,
     )
 
 
@@ -183,4 +186,5 @@ def api_key(row: ApiKeyRow) -> ApiKey:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        node_id=row.node_id or "",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sqlalchemy import text
@@ -15,10 +16,21 @@ from balancer.store.engine import is_postgresql, is_sqlite, make_async_engine
 MIGRATION_LOCK_ID = 0x6C6C6D6C62
 
 
+def private_file(path: Path) -> None:
+    """Creates ``path`` (and its directory) readable by its owner only, whatever the umask; an existing
+    file is made so too. It holds the fleet token's secret and key hashes: mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 async def migrate(url: URL) -> str | None:
     """Create the database's directory and migrate it to head, through the store's own async driver."""
     if is_sqlite(url) and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        private_file(Path(url.database))
     engine = make_async_engine(url, pooled=False)
     try:
         # One transaction (DDL is transactional on both engines): a failed migration changes nothing.

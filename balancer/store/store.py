@@ -217,14 +217,19 @@ class Store:
 
     # nodes
 
-    async def upsert_node(self, node: Node) -> Node:
+    async def upsert_node(self, node: Node, check: Callable[[Node | None], Node] | None = None) -> Node:
         """Insert or update ``node``; an existing node keeps its ``registered_at``.
 
-        ``last_seen_at`` defaults to now: registering is contact. Returns the node as stored.
+        ``check``, when given, sees the node as stored (None when new) in the same transaction and
+        returns the node to write instead of ``node``, or raises to write nothing: two registrations
+        of one id cannot both pass it. ``last_seen_at`` defaults to now: registering is contact.
+        Returns the node as stored.
         """
         now = _now()
         async with self._writing() as session:
-            row = await session.get(NodeRow, node.id)
+            row = await session.get(NodeRow, node.id, with_for_update=True)
+            if check is not None:
+                node = check(None if row is None else converters.node(row))
             state = node.state
             if row is None:
                 row = NodeRow(id=node.id, registered_at=converters.optional_utc(node.registered_at) or now)
@@ -538,6 +543,18 @@ class Store:
         return sorted(found, key=lambda c: (c.key_id, c.model, c.minute))
 
     # secrets
+
+    async def replace_secret(self, name: str, value: str) -> str:
+        """Stores ``value`` under ``name`` in place of any earlier secret; returns it."""
+        insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        statement = insert(SecretRow).values(name=name, secret=value, created_at=_now())
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"], set_={"secret": value, "created_at": _now()}
+        )
+        async with self._writing() as session:
+            await session.execute(statement)
+        log.info("store.secret_replaced", name=name)  # never the secret itself
+        return value
 
     async def secret(self, name: str, generate: Callable[[], str]) -> str:
         """The secret stored under ``name``; on first use, ``generate()``'s value, stored and returned.

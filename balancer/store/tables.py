@@ -145,6 +145,8 @@ class NodeRow(Base):
     # reported there as JSON (``balancer.replicas.NodeSnapshot``), so every replica can route to it.
     replica_id: Mapped[str | None] = mapped_column(String(64))
     live: Mapped[str | None] = mapped_column(Text)
+    # The key that registered the node (or an admin's re-assignment); NULL when keys are off.
+    owner_key_id: Mapped[str | None] = mapped_column(String(128))
 
 
 class NodeCommandRow(Base):
@@ -174,6 +176,8 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The one node id a node key may register; NULL: any node id it owns or that is unclaimed.
+    node_id: Mapped[str | None] = mapped_column(String(256))
 
 
 class SecretRow(Base):

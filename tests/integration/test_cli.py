@@ -53,11 +53,16 @@ def test_keys_are_created_listed_and_revoked_and_a_revoked_key_is_refused(
     assert "worker" in human.stdout and "api,node" in human.stdout
     printed_secret = human.stdout.strip().splitlines()[-1]  # the secret stands alone on the last line
     assert printed_secret.startswith("llmlb-")
+    bound = llmlb(
+        "keys", "create", "--name", "gpu-7", "--scope", "node", "--node-id", "gpu-7", *at, home=home
+    )
+    assert bound.returncode == 0 and "node gpu-7 only" in bound.stdout, bound.stderr
 
     listed = as_json(llmlb("keys", "list", "--json", *at, home=home))["keys"]
     by_name = {k["name"]: k for k in listed}
     assert {"admin", "frontend", "worker"} <= by_name.keys()
     assert by_name["worker"]["scopes"] == ["SCOPE_API", "SCOPE_NODE"]
+    assert by_name["gpu-7"]["node_id"] == "gpu-7" and "node_id" not in by_name["worker"]
     assert all("secret" not in k for k in listed)
     table = llmlb("keys", "list", *at, home=home)
     assert table.stdout.splitlines()[0].split()[:4] == ["KEY", "NAME", "PREFIX", "SCOPES"]

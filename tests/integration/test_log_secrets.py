@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,8 @@ UNISSUED_KEY = "llmlb_sk_logsecret_never_issued_6Hp2Lx9Rv"
 PG_PASSWORD = "pg-logsecret-Vz4Nc8Qw2Ks"
 HUGE_RANGE = "bytes=0-" + "7" * 5000
 DATA = gguf_blob(64 * 1024, seed=41)
+
+DEFAULT_TTL_S = 3600  # LLMLB_FLEET_TOKEN_TTL, which these balancers leave at its default
 
 
 def bulk_get(port: int, token: str | None, query: str, range_header: str | None = None) -> int:
@@ -92,8 +95,12 @@ def secrets_of(
         "node key": balancer.node_key,
         "api key": api_key,
         "fleet secret": fleet_secret,
-        "fleet token": derive(fleet_secret),
     }
+    # The tokens of the windows around now (the default window is an hour): the one nodes hold, the
+    # next they were sent, and the last, in case the window turned during the run.
+    window = int(time.time() // DEFAULT_TTL_S)
+    for epoch in (window - 1, window, window + 1):
+        found[f"fleet token {epoch}"] = derive(fleet_secret, epoch)
     assert all(len(value) >= 16 for value in found.values()), "each secret is real and long enough to find"
     return found | {
         "unissued key": UNISSUED_KEY,

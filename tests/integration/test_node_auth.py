@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,7 @@ def fleet_token(balancer: BalancerProcess) -> str:
     """The token the balancer hands its nodes, derived from the secret in its store."""
     with sqlite3.connect(balancer.home / "llmlb.db") as db:
         row = db.execute("SELECT secret FROM balancer_secrets WHERE name = ?", (SECRET_NAME,)).fetchone()
-    return derive(row[0])
+    return derive(row[0], int(time.time() // 3600))  # the default LLMLB_FLEET_TOKEN_TTL
 
 
 def test_with_nothing_set_a_direct_caller_is_refused_while_routed_calls_and_peer_fetches_work(

@@ -196,6 +196,37 @@ async def test_a_key_made_on_one_replica_opens_the_other_and_a_revocation_there_
         print(f"revocation on A held on B after {took:.3f} s")
 
 
+async def test_revoking_a_nodes_key_on_one_replica_cuts_the_node_off_and_its_fleet_token_on_the_other(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    a, b = replicas
+    made = await a.registry.CreateKey(rpb.CreateKeyRequest(name="on-b", scopes=[pb.SCOPE_NODE]))
+    node = EchoNode(b.address, api_key=made.secret, node_id="on-b")  # its session is on B
+    await node.start()
+    try:
+        kept = b.balancer.parts.fleet_token
+        await within(PROPAGATION_S, lambda: _online_on(a, "on-b"), "on-b online on A")
+        await a.registry.RevokeKey(rpb.RevokeKeyRequest(key=made.key.id))
+
+        async def cut_off() -> bool:
+            return not await _online_on(a, "on-b") and not await _online_on(b, "on-b")
+
+        took = await within(PROPAGATION_S, cut_off, "on-b out of rotation on both replicas")
+        print(f"revocation on A cut the node on B off after {took:.3f} s")
+        assert not b.balancer.parts.fleet_tokens.accepts(kept) and not a.balancer.parts.fleet_tokens.accepts(
+            kept
+        )
+        assert b.balancer.parts.fleet_token == a.balancer.parts.fleet_token  # B took up A's rotation
+        await node.end_session()
+        assert node.ended_with is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await node.stop()
+
+
+async def _online_on(replica: Replica, node_id: str) -> bool:
+    return (await node_states(replica)).get(node_id) == "online"
+
+
 async def test_a_model_registered_and_pulled_through_one_replica_is_routable_on_the_other_within_a_second(
     replicas: tuple[Replica, Replica], hub: FakeHub
 ) -> None:

@@ -18,6 +18,7 @@ from openai.types import ModelDeleted
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog, load_catalog
 from balancer.fleet import Fleet
+from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
 from balancer.http.streaming import StreamingAnswer, unless_disconnected
 from balancer.node_clients import NodeClients
@@ -72,6 +73,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         keys,
         metrics,
         replicas,
+        FleetTokens(store, 3600.0),
     )
     transport = httpx.ASGITransport(app=create_app(parts))
     async with httpx.AsyncClient(transport=transport, base_url="http://shim", timeout=10) as client:

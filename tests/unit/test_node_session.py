@@ -18,6 +18,7 @@ from balancer import node_session
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.fleet import Fleet
+from balancer.fleet_token import FleetTokens
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
@@ -47,7 +48,17 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
     router = Router(config, catalog, fleet, clients, metrics)
     sessions = NodeSessions(store, fleet, replicas)
     yield BalancerParts(
-        config, store, origin, catalog, fleet, sessions, router, KeyRing(store), metrics, replicas
+        config,
+        store,
+        origin,
+        catalog,
+        fleet,
+        sessions,
+        router,
+        KeyRing(store),
+        metrics,
+        replicas,
+        FleetTokens(store, 3600.0),
     )
     await clients.close()
     await origin.close()

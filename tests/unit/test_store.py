@@ -21,12 +21,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from balancer.fleet_token import SECRET_NAME, derive, load_fleet_token
+from balancer.fleet_token import SECRET_NAME, FleetTokens, derive
 from balancer.migrations import alembic_config, head_revision
 from balancer.scheduler import Deployment
 from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
 from balancer.store.tables import Base
+from common.errors import ErrorCode, LlmlbError
 from common.types import (
     ApiKey,
     Backend,
@@ -414,6 +415,30 @@ async def test_keys_are_found_by_hash_listed_and_counted(store: Store) -> None:
     assert await store.count_keys() == 2
 
 
+async def test_a_nodes_owner_and_a_keys_bound_node_id_are_kept(store: Store) -> None:
+    bound = dataclasses.replace(make_key("key-1", "llmlb_aa", "hash-1"), node_id="node-a")
+    assert (await store.add_key(bound)).node_id == "node-a"
+    found = await store.find_key("hash-1")
+    assert found is not None and found.node_id == "node-a"
+    await store.upsert_node(make_node(owner_key_id="key-1"))
+
+    seen: list[Node | None] = []
+
+    def refuse(stored: Node | None) -> Node:
+        seen.append(stored)
+        raise LlmlbError(ErrorCode.FORBIDDEN, "not yours")
+
+    with pytest.raises(LlmlbError):
+        await store.upsert_node(make_node(address="10.6.6.6:1", owner_key_id="key-2"), refuse)
+    assert seen[0] is not None and seen[0].owner_key_id == "key-1"
+    kept = await store.get_node("node-a")
+    assert kept is not None and (kept.address, kept.owner_key_id) == ("127.0.0.1:50051", "key-1")
+    # What the check returns is what is written.
+    await store.upsert_node(make_node(), lambda stored: make_node(owner_key_id="key-3"))
+    moved = await store.get_node("node-a")
+    assert moved is not None and moved.owner_key_id == "key-3"
+
+
 async def test_adding_a_key_twice_is_refused(store: Store) -> None:
     await store.add_key(make_key("key-1", secret_hash="hash-1"))
     with pytest.raises(ValueError):
@@ -586,13 +611,32 @@ async def test_a_secret_is_made_once_and_every_store_on_the_database_reads_the_s
 
 async def test_the_fleet_token_survives_a_restart_and_is_not_the_stored_secret(database_url: str) -> None:
     store = await Store.open(database_url)
-    token = await load_fleet_token(store)
+    tokens = FleetTokens(store, 3600.0, clock=lambda: 7200.0)
+    await tokens.load()
+    token = tokens.current()
     await store.close()
     store = await Store.open(database_url)
     try:
-        assert await load_fleet_token(store) == token
+        again = FleetTokens(store, 3600.0, clock=lambda: 7200.0)
+        await again.load()
+        assert again.current() == token
         stored = await store.secret(SECRET_NAME, lambda: "unused")
-        assert token != stored and token == derive(stored) and len(token) == 64
+        assert token != stored and token == derive(stored, 2) and len(token) == 64
+    finally:
+        await store.close()
+
+
+async def test_rotating_the_fleet_token_replaces_the_secret_for_every_replica(database_url: str) -> None:
+    store = await Store.open(database_url)
+    try:
+        here, there = FleetTokens(store, 3600.0), FleetTokens(store, 3600.0)
+        await here.load()
+        await there.load()
+        kept = here.current()
+        await here.rotate()
+        assert here.current() != kept and not here.accepts(kept)
+        assert await there.reload() and there.current() == here.current()
+        assert not await there.reload()  # unchanged since
     finally:
         await store.close()
 

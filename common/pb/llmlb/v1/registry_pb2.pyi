@@ -326,22 +326,61 @@ Global___GetFleetTokenRequest: _TypeAlias = GetFleetTokenRequest  # noqa: Y015
 
 @_typing.final
 class FleetToken(_message.Message):
+    """The fleet tokens a node holds: the one to present now, and every one to accept, each for a while.
+    Tokens expire and rotate: the balancer sends a new set over the node's session before the one it
+    presents changes, and at once, with `replaces`, when a key that could have fetched one is revoked.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    """present this one to peers and the bulk proxy"""
+    replaces: _builtins.bool
+    """forget every token accepted before (a revocation rotated them)"""
+    @_builtins.property
+    def accepted(self) -> _containers.RepeatedCompositeFieldContainer[Global___AcceptedToken]:
+        """accept these; `token` is among them"""
+
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
+        accepted: _abc.Iterable[Global___AcceptedToken] | None = ...,
+        replaces: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "replaces", b"replaces", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FleetToken: _TypeAlias = FleetToken  # noqa: Y015
+
+@_typing.final
+class AcceptedToken(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    VALID_MS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    valid_ms: _builtins.int
+    """accept it for this long from receipt, then forget it"""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        valid_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "valid_ms", b"valid_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptedToken: _TypeAlias = AcceptedToken  # noqa: Y015
 
 @_typing.final
 class RegisterNodeResponse(_message.Message):
@@ -351,6 +390,7 @@ class RegisterNodeResponse(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     FLEET_TOKEN_FIELD_NUMBER: _builtins.int
+    FLEET_TOKENS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """the id to use in NodeSession"""
     heartbeat_interval_ms: _builtins.int
@@ -361,8 +401,11 @@ class RegisterNodeResponse(_message.Message):
     """The fleet's credential: every node accepts it as a bearer token on Inference and Manifest (and
     refuses those calls without a credential). The node presents it to its peers and keeps it in
     memory only; the balancer presents it on routed calls. Derived from a secret the balancer keeps
-    in its store, so it is the same for every node, every restart and every replica.
+    in its store, so it is the same for every node, every restart and every replica. It expires:
+    `fleet_tokens` says for how long it and the next one are good.
     """
+    @_builtins.property
+    def fleet_tokens(self) -> Global___FleetToken: ...
     def __init__(
         self,
         *,
@@ -370,10 +413,11 @@ class RegisterNodeResponse(_message.Message):
         heartbeat_interval_ms: _builtins.int = ...,
         heartbeat_timeout_ms: _builtins.int = ...,
         fleet_token: _builtins.str = ...,
+        fleet_tokens: Global___FleetToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fleet_tokens", b"fleet_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_token", b"fleet_token", "heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_token", b"fleet_token", "fleet_tokens", b"fleet_tokens", "heartbeat_interval_ms", b"heartbeat_interval_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -553,6 +597,7 @@ class BalancerMessage(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    FLEET_TOKEN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def accepted(self) -> Global___SessionAccepted:
         """the first message, answering NodeHello"""
@@ -561,17 +606,22 @@ class BalancerMessage(_message.Message):
     def command(self) -> Global___NodeCommand:
         """a queued command, re-sent on each new session until acked"""
 
+    @_builtins.property
+    def fleet_token(self) -> Global___FleetToken:
+        """the fleet tokens to hold from now on (renewal and rotation)"""
+
     def __init__(
         self,
         *,
         accepted: Global___SessionAccepted | None = ...,
         command: Global___NodeCommand | None = ...,
+        fleet_token: Global___FleetToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "command", b"command"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "command", b"command", "fleet_token", b"fleet_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "command", b"command"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "command", b"command", "fleet_token", b"fleet_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "command"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["accepted", "command", "fleet_token"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -807,8 +857,11 @@ class CreateKeyRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """a label for people, e.g. "chat-frontend" """
+    node_id: _builtins.str
+    """a node key bound to this node id registers that id only"""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Scope.ValueType]:
         """at least one"""
@@ -818,10 +871,11 @@ class CreateKeyRequest(_message.Message):
         *,
         name: _builtins.str = ...,
         scopes: _abc.Iterable[_types_pb2.Scope.ValueType] | None = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node_id", b"node_id", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -155,6 +155,8 @@ class RegistryServicer:
 
     def RegisterNode(self, request, context):
         """A node announces itself; the balancer records it and answers with the session parameters.
+        PERMISSION_DENIED when the node id belongs to another key, when the key is bound to another
+        node id, or when the node is online at another address.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +172,9 @@ class RegistryServicer:
 
     def NodeSession(self, request_iterator, context):
         """The live link of a registered node: it sends heartbeats and model state, the balancer sends
-        commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
+        commands and renewed fleet tokens. The node is in rotation exactly while this stream is open and
+        heartbeats arrive. Only the key that registered the node (or an admin key) may open it; the
+        stream ends UNAUTHENTICATED when that key is revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,14 +47,19 @@ class RegistryStub:
     GetModelStatus: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelStatusRequest, _registry_pb2.ModelStatus]
     """Fleet-wide download / readiness state of one model (the data behind GET /v0/models/{id}/status)."""
     RegisterNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterNodeRequest, _registry_pb2.RegisterNodeResponse]
-    """A node announces itself; the balancer records it and answers with the session parameters."""
+    """A node announces itself; the balancer records it and answers with the session parameters.
+    PERMISSION_DENIED when the node id belongs to another key, when the key is bound to another
+    node id, or when the node is online at another address.
+    """
     GetFleetToken: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetFleetTokenRequest, _registry_pb2.FleetToken]
     """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
     registering, such as `xllm pull`.
     """
     NodeSession: _grpc.StreamStreamMultiCallable[_registry_pb2.NodeMessage, _registry_pb2.BalancerMessage]
     """The live link of a registered node: it sends heartbeats and model state, the balancer sends
-    commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
+    commands and renewed fleet tokens. The node is in rotation exactly while this stream is open and
+    heartbeats arrive. Only the key that registered the node (or an admin key) may open it; the
+    stream ends UNAUTHENTICATED when that key is revoked.
     """
     ListNodes: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]
     """Every known node, online or not."""
@@ -95,14 +100,19 @@ class RegistryAsyncStub(RegistryStub):
     GetModelStatus: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelStatusRequest, _registry_pb2.ModelStatus]  # type: ignore[assignment]
     """Fleet-wide download / readiness state of one model (the data behind GET /v0/models/{id}/status)."""
     RegisterNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterNodeRequest, _registry_pb2.RegisterNodeResponse]  # type: ignore[assignment]
-    """A node announces itself; the balancer records it and answers with the session parameters."""
+    """A node announces itself; the balancer records it and answers with the session parameters.
+    PERMISSION_DENIED when the node id belongs to another key, when the key is bound to another
+    node id, or when the node is online at another address.
+    """
     GetFleetToken: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetFleetTokenRequest, _registry_pb2.FleetToken]  # type: ignore[assignment]
     """The fleet token (see RegisterNodeResponse) for a node-scope caller that fetches from peers without
     registering, such as `xllm pull`.
     """
     NodeSession: _aio.StreamStreamMultiCallable[_registry_pb2.NodeMessage, _registry_pb2.BalancerMessage]  # type: ignore[assignment]
     """The live link of a registered node: it sends heartbeats and model state, the balancer sends
-    commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
+    commands and renewed fleet tokens. The node is in rotation exactly while this stream is open and
+    heartbeats arrive. Only the key that registered the node (or an admin key) may open it; the
+    stream ends UNAUTHENTICATED when that key is revoked.
     """
     ListNodes: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListNodesRequest, _registry_pb2.ListNodesResponse]  # type: ignore[assignment]
     """Every known node, online or not."""
@@ -176,7 +186,10 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.RegisterNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.RegisterNodeResponse, _abc.Awaitable[_registry_pb2.RegisterNodeResponse]]:
-        """A node announces itself; the balancer records it and answers with the session parameters."""
+        """A node announces itself; the balancer records it and answers with the session parameters.
+        PERMISSION_DENIED when the node id belongs to another key, when the key is bound to another
+        node id, or when the node is online at another address.
+        """
 
     @_abc_1.abstractmethod
     def GetFleetToken(
@@ -195,7 +208,9 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.BalancerMessage], _abc.AsyncIterator[_registry_pb2.BalancerMessage]]:
         """The live link of a registered node: it sends heartbeats and model state, the balancer sends
-        commands. The node is in rotation exactly while this stream is open and heartbeats arrive.
+        commands and renewed fleet tokens. The node is in rotation exactly while this stream is open and
+        heartbeats arrive. Only the key that registered the node (or an admin key) may open it; the
+        stream ends UNAUTHENTICATED when that key is revoked.
         """
 
     @_abc_1.abstractmethod
