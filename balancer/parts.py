@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
@@ -16,6 +17,9 @@ from balancer.store import Store
 from balancer.usage import UsageCounter
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
+
+if TYPE_CHECKING:
+    from balancer.scheduler.loop import SchedulerLoop
 
 
 @dataclass(slots=True)
@@ -36,6 +40,8 @@ class BalancerParts:
     # and the console's short history of request metrics (memory only, this replica's own).
     usage: UsageCounter = field(init=False)
     history: History = field(init=False)
+    # Places deployments' copies (``balancer.scheduler.loop``); None until the server starts it.
+    scheduler: SchedulerLoop | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)

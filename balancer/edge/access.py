@@ -55,6 +55,10 @@ GRPC_ACCESS: dict[str, Access] = {
     f"{_REGISTRY}CreateKey": ADMIN,
     f"{_REGISTRY}ListKeys": ADMIN,
     f"{_REGISTRY}RevokeKey": ADMIN,
+    # Deployments: what the scheduler keeps running; set and ended by admins, read by api keys.
+    f"{_REGISTRY}SetDeployment": ADMIN,
+    f"{_REGISTRY}GetDeployment": READ,
+    f"{_REGISTRY}DeleteDeployment": ADMIN,
     # Manifests and proxied model bytes, for nodes resolving a model.
     f"{_MANIFEST}GetManifest": NODE,
     f"{_MANIFEST}ReadBlob": NODE,
