@@ -15,6 +15,7 @@ import structlog
 from balancer.control import in_rotation
 from balancer.parts import BalancerParts
 from balancer.scheduler.deployment import Deployment
+from balancer.scheduler.plan import Explanation
 from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
 from common.types import ModelState
@@ -117,3 +118,17 @@ async def delete_deployment(parts: BalancerParts, model_id: str) -> str:
     if parts.scheduler is not None:
         parts.scheduler.wake()
     return normal
+
+
+def explain(parts: BalancerParts, model_id: str) -> Explanation:
+    """The scheduler's last verdict on every node for a deployed model; ``model_not_found`` otherwise."""
+    normal = normalize_model_id(model_id)
+    scheduler = parts.scheduler
+    try:
+        if scheduler is None:
+            raise KeyError(normal)
+        return scheduler.explain(normal)
+    except KeyError:
+        raise LlmlbError(
+            ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} has no deployment the scheduler has seen yet"
+        ) from None

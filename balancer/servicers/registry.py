@@ -286,6 +286,34 @@ class RegistryServicer(rgrpc.RegistryServicer):
         model_id = await deployments.delete_deployment(self._parts, request.model_id)
         return rpb.DeleteDeploymentResponse(model_id=model_id)
 
+    @rpc_errors
+    async def ListDeployments(
+        self, request: rpb.ListDeploymentsRequest, context: Ctx
+    ) -> rpb.ListDeploymentsResponse:
+        views = await deployments.list_deployments(self._parts)
+        return rpb.ListDeploymentsResponse(deployments=[_deployment_to_pb(v) for v in views.values()])
+
+    @rpc_errors
+    async def ExplainDeployment(self, request: rpb.ExplainDeploymentRequest, context: Ctx) -> rpb.Placement:
+        found = deployments.explain(self._parts, request.model_id)
+        return rpb.Placement(
+            model_id=found.model_id,
+            target=found.target,
+            active=found.active,
+            nodes=[
+                rpb.NodePlacement(
+                    node_id=v.node_id,
+                    excluded=v.candidate is None,
+                    rule=v.rule,
+                    reason=v.reason,
+                    rank=v.rank,
+                    text=v.text(),
+                )
+                for v in found.nodes
+            ],
+            decisions=[d.text for d in found.decisions],
+        )
+
 
 def _deployment_to_pb(view: deployments.DeploymentView) -> rpb.Deployment:
     d = view.deployment

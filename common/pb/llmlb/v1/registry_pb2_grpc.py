@@ -125,6 +125,16 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
                 _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/llmlb.v1.Registry/ListDeployments',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.ExplainDeployment = channel.unary_unary(
+                '/llmlb.v1.Registry/ExplainDeployment',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.Placement.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -266,6 +276,21 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeployments(self, request, context):
+        """Every deployment, by model id, with its desired and ready copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainDeployment(self, request, context):
+        """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+        its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -358,6 +383,16 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.DeleteDeployment,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'ExplainDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDeployment,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.Placement.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -846,6 +881,60 @@ class Registry:
             '/llmlb.v1.Registry/DeleteDeployment',
             llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
             llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/ListDeployments',
+            llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/ExplainDeployment',
+            llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.Placement.FromString,
             options,
             channel_credentials,
             insecure,

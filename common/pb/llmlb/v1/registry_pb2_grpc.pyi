@@ -85,6 +85,12 @@ class RegistryStub:
     """One model's deployment with its desired and ready copies. NOT_FOUND when it has none."""
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]
     """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]
+    """Every deployment, by model id, with its desired and ready copies."""
+    ExplainDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ExplainDeploymentRequest, _registry_pb2.Placement]
+    """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+    its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -142,6 +148,12 @@ class RegistryAsyncStub(RegistryStub):
     """One model's deployment with its desired and ready copies. NOT_FOUND when it has none."""
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
     """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """Every deployment, by model id, with its desired and ready copies."""
+    ExplainDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.ExplainDeploymentRequest, _registry_pb2.Placement]  # type: ignore[assignment]
+    """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+    its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+    """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -304,5 +316,23 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeleteDeploymentResponse, _abc.Awaitable[_registry_pb2.DeleteDeploymentResponse]]:
         """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _registry_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListDeploymentsResponse, _abc.Awaitable[_registry_pb2.ListDeploymentsResponse]]:
+        """Every deployment, by model id, with its desired and ready copies."""
+
+    @_abc_1.abstractmethod
+    def ExplainDeployment(
+        self,
+        request: _registry_pb2.ExplainDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Placement, _abc.Awaitable[_registry_pb2.Placement]]:
+        """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+        its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+        """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
