@@ -335,8 +335,9 @@ class BalancerLink:
             now = time.monotonic()
             if self._dirty and now >= next_push:
                 dirty, self._dirty = self._dirty, {}
+                memory, pinned = self._model_memory(), self._pinned()
                 for state in dirty.values():
-                    yield rpb.NodeMessage(model_state=state_to_pb(self.node_id, state))
+                    yield rpb.NodeMessage(model_state=self._status_pb(state, memory, pinned))
                 next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
             if self._prefixes_dirty and now >= next_prefix_push:
                 for report in self._prefix_reports(everything=False):
@@ -359,13 +360,9 @@ class BalancerLink:
         picture = {s.model_id: s for s in self._states.snapshot()}
         picture.update(self._runtime_states())  # loading / ready / failed from the runtimes win
         memory, pinned = self._model_memory(), self._pinned()
-        models = []
-        for s in picture.values():
-            if s.state is not ModelState.ABSENT:
-                status = state_to_pb(self.node_id, s)
-                status.memory_mb = memory.get(s.model_id, 0)
-                status.pinned = s.model_id in pinned
-                models.append(status)
+        models = [
+            self._status_pb(s, memory, pinned) for s in picture.values() if s.state is not ModelState.ABSENT
+        ]
         offer = offered(
             self._hardware, self._budget_mb, sum(memory.values()), total - used if total else None
         )
@@ -387,6 +384,15 @@ class BalancerLink:
                 draining=self._draining(),
             )
         )
+
+    def _status_pb(
+        self, s: ModelReport, memory: Mapping[str, int], pinned: frozenset[str]
+    ) -> pb.ModelNodeStatus:
+        """One model's report with what it takes in memory and whether the scheduler's copy is pinned."""
+        status = state_to_pb(self.node_id, s)
+        status.memory_mb = memory.get(s.model_id, 0)
+        status.pinned = s.model_id in pinned
+        return status
 
     def beat_now(self) -> None:
         """Sends a heartbeat at once, e.g. so the balancer learns of a drain before the next beat."""

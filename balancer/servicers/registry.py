@@ -112,9 +112,11 @@ def _balancer_message_to_pb(out: node_session.BalancerMessage) -> rpb.BalancerMe
 
 
 def _model_on_node_to_pb(s: ModelOnNode, *, ready: bool | None = None) -> pb.ModelNodeStatus:
-    return converters.model_node_status_to_pb(
+    msg = converters.model_node_status_to_pb(
         s.node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error, ready=ready
     )
+    msg.memory_mb, msg.pinned = s.memory_mb, s.pinned
+    return msg
 
 
 def _model_view_to_pb(view: ModelView) -> pb.Model:
