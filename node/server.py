@@ -79,7 +79,10 @@ class NodeCommands:
         if pin:  # reported pinned from now on, downloading included: the scheduler counts the copy
             self.pool.pin(model_id)
         try:
-            await self.pool.prefetch(await self.resolver.resolve(model_id), pin=pin)
+            resolved = await self.resolver.resolve(model_id)
+            if pin and model_id not in self.pool.pinned():
+                return  # unloaded while its files were fetched: the files stay, nothing loads
+            await self.pool.prefetch(resolved, pin=pin)
         except BaseException as exc:
             if pin:
                 self.pool.pin(model_id, False)

@@ -42,6 +42,9 @@ LEASE = "scheduler"
 EVENTS_KEPT = 512
 # A placement no node reports after this long (its command never carried out) is forgotten and placed again.
 PLACING_TIMEOUT_S = 900.0
+# A failure the node reported before a placement there is its own only once this long has passed
+# without the node reporting anything else (its new attempt has not started yet).
+STALE_FAILURE_S = 30.0
 # An unload the node has not confirmed (it still reports the copy pinned) after this long is sent again.
 UNLOADING_TIMEOUT_S = 60.0
 # The reasons a removal is counted under in ``llmlb_schedule_decisions_total`` (a bounded set).
@@ -80,6 +83,8 @@ class SchedulerLoop:
         self._unloading: dict[tuple[str, str], float] = {}  # told to unload, still reported pinned
         self._seen: dict[tuple[str, str], tuple[CopyState, float]] = {}  # a copy's state and since when
         self._shortfalls: dict[str, str] = {}  # model -> the last shortfall reason recorded
+        self._stale: set[tuple[str, str]] = set()  # placed where the model had failed before
+        self._forgotten: set[tuple[str, str]] = set()  # copies on unreachable nodes, already noted
         self._observed: set[int] = set()  # decisions whose actual time is in the histogram
         self._events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         self._wake = asyncio.Event()
@@ -185,9 +190,13 @@ class SchedulerLoop:
                 continue
             status = self._fleet.state_on(node_id, model_id)
             state = CopyState.PLACING
-            if status is not None and status.state is ModelState.FAILED and status.error:
+            failed = status is not None and status.state is ModelState.FAILED
+            if failed and key in self._stale and now - placed.placed_at < STALE_FAILURE_S:
+                pass  # the failure before this placement: the node has not started again yet
+            elif failed:
                 state = CopyState.FAILED
             elif status is not None and status.state is not ModelState.ABSENT:
+                self._stale.discard(key)
                 state = COPY_STATES[status.state]
             if now - placed.placed_at > PLACING_TIMEOUT_S:
                 del self._pending[key]
@@ -232,6 +241,9 @@ class SchedulerLoop:
                     )
                     continue
                 queued = True
+                status = self._fleet.state_on(action.node_id, action.model_id)
+                if status is not None and status.state is ModelState.FAILED:
+                    self._stale.add(key)
                 self._pending[key] = Copy(
                     action.model_id,
                     action.node_id,
@@ -246,6 +258,11 @@ class SchedulerLoop:
                 parts.metrics.placement_seconds("estimate", action.estimate.seconds)
             elif isinstance(action, Remove):
                 self._pending.pop(key, None)
+                self._stale.discard(key)
+                if not action.unload and key in self._forgotten:
+                    continue  # its node is still unreachable: said once already
+                if not action.unload:
+                    self._forgotten.add(key)
                 if action.unload:
                     try:
                         await queue_command(parts, action.node_id, CommandKind.UNLOAD, action.model_id)
@@ -275,6 +292,7 @@ class SchedulerLoop:
                 )
                 parts.metrics.schedule_decision("shortfall", "no fit")
         self._shortfalls = {s.model_id: s.reason for s in plan.shortfalls}
+        self._forgotten &= set(copies)  # a node back (or removed) may lose a copy again later
         if queued:
             parts.sessions.notify_all()
             await parts.replicas.publish(Change.COMMANDS)  # nodes held by other replicas
