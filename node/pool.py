@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 import time
 import uuid
@@ -212,6 +213,7 @@ class ModelPool:
         # A thread per call, not a long-lived pool: see node/threads.py for what that saves.
         self._executor = FreshThreadExecutor(self.settings.worker_threads, "xllm-run")
         self._closed = False
+        self._loads = 0  # runtime loads in progress: a load's growth is measured only when alone
         # Told whenever a loaded model's kept prompt prefixes change (the balancer link); set before use.
         self.prefix_listener: PrefixListener | None = None
 
@@ -446,7 +448,21 @@ class ModelPool:
             entry.memory_mb = runtime.memory_mb
             await self._make_room(entry)
             started = time.monotonic()
-            await self._run(runtime.load)
+            self._loads += 1
+            before = resident_mb()
+            alone = self._loads == 1
+            try:
+                await self._run(runtime.load)
+            finally:
+                self._loads -= 1
+            grew = resident_mb() - before
+            if alone and self._loads == 0 and self.hardware.backend is Backend.CPU and grew > entry.memory_mb:
+                # The estimate fell short of what loading took (measured alone, in this process's
+                # RAM): what the node reports and budgets by from now on is what it measured.
+                log.info(
+                    "model_memory_measured", model_id=entry.model_id, estimate_mb=entry.memory_mb, mb=grew
+                )
+                entry.memory_mb = grew
         except Exception as exc:
             error = (
                 exc if isinstance(exc, LlmlbError) else LlmlbError(ErrorCode.INTERNAL, f"load failed: {exc}")
@@ -678,6 +694,16 @@ class ModelPool:
             )
             images = await self._call(lease, lambda cancel: runtime.generate_images(request))
         return GenerateImageResponse(images=tuple(images))
+
+
+def resident_mb() -> int:
+    """This process's resident memory in MB (Linux ``/proc/self/statm``); 0 when unknown."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
 
 
 async def _outlast(worker: asyncio.Future[Any]) -> bool:

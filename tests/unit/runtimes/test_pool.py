@@ -446,3 +446,25 @@ async def test_unloading_a_pinned_model_ends_its_pin_and_frees_its_memory(tmp_pa
     await collect(pool, b)
     assert pool.states() == {"b": "ready"}
     await pool.close()
+
+
+class HungryRuntime(CounterRuntime):
+    """Takes far more memory loading than its catalogue entry says (a wrong required_vram_mb)."""
+
+    def load(self) -> None:
+        super().load()
+        self.ballast = b"x" * (160 * 1024 * 1024)  # written, so resident
+
+    def unload(self) -> None:
+        super().unload()
+        del self.ballast
+
+
+async def test_what_a_load_measurably_took_corrects_the_estimate(tmp_path: Path) -> None:
+    hungry = RuntimeSpec("counter", frozenset({FileFormat.OTHER}), CounterRuntime.capabilities, HungryRuntime)
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([hungry]))  # type: ignore[list-item]
+    model = counter_model(tmp_path, "a", 10)
+    await pool.prefetch(model)
+    assert pool.memory_by_model()["a"] >= 150  # what it took, not the 10 MB it claimed
+    assert [d.memory_mb for d in pool.details()] == [pool.memory_by_model()["a"]]
+    await pool.close()
