@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TypeVar
+from contextlib import aclosing
+from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
@@ -21,6 +22,7 @@ from balancer.fleet import Fleet
 from balancer.node_clients import NodeClients
 from balancer.router.admission import Admission
 from balancer.router.candidates import Candidate, Candidates
+from balancer.router.demand import DemandMeter
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
@@ -108,6 +110,7 @@ class Router:
         )
         fleet.on_load(self._stats.reported_now)
         self._candidates = Candidates(fleet)
+        self.demand = DemandMeter(clock)  # read by the scheduler's autoscaler
         self._admission = Admission(
             queue_size=config.queue_size,
             queue_timeout_s=config.queue_timeout_s,
@@ -179,18 +182,22 @@ class Router:
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
-        while True:
-            node = await self._next_node(model, route.capability, key, tried, deadline, last)
-            started = clock()
-            try:
-                answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
-            except grpc.aio.AioRpcError as exc:
-                last = self._failed(route, model, node, exc, tried)
-                continue
-            finally:
-                self._release(node)
-            self._stats.answered(node.node_id, clock() - started)
-            return route.from_pb(answer)
+        self.demand.started(model.id)
+        try:
+            while True:
+                node = await self._waited_node(model, route.capability, key, tried, deadline, last)
+                started = clock()
+                try:
+                    answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
+                except grpc.aio.AioRpcError as exc:
+                    last = self._failed(route, model, node, exc, tried)
+                    continue
+                finally:
+                    self._release(node)
+                self._stats.answered(node.node_id, clock() - started)
+                return route.from_pb(answer)
+        finally:
+            self.demand.finished(model.id)
 
     async def _stream(self, route: Route[R, T], request: R, timeout: float | None) -> AsyncGenerator[T, None]:
         pb = route.to_pb(request)
@@ -201,8 +208,31 @@ class Router:
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
+        self.demand.started(model.id)
+        try:
+            # Closed with the caller's stream, at once: the node's call stops and its slot is released.
+            async with aclosing(
+                self._streamed(route, model, key, tried, deadline, last, pb, from_pb)
+            ) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self.demand.finished(model.id)
+
+    async def _streamed(
+        self,
+        route: Route[R, T],
+        model: Model,
+        key: RouteKey | None,
+        tried: set[str],
+        deadline: float,
+        last: Failure | None,
+        pb: Any,
+        from_pb: Callable[[Any], T],
+    ) -> AsyncGenerator[T, None]:
+        clock = self._clock
         while True:
-            node = await self._next_node(model, route.capability, key, tried, deadline, last)
+            node = await self._waited_node(model, route.capability, key, tried, deadline, last)
             started = clock()
             stream = route.call(self._stub(node), pb, max(0.001, deadline - started))
             items = aiter(stream)
@@ -266,6 +296,22 @@ class Router:
                 f"model {model.id!r} does not support {capability.value}",
             )
         return model
+
+    async def _waited_node(
+        self,
+        model: Model,
+        capability: Capability,
+        key: RouteKey | None,
+        tried: set[str],
+        deadline: float,
+        last: Failure | None,
+    ) -> Candidate:
+        """``_next_node``, with the time the request waited for it counted as the model's demand."""
+        since = self.demand.wait_started(model.id)
+        try:
+            return await self._next_node(model, capability, key, tried, deadline, last)
+        finally:
+            self.demand.wait_ended(model.id, since)
 
     async def _next_node(
         self,

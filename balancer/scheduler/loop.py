@@ -163,7 +163,8 @@ class SchedulerLoop:
         now = self._clock()
         nodes = fleet_facts(self._fleet)
         copies = self._copies(nodes, now)
-        plan = self.reconciler.plan(deployments, nodes, list(copies.values()), needs)
+        demand = parts.router.demand.snapshot()  # what this replica routed: autoscaled deployments follow it
+        plan = self.reconciler.plan(deployments, nodes, list(copies.values()), needs, demand)
         self._targets = {d.model_id: self._target(d, plan) for d in deployments}
         if self.acting:
             await self._carry_out(plan, copies, now)

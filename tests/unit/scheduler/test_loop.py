@@ -18,6 +18,7 @@ from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
 from balancer.router import Router
+from balancer.router.demand import DemandMeter
 from balancer.scheduler.loop import SchedulerLoop
 from balancer.sessions import NodeSessions
 from balancer.store import Store
@@ -136,3 +137,41 @@ async def test_undeploying_unloads_every_copy(parts: BalancerParts) -> None:
     assert await commands(parts) == {(n, CommandKind.UNLOAD) for n in placed}
     clock.now += 1  # still reported pinned until the nodes unload: not told twice
     assert (await loop.run_pass()).actions == ()
+
+
+async def test_an_autoscaled_deployment_grows_with_the_requests_the_router_sees(parts: BalancerParts) -> None:
+    clock = Clock()
+    parts.router.demand = DemandMeter(clock)  # the router's meter on the test's clock
+    loop = parts.scheduler = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, min_copies=1, max_copies=3))
+    first = (await loop.run_pass()).places[0].node_id
+    report(parts, first, ModelState.READY, pinned=True)
+    for _ in range(9):  # nine requests in flight on one copy: over its four slots
+        parts.router.demand.started(MODEL)
+    assert (await loop.run_pass()).actions == ()  # not yet: demand must stay high for a window
+    clock.now += 11
+    plan = await loop.run_pass()
+    assert [(s.before, s.after) for s in plan.scaling] == [(1, 2)]
+    assert len(plan.places) == 1 and plan.places[0].node_id != first
+    assert (await deployments.get_deployment(parts, MODEL)).desired == 2
+
+
+def test_the_demand_meter_counts_requests_and_the_mean_wait_over_its_window() -> None:
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=10.0)
+    meter.started("m")
+    since = meter.wait_started("m")
+    assert meter.snapshot()["m"].waiting == 1
+    clock.now += 3
+    meter.wait_ended("m", since)
+    meter.wait_ended("m", meter.wait_started("m"))  # one that did not wait
+    demand = meter.snapshot()["m"]
+    assert (demand.in_flight, demand.waiting, demand.queue_wait_s, demand.last_request_at) == (
+        1,
+        0,
+        1.5,
+        1000.0,
+    )
+    clock.now += 11  # both waits are out of the window
+    meter.finished("m")
+    assert meter.snapshot()["m"].queue_wait_s == 0.0 and meter.snapshot()["m"].in_flight == 0
