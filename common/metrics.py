@@ -141,7 +141,11 @@ class BalancerMetrics(_Metrics):
         )
 
     def watch_deployments(self, read: Callable[[], Mapping[tuple[str, ...], float]]) -> None:
-        """Registers the scheduler's metrics: ``read`` gives the deployments' copies at scrape time."""
+        """Registers the scheduler's metrics: ``read`` gives the deployments' copies at scrape time.
+        Called again (a new scheduler on the same registry), it only changes what ``read`` is."""
+        self._read_deployments = read
+        if hasattr(self, "schedule_decisions"):
+            return
         self.schedule_decisions = Counter(
             "llmlb_schedule_decisions_total",
             "The scheduler's decisions, by action ('place', 'remove', 'shortfall') and reason.",
@@ -158,7 +162,7 @@ class BalancerMetrics(_Metrics):
         help_text = "Copies of each deployed model: 'desired' (the scheduler's target) and 'ready'."
         self.registry.register(
             _Gauges(
-                lambda: {"llmlb_deployment_copies": (help_text, read())},
+                lambda: {"llmlb_deployment_copies": (help_text, self._read_deployments())},
                 {"llmlb_deployment_copies": ("model", "state")},
             )
         )
