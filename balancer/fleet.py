@@ -7,11 +7,11 @@ picture the node sessions keep up to date and the router reads.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common.prefixes import MAX_REPORTED
-from common.types import Capability, Model, ModelState
+from common.types import Backend, Capability, GpuDevice, Model, ModelState
 
 
 @dataclass(slots=True)
@@ -24,6 +24,8 @@ class ModelOnNode:
     downloaded_bytes: int = 0
     total_bytes: int = 0
     error: str = ""
+    memory_mb: int = 0  # what the loaded model takes there, as the node estimates it
+    pinned: bool = False  # a scheduled copy: the node keeps it loaded
 
     @property
     def ready(self) -> bool:
@@ -48,7 +50,8 @@ class NodeLoad:
     queued_requests: int = 0
     cpu_percent: float = 0.0
     memory_used_mb: int = 0
-    memory_total_mb: int = 0
+    memory_total_mb: int = 0  # what the node offers: its memory budget where the operator caps it
+    gpus: tuple[GpuDevice, ...] = ()  # each GPU's offer, where the node is capped
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,12 @@ class NodeInfo:
     address: str
     capabilities: frozenset[Capability] = frozenset()
     auth_token: str = field(default="", repr=False)
+    # What the scheduler places by: the node's labels, backends, runtimes and offered memory.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    backends: tuple[Backend, ...] = ()
+    runtimes: tuple[str, ...] = ()
+    gpus: tuple[GpuDevice, ...] = ()
+    memory_total_mb: int = 0
 
 
 class Fleet:
@@ -99,6 +108,10 @@ class Fleet:
 
     def info(self, node_id: str) -> NodeInfo | None:
         return self._info.get(node_id)
+
+    def registered_ids(self) -> list[str]:
+        """Every node registered in this process's life (or seen on another replica), connected or not."""
+        return sorted(self._info)
 
     def token(self, node_id: str) -> str:
         """The token calls to ``node_id`` present now: its own, else the fleet's; empty when unknown."""

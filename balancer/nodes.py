@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -40,6 +41,10 @@ class NodeRegistration:
     version: str = ""
     capabilities: frozenset[Capability] = frozenset()
     auth_token: str = field(default="", repr=False)  # what calls to the node present; kept in memory only
+    labels: Mapping[str, str] = field(
+        default_factory=dict
+    )  # ``xllm serve --label``: deployments select by them
+    memory_total_mb: int = 0  # the host's RAM, or the node's memory budget where the operator caps it
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,19 @@ async def register_node(
     except TooLong as exc:  # an address or version longer than the store keeps
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"node registration: {exc}") from None
     # Routed calls present the node's own token if it has one, else the fleet's (memory only).
-    fleet.registered(NodeInfo(node.id, node.address, reg.capabilities, auth_token=reg.auth_token))
+    fleet.registered(
+        NodeInfo(
+            node.id,
+            node.address,
+            reg.capabilities,
+            auth_token=reg.auth_token,
+            labels=dict(reg.labels),
+            backends=reg.backends,
+            runtimes=reg.runtimes,
+            gpus=reg.gpus,
+            memory_total_mb=reg.memory_total_mb,
+        )
+    )
     config = parts.config
     return RegisteredNode(node, config.heartbeat_interval_ms, config.heartbeat_timeout_ms)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
@@ -18,6 +19,9 @@ from balancer.store import Store
 from balancer.usage import UsageCounter
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
+
+if TYPE_CHECKING:
+    from balancer.scheduler.loop import SchedulerLoop
 
 
 @dataclass(slots=True)
@@ -45,6 +49,9 @@ class BalancerParts:
     def fleet_token(self) -> str:
         """The fleet token to present now."""
         return self.fleet_tokens.current()
+
+    # Places deployments' copies (``balancer.scheduler.loop``); None until the server starts it.
+    scheduler: SchedulerLoop | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)

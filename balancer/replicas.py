@@ -47,7 +47,7 @@ from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.store import Store, StoreUnavailable
 from balancer.store.engine import is_postgresql
 from common.errors import LlmlbError
-from common.types import Capability, ModelState, Node, NodeState
+from common.types import Backend, Capability, GpuDevice, ModelState, Node, NodeState
 
 if TYPE_CHECKING:
     from balancer.parts import BalancerParts
@@ -72,6 +72,8 @@ class NodeSnapshot:
     models: tuple[ModelOnNode, ...]
     load: NodeLoad
     prefixes: dict[str, frozenset[int]] = field(default_factory=dict)  # model id -> reported hashes
+    # What the scheduler places by, from the registration (see ``NodeInfo``), for the acting replica.
+    placement: NodeInfo | None = None
 
     @classmethod
     def of(cls, fleet: Fleet, node_id: str) -> NodeSnapshot:
@@ -82,11 +84,43 @@ class NodeSnapshot:
             tuple(fleet.node_models(node_id)),
             fleet.load(node_id) or NodeLoad(),
             fleet.node_prefixes(node_id),
+            None
+            if info is None
+            else NodeInfo(  # what the scheduler reads, as another replica reads it back: no token
+                node_id,
+                "",
+                labels=dict(info.labels),
+                backends=info.backends,
+                runtimes=info.runtimes,
+                gpus=info.gpus,
+                memory_total_mb=info.memory_total_mb,
+            ),
+        )
+
+    def info(self, node_id: str, address: str) -> NodeInfo:
+        """The node's ``NodeInfo`` on a replica that does not hold its session (routed calls to it
+        present the fleet token: its own token, if it has one, is known only where it registered)."""
+        p = self.placement
+        if p is None:
+            return NodeInfo(node_id, address, self.capabilities)
+        return NodeInfo(
+            node_id,
+            address,
+            self.capabilities,
+            labels=dict(p.labels),
+            backends=p.backends,
+            runtimes=p.runtimes,
+            gpus=p.gpus,
+            memory_total_mb=p.memory_total_mb,
         )
 
     def routing_key(self) -> tuple[object, ...]:
         """The part routing depends on: a change here is written at once, progress alone is not."""
-        return (self.draining, self.capabilities, tuple((m.model_id, m.state) for m in self.models))
+        return (
+            self.draining,
+            self.capabilities,
+            tuple((m.model_id, m.state, m.pinned) for m in self.models),  # pinned: the scheduler's copies
+        )
 
     def progress(self) -> tuple[object, ...]:
         """The rest of what is written (the load aside): download progress, errors and prefixes."""
@@ -105,6 +139,20 @@ class NodeSnapshot:
                 model_id: base64.b64encode(b"".join(h.to_bytes(8, "little") for h in sorted(hashes))).decode()
                 for model_id, hashes in sorted(self.prefixes.items())
             }
+        scheduled = {m.model_id: [m.memory_mb, m.pinned] for m in self.models if m.memory_mb or m.pinned}
+        if scheduled:
+            body["scheduled"] = scheduled
+        p = self.placement
+        if p is not None:
+            body["placement"] = {
+                "labels": dict(p.labels),
+                "backends": [b.value for b in p.backends],
+                "runtimes": list(p.runtimes),
+                "memory_total_mb": p.memory_total_mb,
+                "gpus": [
+                    [g.index, g.name, g.memory_total_mb, g.memory_free_mb] for g in self.load.gpus or p.gpus
+                ],
+            }
         load = self.load
         body["load"] = [
             load.active_requests,
@@ -121,11 +169,36 @@ class NodeSnapshot:
         body = json.loads(text)
         known_caps = {c.value for c in Capability}
         known_states = {s.value for s in ModelState}
+        scheduled = body.get("scheduled") or {}
         models = tuple(
-            ModelOnNode(node_id, model_id, ModelState(state), int(done), int(total), str(error))
+            ModelOnNode(
+                node_id,
+                model_id,
+                ModelState(state),
+                int(done),
+                int(total),
+                str(error),
+                int((scheduled.get(model_id) or [0, False])[0]),
+                bool((scheduled.get(model_id) or [0, False])[1]),
+            )
             for model_id, state, done, total, error in body.get("models", [])
             if state in known_states
         )
+        placement = None
+        p = body.get("placement")
+        gpus: tuple[GpuDevice, ...] = ()
+        if isinstance(p, dict):
+            known_backends = {b.value for b in Backend}
+            gpus = tuple(GpuDevice(int(i), str(n), int(t), int(f)) for i, n, t, f in p.get("gpus", []))
+            placement = NodeInfo(
+                node_id,
+                "",
+                labels={str(k): str(v) for k, v in (p.get("labels") or {}).items()},
+                backends=tuple(Backend(b) for b in p.get("backends", []) if b in known_backends),
+                runtimes=tuple(str(r) for r in p.get("runtimes", [])),
+                gpus=gpus,
+                memory_total_mb=int(p.get("memory_total_mb", 0)),
+            )
         active, queued, cpu, used, total_mb = (body.get("load") or [0, 0, 0.0, 0, 0])[:5]
         prefixes = {}
         for model_id, packed in (body.get("prefixes") or {}).items():
@@ -137,8 +210,9 @@ class NodeSnapshot:
             frozenset(Capability(c) for c in body.get("capabilities", []) if c in known_caps),
             bool(body.get("draining", False)),
             models,
-            NodeLoad(int(active), int(queued), float(cpu), int(used), int(total_mb)),
+            NodeLoad(int(active), int(queued), float(cpu), int(used), int(total_mb), gpus),
             prefixes,
+            placement,
         )
 
 
@@ -397,7 +471,7 @@ class Replicas:
             self._between.pop(node_id, None)
             snapshot = NodeSnapshot.from_json(node.id, node.live)
             fleet.attached_elsewhere(
-                NodeInfo(node.id, node.address, snapshot.capabilities),
+                snapshot.info(node.id, node.address),
                 node.replica_id,
                 models=list(snapshot.models),
                 load=snapshot.load,

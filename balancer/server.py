@@ -29,6 +29,7 @@ from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
 from balancer.router import Router
+from balancer.scheduler.loop import SchedulerLoop
 from balancer.servicers.inference import InferenceServicer
 from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
@@ -92,6 +93,8 @@ class Balancer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # Before the doors close: stopping the gRPC server ends the node sessions, to be handed over.
         self.parts.replicas.begin_stop()
+        if self.parts.scheduler is not None:  # first: it hands its lease over before the store closes
+            await self.parts.scheduler.stop()
         doors = [self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else [])]
         await asyncio.gather(*doors)
         if self.bulk is not None:
@@ -230,6 +233,8 @@ async def start(config: BalancerConfig) -> Balancer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     parts.usage.start()
+    parts.scheduler = SchedulerLoop(parts)
+    parts.scheduler.start()
     http = None
     if config.http_listen:
         try:

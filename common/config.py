@@ -7,7 +7,7 @@ CLIs and the README list the same names.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -240,6 +240,10 @@ class BalancerConfig:
     # 30 s an orchestrator waits before it kills).
     stop_grace_s: float = 25.0
     usage_flush_s: float = 5.0  # how often usage counted in memory is written to the store
+    # The scheduler: how often it reconciles deployments with the fleet, and how long its lease in the
+    # store lasts unrenewed (the replica acting on deployments; another takes over once it lapses).
+    schedule_interval_s: float = 1.0
+    schedule_lease_s: float = 5.0
     # Replica processes ``llmlb serve`` starts on this host, sharing its ports (PostgreSQL only).
     workers: int = 1
     # This process is one of those workers: it binds its ports shared (SO_REUSEPORT).
@@ -347,6 +351,8 @@ def load_balancer_config(
         http_limits=load_http_limits(s, ("LLMLB_",)),
         stop_grace_s=s.get(None, ("LLMLB_STOP_GRACE",), 25.0, parse_positive),
         usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
+        schedule_interval_s=s.get(None, ("LLMLB_SCHEDULE_INTERVAL",), 1.0, parse_positive),
+        schedule_lease_s=s.get(None, ("LLMLB_SCHEDULE_LEASE",), 5.0, parse_positive),
         workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
         shared_ports=s.raw(WORKER_ENV) is not None,
     )
@@ -445,6 +451,9 @@ class NodeConfig:
     # Largest request the gRPC port takes, as the balancer's LLMLB_MAX_BODY_MB: the uploads it forwards.
     max_body_mb: int = 64
     drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # The most memory the node offers and loads models into (MB); 0: 90 % of GPU memory, else 75 % of RAM.
+    memory_budget_mb: int = 0
+    labels: tuple[tuple[str, str], ...] = ()  # the operator's key=value labels, sent at registration
 
     @property
     def node_id_file(self) -> Path:
@@ -457,6 +466,19 @@ class NodeConfig:
 
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
+
+
+def parse_labels(value: str | Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Node labels ``k=v``, comma-separated in one string or one per item, sorted by key; a key given
+    twice keeps its last value."""
+    items = parse_list(value) if isinstance(value, str) else tuple(v.strip() for v in value if v.strip())
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, label = (part.strip() for part in item.partition("="))
+        if not sep or not key or not label or "=" in label:
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key] = label
+    return tuple(sorted(labels.items()))
 
 
 def balancer_setting(s: Settings, flag: str | None, names: tuple[str, ...]) -> str:
@@ -492,6 +514,8 @@ def load_node_config(
     metrics_listen: str | None = None,
     home: Path | None = None,
     env: Mapping[str, str] | None = None,
+    memory_budget_mb: int | None = None,
+    labels: Sequence[str] | None = None,
 ) -> NodeConfig:
     """Builds a node's config: each argument is an ``xllm serve`` flag and wins over the environment."""
     home = home or llmlb_home(env)
@@ -508,6 +532,8 @@ def load_node_config(
     if downloads < 1:
         raise ValueError("XLLM_MAX_DOWNLOADS must be at least 1")
     shared = s.get(shared_dir, ("XLLM_SHARED_DIR",), None, Path)
+    if memory_budget_mb is not None and memory_budget_mb < 0:
+        raise ValueError(f"--memory-budget-mb={memory_budget_mb}: expected a whole number of at least 0")
     return NodeConfig(
         home=home,
         models_dir=resolve_models_dir(models_dir, s.env, home),
@@ -549,4 +575,6 @@ def load_node_config(
         http_limits=load_http_limits(s, ("XLLM_", "LLMLB_")),
         max_body_mb=s.get(None, ("XLLM_MAX_BODY_MB", "LLMLB_MAX_BODY_MB"), 64, parse_count),
         drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 30.0, parse_positive),
+        memory_budget_mb=s.get(memory_budget_mb, ("XLLM_MEMORY_BUDGET_MB",), 0, parse_count_or_zero),
+        labels=parse_labels(labels) if labels else s.get(None, ("XLLM_LABELS",), (), parse_labels),
     )

@@ -140,6 +140,39 @@ class BalancerMetrics(_Metrics):
             )
         )
 
+    def watch_deployments(self, read: Callable[[], Mapping[tuple[str, ...], float]]) -> None:
+        """Registers the scheduler's metrics: ``read`` gives the deployments' copies at scrape time.
+        Called again (a new scheduler on the same registry), it only changes what ``read`` is."""
+        self._read_deployments = read
+        if hasattr(self, "schedule_decisions"):
+            return
+        self.schedule_decisions = Counter(
+            "llmlb_schedule_decisions_total",
+            "The scheduler's decisions, by action ('place', 'remove', 'shortfall') and reason.",
+            ["action", "reason"],
+            registry=self.registry,
+        )
+        self.placement = Histogram(
+            "llmlb_placement_seconds",
+            "Seconds from placing a copy to its being ready: 'estimate' (the scheduler's) and 'actual'.",
+            ["kind"],
+            buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
+        help_text = "Copies of each deployed model: 'desired' (the scheduler's target) and 'ready'."
+        self.registry.register(
+            _Gauges(
+                lambda: {"llmlb_deployment_copies": (help_text, self._read_deployments())},
+                {"llmlb_deployment_copies": ("model", "state")},
+            )
+        )
+
+    def schedule_decision(self, action: str, reason: str) -> None:
+        self.schedule_decisions.labels(action, reason).inc()
+
+    def placement_seconds(self, kind: str, seconds: float) -> None:
+        self.placement.labels(kind).observe(seconds)
+
     def prompt_tokens(self, model: str, node: str, prompt: int, cached: int) -> None:
         """Counts an answer's prompt tokens on ``node``: ``cached`` of them reused, the rest computed."""
         cached = min(max(cached, 0), prompt)

@@ -148,6 +148,8 @@ class CommandKind(enum.StrEnum):
     DELETE_MODEL = "delete_model"
     PREFETCH = "prefetch"
     DRAIN = "drain"  # model_id is empty
+    PIN = "pin"  # fetch, load and keep loaded: a copy the scheduler placed
+    UNLOAD = "unload"  # unload and unpin; the files stay
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_MAX_CONNECTIONS         open connections per port; more are closed at once (then
                                LLMLB_MAX_CONNECTIONS; default 1024)
   XLLM_DRAIN_TIMEOUT           seconds in-flight requests may take to finish after SIGTERM (default 30)
+  XLLM_MEMORY_BUDGET_MB        the most memory (MB) the node offers and loads models into; the balancer
+                               places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
+  XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
   LLMLB_HOME                   state directory (default ~/.llmlb)
   HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
@@ -109,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key", help="key (scope node) for the balancer; visible in ps, prefer XLLM_API_KEY"
     )
+    serve.add_argument(
+        "--memory-budget-mb", type=int, help="memory offered and loaded into, MB (XLLM_MEMORY_BUDGET_MB)"
+    )
+    serve.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a node label for deployments' selectors; repeatable, replaces XLLM_LABELS",
+    )
     serve.add_argument("--log-format", choices=["console", "json"], help="(XLLM_LOG_FORMAT)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(XLLM_LOG_LEVEL)")
 
@@ -147,6 +160,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         log_level=getattr(args, "log_level", None),
         api_key=getattr(args, "api_key", None),
         metrics_listen=_listen_flag(getattr(args, "metrics_listen", None)),
+        memory_budget_mb=getattr(args, "memory_budget_mb", None),
+        labels=getattr(args, "labels", None),
     )
 
 

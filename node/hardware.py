@@ -151,3 +151,41 @@ def detect(
         cpu_count=os.cpu_count() or 1,
         memory_total_mb=memory_total_mb(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """The memory this node offers the balancer: per device (the host's RAM, each GPU), total and free.
+
+    Where the operator caps the node (``XLLM_MEMORY_BUDGET_MB``) the cap is what it offers, never more
+    than the hardware has: the balancer places models by these figures, so a node capped at 100 MB
+    must not look like one with the host's whole RAM.
+    """
+
+    memory_total_mb: int
+    memory_free_mb: int
+    gpus: tuple[GpuDevice, ...] = ()
+
+
+def offered(hardware: Hardware, budget_mb: int, used_mb: int, host_free_mb: int | None = None) -> Offer:
+    """What the node offers with ``budget_mb`` (0: no cap) when its loaded models take ``used_mb``.
+
+    ``host_free_mb``: the RAM the host has free now (None: unknown, then the total less ``used_mb``).
+    Uncapped, each GPU offers what the driver reported; capped, at most the cap less what is loaded.
+    """
+    host_total = hardware.memory_total_mb
+    host_free = host_total - used_mb if host_free_mb is None else host_free_mb
+    if budget_mb <= 0:
+        return Offer(host_total, max(0, host_free), hardware.gpus)
+    left = max(0, budget_mb - used_mb)
+    total = min(budget_mb, host_total) if host_total else budget_mb
+    gpus = tuple(
+        GpuDevice(
+            index=g.index,
+            name=g.name,
+            memory_total_mb=min(budget_mb, g.memory_total_mb),
+            memory_free_mb=min(left, g.memory_free_mb) if g.memory_free_mb else left,
+        )
+        for g in hardware.gpus
+    )
+    return Offer(total, min(left, max(0, host_free)), gpus)

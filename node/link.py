@@ -51,7 +51,7 @@ from common.rpc import error_from_rpc
 from common.types import Capability, Model, ModelState
 from node.balancers import BalancerChannels, BalancerProxySource, Reattach
 from node.blob_sources import BlobSource, BulkSource, ReadBlobSource
-from node.hardware import Hardware
+from node.hardware import Hardware, offered
 from node.model_states import ModelReport, ModelStates
 from node.token_auth import NodeCredentials
 
@@ -70,9 +70,11 @@ class CommandHandler(Protocol):
 
     async def delete_model(self, model_id: str) -> None: ...
 
-    async def prefetch(self, model_id: str) -> None: ...
+    async def prefetch(self, model_id: str, *, pin: bool = False) -> None: ...
 
     async def drain(self) -> None: ...
+
+    async def unload(self, model_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,15 @@ class BalancerLink:
         runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
         draining: Callable[[], bool] = lambda: False,
         credentials: NodeCredentials | None = None,
+        budget_mb: int = 0,
+        model_memory: Callable[[], Mapping[str, int]] = dict,
+        pinned: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         self._config = config
+        # The operator's memory cap (0: none): what registration and heartbeats offer (``offered``).
+        self._budget_mb = budget_mb
+        self._model_memory = model_memory  # model id -> MB its loaded runtimes take
+        self._pinned = pinned
         self._hardware = hardware
         self._advertise = advertise
         self._states = states
@@ -265,17 +274,20 @@ class BalancerLink:
             return ""
 
     async def _register(self, index: int) -> None:
+        offer = offered(self._hardware, self._budget_mb, sum(self._model_memory().values()))
         reply = await self._balancers.registry(index).RegisterNode(
             rpb.RegisterNodeRequest(
                 node_id=self.node_id,
                 address=self._advertise,
                 backends=[converters.backend_to_pb(b) for b in self._hardware.backends],
-                gpus=[converters.gpu_to_pb(g) for g in self._hardware.gpus],
+                gpus=[converters.gpu_to_pb(g) for g in offer.gpus],
                 runtimes=self._runtimes,
                 capabilities=converters.capabilities_to_pb(self._capabilities),
                 version=version(),
                 auth_token=self._config.auth_token.reveal(),
-                memory_total_mb=self._hardware.memory_total_mb,
+                memory_total_mb=offer.memory_total_mb,
+                labels=dict(self._config.labels),
+                memory_budget_mb=self._budget_mb,
             ),
             timeout=LOOKUP_TIMEOUT_S,
         )
@@ -332,8 +344,9 @@ class BalancerLink:
             now = time.monotonic()
             if self._dirty and now >= next_push:
                 dirty, self._dirty = self._dirty, {}
+                memory, pinned = self._model_memory(), self._pinned()
                 for state in dirty.values():
-                    yield rpb.NodeMessage(model_state=state_to_pb(self.node_id, state))
+                    yield rpb.NodeMessage(model_state=self._status_pb(state, memory, pinned))
                 next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
             if self._prefixes_dirty and now >= next_prefix_push:
                 for report in self._prefix_reports(everything=False):
@@ -355,6 +368,17 @@ class BalancerLink:
         load = self._load()
         picture = {s.model_id: s for s in self._states.snapshot()}
         picture.update(self._runtime_states())  # loading / ready / failed from the runtimes win
+        memory, pinned = self._model_memory(), self._pinned()
+        models = [
+            self._status_pb(s, memory, pinned) for s in picture.values() if s.state is not ModelState.ABSENT
+        ]
+        offer = offered(
+            self._hardware, self._budget_mb, sum(memory.values()), total - used if total else None
+        )
+        gpus = []
+        if self._budget_mb:  # capped: the cap is the total, what loaded models take is the use
+            total, used = offer.memory_total_mb, offer.memory_total_mb - offer.memory_free_mb
+            gpus = [converters.gpu_to_pb(g) for g in offer.gpus]
         return rpb.NodeMessage(
             heartbeat=rpb.Heartbeat(
                 load=pb.NodeLoad(
@@ -363,13 +387,21 @@ class BalancerLink:
                     cpu_percent=cpu,
                     memory_used_mb=used,
                     memory_total_mb=total,
+                    gpus=gpus,
                 ),
-                models=[
-                    state_to_pb(self.node_id, s) for s in picture.values() if s.state is not ModelState.ABSENT
-                ],
+                models=models,
                 draining=self._draining(),
             )
         )
+
+    def _status_pb(
+        self, s: ModelReport, memory: Mapping[str, int], pinned: frozenset[str]
+    ) -> pb.ModelNodeStatus:
+        """One model's report with what it takes in memory and whether the scheduler's copy is pinned."""
+        status = state_to_pb(self.node_id, s)
+        status.memory_mb = memory.get(s.model_id, 0)
+        status.pinned = s.model_id in pinned
+        return status
 
     def beat_now(self) -> None:
         """Sends a heartbeat at once, e.g. so the balancer learns of a drain before the next beat."""
@@ -420,10 +452,14 @@ class BalancerLink:
         try:
             if kind == "delete_model":
                 await handler.delete_model(command.delete_model.model_id)
+            elif kind == "prefetch" and command.prefetch.pin:
+                await handler.prefetch(command.prefetch.model_id, pin=True)
             elif kind == "prefetch":
                 await handler.prefetch(command.prefetch.model_id)
             elif kind == "drain":
                 await handler.drain()
+            elif kind == "unload":
+                await handler.unload(command.unload.model_id)
             else:
                 ok, error = False, f"unknown command {kind!r}"
         except LlmlbError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 import time
 import uuid
@@ -133,6 +134,7 @@ class ModelStatus:
     memory_mb: int
     active: int  # requests holding a slot
     waiting: int  # requests queued for a slot or for the load
+    pinned: bool = False  # a scheduled copy: never evicted for an on-demand load
 
 
 @dataclass(eq=False)
@@ -205,10 +207,13 @@ class ModelPool:
         # Out of use but not yet unloaded (finishing requests, or being unloaded): still in memory.
         self._leaving: set[_Entry] = set()
         self._failed: dict[str, LlmlbError] = {}
+        # Models the balancer's scheduler placed here: kept loaded until it unloads them.
+        self._pinned: set[str] = set()
         self._memory = asyncio.Condition()
         # A thread per call, not a long-lived pool: see node/threads.py for what that saves.
         self._executor = FreshThreadExecutor(self.settings.worker_threads, "xllm-run")
         self._closed = False
+        self._loads = 0  # runtime loads in progress: a load's growth is measured only when alone
         # Told whenever a loaded model's kept prompt prefixes change (the balancer link); set before use.
         self.prefix_listener: PrefixListener | None = None
 
@@ -240,6 +245,7 @@ class ModelPool:
                 memory_mb=e.memory_mb,
                 active=e.active,
                 waiting=e.waiting,
+                pinned=e.model_id in self._pinned,
             )
             for e in self._entries.values()
         ]
@@ -256,6 +262,21 @@ class ModelPool:
     @property
     def used_mb(self) -> int:
         return sum(e.memory_mb for e in self._holding())
+
+    def memory_by_model(self) -> dict[str, int]:
+        """Model id -> MB its loaded (or loading) runtimes take, for each model holding memory."""
+        out: dict[str, int] = {}
+        for e in self._holding():
+            out[e.model_id] = out.get(e.model_id, 0) + e.memory_mb
+        return out
+
+    def pin(self, model_id: str, pinned: bool = True) -> None:
+        """Marks the model kept for the scheduler (or no longer) before it loads, e.g. while it downloads."""
+        (self._pinned.add if pinned else self._pinned.discard)(model_id)
+
+    def pinned(self) -> frozenset[str]:
+        """The models kept loaded for the balancer's scheduler (see ``prefetch``)."""
+        return frozenset(self._pinned)
 
     def _holding(self) -> list[_Entry]:
         """Every entry whose runtime holds memory now, including those on their way out."""
@@ -274,14 +295,26 @@ class ModelPool:
             prefix_cache_mb=self.settings.prefix_cache_mb,
         )
 
-    async def prefetch(self, resolved: ResolvedModel) -> None:
-        """Loads every runtime the model needs for its capabilities, without serving a request."""
-        for capability in resolved.model.capabilities:
-            async with self.use(resolved, capability):
-                pass
+    async def prefetch(self, resolved: ResolvedModel, *, pin: bool = False) -> None:
+        """Loads every runtime the model needs for its capabilities, without serving a request.
+
+        ``pin``: keep it loaded (a copy the balancer's scheduler placed): no on-demand load evicts it;
+        only ``unload`` ends the pin. A load that fails leaves it unpinned.
+        """
+        if pin:
+            self._pinned.add(resolved.model.id)
+        try:
+            for capability in resolved.model.capabilities:
+                async with self.use(resolved, capability):
+                    pass
+        except BaseException:
+            if pin:
+                self._pinned.discard(resolved.model.id)
+            raise
 
     async def unload(self, model_id: str) -> None:
-        """Unloads a model (the balancer deleted it): in-flight streams stop, waiting requests fail."""
+        """Unloads a model and ends its pin: in-flight streams stop, waiting requests fail."""
+        self._pinned.discard(model_id)
         self._failed.pop(model_id, None)
         entries = [e for e in self._entries.values() if e.model_id == model_id]
         for entry in entries:
@@ -360,7 +393,11 @@ class ModelPool:
         idle = [
             e
             for e in self._entries.values()
-            if e is not keep and e.state is ModelState.READY and e.active == 0 and e.waiting == 0
+            if e is not keep
+            and e.state is ModelState.READY
+            and e.active == 0
+            and e.waiting == 0
+            and e.model_id not in self._pinned
         ]
         return min(idle, key=lambda e: e.last_used, default=None)
 
@@ -371,6 +408,14 @@ class ModelPool:
                 ErrorCode.INSUFFICIENT_STORAGE,
                 f"model {entry.model_id!r} needs about {entry.memory_mb} MB; this node's memory budget is "
                 f"{self.budget_mb} MB (XLLM_MEMORY_BUDGET_MB)",
+            )
+        kept = sum(e.memory_mb for e in self._holding() if e is not entry and e.model_id in self._pinned)
+        if kept + entry.memory_mb > self.budget_mb:
+            # Waiting would never end: pinned models leave only when the balancer unloads them.
+            raise LlmlbError(
+                ErrorCode.INSUFFICIENT_STORAGE,
+                f"model {entry.model_id!r} needs about {entry.memory_mb} MB; {kept} MB of this node's "
+                f"{self.budget_mb} MB memory budget hold models the balancer keeps loaded here",
             )
         async with self._memory:
             while self._over_budget(entry):
@@ -403,7 +448,21 @@ class ModelPool:
             entry.memory_mb = runtime.memory_mb
             await self._make_room(entry)
             started = time.monotonic()
-            await self._run(runtime.load)
+            self._loads += 1
+            before = resident_mb()
+            alone = self._loads == 1
+            try:
+                await self._run(runtime.load)
+            finally:
+                self._loads -= 1
+            grew = resident_mb() - before
+            if alone and self._loads == 0 and self.hardware.backend is Backend.CPU and grew > entry.memory_mb:
+                # The estimate fell short of what loading took (measured alone, in this process's
+                # RAM): what the node reports and budgets by from now on is what it measured.
+                log.info(
+                    "model_memory_measured", model_id=entry.model_id, estimate_mb=entry.memory_mb, mb=grew
+                )
+                entry.memory_mb = grew
         except Exception as exc:
             error = (
                 exc if isinstance(exc, LlmlbError) else LlmlbError(ErrorCode.INTERNAL, f"load failed: {exc}")
@@ -635,6 +694,16 @@ class ModelPool:
             )
             images = await self._call(lease, lambda cancel: runtime.generate_images(request))
         return GenerateImageResponse(images=tuple(images))
+
+
+def resident_mb() -> int:
+    """This process's resident memory in MB (Linux ``/proc/self/statm``); 0 when unknown."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
 
 
 async def _outlast(worker: asyncio.Future[Any]) -> bool:

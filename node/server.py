@@ -7,7 +7,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc.aio
@@ -69,19 +69,35 @@ class NodeCommands:
         self.states.remove(model_id)
         log.info("model.deleted", model_id=model_id, bytes=freed)
 
-    async def prefetch(self, model_id: str) -> None:
+    async def prefetch(self, model_id: str, *, pin: bool = False) -> None:
         """Fetches the model's files and loads it, so its first request finds it warm.
 
         A pull that fails leaves the model failed with the reason, so ``llmlb models pull --wait``
-        hears why instead of waiting out its timeout.
+        hears why instead of waiting out its timeout. ``pin``: a copy the balancer's scheduler placed,
+        kept loaded until it is unloaded (see ``ModelPool.prefetch``).
         """
+        if pin:  # reported pinned from now on, downloading included: the scheduler counts the copy
+            self.pool.pin(model_id)
         try:
-            await self.pool.prefetch(await self.resolver.resolve(model_id))
-        except LlmlbError as exc:
+            resolved = await self.resolver.resolve(model_id)
+            if pin and model_id not in self.pool.pinned():
+                return  # unloaded while its files were fetched: the files stay, nothing loads
+            await self.pool.prefetch(resolved, pin=pin)
+        except BaseException as exc:
+            if pin:
+                self.pool.pin(model_id, False)
+            if not isinstance(exc, LlmlbError):
+                raise
             unknown = exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID)
             if not unknown and self.states.get(model_id).state is not ModelState.FAILED:
                 self.states.set(model_id, ModelState.FAILED, error=exc.message)
             raise
+
+    async def unload(self, model_id: str) -> None:
+        """Unloads the model and ends its pin; its files stay, so loading it again is quick."""
+        await self.pool.unload(model_id)
+        self.link.beat_now()  # the balancer counts the copy gone at once, not at the next heartbeat
+        log.info("model.unloaded", model_id=model_id)
 
     async def drain(self) -> None:
         """Takes no new requests from now on; the balancer hears at once and routes around the node."""
@@ -248,7 +264,10 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
     storage.root.mkdir(parents=True, exist_ok=True)
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
-    models = ModelPool(found, PoolSettings.from_env(merged_env(config.home)))
+    settings = PoolSettings.from_env(merged_env(config.home))
+    if config.memory_budget_mb:  # --memory-budget-mb wins over the variable the pool reads
+        settings = replace(settings, memory_budget_mb=config.memory_budget_mb)
+    models = ModelPool(found, settings)
 
     metrics = NodeMetrics(lambda: node_gauges(states, models))
     downloader = Downloader(storage, config, metrics=metrics)
@@ -263,6 +282,9 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
         credentials=credentials,
+        budget_mb=settings.memory_budget_mb,
+        model_memory=models.memory_by_model,
+        pinned=models.pinned,
     )
     resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
     downloader.on_progress = resolver.on_progress

@@ -55,6 +55,12 @@ GRPC_ACCESS: dict[str, Access] = {
     f"{_REGISTRY}CreateKey": ADMIN,
     f"{_REGISTRY}ListKeys": ADMIN,
     f"{_REGISTRY}RevokeKey": ADMIN,
+    # Deployments: what the scheduler keeps running; set and ended by admins, read by api keys.
+    f"{_REGISTRY}SetDeployment": ADMIN,
+    f"{_REGISTRY}GetDeployment": READ,
+    f"{_REGISTRY}DeleteDeployment": ADMIN,
+    f"{_REGISTRY}ListDeployments": READ,
+    f"{_REGISTRY}ExplainDeployment": READ,
     # Manifests and proxied model bytes, for nodes resolving a model.
     f"{_MANIFEST}GetManifest": NODE,
     f"{_MANIFEST}ReadBlob": NODE,
@@ -94,6 +100,12 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/models/{model_id:path}/status"): API,
     ("POST", "/v0/models/{model_id:path}/pull"): ADMIN,
     ("GET", "/v0/nodes"): READ,
+    # Deployments: changed by admins; read, explained and followed by api keys like model status.
+    ("PUT", "/v0/models/{model_id:path}/deployment"): ADMIN,
+    ("GET", "/v0/models/{model_id:path}/deployment"): API,
+    ("DELETE", "/v0/models/{model_id:path}/deployment"): ADMIN,
+    ("GET", "/v0/models/{model_id:path}/placement"): API,
+    ("GET", "/v0/events"): API,
     ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
     ("DELETE", "/v0/nodes/{node_id}"): ADMIN,
     # Fleet-wide request metrics: operators only.

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from balancer.console import console_routes
 from balancer.http.access import guard
+from balancer.http.deployment_routes import deployment_routes
 from balancer.http.docs_routes import docs_routes
 from balancer.http.errors import Unexpected, install_error_handlers
 from balancer.http.key_routes import key_routes
@@ -31,6 +32,7 @@ def create_app(parts: BalancerParts) -> FastAPI:
             *openai_routes(parts),
             *responses_routes(parts),
             *management_routes(parts),
+            *deployment_routes(parts),
             *key_routes(parts),
             *probe_routes(parts),
             *console_routes(),

@@ -23,6 +23,7 @@ from balancer.http.schemas import (
     ChatCompletionBody,
     CompletionBody,
     CreateKeyBody,
+    DeploymentBody,
     EmbeddingBody,
     ImageGenerationBody,
     PullModelBody,
@@ -190,6 +191,39 @@ ANSWERS: dict[str, Schema] = {
     "Pulled": obj({"model_id": STR, "node_ids": arr(STR)}),
     "NodeDrained": obj({"id": STR, "state": STR}),
     "NodeRemoved": obj({"id": STR, "removed": BOOL}),
+    "Deployment": obj(
+        {
+            "model_id": STR,
+            "copies": {"type": ["integer", "null"]},
+            "min_copies": INT,
+            "max_copies": {"type": ["integer", "null"]},
+            "selector": ANY_OBJ,
+            "memory_mb": {"type": ["integer", "null"]},
+            "desired_copies": INT,
+            "ready_copies": INT,
+        },
+        {"created_at": _NULL_TIME, "updated_at": _NULL_TIME},
+    ),
+    "DeploymentDeleted": obj({"model_id": STR, "deleted": BOOL}),
+    "Placement": obj(
+        {
+            "model_id": STR,
+            "target": INT,
+            "active": INT,
+            "nodes": arr(
+                obj(
+                    {"node_id": STR, "excluded": BOOL, "text": STR}, {"rule": STR, "reason": STR, "rank": INT}
+                )
+            ),
+            "decisions": arr(obj({"at": NUM, "node_id": STR, "text": STR})),
+        }
+    ),
+    "Events": obj(
+        {
+            "acting": BOOL,
+            "data": arr(obj({"at": STR, "action": STR, "model_id": STR, "node_id": STR, "reason": STR})),
+        }
+    ),
     "History": obj(
         {
             "replica": STR,
@@ -267,6 +301,7 @@ BODIES: tuple[type[BaseModel], ...] = (
     RegisterModelBody,
     PullModelBody,
     CreateKeyBody,
+    DeploymentBody,
 )
 
 # -- operations ------------------------------------------------------------------------------------------
@@ -400,6 +435,42 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         path_params=("model_id",),
     ),
     ("GET", "/v0/nodes"): Operation("List nodes", "Management", ok=_json("NodeList"), errors=_READ),
+    ("PUT", "/v0/models/{model_id:path}/deployment"): Operation(
+        "Deploy a model: how many copies the scheduler keeps, and on which nodes (by label)",
+        "Deployments",
+        "DeploymentBody",
+        _json("Deployment"),
+        errors=(400, *_READ, 503),
+        path_params=("model_id",),
+        example={"copies": 1},
+    ),
+    ("GET", "/v0/models/{model_id:path}/deployment"): Operation(
+        "A model's deployment with its desired and ready copies",
+        "Deployments",
+        ok=_json("Deployment"),
+        errors=(400, *_READ, 503),
+        path_params=("model_id",),
+    ),
+    ("DELETE", "/v0/models/{model_id:path}/deployment"): Operation(
+        "Undeploy a model: its copies are unloaded, their files kept",
+        "Deployments",
+        ok=_json("DeploymentDeleted"),
+        errors=(400, *_READ, 503),
+        path_params=("model_id",),
+    ),
+    ("GET", "/v0/models/{model_id:path}/placement"): Operation(
+        "Where the next copy of a deployed model would go: each node's score or the rule excluding it",
+        "Deployments",
+        ok=_json("Placement"),
+        errors=(400, *_READ),
+        path_params=("model_id",),
+    ),
+    ("GET", "/v0/events"): Operation(
+        "The scheduler's recent decisions on this replica, with their reasons",
+        "Deployments",
+        ok=_json("Events"),
+        errors=_READ,
+    ),
     ("POST", "/v0/models/{model_id:path}/pull"): Operation(
         "Pull a model to chosen nodes (none given: every online node able to serve it)",
         "Management",

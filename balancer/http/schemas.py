@@ -147,6 +147,18 @@ class PullModelBody(_Body):
     node_ids: list[str] = []
 
 
+class DeploymentBody(_Body):
+    """``PUT /v0/models/{id}/deployment``: a fixed ``copies``, or ``min_copies``..``max_copies`` scaled
+    on demand (neither: one copy); ``selector``: node labels every copy's node must have;
+    ``memory_mb``: overrides the model's memory need."""
+
+    copies: int | None = None
+    min_copies: int = 0
+    max_copies: int | None = None
+    selector: dict[str, str] = {}
+    memory_mb: int | None = None
+
+
 class CreateKeyBody(_Body):
     """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``);
     ``node_id`` binds a node key to the one node id it may register."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc.aio
@@ -23,6 +24,7 @@ from balancer.fleet import Fleet
 from balancer.node_clients import NodeClients
 from balancer.router.admission import Admission
 from balancer.router.candidates import Candidate, Candidates, Key
+from balancer.router.demand import DemandMeter
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
@@ -123,6 +125,7 @@ class Router:
         fleet.on_load(self._stats.reported_now)
         self._candidates = Candidates(fleet)
         self._service = ServiceTimes()
+        self.demand = DemandMeter(clock)  # read by the scheduler's autoscaler
         self._admission = Admission(
             queue_size=config.queue_size,
             queue_timeout_s=config.queue_timeout_s,
@@ -197,33 +200,59 @@ class Router:
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
-        while True:
-            node = await self._next_node(model, route.capability, key, tried, deadline, last)
-            started = clock()
-            try:
-                answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
-            except grpc.aio.AioRpcError as exc:
-                last = self._failed(route, model, node, exc, tried)
-                continue
-            finally:
-                self._release(node)
-            took = clock() - started
-            self._stats.answered(node.node_id, took)
-            self._service.finished(queue_key, took)
-            return route.from_pb(_stamped(answer, node.node_id))
+        self.demand.started(model.id)
+        try:
+            while True:
+                node = await self._waited_node(model, route.capability, key, tried, deadline, last)
+                started = clock()
+                try:
+                    answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
+                except grpc.aio.AioRpcError as exc:
+                    last = self._failed(route, model, node, exc, tried)
+                    continue
+                finally:
+                    self._release(node)
+                took = clock() - started
+                self._stats.answered(node.node_id, took)
+                self._service.finished(queue_key, took)
+                return route.from_pb(_stamped(answer, node.node_id))
+        finally:
+            self.demand.finished(model.id)
 
     async def _stream(self, route: Route[R, T], request: R, timeout: float | None) -> AsyncGenerator[T, None]:
         pb = route.to_pb(request)
         from_pb = route.from_pb
-        clock = self._clock
         deadline = self._deadline(timeout)
         model = await self._model(request.model, route.capability)
-        queue_key = (model.id, route.capability)
         key = route_key(model.id, request)
         tried: set[str] = set()
         last: Failure | None = None
+        self.demand.started(model.id)
+        try:
+            # Closed with the caller's stream, at once: the node's call stops and its slot is released.
+            async with aclosing(
+                self._streamed(route, model, key, tried, deadline, last, pb, from_pb)
+            ) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self.demand.finished(model.id)
+
+    async def _streamed(
+        self,
+        route: Route[R, T],
+        model: Model,
+        key: RouteKey | None,
+        tried: set[str],
+        deadline: float,
+        last: Failure | None,
+        pb: Any,
+        from_pb: Callable[[Any], T],
+    ) -> AsyncGenerator[T, None]:
+        clock = self._clock
+        queue_key = (model.id, route.capability)
         while True:
-            node = await self._next_node(model, route.capability, key, tried, deadline, last)
+            node = await self._waited_node(model, route.capability, key, tried, deadline, last)
             started = clock()
             stream = route.call(self._stub(node), pb, max(0.001, deadline - started))
             items = aiter(stream)
@@ -293,6 +322,22 @@ class Router:
                 f"model {model.id!r} does not support {capability.value}",
             )
         return model
+
+    async def _waited_node(
+        self,
+        model: Model,
+        capability: Capability,
+        key: RouteKey | None,
+        tried: set[str],
+        deadline: float,
+        last: Failure | None,
+    ) -> Candidate:
+        """``_next_node``, with the time the request waited for it counted as the model's demand."""
+        since = self.demand.wait_started(model.id)
+        try:
+            return await self._next_node(model, capability, key, tried, deadline, last)
+        finally:
+            self.demand.wait_ended(model.id, since)
 
     async def _next_node(
         self,

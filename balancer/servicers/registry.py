@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc.aio
 
-from balancer import control, node_session, nodes
+from balancer import control, deployments, node_session, nodes
 from balancer.catalog import RegisterRequest
 from balancer.control import ModelView, NodeView
 from balancer.edge.caller import caller
@@ -38,6 +38,8 @@ def _model_on_node_from_pb(msg: pb.ModelNodeStatus) -> ModelOnNode:
         downloaded_bytes=msg.downloaded_bytes,
         total_bytes=msg.total_bytes,
         error=msg.error,
+        memory_mb=msg.memory_mb,
+        pinned=msg.pinned,
     )
 
 
@@ -48,6 +50,7 @@ def _load_from_pb(msg: pb.NodeLoad) -> NodeLoad:
         cpu_percent=msg.cpu_percent,
         memory_used_mb=msg.memory_used_mb,
         memory_total_mb=msg.memory_total_mb,
+        gpus=tuple(converters.gpu_from_pb(g) for g in msg.gpus),
     )
 
 
@@ -92,6 +95,11 @@ def _command_to_pb(cmd: NodeCommand) -> rpb.NodeCommand:
         msg.delete_model.model_id = cmd.model_id
     elif cmd.kind is CommandKind.DRAIN:
         msg.drain.SetInParent()
+    elif cmd.kind is CommandKind.UNLOAD:
+        msg.unload.model_id = cmd.model_id
+    elif cmd.kind is CommandKind.PIN:
+        msg.prefetch.model_id = cmd.model_id
+        msg.prefetch.pin = True
     else:
         msg.prefetch.model_id = cmd.model_id
     return msg
@@ -116,9 +124,11 @@ def _balancer_message_to_pb(out: node_session.BalancerMessage) -> rpb.BalancerMe
 
 
 def _model_on_node_to_pb(s: ModelOnNode, *, ready: bool | None = None) -> pb.ModelNodeStatus:
-    return converters.model_node_status_to_pb(
+    msg = converters.model_node_status_to_pb(
         s.node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error, ready=ready
     )
+    msg.memory_mb, msg.pinned = s.memory_mb, s.pinned
+    return msg
 
 
 def _model_view_to_pb(view: ModelView) -> pb.Model:
@@ -202,6 +212,8 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 version=request.version,
                 capabilities=frozenset(converters.requested_capabilities_from_pb(request.capabilities)),
                 auth_token=request.auth_token,
+                labels=dict(request.labels),
+                memory_total_mb=request.memory_total_mb,
             ),
             caller(),
         )
@@ -265,3 +277,78 @@ class RegistryServicer(rgrpc.RegistryServicer):
         async with aclosing(node_session.serve(self._parts, messages, caller())) as outgoing:
             async for out in outgoing:
                 yield _balancer_message_to_pb(out)
+
+    # deployments (see balancer.deployments)
+
+    @rpc_errors
+    async def SetDeployment(self, request: rpb.SetDeploymentRequest, context: Ctx) -> rpb.Deployment:
+        d = request.deployment
+        ask = deployments.DeploymentAsk(
+            model_id=d.model_id,
+            copies=d.copies if d.HasField("copies") else None,
+            min_copies=d.min_copies,
+            max_copies=d.max_copies if d.HasField("max_copies") else None,
+            selector=dict(d.selector),
+            memory_mb=d.memory_mb or None,
+        )
+        return _deployment_to_pb(await deployments.set_deployment(self._parts, ask))
+
+    @rpc_errors
+    async def GetDeployment(self, request: rpb.GetDeploymentRequest, context: Ctx) -> rpb.Deployment:
+        return _deployment_to_pb(await deployments.get_deployment(self._parts, request.model_id))
+
+    @rpc_errors
+    async def DeleteDeployment(
+        self, request: rpb.DeleteDeploymentRequest, context: Ctx
+    ) -> rpb.DeleteDeploymentResponse:
+        model_id = await deployments.delete_deployment(self._parts, request.model_id)
+        return rpb.DeleteDeploymentResponse(model_id=model_id)
+
+    @rpc_errors
+    async def ListDeployments(
+        self, request: rpb.ListDeploymentsRequest, context: Ctx
+    ) -> rpb.ListDeploymentsResponse:
+        views = await deployments.list_deployments(self._parts)
+        return rpb.ListDeploymentsResponse(deployments=[_deployment_to_pb(v) for v in views.values()])
+
+    @rpc_errors
+    async def ExplainDeployment(self, request: rpb.ExplainDeploymentRequest, context: Ctx) -> rpb.Placement:
+        found = deployments.explain(self._parts, request.model_id)
+        return rpb.Placement(
+            model_id=found.model_id,
+            target=found.target,
+            active=found.active,
+            nodes=[
+                rpb.NodePlacement(
+                    node_id=v.node_id,
+                    excluded=v.candidate is None,
+                    rule=v.rule,
+                    reason=v.reason,
+                    rank=v.rank,
+                    text=v.text(),
+                )
+                for v in found.nodes
+            ],
+            decisions=[d.text for d in found.decisions],
+        )
+
+
+def _deployment_to_pb(view: deployments.DeploymentView) -> rpb.Deployment:
+    d = view.deployment
+    msg = rpb.Deployment(
+        model_id=d.model_id,
+        min_copies=d.min_copies,
+        selector=dict(d.selector),
+        memory_mb=d.memory_mb or 0,
+        desired_copies=view.desired,
+        ready_copies=view.ready,
+    )
+    if d.copies is not None:
+        msg.copies = d.copies
+    if d.max_copies is not None:
+        msg.max_copies = d.max_copies
+    for name, value in (("created_at", d.created_at), ("updated_at", d.updated_at)):
+        ts = converters.timestamp(value)
+        if ts is not None:
+            getattr(msg, name).CopyFrom(ts)
+    return msg

@@ -33,6 +33,7 @@ from balancer.store.tables import (
     ApiKeyRow,
     CheckedSession,
     DeploymentRow,
+    LeaseRow,
     ManifestFileRow,
     ModelRow,
     NodeCommandRow,
@@ -629,6 +630,36 @@ class Store:
                 .returning(DeploymentRow.model_id)
             )
             return removed.first() is not None
+
+    # leases
+
+    async def take_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Takes or renews the lease ``name`` for ``holder`` until ``ttl_s`` from now: True when
+        ``holder`` holds it now. Another holder's lease is taken only once it has expired."""
+        now = _now()
+        until = now + timedelta(seconds=ttl_s)
+        async with self._writing() as session:
+            renewed = await session.execute(
+                update(LeaseRow)
+                .where(LeaseRow.name == name, (LeaseRow.holder == holder) | (LeaseRow.expires_at < now))
+                .values(holder=holder, expires_at=until)
+            )
+            if renewed.rowcount == 1:  # type: ignore[attr-defined]
+                return True
+        insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        statement = (
+            insert(LeaseRow)
+            .values(name=name, holder=holder, expires_at=until)
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+        async with self._writing() as session:
+            inserted: int = (await session.execute(statement)).rowcount  # type: ignore[attr-defined]
+            return inserted == 1
+
+    async def drop_lease(self, name: str, holder: str) -> None:
+        """Gives the lease up at once, if ``holder`` holds it: another replica takes it on its next try."""
+        async with self._writing() as session:
+            await session.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder))
 
     @staticmethod
     def _deployment(row: DeploymentRow) -> Deployment:

@@ -421,3 +421,51 @@ async def test_a_replica_without_the_nodes_session_routes_a_conversations_later_
             followed += 1
         assert followed == 3
         assert hit_counter._value.get() == hits_before + 3  # led there by what it knew, not by chance
+
+
+async def acting(replica: Replica) -> bool:
+    reply = await replica.http.get("/v0/events")
+    assert reply.status_code == 200, reply.text
+    return bool(reply.json()["acting"])
+
+
+async def test_one_replica_schedules_a_deployment_set_on_either_is_seen_on_both_and_another_takes_over(
+    tmp_path: Path, postgres_url: str, hub: FakeHub
+) -> None:
+    a = await start_replica(tmp_path / "a", postgres_url, hub)
+    b = await start_replica(tmp_path / "b", postgres_url, hub, admin_key(a))
+    replicas = [a, b]
+    try:
+
+        async def exactly_one_acts() -> bool:
+            return [await acting(r) for r in replicas].count(True) == 1
+
+        await within(3.0, exactly_one_acts, "one replica holds the scheduler's lease")
+        for _ in range(5):  # and it stays one, pass after pass
+            assert await exactly_one_acts()
+            await asyncio.sleep(0.2)
+
+        put = await b.http.put(
+            "/v0/models/gemma-3-270m/deployment", json={"copies": 2, "selector": {"zone": "a"}}
+        )
+        assert put.status_code == 200, put.text
+        assert put.json()["copies"] == 2 and put.json()["ready_copies"] == 0
+        seen = await a.http.get("/v0/models/gemma-3-270m/deployment")
+        assert seen.status_code == 200 and seen.json()["selector"] == {"zone": "a"}
+
+        holder = a if await acting(a) else b
+        other = b if holder is a else a
+        await holder.http.aclose()
+        await holder.channel.close(None)
+        await holder.balancer.stop()  # gives the lease up: the other takes it on its next pass
+        replicas.remove(holder)
+        took = await within(3.0, lambda: acting(other), "the other replica takes the scheduler over")
+        print(f"\nthe scheduler moved to the other replica in {took:.2f} s")
+        gone = await other.http.delete("/v0/models/gemma-3-270m/deployment")
+        assert gone.status_code == 200 and gone.json() == {"model_id": "gemma-3-270m", "deleted": True}
+        assert (await other.http.get("/v0/models/gemma-3-270m/deployment")).status_code == 404
+    finally:
+        for replica in replicas:
+            await replica.http.aclose()
+            await replica.channel.close(None)
+            await replica.balancer.stop()

@@ -414,3 +414,38 @@ async def test_a_stream_whose_first_send_fails_still_closes_its_producer() -> No
     answer = StreamingAnswer(producer(), media_type="text/event-stream")  # type: ignore[arg-type]
     await asyncio.wait_for(answer({"type": "http"}, receive, send), 5)  # type: ignore[arg-type]
     assert cleaned.is_set()
+
+
+# -- deployments -------------------------------------------------------------------------------------
+
+
+async def test_a_deployment_is_set_read_and_ended_by_scope_with_clear_refusals(shim: Shim) -> None:
+    url = "/v0/models/gemma-3-270m/deployment"
+    refused = await shim.client.put(url, headers=shim.api, json={"copies": 2})
+    error_of(refused, 403, "forbidden")
+    both = await shim.client.put(url, headers=shim.admin, json={"copies": 2, "max_copies": 3})
+    assert "either copies or max_copies" in error_of(both, 400, "invalid_request")
+    too_many = await shim.client.put(url, headers=shim.admin, json={"copies": 100_000})
+    assert "copies must be" in error_of(too_many, 400, "invalid_request")
+    bad_label = await shim.client.put(url, headers=shim.admin, json={"copies": 1, "selector": {"zone": ""}})
+    assert "selector" in error_of(bad_label, 400, "invalid_request")
+    unknown = await shim.client.put("/v0/models/no-such-model/deployment", headers=shim.admin, json={})
+    error_of(unknown, 404, "model_not_found")
+    error_of(await shim.client.get(url, headers=shim.api), 404, "model_not_found")
+
+    put = await shim.client.put(url, headers=shim.admin, json={"min_copies": 0, "max_copies": 3})
+    assert put.status_code == 200, put.text
+    body = put.json()
+    assert (body["copies"], body["min_copies"], body["max_copies"], body["desired_copies"]) == (None, 0, 3, 0)
+    read = await shim.client.get(url, headers=shim.api)
+    assert read.json()["max_copies"] == 3
+    # Not yet seen by a scheduler (none runs here): explained as such, not a 500.
+    error_of(
+        await shim.client.get("/v0/models/gemma-3-270m/placement", headers=shim.api), 404, "model_not_found"
+    )
+    events = await shim.client.get("/v0/events", headers=shim.api)
+    assert events.json() == {"acting": False, "data": []}
+    error_of(await shim.client.delete(url, headers=shim.api), 403, "forbidden")
+    gone = await shim.client.delete(url, headers=shim.admin)
+    assert gone.json() == {"model_id": "gemma-3-270m", "deleted": True}
+    error_of(await shim.client.delete(url, headers=shim.admin), 404, "model_not_found")

@@ -6,7 +6,7 @@ import json
 
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.replicas import NodeSnapshot
-from common.types import Capability, ModelState
+from common.types import Backend, Capability, ModelState
 
 
 def held_node() -> Fleet:
@@ -89,3 +89,36 @@ def test_prefixes_read_back_on_another_replica_and_change_only_what_is_throttled
         prefixes={},
     )
     assert other.prefixes("n1", "gemma-3-270m") == frozenset()
+
+
+def test_what_the_scheduler_places_by_reads_back_on_another_replica() -> None:
+    """The acting scheduler may not hold a node's session: its labels, offer and pinned copies travel."""
+    fleet = Fleet()
+    fleet.registered(
+        NodeInfo(
+            "n2",
+            "127.0.0.1:2",
+            auth_token="secret",
+            labels={"zone": "a"},
+            backends=(Backend.CPU,),
+            runtimes=("llama.cpp",),
+            memory_total_mb=3000,
+        )
+    )
+    fleet.connected("n2")
+    fleet.replace(
+        "n2", [ModelOnNode("n2", "gemma-3-270m", ModelState.READY, 10, 10, memory_mb=700, pinned=True)]
+    )
+    fleet.set_load("n2", NodeLoad(memory_used_mb=700, memory_total_mb=3000))
+    text = NodeSnapshot.of(fleet, "n2").to_json()
+    assert "secret" not in text
+    read = NodeSnapshot.from_json("n2", text)
+    assert read.models[0].pinned and read.models[0].memory_mb == 700
+    info = read.info("n2", "127.0.0.1:2")
+    assert (info.labels, info.backends, info.runtimes, info.memory_total_mb) == (
+        {"zone": "a"},
+        (Backend.CPU,),
+        ("llama.cpp",),
+        3000,
+    )
+    assert info.auth_token == ""  # routed calls present the fleet token: its own is kept where it registered

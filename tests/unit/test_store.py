@@ -658,7 +658,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     finally:
         await engine.dispose()
     assert versions == [head_revision()]
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
     assert {
         "models",
         "manifest_files",
@@ -668,6 +668,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
         "balancer_secrets",
         "usage",
         "deployments",
+        "leases",
     } <= tables
 
 
@@ -779,3 +780,19 @@ async def test_migrations_match_the_tables_exactly(database_url: str, store: Sto
     assert exact == []
     # The comparison does see drift: one extra column in the tables is reported.
     assert [(d[0], d[2], d[3].name) for d in drifted] == [("add_column", "nodes", "zone")]
+
+
+# the scheduler's lease
+
+
+async def test_one_holder_has_the_lease_until_it_expires_or_is_dropped(store: Store) -> None:
+    assert await store.take_lease("scheduler", "replica-a", ttl_s=30)
+    assert await store.take_lease("scheduler", "replica-a", ttl_s=30)  # the holder renews it
+    assert not await store.take_lease("scheduler", "replica-b", ttl_s=30)  # held: refused
+    await store.drop_lease("scheduler", "replica-b")  # not its lease: nothing happens
+    assert not await store.take_lease("scheduler", "replica-b", ttl_s=30)
+    await store.drop_lease("scheduler", "replica-a")
+    assert await store.take_lease("scheduler", "replica-b", ttl_s=0.05)
+    assert not await store.take_lease("scheduler", "replica-a", ttl_s=30)
+    await asyncio.sleep(0.1)  # the clock the rule reads is the store's own: b's lease runs out
+    assert await store.take_lease("scheduler", "replica-a", ttl_s=30)  # expired: taken over

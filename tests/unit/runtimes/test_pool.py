@@ -410,3 +410,61 @@ async def test_engine_calls_run_on_threads_that_end_with_them(tmp_path: Path) ->
     for thread in noted:
         thread.join(timeout=5)
         assert not thread.is_alive(), f"{thread.name} outlived its call"
+
+
+async def test_a_pinned_model_is_never_evicted_for_an_on_demand_load(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=250)
+    a, b, c = (counter_model(tmp_path, name, 100) for name in "abc")
+    await pool.prefetch(a, pin=True)  # a scheduled copy, the least recently used from here on
+    await collect(pool, b)
+    await collect(pool, c)  # room for c is made by evicting b, not the older a
+    assert pool.states() == {"a": "ready", "c": "ready"}
+    assert pool.pinned() == {"a"}
+    assert pool.memory_by_model() == {"a": 100, "c": 100}
+    assert [d.pinned for d in pool.details()] == [True, False]
+    await pool.close()
+
+
+async def test_an_on_demand_load_that_only_pinned_models_block_is_refused_clearly(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=150)
+    a, b = counter_model(tmp_path, "a", 100), counter_model(tmp_path, "b", 100)
+    await pool.prefetch(a, pin=True)
+    with pytest.raises(LlmlbError) as caught:
+        await asyncio.wait_for(collect(pool, b), 2.0)  # refused at once, not waiting forever
+    assert caught.value.code is ErrorCode.INSUFFICIENT_STORAGE
+    assert "100 MB of this node's 150 MB memory budget hold models the balancer keeps" in caught.value.message
+    assert pool.states() == {"a": "ready", "b": "failed"}
+    await pool.close()
+
+
+async def test_unloading_a_pinned_model_ends_its_pin_and_frees_its_memory(tmp_path: Path) -> None:
+    pool = make_pool(memory_budget_mb=150)
+    a, b = counter_model(tmp_path, "a", 100), counter_model(tmp_path, "b", 100)
+    await pool.prefetch(a, pin=True)
+    await pool.unload("a")
+    assert pool.pinned() == frozenset() and pool.states() == {}
+    await collect(pool, b)
+    assert pool.states() == {"b": "ready"}
+    await pool.close()
+
+
+class HungryRuntime(CounterRuntime):
+    """Takes far more memory loading than its catalogue entry says (a wrong required_vram_mb)."""
+
+    def load(self) -> None:
+        super().load()
+        self.ballast = b"x" * (160 * 1024 * 1024)  # written, so resident
+
+    def unload(self) -> None:
+        super().unload()
+        del self.ballast
+
+
+async def test_what_a_load_measurably_took_corrects_the_estimate(tmp_path: Path) -> None:
+    hungry = RuntimeSpec("counter", frozenset({FileFormat.OTHER}), CounterRuntime.capabilities, HungryRuntime)
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([hungry]))  # type: ignore[list-item]
+    model = counter_model(tmp_path, "a", 10)
+    await pool.prefetch(model)
+    assert pool.memory_by_model()["a"] >= 150  # what it took, not the 10 MB it claimed
+    assert [d.memory_mb for d in pool.details()] == [pool.memory_by_model()["a"]]
+    await pool.close()

@@ -251,6 +251,26 @@ Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
 class RegisterNodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
@@ -260,6 +280,8 @@ class RegisterNodeRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     AUTH_TOKEN_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_MB_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_MB_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """stable id the node keeps across restarts; empty: assigned"""
     address: _builtins.str
@@ -271,7 +293,9 @@ class RegisterNodeRequest(_message.Message):
     instead of the fleet token. Kept in the balancer's memory only.
     """
     memory_total_mb: _builtins.int
-    """host memory"""
+    """host memory; the node's memory budget when the operator caps it"""
+    memory_budget_mb: _builtins.int
+    """XLLM_MEMORY_BUDGET_MB; 0: not capped by the operator"""
     @_builtins.property
     def backends(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Backend.ValueType]:
         """compute backends the node offers; they decide which files it fetches"""
@@ -288,6 +312,10 @@ class RegisterNodeRequest(_message.Message):
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Capability.ValueType]:
         """what the node's runtimes can serve"""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The operator's labels for this node (`xllm serve --label k=v`); deployments' selectors match them."""
+
     def __init__(
         self,
         *,
@@ -300,10 +328,12 @@ class RegisterNodeRequest(_message.Message):
         version: _builtins.str = ...,
         auth_token: _builtins.str = ...,
         memory_total_mb: _builtins.int = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        memory_budget_mb: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "auth_token", b"auth_token", "backends", b"backends", "capabilities", b"capabilities", "gpus", b"gpus", "memory_total_mb", b"memory_total_mb", "node_id", b"node_id", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "auth_token", b"auth_token", "backends", b"backends", "capabilities", b"capabilities", "gpus", b"gpus", "labels", b"labels", "memory_budget_mb", b"memory_budget_mb", "memory_total_mb", b"memory_total_mb", "node_id", b"node_id", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,6 +691,7 @@ class NodeCommand(_message.Message):
     DELETE_MODEL_FIELD_NUMBER: _builtins.int
     PREFETCH_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    UNLOAD_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """unique and never reused; echoed in CommandAck"""
     @_builtins.property
@@ -675,6 +706,10 @@ class NodeCommand(_message.Message):
     def drain(self) -> Global___DrainCommand:
         """stop taking new work"""
 
+    @_builtins.property
+    def unload(self) -> Global___UnloadCommand:
+        """unload a model and unpin it; its files stay"""
+
     def __init__(
         self,
         *,
@@ -682,12 +717,13 @@ class NodeCommand(_message.Message):
         delete_model: Global___DeleteModelCommand | None = ...,
         prefetch: Global___PrefetchCommand | None = ...,
         drain: Global___DrainCommand | None = ...,
+        unload: Global___UnloadCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "unload", b"unload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_id", b"command_id", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_id", b"command_id", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "unload", b"unload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delete_model", "prefetch", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delete_model", "prefetch", "drain", "unload"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -722,8 +758,36 @@ class PrefetchCommand(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """normalised id of the model to fetch and load"""
+    pin: _builtins.bool
+    """Keep it loaded: the node's LRU never evicts it to load another model on demand (a scheduled
+    copy). An UnloadCommand or DeleteModelCommand ends the pin.
+    """
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        pin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "pin", b"pin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefetchCommand: _TypeAlias = PrefetchCommand  # noqa: Y015
+
+@_typing.final
+class UnloadCommand(_message.Message):
+    """Unload the model from memory and unpin it; its files stay on the node, so loading it again is fast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """normalised id of the model to unload"""
     def __init__(
         self,
         *,
@@ -735,7 +799,7 @@ class PrefetchCommand(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PrefetchCommand: _TypeAlias = PrefetchCommand  # noqa: Y015
+Global___UnloadCommand: _TypeAlias = UnloadCommand  # noqa: Y015
 
 @_typing.final
 class DrainCommand(_message.Message):
@@ -1015,3 +1079,304 @@ class PullModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PullModelResponse: _TypeAlias = PullModelResponse  # noqa: Y015
+
+@_typing.final
+class Deployment(_message.Message):
+    """How many copies of one model should run and where they may (see balancer/scheduler/deployment.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    COPIES_FIELD_NUMBER: _builtins.int
+    MIN_COPIES_FIELD_NUMBER: _builtins.int
+    MAX_COPIES_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    DESIRED_COPIES_FIELD_NUMBER: _builtins.int
+    READY_COPIES_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """normalised model id"""
+    copies: _builtins.int
+    """a fixed count; unset when autoscaled"""
+    min_copies: _builtins.int
+    """autoscaled: the fewest copies (0: scaled to zero when idle)"""
+    max_copies: _builtins.int
+    """autoscaled: the most copies; unset for a fixed count"""
+    memory_mb: _builtins.int
+    """overrides the model's memory need; 0: the catalogue's or estimated"""
+    desired_copies: _builtins.int
+    """answers only: the copies wanted now"""
+    ready_copies: _builtins.int
+    """answers only: the copies ready now"""
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """every key=value must be among a node's labels"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        copies: _builtins.int | None = ...,
+        min_copies: _builtins.int = ...,
+        max_copies: _builtins.int | None = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        memory_mb: _builtins.int = ...,
+        desired_copies: _builtins.int = ...,
+        ready_copies: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_max_copies", b"_max_copies", "copies", b"copies", "created_at", b"created_at", "max_copies", b"max_copies", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_copies", b"_copies", "_max_copies", b"_max_copies", "copies", b"copies", "created_at", b"created_at", "desired_copies", b"desired_copies", "max_copies", b"max_copies", "memory_mb", b"memory_mb", "min_copies", b"min_copies", "model_id", b"model_id", "ready_copies", b"ready_copies", "selector", b"selector", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__copies: _TypeAlias = _typing.Literal["copies"]  # noqa: Y015
+    _WhichOneofArgType__copies: _TypeAlias = _typing.Literal["_copies", b"_copies"]  # noqa: Y015
+    _WhichOneofReturnType__max_copies: _TypeAlias = _typing.Literal["max_copies"]  # noqa: Y015
+    _WhichOneofArgType__max_copies: _TypeAlias = _typing.Literal["_max_copies", b"_max_copies"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__copies) -> _WhichOneofReturnType__copies | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_copies) -> _WhichOneofReturnType__max_copies | None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class SetDeploymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment: ...
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDeploymentRequest: _TypeAlias = SetDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class GetDeploymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentRequest: _TypeAlias = GetDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDeploymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeploymentRequest: _TypeAlias = DeleteDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDeploymentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """the normalised id whose deployment ended"""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeploymentResponse: _TypeAlias = DeleteDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]:
+        """by model id"""
+
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[Global___Deployment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
+
+@_typing.final
+class ExplainDeploymentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDeploymentRequest: _TypeAlias = ExplainDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class NodePlacement(_message.Message):
+    """One node's verdict for one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    excluded: _builtins.bool
+    """a filter excluded it: rule and reason say which and why"""
+    rule: _builtins.str
+    """e.g. "memory", "selector", "online" """
+    reason: _builtins.str
+    """e.g. "needs 0.8 GB, at most 0.1 GB free on one cpu device" """
+    rank: _builtins.int
+    """not excluded: 1 is where the next copy would go"""
+    text: _builtins.str
+    """the verdict in one line, as `llmlb models explain` prints it"""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        excluded: _builtins.bool = ...,
+        rule: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded", b"excluded", "node_id", b"node_id", "rank", b"rank", "reason", b"reason", "rule", b"rule", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodePlacement: _TypeAlias = NodePlacement  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    target: _builtins.int
+    """the copies wanted"""
+    active: _builtins.int
+    """the copies placed and not failed"""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePlacement]:
+        """candidates best first, then the excluded ones by node id"""
+
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the model's recent scheduling decisions, oldest first"""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        target: _builtins.int = ...,
+        active: _builtins.int = ...,
+        nodes: _abc.Iterable[Global___NodePlacement] | None = ...,
+        decisions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "decisions", b"decisions", "model_id", b"model_id", "nodes", b"nodes", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015

@@ -110,6 +110,31 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.SetDeployment = channel.unary_unary(
+                '/llmlb.v1.Registry/SetDeployment',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/llmlb.v1.Registry/GetDeployment',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.DeleteDeployment = channel.unary_unary(
+                '/llmlb.v1.Registry/DeleteDeployment',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/llmlb.v1.Registry/ListDeployments',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.ExplainDeployment = channel.unary_unary(
+                '/llmlb.v1.Registry/ExplainDeployment',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_registry__pb2.Placement.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -232,6 +257,44 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDeployment(self, request, context):
+        """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
+        on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
+        when the model is not in the catalogue; INVALID_ARGUMENT when the counts make no sense.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """One model's deployment with its desired and ready copies. NOT_FOUND when it has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDeployment(self, request, context):
+        """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Every deployment, by model id, with its desired and ready copies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainDeployment(self, request, context):
+        """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+        its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -309,6 +372,31 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_types__pb2.ApiKey.SerializeToString,
+            ),
+            'SetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeployment,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.SetDeploymentRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
+            ),
+            'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDeployment,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'ExplainDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDeployment,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_registry__pb2.Placement.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -716,6 +804,141 @@ class Registry:
             '/llmlb.v1.Registry/RevokeKey',
             llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
             llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/SetDeployment',
+            llmlb_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/GetDeployment',
+            llmlb_dot_v1_dot_registry__pb2.GetDeploymentRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/DeleteDeployment',
+            llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/ListDeployments',
+            llmlb_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/ExplainDeployment',
+            llmlb_dot_v1_dot_registry__pb2.ExplainDeploymentRequest.SerializeToString,
+            llmlb_dot_v1_dot_registry__pb2.Placement.FromString,
             options,
             channel_credentials,
             insecure,

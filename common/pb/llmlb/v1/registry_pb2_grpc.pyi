@@ -81,6 +81,21 @@ class RegistryStub:
     """Every key, revoked ones included, without secrets."""
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]
     """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+    SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]
+    """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
+    on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
+    when the model is not in the catalogue; INVALID_ARGUMENT when the counts make no sense.
+    """
+    GetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetDeploymentRequest, _registry_pb2.Deployment]
+    """One model's deployment with its desired and ready copies. NOT_FOUND when it has none."""
+    DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]
+    """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]
+    """Every deployment, by model id, with its desired and ready copies."""
+    ExplainDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ExplainDeploymentRequest, _registry_pb2.Placement]
+    """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+    its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -134,6 +149,21 @@ class RegistryAsyncStub(RegistryStub):
     """Every key, revoked ones included, without secrets."""
     RevokeKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+    SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]  # type: ignore[assignment]
+    """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
+    on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
+    when the model is not in the catalogue; INVALID_ARGUMENT when the counts make no sense.
+    """
+    GetDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetDeploymentRequest, _registry_pb2.Deployment]  # type: ignore[assignment]
+    """One model's deployment with its desired and ready copies. NOT_FOUND when it has none."""
+    DeleteDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
+    """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """Every deployment, by model id, with its desired and ready copies."""
+    ExplainDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.ExplainDeploymentRequest, _registry_pb2.Placement]  # type: ignore[assignment]
+    """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+    its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+    """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -274,5 +304,50 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.ApiKey, _abc.Awaitable[_types_pb2.ApiKey]]:
         """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+
+    @_abc_1.abstractmethod
+    def SetDeployment(
+        self,
+        request: _registry_pb2.SetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Deployment, _abc.Awaitable[_registry_pb2.Deployment]]:
+        """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
+        on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
+        when the model is not in the catalogue; INVALID_ARGUMENT when the counts make no sense.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeployment(
+        self,
+        request: _registry_pb2.GetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Deployment, _abc.Awaitable[_registry_pb2.Deployment]]:
+        """One model's deployment with its desired and ready copies. NOT_FOUND when it has none."""
+
+    @_abc_1.abstractmethod
+    def DeleteDeployment(
+        self,
+        request: _registry_pb2.DeleteDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.DeleteDeploymentResponse, _abc.Awaitable[_registry_pb2.DeleteDeploymentResponse]]:
+        """Ends a deployment: its copies are unloaded (their files stay). NOT_FOUND when it has none."""
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _registry_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListDeploymentsResponse, _abc.Awaitable[_registry_pb2.ListDeploymentsResponse]]:
+        """Every deployment, by model id, with its desired and ready copies."""
+
+    @_abc_1.abstractmethod
+    def ExplainDeployment(
+        self,
+        request: _registry_pb2.ExplainDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.Placement, _abc.Awaitable[_registry_pb2.Placement]]:
+        """Where the next copy of a deployed model would go: every node with the rule that excluded it or
+        its rank and scores, as of the scheduler's last pass. NOT_FOUND when it has no deployment.
+        """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

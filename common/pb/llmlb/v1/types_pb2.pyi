@@ -318,6 +318,8 @@ class ModelNodeStatus(_message.Message):
     DOWNLOADED_BYTES_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MEMORY_MB_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """the reporting node; what a node sends is ignored, its session's id is used"""
     model_id: _builtins.str
@@ -332,6 +334,10 @@ class ModelNodeStatus(_message.Message):
     """bytes the node needs in all"""
     error: _builtins.str
     """the reason for MODEL_STATE_FAILED"""
+    memory_mb: _builtins.int
+    """memory the loaded model takes on the node (its estimate); 0 when not loaded"""
+    pinned: _builtins.bool
+    """a scheduled copy: the node's LRU never evicts it for an on-demand load"""
     def __init__(
         self,
         *,
@@ -342,10 +348,12 @@ class ModelNodeStatus(_message.Message):
         downloaded_bytes: _builtins.int = ...,
         total_bytes: _builtins.int = ...,
         error: _builtins.str = ...,
+        memory_mb: _builtins.int = ...,
+        pinned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_bytes", b"downloaded_bytes", "error", b"error", "model_id", b"model_id", "node_id", b"node_id", "ready", b"ready", "state", b"state", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_bytes", b"downloaded_bytes", "error", b"error", "memory_mb", b"memory_mb", "model_id", b"model_id", "node_id", b"node_id", "pinned", b"pinned", "ready", b"ready", "state", b"state", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,188 @@
+"""The scheduler loop on a balancer's real parts (SQLite store, catalogue, fleet), no transport and no
+sleeps: each test runs passes by hand on a clock it moves, and reads the node commands the passes
+queued, as a node would receive them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from balancer import deployments
+from balancer.auth import KeyRing
+from balancer.catalog import Catalog
+from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet_token import FleetTokens
+from balancer.node_clients import NodeClients
+from balancer.origin import Origin
+from balancer.parts import BalancerParts
+from balancer.replicas import Replicas
+from balancer.router import Router
+from balancer.router.demand import DemandMeter
+from balancer.scheduler.loop import SchedulerLoop
+from balancer.sessions import NodeSessions
+from balancer.store import Store
+from common.config import BalancerConfig
+from common.metrics import BalancerMetrics
+from common.types import Backend, CommandKind, ModelState
+from tests.unit.test_store import make_model, make_node
+
+MODEL = "org/tiny-gguf"  # needs 512 MB (its catalogue entry's required_vram_mb)
+BUDGETS = {"big-1": 4000, "big-2": 2000, "big-3": 1000, "small": 300}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
+    config = BalancerConfig(home=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'llmlb.db'}")
+    store = await Store.open(config.database_url)
+    await store.upsert_model(make_model(MODEL))
+    origin = Origin(config)
+    catalog = Catalog(store, origin)
+    await catalog.load()
+    fleet = Fleet()
+    for node_id, budget in BUDGETS.items():  # CPU nodes capped with XLLM_MEMORY_BUDGET_MB
+        await store.upsert_node(make_node(node_id, backends=[Backend.CPU], gpus=[]))
+        info = NodeInfo(node_id, "127.0.0.1:1", backends=(Backend.CPU,), runtimes=("llama.cpp",))
+        fleet.registered(info)
+        fleet.connected(node_id)
+        fleet.set_load(node_id, NodeLoad(memory_total_mb=budget))
+    replicas = Replicas(store, fleet, database_url=config.database_url, timeout_s=3.0)
+    metrics = BalancerMetrics(lambda: {})
+    clients = NodeClients()
+    router = Router(config, catalog, fleet, clients, metrics)
+    sessions = NodeSessions(store, fleet, replicas)
+    yield BalancerParts(
+        config,
+        store,
+        origin,
+        catalog,
+        fleet,
+        sessions,
+        router,
+        KeyRing(store),
+        metrics,
+        replicas,
+        FleetTokens(store, 3600.0),
+    )
+    await clients.close()
+    await origin.close()
+    await store.close()
+
+
+async def commands(parts: BalancerParts) -> set[tuple[str, CommandKind]]:
+    """(node, kind) of every command queued for ``MODEL``; cleared, as if each node acknowledged."""
+    found = set()
+    for node_id in BUDGETS:
+        for command in await parts.store.pending_commands(node_id):
+            found.add((node_id, command.kind))
+            await parts.store.ack_command(command.id)
+    return found
+
+
+def report(parts: BalancerParts, node_id: str, state: ModelState, *, pinned: bool, error: str = "") -> None:
+    parts.fleet.report(ModelOnNode(node_id, MODEL, state, error=error, memory_mb=600, pinned=pinned))
+
+
+async def test_copies_go_to_nodes_that_fit_and_the_small_one_is_explained(parts: BalancerParts) -> None:
+    clock = Clock()
+    loop = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=2))
+    plan = await loop.run_pass()
+    assert loop.acting  # alone on SQLite: it holds the lease
+    placed = {p.node_id for p in plan.places}
+    assert len(placed) == 2 and placed <= {"big-1", "big-2", "big-3"}
+    assert await commands(parts) == {(n, CommandKind.PIN) for n in placed}
+    verdicts = {v.node_id: v for v in loop.explain(MODEL).nodes}
+    assert verdicts["small"].rule == "memory" and "needs 0.5 GB" in verdicts["small"].reason
+
+    clock.now += 1  # the nodes report the copies pinned and loading: nothing more to do
+    for node_id in placed:
+        report(parts, node_id, ModelState.LOADING, pinned=True)
+    assert (await loop.run_pass()).actions == ()
+    assert await commands(parts) == set()
+    assert (await deployments.get_deployment(parts, MODEL)).ready == 0
+    for node_id in placed:
+        report(parts, node_id, ModelState.READY, pinned=True)
+    assert (await deployments.get_deployment(parts, MODEL)).ready == 2
+    assert ("remove", "") not in {(e.action, e.node_id) for e in loop.events()}
+
+
+async def test_a_copy_that_fails_to_load_is_unloaded_and_placed_elsewhere(parts: BalancerParts) -> None:
+    clock = Clock()
+    loop = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=1))
+    first = (await loop.run_pass()).places[0].node_id
+    await commands(parts)
+    clock.now += 1
+    report(parts, first, ModelState.FAILED, pinned=False, error="load failed: out of memory")
+    plan = await loop.run_pass()
+    assert [(r.node_id, r.reason) for r in plan.removals] == [(first, "failed to load")]
+    assert await commands(parts) == {(first, CommandKind.UNLOAD)}
+    clock.now += 11  # past the first retry's backoff (10 s)
+    second = (await loop.run_pass()).places[0].node_id
+    assert second != first  # not retried where it failed
+    assert await commands(parts) == {(second, CommandKind.PIN)}
+
+
+async def test_undeploying_unloads_every_copy(parts: BalancerParts) -> None:
+    clock = Clock()
+    loop = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=2))
+    placed = {p.node_id for p in (await loop.run_pass()).places}
+    await commands(parts)
+    for node_id in placed:
+        report(parts, node_id, ModelState.READY, pinned=True)
+    await deployments.delete_deployment(parts, MODEL)
+    clock.now += 1
+    plan = await loop.run_pass()
+    assert {(r.node_id, r.unload) for r in plan.removals} == {(n, True) for n in placed}
+    assert await commands(parts) == {(n, CommandKind.UNLOAD) for n in placed}
+    clock.now += 1  # still reported pinned until the nodes unload: not told twice
+    assert (await loop.run_pass()).actions == ()
+
+
+async def test_an_autoscaled_deployment_grows_with_the_requests_the_router_sees(parts: BalancerParts) -> None:
+    clock = Clock()
+    parts.router.demand = DemandMeter(clock)  # the router's meter on the test's clock
+    loop = parts.scheduler = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, min_copies=1, max_copies=3))
+    first = (await loop.run_pass()).places[0].node_id
+    report(parts, first, ModelState.READY, pinned=True)
+    for _ in range(9):  # nine requests in flight on one copy: over its four slots
+        parts.router.demand.started(MODEL)
+    assert (await loop.run_pass()).actions == ()  # not yet: demand must stay high for a window
+    clock.now += 11
+    plan = await loop.run_pass()
+    assert [(s.before, s.after) for s in plan.scaling] == [(1, 2)]
+    assert len(plan.places) == 1 and plan.places[0].node_id != first
+    assert (await deployments.get_deployment(parts, MODEL)).desired == 2
+
+
+def test_the_demand_meter_counts_requests_and_the_mean_wait_over_its_window() -> None:
+    clock = Clock()
+    meter = DemandMeter(clock, window_s=10.0)
+    meter.started("m")
+    since = meter.wait_started("m")
+    assert meter.snapshot()["m"].waiting == 1
+    clock.now += 3
+    meter.wait_ended("m", since)
+    meter.wait_ended("m", meter.wait_started("m"))  # one that did not wait
+    demand = meter.snapshot()["m"]
+    assert (demand.in_flight, demand.waiting, demand.queue_wait_s, demand.last_request_at) == (
+        1,
+        0,
+        1.5,
+        1000.0,
+    )
+    clock.now += 11  # both waits are out of the window
+    meter.finished("m")
+    assert meter.snapshot()["m"].queue_wait_s == 0.0 and meter.snapshot()["m"].in_flight == 0
