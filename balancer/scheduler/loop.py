@@ -9,6 +9,10 @@ that no node reports yet: so a replica taking the lease over finds the copies wh
 Exactly one replica acts: each pass renews a lease row in the store (``Store.take_lease``); a replica
 that dies stops renewing, and another takes the lease once it lapses (``schedule_lease_s``). Every
 replica plans, so each can explain; only the holder queues commands and records decisions.
+
+Each pass plans with the rates learnt from the placements that became ready (``RateLearner``): the
+load times and transfer rates the fleet showed, in place of the defaults; the events say what each
+ready copy taught.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from balancer.scheduler.deployment import Deployment
 from balancer.scheduler.facts import Copy, CopyState, ModelNeed, NodeFacts
 from balancer.scheduler.facts_from_fleet import COPY_STATES, fleet_facts, pinned_copies
 from balancer.scheduler.plan import Explanation, Place, Plan, Remove
+from balancer.scheduler.rates import RateLearner
 from balancer.scheduler.reconciler import Reconciler
 from common.errors import LlmlbError
 from common.types import CommandKind, ModelState
@@ -77,7 +82,8 @@ class SchedulerLoop:
         self._clock = clock
         self._interval_s = parts.config.schedule_interval_s
         self._lease_s = parts.config.schedule_lease_s
-        self.reconciler = Reconciler(clock)
+        self.learner = RateLearner()
+        self.reconciler = Reconciler(clock, learner=self.learner)
         self.acting = False
         self._pending: dict[tuple[str, str], Copy] = {}  # placed here, not yet reported pinned
         self._unloading: dict[tuple[str, str], float] = {}  # told to unload, still reported pinned
@@ -164,7 +170,9 @@ class SchedulerLoop:
         nodes = fleet_facts(self._fleet)
         copies = self._copies(nodes, now)
         demand = parts.router.demand.snapshot()  # what this replica routed: autoscaled deployments follow it
-        plan = self.reconciler.plan(deployments, nodes, list(copies.values()), needs, demand)
+        self.learner.keep(parts.catalog.knows)  # a model deleted from the catalogue is forgotten
+        rates = self.learner.rates()
+        plan = self.reconciler.plan(deployments, nodes, list(copies.values()), needs, demand, rates)
         self._targets = {d.model_id: self._target(d, plan) for d in deployments}
         if self.acting:
             await self._carry_out(plan, copies, now)
@@ -304,12 +312,9 @@ class SchedulerLoop:
             if decision.actual_s is not None and id(decision) not in self._observed:
                 self._observed.add(id(decision))
                 self._parts.metrics.placement_seconds("actual", decision.actual_s)
-                self._note(
-                    "ready",
-                    decision.model_id,
-                    decision.node_id,
-                    f"ready in {decision.actual_s:.1f} s (estimated {decision.estimate_s or 0:.1f} s)",
-                )
+                took = f"ready in {decision.actual_s:.1f} s (estimated {decision.estimate_s or 0:.1f} s)"
+                taught = f"; {decision.learned}" if decision.learned else ""
+                self._note("ready", decision.model_id, decision.node_id, took + taught)
         live = {id(d) for d in self.reconciler.decisions()}
         self._observed &= live
 

@@ -62,7 +62,11 @@ class Plan:
 
 @dataclass(slots=True)
 class Decision:
-    """A recent decision for operators; a placement gets ``outcome`` and ``actual_s`` once known."""
+    """A recent decision for operators; a placement gets ``outcome`` and ``actual_s`` once known.
+
+    A placement keeps its ``estimate`` (whence its files, the backend, the bytes, the load estimate),
+    and once ready says in ``learned`` what its actual time taught the rates ("" when nothing).
+    """
 
     at: float
     model_id: str
@@ -71,6 +75,8 @@ class Decision:
     estimate_s: float | None = None
     outcome: str = ""  # "ready" or "failed"
     actual_s: float | None = None
+    estimate: Estimate | None = None
+    learned: str = ""
 
 
 @dataclass(frozen=True, slots=True)

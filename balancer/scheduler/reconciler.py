@@ -10,6 +10,8 @@ no I/O: a later step carries the plan out and feeds what happened into the next 
   ``failure_backoff_s`` (see ``filters.backoff``), and after ``n`` failures in a row (anywhere) it
   waits ``min(retry_base_s * 2 ** (n - 1), retry_max_s)`` before any new placement; a copy it
   placed becoming ready ends the streak.
+- A placement's copy becoming ready teaches ``learner`` (when given) the model's load time or its
+  source's rate (see ``balancer.scheduler.rates``); the caller passes the learnt rates to later passes.
 - Placements within a pass are booked in the pass's ledger at once (memory, copies per node and
   zone), so the next placement sees them. Deployments are placed largest first, which packs the
   devices as first-fit-decreasing would.
@@ -44,7 +46,7 @@ from balancer.scheduler.filters.memory_fit import MemoryFitFilter, gb
 from balancer.scheduler.ledger import Ledger
 from balancer.scheduler.plan import Decision, Explanation, Place, Plan, Remove, Shortfall
 from balancer.scheduler.ranking import Candidate, Ranking
-from balancer.scheduler.rates import Rates
+from balancer.scheduler.rates import RateLearner, Rates
 from balancer.scheduler.rules import Ask, Filter, Passed
 
 RETRY_BASE_S = 10.0
@@ -87,8 +89,10 @@ class Reconciler:
         failure_backoff_s: float = FAILURE_BACKOFF_S,
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
+        learner: RateLearner | None = None,
     ) -> None:
         self._clock = clock
+        self._learner = learner
         self._autoscaler = autoscaler or Autoscaler()
         self._filters: tuple[Filter, ...] = default_filters(failure_backoff_s)
         self._static = tuple(f for f in self._filters if f.static)
@@ -223,6 +227,23 @@ class Reconciler:
                 decision.outcome = "ready"
                 start = copy.placed_at or decision.at
                 decision.actual_s = max(0.0, (copy.since or now) - start)
+                self._teach(decision, decision.actual_s)
+                taught = f"; {decision.learned}" if decision.learned else ""
+                decision.text += f"; ready in {decision.actual_s:.1f} s{taught}"
+
+    def _teach(self, decision: Decision, actual_s: float) -> None:
+        """Feeds a ready placement's actual time to the learner: a load time or a source's rate."""
+        estimate = decision.estimate
+        if self._learner is None or estimate is None or estimate.backend is None:
+            return
+        decision.learned = self._learner.learn(
+            decision.model_id,
+            estimate.backend,
+            estimate.source,
+            estimate.fetch_bytes,
+            estimate.load_s,
+            actual_s,
+        )
 
     @staticmethod
     def _gone(copy: Copy, node: NodeFacts | None, wanted: Mapping[str, Deployment]) -> str:
@@ -367,7 +388,7 @@ class Reconciler:
                 model_id, node.id, device.index, device.kind, best.fit.need_mb, best.estimate, reason
             )
             actions.append(place)
-            decision = Decision(now, model_id, node.id, reason, best.estimate.seconds)
+            decision = Decision(now, model_id, node.id, reason, best.estimate.seconds, estimate=best.estimate)
             self._note(decision)
             self._awaiting[(model_id, node.id)] = decision
             excluded["one-per-node"] += 1

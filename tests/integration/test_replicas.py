@@ -2,13 +2,15 @@
 the other through the database within the promised time.
 
 Both replicas run in this process (each with its own gRPC and HTTP ports, its own home directory and
-nothing shared but the database); nodes are echo nodes, each attached to one replica.
+nothing shared but the database); nodes are echo nodes, each attached to one replica. Where a replica
+is killed outright, the replicas are `llmlb serve` processes instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from common.prefixes import chat_prefixes
 from devkit.echo_node import EchoNode
 from devkit.fake_hub import FakeHub, gguf_blob
 from devkit.postgres import PostgresServer
+from tests.integration.conftest import BalancerProcess
 
 pytestmark = pytest.mark.timeout(120)
 PROPAGATION_S = 1.0  # a change made on one replica is seen on the other within this long
@@ -469,3 +472,51 @@ async def test_one_replica_schedules_a_deployment_set_on_either_is_seen_on_both_
             await replica.http.aclose()
             await replica.channel.close(None)
             await replica.balancer.stop()
+
+
+async def test_the_scheduler_replica_killed_outright_is_replaced_by_the_other_within_the_lease(
+    tmp_path: Path, postgres_url: str, hub: FakeHub
+) -> None:
+    """A SIGKILL gives nothing up: the other replica acts once the dead one's lease lapses, within the
+    lease and one pass of the kill, and not before the lease could have lapsed."""
+    lease_s, interval_s = 2.0, 0.25
+    one_pass_s = interval_s + 0.75  # the wait between passes and what a pass may take on a busy machine
+    env = {
+        "LLMLB_DATABASE_URL": postgres_url,
+        "HF_ENDPOINT": hub.url,
+        "LLMLB_SCHEDULE_LEASE": str(lease_s),
+        "LLMLB_SCHEDULE_INTERVAL": str(interval_s),
+    }
+    a = BalancerProcess(tmp_path / "a", env)
+    b = BalancerProcess(tmp_path / "b", env)
+    a.start()
+    b.home.mkdir(parents=True)
+    (b.home / "admin-key").write_text(a.admin_key + "\n")  # the shared store's admin key, for the test
+    b.start()
+    headers = {"Authorization": f"Bearer {a.admin_key}"}
+    clients = {p: httpx.AsyncClient(base_url=p.http_url, headers=headers, timeout=5) for p in (a, b)}
+    try:
+
+        async def acts(replica: BalancerProcess) -> bool:
+            reply = await clients[replica].get("/v0/events")
+            assert reply.status_code == 200, reply.text
+            return bool(reply.json()["acting"])
+
+        async def exactly_one_acts() -> bool:
+            return [await acts(a), await acts(b)].count(True) == 1
+
+        await within(5.0, exactly_one_acts, "one replica holds the scheduler's lease")
+        holder, other = (a, b) if await acts(a) else (b, a)
+        killed = time.monotonic()
+        holder.stop(signal.SIGKILL)  # no lease given up: it lapses
+        await within(lease_s + one_pass_s, lambda: acts(other), "the other replica takes the scheduler over")
+        took = time.monotonic() - killed
+        print(f"\nthe scheduler acted on the other replica {took:.2f} s after the kill (lease {lease_s} s)")
+        assert lease_s - one_pass_s < took <= lease_s + one_pass_s  # it waited for the lease to lapse
+        events = (await clients[other].get("/v0/events")).json()["data"]
+        assert [e["reason"] for e in events if e["action"] == "lease"][-1] == "took the scheduler's lease"
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        for replica in (a, b):
+            replica.stop()

@@ -5,7 +5,8 @@ left at the download's rate when the node is already fetching them; else the siz
 source's rate: a peer holding them, a peer fetching them, which a second fetcher joins at that
 fetch's pace, the balancer's proxy, or the origin), plus the model's load time on the node's
 backend (measured, else estimated; see ``balancer.scheduler.rates``). A model loaded there already
-is ready now.
+is ready now. The estimate says which figures were measured and which are defaults, and carries
+what a ready copy needs to teach the rates: the source, the backend, the bytes and the load estimate.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from balancer.scheduler.facts import MIB, NodeFacts
 from balancer.scheduler.ledger import Ledger, Supply
-from balancer.scheduler.rates import Source
+from balancer.scheduler.rates import FROM, Rates, Source
 from balancer.scheduler.rules import Ask
 from common.types import Backend
 
@@ -23,18 +24,15 @@ _HELD = {
     Source.DISK: "files on disk",
     Source.SHARED: "files in the shared dir",
 }
-_FROM = {
-    Source.PEER: "from a peer",
-    Source.PROXY: "from the balancer's proxy",
-    Source.ORIGIN: "from the origin",
-}
 
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """Expected seconds until the copy answers, split into fetching and loading, and whence.
 
-    ``fetch_bytes`` and ``rate_mb_s``: what is left to fetch and at what rate (0 when nothing is).
+    ``fetch_bytes`` and ``rate_mb_s``: what is left to fetch and at what rate (0 when nothing is);
+    ``rate_from`` and ``load_from``: whence those figures ("measured", "default", "reported" by the
+    node, "the peer's pace"); ``backend``: the node's, which the load time is of.
     """
 
     seconds: float
@@ -43,6 +41,9 @@ class Estimate:
     load_s: float = 0.0
     fetch_bytes: int = 0
     rate_mb_s: float = 0.0
+    backend: Backend | None = None
+    rate_from: str = ""
+    load_from: str = ""
 
     @property
     def files(self) -> str:
@@ -50,13 +51,15 @@ class Estimate:
         if self.source in _HELD:
             return _HELD[self.source]
         size = f"{self.fetch_bytes / (1024 * MIB):.1f} GB"
+        rate = f"{self.rate_mb_s:.0f} MB/s ({self.rate_from})"
         if self.source is Source.DOWNLOADING:
-            return f"downloading here, {size} left at {self.rate_mb_s:.0f} MB/s"
-        return f"{size} {_FROM[self.source]} at {self.rate_mb_s:.0f} MB/s"
+            return f"downloading here, {size} left at {rate}"
+        return f"{size} {FROM[self.source]} at {rate}"
 
     def text(self) -> str:
-        """E.g. "files on disk, ready in ~4 s est."."""
-        return f"{self.files}, ready in ~{self.seconds:.0f} s est."
+        """E.g. "files on disk, load ~4 s (measured), ready in ~4 s est."."""
+        load = f", load ~{self.load_s:.0f} s ({self.load_from})" if self.load_from else ""
+        return f"{self.files}{load}, ready in ~{self.seconds:.0f} s est."
 
 
 class ReadySoonestScorer:
@@ -74,20 +77,30 @@ class ReadySoonestScorer:
             return _LOADED
         held = Source.DISK if model_id in node.on_disk else Source.SHARED if model_id in node.shared else None
         if held is not None:
-            load_s = ask.rates.load_seconds(model_id, node.backend, ask.need.size_bytes)
-            return Estimate(load_s, held, 0.0, load_s)
+            load_s, load_from = _load(ask, node.backend)
+            return Estimate(load_s, held, 0.0, load_s, backend=node.backend, load_from=load_from)
         supply = ledger.supply(ask.need)
         download = node.downloading.get(model_id)
         if download is not None:
             left = max(0, download.total_bytes - download.done_bytes)
-            rate = (
-                download.rate_mb_s
-                if download.rate_mb_s > 0
-                else self._fetch(ask, node.backend, supply).rate_mb_s
-            )
-            load_s = ask.rates.load_seconds(model_id, node.backend, ask.need.size_bytes)
+            if download.rate_mb_s > 0:
+                rate, rate_from = download.rate_mb_s, "reported"
+            else:
+                fetch = self._fetch(ask, node.backend, supply)
+                rate, rate_from = fetch.rate_mb_s, fetch.rate_from
+            load_s, load_from = _load(ask, node.backend)
             transfer_s = left / MIB / rate
-            return Estimate(transfer_s + load_s, Source.DOWNLOADING, transfer_s, load_s, left, rate)
+            return Estimate(
+                transfer_s + load_s,
+                Source.DOWNLOADING,
+                transfer_s,
+                load_s,
+                left,
+                rate,
+                node.backend,
+                rate_from,
+                load_from,
+            )
         return self._fetch(ask, node.backend, supply)
 
     def _fetch(self, ask: Ask, backend: Backend, supply: Supply) -> Estimate:
@@ -98,21 +111,37 @@ class ReadySoonestScorer:
         if found is not None:
             return found
         rates, need = ask.rates, ask.need
-        best, rate = Source.ORIGIN, rates.rate(Source.ORIGIN)
-        options = [(Source.PROXY, rates.rate(Source.PROXY))]
+        best, rate, rate_from = Source.ORIGIN, rates.rate(Source.ORIGIN), _whence(rates, Source.ORIGIN)
+        options = [(Source.PROXY, rates.rate(Source.PROXY), _whence(rates, Source.PROXY))]
         if supply.holders:
-            options.append((Source.PEER, rates.rate(Source.PEER)))
+            options.append((Source.PEER, rates.rate(Source.PEER), _whence(rates, Source.PEER)))
         elif supply.fetch_mb_s > 0:
-            options.append((Source.PEER, min(rates.rate(Source.PEER), supply.fetch_mb_s)))
-        for source, offered in options:
+            peer = rates.rate(Source.PEER)
+            if supply.fetch_mb_s < peer:
+                options.append((Source.PEER, supply.fetch_mb_s, "the peer's pace"))
+            else:
+                options.append((Source.PEER, peer, _whence(rates, Source.PEER)))
+        for source, offered, whence in options:
             if offered > rate:
-                best, rate = source, offered
-        load_s = rates.load_seconds(need.model_id, backend, need.size_bytes)
+                best, rate, rate_from = source, offered, whence
+        load_s, load_from = _load(ask, backend)
         transfer_s = need.size_bytes / MIB / rate
+        seconds = transfer_s + load_s
         found = self._memo[(backend, supply)] = Estimate(
-            transfer_s + load_s, best, transfer_s, load_s, need.size_bytes, rate
+            seconds, best, transfer_s, load_s, need.size_bytes, rate, backend, rate_from, load_from
         )
         return found
+
+
+def _whence(rates: Rates, source: Source) -> str:
+    return "measured" if rates.measured(source) else "default"
+
+
+def _load(ask: Ask, backend: Backend) -> tuple[float, str]:
+    """The model's load time on ``backend`` and whence: "measured" or "default"."""
+    model_id = ask.need.model_id
+    seconds = ask.rates.load_seconds(model_id, backend, ask.need.size_bytes)
+    return seconds, "measured" if ask.rates.load_measured(model_id, backend) else "default"
 
 
 _LOADED = Estimate(0.0, Source.LOADED)

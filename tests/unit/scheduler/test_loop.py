@@ -186,3 +186,30 @@ def test_the_demand_meter_counts_requests_and_the_mean_wait_over_its_window() ->
     clock.now += 11  # both waits are out of the window
     meter.finished("m")
     assert meter.snapshot()["m"].queue_wait_s == 0.0 and meter.snapshot()["m"].in_flight == 0
+
+
+async def test_a_copy_ready_from_disk_teaches_the_loop_the_load_time_its_next_placement_is_estimated_by(
+    parts: BalancerParts,
+) -> None:
+    clock = Clock()
+    loop = SchedulerLoop(parts, clock=clock)
+    for node_id in ("big-1", "big-2"):  # the files are on these two nodes' disks
+        report(parts, node_id, ModelState.PRESENT, pinned=False)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=1))
+    (first,) = (await loop.run_pass()).places
+    assert first.node_id in {"big-1", "big-2"}
+    assert "files on disk, load ~2 s (default), ready in ~2 s est." in first.reason
+    await commands(parts)
+
+    clock.now += 3  # loaded 3 s after its placement
+    report(parts, first.node_id, ModelState.READY, pinned=True)
+    await loop.run_pass()
+    ready = [(e.node_id, e.reason) for e in loop.events() if e.action == "ready"]
+    taught = "loading org/tiny-gguf on cpu takes 3.0 s (measured)"
+    assert ready == [(first.node_id, f"ready in 3.0 s (estimated 2.0 s); {taught}")]
+
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=2))
+    (second,) = (await loop.run_pass()).places
+    assert second.node_id in {"big-1", "big-2"} - {first.node_id}
+    assert "files on disk, load ~3 s (measured), ready in ~3 s est." in second.reason
+    assert [e.reason for e in loop.events() if e.action == "place"][-1] == second.reason

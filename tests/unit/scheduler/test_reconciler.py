@@ -48,11 +48,12 @@ def test_copies_go_where_they_are_ready_soonest_with_the_reason_written_out() ->
     plan = run(Reconciler(Clock()), [Deployment(SMALL.model_id, copies=2)], nodes)
 
     assert [(p.node_id, p.device) for p in plan.places] == [("gpu-3", 1), ("gpu-1", 0)]
-    assert (
-        plan.places[0].reason == "placed on gpu-3: 10.2 GB free on GPU 1, files on disk, ready in ~3 s est."
+    assert plan.places[0].reason == (
+        "placed on gpu-3: 10.2 GB free on GPU 1, files on disk, load ~3 s (measured), ready in ~3 s est."
     )
     assert plan.places[1].reason == (  # gpu-3 holds the files: gpu-1 fetches them from that peer
-        "placed on gpu-1: 24.0 GB free on GPU 0, 4.0 GB from a peer at 150 MB/s, ready in ~30 s est."
+        "placed on gpu-1: 24.0 GB free on GPU 0, 4.0 GB from a peer at 150 MB/s (default), "
+        "load ~3 s (measured), ready in ~30 s est."
     )
     assert plan.removals == [] and plan.shortfalls == ()
 

@@ -39,7 +39,7 @@ def test_a_loaded_model_is_ready_now_and_files_on_disk_or_shared_cost_only_the_l
     assert (on_disk.seconds, on_disk.source, on_disk.text()) == (
         4.0,
         Source.DISK,
-        "files on disk, ready in ~4 s est.",
+        "files on disk, load ~4 s (measured), ready in ~4 s est.",
     )
     shared = score({"shared": frozenset({MODEL.model_id})})
     assert (shared.seconds, shared.source, shared.files) == (4.0, Source.SHARED, "files in the shared dir")
@@ -50,7 +50,9 @@ def test_without_files_it_is_the_size_over_the_best_sources_rate_plus_the_load()
     alone = score({})
     assert alone.source is Source.PROXY
     assert alone.seconds == pytest.approx(10_240 / 100 + 4.0)
-    assert alone.text() == "10.0 GB from the balancer's proxy at 100 MB/s, ready in ~106 s est."
+    assert alone.text() == (
+        "10.0 GB from the balancer's proxy at 100 MB/s (default), load ~4 s (measured), ready in ~106 s est."
+    )
 
     # A peer holds it: the peer's 150 MB/s.
     holder = cuda_node("b", gpu(0, 80), on_disk=frozenset({MODEL.model_id}))
@@ -76,7 +78,7 @@ def test_an_offline_holder_is_no_source_and_a_peer_fetching_joins_at_its_pace() 
 def test_a_node_already_downloading_it_needs_only_what_is_left() -> None:
     half = score({"downloading": {MODEL.model_id: Download(5 * GIB, 10 * GIB, 256.0)}})
     assert half.source is Source.DOWNLOADING and half.seconds == pytest.approx(5_120 / 256 + 4.0)
-    assert half.files == "downloading here, 5.0 GB left at 256 MB/s"
+    assert half.files == "downloading here, 5.0 GB left at 256 MB/s (reported)"
 
 
 def test_an_unmeasured_load_is_estimated_from_the_size() -> None:
