@@ -201,9 +201,11 @@ ANSWERS: dict[str, Schema] = {
             "memory_mb": {"type": ["integer", "null"]},
             "desired_copies": INT,
             "ready_copies": INT,
+            "nodes": arr(obj({"node_id": STR, "state": STR, "ready": BOOL})),
         },
         {"created_at": _NULL_TIME, "updated_at": _NULL_TIME},
     ),
+    "DeploymentList": obj({"object": {"const": "list"}, "data": arr(ref("Deployment"))}),
     "DeploymentDeleted": obj({"model_id": STR, "deleted": BOOL}),
     "Placement": obj(
         {
@@ -221,7 +223,20 @@ ANSWERS: dict[str, Schema] = {
     "Events": obj(
         {
             "acting": BOOL,
-            "data": arr(obj({"at": STR, "action": STR, "model_id": STR, "node_id": STR, "reason": STR})),
+            "data": arr(
+                obj(
+                    {
+                        "at": STR,
+                        "action": STR,
+                        "model_id": STR,
+                        "node_id": STR,
+                        "reason": STR,
+                        "estimate_s": {"type": ["number", "null"]},
+                        "actual_s": {"type": ["number", "null"]},
+                        "outcome": STR,
+                    }
+                )
+            ),
         }
     ),
     "History": obj(
@@ -464,6 +479,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ok=_json("Placement"),
         errors=(400, *_READ),
         path_params=("model_id",),
+    ),
+    ("GET", "/v0/deployments"): Operation(
+        "Every deployment with its desired and ready copies and each copy's node and state",
+        "Deployments",
+        ok=_json("DeploymentList"),
+        errors=(*_READ, 503),
     ),
     ("GET", "/v0/events"): Operation(
         "The scheduler's recent decisions on this replica, with their reasons",
