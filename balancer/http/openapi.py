@@ -63,7 +63,15 @@ def arr(items: Schema) -> Schema:
 _USAGE = obj({"prompt_tokens": INT, "total_tokens": INT}, {"completion_tokens": INT})
 _MODEL_NODE = obj({"node_id": STR, "ready": BOOL}, {"state": STR})
 _MODEL_ON_NODE = obj(
-    {"node_id": STR, "model_id": STR, "state": STR, "downloaded_bytes": INT, "total_bytes": INT, "error": STR}
+    {
+        "node_id": STR,
+        "model_id": STR,
+        "state": STR,
+        "downloaded_bytes": INT,
+        "total_bytes": INT,
+        "error": STR,
+    },
+    {"pinned": BOOL},
 )
 _FILE = obj({"filename": STR, "format": STR, "size_bytes": INT, "sha256": STR, "backends": arr(STR)})
 _NULL_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
