@@ -199,6 +199,8 @@ async def test_the_console_reads_each_copy_and_each_placement_against_its_outcom
         listed = (await http.get("/v0/deployments", headers=read)).json()
         assert listed["data"][0]["ready_copies"] == 1
         assert listed["data"][0]["nodes"] == [{"node_id": node_id, "state": "ready", "ready": True}]
+        on_nodes = (await http.get("/v0/nodes", headers=read)).json()["data"]
+        assert {n["id"]: [m["pinned"] for m in n["models"]] for n in on_nodes}[node_id] == [True]
 
         events = {e["action"]: e for e in (await http.get("/v0/events", headers=read)).json()["data"]}
         placed, ready = events["place"], events["ready"]
