@@ -114,8 +114,21 @@ async def test_an_operator_deploys_a_model_and_reads_where_and_why_it_was_placed
         await expect(reader_row.get_by_role("button", name=control)).to_have_count(0)
     await reader.close()
 
-    # Undeployed: the copy unloads and the node no longer keeps it pinned; its files stay.
+    # Changed to one copy scaled on demand; what the dialog cannot send is said before any call.
     await page.get_by_role("link", name="Models").click()
+    await row.get_by_role("button", name=f"Change deployment of {MODEL}").click()
+    await dialog.get_by_label("Scaled on demand").check()
+    await dialog.get_by_label("Node labels (one key=value a line)").fill("zone")
+    await confirm(page)
+    await expect(page.get_by_role("alert")).to_have_text('Deploy: selector line "zone" is not key=value')
+    await row.get_by_role("button", name=f"Change deployment of {MODEL}").click()
+    await dialog.get_by_label("Scaled on demand").check()
+    await dialog.get_by_label("Min copies").fill("1")
+    await dialog.get_by_label("Max copies").fill("1")
+    await confirm(page)
+    await expect(summary).to_have_text("min 1–max 1, 1 wanted, 1 ready", timeout=WAIT_MS)  # noqa: RUF001
+
+    # Undeployed: the copy unloads and the node no longer keeps it pinned; its files stay.
     await row.get_by_role("button", name=f"Undeploy {MODEL}").click()
     await confirm(page)
     await expect(cell).to_contain_text("not deployed", timeout=WAIT_MS)

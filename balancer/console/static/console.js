@@ -288,7 +288,11 @@ async function deployDialog(model, d) {
   if (!await ask(body, autoscaled ? min : copies)) return;
   await act("Deploy", async () => {
     const want = { selector: parseSelector(selector.value), memory_mb: whole(memory, "Memory") };
-    if (scaled.checked) Object.assign(want, { min_copies: whole(min, "Min copies") ?? 0, max_copies: whole(max, "Max copies") });
+    if (scaled.checked) {
+      const most = whole(max, "Max copies");
+      if (most === null) throw new Error("a deployment scaled on demand needs its max copies");
+      Object.assign(want, { min_copies: whole(min, "Min copies") ?? 0, max_copies: most });
+    }
     else want.copies = whole(copies, "Copies");
     const done = await api("PUT", `/v0/models/${modelPath(model.id)}/deployment`, want);
     return `Deployed ${done.model_id}: ${deploymentSummary(done)}.`;
