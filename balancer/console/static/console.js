@@ -62,13 +62,7 @@ function ask(body, focus) {
 
 // Asks before anything that cannot be undone; resolves true on OK.
 function confirmAction(message) {
-  const dialog = $("dialog");
-  $("dialog-body").replaceChildren(h("p", { text: message }));
-  $("dialog-cancel").hidden = false;
-  dialog.returnValue = "";
-  dialog.showModal();
-  $("dialog-cancel").focus();
-  return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true }));
+  return ask(h("p", { text: message }), $("dialog-cancel"));
 }
 
 function showInfo(title, body) {
@@ -201,13 +195,7 @@ function progressCell(s, modelTotal = 0) {
 async function pullDialog(model) {
   const online = state.nodes.filter((n) => n.state === "online");
   const boxes = online.map((n) => h("label", {}, h("input", { type: "checkbox", value: n.id, checked: true }), ` ${n.id}`));
-  $("dialog-body").replaceChildren(h("p", { text: `Pull ${model.id} to:` }), h("ul", { class: "plain" }, boxes.map((b) => h("li", {}, b))));
-  $("dialog-cancel").hidden = false;
-  const dialog = $("dialog");
-  dialog.returnValue = "";
-  dialog.showModal();
-  const ok = await new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true }));
-  if (!ok) return;
+  if (!await ask(h("div", {}, h("p", { text: `Pull ${model.id} to:` }), h("ul", { class: "plain" }, boxes.map((b) => h("li", {}, b)))))) return;
   const chosen = boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
   await act("Pull", () => api("POST", `/v0/models/${encodeURIComponent(model.id)}/pull`, { node_ids: chosen }));
 }
@@ -243,7 +231,7 @@ function deploymentCell(m, d, admin) {
   return h("td", { "data-deployment": m.id },
     h("b", { "data-summary": "", text: deploymentSummary(d) }),
     detail ? h("div", { class: "hint", text: detail }) : null,
-    h("ul", { class: "plain" }, d.nodes.map((c) => h("li", { "data-copy": `${m.id}@${c.node_id}` }, `${c.node_id} `, stateCell(c.state)))),
+    h("ul", { class: "plain" }, d.nodes.map((c) => h("li", { "data-copy": `${m.id}@${c.node_id}` }, `${c.node_id} `, stateCell(c.state), c.state === "ready" && !c.ready ? h("span", { class: "hint", text: " (node not in rotation)" }) : null))),
     h("div", {}, controls.flatMap((c) => [c, " "])));
 }
 
