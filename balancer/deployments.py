@@ -24,12 +24,24 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class CopyView:
+    """One scheduled copy as its node reports it: pinned there, in ``state``; ``ready`` when it is
+    loaded and the node is in rotation (it counts toward the deployment's ready copies)."""
+
+    node_id: str
+    state: ModelState
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentView:
-    """A deployment with the copies it wants now and those ready now (pinned, loaded, in rotation)."""
+    """A deployment with the copies it wants now and those ready now (pinned, loaded, in rotation);
+    ``nodes``: every copy a node reports pinned, whatever its state."""
 
     deployment: Deployment
     desired: int
     ready: int
+    nodes: tuple[CopyView, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +56,26 @@ class DeploymentAsk:
     memory_mb: int | None = None
 
 
+def copies(parts: BalancerParts, model_id: str) -> tuple[CopyView, ...]:
+    """The scheduled copies of ``model_id`` (the nodes report them pinned), by node id."""
+    fleet = parts.fleet
+    return tuple(
+        CopyView(s.node_id, s.state, s.state is ModelState.READY and in_rotation(fleet, s.node_id))
+        for s in fleet.model_nodes(model_id)
+        if s.pinned
+    )
+
+
 def ready_copies(parts: BalancerParts, model_id: str) -> int:
     """Scheduled copies of ``model_id`` loaded on nodes in rotation (the nodes report them pinned)."""
-    fleet = parts.fleet
-    return sum(
-        1
-        for s in fleet.model_nodes(model_id)
-        if s.pinned and s.state is ModelState.READY and in_rotation(fleet, s.node_id)
-    )
+    return sum(1 for c in copies(parts, model_id) if c.ready)
 
 
 def view(parts: BalancerParts, deployment: Deployment) -> DeploymentView:
     scheduler = parts.scheduler
     desired = scheduler.desired(deployment) if scheduler is not None else deployment.floor
-    return DeploymentView(deployment, desired, ready_copies(parts, deployment.model_id))
+    placed = copies(parts, deployment.model_id)
+    return DeploymentView(deployment, desired, sum(1 for c in placed if c.ready), placed)
 
 
 async def set_deployment(parts: BalancerParts, ask: DeploymentAsk) -> DeploymentView:

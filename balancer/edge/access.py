@@ -105,6 +105,7 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/models/{model_id:path}/deployment"): API,
     ("DELETE", "/v0/models/{model_id:path}/deployment"): ADMIN,
     ("GET", "/v0/models/{model_id:path}/placement"): API,
+    ("GET", "/v0/deployments"): API,
     ("GET", "/v0/events"): API,
     ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
     ("DELETE", "/v0/nodes/{node_id}"): ADMIN,

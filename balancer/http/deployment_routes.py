@@ -1,5 +1,6 @@
-"""``/v0/models/{id}/deployment`` (set, read, end), ``/v0/models/{id}/placement`` (explain) and
-``/v0/events`` (the scheduler's recent decisions): the HTTP door of ``balancer.deployments``."""
+"""``/v0/models/{id}/deployment`` (set, read, end), ``/v0/deployments`` (all of them),
+``/v0/models/{id}/placement`` (explain) and ``/v0/events`` (the scheduler's recent decisions): the
+HTTP door of ``balancer.deployments``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def deployment_json(view: deployments.DeploymentView) -> dict[str, Any]:
         "memory_mb": d.memory_mb,
         "desired_copies": view.desired,
         "ready_copies": view.ready,
+        "nodes": [{"node_id": c.node_id, "state": c.state.value, "ready": c.ready} for c in view.nodes],
         "created_at": d.created_at.isoformat() if d.created_at else None,
         "updated_at": d.updated_at.isoformat() if d.updated_at else None,
     }
@@ -75,6 +77,10 @@ def deployment_routes(parts: BalancerParts) -> list[BaseRoute]:
         view = await deployments.get_deployment(parts, request.path_params["model_id"])
         return answer(deployment_json(view))
 
+    async def list_all(request: Request) -> Response:
+        views = await deployments.list_deployments(parts)
+        return answer({"object": "list", "data": [deployment_json(views[m]) for m in sorted(views)]})
+
     async def delete(request: Request) -> Response:
         model_id = await deployments.delete_deployment(parts, request.path_params["model_id"])
         return answer({"model_id": model_id, "deleted": True})
@@ -95,6 +101,9 @@ def deployment_routes(parts: BalancerParts) -> list[BaseRoute]:
                         "model_id": e.model_id,
                         "node_id": e.node_id,
                         "reason": e.reason,
+                        "estimate_s": e.estimate_s,
+                        "actual_s": e.actual_s,
+                        "outcome": e.outcome,
                     }
                     for e in found
                 ],
@@ -106,5 +115,6 @@ def deployment_routes(parts: BalancerParts) -> list[BaseRoute]:
         Route("/v0/models/{model_id:path}/deployment", get, methods=["GET"]),
         Route("/v0/models/{model_id:path}/deployment", delete, methods=["DELETE"]),
         Route("/v0/models/{model_id:path}/placement", placement, methods=["GET"]),
+        Route("/v0/deployments", list_all, methods=["GET"]),
         Route("/v0/events", events, methods=["GET"]),
     ]

@@ -63,7 +63,15 @@ def arr(items: Schema) -> Schema:
 _USAGE = obj({"prompt_tokens": INT, "total_tokens": INT}, {"completion_tokens": INT})
 _MODEL_NODE = obj({"node_id": STR, "ready": BOOL}, {"state": STR})
 _MODEL_ON_NODE = obj(
-    {"node_id": STR, "model_id": STR, "state": STR, "downloaded_bytes": INT, "total_bytes": INT, "error": STR}
+    {
+        "node_id": STR,
+        "model_id": STR,
+        "state": STR,
+        "downloaded_bytes": INT,
+        "total_bytes": INT,
+        "error": STR,
+    },
+    {"pinned": BOOL},
 )
 _FILE = obj({"filename": STR, "format": STR, "size_bytes": INT, "sha256": STR, "backends": arr(STR)})
 _NULL_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
@@ -201,9 +209,11 @@ ANSWERS: dict[str, Schema] = {
             "memory_mb": {"type": ["integer", "null"]},
             "desired_copies": INT,
             "ready_copies": INT,
+            "nodes": arr(obj({"node_id": STR, "state": STR, "ready": BOOL})),
         },
         {"created_at": _NULL_TIME, "updated_at": _NULL_TIME},
     ),
+    "DeploymentList": obj({"object": {"const": "list"}, "data": arr(ref("Deployment"))}),
     "DeploymentDeleted": obj({"model_id": STR, "deleted": BOOL}),
     "Placement": obj(
         {
@@ -221,7 +231,20 @@ ANSWERS: dict[str, Schema] = {
     "Events": obj(
         {
             "acting": BOOL,
-            "data": arr(obj({"at": STR, "action": STR, "model_id": STR, "node_id": STR, "reason": STR})),
+            "data": arr(
+                obj(
+                    {
+                        "at": STR,
+                        "action": STR,
+                        "model_id": STR,
+                        "node_id": STR,
+                        "reason": STR,
+                        "estimate_s": {"type": ["number", "null"]},
+                        "actual_s": {"type": ["number", "null"]},
+                        "outcome": STR,
+                    }
+                )
+            ),
         }
     ),
     "History": obj(
@@ -464,6 +487,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         ok=_json("Placement"),
         errors=(400, *_READ),
         path_params=("model_id",),
+    ),
+    ("GET", "/v0/deployments"): Operation(
+        "Every deployment with its desired and ready copies and each copy's node and state",
+        "Deployments",
+        ok=_json("DeploymentList"),
+        errors=(*_READ, 503),
     ),
     ("GET", "/v0/events"): Operation(
         "The scheduler's recent decisions on this replica, with their reasons",

@@ -95,6 +95,7 @@ def _model_on_node_json(state: ModelOnNode) -> dict[str, Any]:
         "downloaded_bytes": state.downloaded_bytes,
         "total_bytes": state.total_bytes,
         "error": state.error,
+        "pinned": state.pinned,  # a copy the scheduler placed: the node keeps it loaded
     }
 
 

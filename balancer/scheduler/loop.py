@@ -67,10 +67,14 @@ class Event:
     """One scheduling decision for operators: what was done to which model on which node, and why."""
 
     at: datetime
-    action: str  # "place", "remove", "shortfall", "lease"
+    action: str  # "place", "remove", "shortfall", "lease", "ready"
     model_id: str
     node_id: str
     reason: str
+    # A placement's expected seconds to ready; on its "ready" event also the actual seconds.
+    estimate_s: float | None = None
+    actual_s: float | None = None
+    outcome: str = ""  # "ready" for a placement's copy ready, "failed" for a copy removed as failed
 
 
 class SchedulerLoop:
@@ -262,7 +266,13 @@ class SchedulerLoop:
                     now,
                     action.estimate.seconds,
                 )
-                self._note("place", action.model_id, action.node_id, action.reason)
+                self._note(
+                    "place",
+                    action.model_id,
+                    action.node_id,
+                    action.reason,
+                    estimate_s=action.estimate.seconds,
+                )
                 parts.metrics.schedule_decision("place", "placed")
                 parts.metrics.placement_seconds("estimate", action.estimate.seconds)
             elif isinstance(action, Remove):
@@ -281,7 +291,8 @@ class SchedulerLoop:
                         queued = True
                         self._unloading[key] = now
                 copy = copies.get(key)
-                self._note("remove", action.model_id, action.node_id, action.reason)
+                failed = "failed" if action.reason == "failed to load" else ""
+                self._note("remove", action.model_id, action.node_id, action.reason, outcome=failed)
                 reason = action.reason if action.reason in REMOVE_REASONS else "surplus"
                 parts.metrics.schedule_decision("remove", reason)
                 log.info(
@@ -314,12 +325,32 @@ class SchedulerLoop:
                 self._parts.metrics.placement_seconds("actual", decision.actual_s)
                 took = f"ready in {decision.actual_s:.1f} s (estimated {decision.estimate_s or 0:.1f} s)"
                 taught = f"; {decision.learned}" if decision.learned else ""
-                self._note("ready", decision.model_id, decision.node_id, took + taught)
+                self._note(
+                    "ready",
+                    decision.model_id,
+                    decision.node_id,
+                    took + taught,
+                    estimate_s=decision.estimate_s,
+                    actual_s=decision.actual_s,
+                    outcome="ready",
+                )
         live = {id(d) for d in self.reconciler.decisions()}
         self._observed &= live
 
-    def _note(self, action: str, model_id: str, node_id: str, reason: str) -> None:
-        self._events.append(Event(datetime.now(UTC), action, model_id, node_id, reason))
+    def _note(
+        self,
+        action: str,
+        model_id: str,
+        node_id: str,
+        reason: str,
+        *,
+        estimate_s: float | None = None,
+        actual_s: float | None = None,
+        outcome: str = "",
+    ) -> None:
+        self._events.append(
+            Event(datetime.now(UTC), action, model_id, node_id, reason, estimate_s, actual_s, outcome)
+        )
         log.info("scheduler.decision", action=action, model_id=model_id, node_id=node_id, reason=reason)
 
     def _copies_gauge(self) -> dict[tuple[str, ...], float]:

@@ -41,3 +41,20 @@ def test_nothing_is_fetched_from_another_origin() -> None:
         remote = set(re.findall(r"https?://[^\s\"'`)]+", text)) - {"http://www.w3.org/2000/svg"}
         assert not remote, (path.name, remote)
         assert "@import" not in text and "url(" not in text, path.name
+
+
+def test_every_element_and_page_the_script_looks_up_is_on_the_page() -> None:
+    script = (STATIC / "console.js").read_text()
+    page = (STATIC / "index.html").read_text()
+    ids = set(re.findall(r'\bid="([\w-]+)"', page))
+    looked_up = set(re.findall(r'\$\("([\w-]+)"\)', script))
+    assert looked_up and looked_up <= ids, looked_up - ids
+    pages = re.search(r"const PAGES = \{([^}]*)\}", script)
+    assert pages is not None
+    for name in (entry.split(":")[0].strip() for entry in pages.group(1).split(",")):
+        assert f"{name}-page" in ids and f'data-page="{name}"' in page, name
+
+
+def test_data_is_never_parsed_as_html() -> None:
+    script = (STATIC / "console.js").read_text()
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(", script)

@@ -4,7 +4,7 @@ const KEY = "llmlb.key";
 const POLL_MS = 2000;
 const PAGE = 50;
 const $ = (id) => document.getElementById(id);
-const state = { me: null, page: "", paging: { nodes: 0, models: 0 }, seen: new Map(), busy: false, nodes: [] };
+const state = { me: null, page: "", paging: { nodes: 0, models: 0, events: 0 }, seen: new Map(), busy: false, nodes: [] };
 
 class ApiError extends Error {
   constructor(status, message, code) { super(message); this.status = status; this.code = code; }
@@ -45,16 +45,24 @@ const isAdmin = () => state.me?.scopes.includes("admin");
 const bytes = (n) => n >= 1e9 ? `${(n / 1e9).toFixed(2)} GB` : n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : n >= 1e3 ? `${(n / 1e3).toFixed(1)} KB` : `${n} B`;
 const when = (iso) => iso ? new Date(iso).toLocaleString() : "never";
 const stateCell = (s) => h("span", { class: `state-${s}`, text: s });
+const seconds = (v) => (v === null || v === undefined) ? "–" : `${v.toFixed(1)} s`;
+// A model id in a URL path: each segment encoded, its slashes kept (the routes take the id as a path).
+const modelPath = (id) => id.split("/").map(encodeURIComponent).join("/");
 
-// Asks before anything that cannot be undone; resolves true on OK.
-function confirmAction(message) {
+// Opens the shared dialog with ``body`` and OK/Cancel; resolves true on OK.
+function ask(body, focus) {
   const dialog = $("dialog");
-  $("dialog-body").replaceChildren(h("p", { text: message }));
+  $("dialog-body").replaceChildren(body);
   $("dialog-cancel").hidden = false;
   dialog.returnValue = "";
   dialog.showModal();
-  $("dialog-cancel").focus();
+  focus?.focus();
   return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true }));
+}
+
+// Asks before anything that cannot be undone; resolves true on OK.
+function confirmAction(message) {
+  return ask(h("p", { text: message }), $("dialog-cancel"));
 }
 
 function showInfo(title, body) {
@@ -179,7 +187,7 @@ function progressCell(s, modelTotal = 0) {
     if (rate > 0) detail += ` · ${bytes(rate)}/s · ETA ${Math.ceil((total - s.downloaded_bytes) / rate)} s`;
   }
   return h("li", { "data-progress": key },
-    `${s.node_id} `, stateCell(s.state), " ",
+    `${s.node_id} `, stateCell(s.state), " ", s.pinned ? h("span", { class: "hint", "data-pinned": "", text: "pinned " }) : null,
     h("progress", { max: 100, value: pct, "aria-label": `${s.model_id} on ${s.node_id}` }), " ",
     h("span", { class: "hint", text: detail }), s.error ? h("div", { class: "state-failed", text: s.error }) : null);
 }
@@ -187,13 +195,7 @@ function progressCell(s, modelTotal = 0) {
 async function pullDialog(model) {
   const online = state.nodes.filter((n) => n.state === "online");
   const boxes = online.map((n) => h("label", {}, h("input", { type: "checkbox", value: n.id, checked: true }), ` ${n.id}`));
-  $("dialog-body").replaceChildren(h("p", { text: `Pull ${model.id} to:` }), h("ul", { class: "plain" }, boxes.map((b) => h("li", {}, b))));
-  $("dialog-cancel").hidden = false;
-  const dialog = $("dialog");
-  dialog.returnValue = "";
-  dialog.showModal();
-  const ok = await new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true }));
-  if (!ok) return;
+  if (!await ask(h("div", {}, h("p", { text: `Pull ${model.id} to:` }), h("ul", { class: "plain" }, boxes.map((b) => h("li", {}, b)))))) return;
   const chosen = boxes.map((b) => b.querySelector("input")).filter((i) => i.checked).map((i) => i.value);
   await act("Pull", () => api("POST", `/v0/models/${encodeURIComponent(model.id)}/pull`, { node_ids: chosen }));
 }
@@ -208,9 +210,116 @@ async function manifestDialog(model) {
   } catch (e) { show(`Manifest: ${e.message}`); }
 }
 
+// --- deployments -----------------------------------------------------------------------------------
+// "2 / 2 ready" for a fixed count; "min 0–max 2, 1 wanted, 1 ready" for an autoscaled one.
+function deploymentSummary(d) {
+  if (d.copies !== null) return `${d.ready_copies} / ${d.desired_copies} ready`;
+  return `min ${d.min_copies}–max ${d.max_copies}, ${d.desired_copies} wanted, ${d.ready_copies} ready`;
+}
+
+function deploymentCell(m, d, admin) {
+  const label = (what) => `${what} ${m.id}`;
+  const controls = [
+    admin ? h("button", { type: "button", "aria-label": label(d ? "Change deployment of" : "Deploy"), onclick: () => deployDialog(m, d) }, d ? "Change" : "Deploy") : null,
+    d ? h("button", { type: "button", "aria-label": label("Placement of"), onclick: () => placementDialog(m) }, "Placement") : null,
+    admin && d ? h("button", { type: "button", class: "danger", "aria-label": label("Undeploy"),
+      onclick: async () => { if (await confirmAction(`Undeploy ${m.id}? Its copies unload; their files stay.`)) act("Undeploy", () => api("DELETE", `/v0/models/${modelPath(m.id)}/deployment`).then(() => `Undeployed ${m.id}.`)); } }, "Undeploy") : null,
+  ].filter(Boolean);
+  if (!d) return h("td", { "data-deployment": "" }, h("div", { class: "hint", text: "not deployed" }), ...controls);
+  const where = Object.entries(d.selector).map(([k, v]) => `${k}=${v}`).join(", ");
+  const detail = [where && `on ${where}`, d.memory_mb && `${d.memory_mb} MB a copy`].filter(Boolean).join(" · ");
+  return h("td", { "data-deployment": m.id },
+    h("b", { "data-summary": "", text: deploymentSummary(d) }),
+    detail ? h("div", { class: "hint", text: detail }) : null,
+    h("ul", { class: "plain" }, d.nodes.map((c) => h("li", { "data-copy": `${m.id}@${c.node_id}` }, `${c.node_id} `, stateCell(c.state), c.state === "ready" && !c.ready ? h("span", { class: "hint", text: " (node not in rotation)" }) : null))),
+    h("div", {}, controls.flatMap((c) => [c, " "])));
+}
+
+// "key=value" lines to a selector; blank lines are skipped.
+function parseSelector(text) {
+  const selector = {};
+  for (const line of text.split("\n").map((l) => l.trim()).filter(Boolean)) {
+    const at = line.indexOf("=");
+    if (at < 1) throw new Error(`selector line "${line}" is not key=value`);
+    selector[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+  }
+  return selector;
+}
+
+function whole(input, what) {
+  const text = input.value.trim();
+  if (!text) return null;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 0) throw new Error(`${what} must be a whole number`);
+  return n;
+}
+
+// Fixed copies, or min..max scaled on demand; a label selector; the memory a copy takes.
+async function deployDialog(model, d) {
+  const autoscaled = d ? d.copies === null : false;
+  const input = (attrs) => h("input", { type: "number", min: 0, step: 1, ...attrs });
+  const fixed = h("input", { type: "radio", name: "deploy-mode", value: "fixed", checked: !autoscaled });
+  const scaled = h("input", { type: "radio", name: "deploy-mode", value: "scaled", checked: autoscaled });
+  const copies = input({ value: d?.copies ?? 1 });
+  const min = input({ value: d?.min_copies ?? 0 });
+  const max = input({ value: d?.max_copies ?? "" });
+  const selector = h("textarea", { rows: 3, placeholder: "zone=a" });
+  selector.value = d ? Object.entries(d.selector).map(([k, v]) => `${k}=${v}`).join("\n") : "";
+  const memory = input({ placeholder: "the estimate", value: d?.memory_mb ?? "" });
+  const body = h("div", { class: "form" },
+    h("h2", { text: `Deploy ${model.id}` }),
+    h("fieldset", {}, h("legend", { text: "How many" }),
+      h("label", {}, fixed, " A fixed number"), h("label", {}, "Copies ", copies),
+      h("label", {}, scaled, " Scaled on demand"), h("label", {}, "Min copies ", min), h("label", {}, "Max copies ", max)),
+    h("label", {}, "Node labels (one key=value a line)", selector),
+    h("label", {}, "Memory a copy takes (MB) ", memory));
+  if (!await ask(body, autoscaled ? min : copies)) return;
+  await act("Deploy", async () => {
+    const want = { selector: parseSelector(selector.value), memory_mb: whole(memory, "Memory") };
+    if (scaled.checked) {
+      const most = whole(max, "Max copies");
+      if (most === null) throw new Error("a deployment scaled on demand needs its max copies");
+      Object.assign(want, { min_copies: whole(min, "Min copies") ?? 0, max_copies: most });
+    }
+    else want.copies = whole(copies, "Copies");
+    const done = await api("PUT", `/v0/models/${modelPath(model.id)}/deployment`, want);
+    return `Deployed ${done.model_id}: ${deploymentSummary(done)}.`;
+  });
+}
+
+// Each node with the rule that excluded it, or its rank and estimate; then the recent decisions.
+async function placementDialog(model) {
+  try {
+    const p = await api("GET", `/v0/models/${modelPath(model.id)}/placement`);
+    showInfo(`Placement of ${p.model_id}`, h("div", { "data-placement": p.model_id },
+      h("p", { text: `${p.active} of ${p.target} copies placed. Where the next copy would go:` }),
+      h("table", {}, h("thead", {}, h("tr", {}, ["Node", "Verdict", "Why"].map((t) => h("th", { text: t })))),
+        h("tbody", {}, p.nodes.map((n) => h("tr", { "data-verdict": n.node_id },
+          h("td", { text: n.node_id }),
+          h("td", {}, n.excluded ? h("span", { class: "state-failed", text: `excluded by ${n.rule}` }) : h("span", { class: "state-ready", text: `#${n.rank}` })),
+          h("td", { text: n.excluded ? n.reason : n.text }))))),
+      p.nodes.length ? null : h("p", { class: "hint", text: "No node to weigh (the model is not in the catalogue)." }),
+      h("h3", { text: "Recent decisions" }),
+      h("ul", {}, p.decisions.slice().reverse().map((d) => h("li", { text: d.text })))));
+  } catch (e) { show(`Placement: ${e.message}`); }
+}
+
+async function eventsPage() {
+  const events = await api("GET", "/v0/events");
+  $("acting").textContent = events.acting ? "This replica schedules: its decisions, newest first." : "This replica does not schedule now: the acting replica's console lists its decisions.";
+  const filter = $("event-filter").value.trim().toLowerCase();
+  const rows = events.data.slice().reverse().filter((e) => !filter || [e.action, e.model_id, e.node_id, e.reason, e.outcome].some((t) => t.toLowerCase().includes(filter)));
+  const page = pager("events-pager", rows.length, "events");
+  $("events").replaceChildren(...page(rows).map((e) => h("tr", { "data-event": e.action },
+    h("td", { text: when(e.at) }), h("td", { text: e.action }), h("td", { text: e.model_id || "–" }), h("td", { text: e.node_id || "–" }),
+    h("td", { text: e.reason }), h("td", { text: seconds(e.estimate_s) }), h("td", { text: seconds(e.actual_s) }),
+    h("td", {}, e.outcome ? stateCell(e.outcome) : "–"))));
+}
+
 async function modelsPage() {
-  const [models, nodes] = await Promise.all([api("GET", "/v0/models"), isAdmin() ? api("GET", "/v0/nodes") : { data: [] }]);
+  const [models, nodes, deployed] = await Promise.all([api("GET", "/v0/models"), isAdmin() ? api("GET", "/v0/nodes") : { data: [] }, api("GET", "/v0/deployments")]);
   state.nodes = nodes.data;
+  const deployments = new Map(deployed.data.map((d) => [d.model_id, d]));
   const perNode = new Map();
   for (const n of nodes.data) for (const m of n.models) (perNode.get(m.model_id) || perNode.set(m.model_id, []).get(m.model_id)).push(m);
   const filter = $("model-filter").value.trim().toLowerCase();
@@ -222,6 +331,7 @@ async function modelsPage() {
     h("td", {}, stateCell(m.ready ? "ready" : "not ready")),
     h("td", { text: bytes(m.total_bytes) }),
     h("td", {}, h("ul", { class: "plain" }, (perNode.get(m.id) || m.nodes.map((n) => ({ ...n, model_id: m.id, downloaded_bytes: 0, total_bytes: 0 }))).map((s) => progressCell(s, m.total_bytes)))),
+    deploymentCell(m, deployments.get(m.id), admin),
     h("td", {},
       h("button", { type: "button", "aria-label": `Manifest of ${m.id}`, onclick: () => manifestDialog(m) }, "Manifest"), " ",
       admin ? h("button", { type: "button", "aria-label": `Pull ${m.id}`, onclick: () => pullDialog(m) }, "Pull") : null, " ",
@@ -273,7 +383,7 @@ async function usagePage() {
     chart("Tokens per minute", [mins.map((m) => m.prompt_tokens), mins.map((m) => m.completion_tokens)], "tok/min", ["prompt", "completion"]));
 }
 
-const PAGES = { overview, nodes: nodesPage, models: modelsPage, keys: keysPage, usage: usagePage };
+const PAGES = { overview, nodes: nodesPage, models: modelsPage, events: eventsPage, keys: keysPage, usage: usagePage };
 
 async function refresh() {
   if (!state.me || state.busy) return;
@@ -289,7 +399,7 @@ async function refresh() {
 function route() {
   if (!state.me) return;
   let page = location.hash.slice(1);
-  const allowed = isAdmin() ? Object.keys(PAGES) : ["models", "usage"];
+  const allowed = isAdmin() ? Object.keys(PAGES) : ["models", "events", "usage"];
   if (!allowed.includes(page)) page = allowed[0];
   state.page = page;
   for (const p of Object.keys(PAGES)) $(`${p}-page`).hidden = p !== page;
@@ -337,6 +447,7 @@ $("sign-out").addEventListener("click", () => signOut("Signed out."));
 $("series-form").addEventListener("submit", (e) => e.preventDefault());
 $("series").addEventListener("change", refresh);
 $("model-filter").addEventListener("input", refresh);
+$("event-filter").addEventListener("input", refresh);
 window.addEventListener("hashchange", route);
 
 $("register").addEventListener("submit", (e) => {

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from balancer import deployments
@@ -14,6 +15,7 @@ from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.fleet_token import FleetTokens
+from balancer.http.app import create_app
 from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
@@ -25,7 +27,7 @@ from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
-from common.types import Backend, CommandKind, ModelState
+from common.types import Backend, CommandKind, ModelState, Scope
 from tests.unit.test_store import make_model, make_node
 
 MODEL = "org/tiny-gguf"  # needs 512 MB (its catalogue entry's required_vram_mb)
@@ -165,6 +167,65 @@ async def test_an_autoscaled_deployment_grows_with_the_requests_the_router_sees(
     assert [(s.before, s.after) for s in plan.scaling] == [(1, 2)]
     assert len(plan.places) == 1 and plan.places[0].node_id != first
     assert (await deployments.get_deployment(parts, MODEL)).desired == 2
+
+
+async def test_the_console_reads_each_copy_and_each_placement_against_its_outcome(
+    parts: BalancerParts,
+) -> None:
+    """What the console shows: every deployment with its copies' nodes and states, and the events
+    with a placement's estimate, then its actual time to ready and outcome."""
+    clock = Clock()
+    loop = parts.scheduler = SchedulerLoop(parts, clock=clock)
+    _, admin = await parts.keys.create("admin", [Scope.ADMIN])
+    _, app = await parts.keys.create("app", [Scope.API])
+    transport = httpx.ASGITransport(app=create_app(parts))
+    async with httpx.AsyncClient(transport=transport, base_url="http://console", timeout=10) as http:
+        put = await http.put(
+            f"/v0/models/{MODEL}/deployment", headers={"authorization": f"Bearer {admin}"}, json={"copies": 1}
+        )
+        assert put.status_code == 200, put.text
+        node_id = (await loop.run_pass()).places[0].node_id
+        read = {"authorization": f"Bearer {app}"}  # an api key reads them
+        report(parts, node_id, ModelState.LOADING, pinned=True)
+        listed = (await http.get("/v0/deployments", headers=read)).json()
+        assert [(d["model_id"], d["desired_copies"], d["ready_copies"]) for d in listed["data"]] == [
+            (MODEL, 1, 0)
+        ]
+        assert listed["data"][0]["nodes"] == [{"node_id": node_id, "state": "loading", "ready": False}]
+
+        clock.now += 3
+        report(parts, node_id, ModelState.READY, pinned=True)
+        await loop.run_pass()
+        listed = (await http.get("/v0/deployments", headers=read)).json()
+        assert listed["data"][0]["ready_copies"] == 1
+        assert listed["data"][0]["nodes"] == [{"node_id": node_id, "state": "ready", "ready": True}]
+        on_nodes = (await http.get("/v0/nodes", headers=read)).json()["data"]
+        assert {n["id"]: [m["pinned"] for m in n["models"]] for n in on_nodes}[node_id] == [True]
+
+        events = {e["action"]: e for e in (await http.get("/v0/events", headers=read)).json()["data"]}
+        placed, ready = events["place"], events["ready"]
+        assert placed["node_id"] == node_id and placed["estimate_s"] is not None and placed["estimate_s"] > 0
+        assert (placed["actual_s"], placed["outcome"]) == (None, "")
+        assert (ready["estimate_s"], ready["actual_s"], ready["outcome"]) == (
+            placed["estimate_s"],
+            3.0,
+            "ready",
+        )
+
+        await deployments.delete_deployment(parts, MODEL)
+        assert (await http.get("/v0/deployments", headers=read)).json()["data"] == []
+
+
+async def test_a_copy_removed_after_failing_to_load_is_a_failed_outcome(parts: BalancerParts) -> None:
+    clock = Clock()
+    loop = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=1))
+    first = (await loop.run_pass()).places[0].node_id
+    clock.now += 1
+    report(parts, first, ModelState.FAILED, pinned=False, error="load failed: out of memory")
+    await loop.run_pass()
+    removed = [e for e in loop.events() if e.action == "remove"]
+    assert [(e.node_id, e.reason, e.outcome) for e in removed] == [(first, "failed to load", "failed")]
 
 
 def test_the_demand_meter_counts_requests_and_the_mean_wait_over_its_window() -> None:
