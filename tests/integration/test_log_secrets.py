@@ -99,8 +99,9 @@ def secrets_of(
     # The tokens of the windows around now (the default window is an hour): the one nodes hold, the
     # next they were sent, and the last, in case the window turned during the run.
     window = int(time.time() // DEFAULT_TTL_S)
-    for epoch in (window - 1, window, window + 1):
-        found[f"fleet token {epoch}"] = derive(fleet_secret, epoch)
+    found["fleet token"] = derive(fleet_secret, window)
+    found["last window's fleet token"] = derive(fleet_secret, window - 1)
+    found["next window's fleet token"] = derive(fleet_secret, window + 1)
     assert all(len(value) >= 16 for value in found.values()), "each secret is real and long enough to find"
     return found | {
         "unissued key": UNISSUED_KEY,
