@@ -109,10 +109,20 @@ def test_a_deployment_keeps_its_copies_on_nodes_that_fit_and_moves_one_when_its_
     ).json()
     assert events["acting"] is True
     assert any(e["action"] == "remove" and e["node_id"] == victim.node_id for e in events["data"])
-    metrics = httpx.get(f"{balancer.http_url}/metrics", timeout=10).text
-    assert f'llmlb_deployment_copies{{model="{GEMMA}",state="ready"}} 2.0' in metrics
-    assert 'llmlb_schedule_decisions_total{action="remove",reason="node offline"} 1.0' in metrics
-    assert 'llmlb_placement_seconds_count{kind="actual"} 3.0' in metrics
+
+    def metrics() -> str:
+        return httpx.get(f"{balancer.http_url}/metrics", timeout=10).text
+
+    # The scheduler sees the node's ready report at its next pass, where it records the actual time.
+    eventually(
+        lambda: 'llmlb_placement_seconds_count{kind="actual"} 3.0' in metrics(),
+        10,
+        "the replacement's actual time to ready recorded",
+        describe=metrics,
+    )
+    text = metrics()
+    assert f'llmlb_deployment_copies{{model="{GEMMA}",state="ready"}} 2.0' in text
+    assert 'llmlb_schedule_decisions_total{action="remove",reason="node offline"} 1.0' in text
 
     survivors = [n for n in fit if n is not victim and n.node_id in ready_copies(balancer)]
     assert "undeployed" in cli(balancer, "models", "undeploy", GEMMA)
