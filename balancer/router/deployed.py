@@ -33,6 +33,15 @@ class Deployed:
         self._eta = dict(eta)
         self._wake = wake
 
+    def add(self, model_id: str) -> None:
+        """A deployment set on this replica: its requests go to its copies at once, not after the
+        scheduler's next pass (a request meanwhile would load a copy of its own)."""
+        self.update(self._models | {model_id}, self._eta, self._wake)
+
+    def discard(self, model_id: str) -> None:
+        """A deployment ended on this replica: its model is routed on demand again."""
+        self.update(self._models - {model_id}, self._eta, self._wake)
+
     def __contains__(self, model_id: object) -> bool:
         return model_id in self._models
 
