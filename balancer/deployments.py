@@ -108,6 +108,7 @@ async def set_deployment(parts: BalancerParts, ask: DeploymentAsk) -> Deployment
         max_copies=stored.max_copies,
         selector=dict(stored.selector),
     )
+    parts.router.deployed.add(stored.model_id)
     if parts.scheduler is not None:
         parts.scheduler.wake()
     return view(parts, stored)
@@ -133,6 +134,7 @@ async def delete_deployment(parts: BalancerParts, model_id: str) -> str:
     if not await parts.store.delete_deployment(normal):
         raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} has no deployment")
     log.info("deployment.deleted", model_id=normal)
+    parts.router.deployed.discard(normal)
     if parts.scheduler is not None:
         parts.scheduler.wake()
     return normal

@@ -244,6 +244,16 @@ class BalancerConfig:
     # store lasts unrenewed (the replica acting on deployments; another takes over once it lapses).
     schedule_interval_s: float = 1.0
     schedule_lease_s: float = 5.0
+    # Autoscaling of min/max deployments (``balancer.scheduler.autoscaler``), each deployment on its own
+    # demand: one copy more when, for ``scale_up_window_s``, requests waited longer than
+    # ``scale_up_queue_wait_s`` on average or more than ``scale_up_inflight`` were in flight per ready
+    # copy; one fewer (down to min, so to zero) after ``scale_down_idle_s`` with no request, or after
+    # ``scale_down_window_s`` with the requests in flight under a quarter of one copy fewer's slots.
+    scale_up_queue_wait_s: float = 2.0
+    scale_up_inflight: int = 4
+    scale_up_window_s: float = 10.0
+    scale_down_idle_s: float = 300.0
+    scale_down_window_s: float = 300.0
     # Replica processes ``llmlb serve`` starts on this host, sharing its ports (PostgreSQL only).
     workers: int = 1
     # This process is one of those workers: it binds its ports shared (SO_REUSEPORT).
@@ -353,6 +363,11 @@ def load_balancer_config(
         usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
         schedule_interval_s=s.get(None, ("LLMLB_SCHEDULE_INTERVAL",), 1.0, parse_positive),
         schedule_lease_s=s.get(None, ("LLMLB_SCHEDULE_LEASE",), 5.0, parse_positive),
+        scale_up_queue_wait_s=s.get(None, ("LLMLB_SCALE_UP_QUEUE_WAIT",), 2.0, parse_positive),
+        scale_up_inflight=s.get(None, ("LLMLB_SCALE_UP_INFLIGHT",), 4, parse_count),
+        scale_up_window_s=s.get(None, ("LLMLB_SCALE_UP_WINDOW",), 10.0, parse_positive),
+        scale_down_idle_s=s.get(None, ("LLMLB_SCALE_DOWN_IDLE",), 300.0, parse_positive),
+        scale_down_window_s=s.get(None, ("LLMLB_SCALE_DOWN_WINDOW",), 300.0, parse_positive),
         workers=s.get(workers, ("LLMLB_WORKERS",), 1, parse_count),
         shared_ports=s.raw(WORKER_ENV) is not None,
     )

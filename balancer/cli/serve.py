@@ -73,6 +73,15 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_SCHEDULE_INTERVAL    seconds between the scheduler's passes over the deployments (default 1)
   LLMLB_SCHEDULE_LEASE       seconds the acting scheduler's lease lasts unrenewed; another replica
                              takes over once it lapses (default 5)
+  LLMLB_SCALE_UP_QUEUE_WAIT  a min/max deployment gets a copy more when requests waited longer than
+                             this many seconds on average (default 2) ...
+  LLMLB_SCALE_UP_INFLIGHT    ... or more than this many were in flight per ready copy (default 4) ...
+  LLMLB_SCALE_UP_WINDOW      ... for this many seconds without a break (default 10)
+  LLMLB_SCALE_DOWN_IDLE      seconds with no request after which a min/max deployment has one copy
+                             fewer, down to its min (0: none loaded; the next request waits for one)
+                             (default 300)
+  LLMLB_SCALE_DOWN_WINDOW    seconds the requests in flight must stay under a quarter of one copy
+                             fewer's slots before that copy goes (default 300)
   LLMLB_WORKERS              replica processes on this host sharing its ports (default 1;
                              above 1 needs PostgreSQL and fixed ports)
   LLMLB_REPLICA_TIMEOUT_MS   a replica silent this long is taken as dead (default 10000)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from balancer.router.candidates import Candidate, Key
-from balancer.router.shedding import ServiceTimes, estimate, judge
+from balancer.router.shedding import Estimate, ServiceTimes, estimate, judge
 from common.errors import ErrorCode, LlmlbError
 
 QUEUE_RECHECK_S = 0.5  # queued requests also look again this often, for nodes that came online
@@ -60,17 +60,20 @@ class Admission:
         deadline: float,
         attempt: Callable[[], Candidate | None],
         slots: Callable[[], int] = lambda: 0,
+        ready_in: Callable[[], float | None] = lambda: None,
     ) -> Candidate:
         """Waits in ``key``'s queue until ``attempt()`` finds a node, and returns it.
 
-        ``attempt`` returns None while every node is busy and raises when no node is left at all;
-        ``slots()`` is how many calls the nodes that could serve ``key`` take at once.
+        ``attempt`` returns None while every node is busy (or none is ready yet) and raises when no
+        node is left at all; ``slots()`` is how many calls the nodes that could serve ``key`` take at
+        once; ``ready_in()``, while there are none, the seconds until one is expected ready (a cold
+        start's placement estimate; None: unknown, and nothing is shed by it).
         """
         now = self._clock()
         queue = self._queues.get(key)
         ahead = len(queue) if queue is not None else 0
         if self.waiting >= self._queue_size:
-            expected = estimate(ahead, self._service.of(key), slots())
+            expected = self._expected(key, ahead, slots, ready_in)
             raise LlmlbError(
                 ErrorCode.QUEUE_FULL,
                 f"every node serving {key[0]!r} is busy and the queue is full; retry shortly",
@@ -78,7 +81,7 @@ class Admission:
             )
         until = min(deadline, now + self._queue_timeout_s)
         judge(
-            estimate(ahead, self._service.of(key), slots()),
+            self._expected(key, ahead, slots, ready_in),
             key[0],
             wait_left_s=min(self._max_wait_s, until - now),
             deadline_left_s=deadline - now,
@@ -107,7 +110,7 @@ class Admission:
                     self._queues.setdefault(key, deque()).appendleft(turn)
                 # The service time may have grown since it queued: leave now if it can no longer make it.
                 judge(
-                    estimate(self._ahead_of(key, turn), self._service.of(key), slots()),
+                    self._expected(key, self._ahead_of(key, turn), slots, ready_in),
                     key[0],
                     wait_left_s=until - now,
                     deadline_left_s=deadline - now,
@@ -121,6 +124,18 @@ class Admission:
                 self.wake(None)  # woken but leaving without the slot: hand the turn on
             if queue is not None and not queue:
                 del self._queues[key]
+
+    def _expected(
+        self, key: Key, ahead: int, slots: Callable[[], int], ready_in: Callable[[], float | None]
+    ) -> Estimate | None:
+        """The expected wait: by the service time over the slots, or with no slot yet (a cold start)
+        the time until the first node is ready; None without data. Never a refusal for lack of data."""
+        service = self._service.of(key)
+        count = slots()
+        if count > 0:
+            return estimate(ahead, service, count)
+        cold = ready_in()
+        return None if cold is None else Estimate(cold, service or 0.0)
 
     def _ahead_of(self, key: Key, turn: asyncio.Event) -> int:
         """How many requests are queued before ``turn`` in ``key``'s queue."""

@@ -1,5 +1,6 @@
 """What the router sees of each model's demand, for the scheduler's autoscaler: requests in flight,
-requests waiting for a node, how long they waited (mean over a sliding window) and the last request.
+requests waiting for a node, how long they waited (mean over a sliding window) and the last request
+(its start or its end, whichever came later: a model is idle from when its last answer ended).
 
 Counted on this replica only; the replica acting on deployments scales by what it routes.
 """
@@ -31,6 +32,7 @@ class DemandMeter:
 
     def finished(self, model_id: str) -> None:
         self._in_flight[model_id] = max(0, self._in_flight.get(model_id, 0) - 1)
+        self._last[model_id] = self._clock()
 
     def wait_started(self, model_id: str) -> float:
         self._waiting[model_id] = self._waiting.get(model_id, 0) + 1

@@ -23,8 +23,9 @@ from balancer.catalog import Catalog  # the one place this package names the mod
 from balancer.fleet import Fleet
 from balancer.node_clients import NodeClients
 from balancer.router.admission import Admission
-from balancer.router.candidates import Candidate, Candidates, Key
+from balancer.router.candidates import READY, Candidate, Candidates, Key
 from balancer.router.demand import DemandMeter
+from balancer.router.deployed import Deployed
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
@@ -123,7 +124,8 @@ class Router:
             reported=self._reported_load,
         )
         fleet.on_load(self._stats.reported_now)
-        self._candidates = Candidates(fleet)
+        self.deployed = Deployed()  # kept up to date by the scheduler
+        self._candidates = Candidates(fleet, self.deployed)
         self._service = ServiceTimes()
         self.demand = DemandMeter(clock)  # read by the scheduler's autoscaler
         self._admission = Admission(
@@ -361,15 +363,19 @@ class Router:
     ) -> Candidate:
         _in_time(model, deadline, self._clock())
         candidates, why = self._candidates.ranked(model, capability)
+        if not any(c.tier == READY for c in candidates):
+            self.deployed.cold(model.id)  # a deployment with no copy ready: the scheduler places one now
         node = self._pick(candidates, exclude, key)
         if node is None:
-            _some_left(candidates, exclude, why or "every capable node failed this request")
+            self._none_yet(
+                model, capability, candidates, exclude, why or "every capable node failed this request"
+            )
 
             def attempt() -> Candidate | None:
                 candidates, why = self._candidates.ranked(model, capability)
                 node = self._pick(candidates, exclude, key)
                 if node is None:
-                    _some_left(candidates, exclude, why or "no capable node left")
+                    self._none_yet(model, capability, candidates, exclude, why or "no capable node left")
                 return node
 
             def slots() -> int:
@@ -377,10 +383,22 @@ class Router:
                 usable = sum(1 for c in candidates if c.node_id not in exclude)
                 return usable * self._config.node_max_inflight
 
+            def ready_in() -> float | None:
+                return self.deployed.ready_in(model.id, self._clock())
+
             queue_key: Key = (model.id, capability)
-            node = await self._admission.wait(queue_key, deadline, attempt, slots)
+            node = await self._admission.wait(queue_key, deadline, attempt, slots, ready_in)
         self._stats.of(node.node_id).outstanding += 1
         return node
+
+    def _none_yet(
+        self, model: Model, capability: Capability, candidates: list[Candidate], exclude: set[str], why: str
+    ) -> None:
+        """Raises ``NO_CAPABLE_NODES`` when no node is left to try and none is on its way: a request
+        for a model being downloaded, or a deployment's copy being placed, waits for it instead."""
+        if not candidates and self._candidates.coming(model, capability):
+            return
+        _some_left(candidates, exclude, why)
 
     def _pick(self, candidates: list[Candidate], exclude: set[str], key: RouteKey | None) -> Candidate | None:
         choice = pick(

@@ -1,16 +1,20 @@
 """Autoscaling of min/max deployments on demand; fixed deployments keep their count.
 
-The thresholds, each a constructor parameter whose default is written here once:
+The thresholds, each a constructor parameter whose default is written here once (the balancer sets
+them from ``LLMLB_SCALE_UP_QUEUE_WAIT``, ``LLMLB_SCALE_UP_INFLIGHT``, ``LLMLB_SCALE_UP_WINDOW``,
+``LLMLB_SCALE_DOWN_IDLE`` and ``LLMLB_SCALE_DOWN_WINDOW``); each deployment is judged on its own demand:
 
 - **Scale up** by one copy when, for ``up_window_s`` (10 s) without a break, requests waited on
   average more than ``queue_wait_s`` (2 s) for a slot, or the requests in flight per ready copy
   exceeded ``slots_per_copy`` (4, a node's default parallel slots). Not again until every copy
   asked for is ready and a new window has passed, and never above ``max_copies``.
-- **From zero**: a deployment at 0 copies with any request waiting or in flight gets one at once.
+- **From zero**: a deployment at 0 copies with any request waiting or in flight gets one at once (the
+  router wakes the scheduler for it; the request waits in the queue until the copy is ready).
 - **Scale down** by one copy, never below ``min_copies``, when the model has had no request for
-  ``idle_s`` (300 s), or when for ``down_window_s`` (300 s) the requests in flight would have kept
-  one copy fewer under ``low_fraction`` (25 %) of its slots. After a step down, the next one waits
-  another full window: with ``min_copies`` 0 the last copy goes ``idle_s`` after the previous one.
+  ``idle_s`` (300 s, counted from the last answer's end), or when for ``down_window_s`` (300 s) the
+  requests in flight would have kept one copy fewer under ``low_fraction`` (25 %) of its slots.
+  After a step down, the next one waits another full window: with ``min_copies`` 0 the last copy
+  goes ``idle_s`` after the previous one.
 
 It keeps a little memory per model between passes: the current target, and since when demand has
 been high or low. On the first sight of a deployment (a balancer restart) the target is the number

@@ -32,6 +32,7 @@ from balancer.deployments import ready_copies
 from balancer.fleet import Fleet
 from balancer.nodes import queue_command
 from balancer.parts import BalancerParts
+from balancer.scheduler.autoscaler import Autoscaler
 from balancer.scheduler.deployment import Deployment
 from balancer.scheduler.facts import Copy, CopyState, ModelNeed, NodeFacts
 from balancer.scheduler.facts_from_fleet import COPY_STATES, fleet_facts, pinned_copies
@@ -87,7 +88,15 @@ class SchedulerLoop:
         self._interval_s = parts.config.schedule_interval_s
         self._lease_s = parts.config.schedule_lease_s
         self.learner = RateLearner()
-        self.reconciler = Reconciler(clock, learner=self.learner)
+        config = parts.config
+        autoscaler = Autoscaler(
+            queue_wait_s=config.scale_up_queue_wait_s,
+            slots_per_copy=config.scale_up_inflight,
+            up_window_s=config.scale_up_window_s,
+            idle_s=config.scale_down_idle_s,
+            down_window_s=config.scale_down_window_s,
+        )
+        self.reconciler = Reconciler(clock, learner=self.learner, autoscaler=autoscaler)
         self.acting = False
         self._pending: dict[tuple[str, str], Copy] = {}  # placed here, not yet reported pinned
         self._unloading: dict[tuple[str, str], float] = {}  # told to unload, still reported pinned
@@ -178,6 +187,8 @@ class SchedulerLoop:
         rates = self.learner.rates()
         plan = self.reconciler.plan(deployments, nodes, list(copies.values()), needs, demand, rates)
         self._targets = {d.model_id: self._target(d, plan) for d in deployments}
+        # Requests for these go to their copies only; one finding none ready wakes the next pass.
+        parts.router.deployed.update(set(self._targets), self.reconciler.expected_ready(), self.wake)
         if self.acting:
             await self._carry_out(plan, copies, now)
         self._observe()

@@ -200,6 +200,15 @@ class Reconciler:
         nodes = verdicts(ask, last.nodes, last.ledger, self._filters, self._ranking)
         return Explanation(model_id, last.targets[model_id], active, nodes, decisions)
 
+    def expected_ready(self) -> dict[str, float]:
+        """By model, when (on the clock) the soonest of its placements not yet ready is expected ready."""
+        out: dict[str, float] = {}
+        for (model_id, _), decision in self._awaiting.items():
+            if decision.estimate_s is not None:
+                at = decision.at + decision.estimate_s
+                out[model_id] = min(at, out.get(model_id, at))
+        return out
+
     def decisions(self) -> list[Decision]:
         """The recent decisions, oldest first."""
         return list(self._decisions)

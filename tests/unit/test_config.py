@@ -193,3 +193,33 @@ def test_a_transport_limit_of_zero_is_refused_at_start(tmp_path: Path, name: str
 def test_the_grpc_receive_limit_is_the_body_limit_and_room_for_the_fields_beside_it() -> None:
     options = dict(server_options(16))
     assert options["grpc.max_receive_message_length"] == 17 * 1024 * 1024
+
+
+def test_the_autoscaler_settings_come_from_the_environment_with_documented_defaults(tmp_path: Path) -> None:
+    default = load_balancer_config(home=tmp_path, env={})
+    assert (
+        default.scale_up_queue_wait_s,
+        default.scale_up_inflight,
+        default.scale_up_window_s,
+        default.scale_down_idle_s,
+        default.scale_down_window_s,
+    ) == (2.0, 4, 10.0, 300.0, 300.0)
+    set_ = load_balancer_config(
+        home=tmp_path,
+        env={
+            "LLMLB_SCALE_UP_QUEUE_WAIT": "0.5",
+            "LLMLB_SCALE_UP_INFLIGHT": "2",
+            "LLMLB_SCALE_UP_WINDOW": "1",
+            "LLMLB_SCALE_DOWN_IDLE": "3",
+            "LLMLB_SCALE_DOWN_WINDOW": "30",
+        },
+    )
+    assert (
+        set_.scale_up_queue_wait_s,
+        set_.scale_up_inflight,
+        set_.scale_up_window_s,
+        set_.scale_down_idle_s,
+        set_.scale_down_window_s,
+    ) == (0.5, 2, 1.0, 3.0, 30.0)
+    with pytest.raises(ValueError):
+        load_balancer_config(home=tmp_path, env={"LLMLB_SCALE_DOWN_IDLE": "0"})

@@ -21,7 +21,7 @@ from common.inference import CompleteRequest
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, error_from_rpc
-from common.types import Capability
+from common.types import Capability, ModelState
 from devkit.echo_node import EchoNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -366,19 +366,37 @@ async def test_nodes_without_the_capability_do_not_count(door: Door, start_node:
     assert error.code is ErrorCode.NO_CAPABLE_NODES
 
 
-async def test_model_still_downloading_is_unavailable_with_its_progress(door: Door, start_node: StartNode):
+async def test_a_request_for_a_model_still_downloading_waits_for_it_and_is_answered(
+    door: Door, start_node: StartNode
+):
     node = EchoNode(door.address, api_key=door.key, state="downloading")
     node.downloaded_bytes, node.total_bytes = 50, 100
+    await node.start()
+    try:
+        asked = asyncio.create_task(complete(door))
+        await wait_until(lambda: door.balancer.parts.router.waiting == 1, "the request waiting")
+        assert not asked.done()
+        node.state = ModelState.READY  # its next heartbeat reports the download done, the model loaded
+        answer = await asked
+    finally:
+        await node.stop()
+
+    assert answer[-1].node_id == node.node_id
+
+
+async def test_a_request_waiting_for_a_download_that_never_ends_times_out_not_unavailable(
+    start_door: StartDoor,
+):
+    door = await start_door(LLMLB_QUEUE_TIMEOUT="0.5")
+    node = EchoNode(door.address, api_key=door.key, state="downloading")
     await node.start()
     try:
         status, error = await failure(complete(door))
     finally:
         await node.stop()
 
-    assert status == grpc.StatusCode.UNAVAILABLE
-    assert error.code is ErrorCode.NO_CAPABLE_NODES
-    assert "downloading" in error.message
-    assert "50%" in error.message
+    assert status == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.code is ErrorCode.TIMEOUT
 
 
 # -- the queue ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidates
+from balancer.router.deployed import Deployed
 from common.types import Capability, FileFormat, ManifestFile, Model, ModelSource, ModelState
 
 MODEL = Model(
@@ -113,3 +114,35 @@ def test_ranking_follows_the_fleet_once_its_version_changes():
     assert [c.tier for c in candidates.ranked(MODEL, Capability.CHAT)[0]] == [READY]
     assert candidates.serves((MODEL.id, Capability.CHAT), "n1")
     assert not candidates.serves((MODEL.id, Capability.CHAT), "n2")
+
+
+def test_a_download_under_way_is_coming_so_requests_wait_for_it_but_no_node_at_all_is_not():
+    fleet = Fleet()
+    add_node(fleet, "fetching", "downloading")
+    add_node(fleet, "idle", None)
+    failed = Fleet()
+    add_node(failed, "broken", "failed")
+
+    assert Candidates(fleet).coming(MODEL, Capability.CHAT)
+    assert not Candidates(Fleet()).coming(MODEL, Capability.CHAT)
+    assert not Candidates(failed).coming(MODEL, Capability.CHAT)
+
+
+def test_a_deployed_model_goes_to_its_copies_only_and_with_none_a_copy_is_coming():
+    fleet = Fleet()
+    add_node(fleet, "copy", None)
+    fleet.report(ModelOnNode("copy", MODEL.id, ModelState.LOADING, pinned=True))
+    add_node(fleet, "loaded-unscheduled", "ready")
+    add_node(fleet, "files-only", "present")
+    deployed = Deployed()
+    candidates = Candidates(fleet, deployed)
+    assert candidates.ranked(MODEL, Capability.CHAT)[0][0].node_id == "loaded-unscheduled"
+
+    deployed.add(MODEL.id)  # no fleet change: the ranking is redone all the same
+
+    assert [(c.node_id, c.tier) for c in candidates.ranked(MODEL, Capability.CHAT)[0]] == [("copy", ON_DISK)]
+    fleet.report(ModelOnNode("copy", MODEL.id, ModelState.PRESENT, pinned=False))  # scaled to zero
+    ranked, why = candidates.ranked(MODEL, Capability.CHAT)
+    assert ranked == []
+    assert candidates.coming(MODEL, Capability.CHAT)
+    assert why == "no copy of model 'org/tiny' is ready yet; one is being placed"

@@ -176,3 +176,37 @@ def test_the_service_time_is_a_moving_average_of_finished_calls():
     service.finished(CHAT, 11.0)
     assert service.of(CHAT) == pytest.approx(4.0)  # 1 + 0.3 * (11 - 1)
     assert service.of(("org/other", Capability.CHAT)) is None
+
+
+def no_slots() -> int:
+    return 0  # no node ready yet: a cold start
+
+
+@pytest.mark.parametrize("ready_in", [None, 4.0])
+async def test_a_cold_start_is_not_refused_for_want_of_a_ready_node_and_waits_its_placement_estimate(
+    clock: FakeClock, ready_in: float | None
+):
+    service = ServiceTimes()
+    service.finished(CHAT, 2.0)  # answers known from before the model was scaled to zero
+    queue = shedding_queue(clock, service, max_wait_s=5.0)
+    slots = Slots()
+    waiter = asyncio.create_task(
+        queue.wait(CHAT, clock() + FAR, slots.attempt_for("cold"), no_slots, lambda: ready_in)
+    )
+    await eventually(lambda: queue.waiting == 1, "queued for the copy being placed")
+    slots.free = 1  # the copy is ready
+    queue.wake(None)
+    assert (await asyncio.wait_for(waiter, WAIT_S)).node_id == "n1"
+
+
+async def test_a_cold_start_whose_placement_estimate_exceeds_the_max_wait_is_refused_at_once(
+    clock: FakeClock,
+):
+    queue = shedding_queue(clock, ServiceTimes(), max_wait_s=5.0)
+
+    with pytest.raises(LlmlbError) as refused:
+        await queue.wait(CHAT, clock() + FAR, Slots().attempt_for("cold"), no_slots, lambda: 12.0)
+
+    assert refused.value.code is ErrorCode.QUEUE_FULL
+    assert refused.value.retry_after_s == pytest.approx(12.0)
+    assert queue.waiting == 0

@@ -4,6 +4,7 @@ queued, as a node would receive them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.router.demand import DemandMeter
 from balancer.scheduler.loop import SchedulerLoop
+from balancer.scheduler.plan import Remove
 from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
@@ -274,3 +276,45 @@ async def test_a_copy_ready_from_disk_teaches_the_loop_the_load_time_its_next_pl
     assert second.node_id in {"big-1", "big-2"} - {first.node_id}
     assert "files on disk, load ~3 s (measured), ready in ~3 s est." in second.reason
     assert [e.reason for e in loop.events() if e.action == "place"][-1] == second.reason
+
+
+async def test_a_min_zero_copy_goes_the_idle_setting_after_the_last_answer_ended(
+    parts: BalancerParts,
+) -> None:
+    clock = Clock()
+    parts.config = dataclasses.replace(parts.config, scale_down_idle_s=5.0)  # LLMLB_SCALE_DOWN_IDLE
+    parts.router.demand = DemandMeter(clock)
+    loop = parts.scheduler = SchedulerLoop(parts, clock=clock)
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, min_copies=0, max_copies=1))
+    assert (await loop.run_pass()).actions == ()  # nobody asks: no copy
+    parts.router.demand.started(MODEL)  # a request with no copy to go to brings one at once
+    (place,) = (await loop.run_pass()).places
+    report(parts, place.node_id, ModelState.READY, pinned=True)
+    clock.now += 100  # a long answer: idle only from its end
+    parts.router.demand.finished(MODEL)
+    assert (await loop.run_pass()).actions == ()
+    clock.now += 4.9
+    assert (await loop.run_pass()).actions == ()
+    clock.now += 0.2
+    plan = await loop.run_pass()
+    assert [(s.before, s.after) for s in plan.scaling] == [(1, 0)]
+    assert [(a.node_id, a.unload) for a in plan.actions if isinstance(a, Remove)] == [(place.node_id, True)]
+
+
+async def test_a_pass_tells_the_router_the_deployed_models_and_when_a_placed_copy_is_expected_ready(
+    parts: BalancerParts,
+) -> None:
+    clock = Clock()
+    loop = parts.scheduler = SchedulerLoop(parts, clock=clock)
+    deployed = parts.router.deployed
+    await deployments.set_deployment(parts, deployments.DeploymentAsk(MODEL, copies=1))
+    assert MODEL in deployed  # at once on the replica that set it, before any pass
+    (place,) = (await loop.run_pass()).places
+    assert deployed.ready_in(MODEL, clock.now) == pytest.approx(place.estimate.seconds)
+    clock.now += 1
+    assert deployed.ready_in(MODEL, clock.now) == pytest.approx(max(0.0, place.estimate.seconds - 1))
+
+    deployed.cold(MODEL)  # a request found no ready copy: the next pass runs now, not in a second
+    assert loop._wake.is_set()
+    await deployments.delete_deployment(parts, MODEL)
+    assert MODEL not in deployed
