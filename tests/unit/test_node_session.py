@@ -15,20 +15,12 @@ from typing import Any
 import pytest
 
 from balancer import node_session
-from balancer.auth import KeyRing
-from balancer.catalog import Catalog
 from balancer.fleet import Fleet
-from balancer.fleet_token import FleetTokens
-from balancer.node_clients import NodeClients
-from balancer.origin import Origin
 from balancer.parts import BalancerParts
-from balancer.replicas import Replicas
-from balancer.router import Router
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
-from common.metrics import BalancerMetrics
 from common.types import NodeState
+from tests.fixtures.balancer_parts import balancer_parts
 from tests.unit.test_store import make_node
 
 NODE = "node-a"
@@ -39,30 +31,8 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
     config = BalancerConfig(home=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'llmlb.db'}")
     store = await Store.open(config.database_url)
     await store.upsert_node(make_node(NODE))
-    origin = Origin(config)
-    catalog = Catalog(store, origin)
-    fleet = Fleet()
-    replicas = Replicas(store, fleet, database_url=config.database_url, timeout_s=3.0)
-    metrics = BalancerMetrics(lambda: {})
-    clients = NodeClients()
-    router = Router(config, catalog, fleet, clients, metrics)
-    sessions = NodeSessions(store, fleet, replicas)
-    yield BalancerParts(
-        config,
-        store,
-        origin,
-        catalog,
-        fleet,
-        sessions,
-        router,
-        KeyRing(store),
-        metrics,
-        replicas,
-        FleetTokens(store, 3600.0),
-    )
-    await clients.close()
-    await origin.close()
-    await store.close()
+    async with balancer_parts(config, store, Fleet()) as built:
+        yield built
 
 
 async def hello_then_silence() -> AsyncIterator[node_session.NodeMessage]:

@@ -12,24 +12,16 @@ import httpx
 import pytest
 
 from balancer import deployments
-from balancer.auth import KeyRing
-from balancer.catalog import Catalog
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
-from balancer.node_clients import NodeClients
-from balancer.origin import Origin
 from balancer.parts import BalancerParts
-from balancer.replicas import Replicas
-from balancer.router import Router
 from balancer.router.demand import DemandMeter
 from balancer.scheduler.loop import SchedulerLoop
 from balancer.scheduler.plan import Remove
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
-from common.metrics import BalancerMetrics
 from common.types import Backend, CommandKind, ModelState, Scope
+from tests.fixtures.balancer_parts import balancer_parts
 from tests.unit.test_store import make_model, make_node
 
 MODEL = "org/tiny-gguf"  # needs 512 MB (its catalogue entry's required_vram_mb)
@@ -49,9 +41,6 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
     config = BalancerConfig(home=tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'llmlb.db'}")
     store = await Store.open(config.database_url)
     await store.upsert_model(make_model(MODEL))
-    origin = Origin(config)
-    catalog = Catalog(store, origin)
-    await catalog.load()
     fleet = Fleet()
     for node_id, budget in BUDGETS.items():  # CPU nodes capped with XLLM_MEMORY_BUDGET_MB
         await store.upsert_node(make_node(node_id, backends=[Backend.CPU], gpus=[]))
@@ -59,27 +48,8 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
         fleet.registered(info)
         fleet.connected(node_id)
         fleet.set_load(node_id, NodeLoad(memory_total_mb=budget))
-    replicas = Replicas(store, fleet, database_url=config.database_url, timeout_s=3.0)
-    metrics = BalancerMetrics(lambda: {})
-    clients = NodeClients()
-    router = Router(config, catalog, fleet, clients, metrics)
-    sessions = NodeSessions(store, fleet, replicas)
-    yield BalancerParts(
-        config,
-        store,
-        origin,
-        catalog,
-        fleet,
-        sessions,
-        router,
-        KeyRing(store),
-        metrics,
-        replicas,
-        FleetTokens(store, 3600.0),
-    )
-    await clients.close()
-    await origin.close()
-    await store.close()
+    async with balancer_parts(config, store, fleet) as built:
+        yield built
 
 
 async def commands(parts: BalancerParts) -> set[tuple[str, CommandKind]]:
