@@ -10,6 +10,7 @@ has passed.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -42,7 +43,7 @@ from balancer.router.routes import (
     TRANSCRIBE,
     Route,
 )
-from balancer.router.shedding import ServiceTimes
+from balancer.router.shedding import ServiceTimes, at_once, judge
 from common.config import BalancerConfig
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
@@ -361,7 +362,16 @@ class Router:
     async def _acquire(
         self, model: Model, capability: Capability, key: RouteKey | None, exclude: set[str], deadline: float
     ) -> Candidate:
-        _in_time(model, deadline, self._clock())
+        now = self._clock()
+        _in_time(model, deadline, now)
+        # Even with a node free at once, a call that takes longer than the time left would be answered
+        # too late: refused now (429 with Retry-After), before any node starts on it.
+        judge(
+            at_once(self._service.of((model.id, capability))),
+            model.id,
+            wait_left_s=math.inf,
+            deadline_left_s=deadline - now,
+        )
         candidates, why = self._candidates.ranked(model, capability)
         if not any(c.tier == READY for c in candidates):
             self.deployed.cold(model.id)  # a deployment with no copy ready: the scheduler places one now

@@ -11,9 +11,11 @@ really answer at.
 ``judge`` refuses (``QUEUE_FULL``: 429 / RESOURCE_EXHAUSTED, with ``Retry-After`` the expected wait)
 when that wait exceeds the longest the request may wait, or when the wait plus one service time would
 pass the request's deadline: it would be answered too late to matter, and the node's time is better
-spent on a request that can still be answered in time. The caller learns in milliseconds what it
-would otherwise learn at its deadline. Before any call has finished there is no estimate, and nothing
-is shed by it (the queue's size and timeout still bound the wait).
+spent on a request that can still be answered in time. The same holds for a request that finds a node
+free (``at_once``): a deadline shorter than one service time is refused before any node starts on it.
+The caller learns in milliseconds what it would otherwise learn at its deadline. Before any call has
+finished there is no estimate, and nothing is shed by it (the queue's size and timeout still bound the
+wait).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def estimate(ahead: int, service_s: float | None, slots: int) -> Estimate | None
     if service_s is None or slots <= 0:
         return None
     return Estimate((ahead + 1) * service_s / slots, service_s)
+
+
+def at_once(service_s: float | None) -> Estimate | None:
+    """What a request that finds a node free can expect: no wait, then the call; None without data."""
+    return None if service_s is None else Estimate(0.0, service_s)
 
 
 def judge(expected: Estimate | None, model: str, *, wait_left_s: float, deadline_left_s: float) -> None:

@@ -487,6 +487,28 @@ async def test_a_request_whose_deadline_has_passed_never_starts_work_on_a_node(
     assert answered[-1].node_id == node.node_id  # the node itself was there to answer
 
 
+async def test_a_request_whose_deadline_is_shorter_than_an_answer_takes_is_refused_before_a_free_node_starts(
+    door: Door, start_node: StartNode
+):
+    node = await start_node(delay_s=0.3)
+    router = door.balancer.parts.router
+    await router.complete_whole(CompleteRequest(model=MODEL, prompt="first", request_id="r-1"), timeout=5.0)
+    calls = node.total_calls
+
+    with pytest.raises(LlmlbError) as refused:
+        await router.complete_whole(
+            CompleteRequest(model=MODEL, prompt="hurried", request_id="r-2"), timeout=0.1
+        )
+
+    assert refused.value.code is ErrorCode.QUEUE_FULL and "deadline" in refused.value.message
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s >= 0.0
+    assert node.total_calls == calls  # the node, free, never started on it
+    answered = await router.complete_whole(
+        CompleteRequest(model=MODEL, prompt="patient", request_id="r-3"), timeout=5.0
+    )
+    assert answered[-1].node_id == node.node_id
+
+
 async def test_cancelling_a_stream_midway_cancels_the_nodes_handler(door: Door, start_node: StartNode):
     node = await start_node(chunk_delay_s=0.05)
     words = " ".join(f"w{i}" for i in range(200))  # 10 s of chunks: far longer than the test
