@@ -200,7 +200,7 @@ async def start(config: BalancerConfig) -> Balancer:
     if config.bulk_listen:
         bulk = BulkProxy(catalog, origin, keys, fleet_tokens, config.http_limits)
         try:
-            await bulk.start(config.bulk_listen)
+            await bulk.start(config.bulk_listen, shared=config.shared_ports)
         except OSError as exc:
             await replicas.stop()
             await store.close()
