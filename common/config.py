@@ -1,7 +1,7 @@
 """Typed configuration, built once per process from flags > environment > ``~/.llmlb/.env`` > defaults.
 
 Every setting has one place here, with the environment variables that set it. ``--help`` of both
-CLIs and the README list the same names.
+CLIs and docs/configuration.md list the same names.
 """
 
 from __future__ import annotations
