@@ -204,7 +204,10 @@ async def start(config: BalancerConfig) -> Balancer:
         except OSError as exc:
             await replicas.stop()
             await store.close()
-            raise OSError(f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}") from None
+            raise OSError(
+                f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}; set LLMLB_BULK_PORT "
+                "(0: any free port), or LLMLB_BULK_LISTEN=off"
+            ) from None
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
