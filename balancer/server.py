@@ -200,11 +200,14 @@ async def start(config: BalancerConfig) -> Balancer:
     if config.bulk_listen:
         bulk = BulkProxy(catalog, origin, keys, fleet_tokens, config.http_limits)
         try:
-            await bulk.start(config.bulk_listen)
+            await bulk.start(config.bulk_listen, shared=config.shared_ports)
         except OSError as exc:
             await replicas.stop()
             await store.close()
-            raise OSError(f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}") from None
+            raise OSError(
+                f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}; set LLMLB_BULK_PORT "
+                "(0: any free port), or LLMLB_BULK_LISTEN=off"
+            ) from None
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )

@@ -146,6 +146,7 @@ class _Node:
             "XLLM_AUTH_TOKEN": NODE_TOKEN,
             "LLMLB_HOME": str(home),
             "XLLM_LOG_LEVEL": "warning",
+            "XLLM_BULK_PORT": "0",  # a free port, as its gRPC port is: not the fixed default
             "PYTHONUNBUFFERED": "1",
         }
         log_path = home / "node.log"

@@ -216,12 +216,13 @@ class BulkListener:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self, listen: str, event: str) -> int:
-        """Listens on ``host:port`` (port 0: any free one), logs ``event`` and returns the port."""
+    async def start(self, listen: str, event: str, *, shared: bool = False) -> int:
+        """Listens on ``host:port`` (port 0: any free one), logs ``event`` and returns the port;
+        ``shared``: the port is shared with the other workers of ``llmlb serve --workers``."""
         host, _, port = listen.rpartition(":")
         door = event.removesuffix("_listening")  # node.bulk, balancer.bulk: the prefix of its log events
         self._server = await start_server(
-            self._handle, host.strip("[]") or None, int(port), self.limits, door
+            self._handle, host.strip("[]") or None, int(port), self.limits, door, shared=shared
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(event, address=f"{host}:{self.port}")

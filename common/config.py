@@ -1,7 +1,7 @@
 """Typed configuration, built once per process from flags > environment > ``~/.llmlb/.env`` > defaults.
 
 Every setting has one place here, with the environment variables that set it. ``--help`` of both
-CLIs and the README list the same names.
+CLIs and docs/configuration.md list the same names.
 """
 
 from __future__ import annotations
@@ -144,6 +144,29 @@ def parse_listen(value: str) -> str:
     return f"{host or '0.0.0.0'}:{int(port)}"
 
 
+def parse_port(value: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    if not value.strip().isdigit() or int(value) > 65535:
+        raise ValueError("expected a port from 0 to 65535")
+    return int(value)
+
+
+# The bulk paths' fixed default ports, one above each gRPC default, so that a firewall rule between
+# hosts can name them: the balancer's bulk proxy and a node's bulk (peer file) server.
+BALANCER_BULK_PORT = 50052
+NODE_BULK_PORT = 50062
+
+
+def bulk_listen_beside(s: Settings, grpc_listen: str, port_names: tuple[str, ...], port: int) -> str:
+    """The default bulk address: the gRPC host, and the port ``port_names`` set, else ``port``.
+
+    A process whose gRPC port is 0 (any free one, as tests and benchmarks ask) gets any free bulk port
+    too, so that many of them can run on one host.
+    """
+    host, _, grpc_port = grpc_listen.rpartition(":")
+    return f"{host}:{s.get(None, port_names, 0 if grpc_port == '0' else port, parse_port)}"
+
+
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
     """What one HTTP/1.1 port lets any caller, authorized or not, hold before its request is read.
@@ -207,7 +230,7 @@ class BalancerConfig:
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
     # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
-    bulk_listen: str = "127.0.0.1:0"
+    bulk_listen: str = f"127.0.0.1:{BALANCER_BULK_PORT}"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
     # Tokens the store does not hold: how many are remembered and for how long (apart from real
@@ -311,13 +334,13 @@ def load_balancer_config(
     if fmt not in ("console", "json"):
         raise ValueError(f"LLMLB_LOG_FORMAT={fmt!r}: expected console or json")
     tls_cert = s.get(None, ("LLMLB_TLS_CERT",), None, Path)
-    grpc_host = s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen).rpartition(":")[0]
+    grpc_address = s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen)
     tls_key = s.get(None, ("LLMLB_TLS_KEY",), None, Path)
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("LLMLB_TLS_CERT and LLMLB_TLS_KEY go together: set both or neither")
     return BalancerConfig(
         home=home,
-        grpc_listen=s.get(grpc_listen, ("LLMLB_GRPC_LISTEN",), "127.0.0.1:50051", parse_listen),
+        grpc_listen=grpc_address,
         database_url=s.get(
             database_url, ("LLMLB_DATABASE_URL",), f"sqlite+aiosqlite:///{home / 'llmlb.db'}", str
         ),
@@ -338,7 +361,9 @@ def load_balancer_config(
         bulk_listen=s.get(
             None,
             ("LLMLB_BULK_LISTEN",),
-            "" if tls_cert is not None else grpc_host + ":0",
+            ""
+            if tls_cert is not None
+            else bulk_listen_beside(s, grpc_address, ("LLMLB_BULK_PORT",), BALANCER_BULK_PORT),
             parse_optional_listen,
         ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
@@ -451,7 +476,7 @@ class NodeConfig:
     download_connections: int = 4
     download_piece_mb: int = 32
     # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
-    bulk_listen: str = "127.0.0.1:0"
+    bulk_listen: str = f"127.0.0.1:{NODE_BULK_PORT}"
     shared_dir_timeout_s: float = 2.0
     auth_token: Secret = field(default_factory=Secret)
     log_format: str = "console"
@@ -574,8 +599,12 @@ def load_node_config(
             None,
             ("XLLM_BULK_LISTEN",),
             # Beside the gRPC port, on the same interface, unless told otherwise.
-            s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen).rpartition(":")[0]
-            + ":0",
+            bulk_listen_beside(
+                s,
+                s.get(grpc_listen, ("XLLM_GRPC_LISTEN",), "127.0.0.1:50061", parse_listen),
+                ("XLLM_BULK_PORT",),
+                NODE_BULK_PORT,
+            ),
             parse_optional_listen,
         ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),

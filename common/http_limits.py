@@ -110,7 +110,10 @@ def capped(handle: Handler, limits: HttpLimits, door: str) -> Handler:
 
 
 async def start_server(
-    handle: Handler, host: str | None, port: int, limits: HttpLimits, door: str
+    handle: Handler, host: str | None, port: int, limits: HttpLimits, door: str, *, shared: bool = False
 ) -> asyncio.Server:
-    """``asyncio.start_server`` with the connection cap and a stream buffer no larger than one head."""
-    return await asyncio.start_server(capped(handle, limits, door), host, port, limit=limits.max_header_bytes)
+    """``asyncio.start_server`` with the connection cap and a stream buffer no larger than one head;
+    ``shared`` binds with SO_REUSEPORT (``llmlb serve --workers``: each worker on the host's one port)."""
+    return await asyncio.start_server(
+        capped(handle, limits, door), host, port, limit=limits.max_header_bytes, reuse_port=shared or None
+    )

@@ -34,6 +34,7 @@ class NodeProcess:
             "XLLM_BALANCER": balancers,
             "XLLM_API_KEY": key,
             "XLLM_LOG_LEVEL": "warning",
+            "XLLM_BULK_PORT": "0",  # several nodes on this host: not the fixed default port
             "HF_ENDPOINT": hub,  # nothing may leave the machine
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "PYTHONUNBUFFERED": "1",

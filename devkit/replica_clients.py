@@ -1,5 +1,6 @@
-"""Clients of several balancer replicas that retry a lost connection on another replica, as the README's
-"Production: replicas on PostgreSQL" tells a client to, and keep a record of every attempt.
+"""Clients of several balancer replicas that retry a lost connection on another replica, as
+"Production: replicas on PostgreSQL" in docs/operations.md tells a client to, and keep a record of
+every attempt.
 
 Each client has a home replica. A request whose connection is refused or lost before an answer is sent
 again, with the same request id, to the next replica, round the list until it is answered or its

@@ -64,6 +64,7 @@ class ReplicaProcess:
             "LLMLB_DATABASE_URL": database_url,
             "LLMLB_GRPC_LISTEN": self.address,
             "LLMLB_HTTP_LISTEN": f"127.0.0.1:{self.http_port}",
+            "LLMLB_BULK_PORT": "0",  # several replicas on this host: not the fixed default port
             "LLMLB_AUTH": "on",
             "LLMLB_LOG_LEVEL": "warning",
             "LLMLB_LOG_FORMAT": "json",  # so the report can count the warnings by event

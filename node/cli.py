@@ -25,6 +25,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
                                sharing one store): the node attaches to one and fails over to the next
                                by itself (then LLMLB_ADDR; default 127.0.0.1:50051)
   XLLM_GRPC_LISTEN             host:port the node's gRPC server binds (default 127.0.0.1:50061)
+  XLLM_BULK_PORT               port of the bulk (HTTP range) server peers read files from, on the gRPC
+                               host (default 50062; 0: any free port, as when the gRPC port is 0)
+  XLLM_BULK_LISTEN             host:port of the bulk server instead, or "off" (peers use ReadBlob)
   XLLM_ADVERTISE               host:port the balancer and peers dial (default: the listen address)
   XLLM_NODE_ID                 node id (default: the one saved in $LLMLB_HOME/node-id, else assigned)
   XLLM_BACKEND                 auto, cuda, metal or cpu (default auto: CUDA via NVML, Metal, CPU)

@@ -326,7 +326,10 @@ async def start(config: NodeConfig) -> NodeProcess:
             await bulk_server.start(config.bulk_listen)
         except OSError as exc:
             await parts.close()
-            raise OSError(f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}") from None
+            raise OSError(
+                f"cannot listen on {config.bulk_listen} for bulk transfers: {exc}; give this node its own "
+                "XLLM_BULK_PORT (0: any free port), or XLLM_BULK_LISTEN=off"
+            ) from None
     bulk_port = bulk_server.port if bulk_server is not None else 0
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         NodeManifestServicer(resolver, storage, bulk_port), server

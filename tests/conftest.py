@@ -23,6 +23,10 @@ def _hermetic_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: never the real hub
+    # Many balancers and nodes run on this one host at once: their bulk ports are any free ones, not
+    # the fixed defaults (a test of the defaults sets these itself).
+    monkeypatch.setenv("LLMLB_BULK_PORT", "0")
+    monkeypatch.setenv("XLLM_BULK_PORT", "0")
 
 
 @pytest.fixture

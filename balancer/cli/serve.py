@@ -26,6 +26,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_GRPC_LISTEN          host:port the gRPC server binds (default 127.0.0.1:50051)
   LLMLB_HTTP_LISTEN          host:port of the OpenAI HTTP API, /v0 and /metrics (default
                              127.0.0.1:8080; "off" disables it)
+  LLMLB_BULK_PORT            port of the bulk proxy (HTTP ranges of origin bytes for nodes), on the
+                             gRPC host (default 50052; 0: any free port, as when the gRPC port is 0)
+  LLMLB_BULK_LISTEN          host:port of the bulk proxy instead, or "off" (default off under TLS)
   LLMLB_AUTH                 require API keys: on or off (default on); the first start writes an admin
                              key to $LLMLB_HOME/admin-key (mode 0600)
   LLMLB_UNKNOWN_KEY_CACHE    tokens the store does not hold that are remembered, apart from real keys

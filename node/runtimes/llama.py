@@ -136,7 +136,8 @@ class LlamaRuntime:
                 model_id=self.model_id,
                 backend=self.settings.backend.value,
                 hint="this llama-cpp-python was built without GPU support, so every layer runs on the "
-                "CPU; reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (or -DGGML_METAL=on), see README",
+                "CPU; reinstall it with CMAKE_ARGS=-DGGML_CUDA=on (or -DGGML_METAL=on), "
+                "see docs/install.md",
             )
         self._metadata = read_gguf_metadata(self.path)
         self._generators: _Contexts | None = None

@@ -6,7 +6,7 @@ node that downloads from the hub and loads what it fetched, and an echo node tha
 refused, sign in, two nodes, the Piper voice registered from the hub and pulled to the real node with
 its progress bar to 100 %, a request in the charts, a key created and its usage after a request made
 with it, revoked, the model deleted, signed out.
-Each page is written to ``build/console-screenshots/`` (two of them are shown in the README).
+Each page is written to ``build/console-screenshots/`` (two of them are shown in docs/console.md).
 """
 
 from __future__ import annotations

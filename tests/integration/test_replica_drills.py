@@ -2,7 +2,7 @@
 and clients spread over both replicas through both doors; one replica is killed, or both are
 restarted one after the other, while the clients keep sending.
 
-The clients (``devkit.replica_clients``) do what a client of replicas does (see the README's
+The clients (``devkit.replica_clients``) do what a client of replicas does (see docs/operations.md,
 "Production: replicas on PostgreSQL"): each has a home replica, and a request whose connection is
 refused or lost before an answer is sent again, with the same request id, to the other replica. Every
 retry is counted. ``bench/bench_replica_drill.py`` runs the kill drill at full scale. What the drills assert:

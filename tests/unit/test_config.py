@@ -147,7 +147,7 @@ def test_download_ranges_and_the_bulk_ports_come_from_the_environment(tmp_path: 
     home = {"LLMLB_HOME": str(tmp_path)}
     node = load_node_config(home=tmp_path, env=home, grpc_listen="10.0.0.5:50061")
     assert (node.download_connections, node.download_piece_mb) == (4, 32)
-    assert node.bulk_listen == "10.0.0.5:0"  # beside the gRPC port, any free port
+    assert node.bulk_listen == "10.0.0.5:50062"  # beside the gRPC port, on the fixed default port
     tuned = load_node_config(
         home=tmp_path,
         env=home
@@ -156,7 +156,7 @@ def test_download_ranges_and_the_bulk_ports_come_from_the_environment(tmp_path: 
     assert (tuned.download_connections, tuned.download_piece_mb, tuned.bulk_listen) == (8, 16, "")
     with pytest.raises(ValueError):
         load_node_config(home=tmp_path, env=home | {"XLLM_DOWNLOAD_CONNECTIONS": "0"})
-    assert load_balancer_config(env=home, grpc_listen="0.0.0.0:50051").bulk_listen == "0.0.0.0:0"
+    assert load_balancer_config(env=home, grpc_listen="0.0.0.0:50051").bulk_listen == "0.0.0.0:50052"
     assert load_balancer_config(env=home | {"LLMLB_BULK_LISTEN": "off"}).bulk_listen == ""
 
 

@@ -1,6 +1,6 @@
 """An internal service spreads its gRPC calls over balancer replicas with gRPC's own round_robin.
 
-The README shows this channel; here it runs against two balancers in this process, each on its own
+docs/operations.md shows this channel; here it runs against two balancers in this process, each on its own
 store (so each answers with its own fleet token, which tells the answers apart), and both get calls.
 """
 
