@@ -183,6 +183,8 @@ def _show_config(config: NodeConfig) -> dict[str, Any]:
             value = "set" if value else None  # never print a secret
         elif name in ("auth_token", "api_key"):
             value = "set" if value else ""
+        elif name == "otel":  # headers may carry the collector's credential
+            value = {k: "set" if "HEADERS" in k else v for k, v in value}
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
