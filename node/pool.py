@@ -540,7 +540,9 @@ class ModelPool:
     @asynccontextmanager
     async def use(self, resolved: ResolvedModel, capability: Capability) -> AsyncIterator[_Lease]:
         """Holds one slot of the model's runtime for ``capability``, loading it first if needed."""
-        attributes = {"llmlb.model": resolved.model.id, "llmlb.capability": capability.value}
+        attributes = None
+        if tracing.enabled():
+            attributes = {"llmlb.model": resolved.model.id, "llmlb.capability": capability.value}
         with tracing.span("slot", attributes) as span:
             entry = await self._slot(resolved, capability)
             if span.is_recording():

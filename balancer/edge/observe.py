@@ -116,12 +116,14 @@ class Observer:
     def call(self, door: str, route: str, parent: Context | None = None) -> Call:
         """A new call, made by the key the door's access check let in; ``parent`` is the trace context
         the caller sent (``tracing.from_headers`` / ``from_metadata``)."""
-        span = tracing.start(
-            f"{door} {route}",
-            kind=SpanKind.SERVER,
-            parent=parent,
-            attributes={"llmlb.door": door, "llmlb.route": route},
-        )
+        span: Span = INVALID_SPAN
+        if tracing.enabled():
+            span = tracing.start(
+                f"{door} {route}",
+                kind=SpanKind.SERVER,
+                parent=parent,
+                attributes={"llmlb.door": door, "llmlb.route": route},
+            )
         return Call(
             self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks, span=span
         )

@@ -357,7 +357,7 @@ class Router:
         since = self.demand.wait_started(model.id)
         try:
             # The choice's span: ``_pick`` says on it which node the policy chose and why.
-            with tracing.span("route", {"llmlb.model": model.id, "llmlb.route.policy": self._policy.name}):
+            with tracing.span("route", self._route_attributes(model)):
                 return await self._next_node(model, capability, key, tried, deadline, last)
         finally:
             self.demand.wait_ended(model.id, since)
@@ -452,6 +452,11 @@ class Router:
         if self._metrics is not None and choice.outcome != LOAD:
             self._metrics.route_outcomes.labels(self._policy.name, choice.outcome).inc()
         return choice.node
+
+    def _route_attributes(self, model: Model) -> dict[str, str] | None:
+        if not tracing.enabled():
+            return None
+        return {"llmlb.model": model.id, "llmlb.route.policy": self._policy.name}
 
     def _traced(
         self, span: Span, choice: Choice, candidates: int, excluded: int, key: RouteKey | None
