@@ -55,6 +55,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
                                places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
   XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
+  OTEL_EXPORTER_OTLP_ENDPOINT  OpenTelemetry collector: set, each call's spans (under the balancer's,
+                               from its traceparent) are exported over OTLP (default unset: no traces);
+                               OTEL_SERVICE_NAME defaults to xllm; the SDK reads the other OTEL_*
   LLMLB_HOME                   state directory (default ~/.llmlb)
   HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
   HF_TOKEN                     token for private or gated repositories
