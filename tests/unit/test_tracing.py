@@ -263,6 +263,41 @@ async def test_a_refused_request_ends_its_spans_with_the_error_code_and_no_node_
     assert {s.name for s in fleet.trace(trace_id)} == {"http chat", "admit"}
 
 
+async def test_each_node_a_failing_request_tried_is_a_node_call_span_with_its_attempt_and_error(
+    fleet: Fleet,
+) -> None:
+    await fleet.node.stop()  # two nodes that fail instead: the request is tried on both
+    failing = [EchoNode(f"127.0.0.1:{fleet.balancer.port}", api_key=fleet.key) for _ in range(2)]
+    try:
+        for node in failing:
+            node.fail_with = ErrorCode.INTERNAL
+            await node.start()
+        reply = await fleet.http.post(
+            "/v1/chat/completions", json=_chat_body(), headers={"traceparent": TRACEPARENT}
+        )
+        assert reply.status_code == 500
+        trace_id = int(TRACE_ID, 16)
+        await eventually_async(
+            lambda: any(s.name == "http chat" for s in fleet.trace(trace_id)), 5, "the door"
+        )
+    finally:
+        for node in failing:
+            await node.stop()
+    calls = sorted(
+        (dict(s.attributes or {}) for s in fleet.trace(trace_id) if s.name == "node chat"),
+        key=lambda a: str(a["llmlb.attempt"]),
+    )
+    internal = ErrorCode.INTERNAL.value
+    assert [(a["llmlb.attempt"], a["llmlb.outcome"]) for a in calls] == [(1, internal), (2, internal)]
+    assert {a["llmlb.node"] for a in calls} == {n.node_id for n in failing}
+    routes = [dict(s.attributes or {}) for s in fleet.trace(trace_id) if s.name == "route"]
+    chosen = sorted(int(str(r["llmlb.route.excluded"])) for r in routes if "llmlb.route.node" in r)
+    assert chosen == [0, 1]  # the second try left the first node out
+    # A third look finds no node left to try, and ends with the last node's error.
+    assert [r["llmlb.outcome"] for r in routes if "llmlb.route.node" not in r] == [internal]
+    assert dict(fleet.named(trace_id, "http chat").attributes or {})["llmlb.outcome"] == internal
+
+
 async def test_with_tracing_off_no_span_is_made_and_no_trace_context_goes_to_the_node(
     fleet: Fleet, exporter: InMemorySpanExporter
 ) -> None:
