@@ -32,6 +32,7 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from devkit.echo_node import EchoNode
+from node.cli import _show_config
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.engines import Engines
 from node.servicers.inference import InferenceServicer
@@ -391,3 +392,15 @@ def test_a_long_tracestate_is_dropped_and_only_w3c_trace_context_is_read(
     span = tracing.start("y", parent=kept)
     assert dict(tracing.metadata(span))["tracestate"] == "k=v"
     tracing.finish(span)
+
+
+def test_xllm_config_shows_the_otel_settings_but_not_the_collectors_headers(tmp_path: Path) -> None:
+    env = {
+        "LLMLB_HOME": str(tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT,
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer collector-s3cret",
+    }
+    config = load_node_config(home=tmp_path, env=env)
+    shown = _show_config(config)["otel"]
+    assert shown == {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_EXPORTER_OTLP_HEADERS": "set"}
+    assert "collector-s3cret" not in repr(config)
