@@ -35,6 +35,7 @@ from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
 from balancer.sessions import NodeSessions
 from balancer.store import Store
+from common import tracing
 from common.channels import server_credentials
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
@@ -269,7 +270,13 @@ async def start(config: BalancerConfig) -> Balancer:
 
 
 async def serve(config: BalancerConfig) -> None:
-    """Runs the balancer until SIGINT or SIGTERM, then stops gracefully."""
+    """Runs the balancer until SIGINT or SIGTERM, then stops gracefully; exports traces when the
+    ``OTEL_*`` variables ask for them (``common.tracing``)."""
+    async with tracing.exporting(tracing.BALANCER_SERVICE, dict(config.otel)):
+        await _serve(config)
+
+
+async def _serve(config: BalancerConfig) -> None:
     balancer = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -202,6 +202,41 @@ def load_http_limits(s: Settings, prefixes: tuple[str, ...]) -> HttpLimits:
     )
 
 
+OTEL_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTEL_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def load_otel(s: Settings) -> tuple[tuple[str, str], ...]:
+    """The standard ``OTEL_*`` variables (environment over ``.env``), for ``common.tracing``.
+
+    The OpenTelemetry SDK reads them itself; here they are only gathered, and the few that decide
+    whether and how traces leave the process are checked, so a bad value stops the start.
+    """
+    otel = {k: v for source in (s.file_values, s.env) for k, v in source.items() if k.startswith("OTEL_")}
+    if traces_wanted(otel):
+        exporter = otel.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+        if exporter != "otlp":
+            raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r}: expected otlp or none")
+        protocol = otlp_protocol(otel)
+        if protocol not in ("grpc", "http/protobuf"):
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected grpc or http/protobuf")
+    return tuple(sorted(otel.items()))
+
+
+def traces_wanted(otel: Mapping[str, str]) -> bool:
+    """Whether the ``OTEL_*`` variables ask for traces: an OTLP endpoint set, the SDK and exporter on."""
+    if otel.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if otel.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return any(otel.get(name, "").strip() for name in OTEL_ENDPOINTS)
+
+
+def otlp_protocol(otel: Mapping[str, str]) -> str:
+    """The OTLP protocol for traces; ``grpc`` unless set."""
+    return next((otel[n].strip() for n in OTEL_PROTOCOLS if otel.get(n, "").strip()), "grpc")
+
+
 @dataclass(frozen=True, slots=True)
 class BalancerConfig:
     """Everything the balancer process is told, resolved once at start."""
@@ -227,6 +262,9 @@ class BalancerConfig:
     replica_timeout_ms: int = 10_000
     log_format: str = "console"
     log_level: str = "info"
+    # The standard OTEL_* variables (``common.tracing``): traces are exported when they name an endpoint.
+    # Not in repr: OTEL_EXPORTER_OTLP_HEADERS may carry a collector's credential.
+    otel: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
     # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
@@ -356,6 +394,7 @@ def load_balancer_config(
         replica_timeout_ms=s.get(None, ("LLMLB_REPLICA_TIMEOUT_MS",), 10_000, int),
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
+        otel=load_otel(s),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
         # Beside the gRPC port; off under TLS, since the bulk path is plain HTTP.
         bulk_listen=s.get(
@@ -481,6 +520,9 @@ class NodeConfig:
     auth_token: Secret = field(default_factory=Secret)
     log_format: str = "console"
     log_level: str = "info"
+    # The standard OTEL_* variables (``common.tracing``): traces are exported when they name an endpoint.
+    # Not in repr: OTEL_EXPORTER_OTLP_HEADERS may carry a collector's credential.
+    otel: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The bearer key (scope node) the node presents to the balancer.
     api_key: Secret = field(default_factory=Secret)
     tls_ca: Path | None = None  # CA that signed the balancer's certificate; set: dial it with TLS
@@ -611,6 +653,7 @@ def load_node_config(
         auth_token=Secret(s.get(None, ("XLLM_AUTH_TOKEN",), "", str)),
         log_format=fmt,
         log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),
+        otel=load_otel(s),
         api_key=Secret(s.get(api_key, ("XLLM_API_KEY",), "", str)),
         tls_ca=s.get(None, ("XLLM_TLS_CA",), None, Path),
         tls_cert=s.get(None, ("XLLM_TLS_CERT",), None, Path),

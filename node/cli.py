@@ -58,6 +58,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
                                places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
   XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
+  OTEL_EXPORTER_OTLP_ENDPOINT  OpenTelemetry collector: set, each call's spans (under the balancer's,
+                               from its traceparent) are exported over OTLP (default unset: no traces);
+                               OTEL_SERVICE_NAME defaults to xllm; the SDK reads the other OTEL_*
   LLMLB_HOME                   state directory (default ~/.llmlb)
   HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
   HF_TOKEN                     token for private or gated repositories
@@ -186,6 +189,8 @@ def _show_config(config: NodeConfig) -> dict[str, Any]:
             value = "set" if value else None  # never print a secret
         elif name in ("auth_token", "api_key"):
             value = "set" if value else ""
+        elif name == "otel":  # headers may carry the collector's credential
+            value = {k: "set" if "HEADERS" in k else v for k, v in value}
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):

@@ -5,6 +5,10 @@ wait in a bounded queue. Loading, unloading and inference all run on a bounded t
 the event loop. A streaming call whose consumer goes away stops at the runtime's next step and gives
 its slot back as soon as the runtime has stopped.
 
+Spans (``common.tracing``), children of the request's: ``slot`` (the wait for the model to be loaded and
+a slot free), ``load`` (a load the request started; a prefetch's load is a trace of its own) and
+``runtime`` (the call into the runtime on its worker thread).
+
 Over 400 lines on purpose: loading, the memory budget, eviction and slot leases all act on the same
 entries under the same condition, and split apart they would have to share those internals.
 """
@@ -26,6 +30,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import structlog
 
+from common import tracing
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
@@ -368,7 +373,8 @@ class ModelPool:
         lease.entry.cancels.add(cancel)
         worker = asyncio.get_running_loop().run_in_executor(self._executor, work, cancel)
         try:
-            return await asyncio.shield(worker)
+            with tracing.span("runtime", _runtime_attributes(lease)):
+                return await asyncio.shield(worker)
         except asyncio.CancelledError:
             cancel.set()
             await _outlast(worker)
@@ -443,6 +449,8 @@ class ModelPool:
         return others + entry.memory_mb > self.budget_mb
 
     async def _load(self, entry: _Entry) -> None:
+        # Child of the request whose use started the load (this task began in its context).
+        span = tracing.start("load", attributes={"llmlb.model": entry.model_id, "llmlb.engine": entry.engine})
         try:
             entry.runtime = runtime = await self._run(entry.create)
             entry.memory_mb = runtime.memory_mb
@@ -474,9 +482,13 @@ class ModelPool:
             log.warning(
                 "model_load_failed", model_id=entry.model_id, engine=entry.engine, error=error.message
             )
+            tracing.finish(span, error.code.value)
             async with self._memory:
                 self._memory.notify_all()
         else:
+            if span.is_recording():
+                span.set_attribute("llmlb.memory_mb", entry.memory_mb)
+            tracing.finish(span)
             entry.state = ModelState.READY
             self._failed.pop(entry.model_id, None)
             log.info(
@@ -528,6 +540,26 @@ class ModelPool:
     @asynccontextmanager
     async def use(self, resolved: ResolvedModel, capability: Capability) -> AsyncIterator[_Lease]:
         """Holds one slot of the model's runtime for ``capability``, loading it first if needed."""
+        attributes = None
+        if tracing.enabled():
+            attributes = {"llmlb.model": resolved.model.id, "llmlb.capability": capability.value}
+        with tracing.span("slot", attributes) as span:
+            entry = await self._slot(resolved, capability)
+            if span.is_recording():
+                span.set_attribute("llmlb.engine", entry.engine)
+        try:
+            yield _Lease(entry)
+        finally:
+            entry.active -= 1
+            entry.last_used = time.monotonic()
+            entry.slots.release()
+            if entry.active == 0:
+                entry.idle.set()
+                async with self._memory:
+                    self._memory.notify_all()
+
+    async def _slot(self, resolved: ResolvedModel, capability: Capability) -> _Entry:
+        """Waits for the model's runtime to be loaded (starting the load if needed) and a slot free."""
         entry = self._entry_for(resolved, capability)
         limit = self.settings.slots_per_model + self.settings.queue_per_model
         if entry.active + entry.waiting >= limit:
@@ -552,16 +584,7 @@ class ModelPool:
         entry.active += 1
         entry.idle.clear()
         entry.last_used = time.monotonic()
-        try:
-            yield _Lease(entry)
-        finally:
-            entry.active -= 1
-            entry.last_used = time.monotonic()
-            entry.slots.release()
-            if entry.active == 0:
-                entry.idle.set()
-                async with self._memory:
-                    self._memory.notify_all()
+        return entry
 
     async def _stream(
         self, lease: _Lease, produce: Callable[[CancelFlag], Iterator[T]]
@@ -592,15 +615,21 @@ class ModelPool:
                 put(_END, None)
 
         worker = loop.run_in_executor(self._executor, work)
+        # Ended below, not held current: this generator yields to its consumer while the runtime runs.
+        span = tracing.start("runtime", attributes=_runtime_attributes(lease))
+        outcome = ErrorCode.CANCELLED.value  # unless the runtime runs to its end or fails
         try:
             while True:
                 kind, value = await queue.get()
                 if kind == _END:
                     break
                 if kind == _ERROR:
+                    outcome = tracing.outcome_of(value)
                     raise value
                 yield cast(T, value)
+            outcome = tracing.OK
         finally:
+            tracing.finish(span, outcome)
             cancel.set()
             lease.entry.cancels.discard(cancel)
             if await _outlast(worker):  # the slot is held until the worker has let go of the runtime
@@ -694,6 +723,12 @@ class ModelPool:
             )
             images = await self._call(lease, lambda cancel: runtime.generate_images(request))
         return GenerateImageResponse(images=tuple(images))
+
+
+def _runtime_attributes(lease: _Lease) -> dict[str, str | int | float | bool]:
+    if not tracing.enabled():
+        return {}
+    return {"llmlb.model": lease.entry.model_id, "llmlb.engine": lease.entry.engine}
 
 
 def resident_mb() -> int:

@@ -15,6 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import tracing
 from common.config import NodeConfig, merged_env
 from common.errors import ErrorCode, LlmlbError
 from common.hub import HubFiles
@@ -382,8 +383,14 @@ async def serve(config: NodeConfig) -> None:
     """Runs the node until SIGINT or SIGTERM, then drains and stops; a second signal stops at once.
 
     The drain refuses new requests (the balancer retries them elsewhere) and waits up to
-    ``drain_timeout_s`` for the requests in flight to finish.
+    ``drain_timeout_s`` for the requests in flight to finish. Exports traces when the ``OTEL_*``
+    variables ask for them (``common.tracing``).
     """
+    async with tracing.exporting(tracing.NODE_SERVICE, dict(config.otel)):
+        await _serve(config)
+
+
+async def _serve(config: NodeConfig) -> None:
     node = await start(config)
     first, second = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -88,6 +88,10 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_WORKERS              replica processes on this host sharing its ports (default 1;
                              above 1 needs PostgreSQL and fixed ports)
   LLMLB_REPLICA_TIMEOUT_MS   a replica silent this long is taken as dead (default 10000)
+  OTEL_EXPORTER_OTLP_ENDPOINT   OpenTelemetry collector (e.g. http://127.0.0.1:4317): set, each request's
+                             spans are exported over OTLP (default unset: no traces, no cost); the SDK
+                             reads the other OTEL_* variables: OTEL_SERVICE_NAME (default llmlb),
+                             OTEL_EXPORTER_OTLP_PROTOCOL (grpc), OTEL_TRACES_SAMPLER, OTEL_BSP_*...
   HF_ENDPOINT                Hugging Face endpoint (default https://huggingface.co)
   HF_TOKEN                   token for private or gated repositories
 """

@@ -7,6 +7,9 @@ update memory, so the request path gains no I/O.
 A model name becomes a Prometheus label only once the catalogue knows it, and a node id only once it
 is registered (``balancer.edge.labels``): callers asking for made-up models, and nodes answering
 under made-up ids, add no series (they are counted under the empty label).
+
+Each ``Call`` is also the request's span (``common.tracing``; a no-op one while tracing is off), child of
+the caller's ``traceparent``: admission, the router's choice and each node call are its children.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
+
 from balancer.edge.admission import admit
 from balancer.edge.caller import caller_key_id
 from balancer.edge.labels import Labels
+from common import tracing
 from common.errors import ErrorCode, LlmlbError
 from common.inference import InferenceRequest, TextChunk, Usage
 from common.metrics import BalancerMetrics
@@ -53,6 +60,7 @@ class Call:
     first_token_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    span: Span = INVALID_SPAN  # the request's span; a no-op one while tracing is off
 
     def first_chunk(self) -> None:
         self.first_token_s = time.perf_counter() - self.started
@@ -80,6 +88,21 @@ class Call:
             self.metrics.observe(self.door, self.route, self.model, code, elapsed)
             for sink in self.sinks:
                 sink.finished(self, code, elapsed)
+            if self.span.is_recording():
+                self._traced()
+            tracing.finish(self.span, code)
+
+    def _traced(self) -> None:
+        """What the request's span says of it: no prompt, no answer, no secret."""
+        attributes: dict[str, str | int] = {
+            "llmlb.model": self.model,
+            "llmlb.key_id": self.key_id,
+            "gen_ai.usage.input_tokens": self.prompt_tokens,
+            "gen_ai.usage.output_tokens": self.completion_tokens,
+        }
+        if self.node_id:
+            attributes["llmlb.node"] = self.node_id
+        self.span.set_attributes(attributes)
 
 
 class Observer:
@@ -90,9 +113,20 @@ class Observer:
         self._labels = labels
         self._sinks = sinks
 
-    def call(self, door: str, route: str) -> Call:
-        """A new call, made by the key the door's access check let in."""
-        return Call(self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks)
+    def call(self, door: str, route: str, parent: Context | None = None) -> Call:
+        """A new call, made by the key the door's access check let in; ``parent`` is the trace context
+        the caller sent (``tracing.from_headers`` / ``from_metadata``)."""
+        span: Span = INVALID_SPAN
+        if tracing.enabled():
+            span = tracing.start(
+                f"{door} {route}",
+                kind=SpanKind.SERVER,
+                parent=parent,
+                attributes={"llmlb.door": door, "llmlb.route": route},
+            )
+        return Call(
+            self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks, span=span
+        )
 
     def admit(self, call: Call, request: R) -> R:
         """``request`` through admission (``edge.admission.admit``), its model then the call's label.
@@ -100,7 +134,11 @@ class Observer:
         A refusal propagates to the door's ``unary``/``stream``/handler wrapper, which counts it once
         (unlabelled, since the model was never admitted).
         """
-        request = admit(request)
+        with tracing.span("admit") as span:
+            request = admit(request)
+            if span.is_recording():
+                span.set_attributes({"llmlb.model": request.model, "llmlb.request_id": request.request_id})
+                call.span.set_attribute("llmlb.request_id", request.request_id)
         call.model = request.model
         return request
 
@@ -120,7 +158,8 @@ class Observer:
     async def unary(self, call: Call, answer: Callable[[], Awaitable[T]]) -> T:
         """Awaits ``answer`` and records its outcome."""
         try:
-            result = await answer()
+            with tracing.current(call.span):
+                result = await answer()
         except BaseException as exc:
             await self.failed(call, exc)
             raise
@@ -131,7 +170,7 @@ class Observer:
         """Yields ``items``, recording the first one's delay, tokens carried in usage, and the outcome."""
         first = True
         try:
-            async with aclosing(items) as stream:  # type: ignore[type-var]
+            async with aclosing(tracing.within(call.span, items)) as stream:  # type: ignore[type-var]
                 async for item in stream:
                     if first:
                         call.first_chunk()

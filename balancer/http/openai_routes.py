@@ -33,6 +33,7 @@ from balancer.http.schemas import (
 )
 from balancer.http.streaming import StreamingAnswer, closing, first_item, unless_disconnected
 from balancer.parts import BalancerParts
+from common import tracing
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
@@ -78,9 +79,10 @@ def observed(
 
     def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            call = observer.call(DOOR, route)
+            call = observer.call(DOOR, route, tracing.from_headers(request.headers))
             try:
-                response = await handler(request, call)
+                with tracing.current(call.span):
+                    response = await handler(request, call)
             except BaseException as exc:
                 await observer.failed(call, exc)
                 raise

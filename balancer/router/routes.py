@@ -30,6 +30,7 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.types import Capability
 
+Metadata = tuple[tuple[str, str], ...]
 Q = TypeVar("Q")  # the internal request type
 T = TypeVar("T")  # the internal answer type (of one item, for a stream)
 
@@ -47,8 +48,9 @@ class Route(Generic[Q, T]):
     name: str  # in logs and the retry metric
     capability: Capability
     kind: CallKind
-    # Starts the call on a node: (stub, request message, seconds left) -> an awaitable or a stream.
-    call: Callable[[igrpc.InferenceStub, Any, float], Any]
+    # Starts the call on a node: (stub, request message, seconds left, metadata: the trace context)
+    # -> an awaitable or a stream.
+    call: Callable[[igrpc.InferenceStub, Any, float, Metadata], Any]
     to_pb: Callable[[Q], Any]
     from_pb: Callable[[Any], T]  # the node's answer (one item, for STREAM) to the internal type
 
@@ -65,7 +67,7 @@ CHAT: Route[ChatRequest, TextChunk] = Route(
     "chat",
     Capability.CHAT,
     CallKind.STREAM,
-    lambda stub, pb, t: stub.Chat(pb, timeout=t),
+    lambda stub, pb, t, md: stub.Chat(pb, timeout=t, metadata=md),
     conv.chat_request_to_pb,
     conv.text_chunk_from_pb,
 )
@@ -73,7 +75,7 @@ COMPLETE: Route[CompleteRequest, TextChunk] = Route(
     "complete",
     Capability.COMPLETION,
     CallKind.STREAM,
-    lambda stub, pb, t: stub.Complete(pb, timeout=t),
+    lambda stub, pb, t, md: stub.Complete(pb, timeout=t, metadata=md),
     conv.complete_request_to_pb,
     conv.text_chunk_from_pb,
 )
@@ -81,7 +83,7 @@ CHAT_WHOLE: Route[ChatRequest, list[TextChunk]] = Route(
     "chat",
     Capability.CHAT,
     CallKind.WHOLE,
-    lambda stub, pb, t: _read_all(stub.Chat(pb, timeout=t)),
+    lambda stub, pb, t, md: _read_all(stub.Chat(pb, timeout=t, metadata=md)),
     conv.chat_request_to_pb,
     _text_chunks_from_pb,
 )
@@ -89,7 +91,7 @@ COMPLETE_WHOLE: Route[CompleteRequest, list[TextChunk]] = Route(
     "complete",
     Capability.COMPLETION,
     CallKind.WHOLE,
-    lambda stub, pb, t: _read_all(stub.Complete(pb, timeout=t)),
+    lambda stub, pb, t, md: _read_all(stub.Complete(pb, timeout=t, metadata=md)),
     conv.complete_request_to_pb,
     _text_chunks_from_pb,
 )
@@ -97,7 +99,7 @@ EMBED: Route[EmbedRequest, EmbedResponse] = Route(
     "embed",
     Capability.EMBEDDING,
     CallKind.UNARY,
-    lambda stub, pb, t: stub.Embed(pb, timeout=t),
+    lambda stub, pb, t, md: stub.Embed(pb, timeout=t, metadata=md),
     conv.embed_request_to_pb,
     conv.embed_response_from_pb,
 )
@@ -105,7 +107,7 @@ TRANSCRIBE: Route[TranscribeRequest, Transcript] = Route(
     "transcribe",
     Capability.TRANSCRIPTION,
     CallKind.UNARY,
-    lambda stub, pb, t: stub.Transcribe(pb, timeout=t),
+    lambda stub, pb, t, md: stub.Transcribe(pb, timeout=t, metadata=md),
     conv.transcribe_request_to_pb,
     conv.transcript_from_pb,
 )
@@ -113,7 +115,7 @@ SPEAK: Route[SpeakRequest, AudioChunk] = Route(
     "speak",
     Capability.SPEECH,
     CallKind.STREAM,
-    lambda stub, pb, t: stub.Speak(pb, timeout=t),
+    lambda stub, pb, t, md: stub.Speak(pb, timeout=t, metadata=md),
     conv.speak_request_to_pb,
     conv.audio_chunk_from_pb,
 )
@@ -121,7 +123,7 @@ IMAGE: Route[GenerateImageRequest, GenerateImageResponse] = Route(
     "image",
     Capability.IMAGE,
     CallKind.UNARY,
-    lambda stub, pb, t: stub.GenerateImage(pb, timeout=t),
+    lambda stub, pb, t, md: stub.GenerateImage(pb, timeout=t, metadata=md),
     conv.image_request_to_pb,
     conv.image_response_from_pb,
 )

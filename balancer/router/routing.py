@@ -19,18 +19,19 @@ from typing import Any, TypeVar
 
 import grpc.aio
 import structlog
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from balancer.catalog import Catalog  # the one place this package names the model catalogue
 from balancer.fleet import Fleet
 from balancer.node_clients import NodeClients
 from balancer.router.admission import Admission
-from balancer.router.candidates import READY, Candidate, Candidates, Key
+from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate, Candidates, Key
 from balancer.router.demand import DemandMeter
 from balancer.router.deployed import Deployed
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import pick
-from balancer.router.policy import LOAD, RouteKey, make_policy
+from balancer.router.policy import LOAD, Choice, RouteKey, make_policy
 from balancer.router.prefix_index import PrefixIndex
 from balancer.router.routes import (
     CHAT,
@@ -44,6 +45,7 @@ from balancer.router.routes import (
     Route,
 )
 from balancer.router.shedding import ServiceTimes, at_once, judge
+from common import tracing
 from common.config import BalancerConfig
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
@@ -68,6 +70,7 @@ from common.types import Capability, Model
 log = structlog.get_logger(__name__)
 
 NO_NODE_RETRY_AFTER_S = 5.0
+TIER_NAMES = {READY: "ready", ON_DISK: "on_disk", DOWNLOADABLE: "downloadable"}  # in route spans
 
 
 R = TypeVar("R", bound=InferenceRequest)
@@ -208,12 +211,19 @@ class Router:
             while True:
                 node = await self._waited_node(model, route.capability, key, tried, deadline, last)
                 started = clock()
+                span = _call_span(route, node, len(tried) + 1)
+                outcome = ErrorCode.CANCELLED.value  # unless it answers or fails
                 try:
-                    answer = await route.call(self._stub(node), pb, max(0.001, deadline - started))
+                    answer = await route.call(
+                        self._stub(node), pb, max(0.001, deadline - started), tracing.metadata(span)
+                    )
+                    outcome = tracing.OK
                 except grpc.aio.AioRpcError as exc:
+                    outcome = _failure_outcome(span, exc)
                     last = self._failed(route, model, node, exc, tried)
                     continue
                 finally:
+                    tracing.finish(span, outcome)
                     self._release(node)
                 took = clock() - started
                 self._stats.answered(node.node_id, took)
@@ -257,16 +267,21 @@ class Router:
         while True:
             node = await self._waited_node(model, route.capability, key, tried, deadline, last)
             started = clock()
-            stream = route.call(self._stub(node), pb, max(0.001, deadline - started))
+            # Ended below, not held current: the stream yields to its caller while the call is open.
+            span = _call_span(route, node, len(tried) + 1)
+            outcome = ErrorCode.CANCELLED.value  # unless it runs to its end or fails
+            stream = route.call(self._stub(node), pb, max(0.001, deadline - started), tracing.metadata(span))
             items = aiter(stream)
             try:
                 try:
                     first = await anext(items)
                 except StopAsyncIteration:
+                    outcome = tracing.OK
                     self._stats.answered(node.node_id, clock() - started)
                     self._service.finished(queue_key, clock() - started)
                     return
                 except grpc.aio.AioRpcError as exc:
+                    outcome = _failure_outcome(span, exc)
                     last = self._failed(route, model, node, exc, tried)
                     continue
                 self._stats.answered(node.node_id, clock() - started)
@@ -277,12 +292,15 @@ class Router:
                         yield from_pb(_stamped(item, node.node_id))
                 except grpc.aio.AioRpcError as exc:
                     failure = classify(exc)
+                    outcome = failure.error.code.value
                     if failure.node_fault:
                         self._stats.faulted(node.node_id)
                     raise failure.error from None
+                outcome = tracing.OK
                 self._service.finished(queue_key, clock() - started)
                 return
             finally:
+                tracing.finish(span, outcome)
                 stream.cancel()  # a no-op once finished; stops the node when the caller left early
                 self._release(node)
 
@@ -338,7 +356,9 @@ class Router:
         """``_next_node``, with the time the request waited for it counted as the model's demand."""
         since = self.demand.wait_started(model.id)
         try:
-            return await self._next_node(model, capability, key, tried, deadline, last)
+            # The choice's span: ``_pick`` says on it which node the policy chose and why.
+            with tracing.span("route", self._route_attributes(model)):
+                return await self._next_node(model, capability, key, tried, deadline, last)
         finally:
             self.demand.wait_ended(model.id, since)
 
@@ -397,6 +417,7 @@ class Router:
                 return self.deployed.ready_in(model.id, self._clock())
 
             queue_key: Key = (model.id, capability)
+            tracing.current_span().set_attribute("llmlb.route.queued", True)
             node = await self._admission.wait(queue_key, deadline, attempt, slots, ready_in)
         self._stats.of(node.node_id).outstanding += 1
         return node
@@ -422,6 +443,9 @@ class Router:
         )
         if choice is None:
             return None
+        span = tracing.current_span()
+        if span.is_recording():
+            self._traced(span, choice, len(candidates), len(exclude), key)
         if key is not None:
             # The node will hold these prefixes once it answers: the next turn finds it before its report.
             self._prefixes.routed(choice.node.node_id, key.model_id, key.prefixes)
@@ -429,10 +453,53 @@ class Router:
             self._metrics.route_outcomes.labels(self._policy.name, choice.outcome).inc()
         return choice.node
 
+    def _route_attributes(self, model: Model) -> dict[str, str] | None:
+        if not tracing.enabled():
+            return None
+        return {"llmlb.model": model.id, "llmlb.route.policy": self._policy.name}
+
+    def _traced(
+        self, span: Span, choice: Choice, candidates: int, excluded: int, key: RouteKey | None
+    ) -> None:
+        """Says on the route's span which node the policy chose, how, and the numbers it weighed."""
+        node_id = choice.node.node_id
+        stats = self._stats.of(node_id)
+        attributes: dict[str, str | int | float | bool] = {
+            "llmlb.route.node": node_id,
+            "llmlb.route.reason": choice.outcome,
+            "llmlb.route.tier": TIER_NAMES.get(choice.node.tier, str(choice.node.tier)),
+            "llmlb.route.candidates": candidates,
+            "llmlb.route.excluded": excluded,
+            "llmlb.route.load": self._stats.load(node_id),
+            "llmlb.route.latency_ms": round(stats.latency_s * 1000, 3),
+        }
+        if key is not None:
+            attributes["llmlb.route.prompt_chars"] = key.chars
+            attributes["llmlb.route.held_chars"] = self._prefixes.held_chars(
+                node_id, key.model_id, key.prefixes
+            )
+        span.set_attributes(attributes)
+
     def _release(self, node: Candidate) -> None:
         self._stats.of(node.node_id).outstanding -= 1
         if self._admission.waiting:
             self._admission.wake(node.node_id)
+
+
+def _call_span(route: Route[Any, Any], node: Candidate, attempt: int) -> Span:
+    """The span of one call to a node (a no-op one while tracing is off); its context goes with the call."""
+    if not tracing.enabled():
+        return INVALID_SPAN
+    return tracing.start(
+        f"node {route.name}",
+        kind=SpanKind.CLIENT,
+        attributes={"llmlb.node": node.node_id, "server.address": node.address, "llmlb.attempt": attempt},
+    )
+
+
+def _failure_outcome(span: Span, exc: grpc.aio.AioRpcError) -> str:
+    """The error code a failed node call's span records (classified only while tracing)."""
+    return classify(exc).error.code.value if span.is_recording() else ""
 
 
 def route_key(model_id: str, request: InferenceRequest) -> RouteKey | None:

@@ -1,8 +1,8 @@
 """The balancer's gRPC ``Inference`` door: protobuf in, the edge and the ``Router``, protobuf out.
 
-Admission and metrics are the edge's (``balancer.edge``), shared with the HTTP door; this servicer only
-converts. The caller's deadline (``balancer.edge.deadline``) travels to the node; a caller that goes away
-cancels the node's work.
+Admission, metrics and the request's span are the edge's (``balancer.edge``), shared with the HTTP door;
+this servicer only converts (and hands the edge the caller's ``traceparent`` metadata). The caller's
+deadline (``balancer.edge.deadline``) travels to the node; a caller that goes away cancels the node's work.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from balancer.edge.deadline import time_left
 from balancer.edge.observe import Observer
 from balancer.router import Router
 from common import inference_pb as conv
+from common import tracing
 from common.inference import InferenceRequest
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
@@ -45,7 +46,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         request: Callable[[], R],
         answer: Callable[[R, float | None], Awaitable[T]],
     ) -> T:
-        call = self._observer.call(DOOR, route)
+        call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
 
         async def admitted() -> T:
             result = await answer(self._observer.admit(call, request()), _time_left(context))
@@ -63,7 +64,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         request: Callable[[], R],
         answer: Callable[[R, float | None], AsyncIterator[T]],
     ) -> AsyncIterator[T]:
-        call = self._observer.call(DOOR, route)
+        call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
 
         async def admitted() -> AsyncIterator[T]:
             async for item in answer(self._observer.admit(call, request()), _time_left(context)):

@@ -2,7 +2,9 @@
 
 The door also keeps the node's request accounting: each call is counted in the node's metrics with
 its outcome, counted as in flight while it runs (a drain waits for those), and refused once the node
-is draining so the balancer tries it elsewhere.
+is draining so the balancer tries it elsewhere. Each call is a span (``common.tracing``), child of the
+``traceparent`` the balancer's node call sent; the pool's spans (waiting for a slot, loading, running
+the runtime) are its children.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc.aio
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from common import inference_pb as conv
+from common import tracing
 from common.errors import ErrorCode, LlmlbError
 from common.inference import Usage
 from common.metrics import NodeMetrics
@@ -32,16 +36,19 @@ TEXT_ROUTES = ("chat", "complete")  # the routes whose prompts may come from a k
 
 @dataclass(slots=True)
 class _Call:
-    """One request on its way through: what its metrics need to know."""
+    """One request on its way through: what its metrics and its span need to know."""
 
     route: str
     metrics: NodeMetrics
     started: float = field(default_factory=time.monotonic)
     model: str = ""  # set once resolved, so unknown names never become label values
     chunks: int = 0
+    span: Span = INVALID_SPAN  # a no-op span while tracing is off
 
     def resolved(self, resolved: ResolvedModel) -> ResolvedModel:
         self.model = resolved.model.id
+        if self.span.is_recording():
+            self.span.set_attribute("llmlb.model", self.model)
         return resolved
 
     def chunk(self, usage: Usage | None = None) -> None:
@@ -53,6 +60,14 @@ class _Call:
 
     def used(self, usage: Usage) -> None:
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
+        if self.span.is_recording():
+            self.span.set_attributes(
+                {
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    "llmlb.cached_tokens": usage.cached_tokens,
+                }
+            )
         if self.route in TEXT_ROUTES:  # say how much of the prompt a kept prefix gave
             cached = min(usage.cached_tokens, usage.prompt_tokens)
             self.metrics.prompt_tokens(self.model, cached, usage.prompt_tokens - cached)
@@ -95,8 +110,8 @@ class InferenceServicer(igrpc.InferenceServicer):
         await self._idle.wait()
 
     @contextmanager
-    def _call(self, route: str) -> Iterator[_Call]:
-        call = _Call(route, self._metrics)
+    def _call(self, route: str, context: Context) -> Iterator[_Call]:
+        call = _Call(route, self._metrics, span=self._span(route, context))
         code = "ok"
         try:
             if self._draining():
@@ -120,51 +135,68 @@ class InferenceServicer(igrpc.InferenceServicer):
             raise
         finally:
             self._metrics.observe(DOOR, route, call.model, code, time.monotonic() - call.started)
+            tracing.finish(call.span, code)
+
+    def _span(self, route: str, context: Context) -> Span:
+        """The call's span, child of the caller's (the balancer's node call) when it sent one."""
+        if not tracing.enabled():
+            return INVALID_SPAN
+        return tracing.start(
+            f"xllm {route}",
+            kind=SpanKind.SERVER,
+            parent=tracing.from_metadata(context.invocation_metadata),
+            attributes={"llmlb.route": route, "llmlb.node": self._node_id()},
+        )
 
     @rpc_errors
     async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        with self._call("chat") as call:
+        with self._call("chat", context) as call:
             chat = conv.chat_request_from_pb(request)
-            resolved = call.resolved(await self._resolve(chat.model))
+            with tracing.current(call.span):
+                resolved = call.resolved(await self._resolve(chat.model))
             node_id = self._node_id()
-            async with aclosing(self._pool.chat(resolved, chat)) as chunks:
+            async with aclosing(tracing.within(call.span, self._pool.chat(resolved, chat))) as chunks:
                 async for chunk in chunks:
                     call.chunk(chunk.usage)
                     yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
 
     @rpc_errors
     async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        with self._call("complete") as call:
+        with self._call("complete", context) as call:
             complete = conv.complete_request_from_pb(request)
-            resolved = call.resolved(await self._resolve(complete.model))
+            with tracing.current(call.span):
+                resolved = call.resolved(await self._resolve(complete.model))
             node_id = self._node_id()
-            async with aclosing(self._pool.complete(resolved, complete)) as chunks:
+            async with aclosing(tracing.within(call.span, self._pool.complete(resolved, complete))) as chunks:
                 async for chunk in chunks:
                     call.chunk(chunk.usage)
                     yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
 
     @rpc_errors
     async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
-        with self._call("embed") as call:
+        with self._call("embed", context) as call:
             embed = conv.embed_request_from_pb(request)
-            response = await self._pool.embed(call.resolved(await self._resolve(embed.model)), embed)
+            with tracing.current(call.span):
+                response = await self._pool.embed(call.resolved(await self._resolve(embed.model)), embed)
             call.used(response.usage)
             return conv.embed_response_to_pb(replace(response, node_id=self._node_id()))
 
     @rpc_errors
     async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
-        with self._call("transcribe") as call:
+        with self._call("transcribe", context) as call:
             transcribe = conv.transcribe_request_from_pb(request)
-            resolved = call.resolved(await self._resolve(transcribe.model))
-            transcript = await self._pool.transcribe(resolved, transcribe)
+            with tracing.current(call.span):
+                resolved = call.resolved(await self._resolve(transcribe.model))
+                transcript = await self._pool.transcribe(resolved, transcribe)
             return conv.transcript_to_pb(replace(transcript, node_id=self._node_id()))
 
     @rpc_errors
     async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
-        with self._call("speak") as call:
+        with self._call("speak", context) as call:
             speak = conv.speak_request_from_pb(request)
-            resolved = call.resolved(await self._resolve(speak.model))
-            async with aclosing(self._pool.speak(resolved, speak)) as chunks:
+            with tracing.current(call.span):
+                resolved = call.resolved(await self._resolve(speak.model))
+            async with aclosing(tracing.within(call.span, self._pool.speak(resolved, speak))) as chunks:
                 async for chunk in chunks:
                     call.chunk()
                     yield conv.audio_chunk_to_pb(chunk)
@@ -173,8 +205,9 @@ class InferenceServicer(igrpc.InferenceServicer):
     async def GenerateImage(
         self, request: ipb.GenerateImageRequest, context: Context
     ) -> ipb.GenerateImageResponse:
-        with self._call("image") as call:
+        with self._call("image", context) as call:
             generate = conv.image_request_from_pb(request)
-            resolved = call.resolved(await self._resolve(generate.model))
-            response = await self._pool.generate_images(resolved, generate)
+            with tracing.current(call.span):
+                resolved = call.resolved(await self._resolve(generate.model))
+                response = await self._pool.generate_images(resolved, generate)
             return conv.image_response_to_pb(replace(response, node_id=self._node_id()))
