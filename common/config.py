@@ -465,7 +465,9 @@ class NodeConfig:
     http_limits: HttpLimits = DEFAULT_HTTP_LIMITS  # the bulk and metrics ports'
     # Largest request the gRPC port takes, as the balancer's LLMLB_MAX_BODY_MB: the uploads it forwards.
     max_body_mb: int = 64
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # On SIGTERM, how long in-flight requests may take to finish: under the 30 s Kubernetes waits by
+    # default before it kills (terminationGracePeriodSeconds), so the kill never lands mid-drain.
+    drain_timeout_s: float = 25.0
     # The most memory the node offers and loads models into (MB); 0: 90 % of GPU memory, else 75 % of RAM.
     memory_budget_mb: int = 0
     labels: tuple[tuple[str, str], ...] = ()  # the operator's key=value labels, sent at registration
@@ -589,7 +591,7 @@ def load_node_config(
         metrics_listen=s.get(metrics_listen, ("XLLM_METRICS_LISTEN",), "", parse_optional_listen),
         http_limits=load_http_limits(s, ("XLLM_", "LLMLB_")),
         max_body_mb=s.get(None, ("XLLM_MAX_BODY_MB", "LLMLB_MAX_BODY_MB"), 64, parse_count),
-        drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 30.0, parse_positive),
+        drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 25.0, parse_positive),
         memory_budget_mb=s.get(memory_budget_mb, ("XLLM_MEMORY_BUDGET_MB",), 0, parse_count_or_zero),
         labels=parse_labels(labels) if labels else s.get(None, ("XLLM_LABELS",), (), parse_labels),
     )

@@ -223,3 +223,14 @@ def test_the_autoscaler_settings_come_from_the_environment_with_documented_defau
     ) == (0.5, 2, 1.0, 3.0, 30.0)
     with pytest.raises(ValueError):
         load_balancer_config(home=tmp_path, env={"LLMLB_SCALE_DOWN_IDLE": "0"})
+
+
+def test_a_nodes_drain_ends_before_kubernetes_default_grace_period_kills_it(tmp_path: Path) -> None:
+    kubernetes_grace_s = 30.0  # terminationGracePeriodSeconds when a pod does not set it
+    cfg = load_node_config(env={"LLMLB_HOME": str(tmp_path)})
+    assert cfg.drain_timeout_s == 25.0
+    assert cfg.drain_timeout_s + 5.0 <= kubernetes_grace_s  # room to close ports and exit after it
+    assert (
+        load_node_config(env={"LLMLB_HOME": str(tmp_path), "XLLM_DRAIN_TIMEOUT": "100"}).drain_timeout_s
+        == 100
+    )
