@@ -46,6 +46,7 @@ SERVICE_NAMES = (
 IO_THREADS = 4
 # Every state ``xllm_models`` reports, zero included, so a dashboard's series never vanish.
 MODEL_STATES = tuple(s for s in ModelState if s is not ModelState.ABSENT)
+MIB = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -248,6 +249,14 @@ def node_gauges(
         "xllm_prefix_cache_bytes": (
             "Bytes of computed prompt prefixes a loaded model keeps (XLLM_PREFIX_CACHE_MB), by model.",
             {(model,): float(n) for model, n in models.prefix_cache_bytes().items()},
+        ),
+        "xllm_memory_budget_bytes": (
+            "The memory the node offers and loads models into (XLLM_MEMORY_BUDGET_MB).",
+            {(): float(models.budget_mb * MIB)},
+        ),
+        "xllm_model_memory_bytes": (
+            "Memory each loaded or loading model holds against the budget (the node's estimate), by model.",
+            {(model,): float(mb * MIB) for model, mb in models.memory_by_model().items()},
         ),
     }
 
