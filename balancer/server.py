@@ -135,7 +135,11 @@ def _fleet_gauges(
 
 
 async def bootstrap_admin_key(config: BalancerConfig, keys: KeyRing) -> None:
-    """On a store with no keys, makes the first admin key and says which file holds it (mode 0600)."""
+    """Stores ``LLMLB_ADMIN_KEY`` when set (and then writes no key file); else, on a store with no keys,
+    makes the first admin key and says which file holds it (mode 0600)."""
+    if config.admin_key is not None:
+        await keys.seed_admin(config.admin_key)
+        return
     secret = await keys.bootstrap(config.admin_key_file)
     if secret is not None:  # shown by where it is, never itself: stderr ends up in logs
         print(

@@ -7,6 +7,7 @@ CLIs and the README list the same names.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,9 @@ class BalancerConfig:
     bulk_listen: str = "127.0.0.1:0"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
+    # LLMLB_ADMIN_KEY: an admin key's secret the operator chose, stored at start if the store lacks it
+    # (automated deployments: no generated admin-key file to read back). A Secret: printed masked.
+    admin_key: Secret | None = None
     # Tokens the store does not hold: how many are remembered and for how long (apart from real
     # keys, which they can never push out), and how many never-seen tokens one client address may
     # have looked up in the store a second (as many at once); past that they are refused unread.
@@ -266,6 +270,23 @@ class BalancerConfig:
 
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
+
+
+# What an operator-chosen admin key looks like: the prefix of the keys the balancer mints, then at least
+# 32 URL-safe characters (``llmlb-`` and ``openssl rand -hex 32``, or ``secrets.token_urlsafe(32)``).
+ADMIN_KEY_FORMAT = re.compile(r"llmlb-[A-Za-z0-9_-]{32,256}")
+
+
+def parse_admin_key(value: str | None) -> Secret | None:
+    """``LLMLB_ADMIN_KEY`` checked; the error never repeats the value, which is a secret."""
+    if value is None:
+        return None
+    if not ADMIN_KEY_FORMAT.fullmatch(value):
+        raise ValueError(
+            "LLMLB_ADMIN_KEY is malformed: expected 'llmlb-' then 32 to 256 letters, digits, '-' or '_'"
+            " (e.g. llmlb-$(openssl rand -hex 32))"
+        )
+    return Secret(value)
 
 
 # The names of ``balancer.router.policy.POLICIES`` (a test keeps the two alike): checked here so a bad
@@ -342,6 +363,7 @@ def load_balancer_config(
             parse_optional_listen,
         ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
+        admin_key=parse_admin_key(s.raw("LLMLB_ADMIN_KEY")),
         unknown_key_cache=s.get(None, ("LLMLB_UNKNOWN_KEY_CACHE",), 10_000, parse_count),
         unknown_key_ttl_s=s.get(None, ("LLMLB_UNKNOWN_KEY_TTL",), 30.0, parse_positive),
         unknown_key_rate=s.get(None, ("LLMLB_UNKNOWN_KEY_RATE",), 5.0, parse_positive),

@@ -28,6 +28,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              127.0.0.1:8080; "off" disables it)
   LLMLB_AUTH                 require API keys: on or off (default on); the first start writes an admin
                              key to $LLMLB_HOME/admin-key (mode 0600)
+  LLMLB_ADMIN_KEY            an admin key's secret to store at start unless stored already ('llmlb-'
+                             then 32 or more of A-Z a-z 0-9 - _); set, no admin-key file is written
   LLMLB_UNKNOWN_KEY_CACHE    tokens the store does not hold that are remembered, apart from real keys
                              (default 10000)
   LLMLB_UNKNOWN_KEY_TTL      seconds such a token is answered 401 from memory (default 30)

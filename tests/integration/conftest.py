@@ -185,8 +185,11 @@ class BalancerProcess:
             )
         with sync_channel(self.address, tls=self.tls) as health_channel:
             wait_serving("balancer", health_channel, self.proc, timeout, self.log)
-        key_file = self.home / "admin-key"  # absent when the balancer runs with LLMLB_AUTH=off
-        self.admin_key = key_file.read_text().strip() if key_file.exists() else ""
+        # Absent when the balancer runs with LLMLB_AUTH=off, or is given its admin key (LLMLB_ADMIN_KEY).
+        key_file = self.home / "admin-key"
+        self.admin_key = (
+            key_file.read_text().strip() if key_file.exists() else self.env.get("LLMLB_ADMIN_KEY", "")
+        )
         self.channel = sync_channel(self.address, self.admin_key, self.tls)
         _STARTED[self.address] = self
 

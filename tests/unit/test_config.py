@@ -234,3 +234,19 @@ def test_a_nodes_drain_ends_before_kubernetes_default_grace_period_kills_it(tmp_
         load_node_config(env={"LLMLB_HOME": str(tmp_path), "XLLM_DRAIN_TIMEOUT": "100"}).drain_timeout_s
         == 100
     )
+
+
+def test_the_admin_key_setting_is_held_as_a_secret_and_a_malformed_one_is_refused_unshown(
+    tmp_path: Path,
+) -> None:
+    good = "llmlb-" + "a1B2_-" * 6
+    cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_ADMIN_KEY": good})
+    assert cfg.admin_key == Secret(good)
+    assert good not in repr(cfg)
+    assert load_balancer_config(env={"LLMLB_HOME": str(tmp_path)}).admin_key is None
+    for bad in ("hunter2-not-a-key", "llmlb-short", "llmlb-" + "x" * 31, "llmlb-" + "é" * 40, " " + good):
+        with pytest.raises(ValueError) as info:
+            load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_ADMIN_KEY": bad})
+        message = str(info.value)
+        assert message.startswith("LLMLB_ADMIN_KEY is malformed") and "\n" not in message
+        assert bad.strip() not in message
