@@ -213,7 +213,7 @@ async def start(config: BalancerConfig) -> Balancer:
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, (parts.usage, parts.history))), server
+        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks)), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

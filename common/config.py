@@ -205,6 +205,8 @@ class BalancerConfig:
     replica_timeout_ms: int = 10_000
     log_format: str = "console"
     log_level: str = "info"
+    # One line per request at the edge, both doors (``balancer.edge.access_log``), at level info.
+    access_log: bool = False
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
     # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
@@ -354,6 +356,7 @@ def load_balancer_config(
         replica_timeout_ms=s.get(None, ("LLMLB_REPLICA_TIMEOUT_MS",), 10_000, int),
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
+        access_log=s.get(None, ("LLMLB_ACCESS_LOG",), False, parse_bool),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
         # Beside the gRPC port; off under TLS, since the bulk path is plain HTTP.
         bulk_listen=s.get(

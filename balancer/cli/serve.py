@@ -70,6 +70,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_MAX_CONNECTIONS      open connections per HTTP port; more are closed at once (default 1024)
   LLMLB_LOG_FORMAT           console or json (default console)
   LLMLB_LOG_LEVEL            debug, info, warning or error (default info)
+  LLMLB_ACCESS_LOG           on: one "access" log line per request on both doors (method, route,
+                             model, key id, status, duration, tokens, node), at level info (default off)
   LLMLB_STOP_GRACE           on SIGTERM, seconds calls in flight may take to finish (default 25)
   LLMLB_USAGE_FLUSH          seconds between batched writes of usage per key and model (default 5)
   LLMLB_SCHEDULE_INTERVAL    seconds between the scheduler's passes over the deployments (default 1)

@@ -46,6 +46,7 @@ class Call:
     route: str
     model: str = ""  # the admitted (normal) model id; cleared before counting if the catalogue lacks it
     key_id: str = ""  # the caller's API key ("" with auth off)
+    method: str = ""  # what the caller asked for on its door, e.g. "POST /v1/chat/completions" (HTTP)
     sinks: tuple[Sink, ...] = ()
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
@@ -90,9 +91,11 @@ class Observer:
         self._labels = labels
         self._sinks = sinks
 
-    def call(self, door: str, route: str) -> Call:
+    def call(self, door: str, route: str, method: str = "") -> Call:
         """A new call, made by the key the door's access check let in."""
-        return Call(self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks)
+        return Call(
+            self.metrics, self._labels, door, route, key_id=caller_key_id(), method=method, sinks=self._sinks
+        )
 
     def admit(self, call: Call, request: R) -> R:
         """``request`` through admission (``edge.admission.admit``), its model then the call's label.

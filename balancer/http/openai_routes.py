@@ -67,8 +67,8 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 
 def door_observer(parts: BalancerParts) -> Observer:
-    """The HTTP door's observer: metrics, and the usage counter and history the console reads."""
-    return Observer(parts.metrics, parts.labels, (parts.usage, parts.history))
+    """The HTTP door's observer: metrics, and the usage counter, history and access log (``parts.sinks``)."""
+    return Observer(parts.metrics, parts.labels, parts.sinks)
 
 
 def observed(
@@ -78,7 +78,7 @@ def observed(
 
     def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            call = observer.call(DOOR, route)
+            call = observer.call(DOOR, route, f"{request.method} {request.url.path}")
             try:
                 response = await handler(request, call)
             except BaseException as exc:
