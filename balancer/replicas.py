@@ -423,6 +423,13 @@ class Replicas:
                 session.draining = True
                 session.wake.set()
                 await self.reported(subject)
+        elif change is Change.UNDRAIN:
+            session = sessions.get(subject)
+            fleet.set_draining(subject, False)
+            if session is not None:
+                session.draining = False
+                session.wake.set()
+                await self.reported(subject)
         elif change is Change.REMOVE:
             if sessions.get(subject) is not None:
                 self._spawn(self._end_removed(subject))

@@ -60,6 +60,7 @@ class NodeCommands:
     pool: ModelPool
     link: BalancerLink
     draining: bool = False
+    stopping: bool = False  # set on SIGTERM: the drain then lasts until the process ends
 
     async def delete_model(self, model_id: str) -> None:
         """Unloads the model, stops its downloads and deletes the local copy (never the shared dir)."""
@@ -108,6 +109,16 @@ class NodeCommands:
         self.link.beat_now()
         log.info("node.draining", node_id=self.link.node_id)
 
+    async def undrain(self) -> None:
+        """Takes new requests again after a drain command; refused while the node is shutting down."""
+        if self.stopping:
+            raise LlmlbError(ErrorCode.NODE_STOPPING, "the node is shutting down; its drain cannot be undone")
+        if not self.draining:
+            return
+        self.draining = False
+        self.link.beat_now()
+        log.info("node.undrained", node_id=self.link.node_id)
+
 
 @dataclass(slots=True)
 class NodeProcess:
@@ -143,6 +154,7 @@ class NodeProcess:
         Returns whether every request in flight finished in time.
         """
         started = asyncio.get_running_loop().time()
+        self.parts.commands.stopping = True  # before the drain: the balancer must never undo this one
         await self.parts.commands.drain()
         try:
             await asyncio.wait_for(self.inference.wait_idle(), timeout_s)
@@ -290,6 +302,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
+        stopping=lambda: commands.stopping,
         credentials=credentials,
         budget_mb=settings.memory_budget_mb,
         model_memory=models.memory_by_model,
