@@ -196,7 +196,7 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
         if isinstance(msg, Heartbeat):
             fleet.set_load(node_id, msg.load)
             fleet.replace(node_id, [replace(m, node_id=node_id) for m in msg.models])
-            session.stopping = msg.stopping
+            fleet.set_stopping(node_id, msg.stopping)
             fleet.set_draining(node_id, msg.draining or session.draining)
             await parts.replicas.reported(node_id)
         elif isinstance(msg, ModelReported):

@@ -186,8 +186,7 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
     new work again (durable, like a drain). ``node_stopping`` when the node drains because it is shutting
     down: that drain ends with the process. The node, in its state now."""
     node = await known_node(parts, node_id)
-    session = parts.sessions.get(node.id)
-    if session is not None and session.stopping:
+    if parts.fleet.is_stopping(node.id):  # told by the node itself, on whichever replica holds it
         raise LlmlbError(
             ErrorCode.NODE_STOPPING,
             f"node {node.id!r} is shutting down, so its drain cannot be undone; it takes work again once"
@@ -196,6 +195,7 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
     await parts.store.cancel_commands(node.id, CommandKind.DRAIN)
     await queue_command(parts, node.id, CommandKind.UNDRAIN)
     parts.fleet.set_draining(node.id, False)
+    session = parts.sessions.get(node.id)
     if session is not None:
         session.draining = False
     parts.sessions.notify_all()

@@ -30,7 +30,6 @@ class Session:
     ending: bool = False  # the node was removed: send what is queued, then close the stream
     revoked: bool = False  # the key the node registered with was revoked: close the stream now
     draining: bool = False  # told to drain: a heartbeat saying otherwise must not undo it
-    stopping: bool = False  # the node said it is shutting down: its drain cannot be undone
     batched: bool = False  # woken with many others: its next queue read is the one shared read
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
