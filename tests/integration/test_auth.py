@@ -150,6 +150,10 @@ def test_llmlb_admin_key_is_the_admin_key_from_the_first_start_on_and_is_never_w
     assert len(listed) == 1 and not (balancer.home / "admin-key").exists()
     assert '"key.seeded"' in balancer.log() and ADMIN_KEY not in balancer.log()
     assert "created the first admin key" not in balancer.log()
+    # On the balancer's host, with its environment, the CLI sends that key.
+    at = ("--balancer", balancer.address)
+    listed_by_cli = llmlb("keys", "list", *at, home=balancer.home, env={"LLMLB_ADMIN_KEY": ADMIN_KEY})
+    assert listed_by_cli.returncode == 0 and ADMIN_KEY[:12] in listed_by_cli.stdout, listed_by_cli.stderr
 
 
 def test_a_malformed_llmlb_admin_key_stops_the_balancer_with_one_line_that_does_not_repeat_it(
