@@ -31,6 +31,7 @@ from balancer.unknown_keys import LOOKUPS_PER_S, UNKNOWN_CACHE, UNKNOWN_TTL_S, L
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.node_id import check_node_id
 from common.rpc import OpenReads, abort_with, metadata_bearer, refusing_handler
+from common.secret import Secret
 from common.types import ApiKey, Scope
 
 log = structlog.get_logger(__name__)
@@ -39,6 +40,7 @@ SECRET_PREFIX = "llmlb-"
 SHOWN_PREFIX_LENGTH = 12  # "llmlb-" and 6 more characters: enough to tell keys apart in a list
 CACHE_SECONDS = 5.0  # a key revoked by another balancer process stops working within this long
 TOUCH_EVERY_S = 60.0
+SEEDED_ADMIN_NAME = "admin (LLMLB_ADMIN_KEY)"
 
 
 def hash_secret(secret: str) -> str:
@@ -98,6 +100,19 @@ class KeyRing:
                     ErrorCode.INVALID_REQUEST, "only a node key (without admin) is bound to a node id"
                 )
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        stored = await self._add(name, scopes, secret, node_id)
+        await self._changes.publish(Change.KEY, stored.id)
+        log.info(
+            "key.created",
+            key_id=stored.id,
+            name=name,
+            scopes=[s.value for s in stored.scopes],
+            node_id=node_id or None,
+        )
+        return stored, secret
+
+    async def _add(self, name: str, scopes: Sequence[Scope], secret: str, node_id: str = "") -> ApiKey:
+        """Stores a key with ``secret``; raises ValueError when a key with that secret is stored."""
         key = ApiKey(
             id=f"key-{secrets.token_hex(6)}",
             name=name,
@@ -108,15 +123,7 @@ class KeyRing:
         )
         stored = await self._store.add_key(key)
         self._unknown.discard(key.secret_hash)
-        await self._changes.publish(Change.KEY, stored.id)
-        log.info(
-            "key.created",
-            key_id=stored.id,
-            name=name,
-            scopes=[s.value for s in stored.scopes],
-            node_id=node_id or None,
-        )
-        return stored, secret
+        return stored
 
     async def list(self) -> list[ApiKey]:
         return await self._store.list_keys()
@@ -151,6 +158,30 @@ class KeyRing:
         """
         self._cache = {digest: (0.0, key) for digest, (_, key) in self._cache.items()}
         self._unknown.clear()
+
+    async def seed_admin(self, secret: Secret) -> ApiKey | None:
+        """Stores ``secret`` (``LLMLB_ADMIN_KEY``) as an admin key unless a key with it is stored already.
+
+        Idempotent across restarts and across replicas starting at once (the store refuses a second
+        copy of one secret). A key with this secret that was revoked stays revoked: the operator's
+        revocation wins over the setting. Returns the key created, None when none was.
+        """
+        if not self.enabled:
+            return None
+        found = await self._store.find_key(hash_secret(secret.reveal()))
+        if found is None:
+            try:
+                stored = await self._add(SEEDED_ADMIN_NAME, [Scope.ADMIN], secret.reveal())
+            except ValueError:  # another replica stored it in between
+                return None
+            await self._changes.publish(Change.KEY, stored.id)
+            log.info("key.seeded", key_id=stored.id, name=SEEDED_ADMIN_NAME)
+            return stored
+        if found.revoked_at is not None:
+            log.warning("key.seed_revoked", key_id=found.id)
+        elif Scope.ADMIN not in found.scopes:
+            log.warning("key.seed_not_admin", key_id=found.id, scopes=[s.value for s in found.scopes])
+        return None
 
     async def bootstrap(self, path: Path) -> str | None:
         """On a store with no keys, mints the first admin key and writes it to ``path`` (mode 0600).

@@ -16,6 +16,7 @@ class Change(enum.StrEnum):
     KEY = "key"  # subject: key id, created or revoked
     COMMANDS = "commands"  # subject: node id, or empty for every node: commands were queued
     DRAIN = "drain"  # subject: node id, told to drain
+    UNDRAIN = "undrain"  # subject: node id, put back in rotation
     REMOVE = "remove"  # subject: node id, removed by an operator
     NODE = "node"  # subject: node id: its session, state or what it reports changed
     LOAD = "load"  # subject: "<node id> <active> <queued>", a node's reported load (not stored)

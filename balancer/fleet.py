@@ -89,6 +89,7 @@ class Fleet:
         self._online: set[str] = set()
         self._remote: dict[str, str] = {}  # node_id -> the replica holding its session
         self._draining: set[str] = set()
+        self._stopping: set[str] = set()  # draining because they are shutting down: no undrain
         self._info: dict[str, NodeInfo] = {}
         self._models: dict[str, dict[str, ModelOnNode]] = {}  # node_id -> model_id -> state
         self._load: dict[str, NodeLoad] = {}
@@ -134,6 +135,13 @@ class Fleet:
     def is_draining(self, node_id: str) -> bool:
         return node_id in self._draining
 
+    def set_stopping(self, node_id: str, stopping: bool) -> None:
+        """Records whether the node said it is shutting down (its drain then cannot be undone)."""
+        (self._stopping.add if stopping else self._stopping.discard)(node_id)
+
+    def is_stopping(self, node_id: str) -> bool:
+        return node_id in self._stopping
+
     def online(self) -> list[str]:
         """Connected nodes in rotation: online, registered in this process's life, not draining."""
         return sorted(n for n in self._online if n in self._info and n not in self._draining)
@@ -146,6 +154,7 @@ class Fleet:
         """Forgets a node entirely (``llmlb nodes rm``)."""
         self._online.discard(node_id)
         self._draining.discard(node_id)
+        self._stopping.discard(node_id)
         self._remote.pop(node_id, None)
         self._info.pop(node_id, None)
         self._models.pop(node_id, None)
@@ -176,6 +185,7 @@ class Fleet:
     def disconnected(self, node_id: str) -> None:
         self._online.discard(node_id)
         self._draining.discard(node_id)  # a drained node that comes back starts fresh
+        self._stopping.discard(node_id)
         self._remote.pop(node_id, None)
         # A node re-sends its reports after each hello; until then it is not known to hold anything.
         self._forget_prefixes(node_id)
@@ -221,6 +231,7 @@ class Fleet:
         load: NodeLoad,
         draining: bool,
         prefixes: dict[str, frozenset[int]] | None = None,
+        stopping: bool = False,
     ) -> None:
         """The node's session is on ``replica_id``: route to it with what it last reported there."""
         if self._info.get(info.node_id) != info:
@@ -232,6 +243,7 @@ class Fleet:
         self.replace(info.node_id, models)
         self.set_load(info.node_id, load)
         self.set_draining(info.node_id, draining)
+        self.set_stopping(info.node_id, stopping)
         if prefixes is not None:  # the holder's reports replace ours, model by model
             for model_id in set(self._prefixes.get(info.node_id, {})) - set(prefixes):
                 self.set_prefixes(info.node_id, model_id, ())

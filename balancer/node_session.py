@@ -48,6 +48,7 @@ class Heartbeat:
     load: NodeLoad
     models: tuple[ModelOnNode, ...] = ()
     draining: bool = False
+    stopping: bool = False  # shutting down (SIGTERM): the drain cannot be undone
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +196,7 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
         if isinstance(msg, Heartbeat):
             fleet.set_load(node_id, msg.load)
             fleet.replace(node_id, [replace(m, node_id=node_id) for m in msg.models])
+            fleet.set_stopping(node_id, msg.stopping)
             fleet.set_draining(node_id, msg.draining or session.draining)
             await parts.replicas.reported(node_id)
         elif isinstance(msg, ModelReported):

@@ -1,4 +1,4 @@
-"""Node operations: register a node, pull a model onto nodes, drain a node, remove a node.
+"""Node operations: register a node, pull a model onto nodes, drain and undrain a node, remove a node.
 
 Transport-neutral: the gRPC ``Registry`` servicer converts its messages to and from these plain types.
 Commands for nodes are durable: they wait in the store until the node acknowledges them, so a node
@@ -172,12 +172,37 @@ def _mark_draining(parts: BalancerParts, node_id: str) -> bool:
 async def drain_node(parts: BalancerParts, node_id: str) -> Node:
     """Tells the node to finish its work and take none; it leaves rotation at once. The node, draining."""
     node = await known_node(parts, node_id)
+    await parts.store.cancel_commands(node.id, CommandKind.UNDRAIN)  # the last word wins
     await queue_command(parts, node.id, CommandKind.DRAIN)
     online = _mark_draining(parts, node.id)
     parts.sessions.notify_all()
     await parts.replicas.publish(Change.DRAIN, node.id)
     log.info("node.drain_requested", node_id=node.id, online=online)
     return replace(node, state=NodeState.DRAINING)
+
+
+async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
+    """Puts a drained node back in rotation: a drain still queued is dropped and the node is told to take
+    new work again (durable, like a drain). ``node_stopping`` when the node drains because it is shutting
+    down: that drain ends with the process. The node, in its state now."""
+    node = await known_node(parts, node_id)
+    if parts.fleet.is_stopping(node.id):  # told by the node itself, on whichever replica holds it
+        raise LlmlbError(
+            ErrorCode.NODE_STOPPING,
+            f"node {node.id!r} is shutting down, so its drain cannot be undone; it takes work again once"
+            " it is restarted",
+        )
+    await parts.store.cancel_commands(node.id, CommandKind.DRAIN)
+    await queue_command(parts, node.id, CommandKind.UNDRAIN)
+    parts.fleet.set_draining(node.id, False)
+    session = parts.sessions.get(node.id)
+    if session is not None:
+        session.draining = False
+    parts.sessions.notify_all()
+    await parts.replicas.publish(Change.UNDRAIN, node.id)
+    online = parts.fleet.is_online(node.id)
+    log.info("node.undrain_requested", node_id=node.id, online=online)
+    return replace(node, state=NodeState.ONLINE if online else NodeState.OFFLINE)
 
 
 async def remove_node(parts: BalancerParts, node_id: str) -> str:

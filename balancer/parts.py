@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
+from balancer.edge.access_log import AccessLog
 from balancer.edge.labels import Labels
+from balancer.edge.observe import Sink
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
 from balancer.history import History
@@ -44,6 +46,12 @@ class BalancerParts:
     history: History = field(init=False)
     # The names metrics and the history may use as labels: catalogue models and registered nodes.
     labels: Labels = field(init=False)
+
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        """What both doors' observers tell of each finished request: usage, history, the access log."""
+        access = (AccessLog(),) if self.config.access_log else ()
+        return (self.usage, self.history, *access)
 
     @property
     def fleet_token(self) -> str:

@@ -74,6 +74,7 @@ class NodeSnapshot:
     prefixes: dict[str, frozenset[int]] = field(default_factory=dict)  # model id -> reported hashes
     # What the scheduler places by, from the registration (see ``NodeInfo``), for the acting replica.
     placement: NodeInfo | None = None
+    stopping: bool = False  # the node is shutting down: no replica may undo its drain
 
     @classmethod
     def of(cls, fleet: Fleet, node_id: str) -> NodeSnapshot:
@@ -95,6 +96,7 @@ class NodeSnapshot:
                 gpus=info.gpus,
                 memory_total_mb=info.memory_total_mb,
             ),
+            fleet.is_stopping(node_id),
         )
 
     def info(self, node_id: str, address: str) -> NodeInfo:
@@ -118,6 +120,7 @@ class NodeSnapshot:
         """The part routing depends on: a change here is written at once, progress alone is not."""
         return (
             self.draining,
+            self.stopping,
             self.capabilities,
             tuple((m.model_id, m.state, m.pinned) for m in self.models),  # pinned: the scheduler's copies
         )
@@ -130,6 +133,7 @@ class NodeSnapshot:
         body: dict[str, Any] = {
             "capabilities": sorted(c.value for c in self.capabilities),
             "draining": self.draining,
+            **({"stopping": True} if self.stopping else {}),
             "models": [
                 [m.model_id, m.state.value, m.downloaded_bytes, m.total_bytes, m.error] for m in self.models
             ],
@@ -213,6 +217,7 @@ class NodeSnapshot:
             NodeLoad(int(active), int(queued), float(cpu), int(used), int(total_mb), gpus),
             prefixes,
             placement,
+            bool(body.get("stopping", False)),
         )
 
 
@@ -423,6 +428,13 @@ class Replicas:
                 session.draining = True
                 session.wake.set()
                 await self.reported(subject)
+        elif change is Change.UNDRAIN:
+            session = sessions.get(subject)
+            fleet.set_draining(subject, False)
+            if session is not None:
+                session.draining = False
+                session.wake.set()
+                await self.reported(subject)
         elif change is Change.REMOVE:
             if sessions.get(subject) is not None:
                 self._spawn(self._end_removed(subject))
@@ -477,6 +489,7 @@ class Replicas:
                 load=snapshot.load,
                 draining=snapshot.draining,
                 prefixes=snapshot.prefixes,
+                stopping=snapshot.stopping,
             )
         elif fleet.remote_replica(node_id) is not None:
             fleet.disconnected(node_id)

@@ -136,7 +136,11 @@ def _fleet_gauges(
 
 
 async def bootstrap_admin_key(config: BalancerConfig, keys: KeyRing) -> None:
-    """On a store with no keys, makes the first admin key and says which file holds it (mode 0600)."""
+    """Stores ``LLMLB_ADMIN_KEY`` when set (and then writes no key file); else, on a store with no keys,
+    makes the first admin key and says which file holds it (mode 0600)."""
+    if config.admin_key is not None:
+        await keys.seed_admin(config.admin_key)
+        return
     secret = await keys.bootstrap(config.admin_key_file)
     if secret is not None:  # shown by where it is, never itself: stderr ends up in logs
         print(
@@ -213,7 +217,7 @@ async def start(config: BalancerConfig) -> Balancer:
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, (parts.usage, parts.history))), server
+        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks)), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,6 +7,7 @@ CLIs and docs/configuration.md list the same names.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,12 +266,17 @@ class BalancerConfig:
     # The standard OTEL_* variables (``common.tracing``): traces are exported when they name an endpoint.
     # Not in repr: OTEL_EXPORTER_OTLP_HEADERS may carry a collector's credential.
     otel: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # One line per request at the edge, both doors (``balancer.edge.access_log``), at level info.
+    access_log: bool = False
     # The HTTP shim (OpenAI API, /v0 management, /metrics); empty: no HTTP door.
     http_listen: str = "127.0.0.1:8080"
     # The bulk proxy (HTTP range requests, origin bytes passed through): host:port, "" when off.
     bulk_listen: str = f"127.0.0.1:{BALANCER_BULK_PORT}"
     # Keys: when on, every call but health checks needs a bearer key with the right scope.
     auth: bool = True
+    # LLMLB_ADMIN_KEY: an admin key's secret the operator chose, stored at start if the store lacks it
+    # (automated deployments: no generated admin-key file to read back). A Secret: printed masked.
+    admin_key: Secret | None = None
     # Tokens the store does not hold: how many are remembered and for how long (apart from real
     # keys, which they can never push out), and how many never-seen tokens one client address may
     # have looked up in the store a second (as many at once); past that they are refused unread.
@@ -327,6 +333,23 @@ class BalancerConfig:
 
     def origin_allowed(self, origin: str) -> bool:
         return origin_listed(origin, self.allowed_origins)
+
+
+# What an operator-chosen admin key looks like: the prefix of the keys the balancer mints, then at least
+# 32 URL-safe characters (``llmlb-`` and ``openssl rand -hex 32``, or ``secrets.token_urlsafe(32)``).
+ADMIN_KEY_FORMAT = re.compile(r"llmlb-[A-Za-z0-9_-]{32,256}")
+
+
+def parse_admin_key(value: str | None) -> Secret | None:
+    """``LLMLB_ADMIN_KEY`` checked; the error never repeats the value, which is a secret."""
+    if value is None:
+        return None
+    if not ADMIN_KEY_FORMAT.fullmatch(value):
+        raise ValueError(
+            "LLMLB_ADMIN_KEY is malformed: expected 'llmlb-' then 32 to 256 letters, digits, '-' or '_'"
+            " (e.g. llmlb-$(openssl rand -hex 32))"
+        )
+    return Secret(value)
 
 
 # The names of ``balancer.router.policy.POLICIES`` (a test keeps the two alike): checked here so a bad
@@ -395,6 +418,7 @@ def load_balancer_config(
         log_format=fmt,
         log_level=s.get(log_level, ("LLMLB_LOG_LEVEL",), "info", str).lower(),
         otel=load_otel(s),
+        access_log=s.get(None, ("LLMLB_ACCESS_LOG",), False, parse_bool),
         http_listen=s.get(http_listen, ("LLMLB_HTTP_LISTEN",), "127.0.0.1:8080", parse_optional_listen),
         # Beside the gRPC port; off under TLS, since the bulk path is plain HTTP.
         bulk_listen=s.get(
@@ -406,6 +430,7 @@ def load_balancer_config(
             parse_optional_listen,
         ),
         auth=s.get(auth, ("LLMLB_AUTH",), True, parse_bool),
+        admin_key=parse_admin_key(s.raw("LLMLB_ADMIN_KEY")),
         unknown_key_cache=s.get(None, ("LLMLB_UNKNOWN_KEY_CACHE",), 10_000, parse_count),
         unknown_key_ttl_s=s.get(None, ("LLMLB_UNKNOWN_KEY_TTL",), 30.0, parse_positive),
         unknown_key_rate=s.get(None, ("LLMLB_UNKNOWN_KEY_RATE",), 5.0, parse_positive),
@@ -532,7 +557,9 @@ class NodeConfig:
     http_limits: HttpLimits = DEFAULT_HTTP_LIMITS  # the bulk and metrics ports'
     # Largest request the gRPC port takes, as the balancer's LLMLB_MAX_BODY_MB: the uploads it forwards.
     max_body_mb: int = 64
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    # On SIGTERM, how long in-flight requests may take to finish: under the 30 s Kubernetes waits by
+    # default before it kills (terminationGracePeriodSeconds), so the kill never lands mid-drain.
+    drain_timeout_s: float = 25.0
     # The most memory the node offers and loads models into (MB); 0: 90 % of GPU memory, else 75 % of RAM.
     memory_budget_mb: int = 0
     labels: tuple[tuple[str, str], ...] = ()  # the operator's key=value labels, sent at registration
@@ -661,7 +688,7 @@ def load_node_config(
         metrics_listen=s.get(metrics_listen, ("XLLM_METRICS_LISTEN",), "", parse_optional_listen),
         http_limits=load_http_limits(s, ("XLLM_", "LLMLB_")),
         max_body_mb=s.get(None, ("XLLM_MAX_BODY_MB", "LLMLB_MAX_BODY_MB"), 64, parse_count),
-        drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 30.0, parse_positive),
+        drain_timeout_s=s.get(None, ("XLLM_DRAIN_TIMEOUT",), 25.0, parse_positive),
         memory_budget_mb=s.get(memory_budget_mb, ("XLLM_MEMORY_BUDGET_MB",), 0, parse_count_or_zero),
         labels=parse_labels(labels) if labels else s.get(None, ("XLLM_LABELS",), (), parse_labels),
     )

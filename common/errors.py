@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     MODEL_NOT_FOUND = "model_not_found"
     NODE_NOT_FOUND = "node_not_found"
+    NODE_STOPPING = "node_stopping"  # a node shutting down: its drain cannot be undone
     KEY_NOT_FOUND = "key_not_found"
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     ORIGIN_UNAUTHORIZED = "origin_unauthorized"
@@ -52,6 +53,7 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
     ErrorCode.NODE_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
     ErrorCode.KEY_NOT_FOUND: ErrorSpec(404, _S.NOT_FOUND, "invalid_request_error"),
+    ErrorCode.NODE_STOPPING: ErrorSpec(409, _S.FAILED_PRECONDITION, "invalid_request_error"),
     ErrorCode.ORIGIN_NOT_ALLOWED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.ORIGIN_UNAUTHORIZED: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
     ErrorCode.ORIGIN_UNREACHABLE: ErrorSpec(502, _S.UNAVAILABLE, "server_error"),

@@ -1,14 +1,27 @@
 """Prometheus metrics of both processes: one registry per process, names under ``llmlb_`` and ``xllm_``.
 
 Each side gets a small object with the calls its code makes (``observe``, ``first_token``, ``tokens``);
-gauges that describe current state (queue depth, nodes, downloads) are read at scrape time.
+gauges that describe current state (queue depth, nodes, downloads) are read at scrape time. Both
+registries also carry what every Prometheus exporter is expected to: ``process_*`` (CPU, memory, open
+files), ``python_*`` (interpreter, garbage collector) and ``llmlb_build_info{version}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,9 +66,31 @@ class _Gauges(Collector):
             yield family
 
 
+def package_version() -> str:
+    """The installed llmlb's version (its package metadata); ``0+unknown`` when run from a bare tree."""
+    try:
+        return metadata.version("llmlb")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _standard_collectors(registry: CollectorRegistry) -> None:
+    """``process_*``, ``python_*`` and ``llmlb_build_info`` on ``registry``: the conventional series
+    dashboards and alerts expect of any exporter. Fresh collectors: the library's own are bound to its
+    global registry, which neither process serves."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    build = Info(
+        "llmlb_build", "The running llmlb's version (the series' value is always 1).", registry=registry
+    )
+    build.info({"version": package_version()})
+
+
 class _Metrics:
     def __init__(self, prefix: str) -> None:
         self.registry = CollectorRegistry()
+        _standard_collectors(self.registry)
         self.requests = Counter(
             f"{prefix}_requests_total",
             "Requests answered, by door, route, model and outcome code ('ok' or an error code).",
@@ -63,8 +98,16 @@ class _Metrics:
             registry=self.registry,
         )
         self.latency = Histogram(
-            f"{prefix}_request_seconds",
+            f"{prefix}_request_duration_seconds",
             "Time from receiving a request to its last byte, by door and route.",
+            ["door", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # The name before the Prometheus convention (``*_duration_seconds``): kept for one release.
+        self.latency_old = Histogram(
+            f"{prefix}_request_seconds",
+            f"Deprecated, removed in the next release: the same as {prefix}_request_duration_seconds.",
             ["door", "route"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -87,6 +130,7 @@ class _Metrics:
         """Counts one finished request and its latency; ``code`` is ``ok`` or an ``ErrorCode`` value."""
         self.requests.labels(door, route, model, code).inc()
         self.latency.labels(door, route).observe(seconds)
+        self.latency_old.labels(door, route).observe(seconds)
 
     def first_token(self, route: str, seconds: float) -> None:
         self.ttft.labels(route).observe(seconds)
@@ -184,7 +228,7 @@ class BalancerMetrics(_Metrics):
 
 class NodeMetrics(_Metrics):
     """``xllm_*``: requests, latency, time to first token, tokens (prompt ones cached or computed), queue,
-    loaded models, prefix cache bytes, downloads."""
+    loaded models, prefix cache bytes, memory (the budget and each model's share), downloads."""
 
     def __init__(
         self, state: Callable[[], Mapping[str, tuple[str, Mapping[tuple[str, ...], float]]]]
@@ -216,6 +260,8 @@ class NodeMetrics(_Metrics):
                     "xllm_queue_depth": (),
                     "xllm_active_requests": (),
                     "xllm_prefix_cache_bytes": ("model",),
+                    "xllm_memory_budget_bytes": (),
+                    "xllm_model_memory_bytes": ("model",),
                 },
             )
         )

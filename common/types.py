@@ -148,6 +148,7 @@ class CommandKind(enum.StrEnum):
     DELETE_MODEL = "delete_model"
     PREFETCH = "prefetch"
     DRAIN = "drain"  # model_id is empty
+    UNDRAIN = "undrain"  # take new work again; model_id is empty
     PIN = "pin"  # fetch, load and keep loaded: a copy the scheduler placed
     UNLOAD = "unload"  # unload and unpin; the files stay
 

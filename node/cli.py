@@ -53,7 +53,8 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
                                LLMLB_KEEPALIVE_TIMEOUT; default 5)
   XLLM_MAX_CONNECTIONS         open connections per port; more are closed at once (then
                                LLMLB_MAX_CONNECTIONS; default 1024)
-  XLLM_DRAIN_TIMEOUT           seconds in-flight requests may take to finish after SIGTERM (default 30)
+  XLLM_DRAIN_TIMEOUT           seconds in-flight requests may take to finish after SIGTERM (default 25,
+                               under Kubernetes' 30 s terminationGracePeriodSeconds)
   XLLM_MEMORY_BUDGET_MB        the most memory (MB) the node offers and loads models into; the balancer
                                places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
   XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)

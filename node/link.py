@@ -7,7 +7,7 @@ over the session), then a
 ``model_state`` message whenever a model changes (download progress included), a ``prefixes`` report
 whenever the prompt prefixes a loaded model keeps computed change (and every model's report at the
 start of each session, since a new session knows none), and commands from the balancer (delete,
-prefetch, drain), each acknowledged once carried out.
+prefetch, drain, undrain), each acknowledged once carried out.
 
 The node may know several balancer addresses (replicas sharing one store, so any of them takes it).
 When a session that was up breaks, the link registers with the next address at once, so the node is
@@ -74,6 +74,8 @@ class CommandHandler(Protocol):
 
     async def drain(self) -> None: ...
 
+    async def undrain(self) -> None: ...
+
     async def unload(self, model_id: str) -> None: ...
 
 
@@ -132,6 +134,7 @@ class BalancerLink:
         load: Callable[[], Load] = Load,
         runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
         draining: Callable[[], bool] = lambda: False,
+        stopping: Callable[[], bool] = lambda: False,
         credentials: NodeCredentials | None = None,
         budget_mb: int = 0,
         model_memory: Callable[[], Mapping[str, int]] = dict,
@@ -151,6 +154,7 @@ class BalancerLink:
         self._load = load
         self._runtime_states = runtime_states
         self._draining = draining
+        self._stopping = stopping  # shutting down: the drain cannot be undone
         # Shared with the node's server door: each registration hands it the fleet token.
         self.credentials = credentials if credentials is not None else NodeCredentials(config.auth_token)
         self._api_key = config.api_key
@@ -391,6 +395,7 @@ class BalancerLink:
                 ),
                 models=models,
                 draining=self._draining(),
+                stopping=self._stopping(),
             )
         )
 
@@ -458,6 +463,8 @@ class BalancerLink:
                 await handler.prefetch(command.prefetch.model_id)
             elif kind == "drain":
                 await handler.drain()
+            elif kind == "undrain":
+                await handler.undrain()
             elif kind == "unload":
                 await handler.unload(command.unload.model_id)
             else:

@@ -47,6 +47,7 @@ SERVICE_NAMES = (
 IO_THREADS = 4
 # Every state ``xllm_models`` reports, zero included, so a dashboard's series never vanish.
 MODEL_STATES = tuple(s for s in ModelState if s is not ModelState.ABSENT)
+MIB = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class NodeCommands:
     pool: ModelPool
     link: BalancerLink
     draining: bool = False
+    stopping: bool = False  # set on SIGTERM: the drain then lasts until the process ends
 
     async def delete_model(self, model_id: str) -> None:
         """Unloads the model, stops its downloads and deletes the local copy (never the shared dir)."""
@@ -108,6 +110,16 @@ class NodeCommands:
         self.link.beat_now()
         log.info("node.draining", node_id=self.link.node_id)
 
+    async def undrain(self) -> None:
+        """Takes new requests again after a drain command; refused while the node is shutting down."""
+        if self.stopping:
+            raise LlmlbError(ErrorCode.NODE_STOPPING, "the node is shutting down; its drain cannot be undone")
+        if not self.draining:
+            return
+        self.draining = False
+        self.link.beat_now()
+        log.info("node.undrained", node_id=self.link.node_id)
+
 
 @dataclass(slots=True)
 class NodeProcess:
@@ -143,6 +155,7 @@ class NodeProcess:
         Returns whether every request in flight finished in time.
         """
         started = asyncio.get_running_loop().time()
+        self.parts.commands.stopping = True  # before the drain: the balancer must never undo this one
         await self.parts.commands.drain()
         try:
             await asyncio.wait_for(self.inference.wait_idle(), timeout_s)
@@ -250,6 +263,14 @@ def node_gauges(
             "Bytes of computed prompt prefixes a loaded model keeps (XLLM_PREFIX_CACHE_MB), by model.",
             {(model,): float(n) for model, n in models.prefix_cache_bytes().items()},
         ),
+        "xllm_memory_budget_bytes": (
+            "The memory the node offers and loads models into (XLLM_MEMORY_BUDGET_MB).",
+            {(): float(models.budget_mb * MIB)},
+        ),
+        "xllm_model_memory_bytes": (
+            "Memory each loaded or loading model holds against the budget (the node's estimate), by model.",
+            {(model,): float(mb * MIB) for model, mb in models.memory_by_model().items()},
+        ),
     }
 
 
@@ -282,6 +303,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,
+        stopping=lambda: commands.stopping,
         credentials=credentials,
         budget_mb=settings.memory_budget_mb,
         model_memory=models.memory_by_model,

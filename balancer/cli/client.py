@@ -31,7 +31,8 @@ CLIENT_ENV_HELP = """\
 environment of the client commands (flags win; $LLMLB_HOME/.env is read after the environment):
   LLMLB_ADDR                 balancer gRPC address, or several comma-separated (replicas): each command
                              uses the first that answers (default 127.0.0.1:50051)
-  LLMLB_API_KEY              API key to send; unset: the contents of $LLMLB_HOME/admin-key when readable
+  LLMLB_API_KEY              API key to send; unset: LLMLB_ADMIN_KEY, else the contents of
+                             $LLMLB_HOME/admin-key when readable
   LLMLB_HOME                 where admin-key is looked for (default ~/.llmlb)
   LLMLB_TLS_CA               CA certificate of the balancer: set, the CLI dials it with TLS
   LLMLB_TLS_CLIENT_CERT / LLMLB_TLS_CLIENT_KEY   client certificate and key, for mTLS
@@ -109,7 +110,9 @@ def client_settings(
         raise ValueError(f"{where}={address!r}: {exc}") from None
     return ClientSettings(
         address=address,
-        api_key=api_key or s.raw("LLMLB_API_KEY") or read_admin_key(llmlb_home(s.env)),
+        api_key=api_key
+        or s.raw("LLMLB_API_KEY", "LLMLB_ADMIN_KEY")  # the balancer's own admin key, on its host
+        or read_admin_key(llmlb_home(s.env)),
         tls_ca=ca,
         tls_cert=s.get(None, ("LLMLB_TLS_CLIENT_CERT",), None, Path) if ca else None,
         tls_key=s.get(None, ("LLMLB_TLS_CLIENT_KEY",), None, Path) if ca else None,

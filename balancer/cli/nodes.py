@@ -1,4 +1,4 @@
-"""``llmlb nodes list|drain|rm``: the fleet."""
+"""``llmlb nodes list|drain|undrain|rm``: the fleet."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def add_parsers(nodes: Any) -> None:
     add_client_parser(nodes, "list", "list nodes with their state, load and models", run)
     add_client_parser(
         nodes, "drain", "stop sending a node new work; it finishes what is in flight", run
+    ).add_argument("node_id")
+    add_client_parser(
+        nodes, "undrain", "put a drained node back in rotation: it takes new work again", run
     ).add_argument("node_id")
     add_client_parser(
         nodes, "rm", "forget a node (a running node is drained and disconnected)", run
@@ -57,6 +60,12 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
             print_json(as_dict(node))
         else:
             print(f"node {node.id} is draining: it finishes what is in flight and gets no new work")
+    elif args.action == "undrain":
+        node = await stub.UndrainNode(rpb.UndrainNodeRequest(node_id=args.node_id), timeout=t)
+        if args.json:
+            print_json(as_dict(node))
+        else:
+            print(f"node {node.id} takes new work again")
     elif args.action == "rm":
         gone = await stub.RemoveNode(rpb.RemoveNodeRequest(node_id=args.node_id), timeout=t)
         if args.json:

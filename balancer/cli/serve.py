@@ -31,6 +31,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_BULK_LISTEN          host:port of the bulk proxy instead, or "off" (default off under TLS)
   LLMLB_AUTH                 require API keys: on or off (default on); the first start writes an admin
                              key to $LLMLB_HOME/admin-key (mode 0600)
+  LLMLB_ADMIN_KEY            an admin key's secret to store at start unless stored already ('llmlb-'
+                             then 32 or more of A-Z a-z 0-9 - _); set, no admin-key file is written
   LLMLB_UNKNOWN_KEY_CACHE    tokens the store does not hold that are remembered, apart from real keys
                              (default 10000)
   LLMLB_UNKNOWN_KEY_TTL      seconds such a token is answered 401 from memory (default 30)
@@ -71,6 +73,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_MAX_CONNECTIONS      open connections per HTTP port; more are closed at once (default 1024)
   LLMLB_LOG_FORMAT           console or json (default console)
   LLMLB_LOG_LEVEL            debug, info, warning or error (default info)
+  LLMLB_ACCESS_LOG           on: one "access" log line per request on both doors (method, route,
+                             model, key id, status, duration, tokens, node), at level info (default off)
   LLMLB_STOP_GRACE           on SIGTERM, seconds calls in flight may take to finish (default 25)
   LLMLB_USAGE_FLUSH          seconds between batched writes of usage per key and model (default 5)
   LLMLB_SCHEDULE_INTERVAL    seconds between the scheduler's passes over the deployments (default 1)

@@ -50,6 +50,7 @@ GRPC_ACCESS: dict[str, Access] = {
     f"{_REGISTRY}GetFleetToken": NODE,
     f"{_REGISTRY}ListNodes": READ,
     f"{_REGISTRY}DrainNode": ADMIN,
+    f"{_REGISTRY}UndrainNode": ADMIN,
     f"{_REGISTRY}RemoveNode": ADMIN,
     # API keys.
     f"{_REGISTRY}CreateKey": ADMIN,
@@ -108,6 +109,7 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/deployments"): API,
     ("GET", "/v0/events"): API,
     ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
+    ("POST", "/v0/nodes/{node_id}/undrain"): ADMIN,
     ("DELETE", "/v0/nodes/{node_id}"): ADMIN,
     # Fleet-wide request metrics: operators only.
     ("GET", "/v0/history"): ADMIN,

@@ -53,6 +53,7 @@ class Call:
     route: str
     model: str = ""  # the admitted (normal) model id; cleared before counting if the catalogue lacks it
     key_id: str = ""  # the caller's API key ("" with auth off)
+    method: str = ""  # what the caller asked for on its door, e.g. "POST /v1/chat/completions" (HTTP)
     sinks: tuple[Sink, ...] = ()
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
@@ -113,9 +114,10 @@ class Observer:
         self._labels = labels
         self._sinks = sinks
 
-    def call(self, door: str, route: str, parent: Context | None = None) -> Call:
+    def call(self, door: str, route: str, parent: Context | None = None, method: str = "") -> Call:
         """A new call, made by the key the door's access check let in; ``parent`` is the trace context
-        the caller sent (``tracing.from_headers`` / ``from_metadata``)."""
+        the caller sent (``tracing.from_headers`` / ``from_metadata``); ``method`` names the HTTP request
+        for the access log."""
         span: Span = INVALID_SPAN
         if tracing.enabled():
             span = tracing.start(
@@ -125,7 +127,14 @@ class Observer:
                 attributes={"llmlb.door": door, "llmlb.route": route},
             )
         return Call(
-            self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks, span=span
+            self.metrics,
+            self._labels,
+            door,
+            route,
+            key_id=caller_key_id(),
+            method=method,
+            sinks=self._sinks,
+            span=span,
         )
 
     def admit(self, call: Call, request: R) -> R:

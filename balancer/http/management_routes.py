@@ -1,5 +1,5 @@
 """The ``/v0`` management API: register, inspect and pull models, read manifests and statuses, list,
-drain and remove nodes, and read this replica's short history of request metrics."""
+drain, undrain and remove nodes, and read this replica's short history of request metrics."""
 
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
         node = await nodes.drain_node(parts, request.path_params["node_id"])
         return answer({"id": node.id, "state": node.state.value})
 
+    async def undrain_node(request: Request) -> Response:
+        node = await nodes.undrain_node(parts, request.path_params["node_id"])
+        return answer({"id": node.id, "state": node.state.value})
+
     async def remove_node(request: Request) -> Response:
         return answer({"id": await nodes.remove_node(parts, request.path_params["node_id"]), "removed": True})
 
@@ -109,6 +113,7 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
         Route("/v0/models/{model_id:path}/pull", pull_model, methods=["POST"]),
         Route("/v0/nodes", list_nodes, methods=["GET"]),
         Route("/v0/nodes/{node_id}/drain", drain_node, methods=["POST"]),
+        Route("/v0/nodes/{node_id}/undrain", undrain_node, methods=["POST"]),
         Route("/v0/nodes/{node_id}", remove_node, methods=["DELETE"]),
         Route("/v0/history", history, methods=["GET"]),
     ]

@@ -68,8 +68,8 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 
 def door_observer(parts: BalancerParts) -> Observer:
-    """The HTTP door's observer: metrics, and the usage counter and history the console reads."""
-    return Observer(parts.metrics, parts.labels, (parts.usage, parts.history))
+    """The HTTP door's observer: metrics, and the usage counter, history and access log (``parts.sinks``)."""
+    return Observer(parts.metrics, parts.labels, parts.sinks)
 
 
 def observed(
@@ -79,7 +79,12 @@ def observed(
 
     def wrap(handler: Callable[[Request, Call], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            call = observer.call(DOOR, route, tracing.from_headers(request.headers))
+            call = observer.call(
+                DOOR,
+                route,
+                tracing.from_headers(request.headers),
+                method=f"{request.method} {request.url.path}",
+            )
             try:
                 with tracing.current(call.span):
                     response = await handler(request, call)

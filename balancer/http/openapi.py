@@ -337,6 +337,7 @@ _ERROR_TEXT = {
     401: "no, unknown or revoked API key",
     403: "the key lacks the scope, or the origin is not allowed",
     404: "model (or node) not found, or the model lacks the capability",
+    409: "the node is shutting down: its drain cannot be undone",
     413: "request body over the size limit",
     429: "queue full, or the expected wait exceeds the request's time (X-Request-Timeout); see Retry-After",
     502: "the model origin failed",
@@ -514,6 +515,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Management",
         ok=_json("NodeDrained"),
         errors=(*_READ, 503),
+        path_params=("node_id",),
+    ),
+    ("POST", "/v0/nodes/{node_id}/undrain"): Operation(
+        "Undrain a node: it takes new requests again (not a node shutting down: 409)",
+        "Management",
+        ok=_json("NodeDrained"),
+        errors=(*_READ, 409, 503),
         path_params=("node_id",),
     ),
     ("DELETE", "/v0/nodes/{node_id}"): Operation(

@@ -71,7 +71,10 @@ def _node_message_from_pb(msg: rpb.NodeMessage) -> node_session.NodeMessage:
     if kind == "heartbeat":
         beat = msg.heartbeat
         return node_session.Heartbeat(
-            _load_from_pb(beat.load), tuple(map(_model_on_node_from_pb, beat.models)), beat.draining
+            _load_from_pb(beat.load),
+            tuple(map(_model_on_node_from_pb, beat.models)),
+            beat.draining,
+            beat.stopping,
         )
     if kind == "model_state":
         return node_session.ModelReported(_model_on_node_from_pb(msg.model_state))
@@ -95,6 +98,8 @@ def _command_to_pb(cmd: NodeCommand) -> rpb.NodeCommand:
         msg.delete_model.model_id = cmd.model_id
     elif cmd.kind is CommandKind.DRAIN:
         msg.drain.SetInParent()
+    elif cmd.kind is CommandKind.UNDRAIN:
+        msg.undrain.SetInParent()
     elif cmd.kind is CommandKind.UNLOAD:
         msg.unload.model_id = cmd.model_id
     elif cmd.kind is CommandKind.PIN:
@@ -244,6 +249,10 @@ class RegistryServicer(rgrpc.RegistryServicer):
     @rpc_errors
     async def DrainNode(self, request: rpb.DrainNodeRequest, context: Ctx) -> pb.Node:
         return converters.node_to_pb(await nodes.drain_node(self._parts, request.node_id))
+
+    @rpc_errors
+    async def UndrainNode(self, request: rpb.UndrainNodeRequest, context: Ctx) -> pb.Node:
+        return converters.node_to_pb(await nodes.undrain_node(self._parts, request.node_id))
 
     @rpc_errors
     async def RemoveNode(self, request: rpb.RemoveNodeRequest, context: Ctx) -> rpb.RemoveNodeResponse:

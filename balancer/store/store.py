@@ -411,6 +411,16 @@ class Store:
         async with self._reading() as session:
             return sorted(await session.scalars(select(NodeCommandRow.node_id).distinct()))
 
+    async def cancel_commands(self, node_id: str, kind: CommandKind) -> int:
+        """Drops a node's waiting commands of ``kind`` (a drain undone before it was carried out)."""
+        async with self._writing() as session:
+            removed = await session.execute(
+                delete(NodeCommandRow)
+                .where((NodeCommandRow.node_id == node_id) & (NodeCommandRow.kind == kind.value))
+                .returning(NodeCommandRow.id)
+            )
+            return len(removed.all())
+
     async def ack_command(self, command_id: int) -> bool:
         """Clear a command its node has carried out; False if there is no such pending command."""
         async with self._writing() as session:

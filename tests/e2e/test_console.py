@@ -142,6 +142,15 @@ async def test_an_operator_runs_the_fleet_from_the_console(
     await expect(page.locator("tr[data-node=xllm-1]")).to_contain_text("online")
     await shot(page, "nodes")
 
+    # Drain the echo node, then put it back: it answers the chat further down.
+    echo_row = page.locator("tr[data-node=echo]")
+    await echo_row.get_by_role("button", name="Drain echo").click()
+    await confirm(page)
+    await expect(echo_row).to_contain_text("draining", timeout=WAIT_MS)
+    await echo_row.get_by_role("button", name="Undrain echo").click()
+    await expect(echo_row).to_contain_text("online", timeout=WAIT_MS)
+    await expect(echo_row.get_by_role("button", name="Drain echo")).to_be_enabled()
+
     # Register from the hub, then pull to the real node and follow its download to 100 %.
     await page.get_by_role("link", name="Models").click()
     await page.get_by_label("Repository").fill(REPO)

@@ -155,6 +155,8 @@ class BalancerProcess:
         self.log_path = home / "balancer.log"
         self.admin_key = ""
         self._node_key = ""
+        # host:port of /metrics of the node ``packaged_models_fleet`` starts beside it; empty otherwise.
+        self.node_metrics = ""
 
     @property
     def address(self) -> str:
@@ -183,8 +185,11 @@ class BalancerProcess:
             )
         with sync_channel(self.address, tls=self.tls) as health_channel:
             wait_serving("balancer", health_channel, self.proc, timeout, self.log)
-        key_file = self.home / "admin-key"  # absent when the balancer runs with LLMLB_AUTH=off
-        self.admin_key = key_file.read_text().strip() if key_file.exists() else ""
+        # Absent when the balancer runs with LLMLB_AUTH=off, or is given its admin key (LLMLB_ADMIN_KEY).
+        key_file = self.home / "admin-key"
+        self.admin_key = (
+            key_file.read_text().strip() if key_file.exists() else self.env.get("LLMLB_ADMIN_KEY", "")
+        )
         self.channel = sync_channel(self.address, self.admin_key, self.tls)
         _STARTED[self.address] = self
 
@@ -438,7 +443,8 @@ def pending_commands(balancer: BalancerProcess, node_id: str) -> list[tuple[str,
 
 @contextlib.contextmanager
 def packaged_models_fleet(root: Path) -> Iterator[BalancerProcess]:
-    """A balancer and one node serving the packaged models' dir (``CACHE``), online, for a whole module.
+    """A balancer and one node serving the packaged models' dir (``CACHE``), online, for a whole module;
+    the node's ``/metrics`` is at the balancer's ``node_metrics``.
 
     Module-scoped fixtures outlive the per-test hermetic environment, so this makes its own alike. Ask
     for the model's fixture (``gemma``, ...) first: it lays the packaged files out in ``CACHE``.
@@ -451,7 +457,9 @@ def packaged_models_fleet(root: Path) -> Iterator[BalancerProcess]:
         balancer = BalancerProcess(root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json"})
         balancer.start()
         node_env = {"HF_ENDPOINT": hub.url, "XLLM_LOG_FORMAT": "json", **balancer.node_env()}
-        node = NodeProcess(root / "node", balancer.address, node_env, ["--shared-dir", str(CACHE)])
+        balancer.node_metrics = f"127.0.0.1:{free_port()}"
+        node_args = ["--shared-dir", str(CACHE), "--metrics-listen", balancer.node_metrics]
+        node = NodeProcess(root / "node", balancer.address, node_env, node_args)
         try:
             node.start()
             wait_online(balancer, node)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import grpc
@@ -17,7 +18,7 @@ from common.rpc import error_from_rpc
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
 from tests.fixtures.eventually import consistently, eventually
-from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel
+from tests.integration.conftest import BalancerProcess, NodeProcess, llmlb, sync_channel
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -129,6 +130,41 @@ def test_a_node_needs_a_node_key_to_register(
 
     accepted = online_node(node_factory, balancer, hub)  # the fixture's node-scoped key
     assert [n.id for n in balancer.registry.ListNodes(rpb.ListNodesRequest()).nodes] == [accepted.node_id]
+
+
+# -- the admin key an operator chooses (LLMLB_ADMIN_KEY) -----------------------------------------------
+
+ADMIN_KEY = "llmlb-" + "0123456789abcdef" * 4
+
+
+def test_llmlb_admin_key_is_the_admin_key_from_the_first_start_on_and_is_never_written_or_logged(
+    balancer_factory: Callable[..., BalancerProcess], hub: FakeHub
+) -> None:
+    balancer = balancer_factory(hub, LLMLB_ADMIN_KEY=ADMIN_KEY)
+    assert not (balancer.home / "admin-key").exists()
+    listed = registry_with(balancer, ADMIN_KEY).ListKeys(rpb.ListKeysRequest(), timeout=10).keys
+    assert [(k.prefix, list(k.scopes)) for k in listed] == [(ADMIN_KEY[:12], [pb.SCOPE_ADMIN])]
+
+    balancer.restart()  # the same setting again: nothing new is stored
+    listed = registry_with(balancer, ADMIN_KEY).ListKeys(rpb.ListKeysRequest(), timeout=10).keys
+    assert len(listed) == 1 and not (balancer.home / "admin-key").exists()
+    assert '"key.seeded"' in balancer.log() and ADMIN_KEY not in balancer.log()
+    assert "created the first admin key" not in balancer.log()
+    # On the balancer's host, with its environment, the CLI sends that key.
+    at = ("--balancer", balancer.address)
+    listed_by_cli = llmlb("keys", "list", *at, home=balancer.home, env={"LLMLB_ADMIN_KEY": ADMIN_KEY})
+    assert listed_by_cli.returncode == 0 and ADMIN_KEY[:12] in listed_by_cli.stdout, listed_by_cli.stderr
+
+
+def test_a_malformed_llmlb_admin_key_stops_the_balancer_with_one_line_that_does_not_repeat_it(
+    tmp_path: Path,
+) -> None:
+    bad = "llmlb-too-short-to-be-a-key"
+    done = llmlb("serve", "--grpc-listen", "127.0.0.1:0", home=tmp_path, env={"LLMLB_ADMIN_KEY": bad})
+    assert done.returncode == 2
+    assert done.stderr.startswith("llmlb: configuration error: LLMLB_ADMIN_KEY is malformed")
+    assert done.stderr.count("\n") == 1 and bad not in done.stderr
+    assert not (tmp_path / "llmlb.db").exists()
 
 
 # -- node management -----------------------------------------------------------------------------

@@ -2,21 +2,26 @@
 
 One balancer and one node serve the whole module (started once): answers are short and greedy so the
 file stays quick. The mapping itself (every input item, format and tool shape) is unit-tested in
-``tests/unit/test_http_responses.py``; here the client must parse what a real answer looks like.
+``tests/unit/test_http_responses.py``; here the client must parse what a real answer looks like. The
+Grafana dashboard's queries are checked against this fleet's live ``/metrics`` too, so no second
+fleet starts for them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.model_files import ModelFiles
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import BalancerProcess, packaged_models_fleet
+from tests.fixtures.promql import metric_names
+from tests.integration.conftest import ROOT, BalancerProcess, packaged_models_fleet
 
 pytestmark = pytest.mark.slow
 GEMMA = "gemma-3-270m"
@@ -125,3 +130,39 @@ def test_responses_are_counted_under_their_own_route(door: BalancerProcess) -> N
         return any(row.startswith(line) for row in httpx.get(f"{door.http_url}/metrics").text.splitlines())
 
     eventually(counted, 5, "an ok responses request in the metrics")
+
+
+def live_sample_names(url: str) -> set[str]:
+    """Every sample name a scrape of ``url`` shows (``_bucket``, ``_total`` and the like included)."""
+    families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
+    return {sample.name for family in families for sample in family.samples}
+
+
+def test_every_query_of_the_grafana_dashboard_names_a_metric_the_fleet_serves(door: BalancerProcess) -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "llmlb.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert exprs and all(panel["targets"] for panel in dashboard["panels"])
+    wanted = {name for expr in exprs for name in metric_names(expr)}
+    # The panels the dashboard promises: traffic, latency, first token, tokens, queues, node, processes.
+    for name in (
+        "llmlb_requests_total",
+        "llmlb_request_duration_seconds_bucket",
+        "llmlb_time_to_first_token_seconds_bucket",
+        "llmlb_tokens_total",
+        "llmlb_queue_depth",
+        "xllm_models",
+        "xllm_model_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ):
+        assert name in wanted, name
+
+    # One streamed chat: the first-token and token series exist from then on.
+    stream = client(door).chat.completions.create(
+        model=GEMMA, messages=[{"role": "user", "content": "Hi."}], max_tokens=4, temperature=0.0, stream=True
+    )
+    assert list(stream)
+    served = live_sample_names(f"{door.http_url}/metrics") | live_sample_names(
+        f"http://{door.node_metrics}/metrics"
+    )
+    assert sorted(wanted - served) == []

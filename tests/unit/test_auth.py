@@ -16,6 +16,7 @@ from common import converters
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import bearer
+from common.secret import Secret
 from common.types import ApiKey, Scope
 
 
@@ -137,6 +138,39 @@ async def test_bootstrap_with_auth_off_writes_nothing(tmp_path: Path, store: Sto
     path = tmp_path / "admin-key"
     assert await KeyRing(store, enabled=False).bootstrap(path) is None
     assert not path.exists()
+
+
+SEED = "llmlb-" + "s33d" * 10
+
+
+async def test_a_seeded_admin_key_is_stored_once_across_restarts_and_replicas_starting_at_once(
+    tmp_path: Path, store: Store
+) -> None:
+    replicas = [KeyRing(store) for _ in range(4)]
+    created = await asyncio.gather(*(ring.seed_admin(Secret(SEED)) for ring in replicas))
+    assert len([key for key in created if key is not None]) == 1
+    assert await KeyRing(store).seed_admin(Secret(SEED)) is None  # the next start
+    listed = await KeyRing(store).list()
+    assert [(k.scopes, k.prefix) for k in listed] == [((Scope.ADMIN,), SEED[:12])]
+    ring = KeyRing(store)
+    checked = await ring.check(SEED, Scope.ADMIN)
+    assert checked is not None and checked.id == listed[0].id
+    await ring.settle()
+    # Seeded, the first start mints no other admin key (the balancer then skips bootstrap too).
+    assert await KeyRing(store).bootstrap(tmp_path / "admin-key") is None
+
+
+async def test_a_revoked_seeded_key_stays_revoked_when_the_balancer_starts_again(store: Store) -> None:
+    key = await KeyRing(store).seed_admin(Secret(SEED))
+    assert key is not None
+    await KeyRing(store).revoke(key.id)
+    assert await KeyRing(store).seed_admin(Secret(SEED)) is None
+    assert await refused(KeyRing(store), SEED, Scope.ADMIN) is ErrorCode.UNAUTHORIZED
+
+
+async def test_seeding_with_auth_off_stores_nothing(store: Store) -> None:
+    assert await KeyRing(store, enabled=False).seed_admin(Secret(SEED)) is None
+    assert await store.count_keys() == 0
 
 
 def test_listed_keys_carry_no_secret() -> None:

@@ -223,3 +223,30 @@ def test_the_autoscaler_settings_come_from_the_environment_with_documented_defau
     ) == (0.5, 2, 1.0, 3.0, 30.0)
     with pytest.raises(ValueError):
         load_balancer_config(home=tmp_path, env={"LLMLB_SCALE_DOWN_IDLE": "0"})
+
+
+def test_a_nodes_drain_ends_before_kubernetes_default_grace_period_kills_it(tmp_path: Path) -> None:
+    kubernetes_grace_s = 30.0  # terminationGracePeriodSeconds when a pod does not set it
+    cfg = load_node_config(env={"LLMLB_HOME": str(tmp_path)})
+    assert cfg.drain_timeout_s == 25.0
+    assert cfg.drain_timeout_s + 5.0 <= kubernetes_grace_s  # room to close ports and exit after it
+    assert (
+        load_node_config(env={"LLMLB_HOME": str(tmp_path), "XLLM_DRAIN_TIMEOUT": "100"}).drain_timeout_s
+        == 100
+    )
+
+
+def test_the_admin_key_setting_is_held_as_a_secret_and_a_malformed_one_is_refused_unshown(
+    tmp_path: Path,
+) -> None:
+    good = "llmlb-" + "a1B2_-" * 6
+    cfg = load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_ADMIN_KEY": good})
+    assert cfg.admin_key == Secret(good)
+    assert good not in repr(cfg)
+    assert load_balancer_config(env={"LLMLB_HOME": str(tmp_path)}).admin_key is None
+    for bad in ("hunter2-not-a-key", "llmlb-short", "llmlb-" + "x" * 31, "llmlb-" + "é" * 40, " " + good):
+        with pytest.raises(ValueError) as info:
+            load_balancer_config(env={"LLMLB_HOME": str(tmp_path), "LLMLB_ADMIN_KEY": bad})
+        message = str(info.value)
+        assert message.startswith("LLMLB_ADMIN_KEY is malformed") and "\n" not in message
+        assert bad.strip() not in message

@@ -285,7 +285,12 @@ async def test_both_doors_answer_the_same_error_code(doors: Doors, case: Case) -
 
 
 async def test_made_up_model_names_add_no_metrics_series_on_either_door(doors: Doors) -> None:
-    families = ("llmlb_requests_total", "llmlb_tokens_total", "llmlb_request_seconds")
+    families = (
+        "llmlb_requests_total",
+        "llmlb_tokens_total",
+        "llmlb_request_duration_seconds",
+        "llmlb_request_seconds",
+    )
     # One refusal per door first: it adds the (model="") series every later refusal is counted in.
     for name in ("warm-up-a", "warm-up-b"):
         http_error(await _chat(name)(doors))

@@ -100,9 +100,18 @@ async def test_a_finished_chat_is_counted_with_its_latency_tokens_and_time_to_fi
     assert node.value("xllm_requests_total", **labels) == 1
     assert node.value("xllm_request_seconds_count", door="grpc", route="chat") == 1
     assert node.value("xllm_request_seconds_sum", door="grpc", route="chat") >= 4 * 0.02
+    assert node.value("xllm_request_duration_seconds_count", door="grpc", route="chat") == 1
     assert node.value("xllm_time_to_first_token_seconds_count", route="chat") == 1
     assert node.value("xllm_tokens_total", model="counter", kind="prompt") == 1
     assert node.value("xllm_tokens_total", model="counter", kind="completion") == 4
+
+
+async def test_the_memory_budget_and_each_loaded_models_share_of_it_are_scraped(node: Node) -> None:
+    assert node.value("xllm_memory_budget_bytes") == node.pool.budget_mb * 1024 * 1024 > 0
+    assert node.value("xllm_model_memory_bytes", model="counter") == 0
+    [c async for c in node.stub.Chat(chat(1))]
+    loaded = node.pool.memory_by_model()["counter"]
+    assert node.value("xllm_model_memory_bytes", model="counter") == loaded * 1024 * 1024 > 0
 
 
 async def test_failed_requests_are_counted_by_error_code_and_unknown_models_get_no_label(

@@ -85,6 +85,8 @@ class Handler:
 
     async def drain(self) -> None: ...
 
+    async def undrain(self) -> None: ...
+
 
 @pytest.fixture
 async def balancer() -> AsyncIterator[tuple[Registry, int]]:

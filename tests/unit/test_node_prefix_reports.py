@@ -73,6 +73,8 @@ class NoCommands:
 
     async def drain(self) -> None: ...
 
+    async def undrain(self) -> None: ...
+
 
 @pytest.fixture
 async def wired(tmp_path: Path) -> AsyncIterator[tuple[RecordingRegistry, BalancerLink]]:

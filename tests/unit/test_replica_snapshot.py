@@ -122,3 +122,26 @@ def test_what_the_scheduler_places_by_reads_back_on_another_replica() -> None:
         3000,
     )
     assert info.auth_token == ""  # routed calls present the fleet token: its own is kept where it registered
+
+
+def test_a_node_shutting_down_is_written_at_once_and_every_replica_reads_it_as_shutting_down() -> None:
+    fleet = held_node()
+    draining = NodeSnapshot.of(fleet, "n1")
+    fleet.set_stopping("n1", True)
+    stopping = NodeSnapshot.of(fleet, "n1")
+    assert stopping.routing_key() != draining.routing_key()  # written at once, not with progress
+
+    read = NodeSnapshot.from_json("n1", stopping.to_json())
+    assert read.stopping and not NodeSnapshot.from_json("n1", draining.to_json()).stopping
+    other = Fleet()  # another replica: the node's session is not held there
+    other.attached_elsewhere(
+        read.info("n1", "127.0.0.1:1"),
+        "replica-a",
+        models=list(read.models),
+        load=read.load,
+        draining=read.draining,
+        stopping=read.stopping,
+    )
+    assert other.is_stopping("n1") and other.is_draining("n1")
+    other.disconnected("n1")
+    assert not other.is_stopping("n1")  # a node that comes back is a new process

@@ -163,8 +163,11 @@ async function nodesPage() {
     h("td", { text: n.load ? `${n.load.active_requests} active, ${n.load.queued_requests} queued, CPU ${n.load.cpu_percent.toFixed(0)} %` : "–" }),
     h("td", {}, h("ul", { class: "plain" }, n.models.map((m) => h("li", {}, `${m.model_id} `, stateCell(m.state))))),
     h("td", {},
-      h("button", { type: "button", disabled: n.state !== "online", "aria-label": `Drain ${n.id}`,
-        onclick: async () => { if (await confirmAction(`Drain node ${n.id}? It finishes its work and takes no more.`)) act("Drain", () => api("POST", `/v0/nodes/${encodeURIComponent(n.id)}/drain`)); } }, "Drain"), " ",
+      n.state === "draining"
+        ? h("button", { type: "button", "aria-label": `Undrain ${n.id}`,
+          onclick: () => act("Undrain", () => api("POST", `/v0/nodes/${encodeURIComponent(n.id)}/undrain`)) }, "Undrain")
+        : h("button", { type: "button", disabled: n.state !== "online", "aria-label": `Drain ${n.id}`,
+          onclick: async () => { if (await confirmAction(`Drain node ${n.id}? It finishes its work and takes no more.`)) act("Drain", () => api("POST", `/v0/nodes/${encodeURIComponent(n.id)}/drain`)); } }, "Drain"), " ",
       h("button", { type: "button", class: "danger", "aria-label": `Remove ${n.id}`,
         onclick: async () => { if (await confirmAction(`Remove node ${n.id} from the fleet?`)) act("Remove", () => api("DELETE", `/v0/nodes/${encodeURIComponent(n.id)}`)); } }, "Remove")))));
 }

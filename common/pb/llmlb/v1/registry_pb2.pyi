@@ -561,8 +561,11 @@ class Heartbeat(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    STOPPING_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """the node takes no new work (SIGTERM or a drain command)"""
+    stopping: _builtins.bool
+    """the node is shutting down (SIGTERM): its drain cannot be undone"""
     @_builtins.property
     def load(self) -> _types_pb2.NodeLoad:
         """the node's load now"""
@@ -582,10 +585,11 @@ class Heartbeat(_message.Message):
         models: _abc.Iterable[_types_pb2.ModelNodeStatus] | None = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         draining: _builtins.bool = ...,
+        stopping: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "load", b"load", "models", b"models", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "load", b"load", "models", b"models", "sent_at", b"sent_at", "stopping", b"stopping"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -692,6 +696,7 @@ class NodeCommand(_message.Message):
     PREFETCH_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     UNLOAD_FIELD_NUMBER: _builtins.int
+    UNDRAIN_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """unique and never reused; echoed in CommandAck"""
     @_builtins.property
@@ -710,6 +715,10 @@ class NodeCommand(_message.Message):
     def unload(self) -> Global___UnloadCommand:
         """unload a model and unpin it; its files stay"""
 
+    @_builtins.property
+    def undrain(self) -> Global___UndrainCommand:
+        """take new work again (not while shutting down)"""
+
     def __init__(
         self,
         *,
@@ -718,12 +727,13 @@ class NodeCommand(_message.Message):
         prefetch: Global___PrefetchCommand | None = ...,
         drain: Global___DrainCommand | None = ...,
         unload: Global___UnloadCommand | None = ...,
+        undrain: Global___UndrainCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "unload", b"unload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "undrain", b"undrain", "unload", b"unload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_id", b"command_id", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "unload", b"unload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_id", b"command_id", "delete_model", b"delete_model", "drain", b"drain", "prefetch", b"prefetch", "undrain", b"undrain", "unload", b"unload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delete_model", "prefetch", "drain", "unload"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["delete_model", "prefetch", "drain", "unload", "undrain"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -819,6 +829,23 @@ class DrainCommand(_message.Message):
 Global___DrainCommand: _TypeAlias = DrainCommand  # noqa: Y015
 
 @_typing.final
+class UndrainCommand(_message.Message):
+    """Take new work again after a DrainCommand. A node shutting down refuses it (ok false)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainCommand: _TypeAlias = UndrainCommand  # noqa: Y015
+
+@_typing.final
 class ListNodesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -874,6 +901,26 @@ class DrainNodeRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class UndrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """the node to put back in rotation"""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndrainNodeRequest: _TypeAlias = UndrainNodeRequest  # noqa: Y015
 
 @_typing.final
 class RemoveNodeRequest(_message.Message):

@@ -90,6 +90,11 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_types__pb2.Node.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/llmlb.v1.Registry/UndrainNode',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_types__pb2.Node.FromString,
+                _registered_method=True)
         self.RemoveNode = channel.unary_unary(
                 '/llmlb.v1.Registry/RemoveNode',
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.RemoveNodeRequest.SerializeToString,
@@ -228,6 +233,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndrainNode(self, request, context):
+        """Puts a drained node back in rotation: it takes new work again. Durable like a drain. NOT_FOUND
+        when unknown; FAILED_PRECONDITION (node_stopping) when the node drains because it is shutting down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RemoveNode(self, request, context):
         """Forgets a node: its registration and queued commands. A node still connected is told to drain
         and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
@@ -351,6 +364,11 @@ def add_RegistryServicer_to_server(servicer, server):
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_types__pb2.Node.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.UndrainNodeRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_types__pb2.Node.SerializeToString,
             ),
             'RemoveNode': grpc.unary_unary_rpc_method_handler(
@@ -695,6 +713,33 @@ class Registry:
             target,
             '/llmlb.v1.Registry/DrainNode',
             llmlb_dot_v1_dot_registry__pb2.DrainNodeRequest.SerializeToString,
+            llmlb_dot_v1_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/UndrainNode',
+            llmlb_dot_v1_dot_registry__pb2.UndrainNodeRequest.SerializeToString,
             llmlb_dot_v1_dot_types__pb2.Node.FromString,
             options,
             channel_credentials,

@@ -71,6 +71,10 @@ class RegistryStub:
     """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
     an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
     """
+    UndrainNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UndrainNodeRequest, _types_pb2.Node]
+    """Puts a drained node back in rotation: it takes new work again. Durable like a drain. NOT_FOUND
+    when unknown; FAILED_PRECONDITION (node_stopping) when the node drains because it is shutting down.
+    """
     RemoveNode: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RemoveNodeRequest, _registry_pb2.RemoveNodeResponse]
     """Forgets a node: its registration and queued commands. A node still connected is told to drain
     and its session is closed; it registers again if it is restarted. NOT_FOUND when unknown.
@@ -138,6 +142,10 @@ class RegistryAsyncStub(RegistryStub):
     DrainNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
     """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
     an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+    """
+    UndrainNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.UndrainNodeRequest, _types_pb2.Node]  # type: ignore[assignment]
+    """Puts a drained node back in rotation: it takes new work again. Durable like a drain. NOT_FOUND
+    when unknown; FAILED_PRECONDITION (node_stopping) when the node drains because it is shutting down.
     """
     RemoveNode: _aio.UnaryUnaryMultiCallable[_registry_pb2.RemoveNodeRequest, _registry_pb2.RemoveNodeResponse]  # type: ignore[assignment]
     """Forgets a node: its registration and queued commands. A node still connected is told to drain
@@ -269,6 +277,16 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_types_pb2.Node, _abc.Awaitable[_types_pb2.Node]]:
         """Takes a node out of rotation: it finishes what is in flight and is sent no new work. Durable:
         an offline node is told when it reconnects. NOT_FOUND (node_not_found) when unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def UndrainNode(
+        self,
+        request: _registry_pb2.UndrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Node, _abc.Awaitable[_types_pb2.Node]]:
+        """Puts a drained node back in rotation: it takes new work again. Durable like a drain. NOT_FOUND
+        when unknown; FAILED_PRECONDITION (node_stopping) when the node drains because it is shutting down.
         """
 
     @_abc_1.abstractmethod
