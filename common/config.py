@@ -281,6 +281,12 @@ def parse_routing(value: str) -> str:
     return name
 
 
+def home_catalog(home: Path) -> Path | None:
+    """``$LLMLB_HOME/supported_models.json`` when an operator placed one there."""
+    path = home / "supported_models.json"
+    return path if path.is_file() else None
+
+
 WORKER_ENV = "LLMLB_WORKER"  # set by ``llmlb serve --workers N`` on each worker it starts (its index)
 
 
@@ -322,7 +328,8 @@ def load_balancer_config(
             database_url, ("LLMLB_DATABASE_URL",), f"sqlite+aiosqlite:///{home / 'llmlb.db'}", str
         ),
         database_pool_size=s.get(None, ("LLMLB_DATABASE_POOL_SIZE",), 5, parse_count),
-        catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), None, Path),
+        # No --catalog nor LLMLB_CATALOG: $LLMLB_HOME/supported_models.json if there, else the packaged one.
+        catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), home_catalog(home), Path),
         hf_endpoint=endpoint,
         hf_token=secret_or_none(s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
         allowed_origins=origins,

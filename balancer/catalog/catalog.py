@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 import structlog
@@ -138,11 +138,64 @@ class Catalog:
         return len(nodes)
 
     async def seed(self, catalog: list[Model]) -> list[str]:
-        inserted = await self._store.seed_catalog(catalog)
+        """Seeds the catalogue; an entry whose files lack a sha256 is pinned at its origin first.
+
+        Such an entry's sizes are only hints (published sizes are often rounded): the origin's exact
+        size and sha256 replace them, and the commit is pinned. An origin that cannot be reached
+        leaves the entry as written; the next start pins it then.
+        """
+        stored = {m.id: m for m in await self._store.list_models()}
+        ready: list[Model] = []
+        repinned: list[Model] = []
+        for model in catalog:
+            have = stored.get(model.id)
+            if not _needs_pin(model) or (have is not None and not _needs_pin(have)):
+                ready.append(model)
+                continue
+            try:
+                pinned = await self._pin_entry(model)
+            except LlmlbError as exc:
+                log.warning("catalog.pin_failed", model_id=model.id, repo_id=model.repo_id, error=exc.message)
+                ready.append(model)
+                continue
+            ready.append(pinned)
+            if have is not None and have.from_catalog:
+                repinned.append(pinned)  # seeded unpinned by an earlier start
+        inserted = await self._store.seed_catalog(ready)
+        for model in repinned:
+            await self._store.upsert_model(model)
+            await self._changes.publish(Change.MODEL, model.id)
         if inserted:
             log.info("catalog.seeded", models=inserted)
         await self.load()
         return inserted
+
+    async def _pin_entry(self, model: Model) -> Model:
+        origin = self._origin.check_allowed(model.origin or self._origin.default)
+        pinned = await self._origin.pin(origin, model.repo_id, model.revision)
+        pinned = await self._origin.hash_missing(pinned, {f.filename for f in model.files})
+        by_name = {f.filename: f for f in pinned.files}
+        files = []
+        for f in model.files:
+            remote = by_name.get(f.filename)
+            if remote is None:
+                where = f"{model.repo_id}@{pinned.revision[:12]}"
+                raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"file {f.filename!r} not found in {where}")
+            if f.sha256:
+                files.append(f)  # the catalogue's own digest is the truth
+                continue
+            if remote.size_bytes != f.size_bytes:
+                log.info(
+                    "catalog.size_pinned",
+                    model_id=model.id,
+                    filename=f.filename,
+                    published_bytes=f.size_bytes,
+                    bytes=remote.size_bytes,
+                    difference=remote.size_bytes - f.size_bytes,
+                )
+            files.append(replace(f, size_bytes=remote.size_bytes, sha256=remote.sha256))
+        log.info("catalog.pinned", model_id=model.id, repo_id=model.repo_id, revision=pinned.revision)
+        return replace(model, origin=origin, revision=pinned.revision, files=files)
 
 
 def _check_repo_id(repo_id: str) -> str:
@@ -196,6 +249,11 @@ def _select_files(pinned: PinnedRepo, filename: str) -> list[RemoteFile]:
     if not any(classify(f.filename) in _RUNNABLE for f in chosen):
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{where} holds no model file a runtime can load")
     return sorted(chosen, key=lambda f: f.filename)
+
+
+def _needs_pin(model: Model) -> bool:
+    """A catalogue entry with a file lacking its sha256 (its size is a hint) and a repo to pin it at."""
+    return model.source is ModelSource.HF and bool(model.repo_id) and any(not f.sha256 for f in model.files)
 
 
 def _estimate_vram_mb(files: list[ManifestFile]) -> int:
