@@ -32,6 +32,7 @@ from node.pieces import held_bytes
 log = structlog.get_logger(__name__)
 
 META_DIR = ".llmlb"
+LOCKS_DIR = ".locks"  # <models_dir>/.locks/<model-id>/<file>.lock: never inside a model's own folder
 PARTIAL_SUFFIX = ".partial"
 HASH_CHUNK = 1024 * 1024
 
@@ -164,6 +165,10 @@ class Storage:
 
     def model_dir(self, model_id: str) -> Path:
         """The model's folder; ``invalid_model_id`` for a bad id, before any file is touched."""
+        if normalize_model_id(model_id).split("/", 1)[0] in (META_DIR, LOCKS_DIR):
+            raise LlmlbError(
+                ErrorCode.INVALID_MODEL_ID, f"model id {model_id[:80]!r} names a reserved folder"
+            )
         return model_dir(self.root, model_id)
 
     def file_path(self, model_id: str, filename: str) -> Path:
@@ -181,7 +186,9 @@ class Storage:
         return self._under(folder, filename + ".json")
 
     def lock_path(self, model_id: str, filename: str) -> Path:
-        return self._under(self.meta_dir(model_id) / "locks", filename + ".lock")
+        """The ``flock`` file of one download; kept after it (removing a lock another process holds
+        open would let a third take a second lock on a new file)."""
+        return self._under(model_dir(self.root / LOCKS_DIR, model_id), filename + ".lock")
 
     @staticmethod
     def _under(base: Path, filename: str) -> Path:
@@ -225,6 +232,8 @@ class Storage:
             return
         for meta in self.root.rglob(f"{META_DIR}/manifest.json"):
             folder = meta.parent.parent
+            if folder == self.root or folder.relative_to(self.root).parts[0].startswith("."):
+                continue  # bookkeeping (.llmlb, .locks), never a model
             try:
                 yield normalize_model_id(folder.relative_to(self.root).as_posix()), folder
             except LlmlbError:
