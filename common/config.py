@@ -415,6 +415,13 @@ def parse_positive(value: str) -> float:
     return number
 
 
+def parse_seconds_or_zero(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a number of seconds, 0 or more")
+    return number
+
+
 def parse_count(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -460,6 +467,8 @@ class NodeConfig:
     # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
     bulk_listen: str = "127.0.0.1:0"
     shared_dir_timeout_s: float = 2.0
+    # Seconds between looks for model folders placed by hand (node/local_models.py); 0: at start only.
+    local_scan_interval_s: float = 5.0
     auth_token: Secret = field(default_factory=Secret)
     log_format: str = "console"
     log_level: str = "info"
@@ -586,6 +595,7 @@ def load_node_config(
             parse_optional_listen,
         ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
+        local_scan_interval_s=s.get(None, ("XLLM_LOCAL_SCAN_INTERVAL",), 5.0, parse_seconds_or_zero),
         auth_token=Secret(s.get(None, ("XLLM_AUTH_TOKEN",), "", str)),
         log_format=fmt,
         log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),

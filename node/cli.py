@@ -23,6 +23,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   LLM_MODELS_DIR               older name of XLLM_MODELS_DIR, still honoured
   XLLM_SHARED_DIR              shared (NFS) models dir used in place, never copied: <dir>/<model-id>/<file>
   XLLM_SHARED_DIR_TIMEOUT      seconds a shared-dir lookup may take before it is skipped (default 2)
+  XLLM_LOCAL_SCAN_INTERVAL     seconds between looks for model folders placed by hand in the models and
+                               shared dirs, listed by the balancer as local models (default 5; 0: at
+                               start only)
   XLLM_BALANCER                balancer gRPC address host:port, or several comma-separated (replicas
                                sharing one store): the node attaches to one and fails over to the next
                                by itself (then LLMLB_ADDR; default 127.0.0.1:50051)

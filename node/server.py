@@ -28,6 +28,7 @@ from node.bulk_server import BulkServer
 from node.downloader import Downloader
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
+from node.local_models import LocalModels
 from node.metrics_http import MetricsHttpServer
 from node.model_states import ModelReport, ModelStates
 from node.pool import ModelPool, PoolSettings
@@ -204,8 +205,10 @@ class NodeParts:
     models: ModelPool
     commands: NodeCommands
     metrics: NodeMetrics
+    local: LocalModels
 
     async def close(self) -> None:
+        await self.local.stop()
         await self.link.stop()
         await self.models.close()
         await self.hub.close()
@@ -286,13 +289,18 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         model_memory=models.memory_by_model,
         pinned=models.pinned,
     )
-    resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
+    local = LocalModels(storage, config.shared_dir, config.local_scan_interval_s)
+    resolver = Resolver(
+        config, found.backend, storage, downloader, states, link, OriginSource(config, hub), local
+    )
+    local.subscribe(resolver.local_models_changed)
+    local.subscribe(link.local_models_changed)
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
     models.prefix_listener = link  # the balancer hears which prompt prefixes each model keeps
     return NodeParts(
-        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics
+        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics, local
     )
 
 
@@ -360,6 +368,8 @@ async def start(config: NodeConfig) -> NodeProcess:
         bulk_server,
     )
     await resolver.survey()  # the balancer hears at once what this node already holds
+    await parts.local.scan()  # and which models were placed by hand
+    parts.local.start()
     link.start()
     for model_id in storage.unfinished():  # a node killed mid-download resumes on its next start
         node.spawn(resolver.resolve(model_id), f"resume {model_id}")

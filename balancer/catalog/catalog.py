@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
@@ -111,6 +112,49 @@ class Catalog:
             bytes=stored.total_bytes,
         )
         return stored
+
+    async def register_local(self, node_id: str, models: Sequence[Model]) -> list[str]:
+        """Lists the models a node found placed by hand (source ``local``); returns the ids changed.
+
+        A catalogue or registered model of the same id is kept as it is (pinned): the node's folder is
+        not used for it, and the clash is logged. A local model another node reported already is
+        replaced by this report when its files differ (the last report wins). Models a node stops
+        reporting stay listed until deleted.
+        """
+        changed: list[str] = []
+        for reported in models:
+            try:
+                model = _local_model(reported)
+            except LlmlbError as exc:
+                log.warning(
+                    "local_model.refused", node_id=node_id, model_id=reported.id[:80], error=exc.message
+                )
+                continue
+            existing = self._models.get(model.id)
+            if existing is not None and existing.source is not ModelSource.LOCAL:
+                log.warning(
+                    "local_model.id_clash",
+                    node_id=node_id,
+                    model_id=model.id,
+                    kept=existing.source.value,
+                    reason="a catalogue or registered model has this id; the hand-placed folder is not used",
+                )
+                continue
+            if existing is not None and (existing.files, existing.capabilities) == (
+                model.files,
+                model.capabilities,
+            ):
+                continue
+            try:
+                stored = await self._store.upsert_model(model)
+            except TooLong as exc:
+                log.warning("local_model.refused", node_id=node_id, model_id=model.id, error=str(exc))
+                continue
+            self._models[model.id] = stored
+            await self._changes.publish(Change.MODEL, model.id)
+            log.info("local_model.listed", node_id=node_id, model_id=model.id, files=len(model.files))
+            changed.append(model.id)
+        return changed
 
     async def get(self, model_id: str) -> Model:
         normal = normalize_model_id(model_id)
@@ -249,6 +293,34 @@ def _select_files(pinned: PinnedRepo, filename: str) -> list[RemoteFile]:
     if not any(classify(f.filename) in _RUNNABLE for f in chosen):
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{where} holds no model file a runtime can load")
     return sorted(chosen, key=lambda f: f.filename)
+
+
+def _local_model(reported: Model) -> Model:
+    """A node's report of a model placed by hand, checked: a good id and file names, source local."""
+    model_id = normalize_model_id(reported.id)
+    files = [
+        ManifestFile(check_filename(f.filename), classify(f.filename), max(0, f.size_bytes), f.sha256.lower())
+        for f in reported.files
+    ]
+    for f in files:
+        if len(f.sha256) != 64 or any(c not in "0123456789abcdef" for c in f.sha256):
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"file {f.filename!r} has no sha256")
+    files = [replace(f, backends=backends_for(f.format)) for f in files]
+    if not any(f.format in _RUNNABLE for f in files):
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST, f"model {model_id!r} holds no model file a runtime can load"
+        )
+    return Model(
+        id=model_id,
+        name=model_id,
+        source=ModelSource.LOCAL,
+        repo_id="",
+        revision="",
+        origin="",
+        files=sorted(files, key=lambda f: f.filename),
+        capabilities=capabilities_for({f.format for f in files}),
+        tags=["local"],
+    )
 
 
 def _needs_pin(model: Model) -> bool:
