@@ -64,7 +64,7 @@ def http(balancer: BalancerProcess) -> httpx.Client:
 
 
 def chat(balancer: BalancerProcess, model: str) -> str:
-    reply = client(balancer).chat.completions.create(model=model, messages=HELLO, max_tokens=6, temperature=0)
+    reply = client(balancer).chat.completions.create(model=model, messages=HELLO, max_tokens=4, temperature=0)
     return reply.choices[0].message.content or ""
 
 
@@ -117,8 +117,8 @@ def test_the_original_catalogue_in_llmlb_home_downloads_once_and_answers_chat_th
 
     hub.set_total_throttle(48 * 1024 * 1024)  # seconds of download: time to ask for its status
     statuses: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(4) as pool, http(balancer) as h:
-        answers = [pool.submit(chat, balancer, "llama-3.2-1b") for _ in range(4)]
+    with ThreadPoolExecutor(3) as pool, http(balancer) as h:
+        answers = [pool.submit(chat, balancer, "llama-3.2-1b") for _ in range(3)]
 
         def downloading() -> bool:
             status = h.get("/v0/models/llama-3.2-1b/status").json()
