@@ -11,7 +11,9 @@ are hashed once per version (size, mtime, inode; remembered in markers under
 Folders the node manages itself are never mistaken for these: a model it fetched carries
 ``.llmlb/manifest.json`` naming a source other than ``local``, downloads in progress hold only
 ``.partial`` files, and dot-folders (``.llmlb``, ``.locks``) are never looked into. The models dir wins
-over the shared dir for one id. The dirs are scanned at start and every ``local_scan_interval_s``;
+over the shared dir for one id. A folder named after a model the balancer holds from the catalogue (or
+a registration) is that model's copy, left to the usual resolution against its pinned manifest: it is
+neither hashed nor reported. The dirs are scanned at start and every ``local_scan_interval_s``;
 the resolver rescans one model's folder before each use, so a file changed on the share is used (hashed
 again, and the model reloaded) by the next request.
 """
@@ -23,7 +25,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +65,18 @@ class _Folder:
 class LocalModels:
     """The models placed by hand on this node; listeners hear the whole list whenever it changes."""
 
-    def __init__(self, storage: Storage, shared_dir: Path | None, interval_s: float) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        shared_dir: Path | None,
+        interval_s: float,
+        pinned: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
         self._storage = storage
+        # Whether the balancer holds the id as a catalogue or registered model: such a folder is a
+        # copy of that model (a shared dir laid out for the catalogue), neither hashed nor reported.
+        self._pinned = pinned
+        self._catalogue_ids: set[str] = set()
         self._roots = [("models", storage.root)] + ([("shared", shared_dir)] if shared_dir else [])
         self._interval_s = interval_s
         self._found: dict[str, LocalModel] = {}
@@ -83,8 +95,8 @@ class LocalModels:
         return self._found.get(model_id)
 
     def start(self) -> None:
-        if self._interval_s > 0:
-            self._task = asyncio.create_task(self._every(), name="local-models")
+        """Scans now and then every ``interval_s`` (0: only now), in the background."""
+        self._task = asyncio.create_task(self._every(), name="local-models")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -94,11 +106,13 @@ class LocalModels:
 
     async def _every(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
             try:
                 await self.scan()
             except Exception as exc:  # a scan that fails is tried again at the next interval
                 log.warning("local_models.scan_failed", error=repr(exc))
+            if self._interval_s <= 0:
+                return
+            await asyncio.sleep(self._interval_s)
 
     async def scan(self) -> bool:
         """Looks at both dirs again; True when the list changed (the listeners were told)."""
@@ -132,6 +146,8 @@ class LocalModels:
         old = self._found.get(folder.model_id)
         if not folder.settled:
             return old  # being copied: keep what was there, look again next time
+        if old is None and await self._is_catalogue_id(folder.model_id):
+            return None
         files = []
         for name in folder.files:
             path = folder.path / name
@@ -156,6 +172,17 @@ class LocalModels:
             capabilities=capabilities_for({f.format for f in files}),
         )
         return LocalModel(model, folder.path, folder.kind)
+
+    async def _is_catalogue_id(self, model_id: str) -> bool:
+        if model_id in self._catalogue_ids:
+            return True
+        if self._pinned is None or not await self._pinned(model_id):
+            return False
+        self._catalogue_ids.add(model_id)
+        log.info(
+            "local_model.catalogue_id", model_id=model_id, reason="the catalogue's model is used, pinned"
+        )
+        return True
 
     def _replace(self, found: dict[str, LocalModel]) -> bool:
         before = {k: (v.model.files, v.folder) for k, v in self._found.items()}

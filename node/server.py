@@ -21,7 +21,7 @@ from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import server_options
-from common.types import Backend, ModelState
+from common.types import Backend, ModelSource, ModelState
 from node import hardware
 from node.blob_sources import OriginSource
 from node.bulk_server import BulkServer
@@ -289,7 +289,14 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         model_memory=models.memory_by_model,
         pinned=models.pinned,
     )
-    local = LocalModels(storage, config.shared_dir, config.local_scan_interval_s)
+
+    async def pinned(model_id: str) -> bool:  # a catalogue id: its folder is that model's copy
+        try:
+            return (await link.get_model(model_id)).source is not ModelSource.LOCAL
+        except LlmlbError:
+            return False  # unknown to the balancer, or no balancer answering: a local model
+
+    local = LocalModels(storage, config.shared_dir, config.local_scan_interval_s, pinned)
     resolver = Resolver(
         config, found.backend, storage, downloader, states, link, OriginSource(config, hub), local
     )
@@ -368,9 +375,8 @@ async def start(config: NodeConfig) -> NodeProcess:
         bulk_server,
     )
     await resolver.survey()  # the balancer hears at once what this node already holds
-    await parts.local.scan()  # and which models were placed by hand
-    parts.local.start()
     link.start()
+    parts.local.start()  # and, once scanned, which models were placed by hand
     for model_id in storage.unfinished():  # a node killed mid-download resumes on its next start
         node.spawn(resolver.resolve(model_id), f"resume {model_id}")
     log.info(

@@ -184,7 +184,7 @@ def test_models_placed_by_hand_are_listed_as_local_served_and_reread_when_they_c
         assert models_now[model_id]["owned_by"] == "local"
     assert models_now["gemma-3-270m"]["owned_by"] == "hugginllam"  # kept: the catalogue's, pinned
     assert not any("bad" in m for m in models_now)
-    assert "local_model.bad_id" in node.log() and "local_model.id_clash" in balancer.log()
+    assert "local_model.bad_id" in node.log() and "local_model.catalogue_id" in node.log()
 
     st = manifest(balancer, "tiny-llama-st")
     formats = {f["filename"]: f["format"] for f in st["files"]}

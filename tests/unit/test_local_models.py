@@ -128,3 +128,26 @@ async def test_a_changed_file_is_hashed_again_when_its_folder_is_refreshed(
     (shared / "m" / "model.gguf").unlink()
     assert await found.refresh("m") is None
     assert found.models() == []
+
+
+async def test_a_folder_named_after_a_catalogue_model_is_that_models_copy_and_not_hashed(
+    tmp_path: Path, io_threads: ThreadPoolExecutor
+) -> None:
+    shared = tmp_path / "shared"
+    place(shared / "gemma-3-270m", {"gemma-3-270m-q4_k_m.gguf": GGUF})
+    place(shared / "mine", {"model.gguf": GGUF})
+    asked: list[str] = []
+
+    async def pinned(model_id: str) -> bool:
+        asked.append(model_id)
+        return model_id == "gemma-3-270m"
+
+    found = LocalModels(Storage(tmp_path / "models", io_threads), shared, 0, pinned)
+    with capture_logs() as events:
+        await found.scan()
+        await found.scan()
+    assert [m.id for m in found.models()] == ["mine"]
+    assert [e["path"] for e in events if e["event"] == "file.hashing"] == [
+        str(shared / "mine" / "model.gguf")
+    ]
+    assert asked == ["gemma-3-270m", "mine"]  # a catalogue id is asked about once; a found model once
