@@ -26,7 +26,7 @@ from balancer.parts import BalancerParts
 from balancer.sessions import Session
 from balancer.store import StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
-from common.types import ApiKey, CommandKind, NodeCommand
+from common.types import ApiKey, CommandKind, Model, NodeCommand
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +67,16 @@ class PrefixesReported:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalModelsReported:
+    """Every model placed by hand on the node (its whole list; see ``Catalog.register_local``).
+
+    Nothing in them is trusted: the catalogue checks every id, file name and source.
+    """
+
+    models: tuple[Model, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CommandAck:
     """The node carried out a command (``ok``) or could not (``error`` says why)."""
 
@@ -97,9 +107,12 @@ class Unrecognised:
     kind: str = ""
 
 
-NodeMessage = Hello | Heartbeat | ModelReported | PrefixesReported | CommandAck | Unrecognised
+NodeMessage = (
+    Hello | Heartbeat | ModelReported | PrefixesReported | LocalModelsReported | CommandAck | Unrecognised
+)
 BalancerMessage = Accepted | Tokens | NodeCommand
 
+MAX_LOCAL_MODELS = 1000  # models placed by hand one node may report; the rest are not read
 _NOT_HELLO = "a node session starts with hello"
 
 
@@ -205,6 +218,8 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
         elif isinstance(msg, PrefixesReported):
             fleet.set_prefixes(node_id, msg.model_id, msg.hashes)
             await parts.replicas.reported(node_id)
+        elif isinstance(msg, LocalModelsReported):
+            await parts.catalog.register_local(node_id, msg.models)
         # Only commands sent to this node on this session can be cleared by it.
         elif isinstance(msg, CommandAck) and msg.command_id in session.sent:
             if msg.ok:

@@ -365,6 +365,12 @@ def parse_routing(value: str) -> str:
     return name
 
 
+def home_catalog(home: Path) -> Path | None:
+    """``$LLMLB_HOME/supported_models.json`` when an operator placed one there."""
+    path = home / "supported_models.json"
+    return path if path.is_file() else None
+
+
 WORKER_ENV = "LLMLB_WORKER"  # set by ``llmlb serve --workers N`` on each worker it starts (its index)
 
 
@@ -406,7 +412,8 @@ def load_balancer_config(
             database_url, ("LLMLB_DATABASE_URL",), f"sqlite+aiosqlite:///{home / 'llmlb.db'}", str
         ),
         database_pool_size=s.get(None, ("LLMLB_DATABASE_POOL_SIZE",), 5, parse_count),
-        catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), None, Path),
+        # No --catalog nor LLMLB_CATALOG: $LLMLB_HOME/supported_models.json if there, else the packaged one.
+        catalog_path=s.get(catalog_path, ("LLMLB_CATALOG",), home_catalog(home), Path),
         hf_endpoint=endpoint,
         hf_token=secret_or_none(s.raw("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
         allowed_origins=origins,
@@ -497,6 +504,13 @@ def parse_positive(value: str) -> float:
     return number
 
 
+def parse_seconds_or_zero(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("expected a number of seconds, 0 or more")
+    return number
+
+
 def parse_count(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -542,6 +556,8 @@ class NodeConfig:
     # The node's bulk (HTTP range) server for peers: host:port, port 0 picks a free one; "" turns it off.
     bulk_listen: str = f"127.0.0.1:{NODE_BULK_PORT}"
     shared_dir_timeout_s: float = 2.0
+    # Seconds between looks for model folders placed by hand (node/local_models.py); 0: at start only.
+    local_scan_interval_s: float = 5.0
     auth_token: Secret = field(default_factory=Secret)
     log_format: str = "console"
     log_level: str = "info"
@@ -677,6 +693,7 @@ def load_node_config(
             parse_optional_listen,
         ),
         shared_dir_timeout_s=s.get(None, ("XLLM_SHARED_DIR_TIMEOUT",), 2.0, parse_positive),
+        local_scan_interval_s=s.get(None, ("XLLM_LOCAL_SCAN_INTERVAL",), 5.0, parse_seconds_or_zero),
         auth_token=Secret(s.get(None, ("XLLM_AUTH_TOKEN",), "", str)),
         log_format=fmt,
         log_level=s.get(log_level, ("XLLM_LOG_LEVEL", "LLMLB_LOG_LEVEL"), "info", str).lower(),

@@ -64,6 +64,34 @@ def capabilities_for(formats: set[FileFormat]) -> list[Capability]:
     return []
 
 
+# Catalogue tags that say what a model is for (the original supported_models.json's vocabulary).
+_TAG_CAPABILITIES: dict[str, tuple[Capability, ...]] = {
+    "chat": (Capability.CHAT, Capability.COMPLETION),
+    "instruct": (Capability.CHAT, Capability.COMPLETION),
+    "completion": (Capability.COMPLETION,),
+    "text-generation": (Capability.COMPLETION,),
+    "embedding": (Capability.EMBEDDING,),
+    "embeddings": (Capability.EMBEDDING,),
+    "transcription": (Capability.TRANSCRIPTION,),
+    "asr": (Capability.TRANSCRIPTION,),
+    "speech": (Capability.SPEECH,),
+    "tts": (Capability.SPEECH,),
+    "image": (Capability.IMAGE,),
+    "text-to-image": (Capability.IMAGE,),
+}
+
+
+def capabilities_from(formats: set[FileFormat], tags: list[str]) -> list[Capability]:
+    """Capabilities of an entry that names none: what its tags say (a chat GGUF also embeds, as
+    llama.cpp does), else what its formats allow (``capabilities_for``)."""
+    said = {c for t in tags for c in _TAG_CAPABILITIES.get(t.strip().lower(), ())}
+    if not said:
+        return capabilities_for(formats)
+    if Capability.CHAT in said and FileFormat.GGUF in formats:
+        said.add(Capability.EMBEDDING)
+    return [c for c in Capability if c in said]
+
+
 def check_filename(filename: str) -> str:
     """A manifest filename must be a relative '/'-path with no '..' or empty segment."""
     path = PurePosixPath(filename)

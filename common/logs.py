@@ -50,6 +50,24 @@ def mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     return event
 
 
+def human_bytes(n: float) -> str:
+    """``876 MB``, ``87.6 MB``, ``1.2 GB``: decimal units, three significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 999.5 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.3g} TB"  # unreachable: the loop returns at TB
+
+
+def readable_progress(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console only: a download's progress also reads as ``Download progress: 10% (87.6 MB / 876 MB)``."""
+    if event.get("event") == "download.progress" and "bytes" in event and event.get("total_bytes"):
+        done, total = event["bytes"], event["total_bytes"]
+        shown = f"Download progress: {event.get('percent', 0)}% ({human_bytes(done)} / {human_bytes(total)})"
+        event["event"] = f"download.progress {shown}"
+    return event
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     """Routes structlog and the standard library's logging to stderr in one format."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -66,6 +84,8 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
+    if fmt != "json":
+        final.append(readable_progress)
     structlog.configure(
         processors=[*shared, *final, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

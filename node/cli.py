@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -21,6 +23,9 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   LLM_MODELS_DIR               older name of XLLM_MODELS_DIR, still honoured
   XLLM_SHARED_DIR              shared (NFS) models dir used in place, never copied: <dir>/<model-id>/<file>
   XLLM_SHARED_DIR_TIMEOUT      seconds a shared-dir lookup may take before it is skipped (default 2)
+  XLLM_LOCAL_SCAN_INTERVAL     seconds between looks for model folders placed by hand in the models and
+                               shared dirs, listed by the balancer as local models (default 5; 0: at
+                               start only)
   XLLM_BALANCER                balancer gRPC address host:port, or several comma-separated (replicas
                                sharing one store): the node attaches to one and fails over to the next
                                by itself (then LLMLB_ADDR; default 127.0.0.1:50051)
@@ -68,82 +73,95 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="xllm",
-        description="llmlb node worker: finds model files, serves them to peers, obeys the balancer.",
-        epilog=ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _node_flags(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
+    """Where the node keeps and finds models and which balancer it uses: every command takes these."""
+    parser.add_argument(
+        "--models-dir", type=Path, default=default, help="model files directory (XLLM_MODELS_DIR)"
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--shared-dir", type=Path, default=default, help="shared models dir, used in place (XLLM_SHARED_DIR)"
+    )
+    parser.add_argument(
+        "--balancer",
+        default=default,
+        help="balancer gRPC address, or several comma-separated (XLLM_BALANCER)",
+    )
+    parser.add_argument("--home", type=Path, default=default, help="state directory (LLMLB_HOME)")
+    return parser
 
-    def node_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--models-dir", type=Path, help="model files directory (XLLM_MODELS_DIR)")
-        parser.add_argument(
-            "--shared-dir", type=Path, help="shared models dir, used in place (XLLM_SHARED_DIR)"
-        )
-        parser.add_argument(
-            "--balancer", help="balancer gRPC address, or several comma-separated (XLLM_BALANCER)"
-        )
-        parser.add_argument("--home", type=Path, help="state directory (LLMLB_HOME)")
-        return parser
 
-    serve = node_flags(
-        sub.add_parser(
-            "serve",
-            help="run the node",
-            epilog=ENV_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-    )
-    serve.add_argument("--grpc-listen", help="host:port for gRPC (XLLM_GRPC_LISTEN)")
-    serve.add_argument("--advertise", help="host:port the balancer and peers dial (XLLM_ADVERTISE)")
-    serve.add_argument("--node-id", help="node id (XLLM_NODE_ID)")
-    serve.add_argument("--backend", choices=["auto", "cuda", "metal", "cpu"], help="(XLLM_BACKEND)")
-    serve.add_argument("--download-via", choices=["origin", "balancer"], help="(XLLM_DOWNLOAD_VIA)")
-    serve.add_argument("--max-downloads", type=int, help="downloads at a time (XLLM_MAX_DOWNLOADS)")
-    serve.add_argument("--download-timeout", type=float, help="seconds per file (XLLM_DOWNLOAD_TIMEOUT)")
-    serve.add_argument(
-        "--download-stall-timeout", type=float, help="seconds without bytes (XLLM_DOWNLOAD_STALL_TIMEOUT)"
-    )
-    serve.add_argument(
-        "--no-peer-fetch",
-        dest="peer_fetch",
-        action="store_false",
-        default=None,
-        help="(XLLM_PEER_FETCH=false)",
-    )
-    serve.add_argument(
-        "--metrics-listen", help="host:port for Prometheus GET /metrics; off: none (XLLM_METRICS_LISTEN)"
-    )
-    serve.add_argument(
-        "--api-key", help="key (scope node) for the balancer; visible in ps, prefer XLLM_API_KEY"
-    )
-    serve.add_argument(
-        "--memory-budget-mb", type=int, help="memory offered and loaded into, MB (XLLM_MEMORY_BUDGET_MB)"
-    )
-    serve.add_argument(
+def _serve_flags(parser: argparse.ArgumentParser, default: Any) -> argparse.ArgumentParser:
+    """How the node serves: ``xllm serve`` takes these, and so does ``xllm`` alone (it serves)."""
+    add = functools.partial(parser.add_argument, default=default)
+    add("--grpc-listen", help="host:port for gRPC (XLLM_GRPC_LISTEN)")
+    add("--advertise", help="host:port the balancer and peers dial (XLLM_ADVERTISE)")
+    add("--node-id", help="node id (XLLM_NODE_ID)")
+    add("--backend", choices=["auto", "cuda", "metal", "cpu"], help="(XLLM_BACKEND)")
+    add("--download-via", choices=["origin", "balancer"], help="(XLLM_DOWNLOAD_VIA)")
+    add("--max-downloads", type=int, help="downloads at a time (XLLM_MAX_DOWNLOADS)")
+    add("--download-timeout", type=float, help="seconds per file (XLLM_DOWNLOAD_TIMEOUT)")
+    add("--download-stall-timeout", type=float, help="seconds without bytes (XLLM_DOWNLOAD_STALL_TIMEOUT)")
+    add("--no-peer-fetch", dest="peer_fetch", action="store_false", help="(XLLM_PEER_FETCH=false)")
+    add("--metrics-listen", help="host:port for Prometheus GET /metrics; off: none (XLLM_METRICS_LISTEN)")
+    add("--api-key", help="key (scope node) for the balancer; visible in ps, prefer XLLM_API_KEY")
+    add("--memory-budget-mb", type=int, help="memory offered and loaded into, MB (XLLM_MEMORY_BUDGET_MB)")
+    add(
         "--label",
         dest="labels",
         action="append",
         metavar="KEY=VALUE",
         help="a node label for deployments' selectors; repeatable, replaces XLLM_LABELS",
     )
-    serve.add_argument("--log-format", choices=["console", "json"], help="(XLLM_LOG_FORMAT)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(XLLM_LOG_LEVEL)")
+    add("--log-format", choices=["console", "json"], help="(XLLM_LOG_FORMAT)")
+    add("--log-level", choices=["debug", "info", "warning", "error"], help="(XLLM_LOG_LEVEL)")
+    return parser
 
-    cfg = node_flags(sub.add_parser("config", help="show the resolved node configuration"))
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xllm",
+        usage="xllm [options] [{serve,config,pull,models} ...]",
+        description="llmlb node worker: finds model files, serves them to peers, obeys the balancer. "
+        "With no command it serves; options before the command apply to it.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # The top level holds every node option (None when absent); a command's own copy of an option
+    # is SUPPRESSed when absent, so ``xllm --models-dir D serve`` keeps D instead of resetting it.
+    _serve_flags(_node_flags(p, None), None)
+    sub = p.add_subparsers(dest="command", metavar="{serve,config,pull,models}")
+    keep = argparse.SUPPRESS
+
+    _serve_flags(
+        _node_flags(
+            sub.add_parser(
+                "serve",
+                help="run the node (the default)",
+                epilog=ENV_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            ),
+            keep,
+        ),
+        keep,
+    )
+
+    cfg = _node_flags(sub.add_parser("config", help="show the resolved node configuration"), keep)
     cfg.add_argument("--json", action="store_true", help="print JSON")
 
-    pull = node_flags(
-        sub.add_parser("pull", help="fetch models into the models dir now (asks the balancer for manifests)")
+    pull = _node_flags(
+        sub.add_parser("pull", help="fetch models into the models dir now (asks the balancer for manifests)"),
+        keep,
     )
     pull.add_argument("model_ids", nargs="+", metavar="MODEL_ID")
-    pull.add_argument("--download-via", choices=["origin", "balancer"], help="(XLLM_DOWNLOAD_VIA)")
-    pull.add_argument("--backend", choices=["auto", "cuda", "metal", "cpu"], help="(XLLM_BACKEND)")
+    pull.add_argument(
+        "--download-via", choices=["origin", "balancer"], default=keep, help="(XLLM_DOWNLOAD_VIA)"
+    )
+    pull.add_argument(
+        "--backend", choices=["auto", "cuda", "metal", "cpu"], default=keep, help="(XLLM_BACKEND)"
+    )
     pull.add_argument("--json", action="store_true", help="print JSON")
 
-    models = node_flags(sub.add_parser("models", help="list the models this node's models dir holds"))
+    models = _node_flags(sub.add_parser("models", help="list the models this node's models dir holds"), keep)
     models.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -196,6 +214,8 @@ def _show_config(config: NodeConfig) -> dict[str, Any]:
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
         shown[name] = value
     return shown
 
@@ -250,6 +270,8 @@ async def _pull(config: NodeConfig, model_ids: list[str]) -> list[dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command is None:
+        args.command = "serve"  # plain ``xllm`` runs the node
     try:
         config = _config(args)
     except ValueError as exc:

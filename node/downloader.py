@@ -244,6 +244,7 @@ class Downloader:
                     filename=file.filename,
                     percent=int(100 * done / file.size_bytes),
                     bytes=done,
+                    total_bytes=file.size_bytes,
                     by_source=dict(by_source),
                 )
                 next_log = _next_decile(done, file.size_bytes)

@@ -185,6 +185,7 @@ class BalancerLink:
         self._prefixes: dict[str, tuple[int, ...]] = {}  # model id -> the hashes last reported to us
         self._prefixes_dirty: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._local_models: list[Model] = []  # the models placed by hand, as last found
         states.subscribe(self._changed)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -339,6 +340,7 @@ class BalancerLink:
         yield self._heartbeat()
         for report in self._prefix_reports(everything=True):  # this session knows no prefixes yet
             yield report
+        yield self._local_report()  # nor which models were placed by hand
         next_beat = time.monotonic() + self._heartbeat_s
         next_push = next_prefix_push = 0.0
         while True:
@@ -434,6 +436,16 @@ class BalancerLink:
             reports = [(m, self._prefixes.get(m, ())) for m in sorted(names)]
         for model_id, hashes in reports:
             yield rpb.NodeMessage(prefixes=rpb.PrefixReport(model_id=model_id, hashes=hashes))
+
+    def local_models_changed(self, models: Sequence[Model]) -> None:
+        """The models placed by hand changed (``node.local_models``): the balancer hears the new list."""
+        self._local_models = list(models)
+        self._outbox.put_nowait(self._local_report())
+        self._wake.set()
+
+    def _local_report(self) -> rpb.NodeMessage:
+        models = [converters.model_to_pb(m) for m in self._local_models]
+        return rpb.NodeMessage(local_models=rpb.LocalModels(models=models))
 
     def _changed(self, state: ModelReport) -> None:
         self._dirty[state.model_id] = state

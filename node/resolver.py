@@ -30,9 +30,10 @@ from common.config import NodeConfig
 from common.errors import ErrorCode, LlmlbError
 from common.formats import check_filename
 from common.model_id import normalize_model_id
-from common.types import Backend, ManifestFile, Model, ModelState
+from common.types import Backend, ManifestFile, Model, ModelSource, ModelState
 from node.blob_sources import BlobSource
 from node.downloader import Downloader, Progress
+from node.local_models import LocalModel, LocalModels
 from node.model_states import ModelStates
 from node.storage import Storage
 
@@ -85,8 +86,11 @@ class Resolver:
         states: ModelStates,
         manifests: ManifestProvider,
         origin: BlobSource,
+        local: LocalModels | None = None,
     ) -> None:
         self._config = config
+        self._local = local  # models placed by hand: resolved from their folders, never fetched
+        self._local_ids: set[str] = set()
         self._backend = backend
         self._storage = storage
         self._downloader = downloader
@@ -131,7 +135,21 @@ class Resolver:
 
     async def resolve(self, model_id: str) -> ResolvedModel:
         """Makes every file the model needs available on this node and says where each one is."""
-        model = await self.manifest(model_id)
+        try:
+            model = await self.manifest(model_id)
+        except LlmlbError as exc:
+            # Placed by hand a moment ago: the balancer has not heard of it yet.
+            if exc.code is ErrorCode.MODEL_NOT_FOUND and self._local is not None:
+                local = await self._local.refresh(normalize_model_id(model_id))
+                if local is not None:
+                    return self._resolved_local(local)
+            raise
+        if model.source is ModelSource.LOCAL and self._local is not None:
+            # Its folder is the truth on this node: looked at again, so a changed file is used now.
+            local = await self._local.refresh(model.id)
+            if local is None:
+                raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model.id!r} is not on this node")
+            return self._resolved_local(local)
         deletes = self._deletes.get(model.id, 0)
         needed = self.needed_files(model)
         paths: dict[str, Path] = {}
@@ -156,6 +174,27 @@ class Resolver:
         if self._states.get(model.id).state not in (ModelState.LOADING, ModelState.READY):
             self._states.set(model.id, ModelState.PRESENT, downloaded=total, total=total)
         return ResolvedModel(model, paths, sources)
+
+    def local_models_changed(self, models: list[Model]) -> None:
+        """Models placed by hand are on disk here: the balancer hears them present (gone: absent)."""
+        for model in models:
+            if self._states.get(model.id).state not in (ModelState.LOADING, ModelState.READY):
+                total = sum(f.size_bytes for f in self.needed_files(model))
+                self._states.set(model.id, ModelState.PRESENT, downloaded=total, total=total)
+        ids = {m.id for m in models}
+        for gone in self._local_ids - ids:
+            self._states.remove(gone)
+        self._local_ids = ids
+
+    def _resolved_local(self, local: LocalModel) -> ResolvedModel:
+        model = local.model
+        needed = self.needed_files(model)
+        paths = {f.filename: local.folder / f.filename for f in needed}
+        where = "local" if local.kind == "models" else "shared"
+        total = sum(f.size_bytes for f in needed)
+        if self._states.get(model.id).state not in (ModelState.LOADING, ModelState.READY):
+            self._states.set(model.id, ModelState.PRESENT, downloaded=total, total=total)
+        return ResolvedModel(model, paths, dict.fromkeys(paths, where))
 
     async def _on_shared_dir(self, model: Model, file: ManifestFile) -> Path | None:
         shared_dir = self._config.shared_dir

@@ -22,13 +22,14 @@ from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import server_options
-from common.types import Backend, ModelState
+from common.types import Backend, ModelSource, ModelState
 from node import hardware
 from node.blob_sources import OriginSource
 from node.bulk_server import BulkServer
 from node.downloader import Downloader
 from node.hardware import Hardware
 from node.link import BalancerLink, Load
+from node.local_models import LocalModels
 from node.metrics_http import MetricsHttpServer
 from node.model_states import ModelReport, ModelStates
 from node.pool import ModelPool, PoolSettings
@@ -218,8 +219,10 @@ class NodeParts:
     models: ModelPool
     commands: NodeCommands
     metrics: NodeMetrics
+    local: LocalModels
 
     async def close(self) -> None:
+        await self.local.stop()
         await self.link.stop()
         await self.models.close()
         await self.hub.close()
@@ -309,13 +312,25 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         model_memory=models.memory_by_model,
         pinned=models.pinned,
     )
-    resolver = Resolver(config, found.backend, storage, downloader, states, link, OriginSource(config, hub))
+
+    async def pinned(model_id: str) -> bool:  # a catalogue id: its folder is that model's copy
+        try:
+            return (await link.get_model(model_id)).source is not ModelSource.LOCAL
+        except LlmlbError:
+            return False  # unknown to the balancer, or no balancer answering: a local model
+
+    local = LocalModels(storage, config.shared_dir, config.local_scan_interval_s, pinned)
+    resolver = Resolver(
+        config, found.backend, storage, downloader, states, link, OriginSource(config, hub), local
+    )
+    local.subscribe(resolver.local_models_changed)
+    local.subscribe(link.local_models_changed)
     downloader.on_progress = resolver.on_progress
     commands = NodeCommands(storage, downloader, resolver, states, models, link)
     link.handler = commands  # the commands need the resolver, which needs the link: bound last
     models.prefix_listener = link  # the balancer hears which prompt prefixes each model keeps
     return NodeParts(
-        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics
+        found, io_threads, storage, states, hub, downloader, link, resolver, models, commands, metrics, local
     )
 
 
@@ -387,6 +402,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     )
     await resolver.survey()  # the balancer hears at once what this node already holds
     link.start()
+    parts.local.start()  # and, once scanned, which models were placed by hand
     for model_id in storage.unfinished():  # a node killed mid-download resumes on its next start
         node.spawn(resolver.resolve(model_id), f"resume {model_id}")
     log.info(

@@ -32,6 +32,7 @@ from node.pieces import held_bytes
 log = structlog.get_logger(__name__)
 
 META_DIR = ".llmlb"
+LOCKS_DIR = ".locks"  # <models_dir>/.locks/<model-id>/<file>.lock: never inside a model's own folder
 PARTIAL_SUFFIX = ".partial"
 HASH_CHUNK = 1024 * 1024
 
@@ -92,13 +93,26 @@ class Verifier:
             return False
         if not file.sha256:
             return True  # the origin published no digest: the size is all there is to check
+        digest, fresh = await self._digest(path, st, marker)
+        if digest != file.sha256 and fresh:  # a known mismatch was logged when it was hashed
+            log.warning("file.sha256_mismatch", path=str(path), expected=file.sha256, actual=digest)
+        return digest == file.sha256
+
+    async def digest(self, path: Path, marker: Path | None = None) -> tuple[int, str]:
+        """The size and sha256 of the file as it is now, hashed once per version (size, mtime, inode)."""
+        st = await asyncio.get_running_loop().run_in_executor(self._io_threads, path.stat)
+        return st.st_size, (await self._digest(path, st, marker))[0]
+
+    async def _digest(self, path: Path, st: os.stat_result, marker: Path | None) -> tuple[str, bool]:
+        """The file's sha256, and whether it was hashed now rather than remembered."""
+        loop = asyncio.get_running_loop()
         known = self._seen.get(path) or (await loop.run_in_executor(self._io_threads, _read_marker, marker))
         if known is not None and (known.size, known.mtime_ns, known.inode) == (
             st.st_size,
             st.st_mtime_ns,
             st.st_ino,
         ):
-            return known.sha256 == file.sha256
+            return known.sha256, False
         key = (path, st.st_size, st.st_mtime_ns)
         hashing = self._hashing.get(key)
         if hashing is None:  # twenty callers asking at once hash the file once
@@ -107,11 +121,8 @@ class Verifier:
             self._hashing[key] = hashing
             hashing.add_done_callback(lambda _: self._hashing.pop(key, None))
         digest = await asyncio.shield(hashing)
-        seen = Fingerprint(st.st_size, st.st_mtime_ns, digest, st.st_ino)
-        self._remember(path, seen, marker)
-        if digest != file.sha256:
-            log.warning("file.sha256_mismatch", path=str(path), expected=file.sha256, actual=digest)
-        return digest == file.sha256
+        self._remember(path, Fingerprint(st.st_size, st.st_mtime_ns, digest, st.st_ino), marker)
+        return digest, True
 
     def record(self, path: Path, sha256: str, marker: Path | None) -> None:
         """Remembers a file whose digest was computed while it was written (a finished download)."""
@@ -164,6 +175,10 @@ class Storage:
 
     def model_dir(self, model_id: str) -> Path:
         """The model's folder; ``invalid_model_id`` for a bad id, before any file is touched."""
+        if normalize_model_id(model_id).split("/", 1)[0] in (META_DIR, LOCKS_DIR):
+            raise LlmlbError(
+                ErrorCode.INVALID_MODEL_ID, f"model id {model_id[:80]!r} names a reserved folder"
+            )
         return model_dir(self.root, model_id)
 
     def file_path(self, model_id: str, filename: str) -> Path:
@@ -175,13 +190,20 @@ class Storage:
     def marker_path(self, model_id: str, filename: str) -> Path:
         return self._under(self.meta_dir(model_id) / "verified", filename + ".json")
 
+    def local_marker_path(self, kind: str, model_id: str, filename: str) -> Path:
+        """Where this node remembers the digest of a file placed by hand (``kind``: models or shared)."""
+        folder = model_dir(self.root / META_DIR / "local-verified" / kind, model_id)
+        return self._under(folder, filename + ".json")
+
     def shared_marker_path(self, model_id: str, filename: str) -> Path:
         """Where this node remembers having verified a shared-dir file (the share itself is read-only)."""
         folder = model_dir(self.root / META_DIR / "shared-verified", model_id)
         return self._under(folder, filename + ".json")
 
     def lock_path(self, model_id: str, filename: str) -> Path:
-        return self._under(self.meta_dir(model_id) / "locks", filename + ".lock")
+        """The ``flock`` file of one download; kept after it (removing a lock another process holds
+        open would let a third take a second lock on a new file)."""
+        return self._under(model_dir(self.root / LOCKS_DIR, model_id), filename + ".lock")
 
     @staticmethod
     def _under(base: Path, filename: str) -> Path:
@@ -225,6 +247,8 @@ class Storage:
             return
         for meta in self.root.rglob(f"{META_DIR}/manifest.json"):
             folder = meta.parent.parent
+            if folder == self.root or folder.relative_to(self.root).parts[0].startswith("."):
+                continue  # bookkeeping (.llmlb, .locks), never a model
             try:
                 yield normalize_model_id(folder.relative_to(self.root).as_posix()), folder
             except LlmlbError:

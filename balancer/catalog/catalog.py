@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 import structlog
@@ -112,6 +113,49 @@ class Catalog:
         )
         return stored
 
+    async def register_local(self, node_id: str, models: Sequence[Model]) -> list[str]:
+        """Lists the models a node found placed by hand (source ``local``); returns the ids changed.
+
+        A catalogue or registered model of the same id is kept as it is (pinned): the node's folder is
+        not used for it, and the clash is logged. A local model another node reported already is
+        replaced by this report when its files differ (the last report wins). Models a node stops
+        reporting stay listed until deleted.
+        """
+        changed: list[str] = []
+        for reported in models:
+            try:
+                model = _local_model(reported)
+            except LlmlbError as exc:
+                log.warning(
+                    "local_model.refused", node_id=node_id, model_id=reported.id[:80], error=exc.message
+                )
+                continue
+            existing = self._models.get(model.id)
+            if existing is not None and existing.source is not ModelSource.LOCAL:
+                log.warning(
+                    "local_model.id_clash",
+                    node_id=node_id,
+                    model_id=model.id,
+                    kept=existing.source.value,
+                    reason="a catalogue or registered model has this id; the hand-placed folder is not used",
+                )
+                continue
+            if existing is not None and (existing.files, existing.capabilities) == (
+                model.files,
+                model.capabilities,
+            ):
+                continue
+            try:
+                stored = await self._store.upsert_model(model)
+            except TooLong as exc:
+                log.warning("local_model.refused", node_id=node_id, model_id=model.id, error=str(exc))
+                continue
+            self._models[model.id] = stored
+            await self._changes.publish(Change.MODEL, model.id)
+            log.info("local_model.listed", node_id=node_id, model_id=model.id, files=len(model.files))
+            changed.append(model.id)
+        return changed
+
     async def get(self, model_id: str) -> Model:
         normal = normalize_model_id(model_id)
         model = self._models.get(normal)
@@ -138,11 +182,64 @@ class Catalog:
         return len(nodes)
 
     async def seed(self, catalog: list[Model]) -> list[str]:
-        inserted = await self._store.seed_catalog(catalog)
+        """Seeds the catalogue; an entry whose files lack a sha256 is pinned at its origin first.
+
+        Such an entry's sizes are only hints (published sizes are often rounded): the origin's exact
+        size and sha256 replace them, and the commit is pinned. An origin that cannot be reached
+        leaves the entry as written; the next start pins it then.
+        """
+        stored = {m.id: m for m in await self._store.list_models()}
+        ready: list[Model] = []
+        repinned: list[Model] = []
+        for model in catalog:
+            have = stored.get(model.id)
+            if not _needs_pin(model) or (have is not None and not _needs_pin(have)):
+                ready.append(model)
+                continue
+            try:
+                pinned = await self._pin_entry(model)
+            except LlmlbError as exc:
+                log.warning("catalog.pin_failed", model_id=model.id, repo_id=model.repo_id, error=exc.message)
+                ready.append(model)
+                continue
+            ready.append(pinned)
+            if have is not None and have.from_catalog:
+                repinned.append(pinned)  # seeded unpinned by an earlier start
+        inserted = await self._store.seed_catalog(ready)
+        for model in repinned:
+            await self._store.upsert_model(model)
+            await self._changes.publish(Change.MODEL, model.id)
         if inserted:
             log.info("catalog.seeded", models=inserted)
         await self.load()
         return inserted
+
+    async def _pin_entry(self, model: Model) -> Model:
+        origin = self._origin.check_allowed(model.origin or self._origin.default)
+        pinned = await self._origin.pin(origin, model.repo_id, model.revision)
+        pinned = await self._origin.hash_missing(pinned, {f.filename for f in model.files})
+        by_name = {f.filename: f for f in pinned.files}
+        files = []
+        for f in model.files:
+            remote = by_name.get(f.filename)
+            if remote is None:
+                where = f"{model.repo_id}@{pinned.revision[:12]}"
+                raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"file {f.filename!r} not found in {where}")
+            if f.sha256:
+                files.append(f)  # the catalogue's own digest is the truth
+                continue
+            if remote.size_bytes != f.size_bytes:
+                log.info(
+                    "catalog.size_pinned",
+                    model_id=model.id,
+                    filename=f.filename,
+                    published_bytes=f.size_bytes,
+                    bytes=remote.size_bytes,
+                    difference=remote.size_bytes - f.size_bytes,
+                )
+            files.append(replace(f, size_bytes=remote.size_bytes, sha256=remote.sha256))
+        log.info("catalog.pinned", model_id=model.id, repo_id=model.repo_id, revision=pinned.revision)
+        return replace(model, origin=origin, revision=pinned.revision, files=files)
 
 
 def _check_repo_id(repo_id: str) -> str:
@@ -196,6 +293,39 @@ def _select_files(pinned: PinnedRepo, filename: str) -> list[RemoteFile]:
     if not any(classify(f.filename) in _RUNNABLE for f in chosen):
         raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{where} holds no model file a runtime can load")
     return sorted(chosen, key=lambda f: f.filename)
+
+
+def _local_model(reported: Model) -> Model:
+    """A node's report of a model placed by hand, checked: a good id and file names, source local."""
+    model_id = normalize_model_id(reported.id)
+    files = [
+        ManifestFile(check_filename(f.filename), classify(f.filename), max(0, f.size_bytes), f.sha256.lower())
+        for f in reported.files
+    ]
+    for f in files:
+        if len(f.sha256) != 64 or any(c not in "0123456789abcdef" for c in f.sha256):
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"file {f.filename!r} has no sha256")
+    files = [replace(f, backends=backends_for(f.format)) for f in files]
+    if not any(f.format in _RUNNABLE for f in files):
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST, f"model {model_id!r} holds no model file a runtime can load"
+        )
+    return Model(
+        id=model_id,
+        name=model_id,
+        source=ModelSource.LOCAL,
+        repo_id="",
+        revision="",
+        origin="",
+        files=sorted(files, key=lambda f: f.filename),
+        capabilities=capabilities_for({f.format for f in files}),
+        tags=["local"],
+    )
+
+
+def _needs_pin(model: Model) -> bool:
+    """A catalogue entry with a file lacking its sha256 (its size is a hint) and a repo to pin it at."""
+    return model.source is ModelSource.HF and bool(model.repo_id) and any(not f.sha256 for f in model.files)
 
 
 def _estimate_vram_mb(files: list[ManifestFile]) -> int:

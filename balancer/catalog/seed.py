@@ -1,8 +1,13 @@
 """The seed catalogue: ``supported_models.json`` read into ``Model`` records.
 
 Format: ``{"models": [{id, name, source, repo_id, artifacts: [{filename, size_bytes, sha256?}],
-required_vram_mb, tags, capabilities, revision?, chat_template?}]}``. Entries are seeded into the store
+required_vram_mb, tags, capabilities?, revision?, chat_template?}]}``. Entries are seeded into the store
 once; a model an operator deleted stays deleted across restarts.
+
+The original format is accepted as written: ``source`` may also be ``hf_gguf``, ``hf_safetensors`` or
+``hf_onnx`` (all Hugging Face repositories); an entry naming no ``capabilities`` gets them from its tags
+and formats (``common.formats.capabilities_from``); a ``size_bytes`` without a ``sha256`` is only a
+hint, which ``Catalog.seed`` replaces by the exact size and sha256 pinned at the origin.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import LlmlbError
-from common.formats import backends_for, check_filename, classify
+from common.formats import backends_for, capabilities_from, check_filename, classify
 from common.model_id import normalize_model_id
 from common.types import Capability, ManifestFile, Model, ModelSource
+
+# Sources of the original catalogue format: the file format is the artifacts' own, so each is "hf".
+_SOURCES = {"hf_gguf": ModelSource.HF, "hf_safetensors": ModelSource.HF, "hf_onnx": ModelSource.HF}
 
 
 class CatalogError(ValueError):
@@ -52,7 +60,8 @@ def _entry(index: int, entry: Any, default_origin: str) -> Model:
     try:
         model_id = normalize_model_id(str(entry.get("id", "")))
         where = f"catalogue entry {model_id!r}"
-        source = ModelSource(entry.get("source", "hf"))
+        raw_source = str(entry.get("source", "hf"))
+        source = _SOURCES.get(raw_source) or ModelSource(raw_source)
         files = []
         for artifact in entry.get("artifacts", []):
             filename = check_filename(str(artifact["filename"]))
@@ -66,6 +75,8 @@ def _entry(index: int, entry: Any, default_origin: str) -> Model:
                     backends=backends_for(fmt),
                 )
             )
+        tags = [str(t) for t in entry.get("tags", [])]
+        named = [Capability(c) for c in entry.get("capabilities", [])]
         return Model(
             id=model_id,
             name=str(entry.get("name") or model_id),
@@ -74,8 +85,8 @@ def _entry(index: int, entry: Any, default_origin: str) -> Model:
             revision=str(entry.get("revision", "")),
             origin=str(entry.get("origin") or default_origin),
             files=files,
-            capabilities=[Capability(c) for c in entry.get("capabilities", [])],
-            tags=[str(t) for t in entry.get("tags", [])],
+            capabilities=named or capabilities_from({f.format for f in files}, tags),
+            tags=tags,
             required_vram_mb=int(entry.get("required_vram_mb", 0)),
             chat_template=str(entry.get("chat_template", "")),
             from_catalog=True,

@@ -44,7 +44,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              (default sqlite+aiosqlite:///$LLMLB_HOME/llmlb.db; PostgreSQL:
                              postgresql+asyncpg://user:password@host:5432/database)
   LLMLB_DATABASE_POOL_SIZE   PostgreSQL connections kept open (default 5; up to 5 more in a burst)
-  LLMLB_CATALOG              path of a supported_models.json to seed from (default: the packaged one)
+  LLMLB_CATALOG              path of a supported_models.json to seed from (default:
+                             $LLMLB_HOME/supported_models.json if it exists, else the packaged one)
   LLMLB_ALLOWED_ORIGINS      comma-separated origin URLs models may come from (default: $HF_ENDPOINT)
   LLMLB_ORIGIN_TIMEOUT       seconds per origin request (default 30)
   LLMLB_HEARTBEAT_INTERVAL_MS / LLMLB_HEARTBEAT_TIMEOUT_MS   node session timing (default 1000 / 3000)
@@ -118,7 +119,12 @@ def add_parser(sub: Any) -> None:
         help="require API keys; --no-auth lets every call through (LLMLB_AUTH)",
     )
     serve.add_argument("--database-url", help="metadata store URL (LLMLB_DATABASE_URL)")
-    serve.add_argument("--catalog", type=Path, help="supported_models.json to seed from (LLMLB_CATALOG)")
+    serve.add_argument(
+        "--catalog",
+        type=Path,
+        help="supported_models.json to seed from (LLMLB_CATALOG; default: $LLMLB_HOME/supported_models.json "
+        "if it exists, else the packaged one)",
+    )
     serve.add_argument("--hf-endpoint", help="Hugging Face endpoint (HF_ENDPOINT)")
     serve.add_argument("--allowed-origins", help="comma-separated allowed origins (LLMLB_ALLOWED_ORIGINS)")
     serve.add_argument("--log-format", choices=["console", "json"], help="(LLMLB_LOG_FORMAT)")

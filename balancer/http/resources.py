@@ -7,7 +7,7 @@ from typing import Any
 
 from balancer.control import DeletedModel, ModelView, NodeView
 from balancer.fleet import ModelOnNode, ModelStatusView
-from common.types import Model
+from common.types import Model, ModelSource
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -15,6 +15,9 @@ def _iso(at: datetime | None) -> str | None:
 
 
 def _owner(model: Model) -> str:
+    """``local`` for a model placed by hand on nodes; else the repository's owner, or ``llmlb``."""
+    if model.source is ModelSource.LOCAL:
+        return "local"
     return model.repo_id.split("/", 1)[0] if "/" in model.repo_id else "llmlb"
 
 

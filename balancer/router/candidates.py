@@ -2,10 +2,11 @@
 
 Candidates are online, non-draining nodes whose runtimes serve the capability (``Fleet.online()``
 already leaves out draining nodes). They come in tiers: the model loaded (or loading), then on disk,
-then to be downloaded. A node where the model is downloading or failed is no candidate; while a download
-is under way somewhere and no node has the model, no other node is sent to download it too: the
-request waits for that download instead (``coming``). A model with a deployment (``deployed``) is served
-by its copies only, the nodes that keep it pinned; with none ready, its request waits for one.
+then to be downloaded (never for a model placed by hand: only the nodes holding it serve it). A node
+where the model is downloading or failed is no candidate; while a download is under way somewhere
+and no node has the model, no other node is sent to download it too: the request waits for that
+download instead (``coming``). A model with a deployment (``deployed``) is served by its copies only,
+the nodes that keep it pinned; with none ready, its request waits for one.
 The ranking is kept per (model, capability) until the fleet's version changes, so the hot path reads a
 dict, not the fleet.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.router.deployed import Deployed
-from common.types import Capability, Model, ModelState
+from common.types import Capability, Model, ModelSource, ModelState
 
 # Tiers: how soon a node can answer for the model. Lower is better.
 READY, ON_DISK, DOWNLOADABLE = 0, 1, 2
@@ -89,6 +90,8 @@ class Candidates:
             if deployed and (state is None or not state.pinned):
                 continue  # not one of the deployment's copies
             name = state.state if state is not None else ModelState.ABSENT
+            if name is ModelState.ABSENT and model.source is ModelSource.LOCAL:
+                continue  # placed by hand on some nodes: no origin any other node could fetch it from
             if name is ModelState.DOWNLOADING and state is not None:
                 downloading.append(state)
             elif name is ModelState.FAILED and state is not None:

@@ -82,6 +82,10 @@ def _node_message_from_pb(msg: rpb.NodeMessage) -> node_session.NodeMessage:
         return node_session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
     if kind == "ack":
         return node_session.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
+    if kind == "local_models":
+        # At most MAX_LOCAL_MODELS are read: a report is one gRPC message, bounded by its size anyway.
+        models = msg.local_models.models[: node_session.MAX_LOCAL_MODELS]
+        return node_session.LocalModelsReported(tuple(converters.model_from_pb(m) for m in models))
     return node_session.Unrecognised(kind or "")
 
 

@@ -280,8 +280,16 @@ def balancer(balancer_factory, hub: FakeHub) -> BalancerProcess:
 class NodeProcess:
     """One `xllm serve` process on 127.0.0.1, talking to a balancer; restartable on the same dirs."""
 
-    def __init__(self, home: Path, balancer: str, env: dict[str, str], args: list[str]) -> None:
+    def __init__(
+        self,
+        home: Path,
+        balancer: str,
+        env: dict[str, str],
+        args: list[str],
+        command: Sequence[str] = ("serve",),
+    ) -> None:
         self.home = home
+        self.command = list(command)  # empty: plain `xllm`, which serves too
         self.balancer = balancer
         self.env = env
         self.args = args
@@ -303,7 +311,7 @@ class NodeProcess:
                     sys.executable,
                     "-m",
                     "node.cli",
-                    "serve",
+                    *self.command,
                     "--grpc-listen",
                     self.address,
                     "--balancer",

@@ -176,7 +176,7 @@ def test_two_node_processes_on_one_models_dir_share_one_download(
     models = tmp_path / "models"
     final = models / model_id / "s.gguf"
     partial = models / model_id / "s.gguf.partial"
-    lock = models / model_id / ".llmlb" / "locks" / "s.gguf.lock"
+    lock = models / ".locks" / model_id / "s.gguf.lock"
     args = ("pull", "--balancer", balancer.address, "--models-dir", str(models), model_id)
     first = xllm_start(tmp_path / "a", *args, env={"HF_ENDPOINT": hub.url})
     second = None
@@ -274,10 +274,7 @@ def test_bytes_that_fail_the_sha256_never_become_the_file(
     result = pull(home, balancer, hub, model_id)[model_id]
     assert result["error"] == ErrorCode.DOWNLOAD_FAILED.value
     assert "sha256" in str(result["message"])
-    assert files_under(home / "models" / model_id).keys() <= {
-        ".llmlb/manifest.json",
-        ".llmlb/locks/t.gguf.lock",
-    }
+    assert files_under(home / "models" / model_id).keys() <= {".llmlb/manifest.json"}
 
     hub.clear_faults()
     assert pull(home, balancer, hub, model_id)[model_id]["files"]  # the next attempt starts clean

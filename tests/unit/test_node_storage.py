@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -14,12 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 import node.downloader
 import node.transfer
 from common.config import NodeConfig, load_node_config
 from common.errors import ErrorCode, LlmlbError
+from common.logs import configure_logging
 from common.secret import Secret
 from common.types import FileFormat, ManifestFile, Model, ModelSource
 from node.downloader import DISK_RESERVE_BYTES, Downloader, Progress
@@ -199,7 +203,8 @@ async def test_a_download_that_cannot_fit_on_the_disk_is_refused_before_a_byte_i
         await Downloader(storage, config).fetch(model(huge), huge, [MemorySource(DATA)])
     assert err.value.code is ErrorCode.INSUFFICIENT_STORAGE
     assert "insufficient storage" in err.value.message
-    assert not [p for p in config.models_dir.rglob("*") if p.is_file() and ".llmlb" not in p.parts]
+    bookkeeping = {".llmlb", ".locks"}
+    assert not [p for p in config.models_dir.rglob("*") if p.is_file() and not bookkeeping & set(p.parts)]
 
 
 async def test_progress_is_logged_at_each_tenth_of_the_file_and_ends_at_100_percent(
@@ -393,3 +398,35 @@ def test_node_config_takes_flags_over_environment_over_the_env_file(tmp_path: Pa
     ):
         with pytest.raises(ValueError):
             load_node_config(home=tmp_path, env=bad)
+
+
+async def test_the_console_log_reads_download_progress_as_a_sentence_beside_its_fields(
+    tmp_path: Path, io_threads: ThreadPoolExecutor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = node_config(tmp_path)
+    storage = Storage(config.models_dir, io_threads)
+    f = manifest_file(DATA)
+    root = logging.getLogger()
+    handlers, level, saved = root.handlers[:], root.level, structlog.get_config()
+    configure_logging("console", "info")
+    try:
+        await Downloader(storage, config).fetch(model(f), f, [MemorySource(DATA, chunk=4096)])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.configure(**saved)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "download.progress" in line]
+    assert re.search(r"Download progress: 10% \(1\d\d kB / 1.05 MB\)", lines[0])
+    assert "Download progress: 100% (1.05 MB / 1.05 MB)" in lines[-1]
+    assert "model_id=acme/m" in lines[0] and "percent=10" in lines[0]  # the fields stay
+
+
+def test_download_locks_live_under_the_models_dirs_locks_folder(
+    tmp_path: Path, io_threads: ThreadPoolExecutor
+) -> None:
+    storage = Storage(tmp_path / "models", io_threads)
+    assert storage.lock_path("acme/m", "w.gguf") == storage.root / ".locks" / "acme" / "m" / "w.gguf.lock"
+    for reserved in (".locks", ".llmlb/x"):
+        with pytest.raises(LlmlbError) as err:
+            storage.model_dir(reserved)
+        assert err.value.code is ErrorCode.INVALID_MODEL_ID

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidates
 from balancer.router.deployed import Deployed
@@ -146,3 +148,14 @@ def test_a_deployed_model_goes_to_its_copies_only_and_with_none_a_copy_is_coming
     assert ranked == []
     assert candidates.coming(MODEL, Capability.CHAT)
     assert why == "no copy of model 'org/tiny' is ready yet; one is being placed"
+
+
+def test_a_model_placed_by_hand_is_served_only_by_the_nodes_holding_it():
+    fleet = Fleet()
+    add_node(fleet, "a-absent", None)
+    add_node(fleet, "b-present", "present")
+    local = replace(MODEL, source=ModelSource.LOCAL, repo_id="")
+
+    ranked, _ = Candidates(fleet).ranked(local, Capability.CHAT)
+
+    assert [(c.node_id, c.tier) for c in ranked] == [("b-present", ON_DISK)]  # nowhere to fetch it from

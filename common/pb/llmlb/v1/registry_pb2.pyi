@@ -464,6 +464,7 @@ class NodeMessage(_message.Message):
     MODEL_STATE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     PREFIXES_FIELD_NUMBER: _builtins.int
+    LOCAL_MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___NodeHello:
         """must be the first message of a session"""
@@ -484,6 +485,10 @@ class NodeMessage(_message.Message):
     def prefixes(self) -> Global___PrefixReport:
         """the prompt prefixes a model keeps computed, sent as they change"""
 
+    @_builtins.property
+    def local_models(self) -> Global___LocalModels:
+        """the models placed by hand in the node's dirs, sent as they change"""
+
     def __init__(
         self,
         *,
@@ -492,16 +497,45 @@ class NodeMessage(_message.Message):
         model_state: _types_pb2.ModelNodeStatus | None = ...,
         ack: Global___CommandAck | None = ...,
         prefixes: Global___PrefixReport | None = ...,
+        local_models: Global___LocalModels | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "local_models", b"local_models", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "local_models", b"local_models", "model_state", b"model_state", "prefixes", b"prefixes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "model_state", "ack", "prefixes"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "model_state", "ack", "prefixes", "local_models"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___NodeMessage: _TypeAlias = NodeMessage  # noqa: Y015
+
+@_typing.final
+class LocalModels(_message.Message):
+    """Every model folder an operator placed by hand in the node's models dir or shared dir (not fetched
+    for the catalogue), with each file's size and sha256 as the node hashed it. Replaces the node's
+    previous report; sent after hello and whenever a folder appears, changes or goes. The balancer lists
+    each as a model with source "local", unless its id is a catalogue model's (the catalogue's is kept).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Model]:
+        """source "local"; name, capabilities and manifest (files) filled in"""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_types_pb2.Model] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalModels: _TypeAlias = LocalModels  # noqa: Y015
 
 @_typing.final
 class PrefixReport(_message.Message):
