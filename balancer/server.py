@@ -101,6 +101,7 @@ class Balancer:
             await self.bulk.stop()
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
+        await self.parts.limits.stop()
         await self.parts.usage.stop()  # after the doors: every request counted is written
         await self.clients.close()
         await self.parts.origin.close()
@@ -209,7 +210,10 @@ async def start(config: BalancerConfig) -> Balancer:
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, (parts.usage, parts.history))), server
+        InferenceServicer(
+            router, Observer(metrics, parts.labels, (parts.usage, parts.history), parts.limits)
+        ),
+        server,
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -233,6 +237,7 @@ async def start(config: BalancerConfig) -> Balancer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     parts.usage.start()
+    parts.limits.start()
     parts.scheduler = SchedulerLoop(parts)
     parts.scheduler.start()
     http = None
@@ -247,6 +252,7 @@ async def start(config: BalancerConfig) -> Balancer:
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
+            await parts.limits.stop()
             await parts.usage.stop()
             if bulk is not None:
                 await bulk.stop()

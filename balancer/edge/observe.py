@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from balancer.edge.admission import admit
-from balancer.edge.caller import caller_key_id
+from balancer.edge.caller import caller, caller_key_id
 from balancer.edge.labels import Labels
+from balancer.edge.limits import Headers, KeyLimiter, KeyState
 from common.errors import ErrorCode, LlmlbError
 from common.inference import InferenceRequest, TextChunk, Usage
 from common.metrics import BalancerMetrics
@@ -53,6 +54,8 @@ class Call:
     first_token_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    limited: KeyState | None = None  # the caller's limits hold a slot for this request until it ends
+    headers: Headers = ()  # the caller's rate-limit headers, for every answer to it
 
     def first_chunk(self) -> None:
         self.first_token_s = time.perf_counter() - self.started
@@ -85,22 +88,34 @@ class Call:
 class Observer:
     """Opens a ``Call`` per request and closes it with its outcome; both doors hold one."""
 
-    def __init__(self, metrics: BalancerMetrics, labels: Labels, sinks: tuple[Sink, ...] = ()) -> None:
+    def __init__(
+        self,
+        metrics: BalancerMetrics,
+        labels: Labels,
+        sinks: tuple[Sink, ...] = (),
+        limiter: KeyLimiter | None = None,
+    ) -> None:
         self.metrics = metrics
         self._labels = labels
-        self._sinks = sinks
+        self._limiter = limiter
+        self._sinks = (*sinks, limiter) if limiter is not None else sinks
 
     def call(self, door: str, route: str) -> Call:
         """A new call, made by the key the door's access check let in."""
         return Call(self.metrics, self._labels, door, route, key_id=caller_key_id(), sinks=self._sinks)
 
-    def admit(self, call: Call, request: R) -> R:
-        """``request`` through admission (``edge.admission.admit``), its model then the call's label.
+    async def admit(self, call: Call, request: R) -> R:
+        """``request`` through admission (``edge.admission.admit``) and the caller's limits
+        (``edge.limits``), its model then the call's label.
 
         A refusal propagates to the door's ``unary``/``stream``/handler wrapper, which counts it once
         (unlabelled, since the model was never admitted).
         """
         request = admit(request)
+        if self._limiter is not None:
+            key = caller()
+            self._limiter.check_model(key, request.model)
+            call.limited, call.headers = await self._limiter.admit(key)
         call.model = request.model
         return request
 
@@ -110,6 +125,8 @@ class Observer:
             return
         if isinstance(error, LlmlbError):
             code = error.code.value
+            if call.headers and not error.headers:  # a limited key's answers all carry its headers
+                error.headers = call.headers
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
             code = ErrorCode.CANCELLED.value
         else:

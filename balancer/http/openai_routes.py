@@ -68,7 +68,7 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 def door_observer(parts: BalancerParts) -> Observer:
     """The HTTP door's observer: metrics, and the usage counter and history the console reads."""
-    return Observer(parts.metrics, parts.labels, (parts.usage, parts.history))
+    return Observer(parts.metrics, parts.labels, (parts.usage, parts.history), parts.limits)
 
 
 def observed(
@@ -84,6 +84,7 @@ def observed(
             except BaseException as exc:
                 await observer.failed(call, exc)
                 raise
+            response.headers.update(dict(call.headers))  # a limited key's rate-limit headers
             if not isinstance(response, StreamingAnswer):
                 call.done("ok")
             return response
@@ -210,7 +211,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def chat_completions(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(ChatCompletionBody, await request.body())
-        internal = observer.admit(call, cv.chat_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.chat_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -230,7 +231,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def completions(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(CompletionBody, await request.body())
-        internal = observer.admit(call, cv.complete_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.complete_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -250,7 +251,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def embeddings(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(EmbeddingBody, await request.body())
-        internal = observer.admit(call, cv.embed_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.embed_request(body, request_id(request)))
         rid = internal.request_id
         result = await unless_disconnected(request.receive, routing.embed(internal, timeout=timeout))
         call.tokens(result.usage)
@@ -263,7 +264,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
             rid = request_id(request)
-            internal = observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
+            internal = await observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
             rid = internal.request_id
             fmt = parse_format(cv.form_text(form, "response_format"))
         transcript = await unless_disconnected(request.receive, routing.transcribe(internal, timeout=timeout))
@@ -275,7 +276,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def speech(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(SpeechBody, await request.body())
-        internal = observer.admit(call, cv.speak_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.speak_request(body, request_id(request)))
         rid = internal.request_id
         chunks = routing.speak(internal, timeout=timeout)
         first = await first_item(chunks, request.receive)
@@ -299,7 +300,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed(observer, "image")
     async def image_generations(request: Request, call: Call) -> Response:
         body = cv.parse_body(ImageGenerationBody, await request.body())
-        internal = observer.admit(call, cv.generate_image_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.generate_image_request(body, request_id(request)))
         return await image_answer(request, internal, internal.request_id)
 
     def image_form_route(operation: ImageOperation) -> Callable[[Request, Call], Awaitable[Response]]:
@@ -307,7 +308,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
                 image, _ = await _file(form, "image", "image[]")
                 mask, _ = await _file(form, "mask", required=False)
-                internal = observer.admit(
+                internal = await observer.admit(
                     call, cv.image_form_request(form, operation, image, mask, request_id(request))
                 )
             return await image_answer(request, internal, internal.request_id)
