@@ -143,7 +143,7 @@ class KeyLimiter:
     ) -> None:
         self._totals = totals
         self._sync_s = sync_s
-        self._clock = clock  # wall-clock UTC: windows are UTC minutes, days and months
+        self.clock = clock  # wall-clock UTC: windows are UTC minutes, days and months
         self._keys: dict[str, KeyState] = {}
         self._task: asyncio.Task[None] | None = None
         self._syncing = asyncio.Lock()
@@ -170,7 +170,7 @@ class KeyLimiter:
             except Exception as exc:  # the store is down: count from here, read again on the next sync
                 state.read = True
                 log.warning("limits.read_failed", key_id=key.id, error=repr(exc))
-        now = self._clock()
+        now = self.clock()
         refusal = self._refusal(key.limits, state, now)
         if refusal is not None:
             code, message, wait = refusal
@@ -184,39 +184,30 @@ class KeyLimiter:
     def _refusal(
         self, limits: KeyLimits, state: KeyState, now: datetime
     ) -> tuple[ErrorCode, str, float] | None:
+        """Why ``limits`` refuse a request now, and the seconds until that lifts; None to admit it.
+
+        The longest wait is named first: a spent month is not lifted by the next minute.
+        """
         to_minute = 60.0 - now.second - now.microsecond / 1e6
-        if limits.max_parallel and state.in_flight >= limits.max_parallel:
-            return (
-                ErrorCode.RATE_LIMIT_EXCEEDED,
-                f"this key may have {limits.max_parallel} requests in flight at once; wait for one to end",
-                1.0,
-            )
-        if limits.rpm and state.used_requests(now) >= limits.rpm:
-            return (
-                ErrorCode.RATE_LIMIT_EXCEEDED,
-                f"this key's limit of {limits.rpm} requests per minute is reached",
-                to_minute,
-            )
-        if limits.tpm and state.used_tokens(now, minute_start) >= limits.tpm:
-            return (
-                ErrorCode.RATE_LIMIT_EXCEEDED,
-                f"this key's limit of {limits.tpm} tokens per minute is reached",
-                to_minute,
-            )
-        if limits.daily_tokens and state.used_tokens(now, day_start) >= limits.daily_tokens:
-            wait = (day_start(now) + timedelta(days=1) - now).total_seconds()
-            return (
-                ErrorCode.INSUFFICIENT_QUOTA,
-                f"this key's budget of {limits.daily_tokens} tokens a day (UTC) is spent",
-                wait,
-            )
         if limits.monthly_tokens and state.used_tokens(now, month_start) >= limits.monthly_tokens:
             wait = (next_month(now) - now).total_seconds()
-            return (
-                ErrorCode.INSUFFICIENT_QUOTA,
-                f"this key's budget of {limits.monthly_tokens} tokens a month (UTC) is spent",
-                wait,
+            message = f"this key's budget of {limits.monthly_tokens} tokens a month (UTC) is spent"
+            return ErrorCode.INSUFFICIENT_QUOTA, message, wait
+        if limits.daily_tokens and state.used_tokens(now, day_start) >= limits.daily_tokens:
+            wait = (day_start(now) + timedelta(days=1) - now).total_seconds()
+            message = f"this key's budget of {limits.daily_tokens} tokens a day (UTC) is spent"
+            return ErrorCode.INSUFFICIENT_QUOTA, message, wait
+        if limits.rpm and state.used_requests(now) >= limits.rpm:
+            message = f"this key's limit of {limits.rpm} requests per minute is reached"
+            return ErrorCode.RATE_LIMIT_EXCEEDED, message, to_minute
+        if limits.tpm and state.used_tokens(now, minute_start) >= limits.tpm:
+            message = f"this key's limit of {limits.tpm} tokens per minute is reached"
+            return ErrorCode.RATE_LIMIT_EXCEEDED, message, to_minute
+        if limits.max_parallel and state.in_flight >= limits.max_parallel:
+            message = (
+                f"this key may have {limits.max_parallel} requests in flight at once; wait for one to end"
             )
+            return ErrorCode.RATE_LIMIT_EXCEEDED, message, 1.0
         return None
 
     def headers(self, limits: KeyLimits, state: KeyState, now: datetime) -> Headers:
@@ -258,7 +249,7 @@ class KeyLimiter:
         state.in_flight = max(0, state.in_flight - 1)
         tokens = call.prompt_tokens + call.completion_tokens
         if tokens:
-            minute = minute_start(self._clock())
+            minute = minute_start(self.clock())
             state.spent[minute] = state.spent.get(minute, 0) + tokens
 
     async def sync(self) -> None:
@@ -269,7 +260,7 @@ class KeyLimiter:
 
     async def _sync(self, states: list[KeyState]) -> None:
         async with self._syncing:
-            now = self._clock()
+            now = self.clock()
             minute = minute_start(now)
 
             def then(found: list[_Totals]) -> None:
