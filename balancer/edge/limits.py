@@ -37,6 +37,7 @@ from common.types import ApiKey, KeyLimits
 log = structlog.get_logger(__name__)
 
 SYNC_S = 1.0
+IDLE = timedelta(minutes=10)  # a key unused this long is no longer synced; its next request reads anew
 NEVER = datetime.min.replace(tzinfo=UTC)
 Headers = tuple[tuple[str, str], ...]
 _Totals = dict[str, tuple[int, int]]  # key id -> (requests, tokens)
@@ -103,6 +104,7 @@ class KeyState:
     tokens_day: int = 0
     tokens_month: int = 0
     in_flight: int = 0
+    used: datetime = NEVER  # when this replica last admitted one of its requests
     started: dict[datetime, int] = field(default_factory=dict)  # minute -> requests admitted since the read
     spent: dict[datetime, int] = field(default_factory=dict)  # minute -> tokens counted since the read
 
@@ -177,6 +179,7 @@ class KeyLimiter:
             headers = self.headers(key.limits, state, now)
             raise LlmlbError(code, message, retry_after_s=wait, headers=headers)
         state.in_flight += 1
+        state.used = now
         minute = minute_start(now)
         state.started[minute] = state.started.get(minute, 0) + 1
         return state, self.headers(key.limits, state, now)
@@ -254,6 +257,9 @@ class KeyLimiter:
 
     async def sync(self) -> None:
         """Flushes this replica's usage and reads every replica's totals of the keys limited here."""
+        now = self.clock()
+        for key_id in [k for k, s in self._keys.items() if not s.in_flight and now - s.used > IDLE]:
+            del self._keys[key_id]
         if self._keys:
             await self._totals.flush()
             await self._sync(list(self._keys.values()))

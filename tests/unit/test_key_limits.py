@@ -190,3 +190,20 @@ async def test_a_key_without_limits_passes_untouched_and_a_model_list_hides_othe
     assert (
         caught.value.code is ErrorCode.MODEL_NOT_FOUND and caught.value.message == "model 'org/b' not found"
     )
+
+
+async def test_a_key_idle_for_a_while_is_no_longer_synced_and_is_read_anew_on_its_next_request() -> None:
+    store = StoreTotals()
+    clock = Clock(T0)
+    limiter = KeyLimiter(store, clock=clock)
+    k = key(rpm=5)
+    state, _ = await limiter.admit(k)
+    limiter.finished(Ended(state), "ok", 0.1)
+    await limiter.sync()
+    assert store.reads == 2
+    clock.at = T0 + timedelta(minutes=11)
+    await limiter.sync()
+    assert store.reads == 2  # nothing to read for
+    store.add(k.id, clock.at.replace(second=0), requests=5, tokens=0)
+    assert (await refused(limiter, k)).code is ErrorCode.RATE_LIMIT_EXCEEDED
+    assert store.reads == 3
