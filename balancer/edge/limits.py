@@ -114,12 +114,12 @@ class KeyState:
 
     def used_tokens(self, now: datetime, window: Callable[[datetime], datetime]) -> int:
         start = window(now)
-        base: dict[Callable[[datetime], datetime], int] = {
-            minute_start: self.tokens_minute,
-            day_start: self.tokens_day,
-            month_start: self.tokens_month,
-        }
-        read = base[window] if window(self.minute) == start else 0
+        if window(self.minute) != start:
+            read = 0
+        elif window is minute_start:
+            read = self.tokens_minute
+        else:
+            read = self.tokens_day if window is day_start else self.tokens_month
         return read + sum(n for m, n in self.spent.items() if window(m) == start)
 
     def apply(self, minute: datetime, found: list[_Totals]) -> None:

@@ -84,7 +84,8 @@ def observed(
             except BaseException as exc:
                 await observer.failed(call, exc)
                 raise
-            response.headers.update(dict(call.headers))  # a limited key's rate-limit headers
+            if call.headers:  # a limited key's rate-limit headers
+                response.headers.update(dict(call.headers))
             if not isinstance(response, StreamingAnswer):
                 call.done("ok")
             return response

@@ -39,10 +39,11 @@ class InferenceServicer(igrpc.InferenceServicer):
         self._observer = observer
 
     async def _admit(self, call: Call, request: R, context: Context) -> R:
-        """``request`` admitted by the edge; a limited key's rate-limit headers go out as metadata."""
+        """``request`` admitted by the edge; a limited key's rate-limit headers go out as trailing
+        metadata (with the status: no frame of their own; a refusal carries them in its own trailer)."""
         admitted = await self._observer.admit(call, request)
         if call.headers:
-            await context.send_initial_metadata(call.headers)
+            context.set_trailing_metadata(call.headers)
         return admitted
 
     async def _unary(
