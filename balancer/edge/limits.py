@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 SYNC_S = 1.0
 IDLE = timedelta(minutes=10)  # a key unused this long is no longer synced; its next request reads anew
 NEVER = datetime.min.replace(tzinfo=UTC)
+ONE_MINUTE = timedelta(minutes=1)
+ONE_DAY = timedelta(days=1)
 Headers = tuple[tuple[str, str], ...]
 _Totals = dict[str, tuple[int, int]]  # key id -> (requests, tokens)
 
@@ -92,6 +94,23 @@ def _reset(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """The UTC minute, day and month holding one moment, and when each ends."""
+
+    minute: datetime
+    day: datetime
+    month: datetime
+    minute_end: datetime
+    day_end: datetime
+    month_end: datetime
+
+    @classmethod
+    def at(cls, now: datetime) -> Windows:
+        minute, day = minute_start(now), day_start(now)
+        return cls(minute, day, month_start(now), minute + ONE_MINUTE, day + ONE_DAY, next_month(now))
+
+
 @dataclass(slots=True)
 class KeyState:
     """One limited key on this replica: the totals last read from the store, and what came since."""
@@ -108,19 +127,19 @@ class KeyState:
     started: dict[datetime, int] = field(default_factory=dict)  # minute -> requests admitted since the read
     spent: dict[datetime, int] = field(default_factory=dict)  # minute -> tokens counted since the read
 
-    def used_requests(self, now: datetime) -> int:
-        minute = minute_start(now)
-        return (self.requests if minute == self.minute else 0) + self.started.get(minute, 0)
+    def used_requests(self, w: Windows) -> int:
+        return (self.requests if self.minute == w.minute else 0) + self.started.get(w.minute, 0)
 
-    def used_tokens(self, now: datetime, window: Callable[[datetime], datetime]) -> int:
-        start = window(now)
-        if window(self.minute) != start:
+    def used_tokens(self, w: Windows, start: datetime) -> int:
+        """Tokens counted from ``start`` (one of ``w``'s window starts) on; the totals read count if
+        they were read within that window (``minute`` is never later than now)."""
+        if self.minute < start:
             read = 0
-        elif window is minute_start:
+        elif start == w.minute:
             read = self.tokens_minute
         else:
-            read = self.tokens_day if window is day_start else self.tokens_month
-        return read + sum(n for m, n in self.spent.items() if window(m) == start)
+            read = self.tokens_day if start == w.day else self.tokens_month
+        return read + sum(n for m, n in self.spent.items() if m >= start)
 
     def apply(self, minute: datetime, found: list[_Totals]) -> None:
         """The totals read for the windows holding ``minute``; what was counted here since is in them."""
@@ -147,6 +166,7 @@ class KeyLimiter:
         self._sync_s = sync_s
         self.clock = clock  # wall-clock UTC: windows are UTC minutes, days and months
         self._keys: dict[str, KeyState] = {}
+        self._last = Windows.at(NEVER)
         self._task: asyncio.Task[None] | None = None
         self._syncing = asyncio.Lock()
 
@@ -173,39 +193,43 @@ class KeyLimiter:
                 state.read = True
                 log.warning("limits.read_failed", key_id=key.id, error=repr(exc))
         now = self.clock()
-        refusal = self._refusal(key.limits, state, now)
+        w = self._windows(now)
+        refusal = self._refusal(key.limits, state, now, w)
         if refusal is not None:
             code, message, wait = refusal
-            headers = self.headers(key.limits, state, now)
+            headers = self.headers(key.limits, state, now, w)
             raise LlmlbError(code, message, retry_after_s=wait, headers=headers)
         state.in_flight += 1
         state.used = now
-        minute = minute_start(now)
-        state.started[minute] = state.started.get(minute, 0) + 1
-        return state, self.headers(key.limits, state, now)
+        state.started[w.minute] = state.started.get(w.minute, 0) + 1
+        return state, self.headers(key.limits, state, now, w)
+
+    def _windows(self, now: datetime) -> Windows:
+        """The windows holding ``now``, computed once a minute (the request path's costliest part)."""
+        w = self._last
+        if not w.minute <= now < w.minute_end:
+            w = self._last = Windows.at(now)
+        return w
 
     def _refusal(
-        self, limits: KeyLimits, state: KeyState, now: datetime
+        self, limits: KeyLimits, state: KeyState, now: datetime, w: Windows
     ) -> tuple[ErrorCode, str, float] | None:
         """Why ``limits`` refuse a request now, and the seconds until that lifts; None to admit it.
 
         The longest wait is named first: a spent month is not lifted by the next minute.
         """
-        to_minute = 60.0 - now.second - now.microsecond / 1e6
-        if limits.monthly_tokens and state.used_tokens(now, month_start) >= limits.monthly_tokens:
-            wait = (next_month(now) - now).total_seconds()
+        if limits.monthly_tokens and state.used_tokens(w, w.month) >= limits.monthly_tokens:
             message = f"this key's budget of {limits.monthly_tokens} tokens a month (UTC) is spent"
-            return ErrorCode.INSUFFICIENT_QUOTA, message, wait
-        if limits.daily_tokens and state.used_tokens(now, day_start) >= limits.daily_tokens:
-            wait = (day_start(now) + timedelta(days=1) - now).total_seconds()
+            return ErrorCode.INSUFFICIENT_QUOTA, message, (w.month_end - now).total_seconds()
+        if limits.daily_tokens and state.used_tokens(w, w.day) >= limits.daily_tokens:
             message = f"this key's budget of {limits.daily_tokens} tokens a day (UTC) is spent"
-            return ErrorCode.INSUFFICIENT_QUOTA, message, wait
-        if limits.rpm and state.used_requests(now) >= limits.rpm:
+            return ErrorCode.INSUFFICIENT_QUOTA, message, (w.day_end - now).total_seconds()
+        if limits.rpm and state.used_requests(w) >= limits.rpm:
             message = f"this key's limit of {limits.rpm} requests per minute is reached"
-            return ErrorCode.RATE_LIMIT_EXCEEDED, message, to_minute
-        if limits.tpm and state.used_tokens(now, minute_start) >= limits.tpm:
+            return ErrorCode.RATE_LIMIT_EXCEEDED, message, (w.minute_end - now).total_seconds()
+        if limits.tpm and state.used_tokens(w, w.minute) >= limits.tpm:
             message = f"this key's limit of {limits.tpm} tokens per minute is reached"
-            return ErrorCode.RATE_LIMIT_EXCEEDED, message, to_minute
+            return ErrorCode.RATE_LIMIT_EXCEEDED, message, (w.minute_end - now).total_seconds()
         if limits.max_parallel and state.in_flight >= limits.max_parallel:
             message = (
                 f"this key may have {limits.max_parallel} requests in flight at once; wait for one to end"
@@ -213,33 +237,28 @@ class KeyLimiter:
             return ErrorCode.RATE_LIMIT_EXCEEDED, message, 1.0
         return None
 
-    def headers(self, limits: KeyLimits, state: KeyState, now: datetime) -> Headers:
+    def headers(self, limits: KeyLimits, state: KeyState, now: datetime, w: Windows) -> Headers:
         """OpenAI's ``x-ratelimit-*`` headers: requests per minute, and the key's tightest token limit."""
         out: list[tuple[str, str]] = []
-        to_minute = 60.0 - now.second - now.microsecond / 1e6
         if limits.rpm:
             out += [
                 ("x-ratelimit-limit-requests", str(limits.rpm)),
-                ("x-ratelimit-remaining-requests", str(max(0, limits.rpm - state.used_requests(now)))),
-                ("x-ratelimit-reset-requests", _reset(to_minute)),
+                ("x-ratelimit-remaining-requests", str(max(0, limits.rpm - state.used_requests(w)))),
+                ("x-ratelimit-reset-requests", _reset((w.minute_end - now).total_seconds())),
             ]
-        tokens: tuple[int, Callable[[datetime], datetime], float] | None = None
+        tokens: tuple[int, datetime, datetime] | None = None
         if limits.tpm:
-            tokens = (limits.tpm, minute_start, to_minute)
+            tokens = (limits.tpm, w.minute, w.minute_end)
         elif limits.daily_tokens:
-            tokens = (
-                limits.daily_tokens,
-                day_start,
-                (day_start(now) + timedelta(days=1) - now).total_seconds(),
-            )
+            tokens = (limits.daily_tokens, w.day, w.day_end)
         elif limits.monthly_tokens:
-            tokens = (limits.monthly_tokens, month_start, (next_month(now) - now).total_seconds())
+            tokens = (limits.monthly_tokens, w.month, w.month_end)
         if tokens is not None:
-            limit, window, wait = tokens
+            limit, start, end = tokens
             out += [
                 ("x-ratelimit-limit-tokens", str(limit)),
-                ("x-ratelimit-remaining-tokens", str(max(0, limit - state.used_tokens(now, window)))),
-                ("x-ratelimit-reset-tokens", _reset(wait)),
+                ("x-ratelimit-remaining-tokens", str(max(0, limit - state.used_tokens(w, start)))),
+                ("x-ratelimit-reset-tokens", _reset((end - now).total_seconds())),
             ]
         return tuple(out)
 
@@ -252,7 +271,7 @@ class KeyLimiter:
         state.in_flight = max(0, state.in_flight - 1)
         tokens = call.prompt_tokens + call.completion_tokens
         if tokens:
-            minute = minute_start(self.clock())
+            minute = self._windows(self.clock()).minute
             state.spent[minute] = state.spent.get(minute, 0) + tokens
 
     async def sync(self) -> None:
