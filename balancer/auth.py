@@ -14,7 +14,8 @@ import inspect
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -29,10 +30,11 @@ from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
 from balancer.unknown_keys import LOOKUPS_PER_S, UNKNOWN_CACHE, UNKNOWN_TTL_S, LookupRate, UnknownTokens
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
+from common.model_id import normalize_model_id
 from common.node_id import check_node_id
 from common.rpc import OpenReads, abort_with, metadata_bearer, refusing_handler
 from common.secret import Secret
-from common.types import ApiKey, Scope
+from common.types import LIMIT_NAMES, NO_LIMITS, ApiKey, KeyLimits, Scope
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +47,15 @@ SEEDED_ADMIN_NAME = "admin (LLMLB_ADMIN_KEY)"
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def checked_limits(limits: KeyLimits) -> KeyLimits:
+    """``limits`` with its models in normal form; ``invalid_request`` for a negative count."""
+    for name in LIMIT_NAMES[:-1]:
+        if getattr(limits, name) < 0:
+            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{name} must be 0 (no limit) or more")
+    models = tuple(dict.fromkeys(normalize_model_id(m) for m in limits.models))
+    return replace(limits, models=models)
 
 
 def allows(key: ApiKey, *scopes: Scope) -> bool:
@@ -84,11 +95,15 @@ class KeyRing:
         # the key's nodes are cut off).
         self.on_revoke: Callable[[ApiKey], Awaitable[None]] | None = None
 
-    async def create(self, name: str, scopes: Sequence[Scope], *, node_id: str = "") -> tuple[ApiKey, str]:
+    async def create(
+        self, name: str, scopes: Sequence[Scope], *, node_id: str = "", limits: KeyLimits = NO_LIMITS
+    ) -> tuple[ApiKey, str]:
         """A new key and its secret; the secret is returned here and never stored.
 
-        ``node_id`` binds a ``node`` key to that one node id: it may register no other.
+        ``node_id`` binds a ``node`` key to that one node id: it may register no other. ``limits``
+        are applied at the edge (``balancer.edge.limits``).
         """
+        limits = checked_limits(limits)
         if not scopes:
             raise LlmlbError(ErrorCode.INVALID_REQUEST, "a key needs at least one scope (api, node, admin)")
         if len(name) > 128:
@@ -100,7 +115,7 @@ class KeyRing:
                     ErrorCode.INVALID_REQUEST, "only a node key (without admin) is bound to a node id"
                 )
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-        stored = await self._add(name, scopes, secret, node_id)
+        stored = await self._add(name, scopes, secret, node_id, limits)
         await self._changes.publish(Change.KEY, stored.id)
         log.info(
             "key.created",
@@ -111,7 +126,14 @@ class KeyRing:
         )
         return stored, secret
 
-    async def _add(self, name: str, scopes: Sequence[Scope], secret: str, node_id: str = "") -> ApiKey:
+    async def _add(
+        self,
+        name: str,
+        scopes: Sequence[Scope],
+        secret: str,
+        node_id: str = "",
+        limits: KeyLimits = NO_LIMITS,
+    ) -> ApiKey:
         """Stores a key with ``secret``; raises ValueError when a key with that secret is stored."""
         key = ApiKey(
             id=f"key-{secrets.token_hex(6)}",
@@ -120,9 +142,31 @@ class KeyRing:
             secret_hash=hash_secret(secret),
             scopes=tuple(dict.fromkeys(scopes)),
             node_id=node_id,
+            limits=limits,
         )
         stored = await self._store.add_key(key)
         self._unknown.discard(key.secret_hash)
+        return stored
+
+    async def update(self, key_id_or_prefix: str, limits: KeyLimits, fields: Collection[str]) -> ApiKey:
+        """Sets the limits named in ``fields`` (``LIMIT_NAMES``) of one key to those of ``limits``;
+        0 (or no models) clears one. Every replica applies them within moments."""
+        unknown = set(fields) - set(LIMIT_NAMES)
+        if unknown or not fields:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST,
+                f"name the limits to change among {', '.join(LIMIT_NAMES)}; got {sorted(fields)}",
+            )
+        found = [k for k in await self._store.list_keys() if key_id_or_prefix in (k.id, k.prefix)]
+        if len(found) != 1:
+            raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+        new = checked_limits(replace(found[0].limits, **{f: getattr(limits, f) for f in fields}))
+        stored = await self._store.set_key_limits(found[0].id, new)
+        if stored is None:
+            raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
+        self.forget()
+        await self._changes.publish(Change.KEY, stored.id)
+        log.info("key.limits_set", key_id=stored.id, limits=sorted(fields))
         return stored
 
     async def list(self) -> list[ApiKey]:

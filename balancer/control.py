@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balancer.edge.caller import caller
 from balancer.fleet import Fleet, ModelOnNode, ModelStatusView, NodeLoad
 from balancer.parts import BalancerParts
+from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
 from common.types import Model, ModelState, Node, NodeState
 
@@ -72,13 +74,27 @@ def model_view(fleet: Fleet, model: Model) -> ModelView:
 
 
 async def list_models(parts: BalancerParts) -> list[ModelView]:
-    """Every catalogue model with its readiness, by id."""
-    return [model_view(parts.fleet, m) for m in await parts.catalog.list_models()]
+    """Every catalogue model with its readiness, by id; for a key with a model list, those only."""
+    allowed = _allowed_models()
+    return [
+        model_view(parts.fleet, m)
+        for m in await parts.catalog.list_models()
+        if not allowed or m.id in allowed
+    ]
 
 
 async def get_model(parts: BalancerParts, model_id: str) -> ModelView:
-    """One model with its readiness; ``invalid_model_id`` or ``model_not_found`` otherwise."""
+    """One model with its readiness; ``invalid_model_id`` or ``model_not_found`` otherwise (also for
+    a model outside the calling key's list, worded alike: the key does not learn it exists)."""
+    allowed = _allowed_models()
+    if allowed and normalize_model_id(model_id) not in allowed:
+        raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normalize_model_id(model_id)!r} not found")
     return model_view(parts.fleet, await parts.catalog.get(model_id))
+
+
+def _allowed_models() -> tuple[str, ...]:
+    key = caller()
+    return key.limits.models if key is not None else ()
 
 
 async def model_status(parts: BalancerParts, model_id: str) -> ModelStatusView:

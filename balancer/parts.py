@@ -9,6 +9,7 @@ from balancer.auth import KeyRing
 from balancer.catalog import Catalog
 from balancer.edge.access_log import AccessLog
 from balancer.edge.labels import Labels
+from balancer.edge.limits import KeyLimiter
 from balancer.edge.observe import Sink
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
@@ -44,6 +45,8 @@ class BalancerParts:
     # and the console's short history of request metrics (memory only, this replica's own).
     usage: UsageCounter = field(init=False)
     history: History = field(init=False)
+    # Per-key limits and budgets, applied at the edge for both doors (``balancer.edge.limits``).
+    limits: KeyLimiter = field(init=False)
     # The names metrics and the history may use as labels: catalogue models and registered nodes.
     labels: Labels = field(init=False)
 
@@ -63,5 +66,6 @@ class BalancerParts:
 
     def __post_init__(self) -> None:
         self.usage = UsageCounter(self.store, flush_s=self.config.usage_flush_s)
+        self.limits = KeyLimiter(self.usage, sync_s=self.config.key_limits_sync_s)
         self.labels = Labels(self.catalog, self.fleet)
         self.history = History(queue_depth=lambda: self.router.waiting, known=self.labels.known)

@@ -102,6 +102,7 @@ class Balancer:
             await self.bulk.stop()
         await self.parts.sessions.close_all()
         await self.parts.replicas.stop()
+        await self.parts.limits.stop()
         await self.parts.usage.stop()  # after the doors: every request counted is written
         await self.clients.close()
         await self.parts.origin.close()
@@ -217,7 +218,7 @@ async def start(config: BalancerConfig) -> Balancer:
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks)), server
+        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks, parts.limits)), server
     )
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -241,6 +242,7 @@ async def start(config: BalancerConfig) -> Balancer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     parts.usage.start()
+    parts.limits.start()
     parts.scheduler = SchedulerLoop(parts)
     parts.scheduler.start()
     http = None
@@ -255,6 +257,7 @@ async def start(config: BalancerConfig) -> Balancer:
             )
         except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
             await server.stop(None)
+            await parts.limits.stop()
             await parts.usage.stop()
             if bulk is not None:
                 await bulk.stop()

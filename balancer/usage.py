@@ -111,6 +111,30 @@ class UsageCounter:
                 return 0
             return len(rows)
 
+    async def totals(
+        self,
+        key_ids: Sequence[str],
+        starts: Sequence[datetime],
+        then: Callable[[list[dict[str, tuple[int, int]]]], None],
+    ) -> None:
+        """Hands ``then`` per start of ``starts``: (requests, tokens) per key of ``key_ids`` from then
+        on, stored and pending together, every model added up (``balancer.edge.limits`` reads them).
+
+        Read with no flush under way, and ``then`` runs as soon as the pending counts are added: a
+        request counted meanwhile is in both or in neither, never in one alone.
+        """
+        async with self._flushing:
+            found = [await self._store.usage_totals(key_ids, start) for start in starts]
+            wanted = set(key_ids)
+            for (key_id, _, minute), n in self._pending.items():
+                if key_id not in wanted:
+                    continue
+                for start, totals in zip(starts, found, strict=True):
+                    if minute >= start:
+                        requests, tokens = totals.get(key_id, (0, 0))
+                        totals[key_id] = (requests + n[0], tokens + n[2] + n[3])
+            then(found)
+
     async def usage(
         self, since: datetime, *, key_id: str | None = None, model: str | None = None
     ) -> list[UsageCount]:

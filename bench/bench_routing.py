@@ -9,6 +9,10 @@ process shows how much of the door's cost is gRPC itself. Latency is sequential 
 path in rounds so drift hits all alike; throughput is a fixed number of calls in flight for a fixed
 time. Goals: the gRPC door adds at most
 0.5 ms at p50, the HTTP shim at most 1.5 ms, and the balancer routes at least 2,000 requests/s.
+
+The ``-limits`` paths repeat the gRPC door and the minimal HTTP client with an api key that has every
+per-key limit set (``balancer.edge.limits``; none reached, its model list naming the one model), in
+the same rounds as the others: goal, within noise of the same door with the admin key, which has none.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from common.config import load_balancer_config
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
+from common.types import KeyLimits, Scope
 
 MODEL = "gemma-3-270m"
 PROMPT = "hi"
@@ -47,13 +52,19 @@ LOAD_SECONDS = 5.0
 GOAL_GRPC_MS = 0.5
 GOAL_HTTP_MS = 1.5
 GOAL_RPS = 2000
-PATHS = ("node", "relay", "grpc", "http", "http-raw")
+PATHS = ("node", "relay", "grpc", "grpc-limits", "http", "http-raw", "http-raw-limits")
+# Every limit set, none reached in the run: each request pays for every check.
+BENCH_LIMITS = KeyLimits(
+    rpm=10**9, tpm=10**12, max_parallel=10**6, daily_tokens=10**13, monthly_tokens=10**14, models=(MODEL,)
+)
 NAMES = {
     "node": "direct to the echo node (gRPC)",
     "relay": "bare gRPC relay in the balancer's process -> node (no routing)",
     "grpc": "balancer gRPC door -> node",
     "http": "balancer HTTP shim `/v1/completions` -> node (httpx)",
     "http-raw": "same, minimal HTTP/1.1 client (no library)",
+    "grpc-limits": "balancer gRPC door -> node, key with every limit set",
+    "http-raw-limits": "same minimal HTTP client, key with every limit set",
 }
 Call = Callable[[], Awaitable[None]]
 
@@ -82,8 +93,8 @@ async def _serve_node(conn: Connection, balancer: str, key: str) -> None:
 # -- the load generator's process ---------------------------------------------------------------------
 
 
-def _client_main(conn: Connection, targets: dict[str, str], key: str) -> None:
-    asyncio.run(_drive(conn, targets, key))
+def _client_main(conn: Connection, targets: dict[str, str], key: str, limited: str) -> None:
+    asyncio.run(_drive(conn, targets, key, limited))
 
 
 def _check(text: str) -> None:
@@ -122,9 +133,10 @@ class _RawHttp:
             self._streams = None
 
 
-async def _drive(conn: Connection, targets: dict[str, str], key: str) -> None:
+async def _drive(conn: Connection, targets: dict[str, str], key: str, limited: str) -> None:
     request = ipb.CompleteRequest(model=MODEL, prompt=PROMPT, params=ipb.SamplingParams(max_tokens=1))
     auth = bearer_metadata(key)
+    limited_auth = bearer_metadata(limited)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "stream": False}
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
     raw: list[_RawHttp] = []
@@ -152,13 +164,17 @@ async def _drive(conn: Connection, targets: dict[str, str], key: str) -> None:
         async def via_door() -> None:
             _check("".join([c.delta async for c in door_stub.Complete(request, timeout=30, metadata=auth)]))
 
+        async def via_door_limited() -> None:
+            chunks = door_stub.Complete(request, timeout=30, metadata=limited_auth)
+            _check("".join([c.delta async for c in chunks]))
+
         async def via_httpx() -> None:
             reply = await client.post("/v1/completions", json=body)
             reply.raise_for_status()
             _check(reply.json()["choices"][0]["text"])
 
-        def raw_connection() -> Call:
-            raw.append(_RawHttp(targets["http"], key, json.dumps(body).encode()))
+        def raw_connection(secret: str = key) -> Call:
+            raw.append(_RawHttp(targets["http"], secret, json.dumps(body).encode()))
             return raw[-1]
 
         # Each worker asks for its call: the gRPC channels and httpx's pool are shared, raw HTTP is not.
@@ -168,6 +184,8 @@ async def _drive(conn: Connection, targets: dict[str, str], key: str) -> None:
             "grpc": lambda: via_door,
             "http": lambda: via_httpx,
             "http-raw": raw_connection,
+            "grpc-limits": lambda: via_door_limited,
+            "http-raw-limits": lambda: raw_connection(limited),
         }
         loop = asyncio.get_running_loop()
         try:
@@ -290,6 +308,7 @@ async def run() -> str:
         )
         balancer = await start(config)
         key = config.admin_key_file.read_text().strip()
+        _, limited = await balancer.parts.keys.create("bench-limits", [Scope.API], limits=BENCH_LIMITS)
         door = f"127.0.0.1:{balancer.port}"
         node_conn, node_end = ctx.Pipe()
         client_conn, client_end = ctx.Pipe()
@@ -306,11 +325,13 @@ async def run() -> str:
                 "grpc": door,
                 "http": f"127.0.0.1:{balancer.http_port}",
             }
-            client_proc = ctx.Process(target=_client_main, args=(client_end, targets, key), daemon=True)
+            client_proc = ctx.Process(
+                target=_client_main, args=(client_end, targets, key, limited), daemon=True
+            )
             client_proc.start()
             skipped = {p: why for p in PATHS if (why := await _ask(client_conn, "probe", p))}
             if "http" in skipped:
-                skipped["http-raw"] = skipped["http"]
+                skipped["http-raw"] = skipped["http-raw-limits"] = skipped["http"]
             if skipped.keys() & {"node", "relay", "grpc"}:
                 raise RuntimeError(f"routing bench cannot run: {skipped}")
             paths = [p for p in PATHS if p not in skipped]
@@ -391,6 +412,21 @@ def _report(
         f"- routed through the gRPC door: {grpc_rps:,.0f} requests/s "
         f"(goal ≥ {GOAL_RPS:,}: {verdict(grpc_rps >= GOAL_RPS)})"
     )
+    if "grpc-limits" in load:
+        limited_rps, limited_cpu = load["grpc-limits"][0], load["grpc-limits"][3]
+        lines.append(
+            f"- with every limit set on the key: the gRPC door adds {p50('grpc-limits') - p50('node'):.3f} "
+            f"ms at p50 (without: {grpc_added:.3f}), {limited_rps:,.0f} requests/s (without: "
+            f"{grpc_rps:,.0f}), {1000 * limited_cpu / limited_rps:.2f} balancer CPU ms per request "
+            f"(without: {1000 * load['grpc'][3] / grpc_rps:.2f})"
+            + (
+                f"; the HTTP shim with the minimal client adds {p50('http-raw-limits') - p50('node'):.3f} "
+                f"ms (without: {p50('http-raw') - p50('node'):.3f}), {load['http-raw-limits'][0]:,.0f} "
+                f"requests/s (without: {load['http-raw'][0]:,.0f})"
+                if "http-raw-limits" in load and "http-raw" in load
+                else ""
+            )
+        )
     if "http-raw" in load:
         raw_rps = load["http-raw"][0]
         lines.append(

@@ -307,6 +307,10 @@ class BalancerConfig:
     # 30 s an orchestrator waits before it kills).
     stop_grace_s: float = 25.0
     usage_flush_s: float = 5.0  # how often usage counted in memory is written to the store
+    # How often each replica flushes its usage and reads every replica's totals of the keys with limits
+    # it serves (``balancer.edge.limits``): a replica may overshoot a key's limit by what the others
+    # admitted within about this long.
+    key_limits_sync_s: float = 1.0
     # The scheduler: how often it reconciles deployments with the fleet, and how long its lease in the
     # store lasts unrenewed (the replica acting on deployments; another takes over once it lapses).
     schedule_interval_s: float = 1.0
@@ -457,6 +461,7 @@ def load_balancer_config(
         http_limits=load_http_limits(s, ("LLMLB_",)),
         stop_grace_s=s.get(None, ("LLMLB_STOP_GRACE",), 25.0, parse_positive),
         usage_flush_s=s.get(None, ("LLMLB_USAGE_FLUSH",), 5.0, parse_positive),
+        key_limits_sync_s=s.get(None, ("LLMLB_KEY_LIMITS_SYNC",), 1.0, parse_positive),
         schedule_interval_s=s.get(None, ("LLMLB_SCHEDULE_INTERVAL",), 1.0, parse_positive),
         schedule_lease_s=s.get(None, ("LLMLB_SCHEDULE_LEASE",), 5.0, parse_positive),
         scale_up_queue_wait_s=s.get(None, ("LLMLB_SCALE_UP_QUEUE_WAIT",), 2.0, parse_positive),

@@ -16,6 +16,7 @@ from common.types import (
     Capability,
     FileFormat,
     GpuDevice,
+    KeyLimits,
     ManifestFile,
     Model,
     ModelSource,
@@ -281,4 +282,27 @@ def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
         revoked_at=timestamp(key.revoked_at),
         last_used_at=timestamp(key.last_used_at),
         node_id=key.node_id,
+        limits=key_limits_to_pb(key.limits),
+    )
+
+
+def key_limits_to_pb(limits: KeyLimits) -> pb.KeyLimits:
+    return pb.KeyLimits(
+        rpm=limits.rpm,
+        tpm=limits.tpm,
+        max_parallel=limits.max_parallel,
+        daily_tokens=limits.daily_tokens,
+        monthly_tokens=limits.monthly_tokens,
+        models=list(limits.models),
+    )
+
+
+def key_limits_from_pb(limits: pb.KeyLimits) -> KeyLimits:
+    return KeyLimits(
+        rpm=limits.rpm,
+        tpm=limits.tpm,
+        max_parallel=limits.max_parallel,
+        daily_tokens=limits.daily_tokens,
+        monthly_tokens=limits.monthly_tokens,
+        models=tuple(limits.models),
     )

@@ -29,6 +29,8 @@ class ErrorCode(enum.StrEnum):
     INSUFFICIENT_STORAGE = "insufficient_storage"
     NO_CAPABLE_NODES = "no_capable_nodes"
     QUEUE_FULL = "queue_full"
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"  # the key's requests or tokens per minute, or in flight
+    INSUFFICIENT_QUOTA = "insufficient_quota"  # the key's token budget for the day or month is spent
     TIMEOUT = "timeout"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
@@ -61,6 +63,9 @@ ERRORS: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.INSUFFICIENT_STORAGE: ErrorSpec(507, _S.RESOURCE_EXHAUSTED, "server_error"),
     ErrorCode.NO_CAPABLE_NODES: ErrorSpec(503, _S.UNAVAILABLE, "server_error"),
     ErrorCode.QUEUE_FULL: ErrorSpec(429, _S.RESOURCE_EXHAUSTED, "rate_limit_error"),
+    # An API key's own limits (``balancer.edge.limits``), in the types OpenAI gives them.
+    ErrorCode.RATE_LIMIT_EXCEEDED: ErrorSpec(429, _S.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
+    ErrorCode.INSUFFICIENT_QUOTA: ErrorSpec(429, _S.RESOURCE_EXHAUSTED, "insufficient_quota"),
     ErrorCode.TIMEOUT: ErrorSpec(504, _S.DEADLINE_EXCEEDED, "timeout_error"),
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, _S.UNAUTHENTICATED, "authentication_error"),
     ErrorCode.FORBIDDEN: ErrorSpec(403, _S.PERMISSION_DENIED, "permission_error"),
@@ -82,11 +87,20 @@ GRPC_RETRY_AFTER_KEY = "retry-after"
 class LlmlbError(Exception):
     """An error a client is meant to see: a stable code plus a human message."""
 
-    def __init__(self, code: ErrorCode, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+        # Sent with the refusal: HTTP headers, gRPC trailing metadata (e.g. the key's rate limits).
+        self.headers = headers
 
     @property
     def spec(self) -> ErrorSpec:
@@ -108,7 +122,7 @@ class LlmlbError(Exception):
 
         Both doors send it: HTTP as ``Retry-After``, gRPC in the ``retry-after`` trailer.
         """
-        if self.retry_after_s is None and self.code is not ErrorCode.QUEUE_FULL:
+        if self.retry_after_s is None and self.spec.http_status != 429:
             return None
         return max(1, math.ceil(self.retry_after_s or 1))
 

@@ -68,7 +68,7 @@ SERVER_OPTIONS = server_options(MAX_MESSAGE_BYTES // (1024 * 1024))  # servers o
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: LlmlbError) -> None:
     """Ends the RPC with the error's gRPC status; its code and any retry delay go in trailing metadata."""
-    trailing: tuple[tuple[str, str], ...] = ((GRPC_CODE_KEY, error.code.value),)
+    trailing: tuple[tuple[str, str], ...] = ((GRPC_CODE_KEY, error.code.value), *error.headers)
     wait = error.retry_after()
     if wait is not None:
         trailing += ((GRPC_RETRY_AFTER_KEY, str(wait)),)

@@ -170,6 +170,32 @@ class Scope(enum.StrEnum):
     ADMIN = "admin"
 
 
+LIMIT_NAMES = ("rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens", "models")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """What one API key may use; 0 (or no models) means no limit of that kind.
+
+    Tokens are prompt plus completion tokens as usage counts them; days and months are UTC.
+    """
+
+    rpm: int = 0  # requests started per minute
+    tpm: int = 0  # tokens per minute
+    max_parallel: int = 0  # requests in flight at once
+    daily_tokens: int = 0
+    monthly_tokens: int = 0
+    models: tuple[str, ...] = ()  # the only models the key may use and see; empty: all
+
+    @property
+    def any(self) -> bool:
+        """Whether any limit is set (a key without one costs the request path nothing)."""
+        return bool(self.rpm or self.tpm or self.max_parallel or self.daily_tokens or self.monthly_tokens)
+
+
+NO_LIMITS = KeyLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     """An API key as stored: only the hash of the secret is kept."""
@@ -183,6 +209,7 @@ class ApiKey:
     revoked_at: datetime | None = None
     last_used_at: datetime | None = None
     node_id: str = ""  # a node key bound to one node id registers that id only; "": any it owns
+    limits: KeyLimits = NO_LIMITS
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,9 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              model, key id, status, duration, tokens, node), at level info (default off)
   LLMLB_STOP_GRACE           on SIGTERM, seconds calls in flight may take to finish (default 25)
   LLMLB_USAGE_FLUSH          seconds between batched writes of usage per key and model (default 5)
+  LLMLB_KEY_LIMITS_SYNC      seconds between reads of every replica's usage of keys with limits; a
+                             replica may overshoot a key's limit by what the others admitted within
+                             this long (default 1)
   LLMLB_SCHEDULE_INTERVAL    seconds between the scheduler's passes over the deployments (default 1)
   LLMLB_SCHEDULE_LEASE       seconds the acting scheduler's lease lasts unrenewed; another replica
                              takes over once it lapses (default 5)

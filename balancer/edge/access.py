@@ -56,6 +56,7 @@ GRPC_ACCESS: dict[str, Access] = {
     f"{_REGISTRY}CreateKey": ADMIN,
     f"{_REGISTRY}ListKeys": ADMIN,
     f"{_REGISTRY}RevokeKey": ADMIN,
+    f"{_REGISTRY}UpdateKey": ADMIN,
     # Deployments: what the scheduler keeps running; set and ended by admins, read by api keys.
     f"{_REGISTRY}SetDeployment": ADMIN,
     f"{_REGISTRY}GetDeployment": READ,
@@ -118,6 +119,7 @@ HTTP_ACCESS: dict[tuple[str, str], Access] = {
     ("GET", "/v0/keys"): ADMIN,
     ("POST", "/v0/keys"): ADMIN,
     ("DELETE", "/v0/keys/{key}"): ADMIN,
+    ("PATCH", "/v0/keys/{key}"): ADMIN,
     ("GET", "/v0/me"): API,
     ("GET", "/v0/usage"): API,
     # The console's page and its scripts: static and data-free, so open; every datum it shows

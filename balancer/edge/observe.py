@@ -25,8 +25,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from balancer.edge.admission import admit
-from balancer.edge.caller import caller_key_id
+from balancer.edge.caller import caller, caller_key_id
 from balancer.edge.labels import Labels
+from balancer.edge.limits import Headers, KeyLimiter, KeyState
 from common import tracing
 from common.errors import ErrorCode, LlmlbError
 from common.inference import InferenceRequest, TextChunk, Usage
@@ -62,6 +63,8 @@ class Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     span: Span = INVALID_SPAN  # the request's span; a no-op one while tracing is off
+    limited: KeyState | None = None  # the caller's limits hold a slot for this request until it ends
+    headers: Headers = ()  # the caller's rate-limit headers, for every answer to it
 
     def first_chunk(self) -> None:
         self.first_token_s = time.perf_counter() - self.started
@@ -109,10 +112,17 @@ class Call:
 class Observer:
     """Opens a ``Call`` per request and closes it with its outcome; both doors hold one."""
 
-    def __init__(self, metrics: BalancerMetrics, labels: Labels, sinks: tuple[Sink, ...] = ()) -> None:
+    def __init__(
+        self,
+        metrics: BalancerMetrics,
+        labels: Labels,
+        sinks: tuple[Sink, ...] = (),
+        limiter: KeyLimiter | None = None,
+    ) -> None:
         self.metrics = metrics
         self._labels = labels
-        self._sinks = sinks
+        self._limiter = limiter
+        self._sinks = (*sinks, limiter) if limiter is not None else sinks
 
     def call(self, door: str, route: str, parent: Context | None = None, method: str = "") -> Call:
         """A new call, made by the key the door's access check let in; ``parent`` is the trace context
@@ -137,8 +147,9 @@ class Observer:
             span=span,
         )
 
-    def admit(self, call: Call, request: R) -> R:
-        """``request`` through admission (``edge.admission.admit``), its model then the call's label.
+    async def admit(self, call: Call, request: R) -> R:
+        """``request`` through admission (``edge.admission.admit``) and the caller's limits
+        (``edge.limits``), its model then the call's label.
 
         A refusal propagates to the door's ``unary``/``stream``/handler wrapper, which counts it once
         (unlabelled, since the model was never admitted).
@@ -148,6 +159,10 @@ class Observer:
             if span.is_recording():
                 span.set_attributes({"llmlb.model": request.model, "llmlb.request_id": request.request_id})
                 call.span.set_attribute("llmlb.request_id", request.request_id)
+            if self._limiter is not None:
+                key = caller()
+                self._limiter.check_model(key, request.model)
+                call.limited, call.headers = await self._limiter.admit(key)
         call.model = request.model
         return request
 
@@ -157,6 +172,8 @@ class Observer:
             return
         if isinstance(error, LlmlbError):
             code = error.code.value
+            if call.headers and not error.headers:  # a limited key's answers all carry its headers
+                error.headers = call.headers
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):  # the caller went away
             code = ErrorCode.CANCELLED.value
         else:

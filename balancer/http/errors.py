@@ -31,7 +31,7 @@ def error_response(
     error: LlmlbError, *, status: int | None = None, headers: Mapping[str, str] | None = None
 ) -> Response:
     """The JSON response for ``error``; ``status`` overrides the table's only for routing errors."""
-    headers = dict(headers or {})
+    headers = {**dict(error.headers), **(headers or {})}
     wait = retry_after(error)
     if wait is not None:
         headers["retry-after"] = wait

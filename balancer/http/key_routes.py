@@ -17,11 +17,11 @@ from balancer.auth import allows
 from balancer.edge.caller import caller
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
-from balancer.http.schemas import CreateKeyBody
+from balancer.http.schemas import CreateKeyBody, UpdateKeyBody
 from balancer.parts import BalancerParts
 from balancer.usage import window
 from common.errors import ErrorCode, LlmlbError
-from common.types import ApiKey, Scope, UsageCount
+from common.types import ApiKey, KeyLimits, Scope, UsageCount
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -39,6 +39,19 @@ def key_json(key: ApiKey) -> dict[str, Any]:
         "revoked_at": _iso(key.revoked_at),
         "last_used_at": _iso(key.last_used_at),
         "node_id": key.node_id,  # "" unless the key may register that one node id only
+        "limits": limits_json(key.limits),
+    }
+
+
+def limits_json(limits: KeyLimits) -> dict[str, Any]:
+    """A key's limits: 0 is no limit; an empty ``models``, every model."""
+    return {
+        "rpm": limits.rpm,
+        "tpm": limits.tpm,
+        "max_parallel": limits.max_parallel,
+        "daily_tokens": limits.daily_tokens,
+        "monthly_tokens": limits.monthly_tokens,
+        "models": list(limits.models),
     }
 
 
@@ -110,8 +123,24 @@ def key_routes(parts: BalancerParts) -> list[BaseRoute]:
 
     async def create_key(request: Request) -> Response:
         body = cv.parse_body(CreateKeyBody, await request.body())
-        key, secret = await parts.keys.create(body.name, _scopes(body.scopes), node_id=body.node_id)
+        limits = KeyLimits(
+            rpm=body.rpm,
+            tpm=body.tpm,
+            max_parallel=body.max_parallel,
+            daily_tokens=body.daily_tokens,
+            monthly_tokens=body.monthly_tokens,
+            models=tuple(body.models),
+        )
+        key, secret = await parts.keys.create(
+            body.name, _scopes(body.scopes), node_id=body.node_id, limits=limits
+        )
         return answer({**key_json(key), "secret": secret}, 201)  # the only time the secret is shown
+
+    async def update_key(request: Request) -> Response:
+        body = cv.parse_body(UpdateKeyBody, await request.body())
+        given = body.model_dump(exclude_none=True)
+        limits = KeyLimits(**{**given, "models": tuple(given.get("models", ()))})
+        return answer(key_json(await parts.keys.update(request.path_params["key"], limits, list(given))))
 
     async def revoke_key(request: Request) -> Response:
         return answer(key_json(await parts.keys.revoke(request.path_params["key"])))
@@ -139,6 +168,7 @@ def key_routes(parts: BalancerParts) -> list[BaseRoute]:
         Route("/v0/keys", list_keys, methods=["GET"]),
         Route("/v0/keys", create_key, methods=["POST"]),
         Route("/v0/keys/{key}", revoke_key, methods=["DELETE"]),
+        Route("/v0/keys/{key}", update_key, methods=["PATCH"]),
         Route("/v0/me", me, methods=["GET"]),
         Route("/v0/usage", usage, methods=["GET"]),
     ]

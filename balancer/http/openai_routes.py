@@ -68,8 +68,9 @@ def json_response(payload: Any, headers: dict[str, str] | None = None) -> Respon
 
 
 def door_observer(parts: BalancerParts) -> Observer:
-    """The HTTP door's observer: metrics, and the usage counter, history and access log (``parts.sinks``)."""
-    return Observer(parts.metrics, parts.labels, parts.sinks)
+    """The HTTP door's observer: metrics, the usage counter, history and access log (``parts.sinks``), and
+    the callers' limits."""
+    return Observer(parts.metrics, parts.labels, parts.sinks, parts.limits)
 
 
 def observed(
@@ -91,6 +92,8 @@ def observed(
             except BaseException as exc:
                 await observer.failed(call, exc)
                 raise
+            if call.headers:  # a limited key's rate-limit headers
+                response.headers.update(dict(call.headers))
             if not isinstance(response, StreamingAnswer):
                 call.done("ok")
             return response
@@ -217,7 +220,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def chat_completions(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(ChatCompletionBody, await request.body())
-        internal = observer.admit(call, cv.chat_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.chat_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -237,7 +240,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def completions(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(CompletionBody, await request.body())
-        internal = observer.admit(call, cv.complete_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.complete_request(body, request_id(request)))
         rid = internal.request_id
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await text_answer(
@@ -257,7 +260,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def embeddings(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(EmbeddingBody, await request.body())
-        internal = observer.admit(call, cv.embed_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.embed_request(body, request_id(request)))
         rid = internal.request_id
         result = await unless_disconnected(request.receive, routing.embed(internal, timeout=timeout))
         call.tokens(result.usage)
@@ -270,7 +273,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
             audio, filename = await _file(form, "file")
             rid = request_id(request)
-            internal = observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
+            internal = await observer.admit(call, cv.transcribe_request(form, audio, filename, rid))
             rid = internal.request_id
             fmt = parse_format(cv.form_text(form, "response_format"))
         transcript = await unless_disconnected(request.receive, routing.transcribe(internal, timeout=timeout))
@@ -282,7 +285,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def speech(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(SpeechBody, await request.body())
-        internal = observer.admit(call, cv.speak_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.speak_request(body, request_id(request)))
         rid = internal.request_id
         chunks = routing.speak(internal, timeout=timeout)
         first = await first_item(chunks, request.receive)
@@ -306,7 +309,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     @observed(observer, "image")
     async def image_generations(request: Request, call: Call) -> Response:
         body = cv.parse_body(ImageGenerationBody, await request.body())
-        internal = observer.admit(call, cv.generate_image_request(body, request_id(request)))
+        internal = await observer.admit(call, cv.generate_image_request(body, request_id(request)))
         return await image_answer(request, internal, internal.request_id)
 
     def image_form_route(operation: ImageOperation) -> Callable[[Request, Call], Awaitable[Response]]:
@@ -314,7 +317,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
             async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
                 image, _ = await _file(form, "image", "image[]")
                 mask, _ = await _file(form, "mask", required=False)
-                internal = observer.admit(
+                internal = await observer.admit(
                     call, cv.image_form_request(form, operation, image, mask, request_id(request))
                 )
             return await image_answer(request, internal, internal.request_id)

@@ -29,6 +29,7 @@ from balancer.http.schemas import (
     PullModelBody,
     RegisterModelBody,
     SpeechBody,
+    UpdateKeyBody,
 )
 
 Schema = dict[str, Any]
@@ -256,14 +257,36 @@ ANSWERS: dict[str, Schema] = {
             "nodes": arr(STR),
         }
     ),
+    "KeyLimits": obj(
+        {
+            "rpm": INT,
+            "tpm": INT,
+            "max_parallel": INT,
+            "daily_tokens": INT,
+            "monthly_tokens": INT,
+            "models": arr(STR),
+        }
+    ),
     "Key": obj(
         {"id": STR, "name": STR, "prefix": STR, "scopes": arr(STR)},
-        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME, "node_id": STR},
+        {
+            "created_at": _NULL_TIME,
+            "revoked_at": _NULL_TIME,
+            "last_used_at": _NULL_TIME,
+            "node_id": STR,
+            "limits": ref("KeyLimits"),
+        },
     ),
     "KeyList": obj({"object": {"const": "list"}, "data": arr(ref("Key"))}),
     "NewKey": obj(
         {"id": STR, "name": STR, "prefix": STR, "scopes": arr(STR), "secret": STR},
-        {"created_at": _NULL_TIME, "revoked_at": _NULL_TIME, "last_used_at": _NULL_TIME, "node_id": STR},
+        {
+            "created_at": _NULL_TIME,
+            "revoked_at": _NULL_TIME,
+            "last_used_at": _NULL_TIME,
+            "node_id": STR,
+            "limits": ref("KeyLimits"),
+        },
     ),
     "Me": obj({"id": STR, "name": STR, "scopes": arr(STR), "replica": STR}, {"prefix": STR}),
     "Usage": obj(
@@ -324,6 +347,7 @@ BODIES: tuple[type[BaseModel], ...] = (
     RegisterModelBody,
     PullModelBody,
     CreateKeyBody,
+    UpdateKeyBody,
     DeploymentBody,
 )
 
@@ -552,6 +576,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Keys",
         ok=_json("Key"),
         errors=(*_READ, 503),
+        path_params=("key",),
+    ),
+    ("PATCH", "/v0/keys/{key}"): Operation(
+        "Change an API key's limits (by id or prefix): those given change, 0 clears one",
+        "Keys",
+        "UpdateKeyBody",
+        _json("Key"),
+        errors=(400, *_READ, 503),
         path_params=("key",),
     ),
     ("GET", "/v0/me"): Operation(

@@ -84,7 +84,7 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def create_response(request: Request, call: Call) -> Response:
         timeout = request_timeout(request)
         body = cv.parse_body(ResponseCreateBody, await request.body())
-        internal = observer.admit(call, response_request(body, request_id(request)))
+        internal = await observer.admit(call, response_request(body, request_id(request)))
         rid = internal.request_id  # admission gives one to a request that came without
         builder = ResponseBuilder("resp_" + rid, int(time.time()), internal.model, echoed(body))
         if not body.stream:

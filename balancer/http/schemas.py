@@ -166,3 +166,22 @@ class CreateKeyBody(_Body):
     name: str = ""
     scopes: list[str]
     node_id: str = ""
+    # Limits (``common.types.KeyLimits``): 0 or absent is no limit; no models, every model.
+    rpm: int = 0
+    tpm: int = 0
+    max_parallel: int = 0
+    daily_tokens: int = 0
+    monthly_tokens: int = 0
+    models: list[str] = []
+
+
+class UpdateKeyBody(_Body):
+    """``PATCH /v0/keys/{key}``: the limits given change (0, or ``[]`` for models, clears one); the
+    others stay."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    models: list[str] | None = None

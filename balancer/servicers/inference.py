@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from balancer.edge.deadline import time_left
-from balancer.edge.observe import Observer
+from balancer.edge.observe import Call, Observer
 from balancer.router import Router
 from common import inference_pb as conv
 from common import tracing
@@ -39,6 +39,14 @@ class InferenceServicer(igrpc.InferenceServicer):
         self._router = router
         self._observer = observer
 
+    async def _admit(self, call: Call, request: R, context: Context) -> R:
+        """``request`` admitted by the edge; a limited key's rate-limit headers go out as trailing
+        metadata (with the status: no frame of their own; a refusal carries them in its own trailer)."""
+        admitted = await self._observer.admit(call, request)
+        if call.headers:
+            context.set_trailing_metadata(call.headers)
+        return admitted
+
     async def _unary(
         self,
         route: str,
@@ -49,7 +57,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
 
         async def admitted() -> T:
-            result = await answer(self._observer.admit(call, request()), _time_left(context))
+            result = await answer(await self._admit(call, request(), context), _time_left(context))
             usage = getattr(result, "usage", None)
             if usage is not None:
                 call.tokens(usage)
@@ -67,7 +75,7 @@ class InferenceServicer(igrpc.InferenceServicer):
         call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
 
         async def admitted() -> AsyncIterator[T]:
-            async for item in answer(self._observer.admit(call, request()), _time_left(context)):
+            async for item in answer(await self._admit(call, request(), context), _time_left(context)):
                 yield item
 
         return self._observer.stream(call, admitted())

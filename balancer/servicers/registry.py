@@ -268,12 +268,19 @@ class RegistryServicer(rgrpc.RegistryServicer):
         known = [s for s in scopes if s is not None]
         if len(known) != len(scopes):
             raise LlmlbError(ErrorCode.INVALID_REQUEST, "each scope must be api, node or admin")
-        key, secret = await self._keys.create(request.name, known, node_id=request.node_id)
+        key, secret = await self._keys.create(
+            request.name, known, node_id=request.node_id, limits=converters.key_limits_from_pb(request.limits)
+        )
         return rpb.CreateKeyResponse(key=converters.api_key_to_pb(key), secret=secret)
 
     @rpc_errors
     async def ListKeys(self, request: rpb.ListKeysRequest, context: Ctx) -> rpb.ListKeysResponse:
         return rpb.ListKeysResponse(keys=[converters.api_key_to_pb(k) for k in await self._keys.list()])
+
+    @rpc_errors
+    async def UpdateKey(self, request: rpb.UpdateKeyRequest, context: Ctx) -> pb.ApiKey:
+        limits = converters.key_limits_from_pb(request.limits)
+        return converters.api_key_to_pb(await self._keys.update(request.key, limits, list(request.set)))
 
     @rpc_errors
     async def RevokeKey(self, request: rpb.RevokeKeyRequest, context: Ctx) -> pb.ApiKey:

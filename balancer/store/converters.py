@@ -14,6 +14,7 @@ from common.types import (
     CommandKind,
     FileFormat,
     GpuDevice,
+    KeyLimits,
     ManifestFile,
     Model,
     ModelSource,
@@ -173,7 +174,20 @@ def api_key_row(key: ApiKey, *, created_at: datetime) -> ApiKeyRow:
         revoked_at=optional_utc(key.revoked_at),
         last_used_at=optional_utc(key.last_used_at),
         node_id=key.node_id or None,
+        **limit_columns(key.limits),
     )
+
+
+def limit_columns(limits: KeyLimits) -> dict[str, Any]:
+    """The ``api_keys`` columns of ``limits``: NULL where there is no limit."""
+    return {
+        "limit_rpm": limits.rpm or None,
+        "limit_tpm": limits.tpm or None,
+        "limit_parallel": limits.max_parallel or None,
+        "limit_daily_tokens": limits.daily_tokens or None,
+        "limit_monthly_tokens": limits.monthly_tokens or None,
+        "allowed_models": list(limits.models) or None,
+    }
 
 
 def api_key(row: ApiKeyRow) -> ApiKey:
@@ -187,4 +201,12 @@ def api_key(row: ApiKeyRow) -> ApiKey:
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
         node_id=row.node_id or "",
+        limits=KeyLimits(
+            rpm=row.limit_rpm or 0,
+            tpm=row.limit_tpm or 0,
+            max_parallel=row.limit_parallel or 0,
+            daily_tokens=row.limit_daily_tokens or 0,
+            monthly_tokens=row.limit_monthly_tokens or 0,
+            models=tuple(row.allowed_models or ()),
+        ),
     )

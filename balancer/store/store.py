@@ -43,7 +43,7 @@ from balancer.store.tables import (
     UsageRow,
 )
 from balancer.store.unavailable import mapped
-from common.types import ApiKey, CommandKind, Model, Node, NodeCommand, NodeState, UsageCount
+from common.types import ApiKey, CommandKind, KeyLimits, Model, Node, NodeCommand, NodeState, UsageCount
 
 log = structlog.get_logger(__name__)
 
@@ -497,6 +497,17 @@ class Store:
                 update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=converters.utc(at))
             )
 
+    async def set_key_limits(self, key_id: str, limits: KeyLimits) -> ApiKey | None:
+        """Replaces the limits of the key with this id; None when no key has it."""
+        async with self._writing() as session:
+            row = await session.get(ApiKeyRow, key_id)
+            if row is None:
+                return None
+            for name, value in converters.limit_columns(limits).items():
+                setattr(row, name, value)
+            await session.flush()
+            return converters.api_key(row)
+
     async def count_keys(self) -> int:
         """How many keys were ever stored, revoked ones included."""
         async with self._reading() as session:
@@ -552,6 +563,25 @@ class Store:
             ]
         # Sorted here, not by the database: its collation must not decide the order.
         return sorted(found, key=lambda c: (c.key_id, c.model, c.minute))
+
+    async def usage_totals(self, key_ids: Sequence[str], since: datetime) -> dict[str, tuple[int, int]]:
+        """Per key of ``key_ids``: (requests, prompt plus completion tokens) stored from the minute
+        holding ``since`` on, every model together; a key with no row is absent."""
+        if not key_ids:
+            return {}
+        start = converters.utc(since).replace(second=0, microsecond=0)
+        query = (
+            select(
+                UsageRow.key_id,
+                func.sum(UsageRow.requests),
+                func.sum(UsageRow.prompt_tokens + UsageRow.completion_tokens),
+            )
+            .where(UsageRow.minute >= start, UsageRow.key_id.in_(list(key_ids)))
+            .group_by(UsageRow.key_id)
+        )
+        async with self._reading() as session:
+            rows = await session.execute(query)
+            return {key_id: (int(requests or 0), int(tokens or 0)) for key_id, requests, tokens in rows}
 
     # secrets
 

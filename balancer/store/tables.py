@@ -178,6 +178,13 @@ class ApiKeyRow(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # The one node id a node key may register; NULL: any node id it owns or that is unclaimed.
     node_id: Mapped[str | None] = mapped_column(String(256))
+    # Limits (``common.types.KeyLimits``): NULL or 0 is no limit; NULL or an empty list, every model.
+    limit_rpm: Mapped[int | None] = mapped_column(BigInteger)
+    limit_tpm: Mapped[int | None] = mapped_column(BigInteger)
+    limit_parallel: Mapped[int | None] = mapped_column(BigInteger)
+    limit_daily_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    limit_monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class SecretRow(Base):

@@ -29,12 +29,14 @@ from balancer.store.engine import async_url
 from balancer.store.tables import Base
 from common.errors import ErrorCode, LlmlbError
 from common.types import (
+    NO_LIMITS,
     ApiKey,
     Backend,
     Capability,
     CommandKind,
     FileFormat,
     GpuDevice,
+    KeyLimits,
     ManifestFile,
     Model,
     ModelSource,
@@ -658,7 +660,7 @@ async def test_reopening_leaves_the_schema_at_head(database_url: str) -> None:
     finally:
         await engine.dispose()
     assert versions == [head_revision()]
-    assert head_revision() == "0007"
+    assert head_revision() == "0008"
     assert {
         "models",
         "manifest_files",
@@ -796,3 +798,67 @@ async def test_one_holder_has_the_lease_until_it_expires_or_is_dropped(store: St
     assert not await store.take_lease("scheduler", "replica-a", ttl_s=30)
     await asyncio.sleep(0.1)  # the clock the rule reads is the store's own: b's lease runs out
     assert await store.take_lease("scheduler", "replica-a", ttl_s=30)  # expired: taken over
+
+
+async def test_a_key_stored_before_limits_existed_migrates_unlimited_and_takes_limits(
+    database_url: str,
+) -> None:
+    # The schema as it was before migration 0008, with one key in it.
+    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "0007")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO api_keys (id, name, prefix, secret_hash, scopes, created_at)"
+                    " VALUES ('key-old', 'old', 'llmlb-old', 'hash-old', '[\"api\"]', :at)"
+                ),
+                {"at": datetime(2026, 1, 1, tzinfo=UTC)},
+            )
+    finally:
+        await engine.dispose()
+
+    store = await Store.open(database_url)  # migrates to head
+    try:
+        old = await store.find_key("hash-old")
+        assert old is not None and old.limits == NO_LIMITS and old.scopes == (Scope.API,)
+        limits = KeyLimits(
+            rpm=60, tpm=1000, max_parallel=2, daily_tokens=10, monthly_tokens=20, models=("a/b",)
+        )
+        assert (await store.set_key_limits("key-old", limits)) == dataclasses.replace(old, limits=limits)
+        assert (await store.find_key("hash-old")) == dataclasses.replace(old, limits=limits)
+        assert await store.set_key_limits("key-missing", limits) is None
+        cleared = await store.set_key_limits("key-old", NO_LIMITS)
+        assert cleared is not None and cleared.limits == NO_LIMITS
+    finally:
+        await store.close()
+    # And back: the downgrade drops the columns and keeps the key.
+    await asyncio.to_thread(command.downgrade, alembic_config(database_url), "0007")
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            names = await connection.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("api_keys")}
+            )
+            kept = (await connection.execute(text("SELECT id FROM api_keys"))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert "limit_rpm" not in names and "allowed_models" not in names and kept == ["key-old"]
+
+
+async def test_usage_totals_add_every_model_of_a_key_from_a_minute_on(store: Store) -> None:
+    at = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
+    await store.add_usage(
+        [
+            UsageCount("k1", "m/a", at, requests=2, prompt_tokens=10, completion_tokens=5),
+            UsageCount("k1", "m/b", at.replace(minute=31), requests=1, prompt_tokens=1, completion_tokens=1),
+            UsageCount("k1", "m/a", at.replace(minute=29), requests=7, prompt_tokens=100),
+            UsageCount("k2", "m/a", at, requests=3, completion_tokens=9),
+        ]
+    )
+    assert await store.usage_totals(["k1", "k2", "k3"], at.replace(second=40)) == {
+        "k1": (3, 17),
+        "k2": (3, 9),
+    }
+    assert await store.usage_totals(["k1"], at.replace(minute=0)) == {"k1": (10, 117)}
+    assert await store.usage_totals([], at) == {}

@@ -90,3 +90,19 @@ async def test_a_stop_writes_what_is_left_and_later_flushes_add_to_the_stored_ro
     await usage.stop()
     assert usage.pending() == []
     assert await store.usage(T0) == [UsageCount("key-a", "m", minute_of(T0), 2, 0, 5, 0)]
+
+
+async def test_totals_for_limits_add_stored_and_pending_counts_per_window_once_each(store: Store) -> None:
+    clock = Clock()
+    usage = UsageCounter(store, clock=clock)
+    usage.finished(Finished(prompt_tokens=5, completion_tokens=5), "ok", 0.1)
+    await usage.flush()  # stored
+    clock.now += timedelta(minutes=1)
+    usage.finished(Finished(model="other", prompt_tokens=1, completion_tokens=2), "ok", 0.1)  # pending
+    usage.finished(Finished(key_id="key-b", prompt_tokens=100), "ok", 0.1)  # another key
+    seen: list[list[dict[str, tuple[int, int]]]] = []
+    await usage.totals(["key-a"], [minute_of(clock.now), minute_of(T0)], seen.append)
+    assert seen == [[{"key-a": (1, 3)}, {"key-a": (2, 13)}]]
+    await usage.flush()  # the pending counts move to the store: the totals stay the same
+    await usage.totals(["key-a"], [minute_of(clock.now), minute_of(T0)], seen.append)
+    assert seen[1] == seen[0]

@@ -353,6 +353,14 @@ function usageTotals(rows, by) {
   return totals;
 }
 
+// A key's limits in one short line ("rpm 60 · tpm 10000 · models a, b"), or nothing without any.
+function limitsText(l) {
+  if (!l) return "";
+  const parts = ["rpm", "tpm", "max_parallel", "daily_tokens", "monthly_tokens"].filter((n) => l[n]).map((n) => `${n.replace("_", "-")} ${l[n]}`);
+  if (l.models.length) parts.push(`models ${l.models.join(", ")}`);
+  return parts.join(" · ");
+}
+
 async function keysPage() {
   const [keys, usage] = await Promise.all([api("GET", "/v0/keys"), api("GET", "/v0/usage")]);
   const totals = usageTotals(usage.data, (r) => r.key_id);
@@ -360,7 +368,8 @@ async function keysPage() {
     const t = totals.get(k.id) || { requests: 0, prompt_tokens: 0, completion_tokens: 0 };
     return h("tr", { "data-key": k.id },
       h("td", {}, h("code", { text: k.prefix }), h("div", { class: "hint", text: k.id })),
-      h("td", { text: k.name }), h("td", { text: k.scopes.join(", ") }),
+      h("td", {}, k.name, limitsText(k.limits) ? h("div", { class: "hint", "data-limits": "", text: limitsText(k.limits) }) : null),
+      h("td", { text: k.scopes.join(", ") }),
       h("td", { "data-requests": "", text: t.requests }), h("td", { text: t.prompt_tokens }), h("td", { text: t.completion_tokens }),
       h("td", { text: when(k.last_used_at) }),
       h("td", {}, stateCell(k.revoked_at ? "revoked" : "live")),

@@ -1003,6 +1003,7 @@ class CreateKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """a label for people, e.g. "chat-frontend" """
     node_id: _builtins.str
@@ -1011,16 +1012,21 @@ class CreateKeyRequest(_message.Message):
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Scope.ValueType]:
         """at least one"""
 
+    @_builtins.property
+    def limits(self) -> _types_pb2.KeyLimits:
+        """unset or zero: no limit"""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         scopes: _abc.Iterable[_types_pb2.Scope.ValueType] | None = ...,
         node_id: _builtins.str = ...,
+        limits: _types_pb2.KeyLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node_id", b"node_id", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "name", b"name", "node_id", b"node_id", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1108,6 +1114,38 @@ class RevokeKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeKeyRequest: _TypeAlias = RevokeKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key id or shown prefix"""
+    @_builtins.property
+    def limits(self) -> _types_pb2.KeyLimits:
+        """the new values; 0 (or no models) clears a limit"""
+
+    @_builtins.property
+    def set(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which limits to change: rpm, tpm, max_parallel, daily_tokens, monthly_tokens, models."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        limits: _types_pb2.KeyLimits | None = ...,
+        set: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "limits", b"limits", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
 
 @_typing.final
 class PullModelRequest(_message.Message):

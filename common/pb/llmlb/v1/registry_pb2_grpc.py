@@ -115,6 +115,11 @@ class RegistryStub:
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/llmlb.v1.Registry/UpdateKey',
+                request_serializer=llmlb_dot_v1_dot_registry__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
+                _registered_method=True)
         self.SetDeployment = channel.unary_unary(
                 '/llmlb.v1.Registry/SetDeployment',
                 request_serializer=llmlb_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
@@ -270,6 +275,14 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """Changes the limits named in ``set`` of a key (by id or shown prefix); the others stay.
+        NOT_FOUND when unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetDeployment(self, request, context):
         """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
         on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
@@ -389,6 +402,11 @@ def add_RegistryServicer_to_server(servicer, server):
             'RevokeKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeKey,
                     request_deserializer=llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=llmlb_dot_v1_dot_types__pb2.ApiKey.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=llmlb_dot_v1_dot_registry__pb2.UpdateKeyRequest.FromString,
                     response_serializer=llmlb_dot_v1_dot_types__pb2.ApiKey.SerializeToString,
             ),
             'SetDeployment': grpc.unary_unary_rpc_method_handler(
@@ -848,6 +866,33 @@ class Registry:
             target,
             '/llmlb.v1.Registry/RevokeKey',
             llmlb_dot_v1_dot_registry__pb2.RevokeKeyRequest.SerializeToString,
+            llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmlb.v1.Registry/UpdateKey',
+            llmlb_dot_v1_dot_registry__pb2.UpdateKeyRequest.SerializeToString,
             llmlb_dot_v1_dot_types__pb2.ApiKey.FromString,
             options,
             channel_credentials,

@@ -85,6 +85,10 @@ class RegistryStub:
     """Every key, revoked ones included, without secrets."""
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]
     """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateKeyRequest, _types_pb2.ApiKey]
+    """Changes the limits named in ``set`` of a key (by id or shown prefix); the others stay.
+    NOT_FOUND when unknown.
+    """
     SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]
     """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
     on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
@@ -157,6 +161,10 @@ class RegistryAsyncStub(RegistryStub):
     """Every key, revoked ones included, without secrets."""
     RevokeKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeKeyRequest, _types_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateKeyRequest, _types_pb2.ApiKey]  # type: ignore[assignment]
+    """Changes the limits named in ``set`` of a key (by id or shown prefix); the others stay.
+    NOT_FOUND when unknown.
+    """
     SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]  # type: ignore[assignment]
     """Says how many copies of a catalogue model should run (a fixed count, or min..max autoscaled) and
     on which nodes they may; the scheduler places them. Replaces the model's deployment. NOT_FOUND
@@ -322,6 +330,16 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.ApiKey, _abc.Awaitable[_types_pb2.ApiKey]]:
         """Revokes a key by id or by its shown prefix; it stops working at once. NOT_FOUND when unknown."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _registry_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.ApiKey, _abc.Awaitable[_types_pb2.ApiKey]]:
+        """Changes the limits named in ``set`` of a key (by id or shown prefix); the others stay.
+        NOT_FOUND when unknown.
+        """
 
     @_abc_1.abstractmethod
     def SetDeployment(

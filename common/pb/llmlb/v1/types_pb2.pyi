@@ -651,6 +651,7 @@ class ApiKey(_message.Message):
     REVOKED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """stable id"""
     name: _builtins.str
@@ -675,6 +676,10 @@ class ApiKey(_message.Message):
     def last_used_at(self) -> _timestamp_pb2.Timestamp:
         """last accepted request, roughly (updated at most once a minute)"""
 
+    @_builtins.property
+    def limits(self) -> Global___KeyLimits:
+        """what it may use; unset or zero: no limit"""
+
     def __init__(
         self,
         *,
@@ -686,11 +691,58 @@ class ApiKey(_message.Message):
         revoked_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         node_id: _builtins.str = ...,
+        limits: Global___KeyLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at", "limits", b"limits", "revoked_at", b"revoked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "last_used_at", b"last_used_at", "name", b"name", "node_id", b"node_id", "prefix", b"prefix", "revoked_at", b"revoked_at", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "last_used_at", b"last_used_at", "limits", b"limits", "name", b"name", "node_id", b"node_id", "prefix", b"prefix", "revoked_at", b"revoked_at", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class KeyLimits(_message.Message):
+    """Limits and budgets of one API key; 0 (or no models) means no limit of that kind. Tokens are
+    prompt plus completion tokens; days and months are UTC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RPM_FIELD_NUMBER: _builtins.int
+    TPM_FIELD_NUMBER: _builtins.int
+    MAX_PARALLEL_FIELD_NUMBER: _builtins.int
+    DAILY_TOKENS_FIELD_NUMBER: _builtins.int
+    MONTHLY_TOKENS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    rpm: _builtins.int
+    """requests per minute"""
+    tpm: _builtins.int
+    """tokens per minute"""
+    max_parallel: _builtins.int
+    """requests in flight at once"""
+    daily_tokens: _builtins.int
+    """tokens a day"""
+    monthly_tokens: _builtins.int
+    """tokens a month"""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the only models it may use and see; empty: every model"""
+
+    def __init__(
+        self,
+        *,
+        rpm: _builtins.int = ...,
+        tpm: _builtins.int = ...,
+        max_parallel: _builtins.int = ...,
+        daily_tokens: _builtins.int = ...,
+        monthly_tokens: _builtins.int = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily_tokens", b"daily_tokens", "max_parallel", b"max_parallel", "models", b"models", "monthly_tokens", b"monthly_tokens", "rpm", b"rpm", "tpm", b"tpm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyLimits: _TypeAlias = KeyLimits  # noqa: Y015
