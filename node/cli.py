@@ -54,6 +54,10 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_MEMORY_BUDGET_MB        the most memory (MB) the node offers and loads models into; the balancer
                                places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
   XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)
+  XLLM_VLLM_COMMAND            command serving safetensors models with vLLM's OpenAI API; the node adds
+                               --model, --port and --host; set, it serves them on any backend (default:
+                               python -m vllm.entrypoints.openai.api_server on CUDA with vllm installed;
+                               otherwise transformers on PyTorch serves them)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
   LLMLB_HOME                   state directory (default ~/.llmlb)
   HF_ENDPOINT                  Hugging Face endpoint (default https://huggingface.co)
