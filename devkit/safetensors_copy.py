@@ -100,3 +100,27 @@ def safetensors_files(folder: Path, model_id: str = "gemma-3-270m-safetensors") 
         chat_template=gemma.chat_template,
     )
     return ModelFiles(model=model, paths={n: folder / n for n in names})
+
+
+def catalogue_entry(folder: Path, model_id: str = "gemma-3-270m-safetensors") -> dict[str, object]:
+    """A catalogue entry (``LLMLB_CATALOG``'s shape) for the copy in ``folder``: every file with its size
+    and sha256 (hashed once, then kept beside the folder), the packaged gemma's chat template."""
+    sums_path = folder.with_name(folder.name + ".sha256.json")
+    try:
+        sums: dict[str, str] = json.loads(sums_path.read_text())
+    except (OSError, ValueError):
+        sums = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        sums_path.write_text(json.dumps(sums, indent=2))
+    files = safetensors_files(folder, model_id)
+    return {
+        "id": model_id,
+        "name": files.model.name,
+        "source": "hf",
+        "repo_id": f"local/{model_id}",
+        "artifacts": [
+            {"filename": f.filename, "size_bytes": f.size_bytes, "sha256": sums[f.filename]}
+            for f in files.model.files
+        ],
+        "capabilities": [c.value for c in files.model.capabilities],
+        "chat_template": files.model.chat_template,
+    }
