@@ -7,7 +7,7 @@ over the model's own forward pass (its ``cache`` carried between steps), so ever
 the caller's ``CancelFlag``, apply stop sequences as text streams, and read log-probabilities.
 
 This runtime serves CPU and Metal nodes (PyTorch's CPU build, or ``mps``); CUDA nodes serve safetensors
-with vLLM (``node.runtimes.vllm``) when it is installed.
+with vLLM (``node.runtimes.vllm``) when it is installed, else with this runtime on the GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ log = structlog.get_logger(__name__)
 ENGINE = "transformers"
 _MB = 1024 * 1024
 # Bytes per weight of each dtype a config may name; the runtime loads float32 on the CPU (PyTorch's
-# CPU kernels for half precision are slow or missing) and float16 on Metal.
+# CPU kernels for half precision are slow or missing) and float16 on a GPU.
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
 # Activations, the key/value cache of a few thousand tokens and PyTorch's own allocations.
 MEMORY_MARGIN_MB = 256
@@ -61,7 +61,12 @@ def available(settings: RuntimeSettings) -> bool:
 
 
 def load_dtype(backend: Backend) -> str:
-    return "float16" if backend is Backend.METAL else "float32"
+    return "float32" if backend is Backend.CPU else "float16"
+
+
+def torch_device(backend: Backend) -> str:
+    """Where the weights go: the GPU on CUDA (when vLLM is not installed) and Metal, else the CPU."""
+    return {Backend.CUDA: "cuda", Backend.METAL: "mps"}.get(backend, "cpu")
 
 
 def _file_dtype(config: dict[str, Any]) -> str:
@@ -116,7 +121,7 @@ class TransformersRuntime:
         with self._lock:
             if self.settings.threads:
                 torch.set_num_threads(self.settings.threads)
-            self._device = "mps" if self.settings.backend is Backend.METAL else "cpu"
+            self._device = torch_device(self.settings.backend)
             dtype = getattr(torch, load_dtype(self.settings.backend))
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.folder)
