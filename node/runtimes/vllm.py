@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -92,6 +93,7 @@ class VllmRuntime:
         self._error: str | None = None
         self._restarts = 0
         self._kv_cache: float | None = None
+        self._template_file: Path | None = None
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=httpx.Timeout(10.0, read=None))
@@ -134,11 +136,12 @@ class VllmRuntime:
                 "--port",
                 str(self._port),
             ]
-            if self.chat_template:
-                template = self.folder.parent / f".{self.folder.name}.chat_template.jinja"
-                with contextlib.suppress(OSError):
-                    template.write_text(self.chat_template)
-                    args += ["--chat-template", str(template)]
+            if self.chat_template:  # the catalogue's; written out, as the model's folder may be read-only
+                if self._template_file is None:
+                    with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as f:
+                        f.write(self.chat_template)
+                    self._template_file = Path(f.name)
+                args += ["--chat-template", str(self._template_file)]
             self._log_file = tempfile.TemporaryFile(prefix="vllm-")  # noqa: SIM115 (lives with the process)
             self._process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT
@@ -190,6 +193,9 @@ class VllmRuntime:
         self._stop_process()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=5)
+        if self._template_file is not None:
+            self._template_file.unlink(missing_ok=True)
+            self._template_file = None
 
     def _stop_process(self) -> None:
         with self._lock:
