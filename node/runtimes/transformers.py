@@ -38,6 +38,7 @@ from common.inference import (
 )
 from common.types import Backend, Capability, FileFormat
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
+from node.runtimes.hf_folder import model_folder
 from node.runtimes.llama import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, StopMatcher, normalize
 
 if TYPE_CHECKING:
@@ -82,11 +83,12 @@ class TransformersRuntime:
 
     def __init__(self, context: LoadContext) -> None:
         weights = context.files_of(FileFormat.SAFETENSORS)
-        config = context.file_named("config.json")
+        config = context.paths.get("config.json") or context.file_named("config.json")
         if not weights or config is None:
             raise missing_file(context.model.id, "safetensors weights and config.json")
         self.model_id = context.model.id
-        self.folder = config.parent
+        self.folder = config.parent  # until load() finds the folder holding every file
+        self._paths = dict(context.paths)
         self.settings: RuntimeSettings = context.settings
         self.fallback_template = context.model.chat_template
         self._weights_bytes = context.bytes_on_disk(FileFormat.SAFETENSORS)
@@ -123,6 +125,7 @@ class TransformersRuntime:
                 torch.set_num_threads(self.settings.threads)
             self._device = torch_device(self.settings.backend)
             dtype = getattr(torch, load_dtype(self.settings.backend))
+            self.folder = model_folder(self._paths, self.model_id)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(self.folder)
                 model: Any = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype)

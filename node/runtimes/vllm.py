@@ -42,6 +42,7 @@ from common.inference import (
 )
 from common.types import Backend, Capability, FileFormat
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
+from node.runtimes.hf_folder import model_folder
 
 log = structlog.get_logger(__name__)
 
@@ -75,11 +76,12 @@ class VllmRuntime:
     capabilities = frozenset({Capability.CHAT, Capability.COMPLETION})
 
     def __init__(self, context: LoadContext) -> None:
-        config = context.file_named("config.json")
+        config = context.paths.get("config.json") or context.file_named("config.json")
         if not context.files_of(FileFormat.SAFETENSORS) or config is None:
             raise missing_file(context.model.id, "safetensors weights and config.json")
         self.model_id = context.model.id
-        self.folder = config.parent
+        self.folder = config.parent  # until load() finds the folder holding every file
+        self._paths = dict(context.paths)
         self.settings = context.settings
         self.chat_template = context.model.chat_template
         self._weights_bytes = context.bytes_on_disk(FileFormat.SAFETENSORS)
@@ -116,6 +118,7 @@ class VllmRuntime:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def load(self) -> None:
+        self.folder = model_folder(self._paths, self.model_id)
         self._stopping.clear()
         self._start()
         self._watcher = threading.Thread(target=self._watch, name=f"vllm-{self.model_id}", daemon=True)

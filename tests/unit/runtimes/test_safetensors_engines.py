@@ -15,6 +15,7 @@ from common.types import Backend, Capability, FileFormat, ManifestFile, Model, M
 from node.runtimes import transformers as tf
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.engines import Engines
+from node.runtimes.hf_folder import model_folder
 from node.runtimes.vllm import kv_cache_usage
 
 
@@ -95,3 +96,22 @@ def test_the_kv_cache_use_is_read_from_either_vllm_gauge() -> None:
     )
     assert kv_cache_usage(page) == 0.5
     assert kv_cache_usage("vllm:num_requests_running 1.0\n") is None
+
+
+def test_a_models_files_found_in_two_places_are_read_from_one_folder(tmp_path: Path) -> None:
+    local, shared = tmp_path / "models" / "m", tmp_path / "shared" / "m"
+    (local / "tokenizer").mkdir(parents=True)
+    shared.mkdir(parents=True)
+    (shared / "config.json").write_text("{}")
+    (shared / "model.safetensors").write_bytes(b"w")
+    (local / "tokenizer" / "tokenizer.json").write_text("{}")
+    together = {n: shared / n for n in ("config.json", "model.safetensors")}
+    assert model_folder(together, "m") == shared  # all in one place: read in place
+
+    split = {**together, "tokenizer/tokenizer.json": local / "tokenizer" / "tokenizer.json"}
+    folder = model_folder(split, "m")
+    assert folder not in (local, shared)
+    assert (folder / "config.json").read_text() == "{}"
+    assert (folder / "tokenizer" / "tokenizer.json").resolve() == (
+        local / "tokenizer" / "tokenizer.json"
+    ).resolve()
