@@ -15,17 +15,16 @@ from pathlib import Path, PurePosixPath
 
 def model_folder(paths: Mapping[str, Path], model_id: str) -> Path:
     """The folder holding every manifest file of ``paths`` (filename -> path) under its own name."""
-    roots = set()
+    roots: set[Path] = set()
+    in_place = True  # every file lies under its root by its manifest name
     for filename, path in paths.items():
-        depth = len(PurePosixPath(filename).parts)
         root = path
-        for _ in range(depth):
+        for _ in PurePosixPath(filename).parts:
             root = root.parent
-        if root / filename != path:
-            roots.add(None)
+        in_place = in_place and root / filename == path
         roots.add(root)
-    if len(roots) == 1 and None not in roots:
-        return next(iter(roots))  # type: ignore[return-value]
+    if in_place and len(roots) == 1:
+        return roots.pop()
     links = Path(tempfile.mkdtemp(prefix=f"llmlb-{model_id.replace('/', '-')}-"))
     for filename, path in paths.items():
         link = links / filename
