@@ -8,6 +8,9 @@ the caller's ``CancelFlag``, apply stop sequences as text streams, and read log-
 
 This runtime serves CPU and Metal nodes (PyTorch's CPU build, or ``mps``); CUDA nodes serve safetensors
 with vLLM (``node.runtimes.vllm``) when it is installed, else with this runtime on the GPU.
+
+Just over 400 lines: sampling, penalties and log-probabilities are small functions of the one token
+loop they serve, and read best beside it.
 """
 
 from __future__ import annotations
