@@ -11,7 +11,22 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common.prefixes import MAX_REPORTED
-from common.types import Backend, Capability, GpuDevice, Model, ModelState
+from common.types import Backend, Capability, FileFormat, GpuDevice, Model, ModelState
+
+# The weight formats each runtime a node may report loads (see node/runtimes/*: their RuntimeSpec), for
+# nodes that register without their formats (older builds, rows read back from the store).
+RUNTIME_FORMATS: dict[str, frozenset[FileFormat]] = {
+    "llama.cpp": frozenset({FileFormat.GGUF}),
+    "stable-diffusion.cpp": frozenset({FileFormat.GGUF, FileFormat.SAFETENSORS}),
+    "onnxruntime": frozenset({FileFormat.ONNX}),
+    "faster-whisper": frozenset({FileFormat.WHISPER}),
+    "transformers": frozenset({FileFormat.SAFETENSORS}),
+    "vllm": frozenset({FileFormat.SAFETENSORS}),
+}
+
+
+def formats_of_runtimes(runtimes: Iterable[str]) -> frozenset[FileFormat]:
+    return frozenset(f for runtime in runtimes for f in RUNTIME_FORMATS.get(runtime, ()))
 
 
 @dataclass(slots=True)
@@ -52,6 +67,7 @@ class NodeLoad:
     memory_used_mb: int = 0
     memory_total_mb: int = 0  # what the node offers: its memory budget where the operator caps it
     gpus: tuple[GpuDevice, ...] = ()  # each GPU's offer, where the node is capped
+    kv_cache_percent: float = 0.0  # the fullest key/value cache of a model server it runs (vLLM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +89,13 @@ class NodeInfo:
     runtimes: tuple[str, ...] = ()
     gpus: tuple[GpuDevice, ...] = ()
     memory_total_mb: int = 0
+    # The weight formats its runtimes load; a node that reported none is read from its ``runtimes``.
+    formats: frozenset[FileFormat] = frozenset()
+
+    @property
+    def runs(self) -> frozenset[FileFormat]:
+        """The weight formats this node can run."""
+        return self.formats or formats_of_runtimes(self.runtimes)
 
 
 class Fleet:

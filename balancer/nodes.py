@@ -23,7 +23,7 @@ from balancer.parts import BalancerParts
 from balancer.store import TooLong
 from common.errors import ErrorCode, LlmlbError
 from common.node_id import check_node_id
-from common.types import ApiKey, Backend, Capability, CommandKind, GpuDevice, Node, NodeState
+from common.types import ApiKey, Backend, Capability, CommandKind, FileFormat, GpuDevice, Node, NodeState
 
 log = structlog.get_logger(__name__)
 DETACH_POLL_S = 0.05  # how often a removal looks whether another replica has let go of the node
@@ -45,6 +45,7 @@ class NodeRegistration:
         default_factory=dict
     )  # ``xllm serve --label``: deployments select by them
     memory_total_mb: int = 0  # the host's RAM, or the node's memory budget where the operator caps it
+    formats: frozenset[FileFormat] = frozenset()  # weight formats its runtimes load; empty: by runtimes
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ async def register_node(
             runtimes=reg.runtimes,
             gpus=reg.gpus,
             memory_total_mb=reg.memory_total_mb,
+            formats=reg.formats,
         )
     )
     config = parts.config

@@ -47,7 +47,7 @@ from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.store import Store, StoreUnavailable
 from balancer.store.engine import is_postgresql
 from common.errors import LlmlbError
-from common.types import Backend, Capability, GpuDevice, ModelState, Node, NodeState
+from common.types import Backend, Capability, FileFormat, GpuDevice, ModelState, Node, NodeState
 
 if TYPE_CHECKING:
     from balancer.parts import BalancerParts
@@ -95,6 +95,7 @@ class NodeSnapshot:
                 runtimes=info.runtimes,
                 gpus=info.gpus,
                 memory_total_mb=info.memory_total_mb,
+                formats=info.formats,
             ),
             fleet.is_stopping(node_id),
         )
@@ -114,6 +115,7 @@ class NodeSnapshot:
             runtimes=p.runtimes,
             gpus=p.gpus,
             memory_total_mb=p.memory_total_mb,
+            formats=p.formats,
         )
 
     def routing_key(self) -> tuple[object, ...]:
@@ -152,6 +154,7 @@ class NodeSnapshot:
                 "labels": dict(p.labels),
                 "backends": [b.value for b in p.backends],
                 "runtimes": list(p.runtimes),
+                "formats": sorted(f.value for f in p.formats),
                 "memory_total_mb": p.memory_total_mb,
                 "gpus": [
                     [g.index, g.name, g.memory_total_mb, g.memory_free_mb] for g in self.load.gpus or p.gpus
@@ -193,6 +196,7 @@ class NodeSnapshot:
         gpus: tuple[GpuDevice, ...] = ()
         if isinstance(p, dict):
             known_backends = {b.value for b in Backend}
+            known_formats = {f.value for f in FileFormat}
             gpus = tuple(GpuDevice(int(i), str(n), int(t), int(f)) for i, n, t, f in p.get("gpus", []))
             placement = NodeInfo(
                 node_id,
@@ -202,6 +206,7 @@ class NodeSnapshot:
                 runtimes=tuple(str(r) for r in p.get("runtimes", [])),
                 gpus=gpus,
                 memory_total_mb=int(p.get("memory_total_mb", 0)),
+                formats=frozenset(FileFormat(f) for f in p.get("formats", []) if f in known_formats),
             )
         active, queued, cpu, used, total_mb = (body.get("load") or [0, 0, 0.0, 0, 0])[:5]
         prefixes = {}

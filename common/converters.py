@@ -137,6 +137,15 @@ def capabilities_to_pb(caps: Iterable[Capability]) -> list[pb.Capability.ValueTy
     return [_CAPABILITY_TO_PB[c] for c in caps]
 
 
+def formats_to_pb(formats: Iterable[FileFormat]) -> list[pb.FileFormat.ValueType]:
+    return [_FORMAT_TO_PB[f] for f in formats]
+
+
+def formats_from_pb(values: Iterable[int]) -> list[FileFormat]:
+    """File formats as a peer reports them; values this build does not know are left out."""
+    return [_FORMAT_FROM_PB[v] for v in values if v in _FORMAT_FROM_PB]
+
+
 def capabilities_from_pb(values: Iterable[int]) -> list[Capability]:
     """Capabilities as a peer reports them; values this build does not know are left out."""
     return [_CAPABILITY_FROM_PB[v] for v in values if v in _CAPABILITY_FROM_PB]

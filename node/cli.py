@@ -63,6 +63,10 @@ environment (flags win over these; $LLMLB_HOME/.env, default ~/.llmlb/.env, is r
   XLLM_MEMORY_BUDGET_MB        the most memory (MB) the node offers and loads models into; the balancer
                                places by it (default 0: 90% of GPU memory on CUDA, else 75% of RAM)
   XLLM_LABELS                  comma-separated key=value labels deployments' selectors match (default none)
+  XLLM_VLLM_COMMAND            command serving safetensors models with vLLM's OpenAI API; the node adds
+                               --model, --port and --host; set, it serves them on any backend (default:
+                               python -m vllm.entrypoints.openai.api_server on CUDA with vllm installed;
+                               otherwise transformers on PyTorch serves them)
   XLLM_LOG_FORMAT / XLLM_LOG_LEVEL   console or json / debug, info, warning, error (then LLMLB_LOG_*)
   OTEL_EXPORTER_OTLP_ENDPOINT  OpenTelemetry collector: set, each call's spans (under the balancer's,
                                from its traceparent) are exported over OTLP (default unset: no traces);

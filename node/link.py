@@ -48,7 +48,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from common.types import Capability, Model, ModelState
+from common.types import Capability, FileFormat, Model, ModelState
 from node.balancers import BalancerChannels, BalancerProxySource, Reattach
 from node.blob_sources import BlobSource, BulkSource, ReadBlobSource
 from node.hardware import Hardware, offered
@@ -83,6 +83,7 @@ class CommandHandler(Protocol):
 class Load:
     active_requests: int = 0
     queued_requests: int = 0
+    kv_cache_percent: float = 0.0  # the fullest key/value cache of a model server it runs (vLLM)
 
 
 def version() -> str:
@@ -131,6 +132,7 @@ class BalancerLink:
         *,
         runtimes: Sequence[str] = (),
         capabilities: Sequence[Capability] = (),
+        formats: Sequence[FileFormat] = (),
         load: Callable[[], Load] = Load,
         runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
         draining: Callable[[], bool] = lambda: False,
@@ -151,6 +153,7 @@ class BalancerLink:
         self.handler = handler  # set before start(): commands arrive only once the session is up
         self._runtimes = list(runtimes)
         self._capabilities = list(capabilities)
+        self._formats = list(formats)
         self._load = load
         self._runtime_states = runtime_states
         self._draining = draining
@@ -288,6 +291,7 @@ class BalancerLink:
                 gpus=[converters.gpu_to_pb(g) for g in offer.gpus],
                 runtimes=self._runtimes,
                 capabilities=converters.capabilities_to_pb(self._capabilities),
+                formats=converters.formats_to_pb(self._formats),
                 version=version(),
                 auth_token=self._config.auth_token.reveal(),
                 memory_total_mb=offer.memory_total_mb,
@@ -394,6 +398,7 @@ class BalancerLink:
                     memory_used_mb=used,
                     memory_total_mb=total,
                     gpus=gpus,
+                    kv_cache_percent=load.kv_cache_percent,
                 ),
                 models=models,
                 draining=self._draining(),

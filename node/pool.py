@@ -52,6 +52,7 @@ from node.runtimes.base import (
     CancelFlag,
     Embedding,
     ImageGeneration,
+    KvCacheReporting,
     LoadContext,
     PrefixCaching,
     PrefixListener,
@@ -105,6 +106,9 @@ class PoolSettings:
     context_tokens: int = 4096  # XLLM_CONTEXT_TOKENS: llama.cpp context window per slot
     gpu_layers: int | None = None  # XLLM_GPU_LAYERS: layers offloaded on CUDA/Metal; unset: all
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # XLLM_PREFIX_CACHE_MB: kept prompt prefixes per model
+    # XLLM_VLLM_COMMAND: the command serving safetensors models with vLLM's OpenAI API (the node adds
+    # --model, --port, ...); set, it is used on any backend; unset, vLLM's own on CUDA when installed.
+    vllm_command: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PoolSettings:
@@ -118,6 +122,7 @@ class PoolSettings:
             context_tokens=_env_int(env, "XLLM_CONTEXT_TOKENS", 4096, minimum=256),
             gpu_layers=_env_int(env, "XLLM_GPU_LAYERS", -1, minimum=-1) if gpu_layers else None,
             prefix_cache_mb=_env_int(env, "XLLM_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB),
+            vllm_command=env.get("XLLM_VLLM_COMMAND", "").strip(),
         )
 
     def budget_mb(self, hardware: Hardware) -> int:
@@ -205,7 +210,7 @@ class ModelPool:
     ) -> None:
         self.hardware = hardware
         self.settings = settings or PoolSettings()
-        self.engines = engines or Engines.default()
+        self.engines = engines or Engines.default(self._runtime_settings())
         self.budget_mb = self.settings.budget_mb(hardware)
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -264,6 +269,16 @@ class ModelPool:
                 out[e.model_id] = out.get(e.model_id, 0) + e.runtime.prefix_cache_bytes
         return out
 
+    def kv_cache_usage(self) -> dict[str, float]:
+        """Model id -> the share (0..1) of its model server's key/value cache in use, where one reports it."""
+        out: dict[str, float] = {}
+        for e in self._entries.values():
+            if e.state is ModelState.READY and isinstance(e.runtime, KvCacheReporting):
+                usage = e.runtime.kv_cache_usage
+                if usage is not None:
+                    out[e.model_id] = max(out.get(e.model_id, 0.0), usage)
+        return out
+
     @property
     def used_mb(self) -> int:
         return sum(e.memory_mb for e in self._holding())
@@ -298,6 +313,7 @@ class ModelPool:
             gpu_layers=self.settings.gpu_layers,
             slots=self.settings.slots_per_model,
             prefix_cache_mb=self.settings.prefix_cache_mb,
+            vllm_command=self.settings.vllm_command,
         )
 
     async def prefetch(self, resolved: ResolvedModel, *, pin: bool = False) -> None:

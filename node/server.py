@@ -232,7 +232,8 @@ class NodeParts:
 def pool_load(models: ModelPool) -> Load:
     """Requests holding a slot and requests queued, over every loaded model."""
     details = models.details()
-    return Load(sum(d.active for d in details), sum(d.waiting for d in details))
+    kv = max(models.kv_cache_usage().values(), default=0.0)
+    return Load(sum(d.active for d in details), sum(d.waiting for d in details), round(100 * kv, 1))
 
 
 def runtime_states(models: ModelPool) -> dict[str, ModelReport]:
@@ -303,6 +304,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         states,
         runtimes=models.engines.names,
         capabilities=models.engines.capabilities,
+        formats=models.engines.formats,
         load=lambda: pool_load(models),
         runtime_states=lambda: runtime_states(models),
         draining=lambda: commands.draining,

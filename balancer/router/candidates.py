@@ -1,6 +1,7 @@
 """Which nodes could serve a model's capability, ranked by how soon each could answer.
 
-Candidates are online, non-draining nodes whose runtimes serve the capability (``Fleet.online()``
+Candidates are online, non-draining nodes whose runtimes serve the capability and run the model's
+weight format (a safetensors model goes only to nodes with transformers or vLLM; ``Fleet.online()``
 already leaves out draining nodes). They come in tiers: the model loaded (or loading), then on disk,
 then to be downloaded (never for a model placed by hand: only the nodes holding it serve it). A node
 where the model is downloading or failed is no candidate; while a download is under way somewhere
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.router.deployed import Deployed
-from common.types import Capability, Model, ModelSource, ModelState
+from common.types import Capability, FileFormat, Model, ModelSource, ModelState
 
 # Tiers: how soon a node can answer for the model. Lower is better.
 READY, ON_DISK, DOWNLOADABLE = 0, 1, 2
@@ -29,6 +30,14 @@ _TIER = {
 }
 
 Key = tuple[str, Capability]  # (model id, capability)
+# The formats that are a model's weights (its config and tokenizer files run anywhere).
+WEIGHT_FORMATS = frozenset(
+    {FileFormat.GGUF, FileFormat.SAFETENSORS, FileFormat.WHISPER, FileFormat.ONNX, FileFormat.METAL}
+)
+
+
+def weight_formats(model: Model) -> frozenset[FileFormat]:
+    return frozenset(f.format for f in model.files if f.format in WEIGHT_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +90,15 @@ class Candidates:
         downloading: list[ModelOnNode] = []
         failed: list[ModelOnNode] = []
         capable = False
+        weights = weight_formats(model)
+        others: set[FileFormat] = set()  # what the nodes with the capability run, when none runs these
         for node_id in fleet.online():
             info = fleet.info(node_id)
             if info is None or capability not in info.capabilities:
+                continue
+            runs = info.runs  # empty: not known (a node seen through another replica), so not judged
+            if weights and runs and not weights & runs:
+                others.update(runs)
                 continue
             capable = True
             state = fleet.state_on(node_id, model.id)
@@ -116,6 +131,10 @@ class Candidates:
                 why = f"model {model.id!r} is downloading on {best.node_id} ({pct}); retry shortly"
             elif failed:
                 why = f"model {model.id!r} failed on every capable node: {failed[0].error or 'see node logs'}"
+            elif others and not capable:
+                names = ", ".join(sorted(f.value for f in weights))
+                run = ", ".join(sorted(f.value for f in others & WEIGHT_FORMATS))
+                why = f"no node can run {names} models (model {model.id!r}); nodes run: {run}"
             else:
                 why = f"no online node can serve {capability.value} for model {model.id!r}"
         return candidates, why, coming

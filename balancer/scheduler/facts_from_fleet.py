@@ -12,15 +12,7 @@ from collections.abc import Iterable
 
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.scheduler.facts import Copy, CopyState, DeviceFacts, DeviceKind, Download, NodeFacts
-from common.types import Backend, FileFormat, ModelState
-
-# The weight formats each runtime a node may report loads (see node/runtimes/*: their RuntimeSpec).
-RUNTIME_FORMATS: dict[str, frozenset[FileFormat]] = {
-    "llama.cpp": frozenset({FileFormat.GGUF}),
-    "stable-diffusion.cpp": frozenset({FileFormat.GGUF, FileFormat.SAFETENSORS}),
-    "onnxruntime": frozenset({FileFormat.ONNX}),
-    "faster-whisper": frozenset({FileFormat.WHISPER}),
-}
+from common.types import Backend, ModelState
 
 COPY_STATES = {
     ModelState.ABSENT: CopyState.PLACING,
@@ -45,7 +37,7 @@ def node_facts(fleet: Fleet, node_id: str) -> NodeFacts | None:
     models = fleet.node_models(node_id)
     load = fleet.load(node_id)
     backend = info.backends[0] if info.backends else Backend.CPU
-    formats = frozenset(f for runtime in info.runtimes for f in RUNTIME_FORMATS.get(runtime, ()))
+    formats = info.runs
     used = {m.model_id: m.memory_mb for m in models if m.memory_mb > 0}
     total = (load.memory_total_mb if load is not None else 0) or info.memory_total_mb
     free = total - load.memory_used_mb if load is not None else total

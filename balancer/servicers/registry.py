@@ -51,6 +51,7 @@ def _load_from_pb(msg: pb.NodeLoad) -> NodeLoad:
         memory_used_mb=msg.memory_used_mb,
         memory_total_mb=msg.memory_total_mb,
         gpus=tuple(converters.gpu_from_pb(g) for g in msg.gpus),
+        kv_cache_percent=msg.kv_cache_percent,
     )
 
 
@@ -61,6 +62,7 @@ def _load_to_pb(load: NodeLoad) -> pb.NodeLoad:
         cpu_percent=load.cpu_percent,
         memory_used_mb=load.memory_used_mb,
         memory_total_mb=load.memory_total_mb,
+        kv_cache_percent=load.kv_cache_percent,
     )
 
 
@@ -223,6 +225,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
                 auth_token=request.auth_token,
                 labels=dict(request.labels),
                 memory_total_mb=request.memory_total_mb,
+                formats=frozenset(converters.formats_from_pb(request.formats)),
             ),
             caller(),
         )

@@ -42,6 +42,7 @@ class RuntimeSettings:
     gpu_layers: int | None = None  # None: all layers on a GPU backend, none on the CPU
     slots: int = 1  # concurrent calls the pool may make into one loaded runtime
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # llama.cpp: saved prompt-prefix states per model
+    vllm_command: str = ""  # the vLLM server command for safetensors models; "": vLLM's own, on CUDA
 
 
 class PrefixListener(Protocol):
@@ -140,6 +141,16 @@ class PrefixCaching(Protocol):
     @property
     def prefix_cache_bytes(self) -> int:
         """Bytes of saved prefix states held now."""
+        ...
+
+
+@runtime_checkable
+class KvCacheReporting(Protocol):
+    """A runtime backed by a model server that reports how full its key/value cache is (vLLM)."""
+
+    @property
+    def kv_cache_usage(self) -> float | None:
+        """The share (0..1) of its key/value cache in use, as last read; None when not known."""
         ...
 
 

@@ -2,6 +2,9 @@
 
 Each engine is one module exposing ``SPEC``; adding an engine is a new module named in ``ENGINE_MODULES``.
 Engine libraries are imported only when a model loads, so a node without one still serves the others.
+A module may also expose ``available(settings) -> bool``: an engine that cannot run on this node (its
+library is missing, or another engine serves those files better on this backend) is then not offered,
+so the node neither reports it nor picks it. Earlier modules win when two serve the same files.
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import importlib
 from collections.abc import Iterable
 
 from common.errors import ErrorCode, LlmlbError
-from common.types import Capability, Model
-from node.runtimes.base import RuntimeSpec
+from common.types import Capability, FileFormat, Model
+from node.runtimes.base import RuntimeSettings, RuntimeSpec
 
 ENGINE_MODULES: tuple[str, ...] = (
     "node.runtimes.llama",
+    "node.runtimes.vllm",  # before transformers: on a CUDA node with vLLM it serves safetensors
+    "node.runtimes.transformers",
     "node.runtimes.whisper",
     "node.runtimes.piper",
     "node.runtimes.diffusion",
@@ -28,8 +33,16 @@ class Engines:
         self._specs = list(specs)
 
     @classmethod
-    def default(cls) -> Engines:
-        return cls(importlib.import_module(name).SPEC for name in ENGINE_MODULES)
+    def default(cls, settings: RuntimeSettings | None = None) -> Engines:
+        """Every engine of ``ENGINE_MODULES`` that can run on a node with ``settings``."""
+        settings = settings or RuntimeSettings()
+        specs: list[RuntimeSpec] = []
+        for name in ENGINE_MODULES:
+            module = importlib.import_module(name)
+            available = getattr(module, "available", None)
+            if available is None or available(settings):
+                specs.append(module.SPEC)
+        return cls(specs)
 
     @property
     def specs(self) -> list[RuntimeSpec]:
@@ -38,6 +51,11 @@ class Engines:
     @property
     def names(self) -> list[str]:
         return [s.engine for s in self._specs]
+
+    @property
+    def formats(self) -> list[FileFormat]:
+        """Every weight format some engine here loads, for the node's registration."""
+        return [f for f in FileFormat if any(f in s.formats for s in self._specs)]
 
     @property
     def capabilities(self) -> list[Capability]:

@@ -282,6 +282,7 @@ class RegisterNodeRequest(_message.Message):
     MEMORY_TOTAL_MB_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_MB_FIELD_NUMBER: _builtins.int
+    FORMATS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """stable id the node keeps across restarts; empty: assigned"""
     address: _builtins.str
@@ -316,6 +317,12 @@ class RegisterNodeRequest(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The operator's labels for this node (`xllm serve --label k=v`); deployments' selectors match them."""
 
+    @_builtins.property
+    def formats(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.FileFormat.ValueType]:
+        """Weight formats the node's runtimes load (e.g. GGUF; SAFETENSORS where transformers or vLLM runs);
+        a model goes only to nodes that can run its weights. Empty (an older node): read from `runtimes`.
+        """
+
     def __init__(
         self,
         *,
@@ -330,10 +337,11 @@ class RegisterNodeRequest(_message.Message):
         memory_total_mb: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         memory_budget_mb: _builtins.int = ...,
+        formats: _abc.Iterable[_types_pb2.FileFormat.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "auth_token", b"auth_token", "backends", b"backends", "capabilities", b"capabilities", "gpus", b"gpus", "labels", b"labels", "memory_budget_mb", b"memory_budget_mb", "memory_total_mb", b"memory_total_mb", "node_id", b"node_id", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "auth_token", b"auth_token", "backends", b"backends", "capabilities", b"capabilities", "formats", b"formats", "gpus", b"gpus", "labels", b"labels", "memory_budget_mb", b"memory_budget_mb", "memory_total_mb", b"memory_total_mb", "node_id", b"node_id", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

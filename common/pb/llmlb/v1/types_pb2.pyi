@@ -491,6 +491,7 @@ class NodeLoad(_message.Message):
     MEMORY_USED_MB_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_MB_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    KV_CACHE_PERCENT_FIELD_NUMBER: _builtins.int
     active_requests: _builtins.int
     """requests executing now"""
     queued_requests: _builtins.int
@@ -501,6 +502,8 @@ class NodeLoad(_message.Message):
     """host memory in use, MiB"""
     memory_total_mb: _builtins.int
     """host memory, MiB"""
+    kv_cache_percent: _builtins.float
+    """0..100: the fullest key/value cache of a model server it runs (vLLM)"""
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuDevice]:
         """with current free memory"""
@@ -514,10 +517,11 @@ class NodeLoad(_message.Message):
         memory_used_mb: _builtins.int = ...,
         memory_total_mb: _builtins.int = ...,
         gpus: _abc.Iterable[Global___GpuDevice] | None = ...,
+        kv_cache_percent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "cpu_percent", b"cpu_percent", "gpus", b"gpus", "memory_total_mb", b"memory_total_mb", "memory_used_mb", b"memory_used_mb", "queued_requests", b"queued_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "cpu_percent", b"cpu_percent", "gpus", b"gpus", "kv_cache_percent", b"kv_cache_percent", "memory_total_mb", b"memory_total_mb", "memory_used_mb", b"memory_used_mb", "queued_requests", b"queued_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
