@@ -173,6 +173,12 @@ class LlamaRuntime:
         cache = self._cache
         return cache.bytes_held if cache is not None else 0
 
+    @property
+    def prompt_tokens_evaluated(self) -> int:
+        """Prompt tokens the batched engine has put through the model (0 without batching)."""
+        scheduler = self._scheduler
+        return scheduler.prompt_tokens if scheduler is not None else 0
+
     def prefix_hashes(self) -> list[int]:
         """The names of the prefixes kept, most recently used first (see ``common.prefixes``)."""
         cache = self._cache

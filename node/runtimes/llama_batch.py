@@ -141,6 +141,7 @@ class BatchScheduler:
         self._running: list[Job] = []
         self._wake = threading.Condition()
         self._closed = False
+        self.prompt_tokens = 0  # prompt tokens evaluated so far (reused prefixes are not)
         self._thread = threading.Thread(target=self._loop, name="llama-batch", daemon=True)
         self._thread.start()
 
@@ -372,12 +373,14 @@ class BatchScheduler:
             chunk = [(job.prompt[p], p, job.seq, p == len(job.prompt) - 1) for p in range(start, end)]
             left -= len(chunk)
             self._decode(chunk)
+            self.prompt_tokens += len(chunk)
             job.evaluated = end
             worked = True
             if end == len(job.prompt):
                 self._prompt_done(job)
         for job, choice, chunk in self._next_choices():
             self._decode(chunk)
+            self.prompt_tokens += len(chunk)
             worked = True
             self._sample(job, choice, -1)
         decodes: list[tuple[Job, Choice]] = []
