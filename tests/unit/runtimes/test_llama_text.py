@@ -132,7 +132,11 @@ def test_a_gpu_node_whose_llama_cpp_cannot_offload_says_so(
 
 
 def test_batching_keeps_one_copy_of_the_weights_whatever_the_slot_count(tmp_path: Path) -> None:
-    header = {"general.architecture": "llama", "llama.block_count": 18, "llama.embedding_length": 640}
+    header: dict[str, str | int] = {
+        "general.architecture": "llama",
+        "llama.block_count": 18,
+        "llama.embedding_length": 640,
+    }
     path = write_gguf_header(tmp_path / "tiny.gguf", header)
 
     def estimate(slots: int, batching: bool) -> int:
