@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
-PREFILL_PER_STEP = 4 * BLOCK  # prompt tokens evaluated per step, all requests together
+PREFILL_PER_STEP = 2 * BLOCK  # prompt tokens evaluated per step, all requests together: bounds a step
 BATCH_TOKENS = 512  # the context's n_batch: prompt chunks plus one token per generating choice
 
 
