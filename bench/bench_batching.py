@@ -11,6 +11,7 @@ Goals on a 2-core machine: batched >= 2x at 4 streams, single stream within 5 %,
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 
@@ -85,6 +86,7 @@ async def _memory_per_sequence(files: ModelFiles) -> tuple[int, int]:
 
 async def run() -> str:
     files = packaged_files(GEMMA)
+    load_before = os.getloadavg()[0]
     engines = {"one context per slot": _pool(False), "batched": _pool(True)}
     rates: dict[str, dict[int, list[float]]] = {name: {s: [] for s in STREAMS} for name in engines}
     firsts: dict[str, list[float]] = {name: [] for name in engines}
@@ -100,6 +102,7 @@ async def run() -> str:
     finally:
         for pool in engines.values():
             await pool.close()
+    load_after = os.getloadavg()[0]
     one_mb, eight_mb = await _memory_per_sequence(files)
     old, new = rates["one context per slot"], rates["batched"]
     speedup4 = statistics.median(new[4]) / statistics.median(old[4])
@@ -111,8 +114,10 @@ async def run() -> str:
         f"{ROUNDS} rounds; in each, every engine serves 1, 2, 4 and 8 concurrent greedy completions of "
         f"{TOKENS} tokens (different prompts), the engines taking turns in an order that alternates. "
         f"Both through ModelPool with 8 slots, {engine_threads()} threads, no prefix cache. The machine "
-        "was shared with other work while this ran (load average above 10 on 2 cores), so absolute "
-        "numbers are low and noisy; the engines ran interleaved to share that noise.",
+        f"was shared with other work while this ran (1-minute load average {load_before:.1f} at the start, "
+        f"{load_after:.1f} at the end, on 2 cores), so absolute numbers are low and noisy; the engines ran "
+        "interleaved to share that noise. One context per slot runs 2 threads per stream, so under "
+        "such load it also takes a larger share of the contended cores as streams are added.",
         "",
         "| streams | one context per slot, tokens/s | batched, tokens/s | batched / old |",
         "|---|---|---|---|",
