@@ -1,19 +1,25 @@
 """Continuous batching: aggregate generation tokens/s with 1, 2, 4 and 8 concurrent streams on one node.
 
-Both engines run gemma-3-270m (Q4_K_M) in this process through ``ModelPool`` with the same prompts,
-greedy sampling and the same thread count: "one context per slot" is the engine before batching
-(``XLLM_BATCHING=0``), "batched" the scheduler with one context and a sequence per slot. The engines
-take turns round by round. Also measured on each: the time to the first token of a short request sent
-while a 2,000-token prompt is being evaluated, and the resident memory each extra sequence takes.
+Both engines run gemma-3-270m (Q4_K_M) through ``ModelPool`` with the same prompts, greedy sampling and
+the same thread count, each round in a fresh child process of its own (two engines in one process share
+llama.cpp's CPU thread teams and slow each other down, the batched one several-fold): "one context per
+slot" is the engine before batching (``XLLM_BATCHING=0``), "batched" the scheduler with one context and
+a sequence per slot. The engines take turns round by round. Also measured on each: the time to the
+first token of a short request sent while a 2,000-token prompt is being evaluated, and the resident
+memory each extra sequence takes.
 Goals on a 2-core machine: batched >= 2x at 4 streams, single stream within 5 %, that first token <= 1 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bench.generation import CONTEXT_TOKENS, engine_threads
 from common.inference import CompleteRequest, SamplingParams
@@ -84,24 +90,49 @@ async def _memory_per_sequence(files: ModelFiles) -> tuple[int, int]:
     return out[0], out[1]
 
 
+async def _measure(batching: bool) -> dict[str, float]:
+    """One engine's round, in this (fresh) process: tokens/s per stream count and the first token."""
+    files = packaged_files(GEMMA)
+    pool = _pool(batching)
+    try:
+        await _one(pool, files, PROMPTS[0], 4)  # load and warm
+        out = {str(streams): await _aggregate(pool, files, streams) for streams in STREAMS}
+        out["first"] = await _short_under_long(pool, files)
+    finally:
+        await pool.close()
+    return out
+
+
+async def _round_in_child(batching: bool) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "round.json")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.bench_batching",
+            "1" if batching else "0",
+            out,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        if await child.wait() != 0:
+            raise RuntimeError(f"the batching bench's child exited {child.returncode}")
+        result: dict[str, float] = json.loads(await asyncio.to_thread(Path(out).read_text, encoding="utf-8"))
+    return result
+
+
 async def run() -> str:
     files = packaged_files(GEMMA)
     load_before = os.getloadavg()[0]
-    engines = {"one context per slot": _pool(False), "batched": _pool(True)}
+    engines = {"one context per slot": False, "batched": True}
     rates: dict[str, dict[int, list[float]]] = {name: {s: [] for s in STREAMS} for name in engines}
     firsts: dict[str, list[float]] = {name: [] for name in engines}
-    try:
-        for pool in engines.values():
-            await _one(pool, files, PROMPTS[0], 4)  # load and warm
-        for round_ in range(ROUNDS):
-            order = list(engines) if round_ % 2 == 0 else list(reversed(engines))
-            for name in order:
-                for streams in STREAMS:
-                    rates[name][streams].append(await _aggregate(engines[name], files, streams))
-                firsts[name].append(await _short_under_long(engines[name], files))
-    finally:
-        for pool in engines.values():
-            await pool.close()
+    for round_ in range(ROUNDS):
+        order = list(engines) if round_ % 2 == 0 else list(reversed(engines))
+        for name in order:
+            result = await _round_in_child(engines[name])
+            for streams in STREAMS:
+                rates[name][streams].append(result[str(streams)])
+            firsts[name].append(result["first"])
     load_after = os.getloadavg()[0]
     one_mb, eight_mb = await _memory_per_sequence(files)
     old, new = rates["one context per slot"], rates["batched"]
@@ -113,7 +144,8 @@ async def run() -> str:
         "",
         f"{ROUNDS} rounds; in each, every engine serves 1, 2, 4 and 8 concurrent greedy completions of "
         f"{TOKENS} tokens (different prompts), the engines taking turns in an order that alternates. "
-        f"Both through ModelPool with 8 slots, {engine_threads()} threads, no prefix cache. The machine "
+        f"Both through ModelPool with 8 slots, {engine_threads()} threads, no prefix cache, each engine's "
+        "round in a fresh process of its own. The machine "
         f"was shared with other work while this ran (1-minute load average {load_before:.1f} at the start, "
         f"{load_after:.1f} at the end, on 2 cores), so absolute numbers are low and noisy; the engines ran "
         "interleaved to share that noise. One context per slot runs 2 threads per stream, so under "
@@ -137,3 +169,8 @@ async def run() -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one engine's round, for ``run``: "1" batched, "0" one context per slot
+    with open(sys.argv[2], "w", encoding="utf-8") as fh:
+        json.dump(asyncio.run(_measure(sys.argv[1] == "1")), fh)
