@@ -99,7 +99,9 @@ class PoolSettings:
     """How the pool uses the node; ``from_env`` reads the ``XLLM_*`` variables named beside each field."""
 
     memory_budget_mb: int = 0  # XLLM_MEMORY_BUDGET_MB; 0: 90 % of GPU memory on CUDA, else 75 % of RAM
-    slots_per_model: int = 1  # XLLM_SLOTS_PER_MODEL: concurrent requests per loaded model
+    slots_per_model: int = 4  # XLLM_SLOTS_PER_MODEL: concurrent requests per loaded model
+    batching: bool = True  # XLLM_BATCHING: llama.cpp decodes a model's slots together, in one context
+    batch_exact: bool = False  # XLLM_BATCH_EXACT: decode each slot's part of a step alone (exact answers)
     queue_per_model: int = 64  # XLLM_QUEUE_PER_MODEL: requests waiting for a slot before queue_full
     worker_threads: int = 8  # XLLM_WORKER_THREADS: threads for loading and inference, all models together
     engine_threads: int = 0  # XLLM_ENGINE_THREADS: CPU threads per engine call; 0: one per core
@@ -115,7 +117,9 @@ class PoolSettings:
         gpu_layers = env.get("XLLM_GPU_LAYERS", "").strip()
         return cls(
             memory_budget_mb=_env_int(env, "XLLM_MEMORY_BUDGET_MB", 0),
-            slots_per_model=_env_int(env, "XLLM_SLOTS_PER_MODEL", 1, minimum=1),
+            slots_per_model=_env_int(env, "XLLM_SLOTS_PER_MODEL", 4, minimum=1),
+            batching=_env_int(env, "XLLM_BATCHING", 1) != 0,
+            batch_exact=_env_int(env, "XLLM_BATCH_EXACT", 0) != 0,
             queue_per_model=_env_int(env, "XLLM_QUEUE_PER_MODEL", 64),
             worker_threads=_env_int(env, "XLLM_WORKER_THREADS", 8, minimum=1),
             engine_threads=_env_int(env, "XLLM_ENGINE_THREADS", 0),
@@ -312,6 +316,8 @@ class ModelPool:
             context_tokens=self.settings.context_tokens,
             gpu_layers=self.settings.gpu_layers,
             slots=self.settings.slots_per_model,
+            batching=self.settings.batching,
+            batch_exact=self.settings.batch_exact,
             prefix_cache_mb=self.settings.prefix_cache_mb,
             vllm_command=self.settings.vllm_command,
         )

@@ -41,6 +41,8 @@ class RuntimeSettings:
     context_tokens: int = 4096  # llama.cpp context window per slot
     gpu_layers: int | None = None  # None: all layers on a GPU backend, none on the CPU
     slots: int = 1  # concurrent calls the pool may make into one loaded runtime
+    batching: bool = True  # llama.cpp: the slots are sequences of one context, decoded in one batch per step
+    batch_exact: bool = False  # llama.cpp batching: decode each sequence's part of a step on its own
     prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # llama.cpp: saved prompt-prefix states per model
     vllm_command: str = ""  # the vLLM server command for safetensors models; "": vLLM's own, on CUDA
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import math
 import random
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,8 @@ class DiffusionRuntime:
         self.vae: Path | None = vaes[0] if vaes else None
         self.settings = context.settings
         self._sd: StableDiffusion | None = None
+        # One stable-diffusion.cpp context serves one image call at a time, however many slots the pool has.
+        self._busy = threading.Lock()
 
     @property
     def memory_mb(self) -> int:
@@ -126,7 +129,8 @@ class DiffusionRuntime:
                 options["mask_image"] = open_png(request.mask, "mask")
             if request.operation is ImageOperation.VARIATION:
                 options["strength"] = VARIATION_STRENGTH
-        images = self._sd.generate_image(**options)
+        with self._busy:
+            images = self._sd.generate_image(**options)
         return [GeneratedImage(png=to_png(image), seed=seed + i) for i, image in enumerate(images)]
 
 

@@ -1,7 +1,9 @@
 """llama.cpp through llama-cpp-python: chat, text completion and embeddings from one GGUF file.
 
-A ``Llama`` object is one context and is not thread-safe, so the runtime keeps one per concurrent slot,
-opened on demand; on the CPU and Metal they share the memory-mapped weights.
+With batching (the default) the model's slots are sequences of one context, decoded together by one
+scheduler thread (``node.runtimes.llama_batch``). Without it a ``Llama`` object is one context and is
+not thread-safe, so the runtime keeps one per concurrent slot, opened on demand; on the CPU and Metal
+they share the memory-mapped weights. Embeddings always use contexts of their own.
 
 Prompt prefixes are reused only at multiples of ``BLOCK`` tokens, the contexts' micro-batch size:
 llama.cpp's numbers depend on how a prompt is split into micro-batches, so a prefix evaluated in
@@ -45,9 +47,12 @@ from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, Runtime
 from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
 from node.runtimes.grammar import response_grammar, tool_grammar
 from node.runtimes.grammar_sampler import GrammarFilter
+from node.runtimes.llama_batch import BatchScheduler, Job
 from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
+from node.runtimes.llama_stream import read_job, too_long
 from node.runtimes.logprobs import LogprobReader
 from node.runtimes.prefix_cache import PrefixCache, common_length
+from node.runtimes.stops import StopMatcher as StopMatcher  # where it lived before
 from node.runtimes.tool_calls import offers_tools, read_calls, template_knows_tools, template_messages
 
 if TYPE_CHECKING:
@@ -146,15 +151,22 @@ class LlamaRuntime:
         self._error: str | None = None
         self._listener = context.prefix_listener
         self._cache: PrefixCache | None = None
+        self._model: Llama | None = None  # batching: the weights, tokenizer and vocabulary
+        self._scheduler: BatchScheduler | None = None
 
     @property
     def memory_mb(self) -> int:
         weights = math.ceil(context_bytes(self.path) / _MB)
+        slots = max(1, self.settings.slots)
         per_slot = kv_cache_mb(self._metadata, self.settings.context_tokens) + 64  # + compute buffers
-        kinds = (
-            2 if Capability.EMBEDDING in self.model_capabilities else 1
-        )  # embeddings use contexts of their own
-        return weights + per_slot * max(1, self.settings.slots) * kinds + self.settings.prefix_cache_mb
+        embedders = per_slot * slots if Capability.EMBEDDING in self.model_capabilities else 0
+        if self.settings.batching:
+            # One context: the KV cache of every slot's window, one set of compute buffers (sized by
+            # the batch), and the small context of the object that holds the weights.
+            generators = kv_cache_mb(self._metadata, self.settings.context_tokens * slots) + 128
+        else:
+            generators = per_slot * slots
+        return weights + generators + embedders + self.settings.prefix_cache_mb
 
     @property
     def prefix_cache_bytes(self) -> int:
@@ -162,15 +174,21 @@ class LlamaRuntime:
         cache = self._cache
         return cache.bytes_held if cache is not None else 0
 
+    @property
+    def prompt_tokens_evaluated(self) -> int:
+        """Prompt tokens the batched engine has put through the model (0 without batching)."""
+        scheduler = self._scheduler
+        return scheduler.prompt_tokens if scheduler is not None else 0
+
     def prefix_hashes(self) -> list[int]:
         """The names of the prefixes kept, most recently used first (see ``common.prefixes``)."""
         cache = self._cache
         return cache.hashes() if cache is not None else []
 
-    def _open(self, embedding: bool) -> Llama:
+    def _open(self, embedding: bool, n_ctx: int = 0) -> Llama:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_UNSPECIFIED, Llama
 
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"n_batch": n_ctx} if n_ctx else {}
         if not embedding:
             # Aligned micro-batches make reused prefixes exact; a full-size sliding-window cache (gemma 3)
             # keeps every position, so a context can be cut back to any block and saved whole.
@@ -180,7 +198,7 @@ class LlamaRuntime:
         try:
             return Llama(
                 model_path=str(self.path),
-                n_ctx=self.settings.context_tokens,
+                n_ctx=n_ctx or self.settings.context_tokens,
                 n_gpu_layers=self.gpu_layers,
                 embedding=embedding,
                 pooling_type=LLAMA_POOLING_TYPE_MEAN if embedding else LLAMA_POOLING_TYPE_UNSPECIFIED,
@@ -197,13 +215,31 @@ class LlamaRuntime:
         self._generators = _Contexts(lambda: self._open(embedding=False))
         self._embedders = _Contexts(lambda: self._open(embedding=True))
         try:
-            self._generators.first()  # fail here, at load, not on the first request
+            if self.settings.batching:
+                # The model's own context is never decoded in: the scheduler makes the one that is.
+                self._model = self._open(embedding=False, n_ctx=BLOCK)
+                self._scheduler = BatchScheduler(
+                    self._model,
+                    sequences=self.settings.slots,
+                    context_tokens=self.settings.context_tokens,
+                    threads=self.settings.threads,
+                    cache=self._cache,
+                    exact=self.settings.batch_exact,
+                )
+            else:
+                self._generators.first()  # fail here, at load, not on the first request
         except Exception as exc:
             self._error = str(exc)
             raise
         log.info("model_loaded", engine=ENGINE, model_id=self.model_id, gpu_layers=self.gpu_layers)
 
     def unload(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
         for contexts in (self._generators, self._embedders):
             if contexts is not None:
                 contexts.close()
@@ -219,7 +255,7 @@ class LlamaRuntime:
     def health(self) -> str | None:
         if self._error:
             return self._error
-        return None if self._generators is not None else "not loaded"
+        return None if self._generators is not None or self._scheduler is not None else "not loaded"
 
     # -- text ------------------------------------------------------------------------------------
 
@@ -257,6 +293,19 @@ class LlamaRuntime:
         return llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
 
     def chat(self, request: ChatRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        scheduler, model = self._scheduler, self._model
+        if scheduler is not None and model is not None:
+            tokens = self.render_chat(model, request)
+            job = self._submit(scheduler, tokens, request.params, cancel, tool_grammar(request))
+            hashes: list[int] | None = None
+            try:
+                stream = read_job(job, self._piece)
+                answer = yield from (read_calls(stream) if offers_tools(request) else stream)
+                names = chat_prefixes((*request.messages, ChatMessage("assistant", answer)))
+                hashes = [p.hash for p in names]
+            finally:
+                scheduler.release(job, hashes)
+            return
         contexts = self._contexts(False)
         llm = contexts.acquire()
         try:
@@ -270,6 +319,19 @@ class LlamaRuntime:
             contexts.release(llm)
 
     def complete(self, request: CompleteRequest, cancel: CancelFlag) -> Iterator[TextChunk]:
+        scheduler, model = self._scheduler, self._model
+        if scheduler is not None and model is not None:
+            tokens = model.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=False)
+            grammar = response_grammar(request.params.response_format)
+            job = self._submit(scheduler, tokens, request.params, cancel, grammar)
+            hashes: list[int] | None = None
+            try:
+                lead = request.prompt if request.echo else ""
+                answer = yield from read_job(job, self._piece, lead)
+                hashes = [p.hash for p in text_prefixes(request.prompt + answer)]
+            finally:
+                scheduler.release(job, hashes)
+            return
         contexts = self._contexts(False)
         llm = contexts.acquire()
         try:
@@ -280,6 +342,31 @@ class LlamaRuntime:
             self._save(llm, tokens, [p.hash for p in text_prefixes(request.prompt + answer)])
         finally:
             contexts.release(llm)
+
+    def _submit(
+        self,
+        scheduler: BatchScheduler,
+        tokens: list[int],
+        params: SamplingParams,
+        cancel: CancelFlag,
+        grammar: str | None,
+    ) -> Job:
+        """Hands a prompt to the scheduler; the prompt must leave room in one slot's window."""
+        window = self.settings.context_tokens
+        if len(tokens) >= window:
+            raise too_long(tokens, window)
+        room = window - len(tokens)
+        budget = min(params.max_tokens, room) if params.max_tokens else room
+        if grammar:
+            GrammarFilter(scheduler.llm, grammar).close()  # a grammar llama.cpp refuses fails here, alone
+        job = Job(tokens, params, grammar, cancel, budget)
+        scheduler.submit(job)
+        return job
+
+    def _piece(self, token: int) -> bytes:
+        model = self._model
+        assert model is not None
+        return model.detokenize([token])
 
     # -- prefix reuse ----------------------------------------------------------------------------
 
@@ -482,37 +569,6 @@ def _token_text(llm: Llama, token: int, declared: Any) -> str:
     if token < 0 and declared is None:
         return ""
     return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop sequence, holding back text that may start one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """The text safe to emit now, and whether a stop sequence was reached."""
-        if not self.stops:
-            return text, False
-        buffer = self.held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.held = ""
-            return buffer[:cut], True
-        keep = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(buffer)), 0, -1):
-                if buffer.endswith(stop[:size]):
-                    keep = max(keep, size)
-                    break
-        self.held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep], False
-
-    def flush(self, text: str = "") -> str:
-        out, _ = self.feed(text)
-        out, self.held = out + self.held, ""
-        return out
 
 
 SPEC = RuntimeSpec(

@@ -15,7 +15,7 @@ from common.errors import ErrorCode, LlmlbError
 from common.inference import FinishReason, SamplingParams
 from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
 from node.runtimes.base import LoadContext, RuntimeSettings
-from node.runtimes.gguf import read_gguf_metadata
+from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
 from node.runtimes.llama import LlamaRuntime, generate_text
 
 OWN = "{% for m in messages %}<own>{{ m.content }}</own>{% endfor %}"
@@ -129,3 +129,23 @@ def test_a_gpu_node_whose_llama_cpp_cannot_offload_says_so(
     with structlog.testing.capture_logs() as logs:
         runtime_for(path, backend=Backend.CUDA)
     assert not logs
+
+
+def test_batching_keeps_one_copy_of_the_weights_whatever_the_slot_count(tmp_path: Path) -> None:
+    header: dict[str, str | int] = {
+        "general.architecture": "llama",
+        "llama.block_count": 18,
+        "llama.embedding_length": 640,
+    }
+    path = write_gguf_header(tmp_path / "tiny.gguf", header)
+
+    def estimate(slots: int, batching: bool) -> int:
+        files = [ManifestFile(path.name, FileFormat.GGUF, path.stat().st_size, "")]
+        model = Model("acme/tiny", "tiny", ModelSource.HF, "acme/tiny", "abc", "", files=files)
+        settings = RuntimeSettings(slots=slots, batching=batching, prefix_cache_mb=0)
+        return LlamaRuntime(LoadContext(model, {path.name: path}, settings)).memory_mb
+
+    kv = kv_cache_mb(read_gguf_metadata(path), 4096)
+    # Batched: each further slot adds its KV cache only; one context per slot also adds compute buffers.
+    assert estimate(8, True) - estimate(1, True) == pytest.approx(7 * kv, abs=1)
+    assert estimate(8, False) - estimate(1, False) > estimate(8, True) - estimate(1, True)

@@ -152,3 +152,12 @@ def test_every_engine_module_builds_without_its_library_touched(tmp_path: Path) 
 def test_a_node_needs_the_metal_file_only_on_metal(backend: Backend, expected: set[str]) -> None:
     m = model(["model.safetensors", "config.json", "model.metal.bin"], [Capability.CHAT])
     assert {f.filename for f in needed_files(m, backend)} == expected
+
+
+def test_a_node_batches_four_streams_per_model_unless_told_otherwise() -> None:
+    default = PoolSettings.from_env({})
+    assert (default.slots_per_model, default.batching, default.batch_exact) == (4, True, False)
+    legacy = PoolSettings.from_env({"XLLM_BATCHING": "0", "XLLM_BATCH_EXACT": "1"})
+    assert (legacy.batching, legacy.batch_exact) == (False, True)
+    with pytest.raises(ValueError, match="XLLM_BATCHING"):
+        PoolSettings.from_env({"XLLM_BATCHING": "yes"})
