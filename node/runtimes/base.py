@@ -191,3 +191,17 @@ class RuntimeSpec:
 
 def missing_file(model_id: str, what: str) -> LlmlbError:
     return LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} has no {what} file on this node")
+
+
+def generation_budget(prompt_tokens: int, n_ctx: int, max_tokens: int | None) -> int:
+    """How many tokens an answer may have: ``max_tokens`` within the room the context window leaves.
+
+    A prompt that fills the window is the caller's error.
+    """
+    if prompt_tokens >= n_ctx:
+        raise LlmlbError(
+            ErrorCode.INVALID_REQUEST,
+            f"the prompt is {prompt_tokens} tokens; this model's context window here is {n_ctx}",
+        )
+    room = n_ctx - prompt_tokens
+    return min(max_tokens, room) if max_tokens else room

@@ -43,13 +43,24 @@ from common.inference import (
 )
 from common.prefixes import chat_prefixes, text_prefixes
 from common.types import Backend, Capability, FileFormat
-from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
+from node.runtimes.base import (
+    CancelFlag,
+    LoadContext,
+    RuntimeSettings,
+    RuntimeSpec,
+    generation_budget,
+    missing_file,
+)
 from node.runtimes.gguf import kv_cache_mb, read_gguf_metadata
 from node.runtimes.grammar import response_grammar, tool_grammar
 from node.runtimes.grammar_sampler import GrammarFilter
-from node.runtimes.llama_batch import BatchScheduler, Job
+from node.runtimes.llama_batch import (
+    BatchScheduler,
+    Job,
+    sampler_settings,
+)
 from node.runtimes.llama_state import BLOCK, aligned, clear, keep, restore, snapshot
-from node.runtimes.llama_stream import read_job, too_long
+from node.runtimes.llama_stream import read_job
 from node.runtimes.logprobs import LogprobReader
 from node.runtimes.prefix_cache import PrefixCache, common_length
 from node.runtimes.stops import StopMatcher as StopMatcher  # where it lived before
@@ -61,8 +72,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 ENGINE = "llama.cpp"
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
 _MB = 1024 * 1024
 
 
@@ -353,10 +362,7 @@ class LlamaRuntime:
     ) -> Job:
         """Hands a prompt to the scheduler; the prompt must leave room in one slot's window."""
         window = self.settings.context_tokens
-        if len(tokens) >= window:
-            raise too_long(tokens, window)
-        room = window - len(tokens)
-        budget = min(params.max_tokens, room) if params.max_tokens else room
+        budget = generation_budget(len(tokens), window, params.max_tokens)
         if grammar:
             GrammarFilter(scheduler.llm, grammar).close()  # a grammar llama.cpp refuses fails here, alone
         job = Job(tokens, params, grammar, cancel, budget)
@@ -483,15 +489,8 @@ def generate_text(
     import llama_cpp
 
     n_ctx = llm.n_ctx()
-    if len(prompt) >= n_ctx:
-        raise LlmlbError(
-            ErrorCode.INVALID_REQUEST,
-            f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
-        )
-    room = n_ctx - len(prompt)
-    budget = min(params.max_tokens, room) if params.max_tokens else room
+    budget = generation_budget(len(prompt), n_ctx, params.max_tokens)
     llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-    temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
     stops = StopMatcher(params.stop)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     vocab = llm._model.vocab  # the generator yields ids; llama.cpp alone knows which end generation
@@ -503,13 +502,7 @@ def generate_text(
     constrained = GrammarFilter(llm, grammar) if grammar else None
     tokens = llm.generate(
         prompt,
-        temp=temperature,
-        top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
-        top_k=40 if temperature > 0 else 1,
-        min_p=0.05 if params.top_p is None else 0.0,
-        repeat_penalty=1.0,
-        presence_penalty=params.presence_penalty or 0.0,
-        frequency_penalty=params.frequency_penalty or 0.0,
+        **sampler_settings(params),
         logits_processor=[constrained] if constrained is not None else None,  # type: ignore[arg-type]
     )
     try:

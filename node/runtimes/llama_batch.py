@@ -51,6 +51,23 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
+
+
+def sampler_settings(params: SamplingParams) -> dict[str, Any]:
+    """llama.cpp's sampler chain settings for ``params`` (``Llama.generate`` / ``_init_sampler``), one
+    rule for both engines so a request samples alike batched or not."""
+    temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
+    return {
+        "temp": temperature,
+        "top_p": DEFAULT_TOP_P if params.top_p is None else params.top_p,
+        "top_k": 40 if temperature > 0 else 1,
+        "min_p": 0.05 if params.top_p is None else 0.0,
+        "repeat_penalty": 1.0,
+        "presence_penalty": params.presence_penalty or 0.0,
+        "frequency_penalty": params.frequency_penalty or 0.0,
+    }
+
+
 PREFILL_PER_STEP = 2 * BLOCK  # prompt tokens evaluated per step, all requests together: bounds a step
 BATCH_TOKENS = 512  # the context's n_batch: prompt chunks plus one token per generating choice
 
@@ -303,7 +320,6 @@ class BatchScheduler:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         if params.seed is not None and index:
             seed = params.seed + index  # choice i samples with seed + i, so the choices differ
-        temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
         ids = np.zeros(len(job.prompt) + job.budget + 1, dtype=np.intc)
         ids[: len(job.prompt)] = job.prompt
         grammar = GrammarFilter(self.llm, job.grammar) if job.grammar else None
@@ -315,13 +331,7 @@ class BatchScheduler:
 
         self.llm.set_seed(seed & 0xFFFFFFFF)
         choice.sampler = self.llm._init_sampler(
-            temp=temperature,
-            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
-            top_k=40 if temperature > 0 else 1,
-            min_p=0.05 if params.top_p is None else 0.0,
-            repeat_penalty=1.0,
-            presence_penalty=params.presence_penalty or 0.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
+            **sampler_settings(params),
             logits_processor=[constrain] if grammar is not None else None,  # type: ignore[arg-type]
         )
         job.choices.append(choice)

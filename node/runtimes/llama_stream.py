@@ -14,7 +14,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from common.errors import ErrorCode, LlmlbError
 from common.inference import FinishReason, TextChunk, TokenLogprob, Usage
 from node.runtimes.llama_batch import Job
 from node.runtimes.stops import StopMatcher
@@ -128,10 +127,3 @@ def _summed(total: Usage | None, usage: Usage | None) -> Usage | None:
     if usage is None or total is None:
         return usage or total
     return replace(total, completion_tokens=total.completion_tokens + usage.completion_tokens)
-
-
-def too_long(prompt: list[int], n_ctx: int) -> LlmlbError:
-    return LlmlbError(
-        ErrorCode.INVALID_REQUEST,
-        f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
-    )

@@ -40,9 +40,17 @@ from common.inference import (
     Usage,
 )
 from common.types import Backend, Capability, FileFormat
-from node.runtimes.base import CancelFlag, LoadContext, RuntimeSettings, RuntimeSpec, missing_file
+from node.runtimes.base import (
+    CancelFlag,
+    LoadContext,
+    RuntimeSettings,
+    RuntimeSpec,
+    generation_budget,
+    missing_file,
+)
 from node.runtimes.hf_folder import model_folder
-from node.runtimes.llama import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, StopMatcher, normalize
+from node.runtimes.llama import StopMatcher, normalize
+from node.runtimes.llama_batch import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 if TYPE_CHECKING:
     import torch
@@ -231,13 +239,7 @@ class TransformersRuntime:
 
         model, tokenizer = self._loaded()
         n_ctx = self.context_tokens()
-        if len(prompt) >= n_ctx:
-            raise LlmlbError(
-                ErrorCode.INVALID_REQUEST,
-                f"the prompt is {len(prompt)} tokens; this model's context window here is {n_ctx}",
-            )
-        room = n_ctx - len(prompt)
-        budget = min(params.max_tokens, room) if params.max_tokens else room
+        budget = generation_budget(len(prompt), n_ctx, params.max_tokens)
         temperature = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
         top_p = DEFAULT_TOP_P if params.top_p is None else params.top_p
         generator = torch.Generator(device="cpu")
