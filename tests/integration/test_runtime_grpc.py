@@ -191,8 +191,9 @@ async def test_non_audio_upload_is_invalid_argument(start_node) -> None:  # type
 
 async def test_loading_past_the_memory_budget_evicts_the_least_recently_used(start_node) -> None:  # type: ignore[no-untyped-def]
     # By their estimates piper needs ~170 MB and gemma ~520 MB (weights, chat and embedding contexts),
-    # without the prompt prefixes a llama.cpp model may keep (XLLM_PREFIX_CACHE_MB, counted in its memory).
-    async for node in start_node(memory_budget_mb=600, prefix_cache_mb=0):
+    # without the prompt prefixes a llama.cpp model may keep (XLLM_PREFIX_CACHE_MB, counted in its memory),
+    # with one slot: each further batched slot adds its KV cache (four by default come to ~1.2 GB).
+    async for node in start_node(memory_budget_mb=600, prefix_cache_mb=0, slots_per_model=1):
         [c async for c in node.stub.Speak(ipb.SpeakRequest(model="piper-en-us-joe-medium", input="Hi."))]
         assert node.pool.states() == {"piper-en-us-joe-medium": "ready"}
         await node.stub.Embed(ipb.EmbedRequest(model="gemma-3-270m", input=["x"]))
