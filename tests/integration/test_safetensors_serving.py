@@ -51,6 +51,9 @@ def fleet(
             if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
                 env.delenv(name, raising=False)
         env.setenv("HOME", str(root / "home"))
+        # Both fleets of this module live at once: bulk paths on any free port, as every test's are.
+        env.setenv("LLMLB_BULK_PORT", "0")
+        env.setenv("XLLM_BULK_PORT", "0")
         balancer = BalancerProcess(
             root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_CATALOG": str(catalogue)}
         )
