@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from common.errors import ErrorCode, LlmlbError
-from common.types import Backend, Capability, FileFormat
+from common.types import Backend, Capability, FileFormat, Model
 
 # Files a repository carries for people, not runtimes; never part of a manifest.
 _DOC_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".html", ".pdf")
@@ -13,6 +13,22 @@ _DOC_NAMES = {".gitattributes", ".gitignore", "license", "license.txt", "notice"
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".yaml", ".yml", ".jinja", ".vocab", ".merges")
 # Weight formats of other frameworks that no llmlb runtime loads; skipped to save node disk.
 _FOREIGN_WEIGHTS = (".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".tflite", ".mlmodel", ".npz")
+
+
+# The formats that are a model's weights (its config and tokenizer files run anywhere), in the order a
+# model is taken to be of: the first present names it.
+WEIGHT_FORMATS = (
+    FileFormat.GGUF,
+    FileFormat.SAFETENSORS,
+    FileFormat.WHISPER,
+    FileFormat.ONNX,
+    FileFormat.METAL,
+)
+
+
+def weight_formats(model: Model) -> frozenset[FileFormat]:
+    """The weight formats among ``model``'s files."""
+    return frozenset(f.format for f in model.files if f.format in WEIGHT_FORMATS)
 
 
 def classify(filename: str) -> FileFormat:

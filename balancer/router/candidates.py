@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from balancer.fleet import Fleet, ModelOnNode
 from balancer.router.deployed import Deployed
+from common.formats import WEIGHT_FORMATS, weight_formats
 from common.types import Capability, FileFormat, Model, ModelSource, ModelState
 
 # Tiers: how soon a node can answer for the model. Lower is better.
@@ -30,14 +31,6 @@ _TIER = {
 }
 
 Key = tuple[str, Capability]  # (model id, capability)
-# The formats that are a model's weights (its config and tokenizer files run anywhere).
-WEIGHT_FORMATS = frozenset(
-    {FileFormat.GGUF, FileFormat.SAFETENSORS, FileFormat.WHISPER, FileFormat.ONNX, FileFormat.METAL}
-)
-
-
-def weight_formats(model: Model) -> frozenset[FileFormat]:
-    return frozenset(f.format for f in model.files if f.format in WEIGHT_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +126,7 @@ class Candidates:
                 why = f"model {model.id!r} failed on every capable node: {failed[0].error or 'see node logs'}"
             elif others and not capable:
                 names = ", ".join(sorted(f.value for f in weights))
-                run = ", ".join(sorted(f.value for f in others & WEIGHT_FORMATS))
+                run = ", ".join(sorted(f.value for f in others.intersection(WEIGHT_FORMATS)))
                 why = f"no node can run {names} models (model {model.id!r}); nodes run: {run}"
             else:
                 why = f"no online node can serve {capability.value} for model {model.id!r}"

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from common.formats import WEIGHT_FORMATS
 from common.types import Backend, FileFormat, Model
 
 MIB = 1024 * 1024
@@ -20,14 +21,6 @@ WEIGHTS_OVERHEAD = 1.1
 # The memory a node's context settings (context length, slots, KV cache type) add per loaded model,
 # when the node does not say (XLLM's default 4,096-token context on a small model).
 DEFAULT_CONTEXT_MB = 512
-# Weight formats in the order a model is taken to be of: the first present names it.
-WEIGHT_FORMATS = (
-    FileFormat.GGUF,
-    FileFormat.SAFETENSORS,
-    FileFormat.WHISPER,
-    FileFormat.ONNX,
-    FileFormat.METAL,
-)
 
 
 class DeviceKind(enum.StrEnum):
