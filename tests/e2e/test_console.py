@@ -118,7 +118,7 @@ async def test_an_operator_runs_the_fleet_from_the_console(
 ) -> None:
     onnx, config = (piper.paths[f.filename] for f in piper.model.files)
     fake_hub.add_repo(REPO, {"voice.onnx": onnx.read_bytes(), "voice.onnx.json": config.read_bytes()})
-    fake_hub.set_throttle(10_000_000)  # about 6 s for the voice's 63 MB: the bar is seen moving
+    fake_hub.set_total_throttle(10_000_000)  # ~6 s for the voice's 63 MB, all connections: the bar moves
     admin = balancer.config.admin_key_file.read_text().strip()
     base = f"http://127.0.0.1:{balancer.http_port}"
     page = await browser.new_page(viewport={"width": 1400, "height": 900})

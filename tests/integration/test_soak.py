@@ -4,7 +4,7 @@ The balancer is a real `llmlb serve` process; the two nodes are echo nodes (``de
 that speak the real node protocol and answer at once, so the balancer's own routing, queueing and both
 doors are what is soaked. Every request carries a unique marker as its request id and in its prompt;
 the echo answer repeats the prompt, and both the answer and the node's record of the call are matched
-back to the request. ``LLMLB_SOAK_SECONDS`` sets how long it runs (default 60).
+back to the request. ``LLMLB_SOAK_SECONDS`` sets how long it runs (default 30; set it higher for a longer soak).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.integration.conftest import BalancerProcess
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("LLMLB_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("LLMLB_SOAK_SECONDS", "30"))
 CLIENTS = 200
 MODEL = "gemma-3-270m"  # in the packaged catalogue; the echo nodes report it ready
 DEADLINE_S = 60.0  # per request: a request past it counts as hung

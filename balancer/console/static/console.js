@@ -172,12 +172,17 @@ async function nodesPage() {
         onclick: async () => { if (await confirmAction(`Remove node ${n.id} from the fleet?`)) act("Remove", () => api("DELETE", `/v0/nodes/${encodeURIComponent(n.id)}`)); } }, "Remove")))));
 }
 
-// Download progress per (model, node), with a rate and ETA from the bytes seen at the last poll.
+// Download progress per (model, node), with a rate and ETA averaged since the console first saw
+// this download: nodes report bytes every few seconds, so two polls in a row often see the same
+// count, and a rate from the last poll alone would come and go.
 // ``modelTotal``: the manifest's size, for nodes that report no byte counts once a model is present.
 function progressCell(s, modelTotal = 0) {
   const key = `${s.model_id}@${s.node_id}`, now = Date.now();
-  const before = state.seen.get(key);
-  state.seen.set(key, { at: now, bytes: s.downloaded_bytes });
+  let before = state.seen.get(key);
+  if (s.state !== "downloading" || !before || s.downloaded_bytes < before.bytes) {
+    before = undefined;  // a new download (or none): start measuring from here
+    state.seen.set(key, { at: now, bytes: s.downloaded_bytes });
+  }
   const total = s.total_bytes || modelTotal;
   // Nodes report bytes only while downloading; a model present, loading or ready has all of them.
   const partial = s.state === "downloading" || s.state === "failed";
