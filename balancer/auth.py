@@ -24,7 +24,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from balancer.changes import NO_CHANGES, Change, Changes
+from balancer.changes import ChangeBus, KeyChanged, Resync
 from balancer.edge.access import Access, grpc_access, unlisted
 from balancer.edge.caller import set_caller
 from balancer.store import Store, StoreUnavailable
@@ -74,7 +74,7 @@ class KeyRing:
         store: Store,
         *,
         enabled: bool = True,
-        changes: Changes = NO_CHANGES,
+        bus: ChangeBus | None = None,
         clock: Callable[[], float] = time.monotonic,
         unknown_cache: int = UNKNOWN_CACHE,
         unknown_ttl_s: float = UNKNOWN_TTL_S,
@@ -82,7 +82,10 @@ class KeyRing:
     ) -> None:
         self._store = store
         self.enabled = enabled
-        self._changes = changes
+        self._bus = bus if bus is not None else ChangeBus()  # alone: nothing travels
+        # A key another replica created or revoked: every answer remembered here is asked again.
+        self._bus.subscribe(KeyChanged, self._key_changed)
+        self._bus.subscribe(Resync, self._key_changed)
         self._clock = clock  # monotonic seconds; injected where a test needs the cache to expire
         # secret hash -> (fresh until, key): only keys the store holds, so no caller can push one out
         self._cache: dict[str, tuple[float, ApiKey]] = {}
@@ -116,7 +119,7 @@ class KeyRing:
                 )
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         stored = await self._add(name, scopes, secret, node_id, limits)
-        await self._changes.publish(Change.KEY, stored.id)
+        await self._bus.publish(KeyChanged(stored.id))
         log.info(
             "key.created",
             key_id=stored.id,
@@ -165,7 +168,7 @@ class KeyRing:
         if stored is None:
             raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
         self.forget()
-        await self._changes.publish(Change.KEY, stored.id)
+        await self._bus.publish(KeyChanged(stored.id))
         log.info("key.limits_set", key_id=stored.id, limits=sorted(fields))
         return stored
 
@@ -188,10 +191,13 @@ class KeyRing:
                 break
         if found is not None and self.on_revoke is not None:
             await self.on_revoke(found)
-        await self._changes.publish(Change.KEY, key_id_or_prefix)  # after the rotation: others re-read it
+        await self._bus.publish(KeyChanged(key_id_or_prefix))  # after the rotation: others re-read it
         if found is None:
             raise LlmlbError(ErrorCode.KEY_NOT_FOUND, f"no key {key_id_or_prefix!r}")
         return found
+
+    async def _key_changed(self, _: KeyChanged | Resync) -> None:
+        self.forget()
 
     def forget(self) -> None:
         """Makes every remembered answer stale, so the next check of each key asks the store again.
@@ -218,7 +224,7 @@ class KeyRing:
                 stored = await self._add(SEEDED_ADMIN_NAME, [Scope.ADMIN], secret.reveal())
             except ValueError:  # another replica stored it in between
                 return None
-            await self._changes.publish(Change.KEY, stored.id)
+            await self._bus.publish(KeyChanged(stored.id))
             log.info("key.seeded", key_id=stored.id, name=SEEDED_ADMIN_NAME)
             return stored
         if found.revoked_at is not None:

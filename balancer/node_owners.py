@@ -9,21 +9,19 @@ cannot be diverted. With keys off there is no owner and only the address rule ho
 
 When a key that could hold the fleet token (``node`` or ``admin`` scope) is revoked, the fleet token
 is rotated (``balancer.fleet_token``) and the sessions of the nodes the key owns end, on every
-replica: the change feed's ``key`` notice makes each replica look (``follow_revocations``).
+replica: the change bus's ``KeyChanged`` makes each replica look (``Revocations``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import structlog
 
-from balancer.store import StoreUnavailable
+from balancer.changes import ChangeBus, KeyChanged, Resync
+from balancer.fleet_token import FleetTokens
+from balancer.sessions import NodeSessions
+from balancer.store import Store, StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, Node, Scope
-
-if TYPE_CHECKING:  # the parts hold the replicas, which call back here
-    from balancer.parts import BalancerParts
 
 log = structlog.get_logger(__name__)
 
@@ -72,31 +70,49 @@ def may_hold_fleet_token(key: ApiKey) -> bool:
     return Scope.NODE in key.scopes or Scope.ADMIN in key.scopes
 
 
-async def revoked(parts: BalancerParts, key: ApiKey) -> None:
-    """``key`` was revoked here: rotate the fleet token if it could hold one, end its nodes' sessions."""
-    if may_hold_fleet_token(key):
-        await parts.fleet_tokens.rotate()
-        log.info("fleet_token.rotated", key_id=key.id)
-        parts.sessions.wake_all()  # each session sends its node the new tokens, old ones withdrawn
-    await _end_revoked_sessions(parts, {key.id})
+class Revocations:
+    """Cuts a node off when the key it registered with is revoked, here or on another replica."""
 
+    def __init__(
+        self, tokens: FleetTokens, sessions: NodeSessions, store: Store, bus: ChangeBus, *, timeout_s: float
+    ) -> None:
+        self._tokens = tokens
+        self._sessions = sessions
+        self._store = store
+        self._bus = bus
+        self._timeout_s = timeout_s  # how long a cut session may take to end
+        bus.subscribe(KeyChanged, self._key_changed)
+        bus.subscribe(Resync, self._resync)
 
-async def follow_revocations(parts: BalancerParts) -> None:
-    """A key changed on another replica: take up a rotated fleet token, end revoked owners' sessions."""
-    try:
-        if await parts.fleet_tokens.reload():
-            parts.sessions.wake_all()
-        gone = {k.id for k in await parts.store.list_keys() if k.revoked_at is not None}
-        await _end_revoked_sessions(parts, gone)
-    except StoreUnavailable:  # the resync after the store returns looks again
-        log.warning("node.revocations_unread")
+    async def revoked(self, key: ApiKey) -> None:
+        """``key`` was revoked here: rotate the fleet token if it could hold one, end its nodes' sessions."""
+        if may_hold_fleet_token(key):
+            await self._tokens.rotate()
+            log.info("fleet_token.rotated", key_id=key.id)
+            self._sessions.wake_all()  # each session sends its node the new tokens, old ones withdrawn
+        await self._end_sessions({key.id})
 
+    async def follow(self) -> None:
+        """A key changed on another replica: take up a rotated fleet token, end revoked owners' sessions."""
+        try:
+            if await self._tokens.reload():
+                self._sessions.wake_all()
+            gone = {k.id for k in await self._store.list_keys() if k.revoked_at is not None}
+            await self._end_sessions(gone)
+        except StoreUnavailable:  # the resync after the store returns looks again
+            log.warning("node.revocations_unread")
 
-async def _end_revoked_sessions(parts: BalancerParts, key_ids: set[str]) -> None:
-    held = set(parts.sessions.node_ids())
-    if not held or not key_ids:
-        return
-    for node in await parts.store.list_nodes():  # one read, however many sessions are held here
-        if node.id in held and node.owner_key_id in key_ids:
-            log.warning("node.key_revoked", node_id=node.id, key_id=node.owner_key_id)
-            await parts.sessions.cut(node.id, parts.config.heartbeat_timeout_ms / 1000)
+    async def _key_changed(self, _: KeyChanged) -> None:
+        self._bus.spawn(self.follow())  # ending sessions must not hold up the changes after this one
+
+    async def _resync(self, _: Resync) -> None:
+        await self.follow()
+
+    async def _end_sessions(self, key_ids: set[str]) -> None:
+        held = set(self._sessions.node_ids())
+        if not held or not key_ids:
+            return
+        for node in await self._store.list_nodes():  # one read, however many sessions are held here
+            if node.id in held and node.owner_key_id in key_ids:
+                log.warning("node.key_revoked", node_id=node.id, key_id=node.owner_key_id)
+                await self._sessions.cut(node.id, self._timeout_s)

@@ -153,7 +153,7 @@ async def serve(
         if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, session) or ()):
             session.draining = True
             fleet.set_draining(node_id, True)
-            await parts.replicas.reported(node_id)
+            await parts.sessions.rows.reported(node_id)
         reader = asyncio.create_task(_read(parts, session, inbound))
         yield Accepted(node_id, config.heartbeat_interval_ms)
         granted = tokens.version, tokens.epoch()
@@ -211,13 +211,13 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
             fleet.replace(node_id, [replace(m, node_id=node_id) for m in msg.models])
             fleet.set_stopping(node_id, msg.stopping)
             fleet.set_draining(node_id, msg.draining or session.draining)
-            await parts.replicas.reported(node_id)
+            await parts.sessions.rows.reported(node_id)
         elif isinstance(msg, ModelReported):
             fleet.report(replace(msg.status, node_id=node_id))
-            await parts.replicas.reported(node_id)
+            await parts.sessions.rows.reported(node_id)
         elif isinstance(msg, PrefixesReported):
             fleet.set_prefixes(node_id, msg.model_id, msg.hashes)
-            await parts.replicas.reported(node_id)
+            await parts.sessions.rows.reported(node_id)
         elif isinstance(msg, LocalModelsReported):
             await parts.catalog.register_local(node_id, msg.models)
         # Only commands sent to this node on this session can be cleared by it.

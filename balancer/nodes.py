@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import structlog
 
 from balancer import node_owners
-from balancer.changes import Change
+from balancer.changes import CommandsQueued, NodeDrained, NodeRemoved, NodeUndrained
 from balancer.fleet import NodeInfo
 from balancer.parts import BalancerParts
 from balancer.store import TooLong
@@ -157,7 +157,7 @@ async def pull_model(parts: BalancerParts, model_id: str, node_ids: list[str]) -
     for node_id in targets:
         await queue_command(parts, node_id, CommandKind.PREFETCH, model.id)
     parts.sessions.notify_all()
-    await parts.replicas.publish(Change.COMMANDS)  # nodes held by other replicas
+    await parts.replicas.bus.publish(CommandsQueued())  # nodes held by other replicas
     log.info("model.pull_requested", model_id=model.id, node_ids=targets)
     return PulledModel(model.id, tuple(targets))
 
@@ -178,7 +178,7 @@ async def drain_node(parts: BalancerParts, node_id: str) -> Node:
     await queue_command(parts, node.id, CommandKind.DRAIN)
     online = _mark_draining(parts, node.id)
     parts.sessions.notify_all()
-    await parts.replicas.publish(Change.DRAIN, node.id)
+    await parts.replicas.bus.publish(NodeDrained(node.id))
     log.info("node.drain_requested", node_id=node.id, online=online)
     return replace(node, state=NodeState.DRAINING)
 
@@ -201,7 +201,7 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
     if session is not None:
         session.draining = False
     parts.sessions.notify_all()
-    await parts.replicas.publish(Change.UNDRAIN, node.id)
+    await parts.replicas.bus.publish(NodeUndrained(node.id))
     online = parts.fleet.is_online(node.id)
     log.info("node.undrain_requested", node_id=node.id, online=online)
     return replace(node, state=NodeState.ONLINE if online else NodeState.OFFLINE)
@@ -218,7 +218,7 @@ async def remove_node(parts: BalancerParts, node_id: str) -> str:
         _mark_draining(parts, node.id)
     if connected:
         await parts.sessions.end(node.id, timeout_s)
-    await parts.replicas.publish(Change.REMOVE, node.id)  # the replica holding it ends its session
+    await parts.replicas.bus.publish(NodeRemoved(node.id))  # the replica holding it ends its session
     if elsewhere:
         await _until_detached(parts, node.id, timeout_s)
     await parts.store.remove_node(node.id)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import signal
 import sys
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from balancer import node_owners
 from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
@@ -25,6 +23,7 @@ from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
 from balancer.http.server import HttpServer, start_http
 from balancer.node_clients import NodeClients
+from balancer.node_owners import Revocations
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
@@ -172,17 +171,18 @@ async def start(config: BalancerConfig) -> Balancer:
     fleet_tokens = FleetTokens(store, config.fleet_token_ttl_s)
     await fleet_tokens.load()
     fleet = Fleet(fleet_tokens.current)
-    replicas = Replicas(
-        store, fleet, database_url=config.database_url, timeout_s=config.replica_timeout_ms / 1000
-    )
-    catalog = Catalog(store, origin, replicas)
+    replicas = Replicas(store, database_url=config.database_url, timeout_s=config.replica_timeout_ms / 1000)
+    # Each owner of state subscribes to what the other replicas change (``balancer.changes``).
+    catalog = Catalog(store, origin, replicas.bus)
+    catalog.on_gone(fleet.forget_model)  # a model deleted elsewhere is no longer routed to here
     await catalog.seed(seed)
-    sessions = NodeSessions(store, fleet, replicas)
+    heartbeat_timeout_s = config.heartbeat_timeout_ms / 1000
+    sessions = NodeSessions(store, fleet, replicas, heartbeat_timeout_s=heartbeat_timeout_s)
 
     keys = KeyRing(
         store,
         enabled=config.auth,
-        changes=replicas,
+        bus=replicas.bus,
         unknown_cache=config.unknown_key_cache,
         unknown_ttl_s=config.unknown_key_ttl_s,
         lookups_per_s=config.unknown_key_rate,
@@ -195,8 +195,9 @@ async def start(config: BalancerConfig) -> Balancer:
     parts = BalancerParts(
         config, store, origin, catalog, fleet, sessions, router, keys, metrics, replicas, fleet_tokens
     )
-    keys.on_revoke = functools.partial(node_owners.revoked, parts)
-    await replicas.start(parts)  # before serving: every other replica's nodes are routable at once
+    revocations = Revocations(fleet_tokens, sessions, store, replicas.bus, timeout_s=heartbeat_timeout_s)
+    keys.on_revoke = revocations.revoked
+    await replicas.start()  # before serving: every other replica's nodes are routable at once
     # Ports are shared only among ``--workers`` replicas: two balancers started on one port by
     # mistake must fail, not split the traffic between them.
     options = [*server_options(config.max_body_mb), ("grpc.so_reuseport", 1 if config.shared_ports else 0)]

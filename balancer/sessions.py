@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from balancer.changes import (
+    ChangeBus,
+    CommandsQueued,
+    ModelChanged,
+    NodeDrained,
+    NodeRemoved,
+    NodeUndrained,
+    Resync,
+)
 from balancer.fleet import Fleet
+from balancer.node_rows import NodeRows
 from balancer.replicas import Replicas
 from balancer.store import Store
 from common.types import NodeCommand
@@ -38,13 +48,26 @@ class Session:
 
 
 class NodeSessions:
-    def __init__(self, store: Store, fleet: Fleet, replicas: Replicas) -> None:
+    """The node sessions this replica holds; recorded in the node rows (``rows``), and following what
+    other replicas publish about nodes on the change bus."""
+
+    def __init__(self, store: Store, fleet: Fleet, replicas: Replicas, *, heartbeat_timeout_s: float) -> None:
         self._store = store
         self._fleet = fleet
         self._batch: asyncio.Future[dict[str, list[NodeCommand]]] | None = None
-        self._replicas = replicas
+        self._replica_id = replicas.id
         self._open: dict[str, Session] = {}
         self._closing: set[Session] = set()  # taken out of _open, their offline state not yet stored
+        self.heartbeat_timeout_s = heartbeat_timeout_s  # how long a removed node's session may take to end
+        # Subscribed first: a resync re-reads the rows before the sessions look for queued commands.
+        self.rows = NodeRows(store, fleet, replicas, self, heartbeat_timeout_s=heartbeat_timeout_s)
+        self._bus: ChangeBus = replicas.bus
+        self._bus.subscribe(ModelChanged, self._model_changed)
+        self._bus.subscribe(CommandsQueued, self._commands_queued)
+        self._bus.subscribe(NodeDrained, self._drained)
+        self._bus.subscribe(NodeUndrained, self._undrained)
+        self._bus.subscribe(NodeRemoved, self._removed)
+        self._bus.subscribe(Resync, self._resync)
 
     async def open(self, node_id: str) -> Session:
         previous = self._open.get(node_id)
@@ -55,11 +78,11 @@ class NodeSessions:
         self._open[node_id] = session
         self._fleet.connected(node_id)
         try:
-            await self._replicas.attach(node_id)
+            await self.rows.attach(node_id)
         except BaseException:  # e.g. cancelled as the stream drops: no caller holds the session to close it
             await self.close(session)
             raise
-        log.info("node.connected", node_id=node_id, replica_id=self._replicas.id)
+        log.info("node.connected", node_id=node_id, replica_id=self._replica_id)
         return session
 
     async def close(self, session: Session) -> None:
@@ -70,7 +93,7 @@ class NodeSessions:
         self._closing.add(session)
         try:
             self._fleet.disconnected(session.node_id)
-            write = asyncio.ensure_future(self._replicas.detach(session.node_id))
+            write = asyncio.ensure_future(self.rows.detach(session.node_id))
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:  # grpc cancels a handler whose stream dropped, often right here
@@ -165,3 +188,39 @@ class NodeSessions:
         except TimeoutError:  # a stream stuck on a slow reader must not hold up the caller
             log.warning("node.session_end_timeout", node_id=node_id)
         return True
+
+    # -- what other replicas changed ------------------------------------------------------------
+
+    async def _model_changed(self, _: ModelChanged) -> None:
+        self.notify_all()  # a delete or pull queued commands for nodes held here
+
+    async def _commands_queued(self, change: CommandsQueued) -> None:
+        self.notify(change.node_id) if change.node_id else self.notify_all()
+
+    async def _drained(self, change: NodeDrained) -> None:
+        await self._set_draining(change.node_id, True)
+
+    async def _undrained(self, change: NodeUndrained) -> None:
+        await self._set_draining(change.node_id, False)
+
+    async def _set_draining(self, node_id: str, draining: bool) -> None:
+        session = self._open.get(node_id)
+        self._fleet.set_draining(node_id, draining)
+        if session is not None:  # held here: a heartbeat saying otherwise must not undo it
+            session.draining = draining
+            session.wake.set()
+            await self.rows.reported(node_id)
+
+    async def _removed(self, change: NodeRemoved) -> None:
+        if self._open.get(change.node_id) is not None:
+            self._bus.spawn(self._end_removed(change.node_id))
+        else:
+            self._fleet.remove(change.node_id)
+
+    async def _end_removed(self, node_id: str) -> None:
+        await self.end(node_id, self.heartbeat_timeout_s)
+        self._fleet.remove(node_id)
+
+    async def _resync(self, _: Resync) -> None:
+        # In case a commands notice was lost: the sessions with commands waiting look again.
+        self.notify_many(await self._store.nodes_with_commands())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 import structlog
 
-from balancer.changes import NO_CHANGES, Change, Changes
+from balancer.changes import ChangeBus, ModelChanged, Resync
 from balancer.origin import Origin, PinnedRepo, RemoteFile
 from balancer.store import Store, TooLong
 from common.errors import ErrorCode, LlmlbError
@@ -42,15 +42,22 @@ class Catalog:
     """Registers, lists and deletes models; pins every registration to an origin commit.
 
     Reads are served from memory. Every write of this process goes through here, so its copy is
-    exact; writes by other replicas of the same store arrive as ``refresh`` calls (and the periodic
-    ``load``). The store stays the truth across restarts.
+    exact; writes by other replicas of the same store arrive on the change bus (``ModelChanged``,
+    and the periodic ``Resync``). The store stays the truth across restarts.
     """
 
-    def __init__(self, store: Store, origin: Origin, changes: Changes = NO_CHANGES) -> None:
+    def __init__(self, store: Store, origin: Origin, bus: ChangeBus | None = None) -> None:
         self._store = store
         self._origin = origin
-        self._changes = changes
+        self._bus = bus if bus is not None else ChangeBus()  # alone: nothing travels
         self._models: dict[str, Model] = {}
+        self._gone: list[Callable[[str], None]] = []
+        self._bus.subscribe(ModelChanged, self._model_changed)
+        self._bus.subscribe(Resync, self._resync)
+
+    def on_gone(self, listener: Callable[[str], None]) -> None:
+        """Calls ``listener`` with each model id another replica deleted, once this copy drops it."""
+        self._gone.append(listener)
 
     async def load(self) -> None:
         """Reads every model from the store: at start, after seeding, and to resync with other replicas."""
@@ -64,6 +71,18 @@ class Catalog:
             return False
         self._models[model_id] = model
         return True
+
+    async def _model_changed(self, change: ModelChanged) -> None:
+        if not await self.refresh(change.model_id):
+            for listener in self._gone:
+                listener(change.model_id)
+
+    async def _resync(self, _: Resync) -> None:
+        before = set(self._models)
+        await self.load()
+        for model_id in before - set(self._models):
+            for listener in self._gone:
+                listener(model_id)
 
     async def register(self, req: RegisterRequest) -> Model:
         repo_id = _check_repo_id(req.repo_id)
@@ -102,7 +121,7 @@ class Catalog:
         except TooLong as exc:  # e.g. a display name longer than the store keeps
             raise LlmlbError(ErrorCode.INVALID_REQUEST, f"model {model_id!r}: {exc}") from None
         self._models[model_id] = stored
-        await self._changes.publish(Change.MODEL, model_id)
+        await self._bus.publish(ModelChanged(model_id))
         log.info(
             "model.registered",
             model_id=model_id,
@@ -151,7 +170,7 @@ class Catalog:
                 log.warning("local_model.refused", node_id=node_id, model_id=model.id, error=str(exc))
                 continue
             self._models[model.id] = stored
-            await self._changes.publish(Change.MODEL, model.id)
+            await self._bus.publish(ModelChanged(model.id))
             log.info("local_model.listed", node_id=node_id, model_id=model.id, files=len(model.files))
             changed.append(model.id)
         return changed
@@ -177,7 +196,7 @@ class Catalog:
         if not await self._store.delete_model(normal):
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {normal!r} not found")
         self._models.pop(normal, None)
-        await self._changes.publish(Change.MODEL, normal)
+        await self._bus.publish(ModelChanged(normal))
         log.info("model.deleted", model_id=normal, nodes_notified=len(nodes))
         return len(nodes)
 
@@ -208,7 +227,7 @@ class Catalog:
         inserted = await self._store.seed_catalog(ready)
         for model in repinned:
             await self._store.upsert_model(model)
-            await self._changes.publish(Change.MODEL, model.id)
+            await self._bus.publish(ModelChanged(model.id))
         if inserted:
             log.info("catalog.seeded", models=inserted)
         await self.load()

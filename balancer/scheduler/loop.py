@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from balancer.changes import Change
+from balancer.changes import CommandsQueued
 from balancer.deployments import ready_copies
 from balancer.fleet import Fleet
 from balancer.nodes import queue_command
@@ -326,7 +326,7 @@ class SchedulerLoop:
         self._forgotten &= set(copies)  # a node back (or removed) may lose a copy again later
         if queued:
             parts.sessions.notify_all()
-            await parts.replicas.publish(Change.COMMANDS)  # nodes held by other replicas
+            await parts.replicas.bus.publish(CommandsQueued())  # nodes held by other replicas
 
     def _observe(self) -> None:
         """Puts each placement's actual time to ready in the histogram, once."""

@@ -56,7 +56,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
     catalog = Catalog(store, origin)
     await catalog.seed(load_catalog(None, config.hf_endpoint))
     fleet = Fleet()
-    replicas = Replicas(store, fleet, database_url=config.database_url, timeout_s=3.0)
+    replicas = Replicas(store, database_url=config.database_url, timeout_s=3.0)
     metrics = BalancerMetrics(lambda: {})
     clients = NodeClients()
     keys = KeyRing(store)
@@ -68,7 +68,7 @@ async def shim(tmp_path: Path) -> AsyncIterator[Shim]:
         origin,
         catalog,
         fleet,
-        NodeSessions(store, fleet, replicas),
+        NodeSessions(store, fleet, replicas, heartbeat_timeout_s=config.heartbeat_timeout_ms / 1000),
         Router(config, catalog, fleet, clients, metrics),
         keys,
         metrics,

@@ -69,3 +69,123 @@ def test_a_wrong_way_import_is_caught_even_inside_a_function(
     (tmp_path / package).mkdir()
     (tmp_path / package / "bad.py").write_text(source)
     assert wrong_way_imports(tmp_path) == [f"{package}/bad.py imports {caught}"]
+
+
+# The replication carries changes between replicas and knows no owner of state: the owners subscribe
+# to the change bus, never the reverse. So nothing the replication imports, however indirectly (lazy
+# and type-checking imports included), is the parts or an owner, and no loop runs through the parts.
+REPLICATION = ("balancer.replicas", "balancer.changes")
+STATE_OWNERS = (
+    "balancer.parts",
+    "balancer.catalog",
+    "balancer.auth",
+    "balancer.fleet",
+    "balancer.sessions",
+    "balancer.node_rows",
+    "balancer.node_session",
+    "balancer.node_owners",
+    "balancer.nodes",
+)
+
+
+def imported_modules(source: str, module: str, *, package: bool = False) -> set[str]:
+    """Every module ``source`` may import, dotted in full (``from a import b`` counts ``a`` and ``a.b``);
+    ``package``: ``source`` is the module's ``__init__.py``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative to the importing module's package
+                up = node.level - 1 if package else node.level
+                package_parts = module.split(".")
+                package_parts = package_parts[: len(package_parts) - up]
+                base = ".".join([*package_parts, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _source_of(root: Path, module: str) -> Path | None:
+    path = root.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _owner_of(module: str) -> str | None:
+    return next((o for o in STATE_OWNERS if module == o or module.startswith(o + ".")), None)
+
+
+def replication_reaching_owners(root: Path) -> list[str]:
+    """``"<module> -> ... imports <owner>"`` for every owner of state a replication module reaches."""
+    wrong: list[str] = []
+    seen: set[str] = set()
+    queue = [(start, (start,)) for start in REPLICATION]
+    while queue:
+        module, chain = queue.pop(0)
+        if module in seen:
+            continue
+        seen.add(module)
+        path = _source_of(root, module)
+        if path is None:
+            continue
+        source = path.read_text(encoding="utf-8")
+        for imported in sorted(imported_modules(source, module, package=path.name == "__init__.py")):
+            owner = _owner_of(imported)
+            if owner is not None:
+                wrong.append(f"{' -> '.join(chain)} imports {owner}")
+            elif imported.startswith("balancer"):
+                parts = imported.split(".")  # the packages above a module run first
+                queue.extend((".".join(parts[:n]), (*chain, imported)) for n in range(1, len(parts) + 1))
+    return sorted(set(wrong))
+
+
+def test_the_replication_reaches_no_owner_of_state_and_no_loop_runs_through_the_parts() -> None:
+    assert (
+        _source_of(ROOT, "balancer.replicas") is not None and _source_of(ROOT, "balancer.changes") is not None
+    )
+    assert replication_reaching_owners(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("files", "caught"),
+    [
+        (  # the change bus reaching into the catalogue
+            {"balancer/changes.py": "from balancer.catalog import Catalog\n"},
+            ["balancer.changes imports balancer.catalog"],
+        ),
+        (  # the replicas calling the key ring or the sessions back, even lazily
+            {"balancer/replicas.py": "def later():\n    from balancer import auth, sessions\n"},
+            ["balancer.replicas imports balancer.auth", "balancer.replicas imports balancer.sessions"],
+        ),
+        (  # a loop between the parts and the replicas, if only for type checking
+            {
+                "balancer/parts.py": "from balancer.replicas import Replicas\n",
+                "balancer/replicas.py": (
+                    "from typing import TYPE_CHECKING\n"
+                    "if TYPE_CHECKING:\n"
+                    "    from balancer.parts import BalancerParts\n"
+                ),
+            },
+            ["balancer.replicas imports balancer.parts"],
+        ),
+        (  # an owner reached through a module the replicas use
+            {
+                "balancer/replicas.py": "from balancer.store import Store\n",
+                "balancer/store/__init__.py": "from .records import Store\n",
+                "balancer/store/records.py": "from balancer.fleet import NodeLoad\n",
+            },
+            ["balancer.replicas -> balancer.store -> balancer.store.records imports balancer.fleet"],
+        ),
+    ],
+)
+def test_a_replication_module_reaching_an_owner_of_state_is_caught(
+    tmp_path: Path, files: dict[str, str], caught: list[str]
+) -> None:
+    for name, source in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(source)
+    assert replication_reaching_owners(tmp_path) == caught

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from balancer.replicas import NodeSnapshot
+from balancer.node_rows import NodeSnapshot
 from common.types import Backend, Capability, ModelState
 
 

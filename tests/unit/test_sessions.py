@@ -23,8 +23,8 @@ async def store(database_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def replicas(store: Store, fleet: Fleet) -> Replicas:
-    return Replicas(store, fleet, database_url="sqlite+aiosqlite:///unused.db", timeout_s=3.0)
+def replicas(store: Store) -> Replicas:
+    return Replicas(store, database_url="sqlite+aiosqlite:///unused.db", timeout_s=3.0)
 
 
 async def state(store: Store, node_id: str) -> NodeState:
@@ -37,7 +37,7 @@ async def test_close_all_stores_each_node_offline_and_a_late_handler_leaves_the_
     store: Store,
 ) -> None:
     fleet = Fleet()
-    sessions = NodeSessions(store, fleet, replicas(store, fleet))
+    sessions = NodeSessions(store, fleet, replicas(store), heartbeat_timeout_s=3.0)
     for node_id in ("a", "b"):
         await store.upsert_node(make_node(node_id, state=NodeState.OFFLINE))
     opened = [await sessions.open("a"), await sessions.open("b")]
@@ -58,7 +58,7 @@ async def test_close_all_waits_for_a_close_already_under_way(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fleet = Fleet()
-    sessions = NodeSessions(store, fleet, replicas(store, fleet))
+    sessions = NodeSessions(store, fleet, replicas(store), heartbeat_timeout_s=3.0)
     await store.upsert_node(make_node("a"))
     session = await sessions.open("a")
     gate = asyncio.Event()
@@ -93,7 +93,7 @@ async def test_sessions_woken_together_read_their_queues_in_one_store_read(
 ) -> None:
     """A delete reaches every node at once; a thousand queue reads must not become a thousand queries."""
     fleet = Fleet()
-    sessions = NodeSessions(store, fleet, replicas(store, fleet))
+    sessions = NodeSessions(store, fleet, replicas(store), heartbeat_timeout_s=3.0)
     ids = [f"n{i}" for i in range(20)]
     for node_id in ids:
         await store.upsert_node(make_node(node_id))
