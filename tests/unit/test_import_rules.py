@@ -123,7 +123,7 @@ def replication_reaching_owners(root: Path) -> list[str]:
     """``"<module> -> ... imports <owner>"`` for every owner of state a replication module reaches."""
     wrong: list[str] = []
     seen: set[str] = set()
-    queue = [(start, (start,)) for start in REPLICATION]
+    queue: list[tuple[str, tuple[str, ...]]] = [(start, (start,)) for start in REPLICATION]
     while queue:
         module, chain = queue.pop(0)
         if module in seen:
