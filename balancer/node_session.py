@@ -23,8 +23,8 @@ from balancer import node_owners
 from balancer.fleet import ModelOnNode, NodeLoad
 from balancer.fleet_token import Grant
 from balancer.parts import BalancerParts
-from balancer.sessions import Session
-from balancer.store import StoreUnavailable
+from balancer.sessions import NodeSessions, Session
+from balancer.store import Store, StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, CommandKind, Model, NodeCommand
 
@@ -150,7 +150,7 @@ async def serve(
     # is in when the stream drops, and the fleet already lists the node.
     try:
         # A drain still queued (e.g. from before a balancer restart) holds from the first heartbeat on.
-        if any(c.kind is CommandKind.DRAIN for c in await _pending(parts, session) or ()):
+        if any(c.kind is CommandKind.DRAIN for c in await _pending(sessions, session) or ()):
             session.draining = True
             fleet.set_draining(node_id, True)
             await parts.sessions.rows.reported(node_id)
@@ -170,7 +170,7 @@ async def serve(
                 yield Tokens(tokens.grant(replaces=rotated))
             pending: list[NodeCommand] | None = []
             if read_queue:
-                pending = await _pending(parts, session)
+                pending = await _pending(sessions, session)
                 for cmd in pending or ():
                     if cmd.id not in session.sent:
                         session.sent.add(cmd.id)
@@ -223,27 +223,27 @@ async def _read(parts: BalancerParts, session: Session, inbound: AsyncIterator[N
         # Only commands sent to this node on this session can be cleared by it.
         elif isinstance(msg, CommandAck) and msg.command_id in session.sent:
             if msg.ok:
-                await _ack(parts, session, msg.command_id)
+                await _ack(parts.store, session, msg.command_id)
             else:
                 log.warning(
                     "node.command_failed", node_id=node_id, command_id=msg.command_id, error=msg.error
                 )
 
 
-async def _pending(parts: BalancerParts, session: Session) -> list[NodeCommand] | None:
+async def _pending(sessions: NodeSessions, session: Session) -> list[NodeCommand] | None:
     """The node's queued commands; None while the store cannot be reached (the session stays up)."""
     try:
-        return await parts.sessions.pending(session)
+        return await sessions.pending(session)
     except StoreUnavailable:
         log.warning("node.commands_unread", node_id=session.node_id)
         return None
 
 
-async def _ack(parts: BalancerParts, session: Session, command_id: int) -> None:
+async def _ack(store: Store, session: Session, command_id: int) -> None:
     """Clears an acknowledged command; while the store cannot be reached the command stays queued
     and is sent again once it answers, so the node carries it out (harmlessly) and acks it anew."""
     try:
-        await parts.store.ack_command(command_id)
+        await store.ack_command(command_id)
     except StoreUnavailable:
         log.warning("node.ack_unstored", node_id=session.node_id, command_id=command_id)
         session.sent.discard(command_id)

@@ -18,9 +18,10 @@ import structlog
 
 from balancer import node_owners
 from balancer.changes import CommandsQueued, NodeDrained, NodeRemoved, NodeUndrained
-from balancer.fleet import NodeInfo
+from balancer.fleet import Fleet, NodeInfo
 from balancer.parts import BalancerParts
-from balancer.store import TooLong
+from balancer.sessions import NodeSessions
+from balancer.store import Store, TooLong
 from common.errors import ErrorCode, LlmlbError
 from common.node_id import check_node_id
 from common.types import ApiKey, Backend, Capability, CommandKind, FileFormat, GpuDevice, Node, NodeState
@@ -117,17 +118,16 @@ async def register_node(
     return RegisteredNode(node, config.heartbeat_interval_ms, config.heartbeat_timeout_ms)
 
 
-async def known_node(parts: BalancerParts, node_id: str) -> Node:
+async def known_node(store: Store, node_id: str) -> Node:
     """The registered node ``node_id``; ``node_not_found`` otherwise."""
-    node = await parts.store.get_node(node_id) if node_id else None
+    node = await store.get_node(node_id) if node_id else None
     if node is None:
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"no node {node_id!r}")
     return node
 
 
-async def queue_command(parts: BalancerParts, node_id: str, kind: CommandKind, model_id: str = "") -> None:
+async def queue_command(store: Store, node_id: str, kind: CommandKind, model_id: str = "") -> None:
     """Queues a durable command unless the same one is still waiting for the node."""
-    store = parts.store
     try:
         pending = await store.pending_commands(node_id)
         if not any(c.kind is kind and c.model_id == model_id for c in pending):
@@ -146,7 +146,7 @@ async def pull_model(parts: BalancerParts, model_id: str, node_ids: list[str]) -
     if node_ids:
         targets = list(dict.fromkeys(node_ids))
         for node_id in targets:
-            await known_node(parts, node_id)
+            await known_node(parts.store, node_id)
     else:
         wanted = frozenset(model.capabilities)
         targets = [
@@ -155,17 +155,17 @@ async def pull_model(parts: BalancerParts, model_id: str, node_ids: list[str]) -
             if (info := fleet.info(node_id)) is not None and info.capabilities & wanted
         ]
     for node_id in targets:
-        await queue_command(parts, node_id, CommandKind.PREFETCH, model.id)
+        await queue_command(parts.store, node_id, CommandKind.PREFETCH, model.id)
     parts.sessions.notify_all()
     await parts.replicas.bus.publish(CommandsQueued())  # nodes held by other replicas
     log.info("model.pull_requested", model_id=model.id, node_ids=targets)
     return PulledModel(model.id, tuple(targets))
 
 
-def _mark_draining(parts: BalancerParts, node_id: str) -> bool:
+def _mark_draining(fleet: Fleet, sessions: NodeSessions, node_id: str) -> bool:
     """Takes the node out of rotation now; True when it is connected."""
-    parts.fleet.set_draining(node_id, True)
-    session = parts.sessions.get(node_id)
+    fleet.set_draining(node_id, True)
+    session = sessions.get(node_id)
     if session is not None:  # a heartbeat saying otherwise must not undo the drain
         session.draining = True
     return session is not None
@@ -173,10 +173,10 @@ def _mark_draining(parts: BalancerParts, node_id: str) -> bool:
 
 async def drain_node(parts: BalancerParts, node_id: str) -> Node:
     """Tells the node to finish its work and take none; it leaves rotation at once. The node, draining."""
-    node = await known_node(parts, node_id)
+    node = await known_node(parts.store, node_id)
     await parts.store.cancel_commands(node.id, CommandKind.UNDRAIN)  # the last word wins
-    await queue_command(parts, node.id, CommandKind.DRAIN)
-    online = _mark_draining(parts, node.id)
+    await queue_command(parts.store, node.id, CommandKind.DRAIN)
+    online = _mark_draining(parts.fleet, parts.sessions, node.id)
     parts.sessions.notify_all()
     await parts.replicas.bus.publish(NodeDrained(node.id))
     log.info("node.drain_requested", node_id=node.id, online=online)
@@ -187,7 +187,7 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
     """Puts a drained node back in rotation: a drain still queued is dropped and the node is told to take
     new work again (durable, like a drain). ``node_stopping`` when the node drains because it is shutting
     down: that drain ends with the process. The node, in its state now."""
-    node = await known_node(parts, node_id)
+    node = await known_node(parts.store, node_id)
     if parts.fleet.is_stopping(node.id):  # told by the node itself, on whichever replica holds it
         raise LlmlbError(
             ErrorCode.NODE_STOPPING,
@@ -195,7 +195,7 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
             " it is restarted",
         )
     await parts.store.cancel_commands(node.id, CommandKind.DRAIN)
-    await queue_command(parts, node.id, CommandKind.UNDRAIN)
+    await queue_command(parts.store, node.id, CommandKind.UNDRAIN)
     parts.fleet.set_draining(node.id, False)
     session = parts.sessions.get(node.id)
     if session is not None:
@@ -209,29 +209,29 @@ async def undrain_node(parts: BalancerParts, node_id: str) -> Node:
 
 async def remove_node(parts: BalancerParts, node_id: str) -> str:
     """Forgets the node; a connected one is told to drain first and its session ends. Its id."""
-    node = await known_node(parts, node_id)
+    node = await known_node(parts.store, node_id)
     timeout_s = parts.config.heartbeat_timeout_ms / 1000
     connected = parts.sessions.get(node.id) is not None
     elsewhere = not connected and parts.fleet.remote_replica(node.id) is not None
     if connected or elsewhere:  # told to drain first, so it takes no new work while it is gone
-        await queue_command(parts, node.id, CommandKind.DRAIN)
-        _mark_draining(parts, node.id)
+        await queue_command(parts.store, node.id, CommandKind.DRAIN)
+        _mark_draining(parts.fleet, parts.sessions, node.id)
     if connected:
         await parts.sessions.end(node.id, timeout_s)
     await parts.replicas.bus.publish(NodeRemoved(node.id))  # the replica holding it ends its session
     if elsewhere:
-        await _until_detached(parts, node.id, timeout_s)
+        await _until_detached(parts.store, node.id, timeout_s)
     await parts.store.remove_node(node.id)
     parts.fleet.remove(node.id)
     log.info("node.removed", node_id=node.id, was_connected=connected or elsewhere)
     return node.id
 
 
-async def _until_detached(parts: BalancerParts, node_id: str, timeout_s: float) -> None:
+async def _until_detached(store: Store, node_id: str, timeout_s: float) -> None:
     """Waits (at most ``timeout_s``) for the replica holding the node's session to end it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        node = await parts.store.get_node(node_id)
+        node = await store.get_node(node_id)
         if node is None or not node.replica_id:
             return
         await asyncio.sleep(DETACH_POLL_S)

@@ -255,7 +255,7 @@ class SchedulerLoop:
             key = (action.model_id, action.node_id)
             if isinstance(action, Place):
                 try:
-                    await queue_command(parts, action.node_id, CommandKind.PIN, action.model_id)
+                    await queue_command(parts.store, action.node_id, CommandKind.PIN, action.model_id)
                 except LlmlbError as exc:
                     log.warning(
                         "scheduler.place_failed",
@@ -295,7 +295,7 @@ class SchedulerLoop:
                     self._forgotten.add(key)
                 if action.unload:
                     try:
-                        await queue_command(parts, action.node_id, CommandKind.UNLOAD, action.model_id)
+                        await queue_command(parts.store, action.node_id, CommandKind.UNLOAD, action.model_id)
                     except LlmlbError:
                         pass  # the node was removed meanwhile: nothing left to unload
                     else:
