@@ -94,7 +94,7 @@ class KeyRing:
         self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Called with each key revoked here (``balancer.node_owners.revoked``: the fleet token rotates,
+        # Called with each key revoked here (``balancer.node_owners.Revocations.revoked``: the fleet token rotates,
         # the key's nodes are cut off).
         self.on_revoke: Callable[[ApiKey], Awaitable[None]] | None = None
 

@@ -102,7 +102,7 @@ class Fleet:
     """Connected nodes, their per-model states and their last reported load.
 
     A node is connected to this replica (its session is here) or to another replica of the same
-    database (``remote``: what it reports reaches us through the store, see ``balancer.replicas``).
+    database (``remote``: what it reports reaches us through the store, see ``balancer.node_rows``).
     Both are routed to alike; a local session always wins over a remote report.
     """
 
