@@ -157,9 +157,9 @@ def test_the_replication_reaches_no_owner_of_state_and_no_loop_runs_through_the_
             {"balancer/changes.py": "from balancer.catalog import Catalog\n"},
             ["balancer.changes imports balancer.catalog"],
         ),
-        (  # the replicas calling the key ring or the sessions back, even lazily
-            {"balancer/replicas.py": "def later():\n    from balancer import auth, sessions\n"},
-            ["balancer.replicas imports balancer.auth", "balancer.replicas imports balancer.sessions"],
+        (  # the replicas calling the key ring or the catalogue back, even lazily
+            {"balancer/replicas.py": "def later():\n    from balancer import auth, catalog\n"},
+            ["balancer.replicas imports balancer.auth", "balancer.replicas imports balancer.catalog"],
         ),
         (  # a loop between the parts and the replicas, if only for type checking
             {
