@@ -19,7 +19,6 @@ from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.labels import Labels
-from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
@@ -217,9 +216,7 @@ async def start(config: BalancerConfig) -> Balancer:
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks, parts.limits)), server
-    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(parts.plane), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
