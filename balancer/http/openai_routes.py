@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -65,34 +64,22 @@ def door(request: Request) -> Door:
     )
 
 
-def answer_headers(exchange: Exchange[Any, Any], node_id: str | None = None, **more: str) -> dict[str, str]:
+def answer_headers(exchange: Exchange[Any, Any], node_id: str | None = None) -> dict[str, str]:
     """``x-request-id``, ``x-llmlb-node`` (unless None) and a limited key's rate-limit headers."""
     node = {} if node_id is None else {"x-llmlb-node": node_id}
-    return {"x-request-id": exchange.request_id, **node, **more, **dict(exchange.headers)}
+    return {"x-request-id": exchange.request_id, **node, **dict(exchange.headers)}
 
 
 def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(out.dumps(payload), media_type="application/json", headers=headers)
 
 
-async def _file(form: FormData, *names: str, required: bool = True) -> tuple[bytes, str]:
-    for name in names:
-        value = form.get(name)
-        if isinstance(value, UploadFile):
-            return await value.read(), value.filename or ""
-        if value is not None:
-            raise cv.invalid(f"{name} must be a file (multipart/form-data upload)")
-    if required:
-        raise cv.invalid(f"missing required file: {names[0]!r} (send multipart/form-data)")
-    return b"", ""
-
-
 async def text_answer(
     exchange: Exchange[Any, TextChunk],
     internal: ChatRequest | CompleteRequest,
-    *,
     stream: bool,
     include_usage: bool,
+    *,
     chat: bool,
 ) -> Response:
     """A chat or text completion: one JSON object, or its chunks as server-sent events."""
@@ -138,20 +125,16 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def chat_completions(request: Request) -> Response:
         async with plane.open(CHAT, door(request)) as exchange:
             body = cv.parse_body(ChatCompletionBody, await request.body())
-            internal = cv.chat_request(body, request_id(request))
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await text_answer(
-                exchange, internal, stream=bool(body.stream), include_usage=usage, chat=True
-            )
+            internal = cv.chat_request(body, request_id(request))
+            return await text_answer(exchange, internal, bool(body.stream), usage, chat=True)
 
     async def completions(request: Request) -> Response:
         async with plane.open(COMPLETE, door(request)) as exchange:
             body = cv.parse_body(CompletionBody, await request.body())
-            internal = cv.complete_request(body, request_id(request))
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await text_answer(
-                exchange, internal, stream=bool(body.stream), include_usage=usage, chat=False
-            )
+            internal = cv.complete_request(body, request_id(request))
+            return await text_answer(exchange, internal, bool(body.stream), usage, chat=False)
 
     async def embeddings(request: Request) -> Response:
         async with plane.open(EMBED, door(request)) as exchange:
@@ -163,7 +146,7 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def transcriptions(request: Request) -> Response:
         async with plane.open(TRANSCRIBE, door(request)) as exchange:
             async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
-                audio, filename = await _file(form, "file")
+                audio, filename = await cv.form_file(form, "file")
                 internal = cv.transcribe_request(form, audio, filename, request_id(request))
                 fmt = parse_format(cv.form_text(form, "response_format"))
             transcript = await exchange.unary(internal)
@@ -201,8 +184,8 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         async def image_form(request: Request) -> Response:
             async with plane.open(IMAGE, door(request)) as exchange:
                 async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
-                    image, _ = await _file(form, "image", "image[]")
-                    mask, _ = await _file(form, "mask", required=False)
+                    image, _ = await cv.form_file(form, "image", "image[]")
+                    mask, _ = await cv.form_file(form, "mask", required=False)
                     internal = cv.image_form_request(form, operation, image, mask, request_id(request))
                 return await images(exchange, internal)
 
