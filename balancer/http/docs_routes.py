@@ -11,10 +11,10 @@ from importlib import metadata
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.http.openai_answers import dumps
 from balancer.http.openapi import openapi_document
+from balancer.http.route_table import Handlers
 
 
 def _version() -> str:
@@ -96,7 +96,7 @@ fetch("/openapi.json").then((r) => r.json()).then((doc) => {
 """
 
 
-def docs_routes() -> list[BaseRoute]:
+def docs_routes() -> Handlers:
     """``GET /openapi.json`` and ``GET /docs``, open to anyone."""
     document = dumps(openapi_document(_version()))  # built once: the routes do not change while serving
 
@@ -106,7 +106,4 @@ def docs_routes() -> list[BaseRoute]:
     async def docs(request: Request) -> Response:
         return HTMLResponse(PAGE)
 
-    return [
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-    ]
+    return {"openapi_json": openapi_json, "docs": docs}

@@ -16,7 +16,6 @@ import structlog
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer import control
 from balancer.edge.deadline import REQUEST_TIMEOUT_HEADER, header_timeout
@@ -24,6 +23,7 @@ from balancer.edge.observe import Call, Observer
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import deleted_json, openai_model_json, openai_model_list_json
+from balancer.http.route_table import Handlers
 from balancer.http.schemas import (
     ChatCompletionBody,
     CompletionBody,
@@ -170,7 +170,7 @@ async def _file(form: FormData, *names: str, required: bool = True) -> tuple[byt
     return b"", ""
 
 
-def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
+def openai_routes(parts: BalancerParts) -> Handlers:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     routing = parts.router
     observer = door_observer(parts)
@@ -336,16 +336,16 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
         return json_response(deleted_json(await control.delete_model(parts, request.path_params["model_id"])))
 
     image = observed(observer, "image")
-    return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-        Route("/v1/audio/speech", speech, methods=["POST"]),
-        Route("/v1/images/generations", image_generations, methods=["POST"]),
-        Route("/v1/images/edits", image(image_form_route(ImageOperation.EDIT)), methods=["POST"]),
-        Route("/v1/images/variations", image(image_form_route(ImageOperation.VARIATION)), methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", delete_model, methods=["DELETE"]),
-    ]
+    return {
+        "chat_completions": chat_completions,
+        "completions": completions,
+        "embeddings": embeddings,
+        "transcriptions": transcriptions,
+        "speech": speech,
+        "image_generations": image_generations,
+        "image_edits": image(image_form_route(ImageOperation.EDIT)),
+        "image_variations": image(image_form_route(ImageOperation.VARIATION)),
+        "models": list_models,
+        "model": get_model,
+        "delete_model": delete_model,
+    }

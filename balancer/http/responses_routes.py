@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.edge.observe import Call
 from balancer.http import openai_requests as cv
@@ -28,6 +27,7 @@ from balancer.http.openai_routes import (
 from balancer.http.responses_answers import ResponseBuilder
 from balancer.http.responses_requests import echoed, response_request
 from balancer.http.responses_schemas import ResponseCreateBody
+from balancer.http.route_table import Handlers
 from balancer.http.streaming import StreamingAnswer, closing, first_item, unless_disconnected
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
@@ -75,7 +75,7 @@ def _fed(call: Call, builder: ResponseBuilder, chunk: TextChunk) -> list[bytes]:
     return builder.feed(chunk)
 
 
-def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
+def responses_routes(parts: BalancerParts) -> Handlers:
     """``POST /v1/responses``, behind the same access, admission and metrics as chat."""
     routing = parts.router
     observer = door_observer(parts)
@@ -109,4 +109,4 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
             headers={**SSE_HEADERS, "x-request-id": rid, "x-llmlb-node": first.node_id if first else ""},
         )
 
-    return [Route("/v1/responses", create_response, methods=["POST"])]
+    return {"create_response": create_response}
