@@ -4,7 +4,7 @@ to present, the channel, and the one-line description of a failed call."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,10 +14,11 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.channels import open_channel
-from common.config import BalancerConfig, Settings, llmlb_home, parse_balancers
+from common.config import BalancerConfig, ClientSchema, llmlb_home, parse_balancers
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.rpc import answered, error_from_rpc
+from common.settings import Layers, load
 
 if TYPE_CHECKING:
     Stub = rgrpc.RegistryAsyncStub
@@ -97,26 +98,34 @@ def read_admin_key(home: Path) -> str:
 
 
 def client_settings(
-    balancer: str | None = None, api_key: str | None = None, tls_ca: Path | None = None
+    balancer: str | None = None,
+    api_key: str | None = None,
+    tls_ca: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ClientSettings:
     """Resolves the client side: each argument is a flag and wins over the environment."""
-    s = Settings()
-    ca = tls_ca or s.get(None, ("LLMLB_TLS_CA",), None, Path)
-    where = "--balancer" if balancer else "LLMLB_ADDR"
-    address = balancer or s.raw("LLMLB_ADDR") or DEFAULT_ADDR
-    try:
-        address = ",".join(parse_balancers(address))  # a malformed list is a usage error, before any call
-    except ValueError as exc:
-        raise ValueError(f"{where}={address!r}: {exc}") from None
+    values = load_client_settings(balancer, api_key, tls_ca, env)
+    home = llmlb_home(env)  # the environment's: the .env file lives under it
+    key = values.api_key.reveal() if values.api_key else ""
     return ClientSettings(
-        address=address,
-        api_key=api_key
-        or s.raw("LLMLB_API_KEY", "LLMLB_ADMIN_KEY")  # the balancer's own admin key, on its host
-        or read_admin_key(llmlb_home(s.env)),
-        tls_ca=ca,
-        tls_cert=s.get(None, ("LLMLB_TLS_CLIENT_CERT",), None, Path) if ca else None,
-        tls_key=s.get(None, ("LLMLB_TLS_CLIENT_KEY",), None, Path) if ca else None,
+        address=values.address,
+        api_key=key or read_admin_key(home),  # the balancer's own admin key, on its host
+        tls_ca=values.tls_ca,
+        tls_cert=values.tls_cert if values.tls_ca else None,
+        tls_key=values.tls_key if values.tls_ca else None,
     )
+
+
+def load_client_settings(
+    balancer: str | None = None,
+    api_key: str | None = None,
+    tls_ca: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ClientSchema:
+    """The client's settings as the schema checks them; a bad value is a usage error, before any call."""
+    home = llmlb_home(env)
+    flags = {"address": balancer or None, "api_key": api_key or None, "tls_ca": tls_ca}
+    return load(ClientSchema, Layers.read(env, home / ".env"), flags)
 
 
 def describe_rpc_error(exc: grpc.RpcError, address: str) -> Exception:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from common.config import DEFAULT_PREFIX_CACHE_MB
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
@@ -28,8 +29,6 @@ from common.inference import (
     Usage,
 )
 from common.types import Backend, Capability, FileFormat, Model
-
-DEFAULT_PREFIX_CACHE_MB = 512  # computed prompt prefixes kept per llama.cpp model; 0: none
 
 
 @dataclass(frozen=True, slots=True)
