@@ -18,7 +18,7 @@ from pydantic import BeforeValidator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.secret import Secret
-from common.settings import Layers, layered_sources, load, parsed, setting
+from common.settings import INTERNAL, Layers, layered_sources, load, parsed, setting
 from common.settings import SettingError as SettingError
 from common.settings import read_env_file as read_env_file
 from common.types import Backend
@@ -802,7 +802,7 @@ class BalancerSchema(Schema):
         help="replica processes on this host sharing its ports (PostgreSQL only)",
     )
     shared_ports: Annotated[bool, parsed(lambda value: True)] = setting(
-        False, "LLMLB_WORKER", group="internal", help="set on each worker `llmlb serve --workers` starts"
+        False, "LLMLB_WORKER", group=INTERNAL, help="set on each worker `llmlb serve --workers` starts"
     )
 
 
@@ -1014,7 +1014,7 @@ class NodeSchema(NodePoolSchema):
         "XLLM_API_KEY",
         flag="--api-key",
         secret=True,
-        help="API key (scope node) the node presents to the balancer",
+        help="API key (scope node) the node presents to the balancer (a flag shows in ps: prefer this)",
     )
     tls_ca: Path | None = setting(
         None, "XLLM_TLS_CA", help="CA of the balancer's certificate; set: dial it with TLS"
@@ -1049,6 +1049,7 @@ class NodeSchema(NodePoolSchema):
         (),
         "XLLM_LABELS",
         flag="--label",
+        repeatable=True,
         shown_default="none",
         help="comma-separated key=value labels that deployments' --selector matches",
     )

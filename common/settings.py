@@ -9,13 +9,15 @@ variable or flag, the ``--help`` text, ``config`` output and the tables in docs/
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Callable, Iterator, Mapping
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -35,6 +37,7 @@ class Spec:
     shown_default: str = ""  # the default as help and docs show it, where it is computed
     secret: bool = False  # never printed: config output shows "set"
     group: str = ""  # a heading the docs table and help put it under
+    repeatable: bool = False  # the flag may be given several times, one item each
 
 
 def setting(
@@ -45,9 +48,10 @@ def setting(
     shown_default: str = "",
     secret: bool = False,
     group: str = "",
+    repeatable: bool = False,
 ) -> Any:
     """A schema field: its default, its environment names (main name first), flag and description."""
-    spec = Spec(env=env, flag=flag, shown_default=shown_default, secret=secret, group=group)
+    spec = Spec(env, flag, shown_default, secret, group, repeatable)
     return Field(default, description=help, json_schema_extra={"spec": spec})  # type: ignore[dict-item]
 
 
@@ -226,24 +230,19 @@ class Row:
     group: str
 
 
+INTERNAL = "internal"  # the group of settings one process sets for another: neither in help nor docs
+
+
 def rows(schema: type[BaseSettings]) -> list[Row]:
-    """Every setting of ``schema`` in declaration order, with its default as shown to people."""
+    """Every setting of ``schema`` as people see it: declaration order, grouped settings after the rest."""
     out = []
     for name, info in schema.model_fields.items():
         spec = spec_of(info)
-        if not spec.env:
+        if spec.group == INTERNAL:
             continue
-        out.append(
-            Row(
-                name,
-                spec.env,
-                spec.flag,
-                spec.shown_default or show_default(info.default),
-                info.description or "",
-                spec.group,
-            )
-        )
-    return out
+        default = spec.shown_default or show_default(info.default)
+        out.append(Row(name, spec.env, spec.flag, default, info.description or "", spec.group))
+    return sorted(out, key=lambda row: row.group != "")
 
 
 def show_default(value: Any) -> str:
@@ -258,19 +257,19 @@ def show_default(value: Any) -> str:
     return str(value)
 
 
-def env_help(schema: type[BaseSettings], title: str, width: int = 29) -> str:
-    """The environment section of a ``--help``: every variable, its default and meaning, one per line."""
+def env_help(schema: type[BaseSettings], title: str, width: int = 29, line: int = 104) -> str:
+    """The environment section of a ``--help``: every variable, its default and meaning."""
     lines = [title]
     for row in rows(schema):
-        names = " / ".join(row.env)
         default = f" (default {row.default})" if row.default != "unset" else ""
-        text = f"{row.help}{default}"
+        text = textwrap.wrap(f"{row.help}{default}", line - width - 2, break_on_hyphens=False) or [""]
+        names = " / ".join(row.env)
         if len(names) >= width:
             lines.append(f"  {names}")
-            lines.append(f"  {'':{width}}{text}")
-        else:
-            lines.append(f"  {names:{width}}{text}")
-    return "\n".join(lines) + "\n"
+            text = ["", *text]
+        lines.append(f"  {names if len(names) < width else '':{width}}{text[0]}".rstrip())
+        lines.extend(f"  {'':{width}}{more}" for more in text[1:])
+    return "\n".join(line for line in lines if line.strip() or line == title) + "\n"
 
 
 def flag_help(schema: type[BaseSettings], name: str) -> str:
@@ -292,3 +291,31 @@ def shown(value: Any, secret: bool = False) -> Any:
     if isinstance(value, tuple):
         return [shown(v) for v in value]
     return value
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, schema: type[BaseSettings], names: Iterable[str], default: Any
+) -> None:
+    """Adds the flags of ``names`` to ``parser``, their help drawn from the schema.
+
+    Values stay text: the schema reads them as it reads the variable, so a bad one is the same one-line
+    error, naming the flag. ``default`` is what an absent flag leaves (None, or ``argparse.SUPPRESS``).
+    """
+    for name in names:
+        info = schema.model_fields[name]
+        spec = spec_of(info)
+        kwargs: dict[str, Any] = {"dest": name, "default": default, "help": flag_help(schema, name)}
+        if info.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.repeatable:
+            kwargs.update(action="append", metavar="KEY=VALUE")
+        elif info.annotation is Path or Path in get_args(info.annotation):
+            kwargs.update(type=Path, metavar=name.removesuffix("_path").upper())  # any text is a path
+        else:
+            kwargs["metavar"] = name.removesuffix("_s").removesuffix("_path").upper()
+        parser.add_argument(spec.flag, **kwargs)
+
+
+def flagged(schema: type[BaseSettings]) -> list[str]:
+    """The fields of ``schema`` that have a flag, in declaration order."""
+    return [name for name, info in schema.model_fields.items() if spec_of(info).flag]

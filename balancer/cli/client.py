@@ -18,27 +18,19 @@ from common.config import BalancerConfig, ClientSchema, llmlb_home, parse_balanc
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.rpc import answered, error_from_rpc
-from common.settings import Layers, load
+from common.settings import Layers, add_flags, env_help, flagged, load
 
 if TYPE_CHECKING:
     Stub = rgrpc.RegistryAsyncStub
     Command = Callable[[Stub, argparse.Namespace], Awaitable[int]]
 
-DEFAULT_ADDR = "127.0.0.1:50051"
 CALL_TIMEOUT_S = 20.0  # one control-plane call; a balancer that does not answer by then is reported
 PROBE_TIMEOUT_S = 5.0  # with several addresses, how long one may take to answer its health check
 
-CLIENT_ENV_HELP = """\
-environment of the client commands (flags win; $LLMLB_HOME/.env is read after the environment):
-  LLMLB_ADDR                 balancer gRPC address, or several comma-separated (replicas): each command
-                             uses the first that answers (default 127.0.0.1:50051)
-  LLMLB_API_KEY              API key to send; unset: LLMLB_ADMIN_KEY, else the contents of
-                             $LLMLB_HOME/admin-key when readable
-  LLMLB_HOME                 where admin-key is looked for (default ~/.llmlb)
-  LLMLB_TLS_CA               CA certificate of the balancer: set, the CLI dials it with TLS
-  LLMLB_TLS_CLIENT_CERT / LLMLB_TLS_CLIENT_KEY   client certificate and key, for mTLS
-exit status: 0 on success, 1 when the balancer is unreachable or refuses, 2 on a usage error.
-"""
+CLIENT_ENV_HELP = (
+    env_help(ClientSchema, "environment of the client commands (flags win; $LLMLB_HOME/.env is read next):")
+    + "exit status: 0 on success, 1 when the balancer is unreachable or refuses, 2 on a usage error.\n"
+)
 
 
 def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argparse.ArgumentParser:
@@ -53,12 +45,7 @@ def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argpar
         epilog=CLIENT_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--balancer",
-        help=f"balancer gRPC address, or several comma-separated (LLMLB_ADDR; default {DEFAULT_ADDR})",
-    )
-    parser.add_argument("--api-key", help="API key (LLMLB_API_KEY; default: $LLMLB_HOME/admin-key)")
-    parser.add_argument("--tls-ca", type=Path, help="CA of the balancer's certificate (LLMLB_TLS_CA)")
+    add_flags(parser, ClientSchema, flagged(ClientSchema), None)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(run=run)
     return parser
