@@ -1,7 +1,15 @@
 """Typed configuration, built once per process from flags > environment > ``~/.llmlb/.env`` > defaults.
 
-Every setting has one place here, with the environment variables that set it. ``--help`` of both
-CLIs and docs/configuration.md list the same names.
+Each program has one settings schema here (``BalancerSchema``, ``NodeSchema`` with the pool's
+``NodePoolSchema``, ``ClientSchema``; ``common.settings`` is the machinery): every setting is declared
+once, with its variables, flag, parser and description, and ``--help``, ``llmlb config``, ``xllm config``
+and docs/configuration.md are generated from it. The loaders turn a checked schema into the plain
+dataclasses the rest of the code reads (``BalancerConfig``, ``NodeConfig``, ``PoolSettings``), adding the
+values computed from several settings (the bulk address beside the gRPC one, the models dir, the
+origin allowlist from the endpoint).
+
+Over 400 lines on purpose: a setting's declaration, its parser and the config field it fills sit in one
+file, so adding a setting is one change in one place.
 """
 
 from __future__ import annotations
