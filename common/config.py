@@ -289,8 +289,13 @@ class BalancerConfig:
     tls_client_ca: Path | None = None
     # Routing: the policy for chat and completions (``ROUTING_POLICIES``; embeddings, audio and images
     # are routed by load alike), in-flight requests per node before it counts as busy, the wait queue.
+    # A node that reports its slots for a loaded model (the sequences its engine runs at once) is busy
+    # for that model at its slots plus ``node_queue_allowance`` (one waiting on the node refills a
+    # finished slot at the engine's next step, without a trip back to the balancer); a node that
+    # reports none (an older node, a model not loaded yet) is busy at ``node_max_inflight``, node-wide.
     routing: str = "cache-aware"
     node_max_inflight: int = 8
+    node_queue_allowance: int = 1
     queue_size: int = 256
     queue_timeout_s: float = 30.0
     # A request whose expected wait in that queue (requests ahead times the recent service time,
@@ -450,6 +455,7 @@ def load_balancer_config(
         tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),
         routing=s.get(routing, ("LLMLB_ROUTING",), "cache-aware", parse_routing),
         node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
+        node_queue_allowance=s.get(None, ("LLMLB_NODE_QUEUE_ALLOWANCE",), 1, parse_count_or_zero),
         queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
         queue_timeout_s=s.get(None, ("LLMLB_QUEUE_TIMEOUT",), 30.0, parse_positive),
         max_queue_wait_s=s.get(None, ("LLMLB_MAX_QUEUE_WAIT",), 15.0, parse_positive),

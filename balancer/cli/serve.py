@@ -55,7 +55,10 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_ROUTING              routing policy for chat and completions: cache-aware (default; to the node
                              holding the prompt's prefix, unless it is much busier), power-of-two or
                              round-robin
-  LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy (default 8)
+  LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy, for a node that
+                             reports no slots for the model (default 8)
+  LLMLB_NODE_QUEUE_ALLOWANCE requests a node gets for a model beyond the slots it reports for it,
+                             waiting on the node to refill a finished slot at once (default 1)
   LLMLB_QUEUE_SIZE           requests that may wait for a free node (default 256; 0: none wait)
   LLMLB_QUEUE_TIMEOUT        seconds a request may wait for a node (default 30)
   LLMLB_MAX_QUEUE_WAIT       longest expected wait a request is queued for; longer: 429 at once
