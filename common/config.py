@@ -322,9 +322,10 @@ class BalancerConfig:
     schedule_lease_s: float = 5.0
     # Autoscaling of min/max deployments (``balancer.scheduler.autoscaler``), each deployment on its own
     # demand: one copy more when, for ``scale_up_window_s``, requests waited longer than
-    # ``scale_up_queue_wait_s`` on average or more than ``scale_up_inflight`` were in flight per ready
-    # copy; one fewer (down to min, so to zero) after ``scale_down_idle_s`` with no request, or after
-    # ``scale_down_window_s`` with the requests in flight under a quarter of one copy fewer's slots.
+    # ``scale_up_queue_wait_s`` on average or more were in flight per ready copy than its slots (those
+    # its node reports for the model; ``scale_up_inflight`` for a node reporting none); one fewer (down
+    # to min, so to zero) after ``scale_down_idle_s`` with no request, or after ``scale_down_window_s``
+    # with the requests in flight under a quarter of one copy fewer's slots.
     scale_up_queue_wait_s: float = 2.0
     scale_up_inflight: int = 4
     scale_up_window_s: float = 10.0

@@ -89,7 +89,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              takes over once it lapses (default 5)
   LLMLB_SCALE_UP_QUEUE_WAIT  a min/max deployment gets a copy more when requests waited longer than
                              this many seconds on average (default 2) ...
-  LLMLB_SCALE_UP_INFLIGHT    ... or more than this many were in flight per ready copy (default 4) ...
+  LLMLB_SCALE_UP_INFLIGHT    ... or more were in flight per ready copy than its slots: those its node
+                             reports for the model, else this many (default 4) ...
   LLMLB_SCALE_UP_WINDOW      ... for this many seconds without a break (default 10)
   LLMLB_SCALE_DOWN_IDLE      seconds with no request after which a min/max deployment has one copy
                              fewer, down to its min (0: none loaded; the next request waits for one)
