@@ -289,8 +289,13 @@ class BalancerConfig:
     tls_client_ca: Path | None = None
     # Routing: the policy for chat and completions (``ROUTING_POLICIES``; embeddings, audio and images
     # are routed by load alike), in-flight requests per node before it counts as busy, the wait queue.
+    # A node that reports its slots for a loaded model (the sequences its engine runs at once) is busy
+    # for that model at its slots plus ``node_queue_allowance`` (one waiting on the node refills a
+    # finished slot at the engine's next step, without a trip back to the balancer); a node that
+    # reports none (an older node, a model not loaded yet) is busy at ``node_max_inflight``, node-wide.
     routing: str = "cache-aware"
     node_max_inflight: int = 8
+    node_queue_allowance: int = 1
     queue_size: int = 256
     queue_timeout_s: float = 30.0
     # A request whose expected wait in that queue (requests ahead times the recent service time,
@@ -317,9 +322,10 @@ class BalancerConfig:
     schedule_lease_s: float = 5.0
     # Autoscaling of min/max deployments (``balancer.scheduler.autoscaler``), each deployment on its own
     # demand: one copy more when, for ``scale_up_window_s``, requests waited longer than
-    # ``scale_up_queue_wait_s`` on average or more than ``scale_up_inflight`` were in flight per ready
-    # copy; one fewer (down to min, so to zero) after ``scale_down_idle_s`` with no request, or after
-    # ``scale_down_window_s`` with the requests in flight under a quarter of one copy fewer's slots.
+    # ``scale_up_queue_wait_s`` on average or more were in flight per ready copy than its slots (those
+    # its node reports for the model; ``scale_up_inflight`` for a node reporting none); one fewer (down
+    # to min, so to zero) after ``scale_down_idle_s`` with no request, or after ``scale_down_window_s``
+    # with the requests in flight under a quarter of one copy fewer's slots.
     scale_up_queue_wait_s: float = 2.0
     scale_up_inflight: int = 4
     scale_up_window_s: float = 10.0
@@ -450,6 +456,7 @@ def load_balancer_config(
         tls_client_ca=s.get(None, ("LLMLB_TLS_CLIENT_CA",), None, Path),
         routing=s.get(routing, ("LLMLB_ROUTING",), "cache-aware", parse_routing),
         node_max_inflight=s.get(None, ("LLMLB_NODE_MAX_INFLIGHT",), 8, parse_count),
+        node_queue_allowance=s.get(None, ("LLMLB_NODE_QUEUE_ALLOWANCE",), 1, parse_count_or_zero),
         queue_size=s.get(None, ("LLMLB_QUEUE_SIZE",), 256, parse_count_or_zero),
         queue_timeout_s=s.get(None, ("LLMLB_QUEUE_TIMEOUT",), 30.0, parse_positive),
         max_queue_wait_s=s.get(None, ("LLMLB_MAX_QUEUE_WAIT",), 15.0, parse_positive),

@@ -55,7 +55,10 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
   LLMLB_ROUTING              routing policy for chat and completions: cache-aware (default; to the node
                              holding the prompt's prefix, unless it is much busier), power-of-two or
                              round-robin
-  LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy (default 8)
+  LLMLB_NODE_MAX_INFLIGHT    requests in flight per node before it counts as busy, for a node that
+                             reports no slots for the model (default 8)
+  LLMLB_NODE_QUEUE_ALLOWANCE requests a node gets for a model beyond the slots it reports for it,
+                             waiting on the node to refill a finished slot at once (default 1)
   LLMLB_QUEUE_SIZE           requests that may wait for a free node (default 256; 0: none wait)
   LLMLB_QUEUE_TIMEOUT        seconds a request may wait for a node (default 30)
   LLMLB_MAX_QUEUE_WAIT       longest expected wait a request is queued for; longer: 429 at once
@@ -86,7 +89,8 @@ environment of `llmlb serve` (flags win; $LLMLB_HOME/.env, default ~/.llmlb/.env
                              takes over once it lapses (default 5)
   LLMLB_SCALE_UP_QUEUE_WAIT  a min/max deployment gets a copy more when requests waited longer than
                              this many seconds on average (default 2) ...
-  LLMLB_SCALE_UP_INFLIGHT    ... or more than this many were in flight per ready copy (default 4) ...
+  LLMLB_SCALE_UP_INFLIGHT    ... or more were in flight per ready copy than its slots: those its node
+                             reports for the model, else this many (default 4) ...
   LLMLB_SCALE_UP_WINDOW      ... for this many seconds without a break (default 10)
   LLMLB_SCALE_DOWN_IDLE      seconds with no request after which a min/max deployment has one copy
                              fewer, down to its min (0: none loaded; the next request waits for one)
