@@ -17,8 +17,9 @@ import pytest
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from devkit.fake_hub import FakeHub, gguf_blob
 from devkit.model_files import CACHE, ModelFiles
+from devkit.ports import free_port
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, llmlb, wait_online, xllm
+from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, llmlb, wait_online, xllm
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
