@@ -218,7 +218,12 @@ class BalancerConfig:
     # Routing: the policy for chat and completions (``ROUTING_POLICIES``; embeddings, audio and images
     # are routed by load alike), in-flight requests per node before it counts as busy, the wait queue.
     routing: str = "cache-aware"
+    # A node that reports its slots for a loaded model (the sequences its engine runs at once) is busy
+    # for that model at its slots plus ``node_queue_allowance`` (one waiting on the node refills a
+    # finished slot at the engine's next step, without a trip back to the balancer); a node that
+    # reports none (an older node, a model not loaded yet) is busy at ``node_max_inflight``, node-wide.
     node_max_inflight: int = 8
+    node_queue_allowance: int = 1
     queue_size: int = 256
     queue_timeout_s: float = 30.0
     # A request whose expected wait in that queue (requests ahead times the recent service time,
@@ -245,9 +250,10 @@ class BalancerConfig:
     schedule_lease_s: float = 5.0
     # Autoscaling of min/max deployments (``balancer.scheduler.autoscaler``), each deployment on its own
     # demand: one copy more when, for ``scale_up_window_s``, requests waited longer than
-    # ``scale_up_queue_wait_s`` on average or more than ``scale_up_inflight`` were in flight per ready
-    # copy; one fewer (down to min, so to zero) after ``scale_down_idle_s`` with no request, or after
-    # ``scale_down_window_s`` with the requests in flight under a quarter of one copy fewer's slots.
+    # ``scale_up_queue_wait_s`` on average or more were in flight per ready copy than its slots (those
+    # its node reports for the model; ``scale_up_inflight`` for a node reporting none); one fewer (down
+    # to min, so to zero) after ``scale_down_idle_s`` with no request, or after ``scale_down_window_s``
+    # with the requests in flight under a quarter of one copy fewer's slots.
     scale_up_queue_wait_s: float = 2.0
     scale_up_inflight: int = 4
     scale_up_window_s: float = 10.0
@@ -733,7 +739,16 @@ class BalancerSchema(Schema):
         help="routing policy for chat and completions: cache-aware, power-of-two or round-robin",
     )
     node_max_inflight: Count = setting(
-        8, "LLMLB_NODE_MAX_INFLIGHT", help="requests in flight per node before it counts as busy"
+        8,
+        "LLMLB_NODE_MAX_INFLIGHT",
+        help="requests in flight per node before it counts as busy, for a node that reports no slots "
+        "for the model (an older node, a model not loaded yet)",
+    )
+    node_queue_allowance: CountOrZero = setting(
+        1,
+        "LLMLB_NODE_QUEUE_ALLOWANCE",
+        help="requests a node gets for a model beyond the slots it reports for it: they wait on the "
+        "node, so a finished slot is refilled at the engine's next step (0: exactly the slots)",
     )
     queue_size: CountOrZero = setting(
         256, "LLMLB_QUEUE_SIZE", help="requests that may wait for a free node (0: none wait)"
@@ -788,7 +803,10 @@ class BalancerSchema(Schema):
         help="a min/max deployment gets a copy more when requests waited longer on average...",
     )
     scale_up_inflight: Count = setting(
-        4, "LLMLB_SCALE_UP_INFLIGHT", help="... or more than this many were in flight per ready copy ..."
+        4,
+        "LLMLB_SCALE_UP_INFLIGHT",
+        help="... or more were in flight per ready copy than its slots: those its node reports for the "
+        "model, else this many ...",
     )
     scale_up_window_s: Positive = setting(
         10.0, "LLMLB_SCALE_UP_WINDOW", help="... for this many seconds without a break"
@@ -1203,6 +1221,7 @@ def load_balancer_config(
         tls_client_ca=v.tls_client_ca,
         routing=v.routing,
         node_max_inflight=v.node_max_inflight,
+        node_queue_allowance=v.node_queue_allowance,
         queue_size=v.queue_size,
         queue_timeout_s=v.queue_timeout_s,
         max_queue_wait_s=v.max_queue_wait_s,

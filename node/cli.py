@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from common.config import NodeConfig, NodeSchema, load_node_config
+from common.console_output import TransferProgress, console, print_table
 from common.logs import configure_logging
 from common.settings import add_flags, env_help, flagged
+from common.version import VersionAction
 
 OTEL_HELP = """\
   OTEL_EXPORTER_OTLP_ENDPOINT  OpenTelemetry collector: set, each call's spans (under the balancer's,
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=VersionAction)
     # The top level holds every node option (None when absent); a command's own copy of an option
     # is SUPPRESSed when absent, so ``xllm --models-dir D serve`` keeps D instead of resetting it.
     _serve_flags(_node_flags(p, None), None)
@@ -138,11 +141,25 @@ def _list_models(config: NodeConfig) -> list[dict[str, Any]]:
         return rows
 
 
-async def _pull(config: NodeConfig, model_ids: list[str]) -> list[dict[str, Any]]:
+async def _pull(
+    config: NodeConfig, model_ids: list[str], progress: TransferProgress | None = None
+) -> list[dict[str, Any]]:
     from common.errors import LlmlbError
+    from node.downloader import Progress
     from node.server import assemble
 
     parts = assemble(config, address="")
+    if progress is not None:
+        tell_resolver = parts.downloader.on_progress
+
+        def on_progress(p: Progress) -> None:  # each file's bytes: the resolver's count, and a bar
+            tell_resolver(p)
+            key = (p.model_id, p.filename)
+            progress.add(key, f"{p.model_id}  {p.filename}", total=p.total)
+            done = p.total and p.done >= p.total
+            progress.update(key, done=p.done, total=p.total, status="fetched" if done else "downloading")
+
+        parts.downloader.on_progress = on_progress
     results: list[dict[str, Any]] = []
     try:
         for model_id in model_ids:
@@ -165,7 +182,38 @@ async def _pull(config: NodeConfig, model_ids: list[str]) -> list[dict[str, Any]
     return results
 
 
+def _pull_command(config: NodeConfig, model_ids: list[str], *, as_json: bool) -> int:
+    """``xllm pull``: a bar per file while it downloads, the files' places, then a line saying what
+    happened; 1 when a model could not be fetched."""
+    if as_json:
+        results = asyncio.run(_pull(config, model_ids))
+        print(json.dumps(results, indent=2))
+        return 1 if any("error" in r for r in results) else 0
+    progress = TransferProgress(console())
+    with progress:
+        results = asyncio.run(_pull(config, model_ids, progress))
+    rows = [["MODEL", "FILE", "FROM", "PATH"]]
+    for r in results:
+        if "error" in r:
+            print(f"{r['model_id']}: error: {r['error']}: {r['message']}", file=sys.stderr)
+        else:
+            rows += [[r["model_id"], name, f["from"], f["path"]] for name, f in r["files"].items()]
+    if len(rows) > 1:
+        print_table(rows)
+    progress.finish(pull_outcome(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def pull_outcome(results: list[dict[str, Any]]) -> str:
+    """The last line of ``xllm pull``: ``a and b are ready`` or ``a is ready; c failed (model_not_found)``."""
+    ready = [r["model_id"] for r in results if "error" not in r]
+    failed = [f"{r['model_id']} failed ({r['error']})" for r in results if "error" in r]
+    said = [f"{', '.join(ready)} {'is' if len(ready) == 1 else 'are'} ready"] if ready else []
+    return "; ".join(said + failed)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``xllm`` entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     if args.command is None:
         args.command = "serve"  # plain ``xllm`` runs the node
@@ -179,31 +227,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps(shown, indent=2))
         else:
-            for key, value in shown.items():
-                print(f"{key:26} {value}")
+            print_table([["SETTING", "VALUE"]] + [[key, str(value)] for key, value in shown.items()])
         return 0
     if args.command == "models":
         rows = _list_models(config)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            print(f"{'MODEL':40} {'BYTES':>12} {'PARTIAL':>12}  PATH")
-            for r in rows:
-                print(f"{r['model_id']:40} {r['total_bytes']:>12} {r['partial_bytes']:>12}  {r['path']}")
+            print_table(
+                [["MODEL", "BYTES", "PARTIAL", "PATH"]]
+                + [[r["model_id"], str(r["total_bytes"]), str(r["partial_bytes"]), r["path"]] for r in rows],
+                right=["BYTES", "PARTIAL"],
+            )
         return 0
     configure_logging(config.log_format, config.log_level)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if args.command == "pull":
-        results = asyncio.run(_pull(config, args.model_ids))
-        if args.json:
-            print(json.dumps(results, indent=2))
-        for r in results if not args.json else []:
-            if "error" in r:
-                print(f"{r['model_id']}: error: {r['error']}: {r['message']}", file=sys.stderr)
-            else:
-                for name, f in r["files"].items():
-                    print(f"{r['model_id']}  {name}  {f['from']}  {f['path']}")
-        return 1 if any("error" in r for r in results) else 0
+        return _pull_command(config, args.model_ids, as_json=args.json)
     from node.server import serve
 
     try:

@@ -51,6 +51,7 @@ from node.hardware import Hardware
 from node.runtimes.base import (
     CancelFlag,
     Embedding,
+    FewerSequences,
     ImageGeneration,
     KvCacheReporting,
     LoadContext,
@@ -226,6 +227,20 @@ class ModelPool:
                 if usage is not None:
                     out[e.model_id] = max(out.get(e.model_id, 0.0), usage)
         return out
+
+    def slots_by_model(self) -> dict[str, int]:
+        """Model id -> sequences its loaded runtime runs at once, for each ready model: the pool's slots
+        per model, or fewer where the runtime runs fewer (``FewerSequences``). The balancer sends no
+        more calls for the model than this (plus its queue allowance)."""
+        out: dict[str, int] = {}
+        for e in self._entries.values():
+            if e.state is ModelState.READY and e.runtime is not None:
+                out[e.model_id] = max(out.get(e.model_id, 0), self._sequences(e.runtime))
+        return out
+
+    def _sequences(self, runtime: Runtime) -> int:
+        slots = self.settings.slots_per_model
+        return max(1, min(slots, runtime.sequences)) if isinstance(runtime, FewerSequences) else slots
 
     @property
     def used_mb(self) -> int:

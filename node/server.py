@@ -310,6 +310,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         budget_mb=config.pool.memory_budget_mb,
         model_memory=models.memory_by_model,
         pinned=models.pinned,
+        model_slots=models.slots_by_model,
     )
 
     async def pinned(model_id: str) -> bool:  # a catalogue id: its folder is that model's copy

@@ -13,6 +13,7 @@ from balancer.cli import config, keys, models, nodes, pull, serve
 from balancer.cli.client import CLIENT_ENV_HELP, ClientSettings, client_settings, describe_rpc_error, dial
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.version import VersionAction
 
 EPILOG = serve.SERVE_ENV_HELP + "\n" + CLIENT_ENV_HELP
 
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     config.add_parser(sub)

@@ -72,7 +72,7 @@ _MODEL_ON_NODE = obj(
         "total_bytes": INT,
         "error": STR,
     },
-    {"pinned": BOOL},
+    {"pinned": BOOL, "slots": INT},
 )
 _FILE = obj({"filename": STR, "format": STR, "size_bytes": INT, "sha256": STR, "backends": arr(STR)})
 _NULL_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}

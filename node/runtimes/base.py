@@ -156,6 +156,22 @@ class KvCacheReporting(Protocol):
 
 
 @runtime_checkable
+class FewerSequences(Protocol):
+    """A runtime that runs fewer sequences at once than the pool's slots would let in.
+
+    The pool reports each loaded model's slots to the balancer, which sends the node no more calls for
+    it than that (plus a small queue allowance); a runtime without this property runs every slot's
+    call at once (llama.cpp's batched sequences or per-slot contexts, faster-whisper's workers, Piper's
+    onnxruntime session, vLLM's server, which the pool also gives no more than its slots).
+    """
+
+    @property
+    def sequences(self) -> int:
+        """How many calls it really runs at once, at least 1."""
+        ...
+
+
+@runtime_checkable
 class Embedding(Runtime, Protocol):
     def embed(self, request: EmbedRequest) -> tuple[list[list[float]], Usage]: ...
 
