@@ -215,6 +215,7 @@ class ModelOnNode(Answer):
     total_bytes: int
     error: str
     pinned: bool = False
+    slots: int = 0  # sequences the node runs at once for the model, loaded; 0: not reported
 
 
 class ModelStatus(Answer):
