@@ -76,6 +76,8 @@ def validation_message(exc: ValidationError) -> str:
         return f"missing required parameter: {where!r}"
     if kind == "model_type":
         return "the request body must be a JSON object"
+    if kind == "extra_forbidden":
+        return f"unknown parameter: {where!r}"
     return f"invalid value for {where!r}: {first['msg']}" if where else first["msg"]
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer import control
 from balancer.edge.deadline import REQUEST_TIMEOUT_HEADER, header_timeout
@@ -21,6 +20,7 @@ from balancer.edge.plane import CHAT, COMPLETE, EMBED, IMAGE, SPEAK, TRANSCRIBE,
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import deleted_json, openai_model_json, openai_model_list_json
+from balancer.http.route_table import Handlers
 from balancer.http.schemas import (
     ChatCompletionBody,
     CompletionBody,
@@ -118,7 +118,7 @@ async def text_answer(
     )
 
 
-def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
+def openai_routes(parts: BalancerParts) -> Handlers:
     """``/v1``: chat and text completions, embeddings, audio, images and models."""
     plane = parts.plane
 
@@ -202,16 +202,16 @@ def openai_routes(parts: BalancerParts) -> list[BaseRoute]:
     async def delete_model(request: Request) -> Response:
         return json_response(deleted_json(await control.delete_model(parts, request.path_params["model_id"])))
 
-    return [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-        Route("/v1/audio/speech", speech, methods=["POST"]),
-        Route("/v1/images/generations", image_generations, methods=["POST"]),
-        Route("/v1/images/edits", image_form_route(ImageOperation.EDIT), methods=["POST"]),
-        Route("/v1/images/variations", image_form_route(ImageOperation.VARIATION), methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", delete_model, methods=["DELETE"]),
-    ]
+    return {
+        "chat_completions": chat_completions,
+        "completions": completions,
+        "embeddings": embeddings,
+        "transcriptions": transcriptions,
+        "speech": speech,
+        "image_generations": image_generations,
+        "image_edits": image_form_route(ImageOperation.EDIT),
+        "image_variations": image_form_route(ImageOperation.VARIATION),
+        "models": list_models,
+        "model": get_model,
+        "delete_model": delete_model,
+    }

@@ -11,7 +11,6 @@ import time
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.edge.plane import RESPONSES
 from balancer.http import openai_requests as cv
@@ -19,12 +18,13 @@ from balancer.http.openai_routes import SSE_HEADERS, answer_headers, door, json_
 from balancer.http.responses_answers import ResponseBuilder
 from balancer.http.responses_requests import echoed, response_request
 from balancer.http.responses_schemas import ResponseCreateBody
+from balancer.http.route_table import Handlers
 from balancer.http.streaming import StreamingAnswer, encoded
 from balancer.parts import BalancerParts
 from common.inference import FinishReason, TextChunk
 
 
-def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
+def responses_routes(parts: BalancerParts) -> Handlers:
     """``POST /v1/responses``, behind the same access and plane as chat."""
     plane = parts.plane
 
@@ -55,4 +55,4 @@ def responses_routes(parts: BalancerParts) -> list[BaseRoute]:
             events = encoded(answer, builder.feed, builder.fail, start=builder.start(), end=end)
             return StreamingAnswer(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
-    return [Route("/v1/responses", create_response, methods=["POST"])]
+    return {"create_response": create_response}
