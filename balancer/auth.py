@@ -49,11 +49,17 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# The store keeps each count as a signed 64-bit integer (and the gRPC message carries int64).
+MAX_LIMIT = 2**63 - 1
+
+
 def checked_limits(limits: KeyLimits) -> KeyLimits:
-    """``limits`` with its models in normal form; ``invalid_request`` for a negative count."""
+    """``limits`` with its models in normal form; ``invalid_request`` for a count out of range."""
     for name in LIMIT_NAMES[:-1]:
-        if getattr(limits, name) < 0:
-            raise LlmlbError(ErrorCode.INVALID_REQUEST, f"{name} must be 0 (no limit) or more")
+        if not 0 <= getattr(limits, name) <= MAX_LIMIT:
+            raise LlmlbError(
+                ErrorCode.INVALID_REQUEST, f"{name} must be 0 (no limit) or a whole number up to {MAX_LIMIT}"
+            )
     models = tuple(dict.fromkeys(normalize_model_id(m) for m in limits.models))
     return replace(limits, models=models)
 
@@ -94,8 +100,8 @@ class KeyRing:
         self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Called with each key revoked here (``balancer.node_owners.Revocations.revoked``: the fleet token rotates,
-        # the key's nodes are cut off).
+        # Called with each key revoked here (``balancer.node_owners.Revocations.revoked``: the fleet
+        # token rotates, the key's nodes are cut off).
         self.on_revoke: Callable[[ApiKey], Awaitable[None]] | None = None
 
     async def create(

@@ -41,6 +41,7 @@ class ModelOnNode:
     error: str = ""
     memory_mb: int = 0  # what the loaded model takes there, as the node estimates it
     pinned: bool = False  # a scheduled copy: the node keeps it loaded
+    slots: int = 0  # sequences its engine runs at once there, loaded; 0: not reported (the node-wide cap)
 
     @property
     def ready(self) -> bool:
@@ -288,14 +289,14 @@ class Fleet:
         per_node = self._models.setdefault(status.node_id, {})
         old = per_node.get(status.model_id)
         per_node[status.model_id] = status
-        if old is None or old.state != status.state:
+        if old is None or (old.state, old.slots) != (status.state, status.slots):
             self.version += 1
 
     def replace(self, node_id: str, statuses: list[ModelOnNode]) -> None:
         """The node's full picture from a heartbeat: what it no longer reports is gone."""
         new = {s.model_id: s for s in statuses}
         old = self._models.get(node_id, {})
-        if {k: v.state for k, v in old.items()} != {k: v.state for k, v in new.items()}:
+        if {k: (v.state, v.slots) for k, v in old.items()} != {k: (v.state, v.slots) for k, v in new.items()}:
             self.version += 1
         self._models[node_id] = new
 

@@ -95,7 +95,8 @@ class NodeSnapshot:
             self.draining,
             self.stopping,
             self.capabilities,
-            tuple((m.model_id, m.state, m.pinned) for m in self.models),  # pinned: the scheduler's copies
+            # pinned: the scheduler's copies; slots: the calls a node takes for the model at once
+            tuple((m.model_id, m.state, m.pinned, m.slots) for m in self.models),
         )
 
     def progress(self) -> tuple[object, ...]:
@@ -119,6 +120,9 @@ class NodeSnapshot:
         scheduled = {m.model_id: [m.memory_mb, m.pinned] for m in self.models if m.memory_mb or m.pinned}
         if scheduled:
             body["scheduled"] = scheduled
+        slots = {m.model_id: m.slots for m in self.models if m.slots}
+        if slots:  # a reader that predates it routes to the node with the node-wide cap
+            body["slots"] = slots
         p = self.placement
         if p is not None:
             body["placement"] = {
@@ -148,6 +152,7 @@ class NodeSnapshot:
         known_caps = {c.value for c in Capability}
         known_states = {s.value for s in ModelState}
         scheduled = body.get("scheduled") or {}
+        slots = body.get("slots") or {}
         models = tuple(
             ModelOnNode(
                 node_id,
@@ -158,6 +163,7 @@ class NodeSnapshot:
                 str(error),
                 int((scheduled.get(model_id) or [0, False])[0]),
                 bool((scheduled.get(model_id) or [0, False])[1]),
+                max(0, int(slots.get(model_id, 0))),
             )
             for model_id, state, done, total, error in body.get("models", [])
             if state in known_states

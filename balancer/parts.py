@@ -11,6 +11,7 @@ from balancer.edge.access_log import AccessLog
 from balancer.edge.labels import Labels
 from balancer.edge.limits import KeyLimiter
 from balancer.edge.observe import Sink
+from balancer.edge.plane import InferencePlane
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
 from balancer.history import History
@@ -49,10 +50,12 @@ class BalancerParts:
     limits: KeyLimiter = field(init=False)
     # The names metrics and the history may use as labels: catalogue models and registered nodes.
     labels: Labels = field(init=False)
+    # The one path of every inference request, both doors: admission, limits, metrics and sinks, router.
+    plane: InferencePlane = field(init=False)
 
     @property
     def sinks(self) -> tuple[Sink, ...]:
-        """What both doors' observers tell of each finished request: usage, history, the access log."""
+        """What the inference plane tells of each finished request: usage, history, the access log."""
         access = (AccessLog(),) if self.config.access_log else ()
         return (self.usage, self.history, *access)
 
@@ -69,3 +72,4 @@ class BalancerParts:
         self.limits = KeyLimiter(self.usage, sync_s=self.config.key_limits_sync_s)
         self.labels = Labels(self.catalog, self.fleet)
         self.history = History(queue_depth=lambda: self.router.waiting, known=self.labels.known)
+        self.plane = InferencePlane(self.router, self.metrics, self.labels, self.sinks, self.limits)

@@ -17,7 +17,6 @@ from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.labels import Labels
-from balancer.edge.observe import Observer
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
@@ -113,18 +112,22 @@ class Balancer:
 def _fleet_gauges(
     fleet: Fleet, router: Router, labels: Labels
 ) -> dict[str, tuple[str, dict[tuple[str, ...], float]]]:
-    """Scrape-time gauges: nodes by state, models downloading, requests queued.
+    """Scrape-time gauges: nodes by state, models downloading, requests queued, slots per loaded model.
 
     A model id a node reports that the catalogue lacks is counted under the empty label.
     """
     online = fleet.online()
     draining = fleet.draining()
     downloads: dict[tuple[str, ...], float] = {}
+    slots: dict[tuple[str, ...], float] = {}
     for node_id in online:
         for status in fleet.node_models(node_id):
             if status.state is ModelState.DOWNLOADING:
                 label = (labels.model(status.model_id),)
                 downloads[label] = downloads.get(label, 0.0) + 1
+            elif status.state is ModelState.READY and status.slots:
+                pair = (labels.node(node_id), labels.model(status.model_id))
+                slots[pair] = slots.get(pair, 0.0) + status.slots
     return {
         "llmlb_nodes": (
             "Nodes connected to this balancer, by state.",
@@ -132,6 +135,10 @@ def _fleet_gauges(
         ),
         "llmlb_model_downloads": ("Nodes downloading each model now.", downloads),
         "llmlb_queue_depth": ("Requests waiting for a free node.", {(): float(router.waiting)}),
+        "llmlb_node_model_slots": (
+            "Sequences each online node runs at once for each loaded model, as it reports them.",
+            slots,
+        ),
     }
 
 
@@ -218,9 +225,7 @@ async def start(config: BalancerConfig) -> Balancer:
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(router, Observer(metrics, parts.labels, parts.sinks, parts.limits)), server
-    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(parts.plane), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from common.rpc import CHANNEL_OPTIONS
 from devkit import packaged_models
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, catalogue_model
+from devkit.ports import free_port
 from node.server import assemble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +85,6 @@ def _hermetic_env() -> dict[str, str]:
     """This process's environment without the operator's llmlb, xllm and Hugging Face settings."""
     prefixes = ("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "LLM_MODELS_DIR"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(samples: list[float], q: float) -> float:
@@ -137,7 +131,7 @@ class _Node:
     @classmethod
     async def start(cls, home: Path, balancer: str, key: str, shared: Path, hub: str) -> _Node:
         await asyncio.to_thread(home.mkdir, parents=True)
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         env = {
             **_hermetic_env(),
             "HF_ENDPOINT": hub,  # nothing may leave the machine

@@ -180,7 +180,12 @@ class BalancerMetrics(_Metrics):
         self.registry.register(
             _Gauges(
                 state,
-                {"llmlb_nodes": ("state",), "llmlb_model_downloads": ("model",), "llmlb_queue_depth": ()},
+                {
+                    "llmlb_nodes": ("state",),
+                    "llmlb_model_downloads": ("model",),
+                    "llmlb_queue_depth": (),
+                    "llmlb_node_model_slots": ("node", "model"),
+                },
             )
         )
 

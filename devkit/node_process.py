@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devkit.model_files import CACHE
-from devkit.replica_process import ROOT, free_port
+from devkit.ports import free_port
+from devkit.replica_process import ROOT
 
 
 @dataclass(slots=True)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+
+from devkit.ports import free_port
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SUPERUSER = "postgres"  # the database superuser initdb creates, whoever runs the server
@@ -48,18 +49,12 @@ def find_bin_dir() -> Path | None:
     return max(found, key=version) if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     """One running PostgreSQL cluster in a temporary directory; :meth:`stop` removes it all."""
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = bin_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
         # Not under pytest's basetemp: that is private to the current user, and the server may run
         # as another one. mkdtemp makes it 0700; it is handed to the server's user below.

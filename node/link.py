@@ -141,12 +141,14 @@ class BalancerLink:
         budget_mb: int = 0,
         model_memory: Callable[[], Mapping[str, int]] = dict,
         pinned: Callable[[], frozenset[str]] = frozenset,
+        model_slots: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._config = config
         # The operator's memory cap (0: none): what registration and heartbeats offer (``offered``).
         self._budget_mb = budget_mb
         self._model_memory = model_memory  # model id -> MB its loaded runtimes take
         self._pinned = pinned
+        self._model_slots = model_slots  # model id -> sequences its loaded runtime runs at once
         self._hardware = hardware
         self._advertise = advertise
         self._states = states
@@ -354,9 +356,9 @@ class BalancerLink:
             now = time.monotonic()
             if self._dirty and now >= next_push:
                 dirty, self._dirty = self._dirty, {}
-                memory, pinned = self._model_memory(), self._pinned()
+                memory, pinned, slots = self._model_memory(), self._pinned(), self._model_slots()
                 for state in dirty.values():
-                    yield rpb.NodeMessage(model_state=self._status_pb(state, memory, pinned))
+                    yield rpb.NodeMessage(model_state=self._status_pb(state, memory, pinned, slots))
                 next_push = now + STATE_PUSH_INTERVAL_S  # a burst of progress coalesces
             if self._prefixes_dirty and now >= next_prefix_push:
                 for report in self._prefix_reports(everything=False):
@@ -378,9 +380,11 @@ class BalancerLink:
         load = self._load()
         picture = {s.model_id: s for s in self._states.snapshot()}
         picture.update(self._runtime_states())  # loading / ready / failed from the runtimes win
-        memory, pinned = self._model_memory(), self._pinned()
+        memory, pinned, slots = self._model_memory(), self._pinned(), self._model_slots()
         models = [
-            self._status_pb(s, memory, pinned) for s in picture.values() if s.state is not ModelState.ABSENT
+            self._status_pb(s, memory, pinned, slots)
+            for s in picture.values()
+            if s.state is not ModelState.ABSENT
         ]
         offer = offered(
             self._hardware, self._budget_mb, sum(memory.values()), total - used if total else None
@@ -407,12 +411,14 @@ class BalancerLink:
         )
 
     def _status_pb(
-        self, s: ModelReport, memory: Mapping[str, int], pinned: frozenset[str]
+        self, s: ModelReport, memory: Mapping[str, int], pinned: frozenset[str], slots: Mapping[str, int]
     ) -> pb.ModelNodeStatus:
-        """One model's report with what it takes in memory and whether the scheduler's copy is pinned."""
+        """One model's report with what it takes in memory, whether the scheduler's copy is pinned, and
+        the sequences its loaded runtime runs at once (0 while not loaded)."""
         status = state_to_pb(self.node_id, s)
         status.memory_mb = memory.get(s.model_id, 0)
         status.pinned = s.model_id in pinned
+        status.slots = slots.get(s.model_id, 0)
         return status
 
     def beat_now(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Protocol, TypeVar, cast
 import structlog
 
 from common import tracing
+from common.config import PoolSettings as PoolSettings  # its home before the settings schema
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
@@ -48,9 +49,9 @@ from common.inference import (
 from common.types import Backend, Capability, Model, ModelState
 from node.hardware import Hardware
 from node.runtimes.base import (
-    DEFAULT_PREFIX_CACHE_MB,
     CancelFlag,
     Embedding,
+    FewerSequences,
     ImageGeneration,
     KvCacheReporting,
     LoadContext,
@@ -79,62 +80,6 @@ class ResolvedModel(Protocol):
     def paths(self) -> Mapping[str, Path]:
         """Manifest filename -> absolute path of the file on disk (may lie outside the models dir)."""
         ...
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """How the pool uses the node; ``from_env`` reads the ``XLLM_*`` variables named beside each field."""
-
-    memory_budget_mb: int = 0  # XLLM_MEMORY_BUDGET_MB; 0: 90 % of GPU memory on CUDA, else 75 % of RAM
-    slots_per_model: int = 4  # XLLM_SLOTS_PER_MODEL: concurrent requests per loaded model
-    batching: bool = True  # XLLM_BATCHING: llama.cpp decodes a model's slots together, in one context
-    batch_exact: bool = False  # XLLM_BATCH_EXACT: decode each slot's part of a step alone (exact answers)
-    queue_per_model: int = 64  # XLLM_QUEUE_PER_MODEL: requests waiting for a slot before queue_full
-    worker_threads: int = 8  # XLLM_WORKER_THREADS: threads for loading and inference, all models together
-    engine_threads: int = 0  # XLLM_ENGINE_THREADS: CPU threads per engine call; 0: one per core
-    context_tokens: int = 4096  # XLLM_CONTEXT_TOKENS: llama.cpp context window per slot
-    gpu_layers: int | None = None  # XLLM_GPU_LAYERS: layers offloaded on CUDA/Metal; unset: all
-    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # XLLM_PREFIX_CACHE_MB: kept prompt prefixes per model
-    # XLLM_VLLM_COMMAND: the command serving safetensors models with vLLM's OpenAI API (the node adds
-    # --model, --port, ...); set, it is used on any backend; unset, vLLM's own on CUDA when installed.
-    vllm_command: str = ""
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> PoolSettings:
-        gpu_layers = env.get("XLLM_GPU_LAYERS", "").strip()
-        return cls(
-            memory_budget_mb=_env_int(env, "XLLM_MEMORY_BUDGET_MB", 0),
-            slots_per_model=_env_int(env, "XLLM_SLOTS_PER_MODEL", 4, minimum=1),
-            batching=_env_int(env, "XLLM_BATCHING", 1) != 0,
-            batch_exact=_env_int(env, "XLLM_BATCH_EXACT", 0) != 0,
-            queue_per_model=_env_int(env, "XLLM_QUEUE_PER_MODEL", 64),
-            worker_threads=_env_int(env, "XLLM_WORKER_THREADS", 8, minimum=1),
-            engine_threads=_env_int(env, "XLLM_ENGINE_THREADS", 0),
-            context_tokens=_env_int(env, "XLLM_CONTEXT_TOKENS", 4096, minimum=256),
-            gpu_layers=_env_int(env, "XLLM_GPU_LAYERS", -1, minimum=-1) if gpu_layers else None,
-            prefix_cache_mb=_env_int(env, "XLLM_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_MB),
-            vllm_command=env.get("XLLM_VLLM_COMMAND", "").strip(),
-        )
-
-    def budget_mb(self, hardware: Hardware) -> int:
-        if self.memory_budget_mb:
-            return self.memory_budget_mb
-        if hardware.backend is Backend.CUDA and hardware.gpu_memory_total_mb:
-            return hardware.gpu_memory_total_mb * 9 // 10
-        return max(1024, hardware.memory_total_mb * 3 // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +227,20 @@ class ModelPool:
                 if usage is not None:
                     out[e.model_id] = max(out.get(e.model_id, 0.0), usage)
         return out
+
+    def slots_by_model(self) -> dict[str, int]:
+        """Model id -> sequences its loaded runtime runs at once, for each ready model: the pool's slots
+        per model, or fewer where the runtime runs fewer (``FewerSequences``). The balancer sends no
+        more calls for the model than this (plus its queue allowance)."""
+        out: dict[str, int] = {}
+        for e in self._entries.values():
+            if e.state is ModelState.READY and e.runtime is not None:
+                out[e.model_id] = max(out.get(e.model_id, 0), self._sequences(e.runtime))
+        return out
+
+    def _sequences(self, runtime: Runtime) -> int:
+        slots = self.settings.slots_per_model
+        return max(1, min(slots, runtime.sequences)) if isinstance(runtime, FewerSequences) else slots
 
     @property
     def used_mb(self) -> int:

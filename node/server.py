@@ -7,7 +7,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc.aio
@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import tracing
-from common.config import NodeConfig, merged_env
+from common.config import NodeConfig
 from common.errors import ErrorCode, LlmlbError
 from common.hub import HubFiles
 from common.metrics import NodeMetrics
@@ -32,7 +32,7 @@ from node.link import BalancerLink, Load
 from node.local_models import LocalModels
 from node.metrics_http import MetricsHttpServer
 from node.model_states import ModelReport, ModelStates
-from node.pool import ModelPool, PoolSettings
+from node.pool import ModelPool
 from node.resolver import Resolver
 from node.servicers.inference import InferenceServicer
 from node.servicers.manifest import NodeManifestServicer
@@ -290,10 +290,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
     storage.root.mkdir(parents=True, exist_ok=True)
     states = ModelStates()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
-    settings = PoolSettings.from_env(merged_env(config.home))
-    if config.memory_budget_mb:  # --memory-budget-mb wins over the variable the pool reads
-        settings = replace(settings, memory_budget_mb=config.memory_budget_mb)
-    models = ModelPool(found, settings)
+    models = ModelPool(found, config.pool)
 
     metrics = NodeMetrics(lambda: node_gauges(states, models))
     downloader = Downloader(storage, config, metrics=metrics)
@@ -310,9 +307,10 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
         draining=lambda: commands.draining,
         stopping=lambda: commands.stopping,
         credentials=credentials,
-        budget_mb=settings.memory_budget_mb,
+        budget_mb=config.pool.memory_budget_mb,
         model_memory=models.memory_by_model,
         pinned=models.pinned,
+        model_slots=models.slots_by_model,
     )
 
     async def pinned(model_id: str) -> bool:  # a catalogue id: its folder is that model's copy

@@ -4,7 +4,7 @@ to present, the channel, and the one-line description of a failed call."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,30 +14,23 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.channels import open_channel
-from common.config import BalancerConfig, Settings, llmlb_home, parse_balancers
+from common.config import BalancerConfig, ClientSchema, llmlb_home, parse_balancers
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.rpc import answered, error_from_rpc
+from common.settings import Layers, add_flags, env_help, flagged, load
 
 if TYPE_CHECKING:
     Stub = rgrpc.RegistryAsyncStub
     Command = Callable[[Stub, argparse.Namespace], Awaitable[int]]
 
-DEFAULT_ADDR = "127.0.0.1:50051"
 CALL_TIMEOUT_S = 20.0  # one control-plane call; a balancer that does not answer by then is reported
 PROBE_TIMEOUT_S = 5.0  # with several addresses, how long one may take to answer its health check
 
-CLIENT_ENV_HELP = """\
-environment of the client commands (flags win; $LLMLB_HOME/.env is read after the environment):
-  LLMLB_ADDR                 balancer gRPC address, or several comma-separated (replicas): each command
-                             uses the first that answers (default 127.0.0.1:50051)
-  LLMLB_API_KEY              API key to send; unset: LLMLB_ADMIN_KEY, else the contents of
-                             $LLMLB_HOME/admin-key when readable
-  LLMLB_HOME                 where admin-key is looked for (default ~/.llmlb)
-  LLMLB_TLS_CA               CA certificate of the balancer: set, the CLI dials it with TLS
-  LLMLB_TLS_CLIENT_CERT / LLMLB_TLS_CLIENT_KEY   client certificate and key, for mTLS
-exit status: 0 on success, 1 when the balancer is unreachable or refuses, 2 on a usage error.
-"""
+CLIENT_ENV_HELP = (
+    env_help(ClientSchema, "environment of the client commands (flags win; $LLMLB_HOME/.env is read next):")
+    + "exit status: 0 on success, 1 when the balancer is unreachable or refuses, 2 on a usage error.\n"
+)
 
 
 def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argparse.ArgumentParser:
@@ -52,12 +45,7 @@ def add_client_parser(parent: Any, name: str, help: str, run: Command) -> argpar
         epilog=CLIENT_ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--balancer",
-        help=f"balancer gRPC address, or several comma-separated (LLMLB_ADDR; default {DEFAULT_ADDR})",
-    )
-    parser.add_argument("--api-key", help="API key (LLMLB_API_KEY; default: $LLMLB_HOME/admin-key)")
-    parser.add_argument("--tls-ca", type=Path, help="CA of the balancer's certificate (LLMLB_TLS_CA)")
+    add_flags(parser, ClientSchema, flagged(ClientSchema), None)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.set_defaults(run=run)
     return parser
@@ -97,26 +85,34 @@ def read_admin_key(home: Path) -> str:
 
 
 def client_settings(
-    balancer: str | None = None, api_key: str | None = None, tls_ca: Path | None = None
+    balancer: str | None = None,
+    api_key: str | None = None,
+    tls_ca: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ClientSettings:
     """Resolves the client side: each argument is a flag and wins over the environment."""
-    s = Settings()
-    ca = tls_ca or s.get(None, ("LLMLB_TLS_CA",), None, Path)
-    where = "--balancer" if balancer else "LLMLB_ADDR"
-    address = balancer or s.raw("LLMLB_ADDR") or DEFAULT_ADDR
-    try:
-        address = ",".join(parse_balancers(address))  # a malformed list is a usage error, before any call
-    except ValueError as exc:
-        raise ValueError(f"{where}={address!r}: {exc}") from None
+    values = load_client_settings(balancer, api_key, tls_ca, env)
+    home = llmlb_home(env)  # the environment's: the .env file lives under it
+    key = values.api_key.reveal() if values.api_key else ""
     return ClientSettings(
-        address=address,
-        api_key=api_key
-        or s.raw("LLMLB_API_KEY", "LLMLB_ADMIN_KEY")  # the balancer's own admin key, on its host
-        or read_admin_key(llmlb_home(s.env)),
-        tls_ca=ca,
-        tls_cert=s.get(None, ("LLMLB_TLS_CLIENT_CERT",), None, Path) if ca else None,
-        tls_key=s.get(None, ("LLMLB_TLS_CLIENT_KEY",), None, Path) if ca else None,
+        address=values.address,
+        api_key=key or read_admin_key(home),  # the balancer's own admin key, on its host
+        tls_ca=values.tls_ca,
+        tls_cert=values.tls_cert if values.tls_ca else None,
+        tls_key=values.tls_key if values.tls_ca else None,
     )
+
+
+def load_client_settings(
+    balancer: str | None = None,
+    api_key: str | None = None,
+    tls_ca: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ClientSchema:
+    """The client's settings as the schema checks them; a bad value is a usage error, before any call."""
+    home = llmlb_home(env)
+    flags = {"address": balancer or None, "api_key": api_key or None, "tls_ca": tls_ca}
+    return load(ClientSchema, Layers.read(env, home / ".env"), flags)
 
 
 def describe_rpc_error(exc: grpc.RpcError, address: str) -> Exception:

@@ -6,7 +6,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from balancer.cli.client import CALL_TIMEOUT_S, add_client_parser
-from balancer.cli.output import as_dict, print_json, print_table, scope_names, when
+from balancer.cli.output import as_dict, print_json, scope_names, when
+from common.console_output import print_table
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 
 import grpc
 
-from balancer.cli import keys, models, nodes, pull, serve
+from balancer.cli import config, keys, models, nodes, pull, serve
 from balancer.cli.client import CLIENT_ENV_HELP, ClientSettings, client_settings, describe_rpc_error, dial
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
+from common.version import VersionAction
 
 EPILOG = serve.SERVE_ENV_HELP + "\n" + CLIENT_ENV_HELP
 
@@ -24,8 +25,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action=VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
+    config.add_parser(sub)
 
     def group(name: str, help: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
         return sub.add_parser(name, help=help).add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -54,8 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve.run(args)
+    if args.command == "config":
+        return config.run(args)
     try:
-        settings = client_settings(args.balancer, args.api_key, args.tls_ca)
+        settings = client_settings(args.address, args.api_key, args.tls_ca)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

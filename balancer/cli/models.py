@@ -10,12 +10,11 @@ from balancer.cli.client import CALL_TIMEOUT_S, add_client_parser
 from balancer.cli.output import (
     as_dict,
     capability_names,
-    human_bytes,
     node_bytes,
     print_json,
-    print_table,
     state_name,
 )
+from common.console_output import human_bytes, print_table
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 
 if TYPE_CHECKING:
@@ -112,7 +111,8 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
                         m.manifest.revision[:12] or "-",
                     ]
                     for m in listed.models
-                ]
+                ],
+                status_columns=["READY"],
             )
     elif args.action == "show":
         print_json(as_dict(await stub.GetModel(rpb.GetModelRequest(model_id=args.model_id), timeout=t)))
@@ -142,7 +142,7 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
                         n.error,
                     ]
                 )
-            print_table(rows)
+            print_table(rows, status_columns=["STATE"])
     elif args.action == "rm":
         done = await stub.DeleteModel(rpb.DeleteModelRequest(model_id=args.model_id), timeout=t)
         if args.json:

@@ -6,7 +6,8 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from balancer.cli.client import CALL_TIMEOUT_S, add_client_parser
-from balancer.cli.output import as_dict, enum_name, print_json, print_table, state_name
+from balancer.cli.output import as_dict, enum_name, print_json, state_name
+from common.console_output import print_table
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 
@@ -53,7 +54,7 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
                     n.replica or "-",
                 ]
             )
-        print_table(rows)
+        print_table(rows, status_columns=["STATE"])
     elif args.action == "drain":
         node = await stub.DrainNode(rpb.DrainNodeRequest(node_id=args.node_id), timeout=t)
         if args.json:

@@ -1,4 +1,5 @@
-"""How the client commands print: JSON for scripts, aligned tables and plain words for people."""
+"""How the client commands print: JSON for scripts; tables, states and words for people (drawn by
+``common.console_output``, shared with ``xllm``)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,6 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def print_table(rows: list[list[str]]) -> None:
-    """Prints rows with each column as wide as its widest cell; the first row is the header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
 def enum_name(enum_type: Any, value: int, prefix: str) -> str:
     """``(pb.NodeState, NODE_STATE_ONLINE, "NODE_STATE_")`` -> ``online``."""
     return str(enum_type.Name(value)).removeprefix(prefix).lower()
@@ -54,16 +48,6 @@ def when(message: Any, name: str) -> str:
     if not message.HasField(name):
         return "-"
     return str(getattr(message, name).ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M"))
-
-
-def human_bytes(n: int) -> str:
-    """Bytes the way people read sizes: ``253.1 MB``."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
 def node_bytes(status: pb.ModelNodeStatus, model_bytes: int) -> tuple[int, int]:

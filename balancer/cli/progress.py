@@ -1,4 +1,4 @@
-"""Pulling models onto nodes and following them until ready, with a progress line per (model, node).
+"""Pulling models onto nodes and following them until ready, with a progress bar per (model, node).
 
 ``llmlb models pull --wait`` and anything else that must wait for models to be ready (a demo, a script)
 share ``pull_and_wait``.
@@ -7,14 +7,14 @@ share ``pull_and_wait``.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from balancer.cli.client import CALL_TIMEOUT_S
-from balancer.cli.output import human_bytes, node_bytes, state_name
+from balancer.cli.output import node_bytes, state_name
+from common.console_output import TransferProgress, console
 from common.errors import ErrorCode, LlmlbError
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
@@ -40,13 +40,6 @@ class _Target:
     total: int = 0
     error: str = ""
     moved: bool = False  # reported something other than FAILED since the pull
-    shown: tuple[int, int] | None = None  # (state, tenth of progress) last printed as a plain line
-
-    @property
-    def fraction(self) -> float:
-        if self.state == pb.MODEL_STATE_READY:
-            return 1.0
-        return min(1.0, self.downloaded / self.total) if self.total else 0.0
 
     @property
     def label(self) -> str:
@@ -72,45 +65,6 @@ class _Target:
         return self.moved or not stale or waited_s > STALE_FAILURE_GRACE_S
 
 
-@dataclass(slots=True)
-class PullProgress:
-    """Draws one progress line per (model, node): bars redrawn in place on a TTY, else plain lines."""
-
-    targets: list[_Target]
-    out: TextIO
-    tty: bool
-    drawn: int = 0
-    width: dict[str, int] = field(default_factory=dict)
-
-    def _line(self, t: _Target, bar_width: int = 24) -> str:
-        filled = round(t.fraction * bar_width)
-        bar = "#" * filled + "." * (bar_width - filled)
-        size = human_bytes(t.downloaded) + (f" / {human_bytes(t.total)}" if t.total else "")
-        label = f"{t.model_id:<{self.width['model']}}  {t.node_id:<{self.width['node']}}"
-        return f"{label}  [{bar}] {t.fraction:>4.0%}  {size:<21}  {t.label}"
-
-    def draw(self) -> None:
-        if not self.width:
-            self.width = {
-                "model": max(len(t.model_id) for t in self.targets),
-                "node": max(len(t.node_id) for t in self.targets),
-            }
-        if self.tty:
-            if self.drawn:
-                self.out.write(f"\x1b[{self.drawn}F")  # back to the first bar, redrawn in place
-            columns = shutil.get_terminal_size().columns - 1  # a wrapped line would break the redraw
-            for t in self.targets:
-                self.out.write("\x1b[2K" + self._line(t)[:columns] + "\n")
-            self.drawn = len(self.targets)
-        else:
-            for t in self.targets:
-                mark = (t.state, int(t.fraction * 10))
-                if mark != t.shown:
-                    t.shown = mark
-                    self.out.write(self._line(t, bar_width=10) + "\n")
-        self.out.flush()
-
-
 async def pull_and_wait(
     stub: Stub,
     model_ids: Sequence[str],
@@ -121,8 +75,9 @@ async def pull_and_wait(
 ) -> list[rpb.ModelStatus]:
     """Pulls each model onto ``node_ids`` (empty: every able online node) and waits until all are READY.
 
-    Shows progress on ``out`` when given. Raises ``download_failed`` when a told node reports the model
-    FAILED, ``timeout`` after ``timeout_s``, and whatever PullModel refuses with.
+    Shows progress on ``out`` when given, ending with a line that says what happened. Raises
+    ``download_failed`` when a told node reports the model FAILED, ``timeout`` after ``timeout_s``, and
+    whatever PullModel refuses with.
     """
     targets: list[_Target] = []
     for model_id in model_ids:
@@ -136,7 +91,31 @@ async def pull_and_wait(
         if not told.node_ids:
             raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, f"no online node can fetch {told.model_id}")
         targets += [_Target(told.model_id, node, seen.get(node)) for node in told.node_ids]
-    progress = PullProgress(targets, out, out.isatty()) if out is not None else None
+    progress = TransferProgress(console(out)) if out is not None else None
+    if progress is not None:
+        width = max(len(t.model_id) for t in targets)
+        for t in targets:
+            progress.add((t.model_id, t.node_id), f"{t.model_id:<{width}}  {t.node_id}")
+        progress.start()
+    try:
+        statuses = await _follow(stub, targets, progress, timeout_s)
+    except LlmlbError as exc:
+        if progress is not None:
+            progress.finish(" ".join(exc.message.split()))
+        raise
+    finally:
+        if progress is not None:
+            progress.stop()
+    if progress is not None:
+        ready = list(dict.fromkeys(t.model_id for t in targets))
+        progress.finish(f"{', '.join(ready)} {'is' if len(ready) == 1 else 'are'} ready")
+    return statuses
+
+
+async def _follow(
+    stub: Stub, targets: list[_Target], progress: TransferProgress | None, timeout_s: float | None
+) -> list[rpb.ModelStatus]:
+    """Polls the targets' models until every target is READY; raises when one failed or time ran out."""
     started = time.monotonic()
     while True:
         statuses = {
@@ -148,8 +127,9 @@ async def pull_and_wait(
         for t in targets:
             status = statuses[t.model_id]
             t.update(next((n for n in status.nodes if n.node_id == t.node_id), None), status.total_bytes)
-        if progress is not None:
-            progress.draw()
+            if progress is not None:
+                done = t.total if t.state == pb.MODEL_STATE_READY and t.total else t.downloaded
+                progress.update((t.model_id, t.node_id), done=done, total=t.total, status=t.label)
         waited = time.monotonic() - started
         failed = [t for t in targets if t.failed(waited)]
         if failed:

@@ -68,6 +68,4 @@ async def run(stub: Stub, args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print_json({"ready": True, "status": as_dict(status)})
-    else:
-        print(f"{status.model_id} is ready")
-    return 0
+    return 0  # the progress's last line said it is ready

@@ -14,7 +14,8 @@ from pathlib import Path
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+
+from balancer.http.route_table import Handlers
 
 STATIC = Path(__file__).parent / "static"
 TYPES = {
@@ -39,7 +40,7 @@ def _load() -> dict[str, tuple[bytes, str, str]]:
     return files
 
 
-def console_routes() -> list[BaseRoute]:
+def console_routes() -> Handlers:
     """The console's routes; its files are read once, here."""
     files = _load()
 
@@ -59,4 +60,4 @@ def console_routes() -> list[BaseRoute]:
     async def asset(request: Request) -> Response:
         return serve(request.path_params["name"], request)
 
-    return [Route("/ui", page, methods=["GET"]), Route("/ui/{name}", asset, methods=["GET"])]
+    return {"console_page": page, "console_asset": asset}

@@ -1,8 +1,9 @@
 """Which scope each call needs: one declarative table per door, and both fail closed.
 
-Every gRPC method the balancer serves and every HTTP route it answers has an entry here, the open
-probes included, explicitly. A method or route with no entry is refused (``forbidden``), whatever key
-the caller holds, so a new route is closed until someone decides who may call it. An ``admin`` key may
+Every gRPC method the balancer serves has an entry here, the open probes included, explicitly; every
+HTTP route has its rule in its row of ``balancer.http.route_table``, built from the rules here. A
+method or route with no entry is refused (``forbidden``), whatever key the caller holds, so a new one
+is closed until someone decides who may call it. An ``admin`` key may
 call anything that is not open; ``Access.PUBLIC`` needs no key at all.
 """
 
@@ -82,58 +83,6 @@ GRPC_ACCESS: dict[str, Access] = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": PUBLIC,
 }
 
-# (HTTP method, route path as declared) -> access. HEAD follows GET.
-HTTP_ACCESS: dict[tuple[str, str], Access] = {
-    ("POST", "/v1/chat/completions"): API,
-    ("POST", "/v1/completions"): API,
-    ("POST", "/v1/responses"): API,
-    ("POST", "/v1/embeddings"): API,
-    ("POST", "/v1/audio/transcriptions"): API,
-    ("POST", "/v1/audio/speech"): API,
-    ("POST", "/v1/images/generations"): API,
-    ("POST", "/v1/images/edits"): API,
-    ("POST", "/v1/images/variations"): API,
-    ("GET", "/v1/models"): API,
-    ("GET", "/v1/models/{model_id:path}"): API,
-    ("DELETE", "/v1/models/{model_id:path}"): ADMIN,
-    ("POST", "/v0/models"): ADMIN,
-    ("GET", "/v0/models"): API,
-    ("GET", "/v0/models/registry/{model_id:path}/manifest.json"): API,
-    ("GET", "/v0/models/{model_id:path}/status"): API,
-    ("POST", "/v0/models/{model_id:path}/pull"): ADMIN,
-    ("GET", "/v0/nodes"): READ,
-    # Deployments: changed by admins; read, explained and followed by api keys like model status.
-    ("PUT", "/v0/models/{model_id:path}/deployment"): ADMIN,
-    ("GET", "/v0/models/{model_id:path}/deployment"): API,
-    ("DELETE", "/v0/models/{model_id:path}/deployment"): ADMIN,
-    ("GET", "/v0/models/{model_id:path}/placement"): API,
-    ("GET", "/v0/deployments"): API,
-    ("GET", "/v0/events"): API,
-    ("POST", "/v0/nodes/{node_id}/drain"): ADMIN,
-    ("POST", "/v0/nodes/{node_id}/undrain"): ADMIN,
-    ("DELETE", "/v0/nodes/{node_id}"): ADMIN,
-    # Fleet-wide request metrics: operators only.
-    ("GET", "/v0/history"): ADMIN,
-    # Keys are managed by admins; any api key may ask who it is and read its own usage (the
-    # route narrows a non-admin key to its own rows).
-    ("GET", "/v0/keys"): ADMIN,
-    ("POST", "/v0/keys"): ADMIN,
-    ("DELETE", "/v0/keys/{key}"): ADMIN,
-    ("PATCH", "/v0/keys/{key}"): ADMIN,
-    ("GET", "/v0/me"): API,
-    ("GET", "/v0/usage"): API,
-    # The console's page and its scripts: static and data-free, so open; every datum it shows
-    # comes from the routes above, with the signed-in key.
-    ("GET", "/ui"): PUBLIC,
-    ("GET", "/ui/{name}"): PUBLIC,
-    ("GET", "/healthz"): PUBLIC,
-    ("GET", "/readyz"): PUBLIC,
-    ("GET", "/metrics"): PUBLIC,
-    # The HTTP door's own description: routes and shapes, no data; open like the probes.
-    ("GET", "/openapi.json"): PUBLIC,
-    ("GET", "/docs"): PUBLIC,
-}
-
 
 def unlisted(what: str) -> LlmlbError:
     """The refusal for a call the tables do not name: closed until someone decides who may make it."""
@@ -143,8 +92,3 @@ def unlisted(what: str) -> LlmlbError:
 def grpc_access(method: str) -> Access | None:
     """The access rule of a full gRPC method name (``/package.Service/Method``); None when unlisted."""
     return GRPC_ACCESS.get(method)
-
-
-def http_access(method: str, path: str) -> Access | None:
-    """The access rule of a declared HTTP route; None when unlisted."""
-    return HTTP_ACCESS.get(("GET" if method == "HEAD" else method, path))

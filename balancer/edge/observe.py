@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -30,10 +28,9 @@ from balancer.edge.labels import Labels
 from balancer.edge.limits import Headers, KeyLimiter, KeyState
 from common import tracing
 from common.errors import ErrorCode, LlmlbError
-from common.inference import InferenceRequest, TextChunk, Usage
+from common.inference import InferenceRequest, Usage
 from common.metrics import BalancerMetrics
 
-T = TypeVar("T")
 R = TypeVar("R", bound=InferenceRequest)
 OK = "ok"
 
@@ -110,7 +107,7 @@ class Call:
 
 
 class Observer:
-    """Opens a ``Call`` per request and closes it with its outcome; both doors hold one."""
+    """Opens a ``Call`` per request and closes it with its outcome; the inference plane holds the one."""
 
     def __init__(
         self,
@@ -151,8 +148,8 @@ class Observer:
         """``request`` through admission (``edge.admission.admit``) and the caller's limits
         (``edge.limits``), its model then the call's label.
 
-        A refusal propagates to the door's ``unary``/``stream``/handler wrapper, which counts it once
-        (unlabelled, since the model was never admitted).
+        A refusal propagates to the request's ``edge.plane.Exchange``, which counts it once (unlabelled,
+        since the model was never admitted).
         """
         with tracing.span("admit") as span:
             request = admit(request)
@@ -180,34 +177,3 @@ class Observer:
             code = ErrorCode.INTERNAL.value
         call.model = self._labels.model(call.model)
         call.done(code)
-
-    async def unary(self, call: Call, answer: Callable[[], Awaitable[T]]) -> T:
-        """Awaits ``answer`` and records its outcome."""
-        try:
-            with tracing.current(call.span):
-                result = await answer()
-        except BaseException as exc:
-            await self.failed(call, exc)
-            raise
-        call.done(OK)
-        return result
-
-    async def stream(self, call: Call, items: AsyncIterator[T]) -> AsyncIterator[T]:
-        """Yields ``items``, recording the first one's delay, tokens carried in usage, and the outcome."""
-        first = True
-        try:
-            async with aclosing(tracing.within(call.span, items)) as stream:  # type: ignore[type-var]
-                async for item in stream:
-                    if first:
-                        call.first_chunk()
-                        first = False
-                    if isinstance(item, TextChunk):
-                        if item.usage is not None:
-                            call.tokens(item.usage, item.node_id)
-                    elif (usage := getattr(item, "usage", None)) is not None:
-                        call.tokens(usage)
-                    yield item
-        except BaseException as exc:
-            await self.failed(call, exc)
-            raise
-        call.done(OK)

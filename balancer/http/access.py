@@ -1,7 +1,7 @@
-"""Who may call: every HTTP route is wrapped with its entry in ``HTTP_ACCESS``, checked before it runs.
+"""Who may call: every HTTP route is wrapped with its row's access rule, checked before it runs.
 
-Handlers never authorize by hand. A route the table does not list is refused for every caller, so a
-route added without deciding who may call it stays closed.
+Handlers never authorize by hand. The rules are the route table's (``route_table.HTTP_ACCESS``); a
+route no row declares is refused for every caller, so a route served some other way stays closed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from balancer.auth import KeyRing
-from balancer.edge.access import Access, http_access
+from balancer.edge.access import Access
+from balancer.http.route_table import http_access
 from common.rpc import bearer
 
 log = structlog.get_logger(__name__)

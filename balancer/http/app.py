@@ -20,26 +20,25 @@ from balancer.http.management_routes import management_routes
 from balancer.http.openai_routes import openai_routes
 from balancer.http.probes import probe_routes
 from balancer.http.responses_routes import responses_routes
+from balancer.http.route_table import served
 from balancer.parts import BalancerParts
 
 
 def create_app(parts: BalancerParts) -> FastAPI:
     """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
-    # Plain Starlette routes: the endpoints parse their own bodies, and skip per-request dependency solving.
-    # Every route behind its entry in the access table; an unlisted one refuses every caller.
-    routes = guard(
-        [
-            *openai_routes(parts),
-            *responses_routes(parts),
-            *management_routes(parts),
-            *deployment_routes(parts),
-            *key_routes(parts),
-            *probe_routes(parts),
-            *console_routes(),
-            *docs_routes(),
-        ],
-        parts.keys,
+    # Plain Starlette routes, one per row of the route table: the endpoints parse their own bodies, and
+    # skip per-request dependency solving. Every route behind its row's access rule.
+    handlers = (
+        openai_routes(parts),
+        responses_routes(parts),
+        management_routes(parts),
+        deployment_routes(parts),
+        key_routes(parts),
+        probe_routes(parts),
+        console_routes(),
+        docs_routes(),
     )
+    routes = guard(served(handlers), parts.keys)
     app = FastAPI(title="llmlb", routes=routes, docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     # Added last runs first: the size limit sees the request before anything reads its body.

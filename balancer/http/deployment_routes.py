@@ -8,11 +8,11 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer import deployments
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
+from balancer.http.route_table import Handlers
 from balancer.http.schemas import DeploymentBody
 from balancer.parts import BalancerParts
 from balancer.scheduler.plan import Explanation
@@ -55,7 +55,7 @@ def placement_json(explanation: Explanation) -> dict[str, Any]:
     }
 
 
-def deployment_routes(parts: BalancerParts) -> list[BaseRoute]:
+def deployment_routes(parts: BalancerParts) -> Handlers:
     """Setting and ending a deployment needs an ``admin`` key, reading one an ``api`` key."""
 
     def answer(payload: object, status: int = 200) -> Response:
@@ -110,11 +110,11 @@ def deployment_routes(parts: BalancerParts) -> list[BaseRoute]:
             }
         )
 
-    return [
-        Route("/v0/models/{model_id:path}/deployment", put, methods=["PUT"]),
-        Route("/v0/models/{model_id:path}/deployment", get, methods=["GET"]),
-        Route("/v0/models/{model_id:path}/deployment", delete, methods=["DELETE"]),
-        Route("/v0/models/{model_id:path}/placement", placement, methods=["GET"]),
-        Route("/v0/deployments", list_all, methods=["GET"]),
-        Route("/v0/events", events, methods=["GET"]),
-    ]
+    return {
+        "put_deployment": put,
+        "get_deployment": get,
+        "delete_deployment": delete,
+        "placement": placement,
+        "deployments": list_all,
+        "events": events,
+    }

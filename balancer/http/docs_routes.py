@@ -7,14 +7,16 @@ access, parameters, body and answers; no CDN, no bundle.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from importlib import metadata
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.http.openai_answers import dumps
 from balancer.http.openapi import openapi_document
+from balancer.http.route_table import Handlers
 
 
 def _version() -> str:
@@ -62,7 +64,10 @@ fetch("/openapi.json").then((r) => r.json()).then((doc) => {
         el("summary", {}, el("span", {className: "m " + m}, m), el("code", {}, path), " — " + op.summary,
            op.security.length ? el("span", {className: "lock"}, " (API key)") : ""));
       box.append(el("p", {}, op.description || ""));
-      for (const p of op.parameters || []) box.append(el("p", {}, "Path parameter ", el("code", {}, p.name)));
+      for (const p of op.parameters || []) {
+        const where = p.in === "query" ? "Query parameter " : "Path parameter ";
+        box.append(el("p", {}, where, el("code", {}, p.name)));
+      }
       if (op.requestBody) {
         for (const [type, media] of Object.entries(op.requestBody.content)) {
           box.append(el("p", {}, "Body (" + type + "): ", link(media.schema)));
@@ -96,17 +101,24 @@ fetch("/openapi.json").then((r) => r.json()).then((doc) => {
 """
 
 
-def docs_routes() -> list[BaseRoute]:
+@functools.cache
+def document() -> bytes:
+    """The document as served: built once per process, as the routes do not change while serving."""
+    return dumps(openapi_document(_version()))
+
+
+def docs_routes() -> Handlers:
     """``GET /openapi.json`` and ``GET /docs``, open to anyone."""
-    document = dumps(openapi_document(_version()))  # built once: the routes do not change while serving
+    building = asyncio.Lock()
 
     async def openapi_json(request: Request) -> Response:
-        return Response(document, media_type="application/json")
+        # Generating it takes FastAPI a second or more: not at start, where most processes never need
+        # it, and off the event loop; callers that come meanwhile wait for the one build.
+        async with building:
+            built = await asyncio.to_thread(document)
+        return Response(built, media_type="application/json")
 
     async def docs(request: Request) -> Response:
         return HTMLResponse(PAGE)
 
-    return [
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-    ]
+    return {"openapi_json": openapi_json, "docs": docs}

@@ -11,12 +11,12 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.auth import allows
 from balancer.edge.caller import caller
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
+from balancer.http.route_table import Handlers
 from balancer.http.schemas import CreateKeyBody, UpdateKeyBody
 from balancer.parts import BalancerParts
 from balancer.usage import window
@@ -112,7 +112,7 @@ def _scopes(names: list[str]) -> list[Scope]:
         raise LlmlbError(ErrorCode.INVALID_REQUEST, "each scope must be api, node or admin") from None
 
 
-def key_routes(parts: BalancerParts) -> list[BaseRoute]:
+def key_routes(parts: BalancerParts) -> Handlers:
     """Keys (admin), the caller's own key (``/v0/me``) and usage (admin: any key; api: its own)."""
 
     def answer(payload: object, status: int = 200) -> Response:
@@ -164,11 +164,11 @@ def key_routes(parts: BalancerParts) -> list[BaseRoute]:
         counts = await parts.usage.usage(since, key_id=wanted, model=model)
         return answer({"object": "list", "since": since.isoformat(), "data": [usage_json(c) for c in counts]})
 
-    return [
-        Route("/v0/keys", list_keys, methods=["GET"]),
-        Route("/v0/keys", create_key, methods=["POST"]),
-        Route("/v0/keys/{key}", revoke_key, methods=["DELETE"]),
-        Route("/v0/keys/{key}", update_key, methods=["PATCH"]),
-        Route("/v0/me", me, methods=["GET"]),
-        Route("/v0/usage", usage, methods=["GET"]),
-    ]
+    return {
+        "keys": list_keys,
+        "create_key": create_key,
+        "revoke_key": revoke_key,
+        "update_key": update_key,
+        "me": me,
+        "usage": usage,
+    }

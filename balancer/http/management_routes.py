@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer import control, nodes
 from balancer.catalog import RegisterRequest
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json
+from balancer.http.route_table import Handlers
 from balancer.http.schemas import PullModelBody, RegisterModelBody
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError, unknown_capabilities
@@ -40,7 +40,7 @@ def register_request(body: RegisterModelBody) -> RegisterRequest:
     )
 
 
-def management_routes(parts: BalancerParts) -> list[BaseRoute]:
+def management_routes(parts: BalancerParts) -> Handlers:
     """``/v0``: reads need an ``api`` key, writes an ``admin`` key (see ``balancer.edge.access``)."""
 
     def answer(payload: object, status: int = 200) -> Response:
@@ -105,15 +105,15 @@ def management_routes(parts: BalancerParts) -> list[BaseRoute]:
             }
         )
 
-    return [
-        Route("/v0/models", register_model, methods=["POST"]),
-        Route("/v0/models", list_models, methods=["GET"]),
-        Route("/v0/models/registry/{model_id:path}/manifest.json", manifest, methods=["GET"]),
-        Route("/v0/models/{model_id:path}/status", status, methods=["GET"]),
-        Route("/v0/models/{model_id:path}/pull", pull_model, methods=["POST"]),
-        Route("/v0/nodes", list_nodes, methods=["GET"]),
-        Route("/v0/nodes/{node_id}/drain", drain_node, methods=["POST"]),
-        Route("/v0/nodes/{node_id}/undrain", undrain_node, methods=["POST"]),
-        Route("/v0/nodes/{node_id}", remove_node, methods=["DELETE"]),
-        Route("/v0/history", history, methods=["GET"]),
-    ]
+    return {
+        "register_model": register_model,
+        "model_details": list_models,
+        "manifest": manifest,
+        "model_status": status,
+        "pull_model": pull_model,
+        "nodes": list_nodes,
+        "drain_node": drain_node,
+        "undrain_node": undrain_node,
+        "remove_node": remove_node,
+        "history": history,
+    }

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from balancer.http.schemas import (
     ChatCompletionBody,
@@ -75,6 +76,8 @@ def validation_message(exc: ValidationError) -> str:
         return f"missing required parameter: {where!r}"
     if kind == "model_type":
         return "the request body must be a JSON object"
+    if kind == "extra_forbidden":
+        return f"unknown parameter: {where!r}"
     return f"invalid value for {where!r}: {first['msg']}" if where else first["msg"]
 
 
@@ -399,3 +402,16 @@ def image_form_request(
         mask=mask,
         request_id=request_id,
     )
+
+
+async def form_file(form: FormData, *names: str, required: bool = True) -> tuple[bytes, str]:
+    """The first of ``names`` that is an uploaded file: its bytes and filename."""
+    for name in names:
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            return await value.read(), value.filename or ""
+        if value is not None:
+            raise invalid(f"{name} must be a file (multipart/form-data upload)")
+    if required:
+        raise invalid(f"missing required file: {names[0]!r} (send multipart/form-data)")
+    return b"", ""

@@ -7,9 +7,9 @@ import asyncio
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
 from balancer.http.openai_answers import dumps
+from balancer.http.route_table import Handlers
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
 
@@ -17,7 +17,7 @@ log = structlog.get_logger(__name__)
 STORE_CHECK_TIMEOUT_S = 2.0
 
 
-def probe_routes(parts: BalancerParts) -> list[BaseRoute]:
+def probe_routes(parts: BalancerParts) -> Handlers:
     """``/healthz`` (the process lives), ``/readyz`` (the store answers), ``/metrics``."""
 
     async def healthz(request: Request) -> Response:
@@ -45,8 +45,4 @@ def probe_routes(parts: BalancerParts) -> list[BaseRoute]:
         body, content_type = parts.metrics.exposition()
         return Response(body, headers={"content-type": content_type})
 
-    return [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ]
+    return {"healthz": healthz, "readyz": readyz, "metrics": metrics}

@@ -99,6 +99,7 @@ def _model_on_node_json(state: ModelOnNode) -> dict[str, Any]:
         "total_bytes": state.total_bytes,
         "error": state.error,
         "pinned": state.pinned,  # a copy the scheduler placed: the node keeps it loaded
+        "slots": state.slots,  # sequences the node runs at once for it, loaded; 0: not reported
     }
 
 

@@ -1,7 +1,9 @@
 """OpenAI request bodies (and the /v0 management ones) as pydantic models: the HTTP door's parsing only.
 
-Strict types like OpenAI's (a number is not a string, ``"1"`` is not a number); unknown fields are
-ignored the way OpenAI ignores harmless extras. Conversion to internal types is in ``openai_requests``.
+Strict types like OpenAI's (a number is not a string, ``"1"`` is not a number); unknown fields in
+OpenAI bodies are ignored the way OpenAI ignores harmless extras, while a management body refuses
+them: a misspelt limit or count must not be accepted and silently do nothing. Conversion to internal
+types is in ``openai_requests``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from pydantic import BaseModel, ConfigDict
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _ManagementBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
 class TextPart(_Body):
@@ -126,7 +132,7 @@ class ImageGenerationBody(_Body):
     user: str | None = None
 
 
-class RegisterModelBody(_Body):
+class RegisterModelBody(_ManagementBody):
     """``POST /v0/models``: register a model from a Hugging Face repository, pinned to a commit."""
 
     repo_id: str
@@ -141,13 +147,13 @@ class RegisterModelBody(_Body):
     chat_template: str = ""
 
 
-class PullModelBody(_Body):
+class PullModelBody(_ManagementBody):
     """``POST /v0/models/{id}/pull``: the nodes to fetch and load the model (none: every capable node)."""
 
     node_ids: list[str] = []
 
 
-class DeploymentBody(_Body):
+class DeploymentBody(_ManagementBody):
     """``PUT /v0/models/{id}/deployment``: a fixed ``copies``, or ``min_copies``..``max_copies`` scaled
     on demand (neither: one copy); ``selector``: node labels every copy's node must have;
     ``memory_mb``: overrides the model's memory need."""
@@ -159,7 +165,7 @@ class DeploymentBody(_Body):
     memory_mb: int | None = None
 
 
-class CreateKeyBody(_Body):
+class CreateKeyBody(_ManagementBody):
     """``POST /v0/keys``: a new API key with a name and its scopes (``api``, ``node``, ``admin``);
     ``node_id`` binds a node key to the one node id it may register."""
 
@@ -175,7 +181,7 @@ class CreateKeyBody(_Body):
     models: list[str] = []
 
 
-class UpdateKeyBody(_Body):
+class UpdateKeyBody(_ManagementBody):
     """``PATCH /v0/keys/{key}``: the limits given change (0, or ``[]`` for models, clears one); the
     others stay."""
 

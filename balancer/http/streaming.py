@@ -1,41 +1,25 @@
 """Streaming answers that stop the work behind them when the client goes away.
 
-``StreamingAnswer`` sends an async iterator of bytes while watching for the client's disconnect; on
-a disconnect it cancels the sender, which closes the iterator and with it the router's generator, so
-the node stops. ``unless_disconnected`` does the same for work whose answer is sent in one piece.
+``StreamingAnswer`` sends an async iterator of bytes (``encoded``: a plane's ``Stream``, encoded)
+while watching for the client's disconnect; on a disconnect it cancels the sender, which closes the
+iterator and with it the stream, so the node stops. ``unless_disconnected`` does the same for work
+whose answer is sent in one piece.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from typing import TypeVar
 
-import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from balancer.edge.plane import Stream, Watch
 from common.errors import ErrorCode, LlmlbError
 
-log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-
-async def close(stream: AsyncIterator[Any]) -> None:
-    """Closes an async generator now (running its cleanup, e.g. cancelling a node call)."""
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-@contextlib.asynccontextmanager
-async def closing(stream: AsyncIterator[Any]) -> AsyncIterator[None]:
-    """``contextlib.aclosing`` for streams typed as plain async iterators."""
-    try:
-        yield
-    finally:
-        await close(stream)
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -62,16 +46,43 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def first_item(stream: AsyncIterator[T], receive: Receive) -> T | None:
-    """The stream's first item (None for an empty stream), unless the client goes away first.
+def watching(receive: Receive) -> Watch:
+    """The HTTP door's ``Watch`` (``balancer.edge.plane``): work it is given stops on a disconnect."""
 
-    The stream is closed if that fails, so the work behind it stops.
-    """
+    def watch(work: Awaitable[T]) -> Awaitable[T]:
+        return unless_disconnected(receive, work)
+
+    return watch
+
+
+async def encoded(
+    stream: Stream[T],
+    encode: Callable[[T], Iterable[bytes]],
+    fail: Callable[[LlmlbError], Iterable[bytes]],
+    start: Iterable[bytes] = (),
+    end: Callable[[], Iterable[bytes]] = tuple,
+) -> AsyncGenerator[bytes, None]:
+    """``stream``'s items as bytes: ``start``, each item, then ``end``; an error once the answer has
+    begun is ended with what ``fail`` makes of it (the status is sent already). Closing it closes
+    ``stream``, which the plane records as a cancellation."""
     try:
-        return await unless_disconnected(receive, anext(stream, None))
-    except BaseException:
-        await close(stream)
-        raise
+        for piece in start:
+            yield piece
+        async for item in stream:
+            for piece in encode(item):
+                yield piece
+        for piece in end():
+            yield piece
+    except LlmlbError as err:
+        await stream.close(err)
+        for piece in fail(err):
+            yield piece
+    except Exception as exc:
+        await stream.close(exc)
+        for piece in fail(LlmlbError(ErrorCode.INTERNAL, "internal error; see the server log")):
+            yield piece
+    finally:
+        await stream.aclose()
 
 
 class StreamingAnswer(Response):

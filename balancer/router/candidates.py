@@ -40,6 +40,7 @@ class Candidate:
     node_id: str
     address: str
     tier: int
+    slots: int = 0  # sequences the node runs at once for the model, as it reported; 0: not reported
 
 
 class Candidates:
@@ -105,7 +106,8 @@ class Candidates:
             elif name is ModelState.FAILED and state is not None:
                 failed.append(state)
             else:
-                candidates.append(Candidate(info.node_id, info.address, _TIER.get(name, DOWNLOADABLE)))
+                slots = state.slots if state is not None and name is ModelState.READY else 0
+                candidates.append(Candidate(info.node_id, info.address, _TIER.get(name, DOWNLOADABLE), slots))
         if downloading and not any(c.tier < DOWNLOADABLE for c in candidates):
             # One download is under way; starting another elsewhere would only compete with it.
             candidates = []

@@ -16,7 +16,7 @@ node whose calls fail ``cooldown_failures`` times in a row is left alone for ``c
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -35,6 +35,11 @@ class NodeStats:
     failures: int = 0  # consecutive
     cooldown_until: float = 0.0
     own_at_report: int = 0  # ``outstanding`` when the node's last load report arrived
+    by_model: dict[str, int] = field(default_factory=dict)  # ``outstanding``, per model id
+
+    def on_model(self, model_id: str) -> int:
+        """Our calls in flight on the node for ``model_id`` (its reported slots bound them)."""
+        return self.by_model.get(model_id, 0)
 
     def load(self, reported: int = 0) -> int:
         """Calls the node is busy with: ours now, plus the others' in its ``reported`` load."""
@@ -82,6 +87,22 @@ class NodeStatsTable:
     def load(self, node_id: str) -> int:
         """Calls the node is busy with: ours in flight there, plus the others' in its last report."""
         return self.of(node_id).load(self._reported(node_id))
+
+    def started(self, node_id: str, model_id: str) -> None:
+        """A call for ``model_id`` was handed to ``node_id``."""
+        stats = self.of(node_id)
+        stats.outstanding += 1
+        stats.by_model[model_id] = stats.by_model.get(model_id, 0) + 1
+
+    def ended(self, node_id: str, model_id: str) -> None:
+        """A call ``started`` there is over (answered, failed or abandoned)."""
+        stats = self.of(node_id)
+        stats.outstanding -= 1
+        left = stats.by_model.get(model_id, 0) - 1
+        if left > 0:
+            stats.by_model[model_id] = left
+        else:
+            stats.by_model.pop(model_id, None)
 
     def reported_now(self, node_id: str) -> None:
         """A load report from ``node_id`` just arrived: what we have in flight there is part of it."""

@@ -30,7 +30,7 @@ from balancer.router.demand import DemandMeter
 from balancer.router.deployed import Deployed
 from balancer.router.failover import Failure, classify
 from balancer.router.node_stats import NodeStats, NodeStatsTable
-from balancer.router.picking import pick
+from balancer.router.picking import capacity, pick
 from balancer.router.policy import LOAD, Choice, RouteKey, make_policy
 from balancer.router.prefix_index import PrefixIndex
 from balancer.router.routes import (
@@ -224,7 +224,7 @@ class Router:
                     continue
                 finally:
                     tracing.finish(span, outcome)
-                    self._release(node)
+                    self._release(node, model.id)
                 took = clock() - started
                 self._stats.answered(node.node_id, took)
                 self._service.finished(queue_key, took)
@@ -302,7 +302,7 @@ class Router:
             finally:
                 tracing.finish(span, outcome)
                 stream.cancel()  # a no-op once finished; stops the node when the caller left early
-                self._release(node)
+                self._release(node, model.id)
 
     def _failed(
         self, route: Route[R, T], model: Model, node: Candidate, exc: grpc.aio.AioRpcError, tried: set[str]
@@ -395,7 +395,7 @@ class Router:
         candidates, why = self._candidates.ranked(model, capability)
         if not any(c.tier == READY for c in candidates):
             self.deployed.cold(model.id)  # a deployment with no copy ready: the scheduler places one now
-        node = self._pick(candidates, exclude, key)
+        node = self._pick(model, candidates, exclude, key)
         if node is None:
             self._none_yet(
                 model, capability, candidates, exclude, why or "every capable node failed this request"
@@ -403,15 +403,21 @@ class Router:
 
             def attempt() -> Candidate | None:
                 candidates, why = self._candidates.ranked(model, capability)
-                node = self._pick(candidates, exclude, key)
+                node = self._pick(model, candidates, exclude, key)
                 if node is None:
                     self._none_yet(model, capability, candidates, exclude, why or "no capable node left")
                 return node
 
             def slots() -> int:
                 candidates, _ = self._candidates.ranked(model, capability)
-                usable = sum(1 for c in candidates if c.node_id not in exclude)
-                return usable * self._config.node_max_inflight
+                config = self._config
+                return sum(
+                    capacity(
+                        c, max_inflight=config.node_max_inflight, queue_allowance=config.node_queue_allowance
+                    )
+                    for c in candidates
+                    if c.node_id not in exclude
+                )
 
             def ready_in() -> float | None:
                 return self.deployed.ready_in(model.id, self._clock())
@@ -419,7 +425,7 @@ class Router:
             queue_key: Key = (model.id, capability)
             tracing.current_span().set_attribute("llmlb.route.queued", True)
             node = await self._admission.wait(queue_key, deadline, attempt, slots, ready_in)
-        self._stats.of(node.node_id).outstanding += 1
+        self._stats.started(node.node_id, model.id)
         return node
 
     def _none_yet(
@@ -431,7 +437,9 @@ class Router:
             return
         _some_left(candidates, exclude, why)
 
-    def _pick(self, candidates: list[Candidate], exclude: set[str], key: RouteKey | None) -> Candidate | None:
+    def _pick(
+        self, model: Model, candidates: list[Candidate], exclude: set[str], key: RouteKey | None
+    ) -> Candidate | None:
         choice = pick(
             candidates,
             exclude,
@@ -440,6 +448,8 @@ class Router:
             max_inflight=self._config.node_max_inflight,
             policy=self._policy,
             key=key,
+            model_id=model.id,
+            queue_allowance=self._config.node_queue_allowance,
         )
         if choice is None:
             return None
@@ -480,8 +490,8 @@ class Router:
             )
         span.set_attributes(attributes)
 
-    def _release(self, node: Candidate) -> None:
-        self._stats.of(node.node_id).outstanding -= 1
+    def _release(self, node: Candidate, model_id: str) -> None:
+        self._stats.ended(node.node_id, model_id)
         if self._admission.waiting:
             self._admission.wake(node.node_id)
 

@@ -6,13 +6,16 @@ them from ``LLMLB_SCALE_UP_QUEUE_WAIT``, ``LLMLB_SCALE_UP_INFLIGHT``, ``LLMLB_SC
 
 - **Scale up** by one copy when, for ``up_window_s`` (10 s) without a break, requests waited on
   average more than ``queue_wait_s`` (2 s) for a slot, or the requests in flight per ready copy
-  exceeded ``slots_per_copy`` (4, a node's default parallel slots). Not again until every copy
-  asked for is ready and a new window has passed, and never above ``max_copies``.
+  exceeded a copy's slots: those its node reports for the model (the sequences its engine runs at
+  once), or ``slots_per_copy`` (4, a node's default slots) for a copy whose node reports none. Not
+  again until every copy asked for is ready and a new window has passed, and never above
+  ``max_copies``.
 - **From zero**: a deployment at 0 copies with any request waiting or in flight gets one at once (the
   router wakes the scheduler for it; the request waits in the queue until the copy is ready).
 - **Scale down** by one copy, never below ``min_copies``, when the model has had no request for
   ``idle_s`` (300 s, counted from the last answer's end), or when for ``down_window_s`` (300 s) the
-  requests in flight would have kept one copy fewer under ``low_fraction`` (25 %) of its slots.
+  requests in flight would have kept one copy fewer under ``low_fraction`` (25 %) of its slots (the
+  same slots as above).
   After a step down, the next one waits another full window: with ``min_copies`` 0 the last copy
   goes ``idle_s`` after the previous one.
 
@@ -23,6 +26,7 @@ of active copies, held within ``min_copies``..``max_copies``, so a restart remov
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from balancer.scheduler.deployment import Deployment
@@ -82,11 +86,19 @@ class Autoscaler:
             del self._tracks[model_id]
 
     def target(
-        self, deployment: Deployment, active: int, ready: int, demand: Demand | None, now: float
+        self,
+        deployment: Deployment,
+        active: int,
+        ready: int,
+        demand: Demand | None,
+        now: float,
+        *,
+        slots: Sequence[int] = (),
     ) -> tuple[int, Scale | None]:
         """The copies ``deployment`` should have now, and the change made, if any.
 
-        ``active``: its copies placed and not failed; ``ready``: those answering.
+        ``active``: its copies placed and not failed; ``ready``: those answering; ``slots``: the slots
+        each ready copy's node reports for it (0: none reported; empty: not known).
         """
         if not deployment.autoscaled:
             return deployment.floor, None
@@ -97,23 +109,32 @@ class Autoscaler:
             self._tracks[deployment.model_id] = track
         before = track.target = min(max(track.target, low), high)
         demand = demand or Demand(deployment.model_id)
-        reason = self._up(track, deployment, demand, ready, now)
+        per_copy = self._slots(slots)
+        reason = self._up(track, deployment, demand, ready, per_copy, now)
         if not reason and track.hot_since is None:  # never down while demand is above the up thresholds
-            reason = self._down(track, demand, now, low)
+            reason = self._down(track, demand, per_copy, now, low)
         if track.target == before:
             return before, None
         track.changed_at = now
         track.hot_since = track.cold_since = None
         return track.target, Scale(deployment.model_id, before, track.target, reason)
 
-    def _up(self, track: _Track, deployment: Deployment, demand: Demand, ready: int, now: float) -> str:
+    def _slots(self, slots: Sequence[int]) -> float:
+        """A ready copy's slots on average: as its node reports them, else ``slots_per_copy``."""
+        if not slots:
+            return self.slots_per_copy
+        return sum(s or self.slots_per_copy for s in slots) / len(slots)
+
+    def _up(
+        self, track: _Track, deployment: Deployment, demand: Demand, ready: int, slots: float, now: float
+    ) -> str:
         if track.target == 0:
             if demand.waiting > 0 or demand.in_flight > 0:
                 track.target = 1
                 return "requests waiting with no copy"
             return ""
         per_copy = demand.in_flight / max(ready, 1)
-        hot = demand.queue_wait_s > self.queue_wait_s or per_copy > self.slots_per_copy
+        hot = demand.queue_wait_s > self.queue_wait_s or per_copy > slots
         if not hot:
             track.hot_since = None
             return ""
@@ -128,7 +149,7 @@ class Autoscaler:
             )
         return ""
 
-    def _down(self, track: _Track, demand: Demand, now: float, low: int) -> str:
+    def _down(self, track: _Track, demand: Demand, slots: float, now: float, low: int) -> str:
         if track.target <= low:
             track.cold_since = None
             return ""
@@ -138,7 +159,7 @@ class Autoscaler:
             track.target -= 1
             return f"no request for {now - last:.0f} s"
         fewer = track.target - 1
-        cold = fewer >= 1 and demand.in_flight / fewer < self.slots_per_copy * self.low_fraction
+        cold = fewer >= 1 and demand.in_flight / fewer < slots * self.low_fraction
         if not cold:
             track.cold_since = None
             return ""

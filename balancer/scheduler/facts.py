@@ -160,6 +160,7 @@ class Copy:
     since: float = 0.0
     placed_at: float = 0.0
     estimate_s: float = 0.0
+    slots: int = 0  # the calls its node runs at once for the model, as it reports them; 0: not reported
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,4 +89,4 @@ def copy_of(status: ModelOnNode, node: NodeFacts, since: float) -> Copy:
         if node.placement_kind is DeviceKind.CPU
         else min((d.index for d in node.devices if d.kind is DeviceKind.GPU), default=0)
     )
-    return Copy(status.model_id, status.node_id, device, COPY_STATES[status.state], since)
+    return Copy(status.model_id, status.node_id, device, COPY_STATES[status.state], since, slots=status.slots)

@@ -152,8 +152,10 @@ class Reconciler:
         for deployment in order:
             model_id = deployment.model_id
             mine = active.get(model_id, [])
-            ready = sum(c.state is CopyState.READY for c in mine)
-            target, scale = self._autoscaler.target(deployment, len(mine), ready, demand.get(model_id), now)
+            slots = [c.slots for c in mine if c.state is CopyState.READY]
+            target, scale = self._autoscaler.target(
+                deployment, len(mine), len(slots), demand.get(model_id), now, slots=slots
+            )
             targets[model_id] = target
             if scale is not None:
                 scaling.append(scale)

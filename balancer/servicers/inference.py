@@ -1,146 +1,82 @@
-"""The balancer's gRPC ``Inference`` door: protobuf in, the edge and the ``Router``, protobuf out.
+"""The balancer's gRPC ``Inference`` door: protobuf in, the inference plane, protobuf out.
 
-Admission, metrics and the request's span are the edge's (``balancer.edge``), shared with the HTTP door;
-this servicer only converts (and hands the edge the caller's ``traceparent`` metadata). The caller's
-deadline (``balancer.edge.deadline``) travels to the node; a caller that goes away cancels the node's work.
+Admission, limits, metrics, routing and the request's span are the plane's (``balancer.edge.plane``),
+shared with the HTTP door; this servicer only converts, and tells the plane the caller's trace context,
+its deadline (``balancer.edge.deadline``: it travels to the node) and where a limited key's rate-limit
+headers go (trailing metadata, with the status). A caller that goes away cancels the node's work.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
 import grpc.aio
 
 from balancer.edge.deadline import time_left
-from balancer.edge.observe import Call, Observer
-from balancer.router import Router
+from balancer.edge.plane import CHAT, COMPLETE, EMBED, IMAGE, SPEAK, TRANSCRIBE, Door, InferencePlane
 from common import inference_pb as conv
 from common import tracing
-from common.inference import InferenceRequest
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
-DOOR = "grpc"
-R = TypeVar("R", bound=InferenceRequest)
-T = TypeVar("T")
 
 
-def _time_left(context: Context) -> float | None:
-    return time_left(context.time_remaining())
+def _door(context: Context) -> Door:
+    return Door(
+        "grpc",
+        tracing.from_metadata(context.invocation_metadata),
+        deadline=lambda: time_left(context.time_remaining()),
+        limited=context.set_trailing_metadata,
+    )
 
 
 class InferenceServicer(igrpc.InferenceServicer):
-    """Routes each call to a node through ``router``; ``observer`` admits and records it."""
+    """Each call: its request converted, answered by ``plane``, its answer converted."""
 
-    def __init__(self, router: Router, observer: Observer) -> None:
-        self._router = router
-        self._observer = observer
-
-    async def _admit(self, call: Call, request: R, context: Context) -> R:
-        """``request`` admitted by the edge; a limited key's rate-limit headers go out as trailing
-        metadata (with the status: no frame of their own; a refusal carries them in its own trailer)."""
-        admitted = await self._observer.admit(call, request)
-        if call.headers:
-            context.set_trailing_metadata(call.headers)
-        return admitted
-
-    async def _unary(
-        self,
-        route: str,
-        context: Context,
-        request: Callable[[], R],
-        answer: Callable[[R, float | None], Awaitable[T]],
-    ) -> T:
-        call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
-
-        async def admitted() -> T:
-            result = await answer(await self._admit(call, request(), context), _time_left(context))
-            usage = getattr(result, "usage", None)
-            if usage is not None:
-                call.tokens(usage)
-            return result
-
-        return await self._observer.unary(call, admitted)
-
-    def _stream(
-        self,
-        route: str,
-        context: Context,
-        request: Callable[[], R],
-        answer: Callable[[R, float | None], AsyncIterator[T]],
-    ) -> AsyncIterator[T]:
-        call = self._observer.call(DOOR, route, tracing.from_metadata(context.invocation_metadata))
-
-        async def admitted() -> AsyncIterator[T]:
-            async for item in answer(await self._admit(call, request(), context), _time_left(context)):
-                yield item
-
-        return self._observer.stream(call, admitted())
+    def __init__(self, plane: InferencePlane) -> None:
+        self._plane = plane
 
     @rpc_errors
     async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        chunks = self._stream(
-            "chat",
-            context,
-            lambda: conv.chat_request_from_pb(request),
-            lambda r, t: self._router.chat(r, timeout=t),
-        )
-        async for chunk in chunks:
-            yield conv.text_chunk_to_pb(chunk)
+        async with aclosing(
+            self._plane.stream(CHAT, _door(context), conv.chat_request_from_pb, request)
+        ) as items:
+            async for chunk in items:
+                yield conv.text_chunk_to_pb(chunk)
 
     @rpc_errors
     async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        chunks = self._stream(
-            "complete",
-            context,
-            lambda: conv.complete_request_from_pb(request),
-            lambda r, t: self._router.complete(r, timeout=t),
-        )
-        async for chunk in chunks:
-            yield conv.text_chunk_to_pb(chunk)
-
-    @rpc_errors
-    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
-        response = await self._unary(
-            "embed",
-            context,
-            lambda: conv.embed_request_from_pb(request),
-            lambda r, t: self._router.embed(r, timeout=t),
-        )
-        return conv.embed_response_to_pb(response)
-
-    @rpc_errors
-    async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
-        transcript = await self._unary(
-            "transcribe",
-            context,
-            lambda: conv.transcribe_request_from_pb(request),
-            lambda r, t: self._router.transcribe(r, timeout=t),
-        )
-        return conv.transcript_to_pb(transcript)
+        async with aclosing(
+            self._plane.stream(COMPLETE, _door(context), conv.complete_request_from_pb, request)
+        ) as items:
+            async for chunk in items:
+                yield conv.text_chunk_to_pb(chunk)
 
     @rpc_errors
     async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
-        chunks = self._stream(
-            "speak",
-            context,
-            lambda: conv.speak_request_from_pb(request),
-            lambda r, t: self._router.speak(r, timeout=t),
-        )
-        async for chunk in chunks:
-            yield conv.audio_chunk_to_pb(chunk)
+        async with aclosing(
+            self._plane.stream(SPEAK, _door(context), conv.speak_request_from_pb, request)
+        ) as items:
+            async for chunk in items:
+                yield conv.audio_chunk_to_pb(chunk)
+
+    @rpc_errors
+    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
+        answer = await self._plane.unary(EMBED, _door(context), conv.embed_request_from_pb, request)
+        return conv.embed_response_to_pb(answer)
+
+    @rpc_errors
+    async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
+        answer = await self._plane.unary(TRANSCRIBE, _door(context), conv.transcribe_request_from_pb, request)
+        return conv.transcript_to_pb(answer)
 
     @rpc_errors
     async def GenerateImage(
         self, request: ipb.GenerateImageRequest, context: Context
     ) -> ipb.GenerateImageResponse:
-        response = await self._unary(
-            "image",
-            context,
-            lambda: conv.image_request_from_pb(request),
-            lambda r, t: self._router.generate_images(r, timeout=t),
-        )
-        return conv.image_response_to_pb(response)
+        answer = await self._plane.unary(IMAGE, _door(context), conv.image_request_from_pb, request)
+        return conv.image_response_to_pb(answer)

@@ -40,6 +40,7 @@ def _model_on_node_from_pb(msg: pb.ModelNodeStatus) -> ModelOnNode:
         error=msg.error,
         memory_mb=msg.memory_mb,
         pinned=msg.pinned,
+        slots=max(0, msg.slots),
     )
 
 
@@ -138,7 +139,7 @@ def _model_on_node_to_pb(s: ModelOnNode, *, ready: bool | None = None) -> pb.Mod
     msg = converters.model_node_status_to_pb(
         s.node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error, ready=ready
     )
-    msg.memory_mb, msg.pinned = s.memory_mb, s.pinned
+    msg.memory_mb, msg.pinned, msg.slots = s.memory_mb, s.pinned, s.slots
     return msg
 
 

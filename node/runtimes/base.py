@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from common.config import DEFAULT_PREFIX_CACHE_MB
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioChunk,
@@ -28,8 +29,6 @@ from common.inference import (
     Usage,
 )
 from common.types import Backend, Capability, FileFormat, Model
-
-DEFAULT_PREFIX_CACHE_MB = 512  # computed prompt prefixes kept per llama.cpp model; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +152,22 @@ class KvCacheReporting(Protocol):
     @property
     def kv_cache_usage(self) -> float | None:
         """The share (0..1) of its key/value cache in use, as last read; None when not known."""
+        ...
+
+
+@runtime_checkable
+class FewerSequences(Protocol):
+    """A runtime that runs fewer sequences at once than the pool's slots would let in.
+
+    The pool reports each loaded model's slots to the balancer, which sends the node no more calls for
+    it than that (plus a small queue allowance); a runtime without this property runs every slot's
+    call at once (llama.cpp's batched sequences or per-slot contexts, faster-whisper's workers, Piper's
+    onnxruntime session, vLLM's server, which the pool also gives no more than its slots).
+    """
+
+    @property
+    def sequences(self) -> int:
+        """How many calls it really runs at once, at least 1."""
         ...
 
 

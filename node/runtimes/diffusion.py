@@ -62,6 +62,11 @@ class DiffusionRuntime:
         self._busy = threading.Lock()
 
     @property
+    def sequences(self) -> int:
+        """One image at a time (``_busy``): the balancer sends one call and keeps the rest queued."""
+        return 1
+
+    @property
     def memory_mb(self) -> int:
         total = 0
         for path in (self.checkpoint, self.vae):

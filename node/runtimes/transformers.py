@@ -117,6 +117,12 @@ class TransformersRuntime:
         self._lock = threading.Lock()  # load and unload against each other
 
     @property
+    def sequences(self) -> int:
+        """One: its calls do not batch, each runs its own forward passes on the same cores, so a
+        second call at once only halves the first's speed. The balancer spreads them over nodes instead."""
+        return 1
+
+    @property
     def memory_mb(self) -> int:
         """Weights as loaded (their size on disk scaled from the file's dtype to the load dtype) plus a
         margin for activations and the key/value caches of the slots."""

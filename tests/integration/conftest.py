@@ -10,7 +10,6 @@ import collections
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,17 +30,12 @@ from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE
+from devkit.ports import free_port
 from tests.fixtures.eventually import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 # The XLLM_AUTH_TOKEN of nodes a test calls directly, not through the balancer.
 DIRECT_TOKEN = "direct-caller-token-3b9e"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_serving(

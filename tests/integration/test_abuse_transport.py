@@ -26,7 +26,8 @@ from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc
 from common.rpc import CHANNEL_OPTIONS
 from devkit.fake_hub import FakeHub
-from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, free_port
+from devkit.ports import free_port
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

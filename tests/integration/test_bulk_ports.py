@@ -22,11 +22,11 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from devkit.fake_hub import FakeHub
+from devkit.ports import free_port
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
-    free_port,
     sync_channel,
     wait_online,
 )

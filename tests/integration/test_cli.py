@@ -1,4 +1,5 @@
-"""The operator CLI (`llmlb models|nodes|keys`) as a real process against a real balancer and nodes."""
+"""The operator CLI (`llmlb models|nodes|keys`, and `xllm pull`) as a real process against a real balancer
+and nodes."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from devkit.fake_hub import FakeHub
+from common.pb.llmlb.v1 import registry_pb2 as rpb
+from devkit.fake_hub import FakeHub, gguf_blob
 from devkit.model_files import CACHE, ModelFiles
+from devkit.ports import free_port
 from tests.fixtures.eventually import eventually
-from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, free_port, llmlb, wait_online
+from tests.integration.conftest import ROOT, BalancerProcess, NodeProcess, llmlb, wait_online, xllm
 
 pytestmark = pytest.mark.slow
 NodeFactory = Callable[..., NodeProcess]
@@ -189,7 +192,8 @@ def test_pull_wait_ends_with_exit_0_once_the_node_has_the_model_from_the_shared_
     while chunk := _read_pty(primary):
         drawn += chunk
     os.close(primary)
-    assert b"\x1b[2K" in drawn and b"[" + b"#" * 24 + b"] 100%" in drawn, drawn
+    assert b"\x1b[2K" in drawn and "━".encode() in drawn and b"100%" in drawn, drawn  # rich's bar
+    assert drawn.rstrip().endswith(b"gemma-3-270m is ready"), drawn
 
 
 def _read_pty(fd: int) -> bytes:
@@ -213,7 +217,11 @@ def test_pull_wait_ends_with_exit_1_when_the_node_cannot_fetch_the_model(
 
     pulled = llmlb("models", "pull", "acme/tampered", "--wait", "--timeout", "60", *at, home=home, timeout=90)
     one_line_error(pulled, "download_failed", "acme/tampered", node.node_id)
-    assert "failed" in pulled.stdout  # the progress lines show the node's failed state
+    lines = pulled.stdout.splitlines()
+    assert "\x1b" not in pulled.stdout
+    assert any(node.node_id in line and "failed" in line for line in lines[:-1])  # the node's state
+    # The last line says what happened, as the error does.
+    assert lines[-1].startswith(f"acme/tampered failed on node {node.node_id}: "), lines
 
     hub.add_repo("acme/slow", {"s.gguf": b"GGUF" + bytes(2 * 1024 * 1024)})
     assert llmlb("models", "add", "acme/slow", *at, home=home).returncode == 0
@@ -224,3 +232,22 @@ def test_pull_wait_ends_with_exit_1_when_the_node_cannot_fetch_the_model(
     assert timed_out.returncode == 1, timed_out.stderr
     report = json.loads(timed_out.stdout)
     assert report["ready"] is False and report["error"] == "timeout"
+
+
+def test_xllm_pull_piped_prints_plain_progress_the_files_and_a_last_line_saying_what_happened(
+    balancer: BalancerProcess, hub: FakeHub, tmp_path: Path
+) -> None:
+    hub.add_repo("acme/plain", {"p.gguf": gguf_blob(2 * 1024 * 1024, seed=3)})
+    model_id = balancer.registry.RegisterModel(rpb.RegisterModelRequest(repo_id="acme/plain")).id
+    home = tmp_path / "puller"
+    args = ("pull", "--balancer", balancer.address, "--models-dir", str(home / "models"))
+    pulled = xllm(home, *args, model_id, "acme/nothing", env={"HF_ENDPOINT": hub.url}, timeout=60)
+    assert pulled.returncode == 1, pulled.stderr  # one of the two could not be fetched
+    assert "\x1b" not in pulled.stdout
+    lines = pulled.stdout.splitlines()
+    assert any(
+        line.startswith(f"{model_id}  p.gguf") and "100%" in line and "fetched" in line for line in lines
+    )
+    assert any(line.split()[:3] == [model_id, "p.gguf", "download"] for line in lines)  # where it went
+    assert lines[-1] == f"{model_id} is ready; acme/nothing failed (model_not_found)", lines
+    assert "acme/nothing: error: model_not_found" in pulled.stderr

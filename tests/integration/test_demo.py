@@ -19,8 +19,9 @@ import pytest
 from openai import OpenAI
 
 from devkit.model_files import ModelFiles
+from devkit.ports import free_port
 from tests.fixtures.models import SENTENCE, assert_heard
-from tests.integration.conftest import ROOT, free_port
+from tests.integration.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 READY_WITHIN_S = 240.0

@@ -293,9 +293,13 @@ def test_a_full_queue_is_429_and_a_client_leaving_mid_stream_stops_the_node(
     node_factory: NodeFactory,
     gemma_share: Path,
 ) -> None:
-    # One request per node, no queue: a second request while one streams is refused at once.
-    balancer = balancer_factory(hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_QUEUE_SIZE="0")
-    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(gemma_share)), within=15)
+    # One request per node (one slot it reports, no allowance, and the cap until it reports), no queue:
+    # a second request while one streams is refused at once.
+    balancer = balancer_factory(
+        hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_NODE_QUEUE_ALLOWANCE="0", LLMLB_QUEUE_SIZE="0"
+    )
+    node = node_factory(balancer, hub, "--shared-dir", str(gemma_share), XLLM_SLOTS_PER_MODEL="1")
+    wait_online(balancer, node, within=15)
     headers = admin(balancer)
     long_story = {
         "model": GEMMA,

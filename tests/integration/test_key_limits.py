@@ -241,3 +241,71 @@ async def test_limits_are_changed_and_cleared_through_patch_and_bad_values_are_r
             f"/v0/keys/{key_id}", json={"rpm": 1}, headers=doors.headers(Scope.API)
         )
         assert http_error(forbidden)[0] == 403
+
+
+async def test_each_kind_of_bad_limit_is_refused_on_both_doors_and_the_key_keeps_its_limits(
+    tmp_path: Path,
+) -> None:
+    async with open_doors(tmp_path / "balancer") as doors:
+        key_id, secret = await new_key(doors, rpm=5, models=["gemma-3-270m"])
+        admin = doors.headers(Scope.ADMIN)
+
+        async def limits_now() -> dict[str, Any]:
+            listed = (await doors.http.get("/v0/keys", headers=admin)).json()["data"]
+            found: dict[str, Any] = next(k["limits"] for k in listed if k["id"] == key_id)
+            return found
+
+        before = await limits_now()
+        bad_bodies: list[Any] = [
+            {"rpm": -1},
+            {"tpm": "many"},
+            {"max_parallel": 1.5},
+            {"daily_tokens": 2**70},
+            {"monthly_tokens": None},
+            {"models": "gemma-3-270m"},
+            {"models": ["../etc/passwd"]},
+            {"models": [""]},
+            {"rpm": 1, "burst": 3},
+            ["rpm", 1],
+        ]
+        for body in bad_bodies:
+            reply = await doors.http.patch(f"/v0/keys/{key_id}", json=body, headers=admin)
+            status, error = http_error(reply)
+            assert status == 400, (body, reply.text)
+            assert error.message, body  # says what is wrong
+            if body == {"rpm": 1, "burst": 3}:
+                assert error.message == "unknown parameter: 'burst'"
+        not_json = await doors.http.patch(
+            f"/v0/keys/{key_id}", content=b"{rpm: 1", headers={**admin, "content-type": "application/json"}
+        )
+        assert http_error(not_json)[0] == 400
+        made_bad = await doors.http.post(
+            "/v0/keys", json={"name": "bad", "scopes": ["api"], "rpm": -3}, headers=admin
+        )
+        assert http_error(made_bad)[0] == 400
+
+        bad_requests = [
+            rpb.UpdateKeyRequest(key=key_id, limits=pb.KeyLimits(rpm=-1), set=["rpm"]),
+            rpb.UpdateKeyRequest(key=key_id, limits=pb.KeyLimits(tpm=5), set=["burst"]),
+            rpb.UpdateKeyRequest(key=key_id, limits=pb.KeyLimits(models=["../x"]), set=["models"]),
+            rpb.UpdateKeyRequest(key=key_id, limits=pb.KeyLimits(rpm=3), set=[]),
+        ]
+        for request in bad_requests:
+            status_g, error_g = await grpc_error(
+                doors.registry.UpdateKey(
+                    request, metadata=doors.metadata(Scope.ADMIN), timeout=CALL_TIMEOUT_S
+                )
+            )
+            assert status_g is grpc.StatusCode.INVALID_ARGUMENT, (request, error_g)
+            assert error_g.message, request
+        missing = await grpc_error(
+            doors.registry.UpdateKey(
+                rpb.UpdateKeyRequest(key="key-nosuch", limits=pb.KeyLimits(rpm=1), set=["rpm"]),
+                metadata=doors.metadata(Scope.ADMIN),
+                timeout=CALL_TIMEOUT_S,
+            )
+        )
+        assert missing[0] is grpc.StatusCode.NOT_FOUND
+
+        assert await limits_now() == before  # nothing refused changed anything
+        assert secret  # the key itself still works: its limits are where they were

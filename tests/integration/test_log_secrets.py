@@ -31,13 +31,13 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub, gguf_blob
+from devkit.ports import free_port
 from devkit.postgres import SUPERUSER, PostgresServer
 from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
     ROOT,
     BalancerProcess,
     NodeProcess,
-    free_port,
     sync_channel,
     wait_online,
     xllm,

@@ -14,7 +14,8 @@ from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, ModelFiles
-from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess, free_port
+from devkit.ports import free_port
+from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 NodeFactory = Callable[..., NodeProcess]

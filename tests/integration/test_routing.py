@@ -190,10 +190,17 @@ def test_busy_nodes_queue_requests_then_refuse_with_queue_full_and_time_out(
     node_factory: NodeFactory,
     gemma: ModelFiles,
 ) -> None:
+    # One call at a time on the node: one slot it reports, no allowance, and the cap until it reports.
     balancer = balancer_factory(
-        hub, LLMLB_NODE_MAX_INFLIGHT="1", LLMLB_QUEUE_SIZE="1", LLMLB_QUEUE_TIMEOUT="1.5", **FAST_BEATS
+        hub,
+        LLMLB_NODE_MAX_INFLIGHT="1",
+        LLMLB_NODE_QUEUE_ALLOWANCE="0",
+        LLMLB_QUEUE_SIZE="1",
+        LLMLB_QUEUE_TIMEOUT="1.5",
+        **FAST_BEATS,
     )
-    wait_online(balancer, node_factory(balancer, hub, "--shared-dir", str(CACHE)), within=15)
+    node = node_factory(balancer, hub, "--shared-dir", str(CACHE), XLLM_SLOTS_PER_MODEL="1")
+    wait_online(balancer, node, within=15)
     channel, stub = inference(balancer)
     long = ipb.CompleteRequest(
         model="gemma-3-270m",

@@ -4,7 +4,7 @@ The balancer is a real `llmlb serve` process; the two nodes are echo nodes (``de
 that speak the real node protocol and answer at once, so the balancer's own routing, queueing and both
 doors are what is soaked. Every request carries a unique marker as its request id and in its prompt;
 the echo answer repeats the prompt, and both the answer and the node's record of the call are matched
-back to the request. ``LLMLB_SOAK_SECONDS`` sets how long it runs (default 30; set it higher for a longer soak).
+back to the request. ``LLMLB_SOAK_SECONDS`` sets how long it runs (default 30; more for a longer soak).
 """
 
 from __future__ import annotations

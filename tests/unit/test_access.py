@@ -21,9 +21,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from balancer.edge import access
-from balancer.edge.access import GRPC_ACCESS, HTTP_ACCESS, Access
+from balancer.edge.access import GRPC_ACCESS, Access
 from balancer.http.access import guard
 from balancer.http.app import create_app
+from balancer.http.route_table import HTTP_ACCESS
 from common.errors import ErrorCode, LlmlbError
 from common.types import Scope
 from tests.fixtures.doors import Doors, grpc_error, http_error, open_doors

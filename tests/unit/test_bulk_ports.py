@@ -9,7 +9,6 @@ address or turns the path off. ``llmlb serve --workers`` shares the proxy's one 
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from common.config import (
     load_balancer_config,
     load_node_config,
 )
+from devkit.ports import free_port
 
 
 def test_the_bulk_ports_default_to_fixed_ports_beside_the_grpc_host(tmp_path: Path) -> None:
@@ -76,12 +76,6 @@ def test_a_bulk_port_out_of_range_is_refused_at_start_naming_the_variable(tmp_pa
         load_node_config(home=tmp_path, env=home | {"XLLM_BULK_PORT": value})
     with pytest.raises(ValueError, match=f"^LLMLB_BULK_PORT={value!r}: expected a port from 0 to 65535"):
         load_balancer_config(env=home | {"LLMLB_BULK_PORT": value})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _noop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

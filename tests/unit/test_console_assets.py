@@ -9,10 +9,11 @@ from starlette.testclient import TestClient
 
 from balancer.console import console_routes
 from balancer.console.routes import STATIC
+from balancer.http.route_table import served
 
 
 def client() -> TestClient:
-    return TestClient(Starlette(routes=console_routes()))
+    return TestClient(Starlette(routes=served([console_routes()], complete=False)))
 
 
 def test_the_page_and_its_assets_are_served_with_a_policy_that_allows_this_origin_only() -> None:

@@ -189,3 +189,58 @@ def test_a_replication_module_reaching_an_owner_of_state_is_caught(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(source)
     assert replication_reaching_owners(tmp_path) == caught
+
+
+# The doors reach routing only through the inference plane (``balancer.edge.plane``), which exports all
+# a door may name: a door importing the router could route, count or limit past the plane.
+DOORS = ("balancer/http/*.py", "balancer/servicers/inference.py")
+ROUTER = "balancer.router"
+
+
+def router_imports(source: str) -> list[str]:
+    """The ``balancer.router`` modules ``source`` imports, lazy ones inside functions included."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name == ROUTER or a.name.startswith(ROUTER + ".")]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module == ROUTER or node.module.startswith(ROUTER + "."):
+                found.append(node.module)
+            elif node.module == "balancer" and any(a.name == "router" for a in node.names):
+                found.append(ROUTER)
+    return found
+
+
+def doors_importing_the_router(root: Path) -> list[str]:
+    """``"<file> imports <module>"`` for every door module that imports the router."""
+    paths = sorted({path for pattern in DOORS for path in root.glob(pattern)})
+    return [
+        f"{path.relative_to(root)} imports {module}"
+        for path in paths
+        for module in router_imports(path.read_text(encoding="utf-8"))
+    ]
+
+
+def test_the_doors_reach_the_router_only_through_the_inference_plane() -> None:
+    assert doors_importing_the_router(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("door", "source", "caught"),
+    [
+        ("http/openai_routes.py", "from balancer.router import Router\n", "balancer.router"),
+        (
+            "http/x.py",
+            "def late():\n    from balancer.router.admission import Admission\n",
+            "balancer.router.admission",
+        ),
+        ("servicers/inference.py", "import balancer.router.routing\n", "balancer.router.routing"),
+        ("servicers/inference.py", "from balancer import router\n", "balancer.router"),
+    ],
+)
+def test_a_door_importing_router_internals_is_caught(
+    tmp_path: Path, door: str, source: str, caught: str
+) -> None:
+    (tmp_path / "balancer" / door).parent.mkdir(parents=True)
+    (tmp_path / "balancer" / door).write_text(source)
+    assert doors_importing_the_router(tmp_path) == [f"balancer/{door} imports {caught}"]

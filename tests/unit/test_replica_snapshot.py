@@ -145,3 +145,15 @@ def test_a_node_shutting_down_is_written_at_once_and_every_replica_reads_it_as_s
     assert other.is_stopping("n1") and other.is_draining("n1")
     other.disconnected("n1")
     assert not other.is_stopping("n1")  # a node that comes back is a new process
+
+
+def test_the_slots_a_node_reports_read_back_on_another_replica_and_a_change_is_written_at_once() -> None:
+    fleet = held_node()
+    before = NodeSnapshot.of(fleet, "n1")
+    fleet.report(ModelOnNode("n1", "gemma-3-270m", ModelState.READY, 10, 10, slots=4))
+    written = NodeSnapshot.of(fleet, "n1")
+
+    read = NodeSnapshot.from_json("n1", written.to_json())
+
+    assert read.models[0].slots == 4 and read.models[1].slots == 0
+    assert written.routing_key() != before.routing_key()

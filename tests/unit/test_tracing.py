@@ -404,3 +404,35 @@ def test_xllm_config_shows_the_otel_settings_but_not_the_collectors_headers(tmp_
     shown = _show_config(config)["otel"]
     assert shown == {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_EXPORTER_OTLP_HEADERS": "set"}
     assert "collector-s3cret" not in repr(config)
+
+
+BAD_TRACEPARENTS = [
+    "garbage",
+    f"00-{'0' * 32}-{CLIENT_SPAN}-01",  # an all-zero trace id is invalid
+    f"00-{TRACE_ID}-{'0' * 16}-01",  # so is an all-zero parent span
+    f"ff-{TRACE_ID}-{CLIENT_SPAN}-01",  # version ff is forbidden
+    f"00-{TRACE_ID[:-1]}Z-{CLIENT_SPAN}-01",  # not hex
+    f"00-{TRACE_ID}-{CLIENT_SPAN}",  # no flags
+    "00-" + "a" * 3000,  # long and shapeless
+]
+
+
+async def test_a_malformed_traceparent_on_either_door_is_ignored_and_the_request_starts_its_own_trace(
+    fleet: Fleet,
+) -> None:
+    for bad in BAD_TRACEPARENTS:
+        fleet.spans.clear()
+        reply = await fleet.http.post("/v1/chat/completions", json=_chat_body(), headers={"traceparent": bad})
+        assert reply.status_code == 200, (bad, reply.text)
+        request = ipb.CompleteRequest(model=MODEL, prompt=PROMPT, params=ipb.SamplingParams(max_tokens=2))
+        metadata = (("authorization", f"Bearer {fleet.key}"), ("traceparent", bad))
+        chunks = [c async for c in fleet.inference.Complete(request, timeout=10, metadata=metadata)]
+        assert "".join(c.delta for c in chunks) == "1 2 ", bad
+
+        def doors() -> list[Any]:
+            return [s for s in fleet.spans.get_finished_spans() if s.name in ("http chat", "grpc complete")]
+
+        await eventually_async(lambda: len(doors()) == 2, 5, "both doors' spans")
+        for door in doors():
+            assert door.parent is None, (bad, door.name)  # a root: nothing of the bad header was kept
+            assert door.context.trace_id not in (0, int(TRACE_ID, 16)), (bad, door.name)

@@ -196,6 +196,7 @@ function progressCell(s, modelTotal = 0) {
   }
   return h("li", { "data-progress": key },
     `${s.node_id} `, stateCell(s.state), " ", s.pinned ? h("span", { class: "hint", "data-pinned": "", text: "pinned " }) : null,
+    s.slots ? h("span", { class: "hint", "data-slots": "", text: `${s.slots} slots ` }) : null,
     h("progress", { max: 100, value: pct, "aria-label": `${s.model_id} on ${s.node_id}` }), " ",
     h("span", { class: "hint", text: detail }), s.error ? h("div", { class: "state-failed", text: s.error }) : null);
 }

@@ -159,3 +159,28 @@ def test_a_model_placed_by_hand_is_served_only_by_the_nodes_holding_it():
     ranked, _ = Candidates(fleet).ranked(local, Capability.CHAT)
 
     assert [(c.node_id, c.tier) for c in ranked] == [("b-present", ON_DISK)]  # nowhere to fetch it from
+
+
+def test_a_ready_node_carries_the_slots_it_reported_and_a_new_report_replaces_them():
+    fleet = Fleet()
+    add_node(fleet, "old", "ready")  # reports no slots: an older node
+    add_node(fleet, "new", None)
+    fleet.report(ModelOnNode("new", MODEL.id, ModelState.READY, slots=4))
+    candidates = Candidates(fleet)
+
+    ranked, _ = candidates.ranked(MODEL, Capability.CHAT)
+    assert {c.node_id: c.slots for c in ranked} == {"new": 4, "old": 0}
+
+    fleet.replace("new", [ModelOnNode("new", MODEL.id, ModelState.READY, slots=2)])  # loaded again
+    ranked, _ = candidates.ranked(MODEL, Capability.CHAT)
+    assert {c.node_id: c.slots for c in ranked} == {"new": 2, "old": 0}
+
+
+def test_slots_count_only_once_the_model_is_ready():
+    fleet = Fleet()
+    add_node(fleet, "loading", None)
+    fleet.report(ModelOnNode("loading", MODEL.id, ModelState.LOADING, slots=4))
+
+    ranked, _ = Candidates(fleet).ranked(MODEL, Capability.CHAT)
+
+    assert [(c.node_id, c.tier, c.slots) for c in ranked] == [("loading", ON_DISK, 0)]

@@ -9,7 +9,7 @@ import pytest
 from balancer.fleet import Fleet
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate
 from balancer.router.node_stats import NodeStatsTable
-from balancer.router.picking import pick
+from balancer.router.picking import capacity, pick
 from balancer.router.policy import POLICIES, CacheAware, PowerOfTwoChoices, RoundRobin, make_policy
 from balancer.router.prefix_index import PrefixIndex
 from tests.unit.router.conftest import FakeClock
@@ -218,3 +218,117 @@ def test_a_report_counts_only_the_calls_of_others_so_a_node_we_just_finished_wit
     ours.outstanding = 2  # one more of ours since: the others' three still count
     assert stats.load("n1") == 5
     assert stats.score("n1") == (5, ours.latency_s)
+
+
+# -- slots the nodes report ----------------------------------------------------------------------
+
+MODEL = "org/tiny"
+
+
+def reporting(node_id: str, slots: int) -> Candidate:
+    """A node with the model loaded that reported ``slots`` sequences at once for it."""
+    return Candidate(node_id, f"{node_id}:50051", READY, slots)
+
+
+def pick_for(
+    candidates: list[Candidate],
+    stats: NodeStatsTable,
+    clock: FakeClock,
+    *,
+    model_id: str = MODEL,
+    max_inflight: int = 8,
+    queue_allowance: int = 0,
+) -> Candidate | None:
+    policy = make_policy("power-of-two", random.Random(0), nothing_held(clock))
+    choice = pick(
+        candidates,
+        set(),
+        stats,
+        now=clock(),
+        max_inflight=max_inflight,
+        policy=policy,
+        model_id=model_id,
+        queue_allowance=queue_allowance,
+    )
+    return choice.node if choice is not None else None
+
+
+def route(
+    candidates: list[Candidate],
+    stats: NodeStatsTable,
+    clock: FakeClock,
+    *,
+    max_inflight: int = 8,
+    queue_allowance: int = 0,
+) -> str | None:
+    """Picks a node for one more call to ``MODEL`` and books the call there, as the router does."""
+    node = pick_for(candidates, stats, clock, max_inflight=max_inflight, queue_allowance=queue_allowance)
+    if node is not None:
+        stats.started(node.node_id, MODEL)
+    return node.node_id if node is not None else None
+
+
+def test_a_node_reporting_four_slots_takes_four_calls_and_the_fifth_goes_to_another_node(clock: FakeClock):
+    stats = table(clock)
+    four, other = reporting("four", 4), reporting("other", 4)
+    stats.of("other").latency_s = 1.0  # slower: "four" is preferred while it has room
+
+    assert [route([four], stats, clock) for _ in range(4)] == ["four"] * 4
+    assert route([four], stats, clock) is None  # alone, the fifth waits in the queue
+    assert route([four, other], stats, clock) == "other"  # with another node, it goes there
+
+
+def test_the_fifth_call_waits_until_one_of_the_four_ends(clock: FakeClock):
+    stats = table(clock)
+    four = reporting("four", 4)
+    for _ in range(4):
+        route([four], stats, clock)
+    assert route([four], stats, clock) is None
+
+    stats.ended("four", MODEL)
+
+    assert route([four], stats, clock) == "four"
+
+
+def test_the_queue_allowance_lets_that_many_calls_more_wait_on_the_node(clock: FakeClock):
+    stats = table(clock)
+    four = reporting("four", 4)
+
+    taken = [route([four], stats, clock, queue_allowance=1) for _ in range(6)]
+
+    assert taken == ["four"] * 5 + [None]
+
+
+def test_slots_bound_the_calls_of_their_model_only(clock: FakeClock):
+    """A node's slots are per loaded model: calls for another model do not take them."""
+    stats = table(clock)
+    two = reporting("two", 2)
+    for _ in range(3):
+        stats.started("two", "org/other-model")
+
+    assert [route([two], stats, clock) for _ in range(3)] == ["two", "two", None]
+
+
+def test_a_node_reporting_more_slots_than_the_node_wide_cap_takes_them_all(clock: FakeClock):
+    stats = table(clock)
+    wide = reporting("wide", 16)
+
+    taken = [route([wide], stats, clock, max_inflight=8) for _ in range(17)]
+
+    assert taken == ["wide"] * 16 + [None]
+
+
+def test_a_node_reporting_no_slots_keeps_the_node_wide_cap_over_all_its_models(clock: FakeClock):
+    stats = table(clock)
+    old = reporting("old", 0)
+    stats.started("old", "org/other-model")
+
+    taken = [route([old], stats, clock, max_inflight=3, queue_allowance=1) for _ in range(3)]
+
+    assert taken == ["old", "old", None]  # 1 of another model + 2 of this one reach the cap of 3
+
+
+def test_capacity_is_slots_plus_the_allowance_or_the_cap_without_slots():
+    assert capacity(reporting("n", 4), max_inflight=8, queue_allowance=1) == 5
+    assert capacity(reporting("n", 1), max_inflight=8, queue_allowance=0) == 1
+    assert capacity(reporting("n", 0), max_inflight=8, queue_allowance=1) == 8

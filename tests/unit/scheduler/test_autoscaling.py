@@ -130,3 +130,49 @@ def test_a_fixed_deployment_ignores_demand() -> None:
         )
         assert plan == Plan()
         clock.advance(400)
+
+
+def slotted(slots: int, *node_ids: str) -> list[Copy]:
+    """Ready copies on nodes that report ``slots`` for the model."""
+    return [Copy(MODEL.model_id, n, 0, CopyState.READY, slots=slots) for n in node_ids]
+
+
+def test_in_flight_scales_up_past_the_slots_the_copies_nodes_report_not_the_setting() -> None:
+    clock = Clock()
+    reconciler = Reconciler(clock, autoscaler=Autoscaler(slots_per_copy=4, up_window_s=10.0))
+    six = Demand(MODEL.model_id, in_flight=6, last_request_at=clock.now)
+
+    step(reconciler, scaled(1, 3), slotted(8, "n0"), six)
+    clock.advance(10)
+    assert step(reconciler, scaled(1, 3), slotted(8, "n0"), six) == Plan()  # 6 in flight fit its 8 slots
+
+    step(reconciler, scaled(1, 3), slotted(2, "n0"), six)
+    clock.advance(10)
+    plan = step(reconciler, scaled(1, 3), slotted(2, "n0"), six)  # 6 in flight, 2 slots: one more copy
+    assert [s.after for s in plan.scaling] == [2]
+
+
+def test_copies_whose_nodes_report_no_slots_count_the_setting() -> None:
+    clock = Clock()
+    reconciler = Reconciler(clock, autoscaler=Autoscaler(slots_per_copy=4, up_window_s=10.0))
+    five = Demand(MODEL.model_id, in_flight=5, last_request_at=clock.now)
+
+    step(reconciler, scaled(1, 3), slotted(0, "n0"), five)
+    clock.advance(10)
+    assert [s.after for s in step(reconciler, scaled(1, 3), slotted(0, "n0"), five).scaling] == [2]
+
+
+def test_a_copy_with_many_slots_is_shed_only_under_a_quarter_of_them() -> None:
+    clock = Clock()
+    reconciler = Reconciler(clock, autoscaler=Autoscaler(low_fraction=0.25, down_window_s=300.0))
+    three = Demand(MODEL.model_id, in_flight=3, last_request_at=clock.now)
+    step(reconciler, scaled(1, 4), slotted(16, "n0", "n1"), three)  # 3 of one copy's 16: under 25 %
+    clock.advance(300)
+    plan = step(reconciler, scaled(1, 4), slotted(16, "n0", "n1"), three)
+    assert [(s.before, s.after) for s in plan.scaling] == [(2, 1)]
+
+    clock = Clock()
+    reconciler = Reconciler(clock, autoscaler=Autoscaler(low_fraction=0.25, down_window_s=300.0))
+    step(reconciler, scaled(1, 4), slotted(4, "n0", "n1"), three)  # 3 of one copy's 4: kept
+    clock.advance(300)
+    assert step(reconciler, scaled(1, 4), slotted(4, "n0", "n1"), three) == Plan()

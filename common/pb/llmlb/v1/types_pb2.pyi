@@ -320,6 +320,7 @@ class ModelNodeStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     MEMORY_MB_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """the reporting node; what a node sends is ignored, its session's id is used"""
     model_id: _builtins.str
@@ -338,6 +339,13 @@ class ModelNodeStatus(_message.Message):
     """memory the loaded model takes on the node (its estimate); 0 when not loaded"""
     pinned: _builtins.bool
     """a scheduled copy: the node's LRU never evicts it for an on-demand load"""
+    slots: _builtins.int
+    """Sequences the node's engine runs at once for this model once it is loaded (its slots: batched
+    llama.cpp's sequences, a per-context engine's contexts, 1 for an engine that serves one call at a
+    time). The balancer sends the node no more calls for the model than this plus a small queue
+    allowance (LLMLB_NODE_QUEUE_ALLOWANCE). 0: not reported (an older node, or not loaded): the
+    node-wide LLMLB_NODE_MAX_INFLIGHT applies.
+    """
     def __init__(
         self,
         *,
@@ -350,10 +358,11 @@ class ModelNodeStatus(_message.Message):
         error: _builtins.str = ...,
         memory_mb: _builtins.int = ...,
         pinned: _builtins.bool = ...,
+        slots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_bytes", b"downloaded_bytes", "error", b"error", "memory_mb", b"memory_mb", "model_id", b"model_id", "node_id", b"node_id", "pinned", b"pinned", "ready", b"ready", "state", b"state", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downloaded_bytes", b"downloaded_bytes", "error", b"error", "memory_mb", b"memory_mb", "model_id", b"model_id", "node_id", b"node_id", "pinned", b"pinned", "ready", b"ready", "slots", b"slots", "state", b"state", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
