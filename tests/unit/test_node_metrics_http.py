@@ -192,24 +192,28 @@ async def test_a_scraper_that_accepts_gzip_gets_the_exposition_compressed(server
     assert "xllm_queue_depth 3.0" in gzip.decompress(body).decode()
 
 
-async def test_name_filters_narrow_the_scrape_to_the_series_asked_for(server: MetricsHttpServer) -> None:
-    _, _, body = await request(server.port, get("/metrics?name[]=xllm_queue_depth"))
+async def test_name_filters_narrow_the_scrape_to_the_series_asked_for(
+    server: MetricsHttpServer, metrics: NodeMetrics
+) -> None:
+    metrics.observe("grpc", "chat", "m", "ok", 0.1)
+    metrics.tokens("m", 7, 12)
+    _, _, body = await request(server.port, get("/metrics?name[]=xllm_requests_total"))
     text = body.decode()
-    assert "xllm_queue_depth 3.0" in text
-    assert "xllm_active_requests" not in text and "xllm_requests_total" not in text
+    assert 'xllm_requests_total{code="ok",door="grpc",model="m",route="chat"} 1.0' in text
+    assert "xllm_tokens_total" not in text and "process_" not in text
 
 
 async def test_a_half_sent_head_is_closed_after_the_header_timeout(metrics: NodeMetrics) -> None:
     door = MetricsHttpServer(metrics.registry, HttpLimits(header_timeout_s=0.5))
     await door.start("127.0.0.1:0")
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
     try:
-        started = time.monotonic()
-        reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
         writer.write(get("/metrics")[:20])
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert 0.4 <= time.monotonic() - started < 3
-        writer.close()
     finally:
+        writer.close()
         await door.stop()
 
 
