@@ -1,5 +1,5 @@
-"""The transport limits of the hand-written HTTP/1.1 ports (bulk, node metrics): head size and time, idle
-keep-alive, open connections. ``balancer/http/protocol.py`` applies the same ``HttpLimits`` to uvicorn.
+"""The transport limits of the hand-written HTTP/1.1 ports (the bulk ports): head size and time, idle
+keep-alive, open connections. ``common/http_protocol.py`` applies the same ``HttpLimits`` to uvicorn's.
 
 Each applies before a request is parsed or authorized: what a caller without a key can make a port hold
 is at most ``max_connections`` heads of ``max_header_bytes``, each for at most ``header_timeout_s``.

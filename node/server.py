@@ -349,7 +349,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     storage, resolver, link, commands = parts.storage, parts.resolver, parts.link, parts.commands
     metrics_server = None
     if config.metrics_listen:
-        metrics_server = MetricsHttpServer(parts.metrics.exposition, config.http_limits)
+        metrics_server = MetricsHttpServer(parts.metrics.registry, config.http_limits)
         try:
             await metrics_server.start(config.metrics_listen)
         except OSError as exc:

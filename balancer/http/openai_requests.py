@@ -24,6 +24,7 @@ from balancer.http.schemas import (
     SpeechBody,
     ToolBody,
 )
+from balancer.http.tool_requests import CHAT_TOOLS, FunctionSpec, function_tools, tool_choice
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioFormat,
@@ -40,7 +41,6 @@ from common.inference import (
     Tool,
     ToolCall,
     ToolChoice,
-    ToolChoiceMode,
     TranscribeRequest,
 )
 
@@ -152,42 +152,21 @@ def response_format(given: dict[str, Any] | None) -> ResponseFormat:
 
 
 def _tools(tools: list[ToolBody] | None) -> tuple[Tool, ...]:
-    out = []
-    for i, tool in enumerate(tools or ()):
-        if tool.type != "function":
-            raise invalid(f"tools.{i}.type {tool.type[:40]!r} is not supported; use 'function'")
-        f = tool.function
-        out.append(
-            Tool(
-                name=f.name,
-                description=f.description or "",
-                parameters=json.dumps(f.parameters) if f.parameters is not None else "",
-                strict=bool(f.strict),
-            )
+    flat = (
+        FunctionSpec(
+            t.type, t.function.name, t.function.description, t.function.parameters, t.function.strict
         )
-    return tuple(out)
-
-
-_CHOICE_MODES = {
-    "auto": ToolChoiceMode.AUTO,
-    "none": ToolChoiceMode.NONE,
-    "required": ToolChoiceMode.REQUIRED,
-}
+        for t in tools or ()
+    )
+    return function_tools(flat, CHAT_TOOLS)
 
 
 def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
-    if choice is None:
-        return ToolChoice()
-    if isinstance(choice, str):
-        mode = _CHOICE_MODES.get(choice)
-        if mode is None:
-            raise invalid(
-                f"tool_choice {choice[:40]!r} is not supported; use 'auto', 'none', 'required' or a function"
-            )
-        return ToolChoice(mode)
-    if choice.type != "function" or choice.function is None:
-        raise invalid("tool_choice must name a function: {'type': 'function', 'function': {'name': ...}}")
-    return ToolChoice(ToolChoiceMode.FUNCTION, choice.function.name)
+    if isinstance(choice, NamedToolChoice):
+        return tool_choice(
+            FunctionSpec(choice.type, choice.function.name if choice.function else None), CHAT_TOOLS
+        )
+    return tool_choice(choice, CHAT_TOOLS)
 
 
 def _message(index: int, m: ChatMessageBody) -> ChatMessage:

@@ -21,6 +21,7 @@ from balancer.http.responses_schemas import (
     ResponseCreateBody,
     TextFormat,
 )
+from balancer.http.tool_requests import RESPONSES_TOOLS, FunctionSpec, function_tools, tool_choice
 from common.inference import (
     ChatMessage,
     ChatRequest,
@@ -30,7 +31,6 @@ from common.inference import (
     Tool,
     ToolCall,
     ToolChoice,
-    ToolChoiceMode,
 )
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -140,40 +140,14 @@ def _response_format(text_format: TextFormat | None) -> ResponseFormat:
 
 
 def _tools(body: ResponseCreateBody) -> tuple[Tool, ...]:
-    tools = []
-    for i, tool in enumerate(body.tools or ()):
-        if tool.type != "function":
-            raise invalid(f"tools.{i}: tools of type {tool.type!r} are not supported; only 'function'")
-        if not tool.name:
-            raise invalid(f"missing required parameter: 'tools.{i}.name'")
-        tools.append(
-            Tool(
-                name=tool.name,
-                description=tool.description or "",
-                parameters=json.dumps(tool.parameters) if tool.parameters is not None else "",
-                strict=bool(tool.strict),
-            )
-        )
-    return tuple(tools)
+    flat = (FunctionSpec(t.type, t.name, t.description, t.parameters, t.strict) for t in body.tools or ())
+    return function_tools(flat, RESPONSES_TOOLS)
 
 
 def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
-    """The choice as given; whether it names one of the tools is checked at admission, as for chat."""
-    if choice is None:
-        return ToolChoice()
-    if isinstance(choice, str):
-        try:
-            mode = ToolChoiceMode(choice)
-        except ValueError:
-            raise invalid(
-                f"tool_choice must be 'auto', 'none', 'required' or a function, got {choice!r}"
-            ) from None
-        if mode is ToolChoiceMode.FUNCTION:
-            raise invalid("tool_choice 'function' needs a name: {'type': 'function', 'name': ...}")
-        return ToolChoice(mode=mode)
-    if choice.type != "function" or not choice.name:
-        raise invalid(f"tool_choice of type {choice.type!r} is not supported; name a function tool")
-    return ToolChoice(mode=ToolChoiceMode.FUNCTION, function=choice.name)
+    if isinstance(choice, NamedToolChoice):
+        return tool_choice(FunctionSpec(choice.type, choice.name), RESPONSES_TOOLS)
+    return tool_choice(choice, RESPONSES_TOOLS)
 
 
 def logprobs_asked(body: ResponseCreateBody) -> bool:

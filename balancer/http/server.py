@@ -12,8 +12,8 @@ import structlog
 import uvicorn
 from fastapi import FastAPI
 
-from balancer.http.protocol import limited_protocol
 from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
+from common.http_protocol import limited_protocol
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ async def start_http(
     """Binds ``listen`` (host:port, port 0 picks one) and serves ``app`` until ``stop``.
 
     ``shared``: the port is bound with SO_REUSEPORT, for ``llmlb serve --workers``. ``limits``: what a
-    connection may hold before its request reaches the app (``balancer/http/protocol.py``).
+    connection may hold before its request reaches the app (``common/http_protocol.py``).
     """
     host, _, port = listen.rpartition(":")
     config = uvicorn.Config(

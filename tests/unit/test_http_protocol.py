@@ -1,4 +1,4 @@
-"""The HTTP door's connection rules (``balancer/http/protocol.py``), on a transport that records what is
+"""The HTTP door's connection rules (``common/http_protocol.py``), on a transport that records what is
 written: no socket, the bytes fed by hand in the reads a socket would give."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from balancer.http.protocol import limited_protocol
 from common.config import HttpLimits
+from common.http_protocol import limited_protocol
 from tests.fixtures.eventually import eventually_async
 
 pytestmark = pytest.mark.timeout(10)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from common.config import HttpLimits
 from common.metrics import NodeMetrics
 from node.metrics_http import MetricsHttpServer
 
@@ -29,7 +35,7 @@ def metrics() -> NodeMetrics:
 
 @pytest.fixture
 async def server(metrics: NodeMetrics) -> AsyncIterator[MetricsHttpServer]:
-    door = MetricsHttpServer(metrics.exposition)
+    door = MetricsHttpServer(metrics.registry)
     await door.start("127.0.0.1:0")
     try:
         yield door
@@ -56,8 +62,20 @@ async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-def get(path: str, method: str = "GET") -> bytes:
-    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n".encode()
+def get(path: str, method: str = "GET", headers: str = "Connection: close\r\n") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n{headers}\r\n".encode()
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One answer of a kept-alive connection: status, headers (lower-case names), body by its length."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    return int(status_line.split()[1]), headers, body
 
 
 async def test_port_zero_binds_a_free_port_and_reports_it(server: MetricsHttpServer) -> None:
@@ -90,7 +108,7 @@ async def test_get_metrics_returns_the_prometheus_text_with_counters_and_scrape_
 async def test_each_scrape_reads_the_current_values(server: MetricsHttpServer, metrics: NodeMetrics) -> None:
     _, _, before = await request(server.port, get("/metrics"))
     metrics.observe("grpc", "embed", "m", "model_not_found", 0.01)
-    _, _, after = await request(server.port, get("/metrics?name[]=x"))
+    _, _, after = await request(server.port, get("/metrics?x=1"))
     line = 'xllm_requests_total{code="model_not_found",door="grpc",model="m",route="embed"} 1.0'
     assert line not in before.decode()
     assert line in after.decode()
@@ -123,28 +141,84 @@ async def test_a_head_over_the_scrape_limit_gets_431_with_the_house_error(server
     assert json.loads(body)["error"]["code"] == "headers_too_large"
 
 
-async def test_a_failing_scrape_answers_500_and_the_door_keeps_serving() -> None:
-    calls = 0
+class FailsOnce(Collector):
+    """``xllm_up``, after one scrape that fails as if the node's state could not be read."""
 
-    def exposition() -> tuple[bytes, str]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        self.calls += 1
+        if self.calls == 1:
             raise RuntimeError("state unavailable")
-        return b"xllm_up 1\n", "text/plain"
+        yield GaugeMetricFamily("xllm_up", "Whether the node answers.", value=1.0)
 
-    door = MetricsHttpServer(exposition)
+
+async def test_a_failing_scrape_answers_500_and_the_door_keeps_serving() -> None:
+    registry = CollectorRegistry()
+    registry.register(FailsOnce())
+    door = MetricsHttpServer(registry)
     await door.start("127.0.0.1:0")
     try:
         assert (await request(door.port, get("/metrics")))[0] == 500
         status, _, body = await request(door.port, get("/metrics"))
-        assert (status, body) == (200, b"xllm_up 1\n")
+        assert status == 200 and "xllm_up 1.0" in body.decode()
     finally:
         await door.stop()
 
 
+async def test_a_scraper_keeps_its_connection_open_from_one_scrape_to_the_next(
+    server: MetricsHttpServer, metrics: NodeMetrics
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(get("/metrics", headers=""))
+        first = await read_answer(reader)
+        metrics.observe("grpc", "chat", "m", "ok", 0.1)
+        writer.write(get("/metrics", headers=""))
+        second = await read_answer(reader)
+    finally:
+        writer.close()
+    assert first[0] == second[0] == 200
+    line = 'xllm_requests_total{code="ok",door="grpc",model="m",route="chat"} 1.0'
+    assert line not in first[2].decode() and line in second[2].decode()
+
+
+async def test_a_scraper_that_accepts_gzip_gets_the_exposition_compressed(server: MetricsHttpServer) -> None:
+    status, headers, body = await request(
+        server.port, get("/metrics", headers="Accept-Encoding: gzip\r\nConnection: close\r\n")
+    )
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert "xllm_queue_depth 3.0" in gzip.decompress(body).decode()
+
+
+async def test_name_filters_narrow_the_scrape_to_the_series_asked_for(
+    server: MetricsHttpServer, metrics: NodeMetrics
+) -> None:
+    metrics.observe("grpc", "chat", "m", "ok", 0.1)
+    metrics.tokens("m", 7, 12)
+    _, _, body = await request(server.port, get("/metrics?name[]=xllm_requests_total"))
+    text = body.decode()
+    assert 'xllm_requests_total{code="ok",door="grpc",model="m",route="chat"} 1.0' in text
+    assert "xllm_tokens_total" not in text and "process_" not in text
+
+
+async def test_a_half_sent_head_is_closed_after_the_header_timeout(metrics: NodeMetrics) -> None:
+    door = MetricsHttpServer(metrics.registry, HttpLimits(header_timeout_s=0.5))
+    await door.start("127.0.0.1:0")
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", door.port)
+    try:
+        writer.write(get("/metrics")[:20])
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.4 <= time.monotonic() - started < 3
+    finally:
+        writer.close()
+        await door.stop()
+
+
 async def test_stop_closes_the_port_even_with_an_idle_connection_open(metrics: NodeMetrics) -> None:
-    door = MetricsHttpServer(metrics.exposition)
+    door = MetricsHttpServer(metrics.registry)
     await door.start("127.0.0.1:0")
     _, idle = await asyncio.open_connection("127.0.0.1", door.port)  # connects, never sends a request
     try:
@@ -157,4 +231,4 @@ async def test_stop_closes_the_port_even_with_an_idle_connection_open(metrics: N
 
 async def test_a_port_in_use_fails_to_start(server: MetricsHttpServer, metrics: NodeMetrics) -> None:
     with pytest.raises(OSError):
-        await MetricsHttpServer(metrics.exposition).start(f"127.0.0.1:{server.port}")
+        await MetricsHttpServer(metrics.registry).start(f"127.0.0.1:{server.port}")

@@ -1,8 +1,9 @@
-"""uvicorn's httptools protocol with the HTTP door's transport limits (``HttpLimits``).
+"""uvicorn's httptools protocol with a port's transport limits (``HttpLimits``), for the uvicorn ports:
+the balancer's HTTP door and a node's metrics port.
 
 uvicorn bounds neither the size of a request's head nor the time it takes to arrive (httptools keeps
 whatever header bytes come), nor the connections it holds; it bounds only the idle time between
-kept-alive requests, which ``start_http`` sets from the same limits. This protocol adds the rest,
+kept-alive requests, which each port's uvicorn config sets from the same limits. This protocol adds the rest,
 before any byte reaches the app:
 
 - a head (request line and headers) over ``max_header_bytes`` is answered 431 and the connection
@@ -29,7 +30,7 @@ log = structlog.get_logger(__name__)
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """One connection of the HTTP door; ``limited_protocol`` binds the limits."""
+    """One connection of a uvicorn port; ``limited_protocol`` binds the limits."""
 
     limits: ClassVar[HttpLimits] = HttpLimits()
 
