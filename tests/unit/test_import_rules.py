@@ -231,8 +231,8 @@ def test_the_doors_reach_the_router_only_through_the_inference_plane() -> None:
         ("http/openai_routes.py", "from balancer.router import Router\n", "balancer.router"),
         (
             "http/x.py",
-            "def late():\n    from balancer.router.admission import Admission\n",
-            "balancer.router.admission",
+            "def late():\n    from balancer.router.queue import WaitQueue\n",
+            "balancer.router.queue",
         ),
         ("servicers/inference.py", "import balancer.router.routing\n", "balancer.router.routing"),
         ("servicers/inference.py", "from balancer import router\n", "balancer.router"),
