@@ -20,7 +20,7 @@ from balancer.edge.labels import Labels
 from balancer.fleet import Fleet
 from balancer.fleet_token import FleetTokens
 from balancer.http.app import create_app
-from balancer.http.server import HttpServer, start_http
+from balancer.http.serving import HttpServer, start_http
 from balancer.node_clients import NodeClients
 from balancer.node_owners import Revocations
 from balancer.origin import Origin

@@ -25,7 +25,7 @@ from balancer.parts import BalancerParts
 
 
 def create_app(parts: BalancerParts) -> FastAPI:
-    """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
+    """The shim for one running balancer; serve it with ``balancer.http.serving.start_http``."""
     # Plain Starlette routes, one per row of the route table: the endpoints parse their own bodies, and
     # skip per-request dependency solving. Every route behind its row's access rule.
     handlers = (
