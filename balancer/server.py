@@ -28,7 +28,7 @@ from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.scheduler.loop import SchedulerLoop
-from balancer.servicers.inference import InferenceServicer
+from balancer.servicers.inference import RoutedInferenceServicer
 from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
 from balancer.sessions import NodeSessions
@@ -225,7 +225,7 @@ async def start(config: BalancerConfig) -> Balancer:
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(parts.plane), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(RoutedInferenceServicer(parts.plane), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
