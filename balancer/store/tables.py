@@ -1,7 +1,7 @@
 """Tables of the balancer's metadata store.
 
 Only ``balancer.store`` touches these rows; everything else sees the dataclasses of ``common.types``.
-Every change here needs a matching revision under ``balancer/migrations/versions`` (a unit test fails
+Every change here needs a matching revision under ``balancer/store/migrations/versions`` (a unit test fails
 on any drift).
 """
 
