@@ -17,12 +17,13 @@ from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.labels import Labels
-from balancer.fleet import Fleet
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.owners import Revocations
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.token import FleetTokens
+from balancer.fleet.view import Fleet
 from balancer.http.app import create_app
 from balancer.http.serving import HttpServer, start_http
-from balancer.node_clients import NodeClients
-from balancer.node_owners import Revocations
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
@@ -31,7 +32,6 @@ from balancer.scheduler.loop import SchedulerLoop
 from balancer.servicers.inference import RoutedInferenceServicer
 from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common import tracing
 from common.channels import server_credentials

@@ -22,8 +22,8 @@ import structlog
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from balancer.catalog import Catalog  # the one place this package names the model catalogue
-from balancer.fleet import Fleet
-from balancer.node_clients import NodeClients
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.view import Fleet
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate, Candidates, Key
 from balancer.router.demand import DemandMeter
 from balancer.router.deployed import Deployed

@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from balancer.fleet_token import SECRET_NAME, FleetTokens, derive
+from balancer.fleet.token import SECRET_NAME, FleetTokens, derive
 from balancer.scheduler import Deployment
 from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
