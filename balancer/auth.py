@@ -100,7 +100,7 @@ class KeyRing:
         self._reading: dict[str, asyncio.Future[ApiKey | None]] = {}  # first reads under way, by digest
         self._touched: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Called with each key revoked here (``balancer.node_owners.Revocations.revoked``: the fleet
+        # Called with each key revoked here (``balancer.fleet.owners.Revocations.revoked``: the fleet
         # token rotates, the key's nodes are cut off).
         self.on_revoke: Callable[[ApiKey], Awaitable[None]] | None = None
 

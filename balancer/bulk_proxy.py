@@ -16,7 +16,7 @@ import structlog
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.token import FleetTokens
 from balancer.origin import Origin
 from common.bulk_http import BlobRequest, BulkListener, parse_range, range_head, serve_connection
 from common.config import DEFAULT_HTTP_LIMITS, HttpLimits

@@ -26,7 +26,7 @@ ALL = ("all", "")
 
 
 class FinishedCall(Protocol):
-    """What the history reads of a finished request (``balancer.edge.observe.Call``)."""
+    """What the history reads of a finished request (``balancer.edge.observe.ObservedCall``)."""
 
     model: str
     node_id: str

@@ -12,13 +12,13 @@ from balancer.edge.labels import Labels
 from balancer.edge.limits import KeyLimiter
 from balancer.edge.observe import Sink
 from balancer.edge.plane import InferencePlane
-from balancer.fleet import Fleet
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.token import FleetTokens
+from balancer.fleet.view import Fleet
 from balancer.history import History
 from balancer.origin import Origin
 from balancer.replicas import Replicas
 from balancer.router import Router
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from balancer.usage import UsageCounter
 from common.config import BalancerConfig
@@ -40,7 +40,7 @@ class BalancerParts:
     keys: KeyRing
     metrics: BalancerMetrics
     replicas: Replicas  # this balancer among the replicas of its store (alone on SQLite)
-    # What every node accepts on its Inference and Manifest port (``balancer.fleet_token``); never shown.
+    # What every node accepts on its Inference and Manifest port (``balancer.fleet.token``); never shown.
     fleet_tokens: FleetTokens = field(repr=False)
     # Counted at the edge when each request ends: usage per key (flushed to the store in batches)
     # and the console's short history of request metrics (memory only, this replica's own).

@@ -6,7 +6,7 @@ row alive; it knows no owner of state. Every change anyone publishes is announce
 LISTEN/NOTIFY on one channel; the other replicas hand it to their subscribers, which re-read what the
 notice names. Nothing rides on a notice alone: a periodic ``Resync`` re-reads everything, which also
 catches the notices lost while a connection was down. Each replica holds the sessions of the nodes
-attached to it and records them in the node rows (``balancer.node_rows``).
+attached to it and records them in the node rows (``balancer.fleet.rows``).
 
 Each replica beats its own row in ``balancer_replicas`` every second. A replica silent past the
 heartbeat timeout is taken as dead: any other replica releases it, and the nodes it held are offline
@@ -64,7 +64,7 @@ class Replicas:
         self._conn_lock = asyncio.Lock()  # an asyncpg connection runs one query at a time
         self._inbox: asyncio.Queue[Travelling] = asyncio.Queue()
         self._beating_since: float | None = None  # since when beats succeed without a gap
-        # Stopping gracefully: the nodes held here stay online for others (``balancer.node_rows``).
+        # Stopping gracefully: the nodes held here stay online for others (``balancer.fleet.rows``).
         self.handing_over = False
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -17,21 +17,21 @@ from balancer.auth import AuthInterceptor, KeyRing
 from balancer.bulk_proxy import BulkProxy
 from balancer.catalog import Catalog, load_catalog
 from balancer.edge.labels import Labels
-from balancer.fleet import Fleet
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.owners import Revocations
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.token import FleetTokens
+from balancer.fleet.view import Fleet
 from balancer.http.app import create_app
-from balancer.http.server import HttpServer, start_http
-from balancer.node_clients import NodeClients
-from balancer.node_owners import Revocations
+from balancer.http.serving import HttpServer, start_http
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
 from balancer.router import Router
 from balancer.scheduler.loop import SchedulerLoop
-from balancer.servicers.inference import InferenceServicer
+from balancer.servicers.inference import RoutedInferenceServicer
 from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common import tracing
 from common.channels import server_credentials
@@ -225,7 +225,7 @@ async def start(config: BalancerConfig) -> Balancer:
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         ManifestServicer(catalog, origin, bulk.port if bulk is not None else 0), server
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(parts.plane), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(RoutedInferenceServicer(parts.plane), server)
     health_servicer: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

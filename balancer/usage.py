@@ -25,7 +25,7 @@ _Slot = tuple[str, str, datetime]  # (key id, model, minute)
 
 
 class FinishedCall(Protocol):
-    """What usage reads of a finished request (``balancer.edge.observe.Call``)."""
+    """What usage reads of a finished request (``balancer.edge.observe.ObservedCall``)."""
 
     key_id: str
     model: str

@@ -182,7 +182,7 @@ class BalancerConfig:
     origin_timeout_s: float = 30.0
     heartbeat_interval_ms: int = 1000
     heartbeat_timeout_ms: int = 3000
-    # How long one window of the fleet token lasts (``balancer.fleet_token``): a node holds this
+    # How long one window of the fleet token lasts (``balancer.fleet.token``): a node holds this
     # window's token and the next, renewed over its session, so a token works at most twice this long.
     fleet_token_ttl_s: float = 3600.0
     # A replica whose beat is older than this is taken as dead and the nodes it held as offline.

@@ -350,7 +350,7 @@ class TranscriptSegment:
 
 @dataclass(frozen=True, slots=True)
 class Transcript:
-    """Structured transcription; ``common.transcript_formats`` renders text / srt / vtt / JSON from it."""
+    """Structured transcription; the HTTP door renders it as text, srt, vtt or JSON (its response_format)."""
 
     text: str
     language: str

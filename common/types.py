@@ -141,7 +141,7 @@ class Node:
     last_seen_at: datetime | None = None
     replica_id: str = ""  # the balancer replica holding its session; empty while it has none
     live: str = field(default="", repr=False)  # what it last reported there (JSON, for other replicas)
-    owner_key_id: str = ""  # the key the node id belongs to (see ``balancer.node_owners``); "": none
+    owner_key_id: str = ""  # the key the node id belongs to (see ``balancer.fleet.owners``); "": none
 
 
 class CommandKind(enum.StrEnum):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import structlog
 
-from balancer.edge.observe import OK, Call
+from balancer.edge.observe import OK, ObservedCall
 from common.errors import ERRORS, ErrorCode
 
 log = structlog.get_logger("llmlb.access")
@@ -26,7 +26,7 @@ def status(door: str, code: str) -> str:
 class AccessLog:
     """Writes one ``access`` event per finished request."""
 
-    def finished(self, call: Call, code: str, elapsed_s: float) -> None:
+    def finished(self, call: ObservedCall, code: str, elapsed_s: float) -> None:
         log.info(
             "access",
             door=call.door,

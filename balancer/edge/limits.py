@@ -56,7 +56,7 @@ class Totals(Protocol):
 
 
 class Ended(Protocol):
-    """What the limiter reads of a request that ended (``balancer.edge.observe.Call``)."""
+    """What the limiter reads of a request that ended (``balancer.edge.observe.ObservedCall``)."""
 
     limited: KeyState | None
     prompt_tokens: int

@@ -1,15 +1,16 @@
 """The metrics of one request, the same on both doors: outcome, latency, first token, tokens.
 
-When a request ends, its ``Call`` is also handed to the observer's sinks: the usage counter (per API
-key and model, ``balancer.usage``) and the console's short history (``balancer.history``). Both only
-update memory, so the request path gains no I/O.
+When a request ends, its ``ObservedCall`` is also handed to the observer's sinks: the usage counter
+(per API key and model, ``balancer.usage``) and the console's short history (``balancer.history``).
+Both only update memory, so the request path gains no I/O.
 
 A model name becomes a Prometheus label only once the catalogue knows it, and a node id only once it
 is registered (``balancer.edge.labels``): callers asking for made-up models, and nodes answering
 under made-up ids, add no series (they are counted under the empty label).
 
-Each ``Call`` is also the request's span (``common.tracing``; a no-op one while tracing is off), child of
-the caller's ``traceparent``: admission, the router's choice and each node call are its children.
+Each ``ObservedCall`` is also the request's span (``common.tracing``; a no-op one while tracing is
+off), child of the caller's ``traceparent``: admission, the router's choice and each node call are its
+children.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ OK = "ok"
 class Sink(Protocol):
     """Told of every request when it ends; must not block or await (it runs on the request path)."""
 
-    def finished(self, call: Call, code: str, elapsed_s: float) -> None: ...
+    def finished(self, call: ObservedCall, code: str, elapsed_s: float) -> None: ...
 
 
 @dataclass(slots=True)
-class Call:
+class ObservedCall:
     """One request being answered; ``done`` records it once, whichever way it ends."""
 
     metrics: BalancerMetrics
@@ -107,7 +108,7 @@ class Call:
 
 
 class Observer:
-    """Opens a ``Call`` per request and closes it with its outcome; the inference plane holds the one."""
+    """Opens an ``ObservedCall`` per request and closes it with its outcome; the plane holds the one."""
 
     def __init__(
         self,
@@ -121,7 +122,7 @@ class Observer:
         self._limiter = limiter
         self._sinks = (*sinks, limiter) if limiter is not None else sinks
 
-    def call(self, door: str, route: str, parent: Context | None = None, method: str = "") -> Call:
+    def call(self, door: str, route: str, parent: Context | None = None, method: str = "") -> ObservedCall:
         """A new call, made by the key the door's access check let in; ``parent`` is the trace context
         the caller sent (``tracing.from_headers`` / ``from_metadata``); ``method`` names the HTTP request
         for the access log."""
@@ -133,7 +134,7 @@ class Observer:
                 parent=parent,
                 attributes={"llmlb.door": door, "llmlb.route": route},
             )
-        return Call(
+        return ObservedCall(
             self.metrics,
             self._labels,
             door,
@@ -144,7 +145,7 @@ class Observer:
             span=span,
         )
 
-    async def admit(self, call: Call, request: R) -> R:
+    async def admit(self, call: ObservedCall, request: R) -> R:
         """``request`` through admission (``edge.admission.admit``) and the caller's limits
         (``edge.limits``), its model then the call's label.
 
@@ -163,7 +164,7 @@ class Observer:
         call.model = request.model
         return request
 
-    async def failed(self, call: Call, error: BaseException) -> None:
+    async def failed(self, call: ObservedCall, error: BaseException) -> None:
         """Records a refused or failed request; an unknown model name is never a label."""
         if call.finished:
             return

@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 
 from balancer.edge.labels import Labels
 from balancer.edge.limits import Headers, KeyLimiter
-from balancer.edge.observe import OK, Call, Observer, Sink
+from balancer.edge.observe import OK, ObservedCall, Observer, Sink
 from balancer.router import Router
 from common import tracing
 from common.errors import LlmlbError
@@ -168,7 +168,7 @@ class Exchange(Generic[R, T]):
     which then records its own outcome when it ends.
     """
 
-    def __init__(self, plane: InferencePlane, kind: Kind[R, T], door: Door, call: Call) -> None:
+    def __init__(self, plane: InferencePlane, kind: Kind[R, T], door: Door, call: ObservedCall) -> None:
         self._plane = plane
         self._kind = kind
         self._door = door
@@ -259,7 +259,9 @@ class Stream(Generic[T]):
     included. Counts tokens and records the outcome once: ``ok`` at its end, the error it raised, or
     ``cancelled`` when closed before its end."""
 
-    def __init__(self, observer: Observer, call: Call, first: T | None, rest: AsyncIterator[T]) -> None:
+    def __init__(
+        self, observer: Observer, call: ObservedCall, first: T | None, rest: AsyncIterator[T]
+    ) -> None:
         self.first = first
         self._observer = observer
         self._call = call

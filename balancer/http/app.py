@@ -10,10 +10,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from balancer.console import console_routes
-from balancer.http.access import guard
 from balancer.http.deployment_routes import deployment_routes
 from balancer.http.docs_routes import docs_routes
 from balancer.http.errors import Unexpected, install_error_handlers
+from balancer.http.guard import guard
 from balancer.http.key_routes import key_routes
 from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
@@ -25,7 +25,7 @@ from balancer.parts import BalancerParts
 
 
 def create_app(parts: BalancerParts) -> FastAPI:
-    """The shim for one running balancer; serve it with ``balancer.http.server.start_http``."""
+    """The shim for one running balancer; serve it with ``balancer.http.serving.start_http``."""
     # Plain Starlette routes, one per row of the route table: the endpoints parse their own bodies, and
     # skip per-request dependency solving. Every route behind its row's access rule.
     handlers = (

@@ -6,8 +6,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from balancer import control, nodes
+from balancer import control
 from balancer.catalog import RegisterRequest
+from balancer.fleet import nodes
 from balancer.http import openai_answers as out
 from balancer.http import openai_requests as cv
 from balancer.http.resources import manifest_json, model_detail_json, node_json, status_json

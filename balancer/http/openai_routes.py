@@ -29,6 +29,7 @@ from balancer.http.schemas import (
     SpeechBody,
 )
 from balancer.http.streaming import StreamingAnswer, encoded, watching
+from balancer.http.transcript_formats import parse_format, render
 from balancer.parts import BalancerParts
 from common import tracing
 from common.errors import ErrorCode, LlmlbError
@@ -41,7 +42,6 @@ from common.inference import (
     ImageOperation,
     TextChunk,
 )
-from common.transcript_formats import parse_format, render
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 MAX_FORM_FIELDS = 64

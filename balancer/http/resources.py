@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from balancer.control import DeletedModel, ModelView, NodeView
-from balancer.fleet import ModelOnNode, ModelStatusView
+from balancer.fleet.view import ModelOnNode, ModelStatusView
 from common.types import Model, ModelSource
 
 

@@ -68,7 +68,9 @@ class _Message:
 
 
 @dataclass(slots=True)
-class _Call:
+class _FunctionCallItem:
+    """The answer's ``function_call`` output item, its arguments gathered from the tool call's pieces."""
+
     item_id: str
     call_id: str
     name: str
@@ -101,9 +103,9 @@ class ResponseBuilder:
         self.model = model
         self._echo = echo
         self._sequence = 0
-        self._items: list[_Message | _Call] = []  # in output order
-        self._calls: dict[int, _Call] = {}  # by the tool call's index in the answer
-        self._open: _Message | _Call | None = None
+        self._items: list[_Message | _FunctionCallItem] = []  # in output order
+        self._calls: dict[int, _FunctionCallItem] = {}  # by the tool call's index in the answer
+        self._open: _Message | _FunctionCallItem | None = None
         self._finish: FinishReason | None = None
         self._usage: Usage | None = None
         self._error: LlmlbError | None = None
@@ -180,7 +182,7 @@ class ResponseBuilder:
                     "response.output_item.done", output_index=item.output_index, item=item.item("completed")
                 ),
             ]
-        if isinstance(item, _Call):
+        if isinstance(item, _FunctionCallItem):
             at = {"item_id": item.item_id, "output_index": item.output_index}
             arguments = "".join(item.arguments)
             return [
@@ -233,7 +235,9 @@ class ResponseBuilder:
         if call is None:
             events += self._close()
             call_id = piece.id or f"call_{self._suffix}_{piece.index}"
-            call = _Call("fc_" + call_id.removeprefix("call_"), call_id, piece.name, len(self._items))
+            call = _FunctionCallItem(
+                "fc_" + call_id.removeprefix("call_"), call_id, piece.name, len(self._items)
+            )
             self._items.append(call)
             self._calls[piece.index] = call
             self._open = call

@@ -466,7 +466,7 @@ ROUTES: tuple[Row, ...] = (
     Row("GET", "/docs", "docs", PUBLIC, "This document as a page", "Docs", media=("text/html",), errors=()),
 )
 
-# (HTTP method, route path as declared) -> access, for ``balancer.http.access.guard``. HEAD follows GET.
+# (HTTP method, route path as declared) -> access, for ``balancer.http.guard.guard``. HEAD follows GET.
 HTTP_ACCESS: dict[tuple[str, str], Access] = {(row.method, row.path): row.access for row in ROUTES}
 
 

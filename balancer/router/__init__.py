@@ -2,7 +2,7 @@
 
 Modules, one concern each: ``routes`` (the table of calls), ``routing`` (the ``Router`` and its one
 unary and one streaming path), ``candidates`` (nodes from the fleet, in tiers), ``picking`` (rules
-every policy obeys), ``policy`` (routing policies by name), ``admission`` (the queue),
+every policy obeys), ``policy`` (routing policies by name), ``queue`` (the wait queue),
 ``failover`` (what a failed node call means), ``node_stats`` (latency, cooldown).
 """
 

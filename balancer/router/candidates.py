@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balancer.fleet import Fleet, ModelOnNode
+from balancer.fleet.view import Fleet, ModelOnNode
 from balancer.router.deployed import Deployed
 from common.formats import WEIGHT_FORMATS, weight_formats
 from common.types import Capability, FileFormat, Model, ModelSource, ModelState

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from balancer.fleet import Fleet
+from balancer.fleet.view import Fleet
 from common.prefixes import Prefix, longest_held
 
 PREDICTION_TTL_S = 30.0  # long enough for a node's report to arrive, short enough not to outlive eviction

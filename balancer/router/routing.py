@@ -1,7 +1,7 @@
 """The Router: picks a node for each inference request and carries the call there, for both doors.
 
 One path for unary calls and one for streams, driven by the route table (``routes``). Each try asks
-``candidates`` for the ranked nodes, ``picking`` and the policy for one of them, and ``admission`` for
+``candidates`` for the ranked nodes, ``picking`` and the policy for one of them, and ``queue`` for
 a place in the queue when all are busy (``shedding`` refuses at once a request that would wait past its
 time); ``failover`` says whether a failed call may go to another node, and ``node_stats`` keeps the
 latency and cooldown that the next pick reads. No call starts on a node once the request's deadline
@@ -22,9 +22,8 @@ import structlog
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from balancer.catalog import Catalog  # the one place this package names the model catalogue
-from balancer.fleet import Fleet
-from balancer.node_clients import NodeClients
-from balancer.router.admission import Admission
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.view import Fleet
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate, Candidates, Key
 from balancer.router.demand import DemandMeter
 from balancer.router.deployed import Deployed
@@ -33,6 +32,7 @@ from balancer.router.node_stats import NodeStats, NodeStatsTable
 from balancer.router.picking import capacity, pick
 from balancer.router.policy import LOAD, Choice, RouteKey, make_policy
 from balancer.router.prefix_index import PrefixIndex
+from balancer.router.queue import WaitQueue
 from balancer.router.routes import (
     CHAT,
     CHAT_WHOLE,
@@ -132,7 +132,7 @@ class Router:
         self._candidates = Candidates(fleet, self.deployed)
         self._service = ServiceTimes()
         self.demand = DemandMeter(clock)  # read by the scheduler's autoscaler
-        self._admission = Admission(
+        self._queue = WaitQueue(
             queue_size=config.queue_size,
             queue_timeout_s=config.queue_timeout_s,
             max_wait_s=config.max_queue_wait_s,
@@ -148,7 +148,7 @@ class Router:
     @property
     def waiting(self) -> int:
         """Requests in the queue now."""
-        return self._admission.waiting
+        return self._queue.waiting
 
     def stats(self) -> dict[str, NodeStats]:
         """Per-node outstanding requests, latency average and failures, for status views."""
@@ -424,7 +424,7 @@ class Router:
 
             queue_key: Key = (model.id, capability)
             tracing.current_span().set_attribute("llmlb.route.queued", True)
-            node = await self._admission.wait(queue_key, deadline, attempt, slots, ready_in)
+            node = await self._queue.wait(queue_key, deadline, attempt, slots, ready_in)
         self._stats.started(node.node_id, model.id)
         return node
 
@@ -492,8 +492,8 @@ class Router:
 
     def _release(self, node: Candidate, model_id: str) -> None:
         self._stats.ended(node.node_id, model_id)
-        if self._admission.waiting:
-            self._admission.wake(node.node_id)
+        if self._queue.waiting:
+            self._queue.wake(node.node_id)
 
 
 def _call_span(route: Route[Any, Any], node: Candidate, attempt: int) -> Span:

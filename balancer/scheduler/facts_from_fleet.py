@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from balancer.fleet import Fleet, ModelOnNode
+from balancer.fleet.view import Fleet, ModelOnNode
 from balancer.scheduler.facts import Copy, CopyState, DeviceFacts, DeviceKind, Download, NodeFacts
 from common.types import Backend, ModelState
 

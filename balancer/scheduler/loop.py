@@ -29,8 +29,8 @@ import structlog
 
 from balancer.changes import CommandsQueued
 from balancer.deployments import ready_copies
-from balancer.fleet import Fleet
-from balancer.nodes import queue_command
+from balancer.fleet.nodes import queue_command
+from balancer.fleet.view import Fleet
 from balancer.parts import BalancerParts
 from balancer.scheduler.autoscaler import Autoscaler
 from balancer.scheduler.deployment import Deployment

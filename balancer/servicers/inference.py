@@ -34,8 +34,8 @@ def _door(context: Context) -> Door:
     )
 
 
-class InferenceServicer(igrpc.InferenceServicer):
-    """Each call: its request converted, answered by ``plane``, its answer converted."""
+class RoutedInferenceServicer(igrpc.InferenceServicer):
+    """Each call: its request converted, answered by ``plane`` (routed to a node), its answer converted."""
 
     def __init__(self, plane: InferencePlane) -> None:
         self._plane = plane

@@ -1,7 +1,7 @@
 """gRPC ``Registry`` servicer: converts messages to and from plain types and calls transport-neutral code.
 
 The catalogue (``balancer.catalog``), the fleet-aware views (``balancer.control``), node operations
-(``balancer.nodes``) and the node-session protocol (``balancer.node_session``) hold the logic.
+(``balancer.fleet.nodes``) and the node-session protocol (``balancer.fleet.session``) hold the logic.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Any
 
 import grpc.aio
 
-from balancer import control, deployments, node_session, nodes
+from balancer import control, deployments
 from balancer.catalog import RegisterRequest
 from balancer.control import ModelView, NodeView
 from balancer.edge.caller import caller
-from balancer.fleet import ModelOnNode, NodeLoad
-from balancer.fleet_token import Grant
+from balancer.fleet import nodes, session
+from balancer.fleet.token import Grant
+from balancer.fleet.view import ModelOnNode, NodeLoad
 from balancer.parts import BalancerParts
 from common import converters
 from common.errors import ErrorCode, LlmlbError
@@ -67,34 +68,34 @@ def _load_to_pb(load: NodeLoad) -> pb.NodeLoad:
     )
 
 
-def _node_message_from_pb(msg: rpb.NodeMessage) -> node_session.NodeMessage:
+def _node_message_from_pb(msg: rpb.NodeMessage) -> session.NodeMessage:
     kind = msg.WhichOneof("body")
     if kind == "hello":
-        return node_session.Hello(msg.hello.node_id)
+        return session.Hello(msg.hello.node_id)
     if kind == "heartbeat":
         beat = msg.heartbeat
-        return node_session.Heartbeat(
+        return session.Heartbeat(
             _load_from_pb(beat.load),
             tuple(map(_model_on_node_from_pb, beat.models)),
             beat.draining,
             beat.stopping,
         )
     if kind == "model_state":
-        return node_session.ModelReported(_model_on_node_from_pb(msg.model_state))
+        return session.ModelReported(_model_on_node_from_pb(msg.model_state))
     if kind == "prefixes":
-        return node_session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
+        return session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
     if kind == "ack":
-        return node_session.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
+        return session.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
     if kind == "local_models":
         # At most MAX_LOCAL_MODELS are read: a report is one gRPC message, bounded by its size anyway.
-        models = msg.local_models.models[: node_session.MAX_LOCAL_MODELS]
-        return node_session.LocalModelsReported(tuple(converters.model_from_pb(m) for m in models))
-    return node_session.Unrecognised(kind or "")
+        models = msg.local_models.models[: session.MAX_LOCAL_MODELS]
+        return session.LocalModelsReported(tuple(converters.model_from_pb(m) for m in models))
+    return session.Unrecognised(kind or "")
 
 
 async def _node_messages(
     request_iterator: AsyncIterator[rpb.NodeMessage],
-) -> AsyncIterator[node_session.NodeMessage]:
+) -> AsyncIterator[session.NodeMessage]:
     async for msg in request_iterator:
         yield _node_message_from_pb(msg)
 
@@ -125,12 +126,12 @@ def _grant_to_pb(grant: Grant) -> rpb.FleetToken:
     )
 
 
-def _balancer_message_to_pb(out: node_session.BalancerMessage) -> rpb.BalancerMessage:
-    if isinstance(out, node_session.Accepted):
+def _balancer_message_to_pb(out: session.BalancerMessage) -> rpb.BalancerMessage:
+    if isinstance(out, session.Accepted):
         return rpb.BalancerMessage(
             accepted=rpb.SessionAccepted(node_id=out.node_id, heartbeat_interval_ms=out.heartbeat_interval_ms)
         )
-    if isinstance(out, node_session.Tokens):
+    if isinstance(out, session.Tokens):
         return rpb.BalancerMessage(fleet_token=_grant_to_pb(out.grant))
     return rpb.BalancerMessage(command=_command_to_pb(out))
 
@@ -298,7 +299,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
     ) -> AsyncIterator[rpb.BalancerMessage]:
         # aclosing: when grpc drops the stream, the session closes now, not whenever it is collected.
         messages = _node_messages(request_iterator)
-        async with aclosing(node_session.serve(self._parts, messages, caller())) as outgoing:
+        async with aclosing(session.serve(self._parts, messages, caller())) as outgoing:
             async for out in outgoing:
                 yield _balancer_message_to_pb(out)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from balancer.migrations import upgrade_to_head
 from balancer.store.engine import is_postgresql, is_sqlite, make_async_engine
+from balancer.store.migrations import upgrade_to_head
 
 # The PostgreSQL advisory lock balancers starting together take around migrating: one migrates, the
 # others wait and then find the schema at head. Any constant works; this one is "llmlb" in ASCII.

@@ -1,7 +1,7 @@
 """Tables of the balancer's metadata store.
 
 Only ``balancer.store`` touches these rows; everything else sees the dataclasses of ``common.types``.
-Every change here needs a matching revision under ``balancer/migrations/versions`` (a unit test fails
+Every change here needs a matching revision under ``balancer/store/migrations/versions`` (a unit test fails
 on any drift).
 """
 
@@ -142,7 +142,7 @@ class NodeRow(Base):
     registered_at: Mapped[datetime] = mapped_column(UtcDateTime())
     last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # The replica holding the node's session (NULL while it has none), and what the node last
-    # reported there as JSON (``balancer.node_rows.NodeSnapshot``), so every replica can route to it.
+    # reported there as JSON (``balancer.fleet.rows.NodeSnapshot``), so every replica can route to it.
     replica_id: Mapped[str | None] = mapped_column(String(64))
     live: Mapped[str | None] = mapped_column(Text)
     # The key that registered the node (or an admin's re-assignment); NULL when keys are off.

@@ -24,7 +24,7 @@ import grpc
 import httpx
 import pytest
 
-from balancer.fleet_token import SECRET_NAME, derive
+from balancer.fleet.token import SECRET_NAME, derive
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.pb.llmlb.v1 import registry_pb2 as rpb

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from balancer.fleet_token import SECRET_NAME, derive
+from balancer.fleet.token import SECRET_NAME, derive
 from common.channels import bearer_metadata
 from common.errors import ErrorCode
 from common.pb.llmlb.v1 import inference_pb2 as ipb

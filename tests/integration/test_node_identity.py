@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from balancer.fleet_token import SECRET_NAME, derive
+from balancer.fleet.token import SECRET_NAME, derive
 from common.channels import bearer_metadata
 from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc

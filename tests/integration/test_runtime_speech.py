@@ -14,9 +14,9 @@ import av
 import numpy as np
 import pytest
 
+from balancer.http.transcript_formats import ResponseFormat, render
 from common.errors import ErrorCode, LlmlbError
 from common.inference import AudioFormat, SpeakRequest, TranscribeRequest
-from common.transcript_formats import ResponseFormat, render
 from devkit.model_files import ModelFiles
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.piper import PiperRuntime

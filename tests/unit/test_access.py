@@ -22,8 +22,8 @@ from starlette.routing import Route
 
 from balancer.edge import access
 from balancer.edge.access import GRPC_ACCESS, Access
-from balancer.http.access import guard
 from balancer.http.app import create_app
+from balancer.http.guard import guard
 from balancer.http.route_table import HTTP_ACCESS
 from common.errors import ErrorCode, LlmlbError
 from common.types import Scope

@@ -12,10 +12,10 @@ from sqlalchemy.engine import make_url
 
 from balancer.catalog import Catalog
 from balancer.changes import ModelChanged, NodeDrained, NodeLoadChanged, NodeRemoved, decode
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.origin import Origin
 from balancer.replicas import CHANNEL, Replicas
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
 from common.types import ModelState, NodeState

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from balancer.control import model_view
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo
 from common.types import Capability, Model, ModelSource, ModelState
 
 MODEL = Model(id="acme/m", name="m", source=ModelSource.HF, repo_id="acme/m", revision="", origin="")

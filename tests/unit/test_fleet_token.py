@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.token import FleetTokens
 from balancer.store import Store
 from common.secret import Secret
 from node.token_auth import NodeCredentials

@@ -17,16 +17,16 @@ from openai.types import ModelDeleted
 
 from balancer.auth import KeyRing
 from balancer.catalog import Catalog, load_catalog
-from balancer.fleet import Fleet
-from balancer.fleet_token import FleetTokens
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.token import FleetTokens
+from balancer.fleet.view import Fleet
 from balancer.http.app import create_app
 from balancer.http.streaming import StreamingAnswer, unless_disconnected
-from balancer.node_clients import NodeClients
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
 from balancer.router import Router
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.config import BalancerConfig
 from common.errors import ErrorCode, LlmlbError

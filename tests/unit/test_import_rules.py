@@ -79,12 +79,12 @@ STATE_OWNERS = (
     "balancer.parts",
     "balancer.catalog",
     "balancer.auth",
-    "balancer.fleet",
-    "balancer.sessions",
-    "balancer.node_rows",
-    "balancer.node_session",
-    "balancer.node_owners",
-    "balancer.nodes",
+    "balancer.fleet.view",
+    "balancer.fleet.sessions",
+    "balancer.fleet.rows",
+    "balancer.fleet.session",
+    "balancer.fleet.owners",
+    "balancer.fleet.nodes",
 )
 
 
@@ -176,9 +176,9 @@ def test_the_replication_reaches_no_owner_of_state_and_no_loop_runs_through_the_
             {
                 "balancer/replicas.py": "from balancer.store import Store\n",
                 "balancer/store/__init__.py": "from .records import Store\n",
-                "balancer/store/records.py": "from balancer.fleet import NodeLoad\n",
+                "balancer/store/records.py": "from balancer.fleet.view import NodeLoad\n",
             },
-            ["balancer.replicas -> balancer.store -> balancer.store.records imports balancer.fleet"],
+            ["balancer.replicas -> balancer.store -> balancer.store.records imports balancer.fleet.view"],
         ),
     ],
 )
@@ -231,8 +231,8 @@ def test_the_doors_reach_the_router_only_through_the_inference_plane() -> None:
         ("http/openai_routes.py", "from balancer.router import Router\n", "balancer.router"),
         (
             "http/x.py",
-            "def late():\n    from balancer.router.admission import Admission\n",
-            "balancer.router.admission",
+            "def late():\n    from balancer.router.queue import WaitQueue\n",
+            "balancer.router.queue",
         ),
         ("servicers/inference.py", "import balancer.router.routing\n", "balancer.router.routing"),
         ("servicers/inference.py", "from balancer import router\n", "balancer.router"),

@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 
 from balancer.edge.labels import Labels
-from balancer.edge.observe import Call
+from balancer.edge.observe import ObservedCall
 from balancer.edge.plane import Door, InferencePlane, Kind
 from balancer.router import Router
 from common.errors import ErrorCode, LlmlbError
@@ -38,7 +38,7 @@ class Recorder:
 
     seen: list[Finished] = field(default_factory=list)
 
-    def finished(self, call: Call, code: str, elapsed_s: float) -> None:
+    def finished(self, call: ObservedCall, code: str, elapsed_s: float) -> None:
         self.seen.append(
             Finished(code, call.prompt_tokens, call.completion_tokens, call.first_token_s is not None)
         )

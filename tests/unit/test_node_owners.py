@@ -1,10 +1,10 @@
-"""Who may speak for a node id: the rules of ``balancer.node_owners``, without sockets."""
+"""Who may speak for a node id: the rules of ``balancer.fleet.owners``, without sockets."""
 
 from __future__ import annotations
 
 import pytest
 
-from balancer.node_owners import check_session, owner_after_registration, requested_id
+from balancer.fleet.owners import check_session, owner_after_registration, requested_id
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, Node, Scope
 

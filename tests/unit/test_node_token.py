@@ -16,8 +16,8 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo
-from balancer.node_clients import NodeClients
+from balancer.fleet.clients import NodeClients
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo
 from common.channels import bearer_metadata, open_channel
 from common.config import load_node_config
 from common.errors import GRPC_CODE_KEY, ErrorCode

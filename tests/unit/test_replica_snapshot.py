@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from balancer.node_rows import NodeSnapshot
+from balancer.fleet.rows import NodeSnapshot
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from common.types import Backend, Capability, ModelState
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from balancer.fleet import Fleet
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.view import Fleet
 from balancer.replicas import Replicas
-from balancer.sessions import NodeSessions
 from balancer.store import Store
 from common.types import CommandKind, NodeCommand, NodeState
 from tests.unit.test_store import make_node

@@ -21,11 +21,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, Connection, Integer, MetaData, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from balancer.fleet_token import SECRET_NAME, FleetTokens, derive
-from balancer.migrations import alembic_config, head_revision
+from balancer.fleet.token import SECRET_NAME, FleetTokens, derive
 from balancer.scheduler import Deployment
 from balancer.store import Store, TooLong
 from balancer.store.engine import async_url
+from balancer.store.migrations import alembic_config, head_revision
 from balancer.store.tables import Base
 from common.errors import ErrorCode, LlmlbError
 from common.types import (

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from balancer.fleet import Fleet, NodeInfo
+from balancer.fleet.view import Fleet, NodeInfo
 from balancer.router.candidates import READY, Candidate
 from balancer.router.node_stats import NodeStatsTable
 from balancer.router.policy import AFFINITY, HIT, LOAD, MISS, POLICIES, YIELDED, CacheAware, RouteKey

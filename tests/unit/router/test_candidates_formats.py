@@ -3,7 +3,7 @@ safetensors format (transformers or vLLM), never to a llama.cpp-only node."""
 
 from __future__ import annotations
 
-from balancer.fleet import Fleet, NodeInfo
+from balancer.fleet.view import Fleet, NodeInfo
 from balancer.router.candidates import Candidates
 from common.types import Capability, FileFormat, ManifestFile, Model, ModelSource
 

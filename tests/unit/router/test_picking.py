@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from balancer.fleet import Fleet
+from balancer.fleet.view import Fleet
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidate
 from balancer.router.node_stats import NodeStatsTable
 from balancer.router.picking import capacity, pick

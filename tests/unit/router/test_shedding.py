@@ -1,6 +1,6 @@
 """Shedding: a request that would wait past its time is refused at once, with the wait it would have had.
 
-The rule without sockets: an ``Admission`` queue on a clock the test moves, with service times the test
+The rule without sockets: a ``WaitQueue`` on a clock the test moves, with service times the test
 records, as the router records them when calls finish.
 """
 
@@ -10,21 +10,21 @@ import asyncio
 
 import pytest
 
-from balancer.router.admission import Admission
 from balancer.router.candidates import Candidate, Key
+from balancer.router.queue import WaitQueue
 from balancer.router.shedding import ServiceTimes, estimate
 from common.errors import ErrorCode, LlmlbError
 from common.types import Capability
 from tests.unit.router.conftest import FakeClock, eventually
-from tests.unit.router.test_admission import NEVER_S, WAIT_S, Slots
+from tests.unit.router.test_queue import NEVER_S, WAIT_S, Slots
 
 CHAT: Key = ("org/tiny", Capability.CHAT)
 FAR = 3600.0  # a deadline that never comes into play
 SLOTS = 4  # calls the capable nodes take at once
 
 
-def shedding_queue(clock: FakeClock, service: ServiceTimes, *, max_wait_s: float = 10.0) -> Admission:
-    return Admission(
+def shedding_queue(clock: FakeClock, service: ServiceTimes, *, max_wait_s: float = 10.0) -> WaitQueue:
+    return WaitQueue(
         queue_size=100,
         queue_timeout_s=30.0,
         max_wait_s=max_wait_s,
@@ -40,7 +40,7 @@ def slots() -> int:
 
 
 async def queue_up(
-    queue: Admission, clock: FakeClock, count: int, deadline_s: float = FAR
+    queue: WaitQueue, clock: FakeClock, count: int, deadline_s: float = FAR
 ) -> list[asyncio.Task[Candidate]]:
     """``count`` requests waiting in ``CHAT``'s queue, in order, none of which finds a node."""
     tasks = []

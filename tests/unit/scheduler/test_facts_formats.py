@@ -3,7 +3,7 @@ reports, or (from a node that reported none) those of its runtimes."""
 
 from __future__ import annotations
 
-from balancer.fleet import Fleet, NodeInfo
+from balancer.fleet.view import Fleet, NodeInfo
 from balancer.scheduler.deployment import Deployment
 from balancer.scheduler.facts import ModelNeed
 from balancer.scheduler.facts_from_fleet import fleet_facts

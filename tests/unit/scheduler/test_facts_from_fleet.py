@@ -3,7 +3,7 @@ runtimes say where a model may go, and the copies are the models nodes report pi
 
 from __future__ import annotations
 
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.scheduler.facts import CopyState, DeviceKind
 from balancer.scheduler.facts_from_fleet import fleet_facts, pinned_copies
 from common.types import Backend, FileFormat, GpuDevice, ModelState

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from balancer import deployments
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.http.app import create_app
 from balancer.parts import BalancerParts
 from balancer.router.demand import DemandMeter

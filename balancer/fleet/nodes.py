@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from balancer import node_owners
 from balancer.changes import CommandsQueued, NodeDrained, NodeRemoved, NodeUndrained
-from balancer.fleet import Fleet, NodeInfo
+from balancer.fleet import owners
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.view import Fleet, NodeInfo
 from balancer.parts import BalancerParts
-from balancer.sessions import NodeSessions
 from balancer.store import Store, TooLong
 from common.errors import ErrorCode, LlmlbError
 from common.node_id import check_node_id
@@ -72,11 +72,11 @@ async def register_node(
     """Records the node (offline until its session opens) and what it can serve.
 
     ``key`` is the caller's (None with keys off): the id must be its to register
-    (``balancer.node_owners``), and a node online at another address keeps it.
+    (``balancer.fleet.owners``), and a node online at another address keeps it.
     """
     if not reg.address:
         raise LlmlbError(ErrorCode.INVALID_REQUEST, "address (host:port of the node) is required")
-    node_id = check_node_id(node_owners.requested_id(key, reg.node_id) or f"node-{uuid.uuid4().hex[:12]}")
+    node_id = check_node_id(owners.requested_id(key, reg.node_id) or f"node-{uuid.uuid4().hex[:12]}")
     fleet = parts.fleet
     new = Node(
         id=node_id,
@@ -91,9 +91,7 @@ async def register_node(
 
     def claim(stored: Node | None) -> Node:  # run in the store's write, so two callers cannot both pass
         online = stored is not None and (bool(stored.replica_id) or fleet.is_online(stored.id))
-        return replace(
-            new, owner_key_id=node_owners.owner_after_registration(key, stored, reg.address, online)
-        )
+        return replace(new, owner_key_id=owners.owner_after_registration(key, stored, reg.address, online))
 
     try:
         node = await parts.store.upsert_node(new, claim)

@@ -103,12 +103,12 @@ class Fleet:
     """Connected nodes, their per-model states and their last reported load.
 
     A node is connected to this replica (its session is here) or to another replica of the same
-    database (``remote``: what it reports reaches us through the store, see ``balancer.node_rows``).
+    database (``remote``: what it reports reaches us through the store, see ``balancer.fleet.rows``).
     Both are routed to alike; a local session always wins over a remote report.
     """
 
     def __init__(self, fleet_token: Callable[[], str] = lambda: "") -> None:
-        # The fleet token to present now (``balancer.fleet_token.FleetTokens.current``): it rotates.
+        # The fleet token to present now (``balancer.fleet.token.FleetTokens.current``): it rotates.
         self._fleet_token = fleet_token
         self._online: set[str] = set()
         self._remote: dict[str, str] = {}  # node_id -> the replica holding its session

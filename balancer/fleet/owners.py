@@ -8,7 +8,7 @@ registration with a different address is refused, whoever asks, so its traffic (
 cannot be diverted. With keys off there is no owner and only the address rule holds.
 
 When a key that could hold the fleet token (``node`` or ``admin`` scope) is revoked, the fleet token
-is rotated (``balancer.fleet_token``) and the sessions of the nodes the key owns end, on every
+is rotated (``balancer.fleet.token``) and the sessions of the nodes the key owns end, on every
 replica: the change bus's ``KeyChanged`` makes each replica look (``Revocations``).
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import structlog
 
 from balancer.changes import ChangeBus, KeyChanged, Resync
-from balancer.fleet_token import FleetTokens
-from balancer.sessions import NodeSessions
+from balancer.fleet.sessions import NodeSessions
+from balancer.fleet.token import FleetTokens
 from balancer.store import Store, StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, Node, Scope

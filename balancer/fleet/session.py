@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from balancer import node_owners
-from balancer.fleet import ModelOnNode, NodeLoad
-from balancer.fleet_token import Grant
+from balancer.fleet import owners
+from balancer.fleet.sessions import NodeSessions, Session
+from balancer.fleet.token import Grant
+from balancer.fleet.view import ModelOnNode, NodeLoad
 from balancer.parts import BalancerParts
-from balancer.sessions import NodeSessions, Session
 from balancer.store import Store, StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
 from common.types import ApiKey, CommandKind, Model, NodeCommand
@@ -143,7 +143,7 @@ async def serve(
     node = await store.get_node(node_id)
     if node is None:
         raise LlmlbError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered; call RegisterNode")
-    node_owners.check_session(caller, node)  # another key's session would take the node's place
+    owners.check_session(caller, node)  # another key's session would take the node's place
     session = await sessions.open(node_id)
     reader: asyncio.Task[None] | None = None
     # From here on the session closes however the handler ends: grpc cancels it at whatever await it

@@ -21,8 +21,8 @@ from balancer.changes import (
     NodeUndrained,
     Resync,
 )
-from balancer.fleet import Fleet
-from balancer.node_rows import NodeRows
+from balancer.fleet.rows import NodeRows
+from balancer.fleet.view import Fleet
 from balancer.replicas import Replicas
 from balancer.store import Store
 from common.types import NodeCommand

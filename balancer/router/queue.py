@@ -1,4 +1,4 @@
-"""Admission: where a request waits when every node that could serve it is busy.
+"""The wait queue: where a request waits when every node that could serve it is busy.
 
 One bounded FIFO queue per (model, capability), ``queue_size`` requests in all. A freed slot wakes the
 oldest waiter that the freed node could serve, not every waiter; a waiter that loses the slot to a new
@@ -24,7 +24,7 @@ QUEUE_RECHECK_S = 0.5  # queued requests also look again this often, for nodes t
 QUEUE_FULL_RETRY_AFTER_S = 1.0
 
 
-class Admission:
+class WaitQueue:
     """The waiting room in front of busy nodes."""
 
     def __init__(

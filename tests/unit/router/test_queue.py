@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from balancer.router.admission import Admission
 from balancer.router.candidates import READY, Candidate, Key
+from balancer.router.queue import WaitQueue
 from common.errors import ErrorCode, LlmlbError
 from common.types import Capability
 from tests.unit.router.conftest import FakeClock, eventually
@@ -40,10 +40,10 @@ class Slots:
         return attempt
 
 
-def admission(
+def wait_queue(
     clock: FakeClock, *, queue_size: int = 10, serves: Callable[[Key, str], bool] | None = None
-) -> Admission:
-    return Admission(
+) -> WaitQueue:
+    return WaitQueue(
         queue_size=queue_size,
         queue_timeout_s=30.0,
         clock=clock,
@@ -53,7 +53,7 @@ def admission(
 
 
 async def test_freed_slots_go_to_waiters_in_arrival_order(clock: FakeClock):
-    queue = admission(clock)
+    queue = wait_queue(clock)
     slots = Slots()
     waiters = []
     for who in ("first", "second", "third"):
@@ -73,7 +73,7 @@ async def test_freed_slots_go_to_waiters_in_arrival_order(clock: FakeClock):
 
 
 async def test_a_freed_node_wakes_a_waiter_it_can_serve_not_merely_the_oldest(clock: FakeClock):
-    queue = admission(clock, serves=lambda key, node_id: (key, node_id) == (EMBED, "embedder"))
+    queue = wait_queue(clock, serves=lambda key, node_id: (key, node_id) == (EMBED, "embedder"))
     chat_slots, embed_slots = Slots(), Slots()
     chat = asyncio.create_task(queue.wait(CHAT, clock() + FAR, chat_slots.attempt_for("chat")))
     await eventually(lambda: queue.waiting == 1, "chat queued")
@@ -94,7 +94,7 @@ async def test_a_freed_node_wakes_a_waiter_it_can_serve_not_merely_the_oldest(cl
 
 
 async def test_a_full_queue_refuses_at_once_with_queue_full_and_retry_after(clock: FakeClock):
-    queue = admission(clock, queue_size=1)
+    queue = wait_queue(clock, queue_size=1)
     waiter = asyncio.create_task(queue.wait(CHAT, clock() + FAR, Slots().attempt_for("waiter")))
     await eventually(lambda: queue.waiting == 1, "one queued")
 
@@ -113,7 +113,7 @@ async def test_a_full_queue_refuses_at_once_with_queue_full_and_retry_after(cloc
 async def test_a_request_waiting_past_its_time_gets_timeout(
     clock: FakeClock, deadline_s: float, waited_s: float
 ):
-    queue = admission(clock)  # queue timeout 30 s; the caller's own deadline wins when sooner
+    queue = wait_queue(clock)  # queue timeout 30 s; the caller's own deadline wins when sooner
     slots = Slots()
     waiter = asyncio.create_task(queue.wait(CHAT, clock() + deadline_s, slots.attempt_for("waiter")))
     await eventually(lambda: queue.waiting == 1, "one queued")
@@ -132,7 +132,7 @@ async def test_a_request_waiting_past_its_time_gets_timeout(
 
 
 async def test_a_woken_waiter_that_finds_the_slot_taken_keeps_its_place_at_the_front(clock: FakeClock):
-    queue = admission(clock)
+    queue = wait_queue(clock)
     slots = Slots()
     first = asyncio.create_task(queue.wait(CHAT, clock() + FAR, slots.attempt_for("first")))
     await eventually(lambda: queue.waiting == 1, "first queued")
@@ -154,7 +154,7 @@ async def test_a_woken_waiter_that_finds_the_slot_taken_keeps_its_place_at_the_f
 
 
 async def test_a_woken_waiter_stays_queued_when_the_others_left_meanwhile(clock: FakeClock):
-    queue = admission(clock)
+    queue = wait_queue(clock)
     slots = Slots()
     stays = asyncio.create_task(queue.wait(CHAT, clock() + FAR, slots.attempt_for("stays")))
     await eventually(lambda: queue.waiting == 1, "first queued")

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import structlog
 
 from balancer.changes import Beat, ChangeBus, NodeChanged, NodeLoadChanged, Rejoined, Resync
-from balancer.fleet import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
 from balancer.replicas import Replicas
 from balancer.store import Store, StoreUnavailable
 from common.types import Backend, Capability, FileFormat, GpuDevice, ModelState, Node, NodeState
@@ -211,7 +211,7 @@ class _Written:
 
 
 class Held(Protocol):
-    """The node sessions this replica holds (``balancer.sessions.NodeSessions``)."""
+    """The node sessions this replica holds (``balancer.fleet.sessions.NodeSessions``)."""
 
     def get(self, node_id: str) -> object | None: ...
 
