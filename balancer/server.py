@@ -232,17 +232,23 @@ async def start(config: BalancerConfig) -> Balancer:
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    if config.tls_cert is not None and config.tls_key is not None:
-        creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = server.add_secure_port(config.grpc_listen, creds)
-    else:
-        port = server.add_insecure_port(config.grpc_listen)
+    try:
+        if config.tls_cert is not None and config.tls_key is not None:
+            creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            port = server.add_secure_port(config.grpc_listen, creds)
+        else:
+            port = server.add_insecure_port(config.grpc_listen)
+    except RuntimeError:  # grpc's word for a port it could not bind
+        port = 0
     if port == 0:
         if bulk is not None:
             await bulk.stop()
         await replicas.stop()
         await store.close()
-        raise OSError(f"cannot listen on {config.grpc_listen}")
+        raise OSError(
+            f"cannot listen on {config.grpc_listen} (LLMLB_GRPC_LISTEN, --grpc-listen): the address is in "
+            "use or not this host's"
+        )
     # Before the port answers: a client that reaches it must find every service SERVING, not unknown.
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -261,7 +267,8 @@ async def start(config: BalancerConfig) -> Balancer:
                 grace_s=config.stop_grace_s,
                 limits=config.http_limits,
             )
-        except (OSError, SystemExit) as exc:  # uvicorn exits on a bind failure
+        except OSError as exc:
+            await parts.scheduler.stop()
             await server.stop(None)
             await parts.limits.stop()
             await parts.usage.stop()
@@ -269,7 +276,8 @@ async def start(config: BalancerConfig) -> Balancer:
                 await bulk.stop()
             await replicas.stop()
             await store.close()
-            raise OSError(f"cannot listen on {config.http_listen}: {exc}") from None
+            reason = exc.strerror or str(exc)
+            raise OSError(f"cannot listen on {config.http_listen} (LLMLB_HTTP_LISTEN): {reason}") from None
     host = config.grpc_listen.rpartition(":")[0]
     log.info(
         "balancer.listening",

@@ -35,12 +35,17 @@ class HttpServer:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
-def _shared_socket(host: str, port: int) -> socket.socket:
-    """A socket bound with SO_REUSEPORT, so several worker processes accept on one port."""
+def _bound_socket(host: str, port: int, shared: bool) -> socket.socket:
+    """The HTTP port, bound here rather than by uvicorn: uvicorn answers a bind failure with
+    ``sys.exit`` inside its task, which escapes the event loop instead of reaching the caller.
+
+    ``shared``: bound with SO_REUSEPORT too, so several worker processes accept on one port.
+    """
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError:
@@ -77,8 +82,8 @@ async def start_http(
     server = uvicorn.Server(config)
     # The balancer owns SIGINT/SIGTERM; uvicorn must not replace its handlers.
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    sockets = [_shared_socket(host or "0.0.0.0", int(port))] if shared else None
-    task = asyncio.create_task(server.serve(sockets=sockets))
+    sock = _bound_socket(host or "0.0.0.0", int(port), shared)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             await task  # raises the bind error

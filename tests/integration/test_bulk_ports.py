@@ -80,3 +80,41 @@ def test_a_taken_bulk_port_stops_the_process_at_start_naming_the_setting(
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} for bulk transfers" in done.stderr
     assert f"{setting} (0: any free port)" in done.stderr
+
+
+@pytest.mark.parametrize("door", ["http", "grpc"])
+def test_a_taken_balancer_port_is_one_line_naming_the_setting_and_no_traceback(
+    tmp_path: Path, door: str
+) -> None:
+    # `llmlb serve` started twice, or beside another server on 8080: the second must say so plainly
+    # (the HTTP door's bind failure used to escape the event loop as uvicorn's SystemExit, with pages
+    # of tracebacks and a misleading exit status 3).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc_port = port if door == "grpc" else free_port()
+        http_port = port if door == "http" else free_port()
+        env = {**os.environ, "LLMLB_HOME": str(tmp_path), "LLMLB_BULK_PORT": "0"}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "balancer.cli",
+                "serve",
+                "--grpc-listen",
+                f"127.0.0.1:{grpc_port}",
+                "--http-listen",
+                f"127.0.0.1:{http_port}",
+            ],
+            cwd=tmp_path,
+            env=env | {"PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    setting = "LLMLB_HTTP_LISTEN" if door == "http" else "LLMLB_GRPC_LISTEN"
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"llmlb: cannot listen on 127.0.0.1:{port} ({setting}"), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
