@@ -30,7 +30,7 @@ from node.model_states import ModelStates
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.engines import Engines
 from node.server import node_gauges
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 from node.storage import Storage
 from tests.fixtures.eventually import eventually_async
 from tests.unit.runtimes.test_pool import COUNTER, CPU, Resolved, counter_model
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.timeout(30)
 class Node:
     pool: ModelPool
     states: ModelStates
-    servicer: InferenceServicer
+    servicer: NodeInferenceServicer
     metrics: NodeMetrics
     stub: Any  # an aio stub; grpc-stubs types stubs as synchronous
     draining: list[bool]
@@ -66,7 +66,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     states = ModelStates()
     metrics = NodeMetrics(lambda: node_gauges(states, pool))
     draining = [False]
-    servicer = InferenceServicer(
+    servicer = NodeInferenceServicer(
         pool, resolve, lambda: "node-test", metrics=metrics, draining=lambda: draining[0]
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -31,6 +31,7 @@ from common.inference import (
 )
 from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
 from node.hardware import Hardware
+from node.kinds import CHAT, EMBED
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSpec
 from node.runtimes.engines import Engines
@@ -123,7 +124,7 @@ def chat(model: Resolved, n: int) -> ChatRequest:
 
 
 async def collect(pool: ModelPool, model: Resolved, n: int = 3) -> list[TextChunk]:
-    return [c async for c in pool.chat(model, chat(model, n))]
+    return [c async for c in pool.stream(CHAT, model, chat(model, n))]
 
 
 async def wait_for(condition: object, within: float = 2.0) -> None:
@@ -244,7 +245,7 @@ async def test_a_full_queue_answers_queue_full_with_retry_after(tmp_path: Path) 
 async def test_a_consumer_that_goes_away_frees_its_slot_at_once(tmp_path: Path) -> None:
     pool = make_pool(memory_budget_mb=1000, slots_per_model=1)
     model = counter_model(tmp_path, "a", 100)
-    stream = pool.chat(model, chat(model, 1000))
+    stream = pool.stream(CHAT, model, chat(model, 1000))
     first = await anext(stream)
     assert first.delta == "1 "
     started = time.monotonic()
@@ -292,7 +293,7 @@ async def test_invalid_sampling_is_refused_before_anything_loads(tmp_path: Path)
     model = counter_model(tmp_path, "a", 100)
     bad = ChatRequest("a", (ChatMessage("user", "x"),), SamplingParams(temperature=3.0))
     with pytest.raises(LlmlbError) as caught:
-        [c async for c in pool.chat(model, bad)]
+        [c async for c in pool.stream(CHAT, model, bad)]
     assert caught.value.code is ErrorCode.INVALID_REQUEST and "temperature" in caught.value.message
     assert pool.states() == {}
     await pool.close()
@@ -341,7 +342,7 @@ async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(
     pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), Engines([gated]))  # type: ignore[list-item]
     model = counter_model(tmp_path, "e", 100)
     model.model.capabilities = [Capability.EMBEDDING]
-    task = asyncio.create_task(pool.embed(model, EmbedRequest("e", ("x",))))
+    task = asyncio.create_task(pool.unary(EMBED, model, EmbedRequest("e", ("x",))))
     await wait_for(lambda: ("e", "gated") in pool._entries and pool._entries[("e", "gated")].active)
     entry = pool._entries[("e", "gated")]
     runtime = entry.runtime
@@ -363,7 +364,7 @@ async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(
 async def test_a_copy_on_its_way_out_still_counts_against_the_budget(tmp_path: Path) -> None:
     pool = make_pool(memory_budget_mb=150)
     model = counter_model(tmp_path, "a", 100)
-    stream = pool.chat(model, chat(model, 1000))
+    stream = pool.stream(CHAT, model, chat(model, 1000))
     await anext(stream)  # the loaded copy is busy
     path = next(iter(model.paths.values()))
     seen = path.stat()
