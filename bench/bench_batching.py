@@ -26,6 +26,7 @@ from common.inference import CompleteRequest, SamplingParams
 from devkit.model_files import ModelFiles, packaged_files
 from devkit.packaged_models import GEMMA
 from node.hardware import detect
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings, resident_mb
 
 TOKENS = 48
@@ -44,7 +45,7 @@ async def _one(pool: ModelPool, files: ModelFiles, prompt: str, n: int) -> tuple
     started = time.perf_counter()
     first = 0.0
     produced = 0
-    async for chunk in pool.complete(files, request):
+    async for chunk in pool.stream(COMPLETE, files, request):
         if not first:
             first = time.perf_counter() - started
         if chunk.usage is not None:

@@ -22,6 +22,7 @@ from common.inference import CompleteRequest, ResponseFormat, ResponseFormatType
 from devkit.model_files import ModelFiles, packaged_files
 from devkit.packaged_models import GEMMA
 from node.hardware import detect
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.grammar import response_grammar
 
@@ -43,7 +44,7 @@ async def _pool_round(pool: ModelPool, files: ModelFiles, fmt: ResponseFormat) -
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, seed=1, response_format=fmt)
     started = time.perf_counter()
     produced = 0
-    async for chunk in pool.complete(files, CompleteRequest("gemma-3-270m", PROMPT, params)):
+    async for chunk in pool.stream(COMPLETE, files, CompleteRequest("gemma-3-270m", PROMPT, params)):
         if chunk.usage is not None:
             produced = chunk.usage.completion_tokens
     return produced, time.perf_counter() - started

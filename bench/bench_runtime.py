@@ -2,7 +2,7 @@
 
 Both run gemma-3-270m (Q4_K_M) in this process with the same prompt, greedy sampling, the same thread
 count and the same number of generated tokens. "direct" is ``Llama.create_completion(stream=True)``;
-"node" is a gRPC client on 127.0.0.1 -> InferenceServicer -> ModelPool -> the llama.cpp runtime.
+"node" is a gRPC client on 127.0.0.1 -> NodeInferenceServicer -> ModelPool -> the llama.cpp runtime.
 Goal: the node keeps at least 98 % of the direct rate.
 
 The paths take turns within each round, their order rotating from round to round, and the verdict is
@@ -40,8 +40,9 @@ from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from devkit.model_files import ModelFiles, packaged_files
 from devkit.packaged_models import GEMMA
 from node.hardware import detect
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 
 TOKENS = 128
 ROUNDS = 15
@@ -53,7 +54,7 @@ async def _pool_round(pool: ModelPool, files: ModelFiles, n: int) -> tuple[int, 
     request = CompleteRequest("gemma-3-270m", PROMPT, SamplingParams(max_tokens=n, temperature=0.0, seed=1))
     started = time.perf_counter()
     produced = 0
-    async for chunk in pool.complete(files, request):
+    async for chunk in pool.stream(COMPLETE, files, request):
         if chunk.usage is not None:
             produced = chunk.usage.completion_tokens
     return produced, time.perf_counter() - started
@@ -103,7 +104,7 @@ async def run() -> str:
 
     pool = ModelPool(detect(), settings)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    igrpc.add_InferenceServicer_to_server(InferenceServicer(pool, resolve, lambda: "bench"), server)
+    igrpc.add_InferenceServicer_to_server(NodeInferenceServicer(pool, resolve, lambda: "bench"), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     direct: list[float] = []

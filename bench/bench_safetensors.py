@@ -19,6 +19,7 @@ from devkit.model_files import ModelFiles, packaged_files
 from devkit.packaged_models import GEMMA
 from devkit.safetensors_copy import safetensors_copy, safetensors_files
 from node.hardware import detect
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings
 
 TOKENS = 32
@@ -29,7 +30,7 @@ async def _round(pool: ModelPool, files: ModelFiles, n: int) -> tuple[int, float
     request = CompleteRequest(files.model.id, PROMPT, SamplingParams(max_tokens=n, temperature=0.0, seed=1))
     started = time.perf_counter()
     produced = 0
-    async for chunk in pool.complete(files, request):
+    async for chunk in pool.stream(COMPLETE, files, request):
         if chunk.usage is not None:
             produced = chunk.usage.completion_tokens
     return produced, time.perf_counter() - started

@@ -28,6 +28,7 @@ from common.inference import CompleteRequest, SamplingParams
 from devkit.model_files import ModelFiles, packaged_files
 from devkit.packaged_models import GEMMA
 from node.hardware import detect
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings
 
 TOKENS = 48
@@ -51,7 +52,7 @@ async def _stream(pool: ModelPool, files: ModelFiles, prompt: str) -> int:
         files.model.id, prompt, SamplingParams(max_tokens=TOKENS, temperature=0.0, seed=1)
     )
     produced = 0
-    async for chunk in pool.complete(files, request):
+    async for chunk in pool.stream(COMPLETE, files, request):
         if chunk.usage is not None:
             produced = chunk.usage.completion_tokens
     return produced

@@ -1,9 +1,10 @@
 """The node's loaded models: load on first use, keep warm, evict the least recently used past a memory budget.
 
-Each loaded model has a fixed number of slots (concurrent calls into its runtime); requests beyond them
-wait in a bounded queue. Loading, unloading and inference all run on a bounded thread pool, never on
-the event loop. A streaming call whose consumer goes away stops at the runtime's next step and gives
-its slot back as soon as the runtime has stopped.
+Requests take one of two paths, whatever their kind (``node.kinds``): ``unary`` for an answer given at
+once, ``stream`` for one given item by item. Each loaded model has a fixed number of slots (concurrent
+calls into its runtime); requests beyond them wait in a bounded queue. Loading, unloading and inference
+all run on a bounded thread pool, never on the event loop. A call whose caller goes away stops at the
+runtime's next step and gives its slot back as soon as the runtime has stopped.
 
 Spans (``common.tracing``), children of the request's: ``slot`` (the wait for the model to be loaded and
 a slot free), ``load`` (a load the request started; a prefetch's load is a trace of its own) and
@@ -16,15 +17,14 @@ entries under the same condition, and split apart they would have to share those
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -33,40 +33,25 @@ import structlog
 from common import tracing
 from common.config import PoolSettings as PoolSettings  # its home before the settings schema
 from common.errors import ErrorCode, LlmlbError
-from common.inference import (
-    AudioChunk,
-    ChatRequest,
-    CompleteRequest,
-    EmbedRequest,
-    EmbedResponse,
-    GenerateImageRequest,
-    GenerateImageResponse,
-    SpeakRequest,
-    TextChunk,
-    TranscribeRequest,
-    Transcript,
-)
+from common.inference import InferenceRequest
 from common.types import Backend, Capability, Model, ModelState
 from node.hardware import Hardware
+from node.kinds import Kind, Serving
 from node.runtimes.base import (
     CancelFlag,
-    Embedding,
     FewerSequences,
-    ImageGeneration,
     KvCacheReporting,
     LoadContext,
     PrefixCaching,
     PrefixListener,
     Runtime,
     RuntimeSettings,
-    Speech,
-    TextGeneration,
-    Transcription,
 )
 from node.runtimes.engines import Engines
 from node.threads import FreshThreadExecutor
 
 log = structlog.get_logger(__name__)
+R = TypeVar("R", bound=InferenceRequest)
 T = TypeVar("T")
 
 
@@ -343,26 +328,6 @@ class ModelPool:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _call(self, lease: _Lease, work: Callable[[CancelFlag], T]) -> T:
-        """One blocking call into a leased runtime, on a worker thread.
-
-        A caller that goes away sets the cancel flag, which the runtime sees at its next check, but the
-        slot stays held until the thread is done: freed sooner, another request, an eviction or an unload
-        could reach into a runtime still in use.
-        """
-        cancel = threading.Event()
-        lease.entry.cancels.add(cancel)
-        worker = asyncio.get_running_loop().run_in_executor(self._executor, work, cancel)
-        try:
-            with tracing.span("runtime", _runtime_attributes(lease)):
-                return await asyncio.shield(worker)
-        except asyncio.CancelledError:
-            cancel.set()
-            await _outlast(worker)
-            raise
-        finally:
-            lease.entry.cancels.discard(cancel)
-
     async def _release_memory(self, entry: _Entry) -> None:
         """Unloads ``entry``'s runtime (already out of ``_entries``) and wakes loads waiting for memory."""
         try:
@@ -567,143 +532,104 @@ class ModelPool:
         entry.last_used = time.monotonic()
         return entry
 
-    async def _stream(
-        self, lease: _Lease, produce: Callable[[CancelFlag], Iterator[T]]
-    ) -> AsyncGenerator[T, None]:
-        """Runs a blocking iterator on a worker thread and yields its items on the event loop.
-
-        When the consumer stops early (closed, cancelled, the caller gone) the runtime sees the cancel
-        flag at its next step; this returns only once the worker has stopped, so the slot is free.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        cancel = threading.Event()
-        lease.entry.cancels.add(cancel)
-
-        def put(kind: int, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-            except RuntimeError:  # the loop is gone: nobody is listening any more
-                cancel.set()
-
-        def work() -> None:
-            try:
-                for item in produce(cancel):  # the runtime sees the flag and ends with its final item
-                    put(_ITEM, item)
-            except BaseException as exc:
-                put(_ERROR, exc)
-            finally:
-                put(_END, None)
-
-        worker = loop.run_in_executor(self._executor, work)
-        # Ended below, not held current: this generator yields to its consumer while the runtime runs.
-        span = tracing.start("runtime", attributes=_runtime_attributes(lease))
-        outcome = ErrorCode.CANCELLED.value  # unless the runtime runs to its end or fails
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == _END:
-                    break
-                if kind == _ERROR:
-                    outcome = tracing.outcome_of(value)
-                    raise value
-                yield cast(T, value)
-            outcome = tracing.OK
-        finally:
-            tracing.finish(span, outcome)
-            cancel.set()
-            lease.entry.cancels.discard(cancel)
-            if await _outlast(worker):  # the slot is held until the worker has let go of the runtime
-                raise asyncio.CancelledError
-
     # -- requests --------------------------------------------------------------------------------
 
-    @staticmethod
-    def _need(runtime: Runtime, kind: type[Any], model_id: str, capability: Capability) -> Any:
-        if not isinstance(runtime, kind):
-            raise LlmlbError(
-                ErrorCode.NO_CAPABLE_NODES, f"{model_id!r}: runtime cannot serve {capability.value}"
-            )
-        return runtime
+    async def unary(self, kind: Kind[R, T], resolved: ResolvedModel, request: R) -> T:
+        """``kind``'s answer to ``request`` from the model's runtime, loaded first if needed.
 
-    async def _text(
-        self,
-        resolved: ResolvedModel,
-        capability: Capability,
-        request_id: str,
-        call: Callable[[TextGeneration, CancelFlag], Iterator[TextChunk]],
-    ) -> AsyncGenerator[TextChunk, None]:
-        request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        created = int(time.time())
-        model_id = resolved.model.id
-        async with self.use(resolved, capability) as lease:
-            runtime = cast(TextGeneration, self._need(lease.runtime, TextGeneration, model_id, capability))
-            async with contextlib.aclosing(
-                self._stream(lease, lambda cancel: call(runtime, cancel))
-            ) as chunks:
-                async for chunk in chunks:
-                    yield replace(chunk, request_id=request_id, model=model_id, created=created)
-
-    async def chat(self, resolved: ResolvedModel, request: ChatRequest) -> AsyncGenerator[TextChunk, None]:
-        """Streams a chat answer; the last chunk carries the finish reason and usage."""
+        The call into the runtime runs on a worker thread. A caller that goes away sets the cancel flag,
+        which the runtime sees at its next check, but the slot stays held until the thread is done:
+        freed sooner, another request, an eviction or an unload could reach into a runtime still in use.
+        """
+        call = kind.unary
+        assert call is not None, f"{kind.route} is answered by a stream"
         request.validate()
-        stream = self._text(resolved, Capability.CHAT, request.request_id, lambda rt, c: rt.chat(request, c))
-        async with contextlib.aclosing(stream) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        serving = _serving(resolved, request)
+        async with self.use(resolved, kind.capability) as lease:
+            runtime = _need(lease, kind)
+            cancel = threading.Event()
+            lease.entry.cancels.add(cancel)
+            loop = asyncio.get_running_loop()
+            worker = loop.run_in_executor(self._executor, call, runtime, request, serving, cancel)
+            try:
+                with tracing.span("runtime", _runtime_attributes(lease)):
+                    return await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                cancel.set()
+                await _outlast(worker)
+                raise
+            finally:
+                lease.entry.cancels.discard(cancel)
 
-    async def complete(
-        self, resolved: ResolvedModel, request: CompleteRequest
-    ) -> AsyncGenerator[TextChunk, None]:
-        """Streams a completion of a raw prompt; the last chunk carries the finish reason and usage."""
+    async def stream(self, kind: Kind[R, T], resolved: ResolvedModel, request: R) -> AsyncGenerator[T, None]:
+        """``kind``'s answer to ``request`` item by item (a text stream's last chunk carries the finish
+        reason and usage), from the model's runtime, loaded first if needed.
+
+        The runtime's iterator runs on a worker thread and its items are yielded on the event loop. When
+        the consumer stops early (closed, cancelled, the caller gone) the runtime sees the cancel flag at
+        its next step; this returns only once the worker has stopped, so the slot is free.
+        """
+        produce = kind.stream
+        assert produce is not None, f"{kind.route} is answered at once"
         request.validate()
-        stream = self._text(
-            resolved, Capability.COMPLETION, request.request_id, lambda rt, c: rt.complete(request, c)
+        serving = _serving(resolved, request)
+        async with self.use(resolved, kind.capability) as lease:
+            runtime = _need(lease, kind)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+            cancel = threading.Event()
+            lease.entry.cancels.add(cancel)
+
+            def put(what: int, value: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (what, value))
+                except RuntimeError:  # the loop is gone: nobody is listening any more
+                    cancel.set()
+
+            def work() -> None:
+                try:  # the runtime sees the flag and ends with its final item
+                    for item in produce(runtime, request, serving, cancel):
+                        put(_ITEM, item)
+                except BaseException as exc:
+                    put(_ERROR, exc)
+                finally:
+                    put(_END, None)
+
+            worker = loop.run_in_executor(self._executor, work)
+            # Ended below, not held current: this generator yields to its consumer while the runtime runs.
+            span = tracing.start("runtime", attributes=_runtime_attributes(lease))
+            outcome = ErrorCode.CANCELLED.value  # unless the runtime runs to its end or fails
+            try:
+                while True:
+                    what, value = await queue.get()
+                    if what == _END:
+                        break
+                    if what == _ERROR:
+                        outcome = tracing.outcome_of(value)
+                        raise value
+                    yield cast(T, value)
+                outcome = tracing.OK
+            finally:
+                tracing.finish(span, outcome)
+                cancel.set()
+                lease.entry.cancels.discard(cancel)
+                if await _outlast(worker):  # the slot is held until the worker has let go of the runtime
+                    raise asyncio.CancelledError
+
+
+def _serving(resolved: ResolvedModel, request: InferenceRequest) -> Serving:
+    request_id = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+    return Serving(resolved.model.id, request_id, int(time.time()))
+
+
+def _need(lease: _Lease, kind: Kind[Any, Any]) -> Any:
+    """The leased runtime, if it serves ``kind`` (a model's engine may lack one of its capabilities)."""
+    if not isinstance(lease.runtime, kind.runtime):
+        raise LlmlbError(
+            ErrorCode.NO_CAPABLE_NODES,
+            f"{lease.entry.model_id!r}: runtime cannot serve {kind.capability.value}",
         )
-        async with contextlib.aclosing(stream) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def embed(self, resolved: ResolvedModel, request: EmbedRequest) -> EmbedResponse:
-        request.validate()
-        async with self.use(resolved, Capability.EMBEDDING) as lease:
-            runtime = cast(
-                Embedding, self._need(lease.runtime, Embedding, resolved.model.id, Capability.EMBEDDING)
-            )
-            vectors, usage = await self._call(lease, lambda cancel: runtime.embed(request))
-        return EmbedResponse(model=resolved.model.id, data=tuple(tuple(v) for v in vectors), usage=usage)
-
-    async def transcribe(self, resolved: ResolvedModel, request: TranscribeRequest) -> Transcript:
-        request.validate()
-        capability = Capability.TRANSCRIPTION
-        async with self.use(resolved, capability) as lease:
-            runtime = cast(
-                Transcription, self._need(lease.runtime, Transcription, resolved.model.id, capability)
-            )
-            return await self._call(lease, lambda cancel: runtime.transcribe(request, cancel))
-
-    async def speak(self, resolved: ResolvedModel, request: SpeakRequest) -> AsyncGenerator[AudioChunk, None]:
-        """Streams speech: for WAV the first chunk is the RIFF header; the last has ``last=True``."""
-        request.validate()
-        async with self.use(resolved, Capability.SPEECH) as lease:
-            runtime = cast(Speech, self._need(lease.runtime, Speech, resolved.model.id, Capability.SPEECH))
-            async with contextlib.aclosing(
-                self._stream(lease, lambda c: runtime.speak(request, c))
-            ) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-
-    async def generate_images(
-        self, resolved: ResolvedModel, request: GenerateImageRequest
-    ) -> GenerateImageResponse:
-        request.validate()
-        async with self.use(resolved, Capability.IMAGE) as lease:
-            runtime = cast(
-                ImageGeneration,
-                self._need(lease.runtime, ImageGeneration, resolved.model.id, Capability.IMAGE),
-            )
-            images = await self._call(lease, lambda cancel: runtime.generate_images(request))
-        return GenerateImageResponse(images=tuple(images))
+    return lease.runtime
 
 
 def _runtime_attributes(lease: _Lease) -> dict[str, str | int | float | bool]:

@@ -34,7 +34,7 @@ from node.metrics_http import MetricsHttpServer
 from node.model_states import ModelReport, ModelStates
 from node.pool import ModelPool
 from node.resolver import Resolver
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 from node.servicers.manifest import NodeManifestServicer
 from node.storage import Storage
 from node.token_auth import NodeCredentials, server_interceptors
@@ -132,7 +132,7 @@ class NodeProcess:
     health: Any  # grpc_health's asyncio servicer ships without type stubs
     port: int
     address: str
-    inference: InferenceServicer
+    inference: NodeInferenceServicer
     metrics_server: MetricsHttpServer | None = None
     bulk_server: BulkServer | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -372,7 +372,7 @@ async def start(config: NodeConfig) -> NodeProcess:
     manifest_pb2_grpc.add_ManifestServicer_to_server(
         NodeManifestServicer(resolver, storage, bulk_port), server
     )
-    inference = InferenceServicer(
+    inference = NodeInferenceServicer(
         parts.models,
         resolver.resolve,
         lambda: link.node_id,

@@ -1,20 +1,21 @@
 """The node's ``Inference`` door: protobuf in, ``ModelPool`` call, protobuf out.
 
-The door also keeps the node's request accounting: each call is counted in the node's metrics with
-its outcome, counted as in flight while it runs (a drain waits for those), and refused once the node
-is draining so the balancer tries it elsewhere. Each call is a span (``common.tracing``), child of the
-``traceparent`` the balancer's node call sent; the pool's spans (waiting for a slot, loading, running
-the runtime) are its children.
+Every RPC is a row (``Rpc``: its kind of call, its request's and answer's conversions) taken down one of
+two paths, ``_unary`` or ``_stream``, which mirror the pool's. Those paths keep the node's request
+accounting: each call is counted in the node's metrics with its outcome, counted as in flight while it
+runs (a drain waits for those), and refused once the node is draining so the balancer tries it
+elsewhere. Each call is a span (``common.tracing``), child of the ``traceparent`` the balancer's node
+call sent; the pool's spans (waiting for a slot, loading, running the runtime) are its children.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc.aio
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
@@ -22,27 +23,61 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from common import inference_pb as conv
 from common import tracing
 from common.errors import ErrorCode, LlmlbError
-from common.inference import Usage
+from common.inference import (
+    EmbedResponse,
+    GenerateImageResponse,
+    InferenceRequest,
+    TextChunk,
+    Transcript,
+)
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import rpc_errors
+from node import kinds
+from node.kinds import Kind
 from node.pool import ModelPool, ResolvedModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DOOR = "grpc"
-TEXT_ROUTES = ("chat", "complete")  # the routes whose prompts may come from a kept prefix
+M = TypeVar("M")  # a request in protobuf
+R = TypeVar("R", bound=InferenceRequest)
+T = TypeVar("T")
+P = TypeVar("P")  # an answer (or one item of it) in protobuf
+Answer = TypeVar("Answer", TextChunk, EmbedResponse, Transcript, GenerateImageResponse)
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc(Generic[M, R, T, P]):
+    """One RPC of the ``Inference`` service: its kind of call, and how its request and answer convert."""
+
+    kind: Kind[R, T]
+    parse: Callable[[M], R]
+    encode: Callable[[T, str], P]  # the answer (or one item) and this node's id -> protobuf
+
+
+def _from_node(to_pb: Callable[[Answer], P]) -> Callable[[Answer, str], P]:
+    """``to_pb`` for an answer that names the node that gave it."""
+    return lambda answer, node_id: to_pb(replace(answer, node_id=node_id))
+
+
+CHAT = Rpc(kinds.CHAT, conv.chat_request_from_pb, _from_node(conv.text_chunk_to_pb))
+COMPLETE = Rpc(kinds.COMPLETE, conv.complete_request_from_pb, _from_node(conv.text_chunk_to_pb))
+EMBED = Rpc(kinds.EMBED, conv.embed_request_from_pb, _from_node(conv.embed_response_to_pb))
+TRANSCRIBE = Rpc(kinds.TRANSCRIBE, conv.transcribe_request_from_pb, _from_node(conv.transcript_to_pb))
+SPEAK = Rpc(kinds.SPEAK, conv.speak_request_from_pb, lambda chunk, _node_id: conv.audio_chunk_to_pb(chunk))
+IMAGE = Rpc(kinds.IMAGE, conv.image_request_from_pb, _from_node(conv.image_response_to_pb))
 
 
 @dataclass(slots=True)
-class _Call:
-    """One request on its way through: what its metrics and its span need to know."""
+class _Tally:
+    """What the node's metrics and the call's span record of one request while it is served."""
 
-    route: str
+    kind: Kind[Any, Any]
     metrics: NodeMetrics
     started: float = field(default_factory=time.monotonic)
     model: str = ""  # set once resolved, so unknown names never become label values
-    chunks: int = 0
+    items: int = 0
     span: Span = INVALID_SPAN  # a no-op span while tracing is off
 
     def resolved(self, resolved: ResolvedModel) -> ResolvedModel:
@@ -51,14 +86,18 @@ class _Call:
             self.span.set_attribute("llmlb.model", self.model)
         return resolved
 
-    def chunk(self, usage: Usage | None = None) -> None:
-        if not self.chunks:
-            self.metrics.first_token(self.route, time.monotonic() - self.started)
-        self.chunks += 1
-        if usage is not None:
-            self.used(usage)
+    def item(self, item: Any) -> None:
+        """One item of a stream: the first times the first token; the one with usage counts it."""
+        if not self.items:
+            self.metrics.first_token(self.kind.route, time.monotonic() - self.started)
+        self.items += 1
+        self.answer(item)
 
-    def used(self, usage: Usage) -> None:
+    def answer(self, answer: Any) -> None:
+        """Counts the tokens ``answer`` (or a stream's item) accounts for, if any."""
+        usage = self.kind.usage(answer)
+        if usage is None:
+            return
         self.metrics.tokens(self.model, usage.prompt_tokens, usage.completion_tokens)
         if self.span.is_recording():
             self.span.set_attributes(
@@ -68,12 +107,12 @@ class _Call:
                     "llmlb.cached_tokens": usage.cached_tokens,
                 }
             )
-        if self.route in TEXT_ROUTES:  # say how much of the prompt a kept prefix gave
+        if self.kind.prefixed:  # say how much of the prompt a kept prefix gave
             cached = min(usage.cached_tokens, usage.prompt_tokens)
             self.metrics.prompt_tokens(self.model, cached, usage.prompt_tokens - cached)
 
 
-class InferenceServicer(igrpc.InferenceServicer):
+class NodeInferenceServicer(igrpc.InferenceServicer):
     """Executes inference on this node.
 
     ``resolve(model_id)`` finds the model's files (raising ``LlmlbError``, e.g. ``model_not_found``);
@@ -109,9 +148,65 @@ class InferenceServicer(igrpc.InferenceServicer):
         """Returns once no call is in flight."""
         await self._idle.wait()
 
+    @rpc_errors
+    async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
+        async with aclosing(self._stream(CHAT, request, context)) as items:
+            async for item in items:
+                yield item
+
+    @rpc_errors
+    async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
+        async with aclosing(self._stream(COMPLETE, request, context)) as items:
+            async for item in items:
+                yield item
+
+    @rpc_errors
+    async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
+        async with aclosing(self._stream(SPEAK, request, context)) as items:
+            async for item in items:
+                yield item
+
+    @rpc_errors
+    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
+        return await self._unary(EMBED, request, context)
+
+    @rpc_errors
+    async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
+        return await self._unary(TRANSCRIBE, request, context)
+
+    @rpc_errors
+    async def GenerateImage(
+        self, request: ipb.GenerateImageRequest, context: Context
+    ) -> ipb.GenerateImageResponse:
+        return await self._unary(IMAGE, request, context)
+
+    async def _unary(self, rpc: Rpc[M, R, T, P], message: M, context: Context) -> P:
+        """The one path of every unary RPC: parsed, resolved, answered by the pool, counted, encoded."""
+        with self._serving(rpc.kind, context) as tally:
+            request = rpc.parse(message)  # inside: a refused request is counted like any other outcome
+            with tracing.current(tally.span):
+                resolved = tally.resolved(await self._resolve(request.model))
+                answer = await self._pool.unary(rpc.kind, resolved, request)
+            tally.answer(answer)
+            return rpc.encode(answer, self._node_id())
+
+    async def _stream(self, rpc: Rpc[M, R, T, P], message: M, context: Context) -> AsyncGenerator[P, None]:
+        """The one path of every streamed RPC: parsed, resolved, streamed by the pool, counted, encoded."""
+        with self._serving(rpc.kind, context) as tally:
+            request = rpc.parse(message)
+            with tracing.current(tally.span):
+                resolved = tally.resolved(await self._resolve(request.model))
+            node_id = self._node_id()
+            items = tracing.within(tally.span, self._pool.stream(rpc.kind, resolved, request))
+            async with aclosing(items):
+                async for item in items:
+                    tally.item(item)
+                    yield rpc.encode(item, node_id)
+
     @contextmanager
-    def _call(self, route: str, context: Context) -> Iterator[_Call]:
-        call = _Call(route, self._metrics, span=self._span(route, context))
+    def _serving(self, kind: Kind[Any, Any], context: Context) -> Iterator[_Tally]:
+        """One call served: refused while draining, counted in flight, its outcome in metrics and span."""
+        tally = _Tally(kind, self._metrics, span=self._span(kind.route, context))
         code = "ok"
         try:
             if self._draining():
@@ -119,7 +214,7 @@ class InferenceServicer(igrpc.InferenceServicer):
             self._in_flight += 1
             self._idle.clear()
             try:
-                yield call
+                yield tally
             finally:
                 self._in_flight -= 1
                 if not self._in_flight:
@@ -134,8 +229,8 @@ class InferenceServicer(igrpc.InferenceServicer):
             code = ErrorCode.INTERNAL.value
             raise
         finally:
-            self._metrics.observe(DOOR, route, call.model, code, time.monotonic() - call.started)
-            tracing.finish(call.span, code)
+            self._metrics.observe(DOOR, kind.route, tally.model, code, time.monotonic() - tally.started)
+            tracing.finish(tally.span, code)
 
     def _span(self, route: str, context: Context) -> Span:
         """The call's span, child of the caller's (the balancer's node call) when it sent one."""
@@ -147,67 +242,3 @@ class InferenceServicer(igrpc.InferenceServicer):
             parent=tracing.from_metadata(context.invocation_metadata),
             attributes={"llmlb.route": route, "llmlb.node": self._node_id()},
         )
-
-    @rpc_errors
-    async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        with self._call("chat", context) as call:
-            chat = conv.chat_request_from_pb(request)
-            with tracing.current(call.span):
-                resolved = call.resolved(await self._resolve(chat.model))
-            node_id = self._node_id()
-            async with aclosing(tracing.within(call.span, self._pool.chat(resolved, chat))) as chunks:
-                async for chunk in chunks:
-                    call.chunk(chunk.usage)
-                    yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
-
-    @rpc_errors
-    async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        with self._call("complete", context) as call:
-            complete = conv.complete_request_from_pb(request)
-            with tracing.current(call.span):
-                resolved = call.resolved(await self._resolve(complete.model))
-            node_id = self._node_id()
-            async with aclosing(tracing.within(call.span, self._pool.complete(resolved, complete))) as chunks:
-                async for chunk in chunks:
-                    call.chunk(chunk.usage)
-                    yield conv.text_chunk_to_pb(replace(chunk, node_id=node_id))
-
-    @rpc_errors
-    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
-        with self._call("embed", context) as call:
-            embed = conv.embed_request_from_pb(request)
-            with tracing.current(call.span):
-                response = await self._pool.embed(call.resolved(await self._resolve(embed.model)), embed)
-            call.used(response.usage)
-            return conv.embed_response_to_pb(replace(response, node_id=self._node_id()))
-
-    @rpc_errors
-    async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
-        with self._call("transcribe", context) as call:
-            transcribe = conv.transcribe_request_from_pb(request)
-            with tracing.current(call.span):
-                resolved = call.resolved(await self._resolve(transcribe.model))
-                transcript = await self._pool.transcribe(resolved, transcribe)
-            return conv.transcript_to_pb(replace(transcript, node_id=self._node_id()))
-
-    @rpc_errors
-    async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
-        with self._call("speak", context) as call:
-            speak = conv.speak_request_from_pb(request)
-            with tracing.current(call.span):
-                resolved = call.resolved(await self._resolve(speak.model))
-            async with aclosing(tracing.within(call.span, self._pool.speak(resolved, speak))) as chunks:
-                async for chunk in chunks:
-                    call.chunk()
-                    yield conv.audio_chunk_to_pb(chunk)
-
-    @rpc_errors
-    async def GenerateImage(
-        self, request: ipb.GenerateImageRequest, context: Context
-    ) -> ipb.GenerateImageResponse:
-        with self._call("image", context) as call:
-            generate = conv.image_request_from_pb(request)
-            with tracing.current(call.span):
-                resolved = call.resolved(await self._resolve(generate.model))
-                response = await self._pool.generate_images(resolved, generate)
-            return conv.image_response_to_pb(replace(response, node_id=self._node_id()))

@@ -23,6 +23,7 @@ from common.inference import (
 from common.types import Backend
 from devkit.model_files import ModelFiles
 from node.hardware import Hardware
+from node.kinds import COMPLETE
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime
@@ -150,7 +151,7 @@ async def test_a_node_runs_as_many_streams_at_once_as_its_slots_by_default(gemma
             request = CompleteRequest(
                 "gemma-3-270m", f"Story {i}: once upon a time", SamplingParams(max_tokens=8, temperature=0.0)
             )
-            async for _chunk in pool.complete(gemma, request):
+            async for _chunk in pool.stream(COMPLETE, gemma, request):
                 if i not in firsts:
                     firsts.append(i)
                     if len(firsts) == 4:

@@ -28,7 +28,7 @@ from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime
 from node.server import node_gauges
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
@@ -146,7 +146,7 @@ async def test_cached_tokens_reach_the_client_through_the_nodes_grpc_inference(g
     pool = ModelPool(CPU, PoolSettings(prefix_cache_mb=64, engine_threads=2))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     metrics = NodeMetrics(lambda: node_gauges(ModelStates(), pool))
-    servicer = InferenceServicer(pool, resolve, lambda: "node-test", metrics=metrics)
+    servicer = NodeInferenceServicer(pool, resolve, lambda: "node-test", metrics=metrics)
     igrpc.add_InferenceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

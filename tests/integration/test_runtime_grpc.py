@@ -22,7 +22,7 @@ from common.types import Backend
 from devkit.model_files import ModelFiles
 from node.hardware import Hardware
 from node.pool import ModelPool, PoolSettings
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 from tests.fixtures.eventually import eventually_async
 from tests.fixtures.models import SENTENCE, assert_heard
 
@@ -51,7 +51,9 @@ def start_node(models: dict[str, ModelFiles]) -> Callable[..., AsyncIterator[Nod
     async def start(**settings: int) -> AsyncIterator[Node]:
         pool = ModelPool(CPU, PoolSettings(**settings))  # type: ignore[arg-type]
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        igrpc.add_InferenceServicer_to_server(InferenceServicer(pool, resolve, lambda: "node-test"), server)
+        igrpc.add_InferenceServicer_to_server(
+            NodeInferenceServicer(pool, resolve, lambda: "node-test"), server
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)

@@ -30,10 +30,10 @@ from node.model_states import ModelStates
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.engines import Engines
 from node.server import node_gauges
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 from node.storage import Storage
 from tests.fixtures.eventually import eventually_async
-from tests.unit.runtimes.test_pool import COUNTER, CPU, Resolved, counter_model
+from tests.unit.runtimes.test_pool import COUNTER, CPU, EVERY, Resolved, counter_model, every_kind_model
 from tests.unit.test_node_storage import MemorySource, node_config
 
 pytestmark = pytest.mark.timeout(30)
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.timeout(30)
 class Node:
     pool: ModelPool
     states: ModelStates
-    servicer: InferenceServicer
+    servicer: NodeInferenceServicer
     metrics: NodeMetrics
     stub: Any  # an aio stub; grpc-stubs types stubs as synchronous
     draining: list[bool]
@@ -55,18 +55,19 @@ class Node:
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
     model = counter_model(tmp_path, "counter", 100)
-    models = {model.model.id: model}
+    every = every_kind_model(tmp_path)  # serves every kind: speech, embeddings, ...
+    models = {model.model.id: model, every.model.id: every}
 
     async def resolve(model_id: str) -> Resolved:
         if model_id not in models:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not registered")
         return models[model_id]
 
-    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), Engines([COUNTER]))
+    pool = ModelPool(CPU, PoolSettings(slots_per_model=1), Engines([COUNTER, EVERY]))
     states = ModelStates()
     metrics = NodeMetrics(lambda: node_gauges(states, pool))
     draining = [False]
-    servicer = InferenceServicer(
+    servicer = NodeInferenceServicer(
         pool, resolve, lambda: "node-test", metrics=metrics, draining=lambda: draining[0]
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -193,6 +194,37 @@ async def test_a_draining_node_refuses_new_requests_while_the_one_in_flight_fini
         node.value("xllm_requests_total", door="grpc", route="chat", model="", code="no_capable_nodes") == 1
     )
     assert node.value("xllm_requests_total", door="grpc", route="chat", model="counter", code="ok") == 1
+
+
+async def test_an_embedding_and_a_speech_stream_are_answered_and_counted_like_a_chat(node: Node) -> None:
+    embedded = await node.stub.Embed(ipb.EmbedRequest(model="every", input=["ab", "abc"]))
+    assert [list(e.values) for e in embedded.data] == [[2.0], [3.0]]
+    assert (embedded.model, embedded.node_id, embedded.usage.prompt_tokens) == ("every", "node-test", 2)
+    spoken = [c async for c in node.stub.Speak(ipb.SpeakRequest(model="every", input="one two three"))]
+    assert [(c.data, c.last) for c in spoken] == [(b"one", False), (b"two", False), (b"three", True)]
+
+    for route in ("embed", "speak"):
+        labels = {"door": "grpc", "route": route, "model": "every", "code": "ok"}
+        assert node.value("xllm_requests_total", **labels) == 1
+        assert node.value("xllm_request_seconds_count", door="grpc", route=route) == 1
+    assert node.value("xllm_time_to_first_token_seconds_count", route="speak") == 1
+    assert node.value("xllm_time_to_first_token_seconds_count", route="embed") == 0  # not a stream
+    assert node.value("xllm_tokens_total", model="every", kind="prompt") == 2
+    # Only text prompts can come from a kept prefix: an embedding's are not split by source, a chat's are.
+    assert node.value("xllm_prompt_tokens_total", model="every", source="computed") == 0
+    [c async for c in node.stub.Chat(chat(1, model="every"))]
+    assert node.value("xllm_prompt_tokens_total", model="every", source="computed") == 1
+    assert node.servicer.in_flight == 0
+
+
+async def test_a_unary_call_on_a_draining_node_is_refused_and_counted(node: Node) -> None:
+    node.draining[0] = True
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await node.stub.Embed(ipb.EmbedRequest(model="every", input=["x"]))
+    assert error_from_rpc(refused.value).code is ErrorCode.NO_CAPABLE_NODES
+    labels = {"door": "grpc", "route": "embed", "model": "", "code": "no_capable_nodes"}
+    assert node.value("xllm_requests_total", **labels) == 1
+    assert node.pool.states() == {}  # refused before the model was even looked up
 
 
 class PeerSource(MemorySource):

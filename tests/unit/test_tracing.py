@@ -35,7 +35,7 @@ from devkit.echo_node import EchoNode
 from node.cli import _show_config
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.engines import Engines
-from node.servicers.inference import InferenceServicer
+from node.servicers.inference import NodeInferenceServicer
 from tests.fixtures.eventually import eventually_async
 from tests.unit.runtimes.test_pool import COUNTER, CPU, Resolved, counter_model
 
@@ -48,7 +48,7 @@ CLIENT_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
 
 
-class WatchedServicer(InferenceServicer):
+class WatchedServicer(NodeInferenceServicer):
     """The node's servicer, noting the ``traceparent`` each text call arrived with."""
 
     traceparents: list[str]

@@ -20,17 +20,24 @@ import pytest
 
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
+    AudioChunk,
     ChatMessage,
     ChatRequest,
     CompleteRequest,
     EmbedRequest,
     FinishReason,
+    GeneratedImage,
+    GenerateImageRequest,
     SamplingParams,
+    SpeakRequest,
     TextChunk,
+    TranscribeRequest,
+    Transcript,
     Usage,
 )
 from common.types import Backend, Capability, FileFormat, ManifestFile, Model, ModelSource
 from node.hardware import Hardware
+from node.kinds import CHAT, EMBED, IMAGE, SPEAK, TRANSCRIBE
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import CancelFlag, LoadContext, RuntimeSpec
 from node.runtimes.engines import Engines
@@ -123,7 +130,7 @@ def chat(model: Resolved, n: int) -> ChatRequest:
 
 
 async def collect(pool: ModelPool, model: Resolved, n: int = 3) -> list[TextChunk]:
-    return [c async for c in pool.chat(model, chat(model, n))]
+    return [c async for c in pool.stream(CHAT, model, chat(model, n))]
 
 
 async def wait_for(condition: object, within: float = 2.0) -> None:
@@ -244,7 +251,7 @@ async def test_a_full_queue_answers_queue_full_with_retry_after(tmp_path: Path) 
 async def test_a_consumer_that_goes_away_frees_its_slot_at_once(tmp_path: Path) -> None:
     pool = make_pool(memory_budget_mb=1000, slots_per_model=1)
     model = counter_model(tmp_path, "a", 100)
-    stream = pool.chat(model, chat(model, 1000))
+    stream = pool.stream(CHAT, model, chat(model, 1000))
     first = await anext(stream)
     assert first.delta == "1 "
     started = time.monotonic()
@@ -292,7 +299,7 @@ async def test_invalid_sampling_is_refused_before_anything_loads(tmp_path: Path)
     model = counter_model(tmp_path, "a", 100)
     bad = ChatRequest("a", (ChatMessage("user", "x"),), SamplingParams(temperature=3.0))
     with pytest.raises(LlmlbError) as caught:
-        [c async for c in pool.chat(model, bad)]
+        [c async for c in pool.stream(CHAT, model, bad)]
     assert caught.value.code is ErrorCode.INVALID_REQUEST and "temperature" in caught.value.message
     assert pool.states() == {}
     await pool.close()
@@ -341,7 +348,7 @@ async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(
     pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), Engines([gated]))  # type: ignore[list-item]
     model = counter_model(tmp_path, "e", 100)
     model.model.capabilities = [Capability.EMBEDDING]
-    task = asyncio.create_task(pool.embed(model, EmbedRequest("e", ("x",))))
+    task = asyncio.create_task(pool.unary(EMBED, model, EmbedRequest("e", ("x",))))
     await wait_for(lambda: ("e", "gated") in pool._entries and pool._entries[("e", "gated")].active)
     entry = pool._entries[("e", "gated")]
     runtime = entry.runtime
@@ -363,7 +370,7 @@ async def test_an_abandoned_engine_call_holds_its_slot_until_the_engine_lets_go(
 async def test_a_copy_on_its_way_out_still_counts_against_the_budget(tmp_path: Path) -> None:
     pool = make_pool(memory_budget_mb=150)
     model = counter_model(tmp_path, "a", 100)
-    stream = pool.chat(model, chat(model, 1000))
+    stream = pool.stream(CHAT, model, chat(model, 1000))
     await anext(stream)  # the loaded copy is busy
     path = next(iter(model.paths.values()))
     seen = path.stat()
@@ -467,4 +474,106 @@ async def test_what_a_load_measurably_took_corrects_the_estimate(tmp_path: Path)
     await pool.prefetch(model)
     assert pool.memory_by_model()["a"] >= 150  # what it took, not the 10 MB it claimed
     assert [d.memory_mb for d in pool.details()] == [pool.memory_by_model()["a"]]
+    await pool.close()
+
+
+class EveryKindRuntime(CounterRuntime):
+    """The counter, serving every other kind too: an input's embedding is its length, speech is one
+    chunk per word at the counter's pace, a transcript tells the audio's size, an image is its seed."""
+
+    engine = "every"
+    capabilities = frozenset(Capability)
+
+    def embed(self, request: EmbedRequest) -> tuple[list[list[float]], Usage]:
+        return [[float(len(text))] for text in request.input], Usage(len(request.input), 0)
+
+    def transcribe(self, request: TranscribeRequest, cancel: CancelFlag | None = None) -> Transcript:
+        return Transcript(f"{len(request.audio)} bytes", "en", 1.0)
+
+    def speak(self, request: SpeakRequest, cancel: CancelFlag) -> Iterator[AudioChunk]:
+        self.running += 1
+        try:
+            words = request.input.split()
+            for i, word in enumerate(words):
+                if cancel.is_set():
+                    yield AudioChunk(b"", 16000, last=True)
+                    return
+                time.sleep(STEP_S)
+                yield AudioChunk(word.encode(), 16000, last=i == len(words) - 1)
+        finally:
+            self.running -= 1
+
+    def generate_images(self, request: GenerateImageRequest) -> list[GeneratedImage]:
+        return [GeneratedImage(b"png", seed) for seed in range(request.n)]
+
+
+EVERY = RuntimeSpec("every", frozenset({FileFormat.OTHER}), EveryKindRuntime.capabilities, EveryKindRuntime)
+
+
+def every_kind_model(tmp_path: Path, model_id: str = "every") -> Resolved:
+    model = counter_model(tmp_path, model_id, 100)
+    model.model.capabilities = list(Capability)
+    return model
+
+
+async def test_each_unary_kind_answers_from_the_runtime_with_the_models_id(tmp_path: Path) -> None:
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([EVERY]))
+    model = every_kind_model(tmp_path)
+
+    embedded = await pool.unary(EMBED, model, EmbedRequest("every", ("ab", "abc")))
+    assert (embedded.model, embedded.data, embedded.usage) == ("every", ((2.0,), (3.0,)), Usage(2, 0))
+    transcript = await pool.unary(TRANSCRIBE, model, TranscribeRequest("every", b"\0" * 10))
+    assert transcript.text == "10 bytes"
+    images = await pool.unary(IMAGE, model, GenerateImageRequest("every", "a cat", n=2))
+    assert [image.seed for image in images.images] == [0, 1]
+    assert [d.active for d in pool.details()] == [0]  # every call gave its slot back
+    await pool.close()
+
+
+async def test_a_unary_call_waits_for_the_slot_a_stream_holds(tmp_path: Path) -> None:
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), Engines([EVERY]))
+    model = every_kind_model(tmp_path)
+    stream = pool.stream(CHAT, model, chat(model, 1000))
+    await anext(stream)  # holds the only slot
+    embedding = asyncio.create_task(pool.unary(EMBED, model, EmbedRequest("every", ("x",))))
+    await wait_for(lambda: [(d.active, d.waiting) for d in pool.details()] == [(1, 1)])
+    assert not embedding.done()
+    await stream.aclose()
+    assert (await asyncio.wait_for(embedding, 5)).data == ((1.0,),)
+    await pool.close()
+
+
+async def test_a_speech_stream_whose_consumer_goes_away_stops_and_frees_its_slot(tmp_path: Path) -> None:
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000, slots_per_model=1), Engines([EVERY]))
+    model = every_kind_model(tmp_path)
+    stream = pool.stream(SPEAK, model, SpeakRequest("every", " ".join(["word"] * 500)))
+    assert (await anext(stream)).data == b"word"
+    await stream.aclose()
+    runtime = pool._entries[("every", "every")].runtime
+    assert isinstance(runtime, EveryKindRuntime) and runtime.running == 0
+    assert [d.active for d in pool.details()] == [0]
+    chunks = [c async for c in pool.stream(SPEAK, model, SpeakRequest("every", "two words"))]
+    assert [(c.data, c.last) for c in chunks] == [(b"two", False), (b"words", True)]
+    await pool.close()
+
+
+async def test_a_runtime_without_the_kinds_call_is_refused_and_its_slot_freed(tmp_path: Path) -> None:
+    # An engine that claims embeddings but whose runtime cannot make them.
+    claims = RuntimeSpec("counter", frozenset({FileFormat.OTHER}), frozenset(Capability), CounterRuntime)
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([claims]))
+    model = every_kind_model(tmp_path, "a")
+    with pytest.raises(LlmlbError) as caught:
+        await pool.unary(EMBED, model, EmbedRequest("a", ("x",)))
+    assert caught.value.code is ErrorCode.NO_CAPABLE_NODES
+    assert caught.value.message == "'a': runtime cannot serve embedding"
+    assert [d.active for d in pool.details()] == [0]
+    await pool.close()
+
+
+async def test_an_invalid_unary_request_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    pool = ModelPool(CPU, PoolSettings(memory_budget_mb=1000), Engines([EVERY]))
+    with pytest.raises(LlmlbError) as caught:
+        await pool.unary(IMAGE, every_kind_model(tmp_path), GenerateImageRequest("every", "a cat", n=11))
+    assert caught.value.code is ErrorCode.INVALID_REQUEST and "n must be" in caught.value.message
+    assert pool.states() == {}
     await pool.close()
