@@ -123,12 +123,16 @@ class Resolver:
         except LlmlbError as exc:
             if exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID):
                 raise
+            if seen is not None:  # past its TTL, but still the balancer's last word (a delete drops it)
+                log.info("manifest.last_seen", model_id=model_id, reason=exc.message)
+                return seen[1]
             saved = self._storage.load_manifest(model_id)
             if saved is None:
+                # Not "model not found": the model may well exist, and another node may serve it now.
                 raise LlmlbError(
-                    ErrorCode.MODEL_NOT_FOUND,
-                    f"model {model_id!r} is not on this node and the balancer cannot be asked "
-                    f"({exc.message})",
+                    ErrorCode.UNAVAILABLE,
+                    f"the manifest of {model_id!r} cannot be read: this node has no copy and the balancer "
+                    f"cannot be asked ({exc.message})",
                 ) from None
             log.info("manifest.saved_copy", model_id=model_id, reason=exc.message)
             return saved
@@ -138,8 +142,9 @@ class Resolver:
         try:
             model = await self.manifest(model_id)
         except LlmlbError as exc:
-            # Placed by hand a moment ago: the balancer has not heard of it yet.
-            if exc.code is ErrorCode.MODEL_NOT_FOUND and self._local is not None:
+            # Placed by hand a moment ago (the balancer has not heard of it yet), or the balancer
+            # cannot be asked: the folder on this node is enough.
+            if exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.UNAVAILABLE) and self._local is not None:
                 local = await self._local.refresh(normalize_model_id(model_id))
                 if local is not None:
                     return self._resolved_local(local)

@@ -15,10 +15,12 @@ import grpc.aio
 from common.errors import GRPC_CODE_KEY, ErrorCode, LlmlbError
 from common.rpc import error_from_rpc
 
-# Node-side errors worth another node: the node is going away, full, or broken.
+# Node-side errors worth another node: the node is going away, full, or broken, or cannot serve the
+# model for now (its engine process is down, or it cannot read the model's manifest).
 RETRY_ELSEWHERE = frozenset(
     {
         ErrorCode.NO_CAPABLE_NODES,
+        ErrorCode.UNAVAILABLE,
         ErrorCode.QUEUE_FULL,
         ErrorCode.INTERNAL,
         ErrorCode.INSUFFICIENT_STORAGE,

@@ -46,7 +46,7 @@ def check_every_request_answered_once(clients: ReplicaClients) -> None:
     print("outcomes:", summary(outcomes), "retries:", clients.retries())
     assert not [o for o in outcomes if o.error == TIMEOUT], "a request hung past its deadline"
     unanswered = [a for a in clients.asks if a.answer is None]
-    assert not unanswered, [[o.error for o in a.attempts] for a in unanswered[:5]]
+    assert not unanswered, [[(o.error, o.detail) for o in a.attempts] for a in unanswered[:5]]
     twice = [a.marker for a in clients.asks if sum(o.answered for o in a.attempts) != 1]
     assert not twice, twice[:5]
     assert len({a.marker for a in clients.asks}) == len(clients.asks)

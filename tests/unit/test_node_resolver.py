@@ -107,6 +107,32 @@ async def test_a_manifest_is_reused_briefly_and_dropped_by_a_delete(
     assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
 
 
+async def test_a_balancer_that_cannot_be_asked_leaves_the_last_manifest_seen_and_is_never_model_not_found(
+    tmp_path: Path, io_threads: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a node meets while the replica it talks to restarts: the model exists, the answer is late.
+    clock = [1000.0]
+    monkeypatch.setattr("node.resolver.time.monotonic", lambda: clock[0])
+    m = model(manifest_file())
+    balancer = Balancer(m)
+    resolver, _, _ = parts(tmp_path, io_threads, balancer)
+    assert await resolver.manifest(m.id) == m
+
+    async def unreachable(model_id: str) -> Model:
+        raise LlmlbError(ErrorCode.NO_CAPABLE_NODES, "balancer unreachable")
+
+    balancer.get_model = unreachable  # type: ignore[method-assign]
+    clock[0] += MANIFEST_TTL_S * 10
+    assert await resolver.manifest(m.id) == m  # past its TTL, still the balancer's last word
+
+    resolver.forget(m.id)  # a delete: nothing stale may come back
+    for model_id in (m.id, "never-seen"):
+        with pytest.raises(LlmlbError) as caught:
+            await resolver.manifest(model_id)
+        assert caught.value.code is ErrorCode.UNAVAILABLE, caught.value
+        assert "cannot be asked (balancer unreachable)" in caught.value.message
+
+
 async def delete(resolver: Resolver, storage: Storage, model_id: str) -> None:
     """What a node does on a delete command, minus the model pool (see NodeCommands.delete_model)."""
     resolver.forget(model_id)

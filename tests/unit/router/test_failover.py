@@ -52,6 +52,12 @@ def transport_error(status: grpc.StatusCode) -> grpc.aio.AioRpcError:
             True,
         ),
         (
+            node_error(ErrorCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+            ErrorCode.UNAVAILABLE,
+            True,
+            True,
+        ),
+        (
             node_error(ErrorCode.INVALID_REQUEST, grpc.StatusCode.INVALID_ARGUMENT),
             ErrorCode.INVALID_REQUEST,
             False,
