@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balancer.edge.caller import caller
-from balancer.fleet.view import Fleet, ModelOnNode, ModelStatusView, NodeLoad
+from balancer.fleet.view import Fleet, ModelStatusView, NodeLoad
 from balancer.parts import BalancerParts
 from common.errors import ErrorCode, LlmlbError
 from common.model_id import normalize_model_id
-from common.types import Model, ModelState, Node, NodeState
+from common.types import Model, ModelOnNode, ModelState, Node, NodeState
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from common.types import (
     KeyLimits,
     ManifestFile,
     Model,
+    ModelOnNode,
     ModelSource,
     ModelState,
     Node,
@@ -70,29 +71,39 @@ def model_state_to_pb(state: ModelState) -> pb.ModelState.ValueType:
     return _MODEL_STATE_TO_PB[state]
 
 
-def model_node_status_to_pb(
-    node_id: str,
-    model_id: str,
-    state: ModelState,
-    downloaded_bytes: int,
-    total_bytes: int,
-    error: str,
-    *,
-    ready: bool | None = None,
-) -> pb.ModelNodeStatus:
+def model_on_node_to_pb(s: ModelOnNode, *, ready: bool | None = None) -> pb.ModelNodeStatus:
     """One model's state on one node: what a node reports and what the balancer shows of it.
 
     ``ready`` defaults to the state alone (what a node says of itself); the balancer passes
     whether the node can serve the model now, which also needs the node in rotation.
     """
     return pb.ModelNodeStatus(
-        node_id=node_id,
-        model_id=model_id,
-        state=model_state_to_pb(state),
-        ready=state is ModelState.READY if ready is None else ready,
-        downloaded_bytes=downloaded_bytes,
-        total_bytes=total_bytes,
-        error=error,
+        node_id=s.node_id,
+        model_id=s.model_id,
+        state=model_state_to_pb(s.state),
+        ready=s.ready if ready is None else ready,
+        downloaded_bytes=s.downloaded_bytes,
+        total_bytes=s.total_bytes,
+        error=s.error,
+        memory_mb=s.memory_mb,
+        pinned=s.pinned,
+        slots=s.slots,
+    )
+
+
+def model_on_node_from_pb(msg: pb.ModelNodeStatus) -> ModelOnNode:
+    """A node's report of one model, with ``node_id`` left empty: the balancer takes a node's id from
+    its session, never from what it says; ids are folded to lower case as everywhere."""
+    return ModelOnNode(
+        node_id="",
+        model_id=msg.model_id.lower(),
+        state=model_state_from_pb(msg.state),
+        downloaded_bytes=msg.downloaded_bytes,
+        total_bytes=msg.total_bytes,
+        error=msg.error,
+        memory_mb=msg.memory_mb,
+        pinned=msg.pinned,
+        slots=max(0, msg.slots),
     )
 
 

@@ -112,6 +112,29 @@ class ModelState(enum.StrEnum):
 _MODEL_STATE_ORDER: tuple[ModelState, ...] = tuple(ModelState)
 
 
+@dataclass(slots=True)
+class ModelOnNode:
+    """One model's state on one node: what a node reports of itself and what the balancer keeps of it.
+
+    A node leaves ``node_id`` empty in its own book (the link fills it in); the balancer never takes it
+    from a node's message, only from the node's session.
+    """
+
+    node_id: str
+    model_id: str
+    state: ModelState = ModelState.ABSENT
+    downloaded_bytes: int = 0
+    total_bytes: int = 0
+    error: str = ""
+    memory_mb: int = 0  # what the loaded model takes there, as the node estimates it
+    pinned: bool = False  # a scheduled copy: the node keeps it loaded
+    slots: int = 0  # sequences its engine runs at once there, loaded; 0: not reported (the node-wide cap)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+
 class NodeState(enum.StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"

@@ -32,7 +32,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import CHANNEL_OPTIONS
-from common.types import Backend, Capability, ModelState
+from common.types import Backend, Capability, ModelOnNode, ModelState
 
 REATTACH_S = 1.0  # pause before a session that ended is opened again
 UNUSED_PORT_BASE = 20000  # node i claims 127.0.0.1:(this + i); nothing is meant to listen there
@@ -61,7 +61,7 @@ class SwarmNode:
             heartbeat=rpb.Heartbeat(
                 load=pb.NodeLoad(active_requests=0, memory_total_mb=1024),
                 models=[
-                    converters.model_node_status_to_pb(self.node_id, m, ModelState.READY, 0, 0, "")
+                    converters.model_on_node_to_pb(ModelOnNode(self.node_id, m, ModelState.READY))
                     for m in self.models
                 ],
             )

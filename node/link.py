@@ -30,7 +30,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Protocol, TypeVar
 
@@ -48,11 +48,11 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.pb.llmlb.v1 import types_pb2 as pb
 from common.rpc import error_from_rpc
-from common.types import Capability, FileFormat, Model, ModelState
+from common.types import Capability, FileFormat, Model, ModelOnNode, ModelState
 from node.balancers import BalancerChannels, BalancerProxySource, Reattach
 from node.blob_sources import BlobSource, BulkSource, ReadBlobSource
 from node.hardware import Hardware, offered
-from node.model_states import ModelReport, ModelStates
+from node.model_book import ModelBook
 from node.token_auth import NodeCredentials
 
 log = structlog.get_logger(__name__)
@@ -113,12 +113,6 @@ def host_load() -> tuple[float, int, int]:
     return cpu, max(0, total - available), total
 
 
-def state_to_pb(node_id: str, s: ModelReport) -> pb.ModelNodeStatus:
-    return converters.model_node_status_to_pb(
-        node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error
-    )
-
-
 class BalancerLink:
     """One node's connection to its balancer; reconnects by itself until ``stop``."""
 
@@ -127,14 +121,14 @@ class BalancerLink:
         config: NodeConfig,
         hardware: Hardware,
         advertise: str,
-        states: ModelStates,
+        states: ModelBook,
         handler: CommandHandler | None = None,
         *,
         runtimes: Sequence[str] = (),
         capabilities: Sequence[Capability] = (),
         formats: Sequence[FileFormat] = (),
         load: Callable[[], Load] = Load,
-        runtime_states: Callable[[], Mapping[str, ModelReport]] = dict,
+        runtime_states: Callable[[], Mapping[str, ModelOnNode]] = dict,
         draining: Callable[[], bool] = lambda: False,
         stopping: Callable[[], bool] = lambda: False,
         credentials: NodeCredentials | None = None,
@@ -179,7 +173,7 @@ class BalancerLink:
         self._heartbeat_s = 1.0
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self._dirty: dict[str, ModelReport] = {}
+        self._dirty: dict[str, ModelOnNode] = {}
         self._wake = asyncio.Event()
         self._outbox: asyncio.Queue[rpb.NodeMessage] = asyncio.Queue()
         self._running: set[int] = set()
@@ -411,15 +405,18 @@ class BalancerLink:
         )
 
     def _status_pb(
-        self, s: ModelReport, memory: Mapping[str, int], pinned: frozenset[str], slots: Mapping[str, int]
+        self, s: ModelOnNode, memory: Mapping[str, int], pinned: frozenset[str], slots: Mapping[str, int]
     ) -> pb.ModelNodeStatus:
         """One model's report with what it takes in memory, whether the scheduler's copy is pinned, and
         the sequences its loaded runtime runs at once (0 while not loaded)."""
-        status = state_to_pb(self.node_id, s)
-        status.memory_mb = memory.get(s.model_id, 0)
-        status.pinned = s.model_id in pinned
-        status.slots = slots.get(s.model_id, 0)
-        return status
+        full = replace(
+            s,
+            node_id=self.node_id,
+            memory_mb=memory.get(s.model_id, 0),
+            pinned=s.model_id in pinned,
+            slots=slots.get(s.model_id, 0),
+        )
+        return converters.model_on_node_to_pb(full)
 
     def beat_now(self) -> None:
         """Sends a heartbeat at once, e.g. so the balancer learns of a drain before the next beat."""
@@ -458,7 +455,7 @@ class BalancerLink:
         models = [converters.model_to_pb(m) for m in self._local_models]
         return rpb.NodeMessage(local_models=rpb.LocalModels(models=models))
 
-    def _changed(self, state: ModelReport) -> None:
+    def _changed(self, state: ModelOnNode) -> None:
         self._dirty[state.model_id] = state
         self._wake.set()
 

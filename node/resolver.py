@@ -34,7 +34,7 @@ from common.types import Backend, ManifestFile, Model, ModelSource, ModelState
 from node.blob_sources import BlobSource
 from node.downloader import Downloader, Progress
 from node.local_models import LocalModel, LocalModels
-from node.model_states import ModelStates
+from node.model_book import ModelBook
 from node.storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -83,7 +83,7 @@ class Resolver:
         backend: Backend,
         storage: Storage,
         downloader: Downloader,
-        states: ModelStates,
+        states: ModelBook,
         manifests: ManifestProvider,
         origin: BlobSource,
         local: LocalModels | None = None,

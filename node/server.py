@@ -22,7 +22,7 @@ from common.hub import HubFiles
 from common.metrics import NodeMetrics
 from common.pb.llmlb.v1 import inference_pb2, inference_pb2_grpc, manifest_pb2, manifest_pb2_grpc
 from common.rpc import server_options
-from common.types import Backend, ModelSource, ModelState
+from common.types import Backend, ModelOnNode, ModelSource, ModelState
 from node import hardware
 from node.blob_sources import OriginSource
 from node.bulk_server import BulkServer
@@ -31,7 +31,7 @@ from node.hardware import Hardware
 from node.link import BalancerLink, Load
 from node.local_models import LocalModels
 from node.metrics_http import MetricsHttpServer
-from node.model_states import ModelReport, ModelStates
+from node.model_book import ModelBook
 from node.pool import ModelPool
 from node.resolver import Resolver
 from node.servicers.inference import NodeInferenceServicer
@@ -58,7 +58,7 @@ class NodeCommands:
     storage: Storage
     downloader: Downloader
     resolver: Resolver
-    states: ModelStates
+    states: ModelBook
     pool: ModelPool
     link: BalancerLink
     draining: bool = False
@@ -211,7 +211,7 @@ class NodeParts:
     hardware: Hardware
     io_threads: ThreadPoolExecutor
     storage: Storage
-    states: ModelStates
+    states: ModelBook
     hub: HubFiles
     downloader: Downloader
     link: BalancerLink
@@ -236,17 +236,17 @@ def pool_load(models: ModelPool) -> Load:
     return Load(sum(d.active for d in details), sum(d.waiting for d in details), round(100 * kv, 1))
 
 
-def runtime_states(models: ModelPool) -> dict[str, ModelReport]:
+def runtime_states(models: ModelPool) -> dict[str, ModelOnNode]:
     """Loading, ready or failed, per model the pool knows: these win over the files' states."""
     errors = models.errors()
     return {
-        model_id: ModelReport(model_id, state, error=errors.get(model_id, ""))
+        model_id: ModelOnNode("", model_id, state, error=errors.get(model_id, ""))
         for model_id, state in models.states().items()
     }
 
 
 def node_gauges(
-    states: ModelStates, models: ModelPool
+    states: ModelBook, models: ModelPool
 ) -> dict[str, tuple[str, Mapping[tuple[str, ...], float]]]:
     """The scrape-time gauges of ``NodeMetrics``: models by state (as heartbeats report them), queue, load."""
     picture = {s.model_id: s.state for s in states.snapshot()}
@@ -288,7 +288,7 @@ def assemble(config: NodeConfig, address: str, credentials: NodeCredentials | No
     io_threads = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="xllm-io")
     storage = Storage(config.models_dir, io_threads)
     storage.root.mkdir(parents=True, exist_ok=True)
-    states = ModelStates()
+    states = ModelBook()
     hub = HubFiles(token=config.hf_token, timeout_s=config.download_stall_timeout_s, library="llmlb-node")
     models = ModelPool(found, config.pool)
 

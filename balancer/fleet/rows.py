@@ -24,10 +24,10 @@ from typing import Any, Protocol
 import structlog
 
 from balancer.changes import Beat, ChangeBus, NodeChanged, NodeLoadChanged, Rejoined, Resync
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, NodeInfo, NodeLoad
 from balancer.replicas import Replicas
 from balancer.store import Store, StoreUnavailable
-from common.types import Backend, Capability, FileFormat, GpuDevice, ModelState, Node, NodeState
+from common.types import Backend, Capability, FileFormat, GpuDevice, ModelOnNode, ModelState, Node, NodeState
 
 log = structlog.get_logger(__name__)
 

@@ -22,11 +22,11 @@ import structlog
 from balancer.fleet import owners
 from balancer.fleet.sessions import NodeSessions, Session
 from balancer.fleet.token import Grant
-from balancer.fleet.view import ModelOnNode, NodeLoad
+from balancer.fleet.view import NodeLoad
 from balancer.parts import BalancerParts
 from balancer.store import Store, StoreUnavailable
 from common.errors import ErrorCode, LlmlbError
-from common.types import ApiKey, CommandKind, Model, NodeCommand
+from common.types import ApiKey, CommandKind, Model, ModelOnNode, NodeCommand
 
 log = structlog.get_logger(__name__)
 

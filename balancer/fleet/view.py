@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from common.prefixes import MAX_REPORTED
-from common.types import Backend, Capability, FileFormat, GpuDevice, Model, ModelState
+from common.types import Backend, Capability, FileFormat, GpuDevice, Model, ModelOnNode, ModelState
 
 # The weight formats each runtime a node may report loads (see node/runtimes/*: their RuntimeSpec), for
 # nodes that register without their formats (older builds, rows read back from the store).
@@ -27,25 +27,6 @@ RUNTIME_FORMATS: dict[str, frozenset[FileFormat]] = {
 
 def formats_of_runtimes(runtimes: Iterable[str]) -> frozenset[FileFormat]:
     return frozenset(f for runtime in runtimes for f in RUNTIME_FORMATS.get(runtime, ()))
-
-
-@dataclass(slots=True)
-class ModelOnNode:
-    """One model's state on one node, as the node last reported it."""
-
-    node_id: str
-    model_id: str
-    state: ModelState = ModelState.ABSENT
-    downloaded_bytes: int = 0
-    total_bytes: int = 0
-    error: str = ""
-    memory_mb: int = 0  # what the loaded model takes there, as the node estimates it
-    pinned: bool = False  # a scheduled copy: the node keeps it loaded
-    slots: int = 0  # sequences its engine runs at once there, loaded; 0: not reported (the node-wide cap)
-
-    @property
-    def ready(self) -> bool:
-        return self.state is ModelState.READY
 
 
 @dataclass(slots=True)

@@ -6,8 +6,8 @@ from datetime import datetime
 from typing import Any
 
 from balancer.control import DeletedModel, ModelView, NodeView
-from balancer.fleet.view import ModelOnNode, ModelStatusView
-from common.types import Model, ModelSource
+from balancer.fleet.view import ModelStatusView
+from common.types import Model, ModelOnNode, ModelSource
 
 
 def _iso(at: datetime | None) -> str | None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balancer.fleet.view import Fleet, ModelOnNode
+from balancer.fleet.view import Fleet
 from balancer.router.deployed import Deployed
 from common.formats import WEIGHT_FORMATS, weight_formats
-from common.types import Capability, FileFormat, Model, ModelSource, ModelState
+from common.types import Capability, FileFormat, Model, ModelOnNode, ModelSource, ModelState
 
 # Tiers: how soon a node can answer for the model. Lower is better.
 READY, ON_DISK, DOWNLOADABLE = 0, 1, 2

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from balancer.fleet.view import Fleet, ModelOnNode
+from balancer.fleet.view import Fleet
 from balancer.scheduler.facts import Copy, CopyState, DeviceFacts, DeviceKind, Download, NodeFacts
-from common.types import Backend, ModelState
+from common.types import Backend, ModelOnNode, ModelState
 
 COPY_STATES = {
     ModelState.ABSENT: CopyState.PLACING,

@@ -18,7 +18,7 @@ from balancer.control import ModelView, NodeView
 from balancer.edge.caller import caller
 from balancer.fleet import nodes, session
 from balancer.fleet.token import Grant
-from balancer.fleet.view import ModelOnNode, NodeLoad
+from balancer.fleet.view import NodeLoad
 from balancer.parts import BalancerParts
 from common import converters
 from common.errors import ErrorCode, LlmlbError
@@ -29,20 +29,6 @@ from common.rpc import rpc_errors
 from common.types import CommandKind, NodeCommand
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def _model_on_node_from_pb(msg: pb.ModelNodeStatus) -> ModelOnNode:
-    return ModelOnNode(
-        node_id="",  # filled in from the session, never from the message: a node speaks only for itself
-        model_id=msg.model_id.lower(),
-        state=converters.model_state_from_pb(msg.state),
-        downloaded_bytes=msg.downloaded_bytes,
-        total_bytes=msg.total_bytes,
-        error=msg.error,
-        memory_mb=msg.memory_mb,
-        pinned=msg.pinned,
-        slots=max(0, msg.slots),
-    )
 
 
 def _load_from_pb(msg: pb.NodeLoad) -> NodeLoad:
@@ -76,12 +62,12 @@ def _node_message_from_pb(msg: rpb.NodeMessage) -> session.NodeMessage:
         beat = msg.heartbeat
         return session.Heartbeat(
             _load_from_pb(beat.load),
-            tuple(map(_model_on_node_from_pb, beat.models)),
+            tuple(map(converters.model_on_node_from_pb, beat.models)),
             beat.draining,
             beat.stopping,
         )
     if kind == "model_state":
-        return session.ModelReported(_model_on_node_from_pb(msg.model_state))
+        return session.ModelReported(converters.model_on_node_from_pb(msg.model_state))
     if kind == "prefixes":
         return session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
     if kind == "ack":
@@ -136,17 +122,9 @@ def _balancer_message_to_pb(out: session.BalancerMessage) -> rpb.BalancerMessage
     return rpb.BalancerMessage(command=_command_to_pb(out))
 
 
-def _model_on_node_to_pb(s: ModelOnNode, *, ready: bool | None = None) -> pb.ModelNodeStatus:
-    msg = converters.model_node_status_to_pb(
-        s.node_id, s.model_id, s.state, s.downloaded_bytes, s.total_bytes, s.error, ready=ready
-    )
-    msg.memory_mb, msg.pinned, msg.slots = s.memory_mb, s.pinned, s.slots
-    return msg
-
-
 def _model_view_to_pb(view: ModelView) -> pb.Model:
     msg = converters.model_to_pb(view.model)
-    msg.nodes.extend(_model_on_node_to_pb(n.status, ready=n.ready) for n in view.nodes)
+    msg.nodes.extend(converters.model_on_node_to_pb(n.status, ready=n.ready) for n in view.nodes)
     msg.ready = view.ready
     return msg
 
@@ -155,7 +133,7 @@ def _node_view_to_pb(view: NodeView) -> pb.Node:
     msg = converters.node_to_pb(view.node)
     msg.state = converters.node_state_to_pb(view.state)
     msg.replica = view.replica
-    msg.models.extend(_model_on_node_to_pb(m) for m in view.models)
+    msg.models.extend(converters.model_on_node_to_pb(m) for m in view.models)
     if view.load is not None:
         msg.load.CopyFrom(_load_to_pb(view.load))
     return msg
@@ -209,7 +187,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
             progress=view.progress,
             downloaded_bytes=view.downloaded_bytes,
             total_bytes=view.total_bytes,
-            nodes=[_model_on_node_to_pb(n) for n in view.nodes],
+            nodes=[converters.model_on_node_to_pb(n) for n in view.nodes],
         )
 
     @rpc_errors

@@ -21,7 +21,7 @@ import pytest
 from common import converters
 from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import registry_pb2 as rpb
-from common.types import ModelState, Scope
+from common.types import ModelOnNode, ModelState, Scope
 from devkit.echo_node import EchoNode
 from tests.fixtures.doors import CALL_TIMEOUT_S, Doors, open_doors
 from tests.fixtures.eventually import eventually_async
@@ -45,8 +45,8 @@ class LyingNode(EchoNode):
         message = super()._heartbeat()
         if self.lying:
             message.heartbeat.models.extend(
-                converters.model_node_status_to_pb(
-                    self.node_id, f"made-up-{i}", ModelState.DOWNLOADING, 1, 2, ""
+                converters.model_on_node_to_pb(
+                    ModelOnNode(self.node_id, f"made-up-{i}", ModelState.DOWNLOADING, 1, 2)
                 )
                 for i in range(JUNK_MODELS)
             )

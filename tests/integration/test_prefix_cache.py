@@ -23,7 +23,7 @@ from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from common.types import Backend
 from devkit.model_files import ModelFiles
 from node.hardware import Hardware
-from node.model_states import ModelStates
+from node.model_book import ModelBook
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime
@@ -145,7 +145,7 @@ async def test_cached_tokens_reach_the_client_through_the_nodes_grpc_inference(g
 
     pool = ModelPool(CPU, PoolSettings(prefix_cache_mb=64, engine_threads=2))
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    metrics = NodeMetrics(lambda: node_gauges(ModelStates(), pool))
+    metrics = NodeMetrics(lambda: node_gauges(ModelBook(), pool))
     servicer = NodeInferenceServicer(pool, resolve, lambda: "node-test", metrics=metrics)
     igrpc.add_InferenceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -13,12 +13,12 @@ from sqlalchemy.engine import make_url
 from balancer.catalog import Catalog
 from balancer.changes import ModelChanged, NodeDrained, NodeLoadChanged, NodeRemoved, decode
 from balancer.fleet.sessions import NodeSessions
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, NodeInfo, NodeLoad
 from balancer.origin import Origin
 from balancer.replicas import CHANNEL, Replicas
 from balancer.store import Store
 from common.config import BalancerConfig
-from common.types import ModelState, NodeState
+from common.types import ModelOnNode, ModelState, NodeState
 from tests.fixtures.eventually import eventually_async
 from tests.unit.test_store import make_model, make_node
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from balancer.control import model_view
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo
-from common.types import Capability, Model, ModelSource, ModelState
+from balancer.fleet.view import Fleet, NodeInfo
+from common.types import Capability, Model, ModelOnNode, ModelSource, ModelState
 
 MODEL = Model(id="acme/m", name="m", source=ModelSource.HF, repo_id="acme/m", revision="", origin="")
 

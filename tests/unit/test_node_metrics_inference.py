@@ -26,7 +26,7 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, error_from_rpc
 from common.types import FileFormat, ManifestFile, Model, ModelSource, ModelState
 from node.downloader import Downloader
-from node.model_states import ModelStates
+from node.model_book import ModelBook
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.engines import Engines
 from node.server import node_gauges
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.timeout(30)
 @dataclass
 class Node:
     pool: ModelPool
-    states: ModelStates
+    states: ModelBook
     servicer: NodeInferenceServicer
     metrics: NodeMetrics
     stub: Any  # an aio stub; grpc-stubs types stubs as synchronous
@@ -64,7 +64,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         return models[model_id]
 
     pool = ModelPool(CPU, PoolSettings(slots_per_model=1), Engines([COUNTER, EVERY]))
-    states = ModelStates()
+    states = ModelBook()
     metrics = NodeMetrics(lambda: node_gauges(states, pool))
     draining = [False]
     servicer = NodeInferenceServicer(

@@ -18,10 +18,10 @@ import pytest
 from common.config import load_node_config
 from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
-from common.types import Backend, GpuDevice, ModelState
+from common.types import Backend, GpuDevice, ModelOnNode, ModelState
 from node.hardware import Hardware, offered
 from node.link import BalancerLink
-from node.model_states import ModelReport, ModelStates
+from node.model_book import ModelBook
 from tests.fixtures.eventually import eventually_async
 
 HOST = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=24105)
@@ -139,12 +139,12 @@ async def test_registration_and_heartbeats_offer_the_budget_and_commands_pin_and
         config,
         HOST,
         "127.0.0.1:1",
-        ModelStates(),
+        ModelBook(),
         handler,
         budget_mb=config.memory_budget_mb,
         model_memory=lambda: handler.memory,
         pinned=lambda: frozenset(handler.pins),
-        runtime_states=lambda: {m: ModelReport(m, ModelState.READY) for m in handler.memory},
+        runtime_states=lambda: {m: ModelOnNode("", m, ModelState.READY) for m in handler.memory},
     )
     link.start()
     try:

@@ -21,7 +21,7 @@ from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.types import Backend
 from node.hardware import Hardware
 from node.link import BalancerLink
-from node.model_states import ModelStates
+from node.model_book import ModelBook
 from tests.fixtures.eventually import eventually_async
 
 CPU = Hardware(backend=Backend.CPU, backends=(Backend.CPU,), cpu_count=2, memory_total_mb=4096)
@@ -84,7 +84,7 @@ async def wired(tmp_path: Path) -> AsyncIterator[tuple[RecordingRegistry, Balanc
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     config = NodeConfig(home=tmp_path, models_dir=tmp_path / "models", balancer=f"127.0.0.1:{port}")
-    link = BalancerLink(config, CPU, "127.0.0.1:1", ModelStates(), NoCommands())
+    link = BalancerLink(config, CPU, "127.0.0.1:1", ModelBook(), NoCommands())
     try:
         yield registry, link
     finally:

@@ -13,7 +13,7 @@ from common.errors import ErrorCode, LlmlbError
 from common.types import Backend, ManifestFile, Model, ModelState
 from node.blob_sources import BlobSource
 from node.downloader import Downloader
-from node.model_states import ModelStates
+from node.model_book import ModelBook
 from node.resolver import MANIFEST_TTL_S, Resolver
 from node.storage import Storage
 from tests.unit.test_node_storage import DATA, manifest_file, model, node_config
@@ -77,7 +77,7 @@ def parts(
     config = node_config(tmp_path, XLLM_PEER_FETCH="1")
     storage = Storage(config.models_dir, io_threads)
     source = GatedSource()
-    states = ModelStates()
+    states = ModelBook()
     resolver = Resolver(config, Backend.CPU, storage, Downloader(storage, config), states, balancer, source)
     return resolver, storage, source
 

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from balancer.fleet.clients import NodeClients
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo
+from balancer.fleet.view import Fleet, NodeInfo
 from common.channels import bearer_metadata, open_channel
 from common.config import load_node_config
 from common.errors import GRPC_CODE_KEY, ErrorCode
@@ -27,7 +27,7 @@ from common.pb.llmlb.v1 import manifest_pb2 as mpb
 from common.pb.llmlb.v1 import manifest_pb2_grpc as mgrpc
 from common.rpc import SERVER_OPTIONS, error_from_rpc
 from common.secret import Secret
-from common.types import Backend, FileFormat, ManifestFile, Model, ModelSource, ModelState
+from common.types import Backend, FileFormat, ManifestFile, Model, ModelOnNode, ModelSource, ModelState
 from node.blob_sources import ReadBlobSource
 from node.downloader import Downloader
 from node.storage import Storage

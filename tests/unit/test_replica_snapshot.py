@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from balancer.fleet.rows import NodeSnapshot
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
-from common.types import Backend, Capability, ModelState
+from balancer.fleet.view import Fleet, NodeInfo, NodeLoad
+from common.types import Backend, Capability, ModelOnNode, ModelState
 
 
 def held_node() -> Fleet:

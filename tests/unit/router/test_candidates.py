@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo
+from balancer.fleet.view import Fleet, NodeInfo
 from balancer.router.candidates import DOWNLOADABLE, ON_DISK, READY, Candidates
 from balancer.router.deployed import Deployed
-from common.types import Capability, FileFormat, ManifestFile, Model, ModelSource, ModelState
+from common.types import Capability, FileFormat, ManifestFile, Model, ModelOnNode, ModelSource, ModelState
 
 MODEL = Model(
     id="org/tiny",

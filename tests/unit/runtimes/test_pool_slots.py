@@ -7,9 +7,9 @@ import asyncio
 from pathlib import Path
 
 from common.config import load_node_config
-from common.types import FileFormat, ModelState
+from common.types import FileFormat, ModelOnNode, ModelState
 from node.link import BalancerLink
-from node.model_states import ModelReport, ModelStates
+from node.model_book import ModelBook
 from node.pool import ModelPool, PoolSettings
 from node.runtimes.base import RuntimeSpec
 from node.runtimes.engines import Engines
@@ -63,11 +63,11 @@ async def test_heartbeats_carry_each_ready_models_slots(
         config,
         HOST,
         "127.0.0.1:1",
-        ModelStates(),
+        ModelBook(),
         Handler(),
         runtime_states=lambda: {
-            "ready": ModelReport("ready", ModelState.READY),
-            "loading": ModelReport("loading", ModelState.LOADING),
+            "ready": ModelOnNode("", "ready", ModelState.READY),
+            "loading": ModelOnNode("", "loading", ModelState.LOADING),
         },
         model_slots=lambda: {"ready": 4},
     )

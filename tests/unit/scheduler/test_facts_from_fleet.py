@@ -3,10 +3,10 @@ runtimes say where a model may go, and the copies are the models nodes report pi
 
 from __future__ import annotations
 
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, NodeInfo, NodeLoad
 from balancer.scheduler.facts import CopyState, DeviceKind
 from balancer.scheduler.facts_from_fleet import fleet_facts, pinned_copies
-from common.types import Backend, FileFormat, GpuDevice, ModelState
+from common.types import Backend, FileFormat, GpuDevice, ModelOnNode, ModelState
 
 
 def fleet_of_two() -> Fleet:

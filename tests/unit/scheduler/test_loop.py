@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from balancer import deployments
-from balancer.fleet.view import Fleet, ModelOnNode, NodeInfo, NodeLoad
+from balancer.fleet.view import Fleet, NodeInfo, NodeLoad
 from balancer.http.app import create_app
 from balancer.parts import BalancerParts
 from balancer.router.demand import DemandMeter
@@ -20,7 +20,7 @@ from balancer.scheduler.loop import SchedulerLoop
 from balancer.scheduler.plan import Remove
 from balancer.store import Store
 from common.config import BalancerConfig
-from common.types import Backend, CommandKind, ModelState, Scope
+from common.types import Backend, CommandKind, ModelOnNode, ModelState, Scope
 from tests.fixtures.balancer_parts import balancer_parts
 from tests.unit.test_store import make_model, make_node
 

@@ -7,39 +7,29 @@ heartbeat and is told of every change, so progress reaches the balancer between 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from common.types import ModelState
-
-
-@dataclass(frozen=True, slots=True)
-class ModelReport:
-    """One model's state on this node, with its download progress: what the balancer is told."""
-
-    model_id: str
-    state: ModelState = ModelState.ABSENT
-    downloaded_bytes: int = 0
-    total_bytes: int = 0
-    error: str = ""
+from common.types import ModelOnNode, ModelState
 
 
-class ModelStates:
-    """The node's per-model states; listeners hear of each change."""
+class ModelBook:
+    """The node's book of per-model states (``ModelOnNode`` with ``node_id`` left empty); listeners hear
+    of each change."""
 
     def __init__(self) -> None:
-        self._states: dict[str, ModelReport] = {}
-        self._listeners: list[Callable[[ModelReport], None]] = []
+        self._states: dict[str, ModelOnNode] = {}
+        self._listeners: list[Callable[[ModelOnNode], None]] = []
 
-    def subscribe(self, listener: Callable[[ModelReport], None]) -> None:
+    def subscribe(self, listener: Callable[[ModelOnNode], None]) -> None:
         self._listeners.append(listener)
 
-    def get(self, model_id: str) -> ModelReport:
-        return self._states.get(model_id, ModelReport(model_id))
+    def get(self, model_id: str) -> ModelOnNode:
+        return self._states.get(model_id, ModelOnNode("", model_id))
 
     def set(
         self, model_id: str, state: ModelState, *, downloaded: int = 0, total: int = 0, error: str = ""
     ) -> None:
-        new = ModelReport(model_id, state, downloaded, total, error)
+        new = ModelOnNode("", model_id, state, downloaded, total, error)
         if self._states.get(model_id) == new:
             return
         self._states[model_id] = new
@@ -55,9 +45,9 @@ class ModelStates:
         if old is not None:
             self._notify(replace(old, state=ModelState.ABSENT, downloaded_bytes=0, error=""))
 
-    def snapshot(self) -> list[ModelReport]:
+    def snapshot(self) -> list[ModelOnNode]:
         return [self._states[k] for k in sorted(self._states)]
 
-    def _notify(self, state: ModelReport) -> None:
+    def _notify(self, state: ModelOnNode) -> None:
         for listener in self._listeners:
             listener(state)
