@@ -1,7 +1,8 @@
 """Keys, tokens and passwords held in memory: a type whose ``repr`` and ``str`` never show the value.
 
 A secret in a plain ``str`` reaches the log the first time something prints the object that holds it
-(a config, a request, a traceback's locals). Held as ``Secret``, it prints as ``Secret('**********')``
+(a config, a request, a traceback's locals). Held as ``Secret`` (pydantic's
+``SecretStr`` with constant-time comparison), it prints as ``Secret('**********')``
 wherever it goes; the value is read only where it is sent or compared, through ``reveal()``.
 """
 
@@ -11,45 +12,44 @@ import hmac
 from typing import Final
 from urllib.parse import urlsplit
 
+from pydantic import SecretStr
+
 MASK: Final = "**********"
 
 
-class Secret:
-    """One secret value; falsy when empty, equal to another ``Secret`` of the same value."""
-
-    __slots__ = ("_value",)
+class Secret(SecretStr):
+    """One secret value: pydantic's ``SecretStr`` (settings fields of this type validate into it and print
+    masked), with a default of empty, ``reveal()``, and comparisons in constant time."""
 
     def __init__(self, value: str = "") -> None:
-        self._value = value
+        super().__init__(value)
 
     def reveal(self) -> str:
         """The value itself, for the one place that sends or compares it."""
-        return self._value
+        return self.get_secret_value()
 
     def matches(self, presented: str | None) -> bool:
         """Whether ``presented`` is this secret (never true for an empty one), in constant time."""
-        if presented is None or not self._value:
+        value = self.get_secret_value()
+        if presented is None or not value:
             return False
-        return hmac.compare_digest(presented.encode(), self._value.encode())
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
+        return hmac.compare_digest(presented.encode(), value.encode())
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
+        if not isinstance(other, SecretStr):
             return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
+        return hmac.compare_digest(self.get_secret_value().encode(), other.get_secret_value().encode())
 
     def __hash__(self) -> int:
-        return hash((Secret, self._value))
+        return hash((Secret, self.get_secret_value()))
 
     def __repr__(self) -> str:
-        return f"Secret('{MASK}')" if self._value else "Secret('')"
+        return f"Secret('{MASK}')" if self.get_secret_value() else "Secret('')"
 
     __str__ = __repr__
 
     def __reduce__(self) -> tuple[type[Secret], tuple[str]]:  # pragma: no cover  # pickled as itself
-        return Secret, (self._value,)
+        return Secret, (self.get_secret_value(),)
 
 
 def secret_or_none(value: str | None) -> Secret | None:

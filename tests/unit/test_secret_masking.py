@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from pydantic import BaseModel, SecretStr
 
 from common.config import load_node_config
 from common.logs import configure_logging, mask_text
@@ -30,6 +31,17 @@ def test_a_secret_prints_masked_wherever_it_is_held() -> None:
     assert secret.matches(KEY) and not secret.matches("guess") and not secret.matches(None)
     assert not Secret().matches("") and not Secret()
     assert secret == Secret(KEY) and secret != Secret("other")
+
+
+def test_a_secret_is_pydantics_secret_str_and_validates_and_dumps_masked() -> None:
+    class Holder(BaseModel):
+        token: Secret | None = None
+
+    held = Holder.model_validate({"token": KEY})
+    assert isinstance(held.token, Secret) and isinstance(held.token, SecretStr)
+    assert held.token.reveal() == KEY == held.token.get_secret_value()
+    assert KEY not in repr(held) and KEY not in held.model_dump_json()
+    assert held.token == SecretStr(KEY) and held.token != SecretStr("other")
 
 
 def test_a_node_config_prints_without_its_tokens(tmp_path: Path) -> None:
