@@ -23,6 +23,7 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from common.completion import complete_path
 from common.secret import Secret, masked_url
 
 S = TypeVar("S", bound=BaseSettings)
@@ -305,15 +306,18 @@ def add_flags(
         info = schema.model_fields[name]
         spec = spec_of(info)
         kwargs: dict[str, Any] = {"dest": name, "default": default, "help": flag_help(schema, name)}
+        is_path = info.annotation is Path or Path in get_args(info.annotation)
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif spec.repeatable:
             kwargs.update(action="append", metavar="KEY=VALUE")
-        elif info.annotation is Path or Path in get_args(info.annotation):
+        elif is_path:
             kwargs.update(type=Path, metavar=name.removesuffix("_path").upper())  # any text is a path
         else:
             kwargs["metavar"] = name.removesuffix("_s").removesuffix("_path").upper()
-        parser.add_argument(spec.flag, **kwargs)
+        action = parser.add_argument(spec.flag, **kwargs)
+        if is_path:
+            complete_path(action, directory=name.endswith(("_dir", "home")))
 
 
 def flagged(schema: type[BaseSettings]) -> list[str]:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from common.completion import add_completion
 from common.config import NodeConfig, NodeSchema, load_node_config
 from common.console_output import TransferProgress, console, print_table
 from common.logs import configure_logging
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action=VersionAction)
+    add_completion(p)
     # The top level holds every node option (None when absent); a command's own copy of an option
     # is SUPPRESSed when absent, so ``xllm --models-dir D serve`` keeps D instead of resetting it.
     _serve_flags(_node_flags(p, None), None)

@@ -11,6 +11,7 @@ import grpc
 
 from balancer.cli import config, keys, models, nodes, pull, serve
 from balancer.cli.client import CLIENT_ENV_HELP, ClientSettings, client_settings, describe_rpc_error, dial
+from common.completion import add_completion
 from common.errors import LlmlbError
 from common.pb.llmlb.v1 import registry_pb2_grpc as rgrpc
 from common.version import VersionAction
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action=VersionAction)
+    add_completion(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     config.add_parser(sub)
