@@ -50,7 +50,7 @@ from devkit import packaged_models
 from devkit.fake_hub import FakeHub
 from devkit.model_files import CACHE, catalogue_model
 from devkit.ports import free_port
-from node.server import assemble
+from node.process import assemble
 
 ROOT = Path(__file__).resolve().parents[1]
 # The node's XLLM_AUTH_TOKEN: the "node" path calls it directly, and its port refuses callers without one.

@@ -148,7 +148,7 @@ async def _pull(
 ) -> list[dict[str, Any]]:
     from common.errors import LlmlbError
     from node.downloader import Progress
-    from node.server import assemble
+    from node.process import assemble
 
     parts = assemble(config, address="")
     if progress is not None:
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if args.command == "pull":
         return _pull_command(config, args.model_ids, as_json=args.json)
-    from node.server import serve
+    from node.process import serve
 
     try:
         asyncio.run(serve(config))

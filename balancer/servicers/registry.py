@@ -1,7 +1,7 @@
 """gRPC ``Registry`` servicer: converts messages to and from plain types and calls transport-neutral code.
 
 The catalogue (``balancer.catalog``), the fleet-aware views (``balancer.control``), node operations
-(``balancer.fleet.nodes``) and the node-session protocol (``balancer.fleet.session``) hold the logic.
+(``balancer.fleet.nodes``) and the node-session protocol (``balancer.fleet.protocol``) hold the logic.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from balancer import control, deployments
 from balancer.catalog import RegisterRequest
 from balancer.control import ModelView, NodeView
 from balancer.edge.caller import caller
-from balancer.fleet import nodes, session
+from balancer.fleet import nodes, protocol
 from balancer.fleet.token import Grant
 from balancer.fleet.view import NodeLoad
 from balancer.parts import BalancerParts
@@ -54,34 +54,34 @@ def _load_to_pb(load: NodeLoad) -> pb.NodeLoad:
     )
 
 
-def _node_message_from_pb(msg: rpb.NodeMessage) -> session.NodeMessage:
+def _node_message_from_pb(msg: rpb.NodeMessage) -> protocol.NodeMessage:
     kind = msg.WhichOneof("body")
     if kind == "hello":
-        return session.Hello(msg.hello.node_id)
+        return protocol.Hello(msg.hello.node_id)
     if kind == "heartbeat":
         beat = msg.heartbeat
-        return session.Heartbeat(
+        return protocol.Heartbeat(
             _load_from_pb(beat.load),
             tuple(map(converters.model_on_node_from_pb, beat.models)),
             beat.draining,
             beat.stopping,
         )
     if kind == "model_state":
-        return session.ModelReported(converters.model_on_node_from_pb(msg.model_state))
+        return protocol.ModelReported(converters.model_on_node_from_pb(msg.model_state))
     if kind == "prefixes":
-        return session.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
+        return protocol.PrefixesReported(msg.prefixes.model_id, tuple(msg.prefixes.hashes))
     if kind == "ack":
-        return session.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
+        return protocol.CommandAck(msg.ack.command_id, msg.ack.ok, msg.ack.error)
     if kind == "local_models":
         # At most MAX_LOCAL_MODELS are read: a report is one gRPC message, bounded by its size anyway.
-        models = msg.local_models.models[: session.MAX_LOCAL_MODELS]
-        return session.LocalModelsReported(tuple(converters.model_from_pb(m) for m in models))
-    return session.Unrecognised(kind or "")
+        models = msg.local_models.models[: protocol.MAX_LOCAL_MODELS]
+        return protocol.LocalModelsReported(tuple(converters.model_from_pb(m) for m in models))
+    return protocol.Unrecognised(kind or "")
 
 
 async def _node_messages(
     request_iterator: AsyncIterator[rpb.NodeMessage],
-) -> AsyncIterator[session.NodeMessage]:
+) -> AsyncIterator[protocol.NodeMessage]:
     async for msg in request_iterator:
         yield _node_message_from_pb(msg)
 
@@ -112,12 +112,12 @@ def _grant_to_pb(grant: Grant) -> rpb.FleetToken:
     )
 
 
-def _balancer_message_to_pb(out: session.BalancerMessage) -> rpb.BalancerMessage:
-    if isinstance(out, session.Accepted):
+def _balancer_message_to_pb(out: protocol.BalancerMessage) -> rpb.BalancerMessage:
+    if isinstance(out, protocol.Accepted):
         return rpb.BalancerMessage(
             accepted=rpb.SessionAccepted(node_id=out.node_id, heartbeat_interval_ms=out.heartbeat_interval_ms)
         )
-    if isinstance(out, session.Tokens):
+    if isinstance(out, protocol.Tokens):
         return rpb.BalancerMessage(fleet_token=_grant_to_pb(out.grant))
     return rpb.BalancerMessage(command=_command_to_pb(out))
 
@@ -277,7 +277,7 @@ class RegistryServicer(rgrpc.RegistryServicer):
     ) -> AsyncIterator[rpb.BalancerMessage]:
         # aclosing: when grpc drops the stream, the session closes now, not whenever it is collected.
         messages = _node_messages(request_iterator)
-        async with aclosing(session.serve(self._parts, messages, caller())) as outgoing:
+        async with aclosing(protocol.serve(self._parts, messages, caller())) as outgoing:
             async for out in outgoing:
                 yield _balancer_message_to_pb(out)
 

@@ -29,7 +29,7 @@ from common.pb.llmlb.v1 import registry_pb2 as rpb
 from common.pb.llmlb.v1 import types_pb2 as pb
 from devkit.fake_hub import FakeHub, gguf_blob
 from node.pieces import held_bytes
-from node.server import assemble
+from node.process import assemble
 from tests.fixtures.eventually import eventually
 from tests.integration.conftest import (
     DIRECT_TOKEN,

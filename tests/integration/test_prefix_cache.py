@@ -25,9 +25,9 @@ from devkit.model_files import ModelFiles
 from node.hardware import Hardware
 from node.model_book import ModelBook
 from node.pool import ModelPool, PoolSettings
+from node.process import node_gauges
 from node.runtimes.base import LoadContext, RuntimeSettings
 from node.runtimes.llama import LlamaRuntime
-from node.server import node_gauges
 from node.servicers.inference import NodeInferenceServicer
 
 pytestmark = pytest.mark.slow

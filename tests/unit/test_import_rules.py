@@ -82,7 +82,7 @@ STATE_OWNERS = (
     "balancer.fleet.view",
     "balancer.fleet.sessions",
     "balancer.fleet.rows",
-    "balancer.fleet.session",
+    "balancer.fleet.protocol",
     "balancer.fleet.owners",
     "balancer.fleet.nodes",
 )

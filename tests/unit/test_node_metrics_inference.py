@@ -28,8 +28,8 @@ from common.types import FileFormat, ManifestFile, Model, ModelSource, ModelStat
 from node.downloader import Downloader
 from node.model_book import ModelBook
 from node.pool import ModelPool, PoolSettings
+from node.process import node_gauges
 from node.runtimes.engines import Engines
-from node.server import node_gauges
 from node.servicers.inference import NodeInferenceServicer
 from node.storage import Storage
 from tests.fixtures.eventually import eventually_async

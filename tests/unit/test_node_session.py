@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from balancer.fleet import session
+from balancer.fleet import protocol
 from balancer.fleet.view import Fleet
 from balancer.parts import BalancerParts
 from balancer.store import Store
@@ -35,15 +35,15 @@ async def parts(tmp_path: Path) -> AsyncIterator[BalancerParts]:
         yield built
 
 
-async def hello_then_silence() -> AsyncIterator[session.NodeMessage]:
+async def hello_then_silence() -> AsyncIterator[protocol.NodeMessage]:
     """A node that says hello and then nothing (its heartbeats do not matter before it is cancelled)."""
-    yield session.Hello(NODE)
+    yield protocol.Hello(NODE)
     await asyncio.Event().wait()
 
 
 async def handle_stream(parts: BalancerParts) -> None:
     """What the gRPC servicer does with a stream: run the session and send everything it yields."""
-    async with aclosing(session.serve(parts, hello_then_silence())) as outgoing:
+    async with aclosing(protocol.serve(parts, hello_then_silence())) as outgoing:
         async for _ in outgoing:
             pass
 
@@ -94,11 +94,11 @@ async def test_a_handler_cancelled_while_its_session_closes_still_stores_the_nod
         await gate.wait()
         return await real(*args, **kwargs)
 
-    async def hello_then_gone() -> AsyncIterator[session.NodeMessage]:
-        yield session.Hello(NODE)
+    async def hello_then_gone() -> AsyncIterator[protocol.NodeMessage]:
+        yield protocol.Hello(NODE)
 
     async def handle() -> None:
-        async with aclosing(session.serve(parts, hello_then_gone())) as outgoing:
+        async with aclosing(protocol.serve(parts, hello_then_gone())) as outgoing:
             async for _ in outgoing:
                 pass
 

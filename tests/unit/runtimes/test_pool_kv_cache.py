@@ -7,9 +7,9 @@ from pathlib import Path
 
 from common.types import Capability, FileFormat
 from node.pool import ModelPool, PoolSettings
+from node.process import pool_load
 from node.runtimes.base import LoadContext, RuntimeSpec
 from node.runtimes.engines import Engines
-from node.server import pool_load
 from tests.unit.runtimes.test_pool import CPU, CounterRuntime, counter_model
 
 
