@@ -1,28 +1,24 @@
-"""The balancer's gRPC ``Inference`` door: protobuf in, the inference plane, protobuf out.
-
-Admission, limits, metrics, routing and the request's span are the plane's (``balancer.edge.plane``),
-shared with the HTTP door; this servicer only converts, and tells the plane the caller's trace context,
-its deadline (``balancer.edge.deadline``: it travels to the node) and where a limited key's rate-limit
-headers go (trailing metadata, with the status). A caller that goes away cancels the node's work.
-"""
+"""The balancer's gRPC ``Inference`` door: protobuf in, the inference plane (``balancer.edge.plane``:
+admission, limits, metrics, routing, the span), protobuf out. The door gives the plane the caller's trace
+context, its deadline and where a limited key's rate-limit headers go (trailing metadata)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 import grpc.aio
 
 from balancer.edge.deadline import time_left
-from balancer.edge.plane import CHAT, COMPLETE, EMBED, IMAGE, SPEAK, TRANSCRIBE, Door, InferencePlane
+from balancer.edge.plane import CHAT, COMPLETE, EMBED, IMAGE, SPEAK, TRANSCRIBE, Door, InferencePlane, Kind
 from common import inference_pb as conv
 from common import tracing
-from common.pb.llmlb.v1 import inference_pb2 as ipb
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from common.rpc import rpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Convert = Callable[[Any], Any]  # protobuf to the plane's types, or back
 
 
 def _door(context: Context) -> Door:
@@ -34,49 +30,37 @@ def _door(context: Context) -> Door:
     )
 
 
+def _streamed(name: str, kind: Kind[Any, Any], parse: Convert, encode: Convert) -> Any:
+    """The servicer method ``name``: a stream of ``kind`` through the plane, each item encoded."""
+
+    async def method(self: RoutedInferenceServicer, request: Any, context: Context) -> AsyncIterator[Any]:
+        async with aclosing(self.plane.stream(kind, _door(context), parse, request)) as items:
+            async for item in items:
+                yield encode(item)
+
+    method.__name__ = name
+    return rpc_errors(method)
+
+
+def _unary(name: str, kind: Kind[Any, Any], parse: Convert, encode: Convert) -> Any:
+    """The servicer method ``name``: one call of ``kind`` through the plane, its answer encoded."""
+
+    async def method(self: RoutedInferenceServicer, request: Any, context: Context) -> Any:
+        return encode(await self.plane.unary(kind, _door(context), parse, request))
+
+    method.__name__ = name
+    return rpc_errors(method)
+
+
 class RoutedInferenceServicer(igrpc.InferenceServicer):
     """Each call: its request converted, answered by ``plane`` (routed to a node), its answer converted."""
 
     def __init__(self, plane: InferencePlane) -> None:
-        self._plane = plane
+        self.plane = plane
 
-    @rpc_errors
-    async def Chat(self, request: ipb.ChatRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        async with aclosing(
-            self._plane.stream(CHAT, _door(context), conv.chat_request_from_pb, request)
-        ) as items:
-            async for chunk in items:
-                yield conv.text_chunk_to_pb(chunk)
-
-    @rpc_errors
-    async def Complete(self, request: ipb.CompleteRequest, context: Context) -> AsyncIterator[ipb.TextChunk]:
-        async with aclosing(
-            self._plane.stream(COMPLETE, _door(context), conv.complete_request_from_pb, request)
-        ) as items:
-            async for chunk in items:
-                yield conv.text_chunk_to_pb(chunk)
-
-    @rpc_errors
-    async def Speak(self, request: ipb.SpeakRequest, context: Context) -> AsyncIterator[ipb.AudioChunk]:
-        async with aclosing(
-            self._plane.stream(SPEAK, _door(context), conv.speak_request_from_pb, request)
-        ) as items:
-            async for chunk in items:
-                yield conv.audio_chunk_to_pb(chunk)
-
-    @rpc_errors
-    async def Embed(self, request: ipb.EmbedRequest, context: Context) -> ipb.EmbedResponse:
-        answer = await self._plane.unary(EMBED, _door(context), conv.embed_request_from_pb, request)
-        return conv.embed_response_to_pb(answer)
-
-    @rpc_errors
-    async def Transcribe(self, request: ipb.TranscribeRequest, context: Context) -> ipb.TranscribeResponse:
-        answer = await self._plane.unary(TRANSCRIBE, _door(context), conv.transcribe_request_from_pb, request)
-        return conv.transcript_to_pb(answer)
-
-    @rpc_errors
-    async def GenerateImage(
-        self, request: ipb.GenerateImageRequest, context: Context
-    ) -> ipb.GenerateImageResponse:
-        answer = await self._plane.unary(IMAGE, _door(context), conv.image_request_from_pb, request)
-        return conv.image_response_to_pb(answer)
+    Chat = _streamed("Chat", CHAT, conv.chat_request_from_pb, conv.text_chunk_to_pb)
+    Complete = _streamed("Complete", COMPLETE, conv.complete_request_from_pb, conv.text_chunk_to_pb)
+    Speak = _streamed("Speak", SPEAK, conv.speak_request_from_pb, conv.audio_chunk_to_pb)
+    Embed = _unary("Embed", EMBED, conv.embed_request_from_pb, conv.embed_response_to_pb)
+    Transcribe = _unary("Transcribe", TRANSCRIBE, conv.transcribe_request_from_pb, conv.transcript_to_pb)
+    GenerateImage = _unary("GenerateImage", IMAGE, conv.image_request_from_pb, conv.image_response_to_pb)
