@@ -23,7 +23,7 @@ from balancer.fleet.sessions import NodeSessions
 from balancer.fleet.token import FleetTokens
 from balancer.fleet.view import Fleet
 from balancer.http.app import create_app
-from balancer.http.serving import HttpServer, start_http
+from balancer.http.serving import start_http
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
@@ -34,6 +34,7 @@ from balancer.servicers.manifest import ManifestServicer
 from balancer.servicers.registry import RegistryServicer
 from balancer.store import Store
 from common import tracing
+from common.asgi_serving import AsgiServer
 from common.channels import server_credentials
 from common.config import BalancerConfig
 from common.metrics import BalancerMetrics
@@ -65,7 +66,7 @@ class Balancer:
     server: grpc.aio.Server
     health: Any  # grpc_health's asyncio servicer ships without type stubs
     port: int
-    http: HttpServer | None
+    http: AsgiServer | None
     clients: NodeClients
     bulk: BulkProxy | None = None
 

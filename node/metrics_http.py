@@ -7,21 +7,16 @@ its head size capped lower still.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import math
-import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import structlog
-import uvicorn
 from prometheus_client import make_asgi_app
 from prometheus_client.registry import Collector
 
+from common.asgi_serving import AsgiServer, serve_asgi
 from common.config import DEFAULT_HTTP_LIMITS, HttpLimits
-from common.http_protocol import limited_protocol
 
 log = structlog.get_logger(__name__)
 
@@ -107,19 +102,6 @@ def metrics_app(registry: Collector) -> Asgi:
     return app
 
 
-def _bound_socket(host: str, port: int) -> socket.socket:
-    """The port bound here, so a port in use raises ``OSError`` (uvicorn, binding it, would exit)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class MetricsHttpServer:
     """Serves ``registry`` at ``GET /metrics`` until ``stop``."""
 
@@ -128,50 +110,30 @@ class MetricsHttpServer:
         self._limits = dataclasses.replace(
             limits, max_header_bytes=min(limits.max_header_bytes, MAX_HEAD_BYTES)
         )
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._server: AsgiServer | None = None
         self.address = ""
         self.port = 0
 
     async def start(self, listen: str) -> str:
         """Binds ``listen`` (port 0: any free port) and returns the bound ``host:port``."""
         host, port = split_listen(listen)
-        sock = _bound_socket(host, port)
-        config = uvicorn.Config(
+        self._server = await serve_asgi(
             self._app,
-            log_config=None,  # structlog owns logging
-            access_log=False,
-            lifespan="off",
+            host,
+            port,
+            self._limits,
+            graceful_s=STOP_GRACE_S,
             ws="none",
             proxy_headers=False,
             server_header=False,
-            http=limited_protocol(self._limits),
-            timeout_keep_alive=math.ceil(self._limits.keepalive_timeout_s),  # uvicorn counts whole seconds
-            timeout_graceful_shutdown=STOP_GRACE_S,
         )
-        server = uvicorn.Server(config)
-        # The node owns SIGINT/SIGTERM; uvicorn must not replace its handlers.
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:  # uvicorn says nothing else when it is ready
-            if task.done():
-                sock.close()
-                await task  # raises what stopped it
-                raise OSError(f"cannot serve metrics on {listen}")
-            await asyncio.sleep(0.01)
-        self._server, self._task = server, task
-        bound_host, self.port = sock.getsockname()[:2]
-        self.address = join_address(bound_host, self.port)
+        self.port = self._server.port
+        self.address = join_address(self._server.host, self.port)
         return self.address
 
     async def stop(self) -> None:
         """Stops listening and ends open connections (an idle scraper does not hold up the stop)."""
-        if self._server is None or self._task is None:
+        if self._server is None:
             return
-        self._server.should_exit = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE_S + 1)
-        if not self._task.done():
-            self._server.force_exit = True
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._server = self._task = None
+        await self._server.stop(STOP_GRACE_S + 1)
+        self._server = None
