@@ -40,8 +40,7 @@ class Secret(SecretStr):
             return NotImplemented
         return hmac.compare_digest(self.get_secret_value().encode(), other.get_secret_value().encode())
 
-    def __hash__(self) -> int:
-        return hash((Secret, self.get_secret_value()))
+    __hash__ = SecretStr.__hash__  # equal to a SecretStr of the same value, so hashed as one
 
     def __repr__(self) -> str:
         return f"Secret('{MASK}')" if self.get_secret_value() else "Secret('')"

@@ -42,6 +42,7 @@ def test_a_secret_is_pydantics_secret_str_and_validates_and_dumps_masked() -> No
     assert held.token.reveal() == KEY == held.token.get_secret_value()
     assert KEY not in repr(held) and KEY not in held.model_dump_json()
     assert held.token == SecretStr(KEY) and held.token != SecretStr("other")
+    assert {held.token, SecretStr(KEY)} == {SecretStr(KEY)}  # equal values hash alike
 
 
 def test_a_node_config_prints_without_its_tokens(tmp_path: Path) -> None:
