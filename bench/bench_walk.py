@@ -2,7 +2,8 @@
 
 The balancer runs in this process with a profiler hook (``sys.setprofile``) on, an echo node
 (``devkit.echo_node``) in a second process; after a few warm-up requests, one non-streamed chat
-request is sent through each door and every call and return in the balancer's modules is recorded.
+request is sent through each door (and a streamed one through HTTP; gRPC's ``Chat`` always streams) and
+every call and return in the balancer's modules is recorded.
 The walk runs from the door's handler to the router's first call, in the request's own task. A module
 is *left* once no frame of it remains (a coroutine suspended at an ``await`` is still on the walk);
 *re-entered* is a new call into a module that was left. Goal (the inference-plane step): each module
@@ -32,7 +33,11 @@ from devkit.request_walk import Recorder, Walk, walk_of
 
 MODEL = "gemma-3-270m"
 WARMUP = 5
-DOORS = {"http": "balancer.http.openai_routes", "grpc": "balancer.servicers.inference"}
+DOORS = {
+    "http": "balancer.http.openai_routes",
+    "http, streamed": "balancer.http.openai_routes",
+    "grpc": "balancer.servicers.inference",
+}
 
 
 def _node_main(conn: Any, balancer: str, key: str) -> None:
@@ -78,11 +83,18 @@ async def _walks() -> dict[str, Walk]:
                 async def http() -> None:
                     (await client.post("/v1/chat/completions", json=body)).raise_for_status()
 
+                async def http_streamed() -> None:
+                    streamed = {**body, "stream": True}
+                    async with client.stream("POST", "/v1/chat/completions", json=streamed) as answer:
+                        answer.raise_for_status()
+                        async for _ in answer.aiter_bytes():
+                            pass
+
                 async def grpc_door() -> None:
                     async for _ in stub.Chat(message, metadata=bearer_metadata(key), timeout=30):
                         pass
 
-                for name, send in (("http", http), ("grpc", grpc_door)):
+                for name, send in (("http", http), ("http, streamed", http_streamed), ("grpc", grpc_door)):
                     for attempt in range(40):  # until the node has registered and the model is ready
                         try:
                             await send()

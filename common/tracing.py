@@ -180,6 +180,26 @@ def start(
     return _state.tracer.start_span(name, parent, kind, attributes)
 
 
+@contextlib.contextmanager
+def serving(
+    name: str,
+    parent: Callable[[], Context | None],
+    attributes: Mapping[str, str | int | float | bool],
+) -> Iterator[Span]:
+    """A request's server span, current for the ``with`` block, child of the context ``parent()`` reads
+    from what the caller sent (read only while tracing is on). The block does not end it: the request's
+    outcome does (``finish``), which for a stream comes after the block."""
+    if not _state.on:
+        yield INVALID_SPAN
+        return
+    started = _state.tracer.start_span(name, parent(), SpanKind.SERVER, attributes)
+    token = otel_context.attach(trace.set_span_in_context(started))
+    try:
+        yield started
+    finally:
+        otel_context.detach(token)
+
+
 def span(name: str, attributes: Mapping[str, str | int | float | bool] | None = None) -> Any:
     """A span current for the ``with`` block it opens, child of the current span, ended with the
     block's outcome (``outcome_of`` its exception: the code only, since a message may quote input)."""

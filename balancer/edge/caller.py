@@ -23,9 +23,3 @@ def set_caller(key: ApiKey | None) -> None:
 def caller() -> ApiKey | None:
     """The key behind the current request, if any."""
     return _CALLER.get()
-
-
-def caller_key_id() -> str:
-    """The current key's id, or "" for a request made without one (auth off)."""
-    key = _CALLER.get()
-    return key.id if key is not None else ""

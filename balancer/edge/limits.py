@@ -175,12 +175,15 @@ class KeyLimiter:
         if key is not None and key.limits.models and model not in key.limits.models:
             raise LlmlbError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} not found")
 
-    async def admit(self, key: ApiKey | None) -> tuple[KeyState | None, Headers]:
-        """Takes a slot for one request of ``key``, or refuses it (429 with headers and Retry-After).
+    async def admit(self, key: ApiKey | None, model: str | None = None) -> tuple[KeyState | None, Headers]:
+        """Takes a slot for one request of ``key`` (for ``model``, when given: ``check_model``), or
+        refuses it (429 with headers and Retry-After).
 
         Returns the key's state (to hand back to ``finished``) and the rate-limit headers of the answer;
         (None, ()) for a key without limits.
         """
+        if model is not None:
+            self.check_model(key, model)
         if key is None or not key.limits.any:
             return None, ()
         state = self._keys.get(key.id)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Generic, Protocol, TypeVar
 
-from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from balancer.edge.admission import admit
-from balancer.edge.caller import caller, caller_key_id
+from balancer.edge.caller import caller
 from balancer.edge.labels import Labels
 from balancer.edge.limits import Headers, KeyLimiter, KeyState
 from common import tracing
@@ -33,7 +33,19 @@ from common.inference import InferenceRequest, Usage
 from common.metrics import BalancerMetrics
 
 R = TypeVar("R", bound=InferenceRequest)
+C = TypeVar("C")
 OK = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Asked(Generic[R, C]):
+    """A request as its door parsed it: what the plane answers, whether the caller asked for the answer
+    as it comes (``stream``: a streamed kind's items, else all of them at once), and what the door keeps
+    for encoding its answer (``keep``: e.g. a response format)."""
+
+    request: R
+    stream: bool
+    keep: C
 
 
 class Sink(Protocol):
@@ -122,47 +134,53 @@ class Observer:
         self._limiter = limiter
         self._sinks = (*sinks, limiter) if limiter is not None else sinks
 
-    def call(self, door: str, route: str, parent: Context | None = None, method: str = "") -> ObservedCall:
-        """A new call, made by the key the door's access check let in; ``parent`` is the trace context
-        the caller sent (``tracing.from_headers`` / ``from_metadata``); ``method`` names the HTTP request
-        for the access log."""
-        span: Span = INVALID_SPAN
-        if tracing.enabled():
-            span = tracing.start(
-                f"{door} {route}",
-                kind=SpanKind.SERVER,
-                parent=parent,
-                attributes={"llmlb.door": door, "llmlb.route": route},
-            )
-        return ObservedCall(
+    async def admit(
+        self,
+        door: str,
+        route: str,
+        parse: Callable[[], Awaitable[Asked[R, C]]],
+        *,
+        method: str = "",
+        span: Span = INVALID_SPAN,
+        started: float | None = None,
+    ) -> tuple[ObservedCall, Asked[R, C]]:
+        """A new call by the key the door's access check let in: ``parse()`` (the door's own parsing),
+        then admission (``edge.admission.admit``) and the caller's limits (``edge.limits``); the admitted
+        model is then the call's label.
+
+        ``method`` names the HTTP request for the access log; ``span`` is the request's span
+        (``tracing.serving``); ``started`` when the door took the request. A request the door cannot
+        parse, or a refusal, is recorded here once (unlabelled, since no model was admitted) and raised.
+        """
+        key = caller()
+        call = ObservedCall(
             self.metrics,
             self._labels,
             door,
             route,
-            key_id=caller_key_id(),
+            key_id=key.id if key is not None else "",
             method=method,
             sinks=self._sinks,
             span=span,
         )
-
-    async def admit(self, call: ObservedCall, request: R) -> R:
-        """``request`` through admission (``edge.admission.admit``) and the caller's limits
-        (``edge.limits``), its model then the call's label.
-
-        A refusal propagates to the request's ``edge.plane.Exchange``, which counts it once (unlabelled,
-        since the model was never admitted).
-        """
-        with tracing.span("admit") as span:
-            request = admit(request)
-            if span.is_recording():
-                span.set_attributes({"llmlb.model": request.model, "llmlb.request_id": request.request_id})
-                call.span.set_attribute("llmlb.request_id", request.request_id)
-            if self._limiter is not None:
-                key = caller()
-                self._limiter.check_model(key, request.model)
-                call.limited, call.headers = await self._limiter.admit(key)
+        if started is not None:
+            call.started = started
+        try:
+            asked = await parse()
+            with tracing.span("admit") as admitting:
+                request = admit(asked.request)
+                if admitting.is_recording():
+                    admitting.set_attributes(
+                        {"llmlb.model": request.model, "llmlb.request_id": request.request_id}
+                    )
+                    span.set_attribute("llmlb.request_id", request.request_id)
+                if self._limiter is not None:
+                    call.limited, call.headers = await self._limiter.admit(key, request.model)
+        except BaseException as exc:
+            await self.failed(call, exc)
+            raise
         call.model = request.model
-        return request
+        return call, replace(asked, request=request)
 
     async def failed(self, call: ObservedCall, error: BaseException) -> None:
         """Records a refused or failed request; an unknown model name is never a label."""

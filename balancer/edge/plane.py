@@ -2,19 +2,20 @@
 
 Built once per balancer (``balancer.parts``), it owns admission, the callers' limits, the observer and
 its sinks (metrics, usage, history, access log, traces) and the router. A door only parses and
-encodes: it opens an ``Exchange`` for a ``Kind`` of call, parses the request inside it (so a refusal is
-counted like any other outcome), and asks the exchange for a ``unary``, ``whole`` or ``stream``
-answer. A stream comes back as one ``Stream`` that records its first token, tokens, outcome and
-cancellation itself, however the door consumes it; a caller going away reaches it as cancellation.
+encodes: it makes one call, ``InferencePlane.answer``, with a ``Kind`` of call, its ``Door``, its
+parser and its encoder, and the plane does the rest in order (span, parse, admission and limits, the
+router, encode), entering each of its parts once. A stream comes back to the encoder as one ``Stream``
+that records its first token, tokens, outcome and cancellation itself, however the door consumes it; a
+caller going away reaches it as cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
-from types import TracebackType
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
@@ -22,7 +23,7 @@ from opentelemetry.context import Context
 
 from balancer.edge.labels import Labels
 from balancer.edge.limits import Headers, KeyLimiter
-from balancer.edge.observe import OK, ObservedCall, Observer, Sink
+from balancer.edge.observe import OK, Asked, ObservedCall, Observer, Sink
 from balancer.router import Router
 from common import tracing
 from common.errors import LlmlbError
@@ -47,7 +48,7 @@ log = structlog.get_logger(__name__)
 R = TypeVar("R", bound=InferenceRequest)
 T = TypeVar("T")
 X = TypeVar("X")
-M = TypeVar("M")  # a request as its door received it
+C = TypeVar("C")  # what a door keeps from parsing for its answer
 Timeout = float | None
 
 
@@ -65,12 +66,16 @@ def _no_deadline() -> Timeout:
     return None
 
 
+def _no_parent() -> Context | None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Door:
     """What a door says of one request: its name, the caller's trace context, its deadline."""
 
     name: str  # "http" or "grpc": the metrics' door label
-    parent: Context | None = None  # the trace context the caller sent
+    parent: Callable[[], Context | None] = _no_parent  # the trace context the caller sent, read if traced
     method: str = ""  # e.g. "POST /v1/chat/completions", for the access log
     deadline: Callable[[], Timeout] = _no_deadline  # seconds left, read once the request is admitted
     watch: Watch = _as_is
@@ -125,6 +130,32 @@ def _usage(item: Any) -> tuple[Usage | None, str]:
     return getattr(item, "usage", None), ""
 
 
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[R, T, C]):
+    """What the plane hands a door's encoder: the admitted request, the caller's rate-limit headers, what
+    the door kept from parsing, and the answer: ``items`` (a unary kind's one answer, or a streamed
+    kind's items all at once) or ``stream`` (as they come)."""
+
+    request: R  # as admitted: its model id in normal form, its request id given or minted
+    headers: Headers  # a limited key's rate-limit headers (none for a key without limits)
+    keep: C
+    items: list[T]
+    stream: Stream[T] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def model(self) -> str:
+        return self.request.model
+
+    @property
+    def one(self) -> T:
+        """A unary kind's answer."""
+        return self.items[0]
+
+
 class InferencePlane:
     """Admission, the callers' limits, the observer with its sinks, and the router, for both doors."""
 
@@ -139,113 +170,75 @@ class InferencePlane:
         self.router = router
         self.observer = Observer(metrics, labels, sinks, limiter)
 
-    def open(self, kind: Kind[R, T], door: Door) -> Exchange[R, T]:
-        """A new request of ``kind`` through ``door``; use it as ``async with``."""
-        call = self.observer.call(door.name, kind.route, door.parent, method=door.method)
-        return Exchange(self, kind, door, call)
+    async def answer(
+        self,
+        kind: Kind[R, T],
+        door: Door,
+        parse: Callable[[], Awaitable[Asked[R, C]]],
+        encode: Callable[[Answer[R, T, C]], X],
+    ) -> X:
+        """One request of ``kind`` through ``door``, start to end: ``parse()`` (the door's parsing,
+        counted like any other outcome when it refuses), admission and limits, the router, then
+        ``encode`` of the answer, whose result is returned.
 
-    async def unary(self, kind: Kind[R, T], door: Door, parse: Callable[[M], R], message: M) -> T:
-        """The answer to ``parse(message)``, for a door that needs nothing else of the request."""
-        async with self.open(kind, door) as exchange:
-            return await exchange.unary(parse(message))
-
-    async def stream(
-        self, kind: Kind[R, T], door: Door, parse: Callable[[M], R], message: M
-    ) -> AsyncGenerator[T, None]:
-        """The items answering ``parse(message)``, for a door that needs nothing else of the request."""
-        async with self.open(kind, door) as exchange:
-            items = await exchange.stream(parse(message))
-        async with aclosing(items):
-            async for item in items:
-                yield item
-
-
-class Exchange(Generic[R, T]):
-    """One request through the plane, from its door's parsing to its answer's end.
-
-    Leaving the ``async with`` block records the outcome: an exception is the request's error (a
-    stream already handed out is closed), a normal exit is ``ok`` unless a stream was handed out,
-    which then records its own outcome when it ends.
-    """
-
-    def __init__(self, plane: InferencePlane, kind: Kind[R, T], door: Door, call: ObservedCall) -> None:
-        self._plane = plane
-        self._kind = kind
-        self._door = door
-        self.call = call
-        self.request_id = ""  # the admitted request's (admission gives one to a request that came without)
-        self._stream: Stream[T] | None = None
-
-    @property
-    def model(self) -> str:
-        """The admitted request's model id, in normal form."""
-        return self.call.model
-
-    @property
-    def headers(self) -> Headers:
-        """The caller's rate-limit headers (none for a key without limits), for its answer."""
-        return self.call.headers
-
-    async def __aenter__(self) -> Exchange[R, T]:
-        self._current = tracing.current(self.call.span)  # the request's span, while the door's task runs it
-        self._current.__enter__()
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._current.__exit__(kind, exc, tb)
-        if exc is not None:
-            if self._stream is not None:
-                await self._stream.close(exc)
-            await self._plane.observer.failed(self.call, exc)
-        elif self._stream is None:
-            self.call.done(OK)
-
-    async def _admitted(self, request: R) -> tuple[R, Timeout]:
-        admitted = await self._plane.observer.admit(self.call, request)
-        self.request_id = admitted.request_id
-        if self.call.headers and self._door.limited is not None:
-            self._door.limited(self.call.headers)
-        return admitted, self._door.deadline()
-
-    async def unary(self, request: R) -> T:
-        """The answer of a unary kind."""
-        assert self._kind.unary is not None, f"{self._kind.route} has no unary call"
-        request, timeout = await self._admitted(request)
-        result = await self._door.watch(self._kind.unary(self._plane.router, request, timeout))
-        usage, _ = _usage(result)
-        if usage is not None:
-            self.call.tokens(usage)
-        return result
-
-    async def whole(self, request: R) -> list[T]:
-        """A streamed kind's answer, all at once (retried elsewhere if a node fails before its end)."""
-        assert self._kind.whole is not None, f"{self._kind.route} has no whole call"
-        request, timeout = await self._admitted(request)
-        items = await self._door.watch(self._kind.whole(self._plane.router, request, timeout))
-        # The usage is on the stream's last item (the last that has one, to be lenient).
-        usage = next((u for u, _ in map(_usage, reversed(items)) if u is not None), None)
-        if usage is not None:
-            self.call.tokens(usage, _usage(items[-1])[1])
-        return items
-
-    async def stream(self, request: R) -> Stream[T]:
-        """A streamed kind's answer as it comes; returns once its first item is here (or it ended).
-
-        An error before the first item is raised here, so the door can still answer it as a plain error.
+        The request is recorded once: an error (here or in ``encode``) is its outcome and closes a
+        stream already made; otherwise it is ``ok``, unless the answer is a stream, which records its
+        own outcome when it ends. An error before a stream's first item is raised here, so the door
+        can still answer it as a plain error.
         """
-        assert self._kind.stream is not None, f"{self._kind.route} has no stream call"
-        request, timeout = await self._admitted(request)
-        items = self._kind.stream(self._plane.router, request, timeout)
-        try:
-            first = await self._door.watch(anext(items, None))
-        except BaseException:
-            await _close(items)
-            raise
-        self.call.first_chunk()
-        self._stream = Stream(self._plane.observer, self.call, first, items)
-        return self._stream
+        started = time.perf_counter()
+        attributes = {"llmlb.door": door.name, "llmlb.route": kind.route}
+        with tracing.serving(f"{door.name} {kind.route}", door.parent, attributes) as span:
+            observer = self.observer
+            call, asked = await observer.admit(
+                door.name, kind.route, parse, method=door.method, span=span, started=started
+            )
+            request, stream = asked.request, None
+            try:
+                if call.headers and door.limited is not None:
+                    door.limited(call.headers)
+                answer: Answer[R, T, C] = Answer(request, call.headers, asked.keep, [])
+                if kind.unary is not None:
+                    answer.items.append(await door.watch(kind.unary(self.router, request, door.deadline())))
+                    _count(call, answer.items)
+                elif asked.stream:
+                    assert kind.stream is not None, f"{kind.route} has no stream call"
+                    stream = await _first(
+                        call, observer, door, kind.stream(self.router, request, door.deadline())
+                    )
+                    answer = replace(answer, stream=stream)
+                else:
+                    assert kind.whole is not None, f"{kind.route} has no whole call"
+                    answer.items.extend(await door.watch(kind.whole(self.router, request, door.deadline())))
+                    _count(call, answer.items)
+                encoded = encode(answer)
+            except BaseException as exc:
+                if stream is not None:
+                    await stream.close(exc)
+                await observer.failed(call, exc)
+                raise
+            if stream is None:
+                call.done(OK)
+            return encoded
+
+
+def _count(call: ObservedCall, items: list[Any]) -> None:
+    """Counts the usage of a unary answer, or of a stream's items (on its last item, or the last that
+    has one, to be lenient)."""
+    usage = next((u for u, _ in map(_usage, reversed(items)) if u is not None), None)
+    if usage is not None:
+        call.tokens(usage, _usage(items[-1])[1])
+
+
+async def _first(call: ObservedCall, observer: Observer, door: Door, items: AsyncIterator[T]) -> Stream[T]:
+    """The stream of ``items`` once its first item is here (or it ended empty)."""
+    try:
+        first = await door.watch(anext(items, None))
+    except BaseException:
+        await _close(items)
+        raise
+    call.first_chunk()
+    return Stream(observer, call, first, items)
 
 
 async def _close(items: AsyncIterator[Any]) -> None:
@@ -319,8 +312,9 @@ __all__ = [
     "RESPONSES",
     "SPEAK",
     "TRANSCRIBE",
+    "Answer",
+    "Asked",
     "Door",
-    "Exchange",
     "InferencePlane",
     "Kind",
     "Stream",

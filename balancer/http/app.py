@@ -19,7 +19,6 @@ from balancer.http.limits import BodyLimit
 from balancer.http.management_routes import management_routes
 from balancer.http.openai_routes import openai_routes
 from balancer.http.probes import probe_routes
-from balancer.http.responses_routes import responses_routes
 from balancer.http.route_table import served
 from balancer.parts import BalancerParts
 
@@ -30,7 +29,6 @@ def create_app(parts: BalancerParts) -> FastAPI:
     # skip per-request dependency solving. Every route behind its row's access rule.
     handlers = (
         openai_routes(parts),
-        responses_routes(parts),
         management_routes(parts),
         deployment_routes(parts),
         key_routes(parts),

@@ -1,6 +1,8 @@
-"""The internal answer types of ``common.inference`` -> OpenAI JSON and server-sent events; pure functions.
+"""The internal answer types of ``common.inference`` -> OpenAI JSON and server-sent events.
 
-Answers leave as plain dicts (or SSE bytes) shaped exactly like OpenAI's.
+Answers leave as plain dicts (or SSE bytes) shaped exactly like OpenAI's, made by pure functions; at the
+end, the HTTP answers the door sends for each route, from the inference plane's ``Answer`` (the HTTP
+door's encoders, as ``common.inference_pb`` holds the gRPC door's).
 """
 
 from __future__ import annotations
@@ -10,19 +12,34 @@ import base64
 import codecs
 import json
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.errors import LlmlbError
+from starlette.responses import Response
+
+from balancer.edge.plane import Answer
+from balancer.http.streaming import StreamingAnswer, encoded
+from balancer.http.transcript_formats import ResponseFormat as TranscriptFormat
+from balancer.http.transcript_formats import render
+from common.errors import ErrorCode, LlmlbError
 from common.inference import (
+    AudioChunk,
     AudioFormat,
+    ChatRequest,
+    CompleteRequest,
+    EmbedRequest,
     EmbedResponse,
     FinishReason,
+    GenerateImageRequest,
     GenerateImageResponse,
+    SpeakRequest,
     TextChunk,
     TokenLogprob,
     ToolCall,
+    TranscribeRequest,
+    Transcript,
     Usage,
 )
 
@@ -384,3 +401,84 @@ def images_json(result: GenerateImageResponse, created: int) -> dict[str, Any]:
             for image in result.images
         ],
     }
+
+
+# -- the HTTP answers: the inference plane's ``Answer`` as the response the door sends ----------------
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def answer_headers(answer: Answer[Any, Any, Any], node_id: str | None = None) -> dict[str, str]:
+    """``x-request-id``, ``x-llmlb-node`` (unless None) and a limited key's rate-limit headers."""
+    node = {} if node_id is None else {"x-llmlb-node": node_id}
+    return {"x-request-id": answer.request_id, **node, **dict(answer.headers)}
+
+
+def json_response(payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(payload), media_type="application/json", headers=headers)
+
+
+def text_answer(chat: bool) -> Callable[[Answer[ChatRequest | CompleteRequest, TextChunk, bool]], Response]:
+    """A chat or text completion: one JSON object, or its chunks as server-sent events (kept: whether
+    a stream ends with a usage chunk)."""
+    prefix = "chatcmpl-" if chat else "cmpl-"
+
+    def encode(answer: Answer[ChatRequest | CompleteRequest, TextChunk, bool]) -> Response:
+        logprobs = answer.request.params.logprobs
+        if answer.stream is None:
+            choices, last = join_choices(answer.items)
+            created = last.created if last and last.created else int(time.time())
+            shown = last.model if last and last.model else answer.model
+            render = chat_completion_json if chat else text_completion_json
+            payload = render(
+                prefix + answer.request_id, created, shown, choices, usage_of(answer.items), logprobs
+            )
+            return json_response(payload, answer_headers(answer, last.node_id if last else ""))
+        stream = answer.stream
+        first = (
+            stream.first if stream.first is not None else TextChunk(answer.request_id, "", FinishReason.STOP)
+        )
+        created, model = first.created or int(time.time()), first.model or answer.model
+        chunks = (ChatChunks if chat else CompletionChunks)(
+            prefix + answer.request_id, created, model, answer.keep, logprobs
+        )
+        events = encoded(
+            stream,
+            lambda chunk: chunks.events(chunk, False),
+            lambda err: (sse_error(err),),
+            start=chunks.events(first, True) if stream.first is None else (),
+            end=lambda: (SSE_DONE,),
+        )
+        headers = {**SSE_HEADERS, **answer_headers(answer, first.node_id)}
+        return StreamingAnswer(events, media_type="text/event-stream", headers=headers)
+
+    return encode
+
+
+def embeddings_answer(answer: Answer[EmbedRequest, EmbedResponse, str | None]) -> Response:
+    payload = embeddings_json(answer.one, answer.model, answer.keep)
+    return json_response(payload, answer_headers(answer, answer.one.node_id))
+
+
+def transcript_answer(answer: Answer[TranscribeRequest, Transcript, TranscriptFormat]) -> Response:
+    text, content_type = render(answer.one, answer.keep)
+    return Response(
+        text.encode(), media_type=content_type, headers=answer_headers(answer, answer.one.node_id)
+    )
+
+
+def speech_answer(answer: Answer[SpeakRequest, AudioChunk, None]) -> Response:
+    audio = answer.stream
+    if audio is None or audio.first is None:
+        raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
+    return StreamingAnswer(
+        encoded(audio, lambda chunk: (chunk.data,) if chunk.data else (), lambda err: ()),
+        media_type=AUDIO_CONTENT_TYPES[answer.request.format],
+        headers=answer_headers(answer),
+    )
+
+
+def images_answer(answer: Answer[GenerateImageRequest, GenerateImageResponse, None]) -> Response:
+    return json_response(
+        images_json(answer.one, int(time.time())), answer_headers(answer, answer.one.node_id)
+    )

@@ -8,12 +8,14 @@ dataclasses. Model ids, request ids and the limits every door shares are checked
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.requests import Request
 
+from balancer.edge.plane import Asked
 from balancer.http.schemas import (
     ChatCompletionBody,
     ChatMessageBody,
@@ -22,9 +24,10 @@ from balancer.http.schemas import (
     ImageGenerationBody,
     NamedToolChoice,
     SpeechBody,
-    ToolBody,
 )
-from balancer.http.tool_requests import CHAT_TOOLS, FunctionSpec, function_tools, tool_choice
+from balancer.http.tool_requests import CHAT_TOOLS, FunctionSpec, tooling
+from balancer.http.transcript_formats import ResponseFormat as TranscriptFormat
+from balancer.http.transcript_formats import parse_format
 from common.errors import ErrorCode, LlmlbError
 from common.inference import (
     AudioFormat,
@@ -151,22 +154,19 @@ def response_format(given: dict[str, Any] | None) -> ResponseFormat:
     )
 
 
-def _tools(tools: list[ToolBody] | None) -> tuple[Tool, ...]:
+def _tooling(body: ChatCompletionBody) -> tuple[tuple[Tool, ...], ToolChoice]:
     flat = (
         FunctionSpec(
             t.type, t.function.name, t.function.description, t.function.parameters, t.function.strict
         )
-        for t in tools or ()
+        for t in body.tools or ()
     )
-    return function_tools(flat, CHAT_TOOLS)
-
-
-def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
+    choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
-        return tool_choice(
-            FunctionSpec(choice.type, choice.function.name if choice.function else None), CHAT_TOOLS
+        return tooling(
+            flat, FunctionSpec(choice.type, choice.function.name if choice.function else None), CHAT_TOOLS
         )
-    return tool_choice(choice, CHAT_TOOLS)
+    return tooling(flat, choice, CHAT_TOOLS)
 
 
 def _message(index: int, m: ChatMessageBody) -> ChatMessage:
@@ -200,6 +200,7 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
     """An OpenAI chat completion body as a ``ChatRequest``."""
     messages = tuple(_message(i, m) for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    tools, tool_choice = _tooling(body)
     return ChatRequest(
         model=body.model,
         messages=messages,
@@ -207,8 +208,8 @@ def chat_request(body: ChatCompletionBody, request_id: str) -> ChatRequest:
         request_id=request_id,
         user=body.user or "",
         prompt_cache_key=body.prompt_cache_key or "",
-        tools=_tools(body.tools),
-        tool_choice=_tool_choice(body.tool_choice),
+        tools=tools,
+        tool_choice=tool_choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
@@ -394,3 +395,67 @@ async def form_file(form: FormData, *names: str, required: bool = True) -> tuple
     if required:
         raise invalid(f"missing required file: {names[0]!r} (send multipart/form-data)")
     return b"", ""
+
+
+# -- the door's parsers: one HTTP request, read and converted (``balancer.edge.plane.Asked``) ----------
+
+MAX_FORM_FIELDS = 64
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-Id``, checked at admission like the gRPC door's ``request_id`` field."""
+    return request.headers.get("x-request-id", "")
+
+
+async def chat(request: Request) -> Asked[ChatRequest, bool]:
+    """``POST /v1/chat/completions``; kept: whether a stream ends with a usage chunk."""
+    body = parse_body(ChatCompletionBody, await request.body())
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Asked(chat_request(body, request_id(request)), bool(body.stream), usage)
+
+
+async def completion(request: Request) -> Asked[CompleteRequest, bool]:
+    """``POST /v1/completions``; kept: whether a stream ends with a usage chunk."""
+    body = parse_body(CompletionBody, await request.body())
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return Asked(complete_request(body, request_id(request)), bool(body.stream), usage)
+
+
+async def embedding(request: Request) -> Asked[EmbedRequest, str | None]:
+    """``POST /v1/embeddings``; kept: the vectors' encoding."""
+    body = parse_body(EmbeddingBody, await request.body())
+    return Asked(embed_request(body, request_id(request)), False, body.encoding_format)
+
+
+async def speech(request: Request) -> Asked[SpeakRequest, None]:
+    """``POST /v1/audio/speech``: always streamed."""
+    return Asked(speak_request(parse_body(SpeechBody, await request.body()), request_id(request)), True, None)
+
+
+async def transcription(request: Request) -> Asked[TranscribeRequest, TranscriptFormat]:
+    """``POST /v1/audio/transcriptions`` (a multipart form); kept: the answer's format."""
+    async with request.form(max_files=2, max_fields=MAX_FORM_FIELDS) as form:
+        audio, filename = await form_file(form, "file")
+        internal = transcribe_request(form, audio, filename, request_id(request))
+        return Asked(internal, False, parse_format(form_text(form, "response_format")))
+
+
+async def image_generation(request: Request) -> Asked[GenerateImageRequest, None]:
+    """``POST /v1/images/generations``."""
+    body = parse_body(ImageGenerationBody, await request.body())
+    return Asked(generate_image_request(body, request_id(request)), False, None)
+
+
+def image_form(
+    operation: ImageOperation,
+) -> Callable[[Request], Awaitable[Asked[GenerateImageRequest, None]]]:
+    """``POST /v1/images/edits`` or ``/variations`` (multipart forms)."""
+
+    async def parse(request: Request) -> Asked[GenerateImageRequest, None]:
+        async with request.form(max_files=4, max_fields=MAX_FORM_FIELDS) as form:
+            image, _ = await form_file(form, "image", "image[]")
+            mask, _ = await form_file(form, "mask", required=False)
+            internal = image_form_request(form, operation, image, mask, request_id(request))
+        return Asked(internal, False, None)
+
+    return parse

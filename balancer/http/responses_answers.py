@@ -3,17 +3,25 @@
 One answer (one choice) becomes a ``response`` whose ``output`` holds a ``message`` item (its text as
 one ``output_text`` part) and one ``function_call`` item per tool call. Streamed, the same output is
 announced and filled by the typed events the official clients parse (``response.created``, ...,
-``response.completed``), each with a ``sequence_number``. Pure: no I/O.
+``response.completed``), each with a ``sequence_number``. Pure, but for ``response_answer`` at the
+end: the HTTP answer the door sends, from the inference plane's ``Answer``.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from balancer.http.openai_answers import sse
+from starlette.responses import Response
+
+from balancer.edge.plane import Answer
+from balancer.http.openai_answers import SSE_HEADERS, answer_headers, json_response, sse
+from balancer.http.responses_requests import echoed
+from balancer.http.responses_schemas import ResponseCreateBody
+from balancer.http.streaming import StreamingAnswer, encoded
 from common.errors import ErrorCode, LlmlbError
-from common.inference import FinishReason, TextChunk, TokenLogprob, ToolCall, Usage
+from common.inference import ChatRequest, FinishReason, TextChunk, TokenLogprob, ToolCall, Usage
 
 
 def usage_json(usage: Usage | None) -> dict[str, Any]:
@@ -291,3 +299,24 @@ class ResponseBuilder:
         if not self.finished:  # an empty answer: nothing was generated
             self.feed(TextChunk(self.response_id, "", FinishReason.STOP))
         return self.response()
+
+
+def response_answer(answer: Answer[ChatRequest, TextChunk, ResponseCreateBody]) -> Response:
+    """The HTTP answer to ``POST /v1/responses``: the ``response`` object, or its events as they come."""
+    stream = answer.stream
+    shown = stream.first if stream is not None else (answer.items[-1] if answer.items else None)
+    builder = ResponseBuilder(
+        "resp_" + answer.request_id, int(time.time()), answer.model, echoed(answer.keep)
+    )
+    if shown is not None:
+        builder.model = shown.model or builder.model
+        builder.created_at = shown.created or builder.created_at
+    headers = answer_headers(answer, shown.node_id if shown else "")
+    if stream is None:
+        return json_response(builder.whole(answer.items), headers)
+
+    def end() -> list[bytes]:  # an empty answer, or one whose last chunk said nothing: it ended
+        return [] if builder.finished else builder.feed(TextChunk(builder.response_id, "", FinishReason.STOP))
+
+    events = encoded(stream, builder.feed, builder.fail, start=builder.start(), end=end)
+    return StreamingAnswer(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

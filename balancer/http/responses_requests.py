@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from balancer.http.openai_requests import invalid
+from starlette.requests import Request
+
+from balancer.edge.plane import Asked
+from balancer.http.openai_requests import invalid, parse_body, request_id
 from balancer.http.responses_schemas import (
     InputContentPart,
     InputItem,
@@ -21,7 +24,7 @@ from balancer.http.responses_schemas import (
     ResponseCreateBody,
     TextFormat,
 )
-from balancer.http.tool_requests import RESPONSES_TOOLS, FunctionSpec, function_tools, tool_choice
+from balancer.http.tool_requests import RESPONSES_TOOLS, FunctionSpec, tooling
 from common.inference import (
     ChatMessage,
     ChatRequest,
@@ -139,15 +142,12 @@ def _response_format(text_format: TextFormat | None) -> ResponseFormat:
     )
 
 
-def _tools(body: ResponseCreateBody) -> tuple[Tool, ...]:
+def _tooling(body: ResponseCreateBody) -> tuple[tuple[Tool, ...], ToolChoice]:
     flat = (FunctionSpec(t.type, t.name, t.description, t.parameters, t.strict) for t in body.tools or ())
-    return function_tools(flat, RESPONSES_TOOLS)
-
-
-def _tool_choice(choice: str | NamedToolChoice | None) -> ToolChoice:
+    choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
-        return tool_choice(FunctionSpec(choice.type, choice.name), RESPONSES_TOOLS)
-    return tool_choice(choice, RESPONSES_TOOLS)
+        return tooling(flat, FunctionSpec(choice.type, choice.name), RESPONSES_TOOLS)
+    return tooling(flat, choice, RESPONSES_TOOLS)
 
 
 def logprobs_asked(body: ResponseCreateBody) -> bool:
@@ -157,6 +157,7 @@ def logprobs_asked(body: ResponseCreateBody) -> bool:
 def response_request(body: ResponseCreateBody, request_id: str) -> ChatRequest:
     """A ``POST /v1/responses`` body as a ``ChatRequest`` (one choice; the balancer keeps no state)."""
     _refuse_unsupported(body)
+    tools, tool_choice = _tooling(body)
     return ChatRequest(
         model=body.model,
         messages=tuple(_messages(body)),
@@ -171,8 +172,8 @@ def response_request(body: ResponseCreateBody, request_id: str) -> ChatRequest:
         request_id=request_id,
         user=body.user or "",
         prompt_cache_key=body.prompt_cache_key or "",
-        tools=_tools(body),
-        tool_choice=_tool_choice(body.tool_choice),
+        tools=tools,
+        tool_choice=tool_choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
 
@@ -204,3 +205,9 @@ def echoed(body: ResponseCreateBody) -> dict[str, Any]:
         "reasoning": {"effort": None, "summary": None},
         "service_tier": "default",
     }
+
+
+async def response(request: Request) -> Asked[ChatRequest, ResponseCreateBody]:
+    """``POST /v1/responses``; kept: the body, which the answer echoes."""
+    body = parse_body(ResponseCreateBody, await request.body())
+    return Asked(response_request(body, request_id(request)), bool(body.stream), body)

@@ -2,8 +2,8 @@
 
 ``StreamingAnswer`` sends an async iterator of bytes (``encoded``: a plane's ``Stream``, encoded)
 while watching for the client's disconnect; on a disconnect it cancels the sender, which closes the
-iterator and with it the stream, so the node stops. ``unless_disconnected`` does the same for work
-whose answer is sent in one piece.
+iterator and with it the stream, so the node stops. ``Disconnect`` does the same for work whose answer
+is sent in one piece (the door's watch, given to the inference plane).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from balancer.edge.plane import Stream, Watch
+from balancer.edge.plane import Stream
 from common.errors import ErrorCode, LlmlbError
 
 T = TypeVar("T")
@@ -27,32 +28,29 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """The result of ``work``; if the client disconnects first, ``work`` is cancelled.
-
-    Call it once the request body has been read: from then on ``receive`` only reports a disconnect.
-    """
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise LlmlbError(ErrorCode.CANCELLED, "the client closed the connection")
-    return task.result()
-
-
-def watching(receive: Receive) -> Watch:
+@dataclass(frozen=True, slots=True)
+class Disconnect:
     """The HTTP door's ``Watch`` (``balancer.edge.plane``): work it is given stops on a disconnect."""
 
-    def watch(work: Awaitable[T]) -> Awaitable[T]:
-        return unless_disconnected(receive, work)
+    receive: Receive
 
-    return watch
+    async def __call__(self, work: Awaitable[T]) -> T:
+        """The result of ``work``; if the client disconnects first, ``work`` is cancelled.
+
+        Call it once the request body has been read: from then on ``receive`` only reports a disconnect.
+        """
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(_disconnected(self.receive))
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise LlmlbError(ErrorCode.CANCELLED, "the client closed the connection")
+        return task.result()
 
 
 async def encoded(

@@ -51,7 +51,14 @@ def _invalid(message: str) -> LlmlbError:
     return LlmlbError(ErrorCode.INVALID_REQUEST, message)
 
 
-def function_tools(specs: Iterable[FunctionSpec], shape: ToolShape) -> tuple[Tool, ...]:
+def tooling(
+    specs: Iterable[FunctionSpec], choice: str | FunctionSpec | None, shape: ToolShape
+) -> tuple[tuple[Tool, ...], ToolChoice]:
+    """A request's tools and its tool choice, each checked (``_function_tools``, ``_tool_choice``)."""
+    return _function_tools(specs, shape), _tool_choice(choice, shape)
+
+
+def _function_tools(specs: Iterable[FunctionSpec], shape: ToolShape) -> tuple[Tool, ...]:
     """The tools a request offers; any other type than ``function``, or a tool without a name, is refused."""
     tools = []
     for i, spec in enumerate(specs):
@@ -70,7 +77,7 @@ def function_tools(specs: Iterable[FunctionSpec], shape: ToolShape) -> tuple[Too
     return tuple(tools)
 
 
-def tool_choice(choice: str | FunctionSpec | None, shape: ToolShape) -> ToolChoice:
+def _tool_choice(choice: str | FunctionSpec | None, shape: ToolShape) -> ToolChoice:
     """A mode (``auto``, ``none``, ``required``) or a named function; absent: ``auto``."""
     if choice is None:
         return ToolChoice()

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from functools import partial
+from operator import attrgetter
 from typing import Any
 
 import grpc.aio
 
+from balancer.edge import plane as p
 from balancer.edge.deadline import time_left
-from balancer.edge.plane import CHAT, COMPLETE, EMBED, IMAGE, SPEAK, TRANSCRIBE, Door, InferencePlane, Kind
 from common import inference_pb as conv
 from common import tracing
 from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
@@ -21,46 +23,45 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Convert = Callable[[Any], Any]  # protobuf to the plane's types, or back
 
 
-def _door(context: Context) -> Door:
-    return Door(
+def _door(context: Context) -> p.Door:
+    return p.Door(
         "grpc",
-        tracing.from_metadata(context.invocation_metadata),
+        partial(tracing.from_metadata, context.invocation_metadata),
         deadline=lambda: time_left(context.time_remaining()),
         limited=context.set_trailing_metadata,
     )
 
 
-def _streamed(name: str, kind: Kind[Any, Any], parse: Convert, encode: Convert) -> Any:
-    """The servicer method ``name``: a stream of ``kind`` through the plane, each item encoded."""
+def _rpc(kind: p.Kind[Any, Any], parse: Convert, encode: Convert, *, streamed: bool = False) -> Any:
+    """A servicer method: ``kind`` through the plane, its answer (or each item) encoded; its errors
+    are logged under the kind's route."""
 
-    async def method(self: RoutedInferenceServicer, request: Any, context: Context) -> AsyncIterator[Any]:
-        async with aclosing(self.plane.stream(kind, _door(context), parse, request)) as items:
+    async def asked(request: Any) -> p.Asked[Any, None]:
+        return p.Asked(parse(request), streamed, None)
+
+    async def stream(self: RoutedInferenceServicer, request: Any, context: Context) -> AsyncIterator[Any]:
+        items = await self.plane.answer(kind, _door(context), partial(asked, request), attrgetter("stream"))
+        async with aclosing(items):  # closed early (the caller went away): the plane counts a cancellation
             async for item in items:
                 yield encode(item)
 
-    method.__name__ = name
-    return rpc_errors(method)
+    async def unary(self: RoutedInferenceServicer, request: Any, context: Context) -> Any:
+        return await self.plane.answer(kind, _door(context), partial(asked, request), lambda a: encode(a.one))
 
-
-def _unary(name: str, kind: Kind[Any, Any], parse: Convert, encode: Convert) -> Any:
-    """The servicer method ``name``: one call of ``kind`` through the plane, its answer encoded."""
-
-    async def method(self: RoutedInferenceServicer, request: Any, context: Context) -> Any:
-        return encode(await self.plane.unary(kind, _door(context), parse, request))
-
-    method.__name__ = name
+    method = stream if streamed else unary
+    method.__name__ = kind.route
     return rpc_errors(method)
 
 
 class RoutedInferenceServicer(igrpc.InferenceServicer):
     """Each call: its request converted, answered by ``plane`` (routed to a node), its answer converted."""
 
-    def __init__(self, plane: InferencePlane) -> None:
+    def __init__(self, plane: p.InferencePlane) -> None:
         self.plane = plane
 
-    Chat = _streamed("Chat", CHAT, conv.chat_request_from_pb, conv.text_chunk_to_pb)
-    Complete = _streamed("Complete", COMPLETE, conv.complete_request_from_pb, conv.text_chunk_to_pb)
-    Speak = _streamed("Speak", SPEAK, conv.speak_request_from_pb, conv.audio_chunk_to_pb)
-    Embed = _unary("Embed", EMBED, conv.embed_request_from_pb, conv.embed_response_to_pb)
-    Transcribe = _unary("Transcribe", TRANSCRIBE, conv.transcribe_request_from_pb, conv.transcript_to_pb)
-    GenerateImage = _unary("GenerateImage", IMAGE, conv.image_request_from_pb, conv.image_response_to_pb)
+    Chat = _rpc(p.CHAT, conv.chat_request_from_pb, conv.text_chunk_to_pb, streamed=True)
+    Complete = _rpc(p.COMPLETE, conv.complete_request_from_pb, conv.text_chunk_to_pb, streamed=True)
+    Speak = _rpc(p.SPEAK, conv.speak_request_from_pb, conv.audio_chunk_to_pb, streamed=True)
+    Embed = _rpc(p.EMBED, conv.embed_request_from_pb, conv.embed_response_to_pb)
+    Transcribe = _rpc(p.TRANSCRIBE, conv.transcribe_request_from_pb, conv.transcript_to_pb)
+    GenerateImage = _rpc(p.IMAGE, conv.image_request_from_pb, conv.image_response_to_pb)

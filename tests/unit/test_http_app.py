@@ -22,7 +22,7 @@ from balancer.fleet.sessions import NodeSessions
 from balancer.fleet.token import FleetTokens
 from balancer.fleet.view import Fleet
 from balancer.http.app import create_app
-from balancer.http.streaming import StreamingAnswer, unless_disconnected
+from balancer.http.streaming import Disconnect, StreamingAnswer
 from balancer.origin import Origin
 from balancer.parts import BalancerParts
 from balancer.replicas import Replicas
@@ -381,7 +381,7 @@ async def test_work_for_a_client_that_went_away_is_cancelled() -> None:
         return {"type": "http.disconnect"}
 
     with pytest.raises(LlmlbError) as err:
-        await asyncio.wait_for(unless_disconnected(hang_up, slow()), 5)  # type: ignore[arg-type]
+        await asyncio.wait_for(Disconnect(hang_up)(slow()), 5)  # type: ignore[arg-type]
     assert err.value.code is ErrorCode.CANCELLED and cancelled.is_set()
 
     async def never() -> dict[str, object]:
@@ -391,7 +391,7 @@ async def test_work_for_a_client_that_went_away_is_cancelled() -> None:
     async def quick() -> str:
         return "done"
 
-    assert await unless_disconnected(never, quick()) == "done"  # type: ignore[arg-type]
+    assert await Disconnect(never)(quick()) == "done"  # type: ignore[arg-type]
 
 
 async def test_a_stream_whose_first_send_fails_still_closes_its_producer() -> None:

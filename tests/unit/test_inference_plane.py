@@ -6,7 +6,7 @@ admission, observer and sinks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -14,7 +14,8 @@ import pytest
 
 from balancer.edge.labels import Labels
 from balancer.edge.observe import ObservedCall
-from balancer.edge.plane import Door, InferencePlane, Kind
+from balancer.edge.plane import Answer as PlaneAnswer
+from balancer.edge.plane import Asked, Door, InferencePlane, Kind, Stream
 from balancer.router import Router
 from common.errors import ErrorCode, LlmlbError
 from common.inference import ChatMessage, ChatRequest, TextChunk, Usage
@@ -80,26 +81,58 @@ def plane_for(answer: Answer) -> tuple[InferencePlane, Kind[ChatRequest, TextChu
     plane = InferencePlane(
         cast(Router, None), BalancerMetrics(lambda: {}), Labels(Known(), Known()), sinks=(recorder,)
     )
-    return plane, Kind("chat", stream=lambda router, request, timeout: answer.stream()), recorder
+    kind: Kind[ChatRequest, TextChunk] = Kind(
+        "chat",
+        stream=lambda router, request, timeout: answer.stream(),
+        whole=lambda router, request, timeout: whole(answer),
+    )
+    return plane, kind, recorder
+
+
+async def whole(answer: Answer) -> list[TextChunk]:
+    return [chunk async for chunk in answer.stream()]
+
+
+def asked(stream: bool) -> Callable[[], Awaitable[Asked[ChatRequest, None]]]:
+    async def parse() -> Asked[ChatRequest, None]:
+        return Asked(REQUEST, stream, None)
+
+    return parse
+
+
+def the_stream(answer: PlaneAnswer[ChatRequest, TextChunk, None]) -> Stream[TextChunk]:
+    assert answer.stream is not None
+    return answer.stream
 
 
 async def test_a_stream_read_to_its_end_counts_its_first_token_tokens_and_ok_once() -> None:
     answer = Answer(chunks())
     plane, kind, recorder = plane_for(answer)
-    async with plane.open(kind, Door("http")) as exchange:
-        stream = await exchange.stream(REQUEST)
-        assert stream.first is not None and stream.first.delta == "Hel"
+    stream = await plane.answer(kind, Door("http"), asked(True), the_stream)
+    assert stream.first is not None and stream.first.delta == "Hel"
     assert recorder.seen == []  # the stream, not the door's handler, ends the request
     assert [chunk.delta async for chunk in stream] == ["Hel", "lo"]
     assert recorder.seen == [Finished("ok", 3, 2, True)]
 
 
+async def test_a_whole_answer_is_handed_to_the_encoder_and_counted_once() -> None:
+    plane, kind, recorder = plane_for(Answer(chunks()))
+
+    def encode(answer: PlaneAnswer[ChatRequest, TextChunk, None]) -> str:
+        assert answer.stream is None and answer.model == MODEL and answer.request_id
+        return "".join(chunk.delta for chunk in answer.items)
+
+    assert await plane.answer(kind, Door("http"), asked(False), encode) == "Hello"
+    assert recorder.seen == [Finished("ok", 3, 2, False)]
+
+
 async def test_a_stream_its_caller_abandons_is_cancelled_and_stops_the_work_behind_it() -> None:
     answer = Answer(chunks())
     plane, kind, recorder = plane_for(answer)
-    items = plane.stream(kind, Door("grpc"), lambda request: request, REQUEST)
+    stream = await plane.answer(kind, Door("grpc"), asked(True), the_stream)
+    items = aiter(stream)
     assert (await anext(items)).delta == "Hel"
-    await items.aclose()
+    await stream.aclose()
     assert recorder.seen == [Finished(ErrorCode.CANCELLED.value, 0, 0, True)]
     assert answer.stopped
 
@@ -107,8 +140,7 @@ async def test_a_stream_its_caller_abandons_is_cancelled_and_stops_the_work_behi
 async def test_an_error_midway_is_the_streams_outcome_and_reaches_the_door() -> None:
     answer = Answer(chunks(), fail_after=1)
     plane, kind, recorder = plane_for(answer)
-    async with plane.open(kind, Door("http")) as exchange:
-        stream = await exchange.stream(REQUEST)
+    stream = await plane.answer(kind, Door("http"), asked(True), the_stream)
     with pytest.raises(LlmlbError) as raised:
         [chunk async for chunk in stream]
     assert raised.value.code is ErrorCode.UNAVAILABLE
@@ -119,42 +151,59 @@ async def test_an_error_midway_is_the_streams_outcome_and_reaches_the_door() -> 
 async def test_a_door_refusing_a_stream_it_was_handed_records_its_error_and_stops_the_work() -> None:
     answer = Answer(chunks())
     plane, kind, recorder = plane_for(answer)
+
+    def refuse(answer: PlaneAnswer[ChatRequest, TextChunk, None]) -> None:
+        raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
+
     with pytest.raises(LlmlbError):
-        async with plane.open(kind, Door("http")) as exchange:
-            await exchange.stream(REQUEST)
-            raise LlmlbError(ErrorCode.INTERNAL, "the node returned no audio")
+        await plane.answer(kind, Door("http"), asked(True), refuse)
     assert recorder.seen == [Finished(ErrorCode.INTERNAL.value, 0, 0, True)]
     assert answer.stopped
 
 
 async def test_a_request_the_door_cannot_parse_is_counted_once_under_its_route() -> None:
     plane, kind, recorder = plane_for(Answer(chunks()))
+
+    async def broken() -> Asked[ChatRequest, None]:
+        raise LlmlbError(ErrorCode.INVALID_REQUEST, "broken JSON")
+
     with pytest.raises(LlmlbError):
-        async with plane.open(kind, Door("http")):
-            raise LlmlbError(ErrorCode.INVALID_REQUEST, "broken JSON")
+        await plane.answer(kind, Door("http"), broken, the_stream)
+    assert recorder.seen == [Finished(ErrorCode.INVALID_REQUEST.value, 0, 0, False)]
+
+
+async def test_a_refusal_at_admission_is_counted_once_and_never_reaches_the_router() -> None:
+    plane, kind, recorder = plane_for(Answer(chunks()))
+
+    async def unnamed() -> Asked[ChatRequest, None]:
+        return Asked(ChatRequest("", REQUEST.messages), False, None)
+
+    with pytest.raises(LlmlbError) as raised:
+        await plane.answer(kind, Door("grpc"), unnamed, the_stream)
+    assert raised.value.code is ErrorCode.INVALID_REQUEST
     assert recorder.seen == [Finished(ErrorCode.INVALID_REQUEST.value, 0, 0, False)]
 
 
 async def test_a_caller_cancelled_before_the_first_item_is_counted_cancelled_and_the_work_stopped() -> None:
     started = asyncio.Event()
+    stopped = asyncio.Event()
 
     async def slow() -> AsyncIterator[TextChunk]:
         started.set()
-        await asyncio.Event().wait()
-        yield TextChunk("r", "never")
+        try:
+            await asyncio.Event().wait()
+            yield TextChunk("r", "never")
+        finally:
+            stopped.set()
 
     recorder = Recorder()
     plane = InferencePlane(
         cast(Router, None), BalancerMetrics(lambda: {}), Labels(Known(), Known()), sinks=(recorder,)
     )
     kind: Kind[ChatRequest, TextChunk] = Kind("chat", stream=lambda router, request, timeout: slow())
-
-    async def consume() -> None:
-        async for _ in plane.stream(kind, Door("grpc"), lambda request: request, REQUEST):
-            pass
-
-    task = asyncio.ensure_future(consume())
+    task = asyncio.ensure_future(plane.answer(kind, Door("grpc"), asked(True), the_stream))
     await asyncio.wait_for(started.wait(), 5)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert recorder.seen == [Finished(ErrorCode.CANCELLED.value, 0, 0, False)]
+    assert stopped.is_set()
