@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -180,7 +180,7 @@ class Observer:
             await self.failed(call, exc)
             raise
         call.model = request.model
-        return call, replace(asked, request=request)
+        return call, Asked(request, asked.stream, asked.keep)
 
     async def failed(self, call: ObservedCall, error: BaseException) -> None:
         """Records a refused or failed request; an unknown model name is never a label."""

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
@@ -197,20 +197,20 @@ class InferencePlane:
             try:
                 if call.headers and door.limited is not None:
                     door.limited(call.headers)
-                answer: Answer[R, T, C] = Answer(request, call.headers, asked.keep, [])
+                items: list[T] = []
                 if kind.unary is not None:
-                    answer.items.append(await door.watch(kind.unary(self.router, request, door.deadline())))
-                    _count(call, answer.items)
+                    items.append(await door.watch(kind.unary(self.router, request, door.deadline())))
+                    _count(call, items)
                 elif asked.stream:
                     assert kind.stream is not None, f"{kind.route} has no stream call"
                     stream = await _first(
                         call, observer, door, kind.stream(self.router, request, door.deadline())
                     )
-                    answer = replace(answer, stream=stream)
                 else:
                     assert kind.whole is not None, f"{kind.route} has no whole call"
-                    answer.items.extend(await door.watch(kind.whole(self.router, request, door.deadline())))
-                    _count(call, answer.items)
+                    items = await door.watch(kind.whole(self.router, request, door.deadline()))
+                    _count(call, items)
+                answer = Answer(request, call.headers, asked.keep, items, stream)
                 encoded = encode(answer)
             except BaseException as exc:
                 if stream is not None:
