@@ -139,7 +139,13 @@ async def _demo(args: argparse.Namespace, children: list[Child]) -> None:
         for old in (await stub.ListKeys(rpb.ListKeysRequest())).keys:
             if old.name == NODE_KEY_NAME and not old.HasField("revoked_at"):  # one live demo-node key
                 await stub.RevokeKey(rpb.RevokeKeyRequest(key=old.id))
-        node_key = await stub.CreateKey(rpb.CreateKeyRequest(name=NODE_KEY_NAME, scopes=[pb.SCOPE_NODE]))
+        # A node id belongs to the key that registered it: on a later run the new key is bound to the
+        # node's id (kept in its home), which hands the id over to it.
+        id_file = dirs.node / "node-id"
+        kept_id = id_file.read_text().strip() if id_file.is_file() else ""
+        node_key = await stub.CreateKey(
+            rpb.CreateKeyRequest(name=NODE_KEY_NAME, scopes=[pb.SCOPE_NODE], node_id=kept_id)
+        )
 
         print(f"starting a node on {node_listen} with the shared dir {dirs.shared}", flush=True)
         node = start(

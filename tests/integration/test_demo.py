@@ -39,10 +39,8 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_ctrl_c(
-    tmp_path: Path, gemma: ModelFiles, whisper: ModelFiles, piper: ModelFiles
-) -> None:
-    home = tmp_path / "home"
+def _start_demo(home: Path) -> tuple[subprocess.Popen[str], str, tuple[int, int, int]]:
+    """The demo started on free ports in ``home``, once it printed its ready banner (returned)."""
     grpc_port, http_port, node_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -59,8 +57,8 @@ def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_c
     out: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
     seen: list[str] = []
+    deadline = time.monotonic() + READY_WITHIN_S + 60
     try:
-        deadline = time.monotonic() + READY_WITHIN_S + 60
         while not (seen and seen[-1].startswith("ready: Ctrl-C")):
             try:
                 line = out.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -68,7 +66,19 @@ def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_c
                 pytest.fail("no ready banner in time:\n" + "".join(seen))
             assert line is not None, "the demo exited before it was ready:\n" + "".join(seen)
             seen.append(line)
-        banner = "".join(seen)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, "".join(seen), (grpc_port, http_port, node_port)
+
+
+def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_ctrl_c(
+    tmp_path: Path, gemma: ModelFiles, whisper: ModelFiles, piper: ModelFiles
+) -> None:
+    home = tmp_path / "home"
+    proc, banner, (grpc_port, http_port, node_port) = _start_demo(home)
+    try:
         base_url = re.search(r"^\s+base_url\s+(\S+)$", banner, re.M)
         api_key = re.search(r"^\s+api_key\s+(\S+)$", banner, re.M)
         assert base_url and api_key, banner
@@ -112,6 +122,17 @@ def test_the_demo_serves_every_packaged_model_to_an_openai_client_and_stops_on_c
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         assert not _listening(grpc_port) and not _listening(http_port) and not _listening(node_port)
+
+        # A second run in the same home (what `make run` does again): the node keeps its id, which the
+        # new node key takes over, and answers.
+        proc, banner, (grpc_port, http_port, node_port) = _start_demo(home)
+        again = re.search(r"^\s+api_key\s+(\S+)$", banner, re.M)
+        assert again, banner
+        client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=again.group(1), timeout=120)
+        second = client.completions.create(model="gemma-3-270m", prompt="One, two,", max_tokens=4)
+        assert second.choices[0].text.strip()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
