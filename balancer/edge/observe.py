@@ -142,7 +142,7 @@ class Observer:
         *,
         method: str = "",
         span: Span = INVALID_SPAN,
-        started: float | None = None,
+        started: float,
     ) -> tuple[ObservedCall, Asked[R, C]]:
         """A new call by the key the door's access check let in: ``parse()`` (the door's own parsing),
         then admission (``edge.admission.admit``) and the caller's limits (``edge.limits``); the admitted
@@ -162,9 +162,8 @@ class Observer:
             method=method,
             sinks=self._sinks,
             span=span,
+            started=started,
         )
-        if started is not None:
-            call.started = started
         try:
             asked = await parse()
             with tracing.span("admit") as admitting:

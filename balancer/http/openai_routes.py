@@ -45,13 +45,12 @@ from balancer.parts import BalancerParts
 from common import tracing
 from common.inference import ImageOperation
 
-R = TypeVar("R")
 T = TypeVar("T")
 C = TypeVar("C")
 
 
 @dataclass(frozen=True, slots=True)
-class Inference(Generic[R, T, C]):
+class Inference(Generic[T, C]):
     """One inference route: its kind of call, its parser and its encoder."""
 
     kind: Kind[Any, T]
@@ -59,7 +58,7 @@ class Inference(Generic[R, T, C]):
     encode: Callable[[Answer[Any, T, C]], Response]
 
 
-INFERENCE: dict[str, Inference[Any, Any, Any]] = {  # handler name (``route_table``) -> its row
+INFERENCE: dict[str, Inference[Any, Any]] = {  # handler name (``route_table``) -> its row
     "chat_completions": Inference(CHAT, cv.chat, out.text_answer(chat=True)),
     "completions": Inference(COMPLETE, cv.completion, out.text_answer(chat=False)),
     "create_response": Inference(RESPONSES, response, response_answer),
@@ -84,7 +83,7 @@ def door(request: Request) -> Door:
     )
 
 
-def _endpoint(plane: InferencePlane, name: str, route: Inference[Any, Any, Any]) -> Endpoint:
+def _endpoint(plane: InferencePlane, name: str, route: Inference[Any, Any]) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         return await plane.answer(route.kind, door(request), partial(route.parse, request), route.encode)
 

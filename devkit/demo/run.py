@@ -171,7 +171,7 @@ async def _demo(args: argparse.Namespace, children: list[Child]) -> None:
 
         async def online_node() -> str:
             try:
-                node_id = (dirs.node / "node-id").read_text().strip()
+                node_id = id_file.read_text().strip()
             except OSError:
                 return ""
             listed = await stub.ListNodes(rpb.ListNodesRequest())
