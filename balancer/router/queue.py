@@ -133,7 +133,7 @@ class WaitQueue:
         service = self._service.of(key)
         count = slots()
         if count > 0:
-            return estimate(ahead, service, count)
+            return estimate(ahead, service, count, self._service.rate(key))
         cold = ready_in()
         return None if cold is None else Estimate(cold, service or 0.0)
 

@@ -130,7 +130,7 @@ class Router:
         fleet.on_load(self._stats.reported_now)
         self.deployed = Deployed()  # kept up to date by the scheduler
         self._candidates = Candidates(fleet, self.deployed)
-        self._service = ServiceTimes()
+        self._service = ServiceTimes(clock)
         self.demand = DemandMeter(clock)  # read by the scheduler's autoscaler
         self._queue = WaitQueue(
             queue_size=config.queue_size,

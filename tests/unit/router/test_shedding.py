@@ -12,7 +12,7 @@ import pytest
 
 from balancer.router.candidates import Candidate, Key
 from balancer.router.queue import WaitQueue
-from balancer.router.shedding import ServiceTimes, estimate
+from balancer.router.shedding import RATE_WINDOW, ServiceTimes, estimate
 from common.errors import ErrorCode, LlmlbError
 from common.types import Capability
 from tests.unit.router.conftest import FakeClock, eventually
@@ -122,8 +122,9 @@ async def test_a_queued_request_leaves_with_queue_full_once_slower_answers_put_i
     queue = shedding_queue(clock, service)
     first, second = await queue_up(queue, clock, 2, deadline_s=10.0)  # the second: 1 s wait, 2 s answer
 
-    service.finished(CHAT, 60.0)  # the nodes slowed down: the average is now 19.4 s
-    queue.wake(None)  # the first looks, finds no node, and sees it would wait 4.9 s, answer in 19.4 s
+    for _ in range(8):  # the nodes slowed down: the average is now 16.3 s (one call can raise it 30 %)
+        service.finished(CHAT, 60.0)
+    queue.wake(None)  # the first looks, finds no node, and sees it would wait 4.1 s, answer in 16.3 s
     with pytest.raises(LlmlbError) as left:
         await asyncio.wait_for(first, WAIT_S)
 
@@ -173,9 +174,72 @@ def test_the_service_time_is_a_moving_average_of_finished_calls():
     assert service.of(CHAT) is None
     service.finished(CHAT, 1.0)
     assert service.of(CHAT) == 1.0
-    service.finished(CHAT, 11.0)
-    assert service.of(CHAT) == pytest.approx(4.0)  # 1 + 0.3 * (11 - 1)
+    service.finished(CHAT, 1.5)
+    assert service.of(CHAT) == pytest.approx(1.15)  # 1 + 0.3 * (1.5 - 1)
+    service.finished(CHAT, 0.15)
+    assert service.of(CHAT) == pytest.approx(0.85)  # 1.15 + 0.3 * (0.15 - 1.15)
     assert service.of(("org/other", Capability.CHAT)) is None
+
+
+def test_one_stalled_call_raises_the_service_time_by_at_most_a_third_and_a_slowdown_is_followed():
+    service = ServiceTimes()
+    for _ in range(10):
+        service.finished(CHAT, 0.018)
+    service.finished(CHAT, 1.0)  # one call held 55 times as long: a pause, not the nodes' pace
+    assert service.of(CHAT) == pytest.approx(0.018 * 1.3)
+    for _ in range(10):
+        service.finished(CHAT, 0.018)
+    assert service.of(CHAT) == pytest.approx(0.018, rel=0.01)
+
+    for _ in range(16):  # the nodes really became ten times slower
+        service.finished(CHAT, 0.18)
+    assert service.of(CHAT) == pytest.approx(0.18, rel=0.1)
+
+
+def test_a_pause_every_call_in_flight_shared_does_not_refuse_the_queue_behind_it(clock: FakeClock):
+    # 4 slots of 18 ms calls: 222 calls a second. Then the nodes' process pauses 1.5 s: the 4 calls in
+    # flight, and the next 12 the paused process catches up on, each took 1.5 s longer than it should.
+    service = ServiceTimes(clock)
+    for _ in range(RATE_WINDOW):
+        clock.advance(0.018 / SLOTS)
+        service.finished(CHAT, 0.018)
+    clock.advance(1.5)
+    for _ in range(16):
+        clock.advance(0.018 / SLOTS)
+        service.finished(CHAT, 1.5)
+    ahead = 196  # 200 clients, 4 of them in flight
+    by_service_alone = estimate(ahead, service.of(CHAT), SLOTS)
+    assert by_service_alone is not None and by_service_alone.wait_s > 15.0  # what refused them
+    expected = estimate(ahead, service.of(CHAT), SLOTS, service.rate(CHAT))
+    # The last 32 calls ended within the pause and 4.5 ms each side: about 20 a second, 10 s to wait.
+    assert expected is not None and expected.wait_s == pytest.approx((ahead + 1) * (1.5 + 31 * 0.0045) / 31)
+    for _ in range(RATE_WINDOW):  # the calls after it end at the old pace again
+        clock.advance(0.018 / SLOTS)
+        service.finished(CHAT, 0.018)
+    expected = estimate(ahead, service.of(CHAT), SLOTS, service.rate(CHAT))
+    assert expected is not None and expected.wait_s == pytest.approx((ahead + 1) * 0.018 / SLOTS)
+
+
+def test_the_observed_rate_needs_a_full_window_and_only_ever_shortens_the_wait(clock: FakeClock):
+    service = ServiceTimes(clock)
+    for _ in range(RATE_WINDOW - 1):
+        clock.advance(1.0)
+        service.finished(CHAT, 2.0)
+    assert service.rate(CHAT) is None  # too few calls to tell a rate
+    clock.advance(1.0)
+    service.finished(CHAT, 2.0)
+    assert service.rate(CHAT) == pytest.approx(1.0)
+    # Traffic was light (one call a second) while 4 slots could end 2 a second: the slots win.
+    assert estimate(7, 2.0, SLOTS, service.rate(CHAT)).wait_s == pytest.approx(4.0)  # type: ignore[union-attr]
+    assert estimate(7, 2.0, SLOTS, 8.0).wait_s == pytest.approx(1.0)  # type: ignore[union-attr]
+
+
+def test_an_average_of_no_time_at_all_still_grows():
+    service = ServiceTimes()
+    service.finished(CHAT, 0.0)
+    for _ in range(40):
+        service.finished(CHAT, 0.5)
+    assert service.of(CHAT) == pytest.approx(0.5, rel=0.01)
 
 
 def no_slots() -> int:
