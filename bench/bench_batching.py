@@ -31,7 +31,7 @@ from node.pool import ModelPool, PoolSettings, resident_mb
 
 TOKENS = 48
 STREAMS = (1, 2, 4, 8)
-ROUNDS = 2
+ROUNDS = 4
 PROMPTS = [
     f"Story number {i}: here is a long story about a lighthouse keeper and the sea. Once upon a time,"
     for i in range(8)
@@ -121,6 +121,10 @@ async def _round_in_child(batching: bool) -> dict[str, float]:
     return result
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.0f}-{max(values):.0f})"
+
+
 async def run() -> str:
     files = packaged_files(GEMMA)
     load_before = os.getloadavg()[0]
@@ -146,18 +150,18 @@ async def run() -> str:
         f"{ROUNDS} rounds; in each, every engine serves 1, 2, 4 and 8 concurrent greedy completions of "
         f"{TOKENS} tokens (different prompts), the engines taking turns in an order that alternates. "
         f"Both through ModelPool with 8 slots, {engine_threads()} threads, no prefix cache, each engine's "
-        "round in a fresh process of its own. The machine "
-        f"was shared with other work while this ran (1-minute load average {load_before:.1f} at the start, "
-        f"{load_after:.1f} at the end, on 2 cores), so absolute numbers are low and noisy; the engines ran "
-        "interleaved to share that noise. One context per slot runs 2 threads per stream, so under "
-        "such load it also takes a larger share of the contended cores as streams are added.",
+        "round in a fresh process of its own; the engines take turns so that a slower spell of the "
+        f"machine falls on both. 1-minute load average {load_before:.1f} at the start and "
+        f"{load_after:.1f} at the end, on {os.cpu_count()} cores (the bench's own processes count in it). "
+        "One context per slot runs 2 threads per stream, so it oversubscribes the cores as streams are "
+        "added. Each cell: the median of the rounds (lowest-highest).",
         "",
         "| streams | one context per slot, tokens/s | batched, tokens/s | batched / old |",
         "|---|---|---|---|",
     ]
     for streams in STREAMS:
         a, b = statistics.median(old[streams]), statistics.median(new[streams])
-        lines.append(f"| {streams} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+        lines.append(f"| {streams} | {_spread(old[streams])} | {_spread(new[streams])} | {b / a:.2f}x |")
     lines += [
         "",
         f"- 4 streams, batched / old: {speedup4:.2f}x (goal ≥ 2x: {'met' if speedup4 >= 2 else 'missed'})",

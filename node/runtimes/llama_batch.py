@@ -6,7 +6,10 @@ the scheduler evaluates prompt chunks of newly arrived requests (at most ``PREFI
 shortest prompts first, so a long prompt neither stalls the other streams nor a short request's first
 token), then decodes one batch holding the next token of every generating choice. Requests join and
 leave between steps. Sampling happens here, right after the decode, with each choice's own llama.cpp
-sampler chain (the same as ``Llama.generate`` builds) reading its row of the logits.
+sampler chain (the same as ``Llama.generate`` builds) reading its row of the logits. A greedy choice
+(temperature 0, no penalties, no grammar) has no chain: its token is the row's first largest logit,
+which is what that chain's greedy sampler picks, read in 0.1 ms instead of the chain's 0.6-1 ms (it
+fills a candidate array the size of the vocabulary, 262,144 entries for gemma 3, for every token).
 
 Exactness: a prompt chunk is always evaluated alone, in whole aligned blocks, in a sequence whose cells
 are its own, exactly as a context of its own would (a unified cache would interleave other sequences'
@@ -78,7 +81,7 @@ class Choice:
 
     index: int
     seq: int
-    sampler: Any  # llama_cpp._internals.LlamaSampler
+    sampler: Any  # llama_cpp._internals.LlamaSampler; None: greedy, the row's argmax
     grammar: GrammarFilter | None
     ids: npt.NDArray[np.intc]  # prompt + generated tokens, for the grammar filter
     n_ids: int
@@ -299,8 +302,19 @@ class BatchScheduler:
         job.cached = job.evaluated
 
     def _take(self) -> int:
-        """An idle sequence, emptied: one holding nothing if any, else the least recently used."""
-        seq = next((s for s, kept in self._idle.items() if not kept), next(iter(self._idle)))
+        """An idle sequence, emptied: of those holding nothing, the one that widens the range of the
+        sequences in use least; else the least recently used.
+
+        llama.cpp decodes a batch over every sequence from its lowest to its highest id (their caches
+        are kept apart): on gemma-3-270m 4 tokens in sequences 0, 2, 4 and 6 took 114 ms, in 0 to 3 63 ms.
+        """
+        empty = [s for s, kept in self._idle.items() if not kept]
+        if not empty:
+            seq = next(iter(self._idle))
+        else:
+            used = [s for s in range(self.n_seq) if s not in self._idle]
+            lo, hi = (min(used), max(used)) if used else (0, 0)
+            seq = min(empty, key=lambda s: (max(hi, s) - min(lo, s), s))
         del self._idle[seq]
         self._clear(seq)
         return seq
@@ -329,11 +343,16 @@ class BatchScheduler:
             assert choice.grammar is not None
             return choice.grammar(choice.ids[: choice.n_ids], scores)
 
-        self.llm.set_seed(seed & 0xFFFFFFFF)
-        choice.sampler = self.llm._init_sampler(
-            **sampler_settings(params),
-            logits_processor=[constrain] if grammar is not None else None,  # type: ignore[arg-type]
+        settings = sampler_settings(params)
+        greedy = (
+            settings["temp"] == 0 and not settings["presence_penalty"] and not settings["frequency_penalty"]
         )
+        if grammar is not None or not greedy:
+            self.llm.set_seed(seed & 0xFFFFFFFF)
+            choice.sampler = self.llm._init_sampler(
+                **settings,
+                logits_processor=[constrain] if grammar is not None else None,  # type: ignore[arg-type]
+            )
         job.choices.append(choice)
         return choice
 
@@ -428,14 +447,18 @@ class BatchScheduler:
         """Samples ``choice``'s next token from the logits at ``row`` of the last decode (-1: its last)."""
         if job.cancel.is_set() or job.stop.is_set():
             return
-        token = int(self._lib.llama_sampler_sample(choice.sampler.sampler, self.ctx, row))
+        logits: npt.NDArray[np.single] | None = None
+        if choice.sampler is None:  # greedy: the first largest logit, as the chain's greedy sampler picks
+            logits = self._logits(row)
+            token = int(logits.argmax())
+        else:
+            token = int(self._lib.llama_sampler_sample(choice.sampler.sampler, self.ctx, row))
         logprob: TokenLogprob | None = None
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(job, choice)
             return
         if job.params.logprobs:
-            pointer = self._lib.llama_get_logits_ith(self.ctx, row)
-            logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+            logits = self._logits(row) if logits is None else logits
             logprob = token_logprob(logits, token, job.params.top_logprobs, self._bytes)
         choice.produced += 1
         choice.ids[choice.n_ids] = token
@@ -445,6 +468,11 @@ class BatchScheduler:
             self._finish(job, choice, length=True)
         else:
             choice.pending = token
+
+    def _logits(self, row: int) -> npt.NDArray[np.single]:
+        """The logits at ``row`` of the last decode (-1: its last), in llama.cpp's buffer."""
+        pointer = self._lib.llama_get_logits_ith(self.ctx, row)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def _bytes(self, token: int) -> bytes:
         return self.llm.detokenize([token], special=True)

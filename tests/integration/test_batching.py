@@ -92,6 +92,49 @@ def test_interleaved_streams_give_the_answers_each_gives_alone(exact: LlamaRunti
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+GREEDY = [
+    ("The capital of France is", SamplingParams(max_tokens=16, temperature=0.0)),
+    ("def fibonacci(n):\n", SamplingParams(max_tokens=16, temperature=0.0)),
+    (
+        "Once upon a time, in a land far away, there lived " * 6,
+        SamplingParams(max_tokens=16, temperature=0.0),
+    ),
+    (
+        "A list of colours: red,",
+        SamplingParams(max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=2),
+    ),
+]
+
+
+def test_a_greedy_request_alone_gets_the_answer_and_logprobs_of_the_engine_before_batching(
+    gemma: ModelFiles,
+) -> None:
+    # The batched engine picks a greedy token as the row's argmax, not through llama.cpp's sampler chain.
+    def answers(**settings: object) -> list[tuple[str, list[tuple[str, float, tuple[str, ...]]]]]:
+        runtime = next(loaded(gemma, prefix_cache_mb=0, **settings))
+        try:
+            out = []
+            for prompt, params in GREEDY:
+                chunks = list(stream(runtime, prompt, params, threading.Event()))
+                probs = [
+                    (p.token, p.logprob, tuple(t.token for t in p.top_logprobs))
+                    for c in chunks
+                    for p in c.logprobs
+                ]
+                out.append((text(chunks), probs))
+            return out
+        finally:
+            runtime.unload()
+
+    batched = answers(slots=4)
+    before = answers(slots=1, batching=False)
+    assert [t for t, _ in batched] == [t for t, _ in before]
+    assert all(len(t) > 10 for t, _ in batched)
+    got, want = batched[-1][1], before[-1][1]
+    assert len(got) == 16 and [(i, top) for i, _, top in got] == [(i, top) for i, _, top in want]
+    assert [lp for _, lp, _ in got] == pytest.approx([lp for _, lp, _ in want], abs=1e-4)
+
+
 def test_a_cancelled_stream_frees_its_sequence_for_the_next_request(gemma: ModelFiles) -> None:
     runtime = next(loaded(gemma, slots=1, prefix_cache_mb=0))
     try:
