@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,6 +26,7 @@ from common.pb.llmlb.v1 import manifest_pb2_grpc
 from common.rpc import CHANNEL_OPTIONS
 from devkit.fake_hub import FakeHub
 from devkit.ports import free_port
+from tests.conftest import hermetic
 from tests.integration.conftest import DIRECT_TOKEN, BalancerProcess, NodeProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -70,11 +70,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """A balancer and a node with short transport limits, their four HTTP ports found."""
     root = tmp_path_factory.mktemp("abuse")
     with pytest.MonkeyPatch.context() as env, FakeHub() as hub:
-        # Module-scoped: outside the per-test hermetic environment, so made alike here.
-        for name in list(os.environ):
-            if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
-                env.delenv(name, raising=False)
-        env.setenv("HOME", str(root / "home"))
+        hermetic(env, root / "home")  # module-scoped: outside the per-test environment, so made alike here
         balancer_env = {f"LLMLB_{k}": v for k, v in LIMITS.items()}
         balancer = BalancerProcess(
             root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_LOG_FORMAT": "json", **balancer_env}

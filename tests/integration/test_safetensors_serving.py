@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from common.pb.llmlb.v1 import inference_pb2_grpc as igrpc
 from devkit.fake_hub import FakeHub
 from devkit.model_files import ModelFiles
 from devkit.safetensors_copy import catalogue_entry
+from tests.conftest import hermetic
 from tests.integration.conftest import BalancerProcess, NodeProcess, sync_channel, wait_online
 
 pytestmark = pytest.mark.slow
@@ -47,13 +47,7 @@ def fleet(
     catalogue = root / "catalogue.json"
     catalogue.write_text(json.dumps({"models": [entry]}))
     with pytest.MonkeyPatch.context() as env, FakeHub() as hub:
-        for name in list(os.environ):
-            if name.startswith(("LLMLB_", "XLLM_", "HF_", "HUGGING_FACE")) or name == "LLM_MODELS_DIR":
-                env.delenv(name, raising=False)
-        env.setenv("HOME", str(root / "home"))
-        # Both fleets of this module live at once: bulk paths on any free port, as every test's are.
-        env.setenv("LLMLB_BULK_PORT", "0")
-        env.setenv("XLLM_BULK_PORT", "0")
+        hermetic(env, root / "home")  # module-scoped: made alike here (both fleets live at once)
         balancer = BalancerProcess(
             root / "balancer", {"HF_ENDPOINT": hub.url, "LLMLB_CATALOG": str(catalogue)}
         )
