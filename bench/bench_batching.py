@@ -5,8 +5,10 @@ the same thread count, each round in a fresh child process of its own (two engin
 llama.cpp's CPU thread teams and slow each other down, the batched one several-fold): "one context per
 slot" is the engine before batching (``XLLM_BATCHING=0``), "batched" the scheduler with one context and
 a sequence per slot. The engines take turns round by round. Also measured on each: the time to the
-first token of a short request sent while a 2,000-token prompt is being evaluated, and the resident
-memory each extra sequence takes.
+first token of a short request sent while a 2,000-token prompt is being evaluated, the resident
+memory each extra sequence takes, and what one step of the batched engine costs by the number of
+sequences in it (its decode alone, with and without the logits): the most batching can give on this
+machine, before prompts, sampling and streaming take their share.
 Goals on a 2-core machine: batched >= 2x at 4 streams, single stream within 5 %, that first token <= 1 s.
 """
 
@@ -32,6 +34,7 @@ from node.pool import ModelPool, PoolSettings, resident_mb
 TOKENS = 48
 STREAMS = (1, 2, 4, 8)
 ROUNDS = 4
+STEP_REPEATS = 15
 PROMPTS = [
     f"Story number {i}: here is a long story about a lighthouse keeper and the sea. Once upon a time,"
     for i in range(8)
@@ -104,14 +107,50 @@ async def _measure(batching: bool) -> dict[str, float]:
     return out
 
 
-async def _round_in_child(batching: bool) -> dict[str, float]:
+def _step_costs() -> dict[str, float]:
+    """Milliseconds of one batched decode of k generated tokens, one in each of k sequences (median of
+    ``STEP_REPEATS``), with the logits every token needs and without them (the output layer left out)."""
+    from llama_cpp import Llama
+
+    from node.runtimes.llama_batch import BatchScheduler
+    from node.runtimes.llama_state import BLOCK
+
+    path = str(next(iter(packaged_files(GEMMA).paths.values())))
+    threads = engine_threads()
+    llm = Llama(model_path=path, n_ctx=BLOCK, n_threads=threads, n_threads_batch=threads, verbose=False)
+    engine = BatchScheduler(
+        llm, sequences=max(STREAMS), context_tokens=CONTEXT_TOKENS, threads=threads, cache=None, exact=False
+    )
+    prompt = llm.tokenize(PROMPTS[0].encode())
+    out: dict[str, float] = {}
+    try:  # decoded here, not on the engine's thread: it has no job, so it never decodes
+        for wants in (True, False):
+            for k in STREAMS:
+                for seq in range(k):
+                    engine._clear(seq)
+                    engine._decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+                times = []
+                for step in range(STEP_REPEATS):
+                    items = [(prompt[step % len(prompt)], len(prompt) + step, seq, wants) for seq in range(k)]
+                    started = time.perf_counter()
+                    engine._decode(items)
+                    times.append(time.perf_counter() - started)
+                out[f"{k}{'' if wants else '-'}"] = statistics.median(times) * 1000
+    finally:
+        engine.close()
+        llm.close()
+    return out
+
+
+async def _round_in_child(mode: str) -> dict[str, float]:
+    """A fresh process's measurement: "1" the batched engine's round, "0" the old one's, "steps"."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "round.json")
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "bench.bench_batching",
-            "1" if batching else "0",
+            mode,
             out,
             stdout=asyncio.subprocess.DEVNULL,
         )
@@ -134,10 +173,11 @@ async def run() -> str:
     for round_ in range(ROUNDS):
         order = list(engines) if round_ % 2 == 0 else list(reversed(engines))
         for name in order:
-            result = await _round_in_child(engines[name])
+            result = await _round_in_child("1" if engines[name] else "0")
             for streams in STREAMS:
                 rates[name][streams].append(result[str(streams)])
             firsts[name].append(result["first"])
+    steps = await _round_in_child("steps")
     load_after = os.getloadavg()[0]
     one_mb, eight_mb = await _memory_per_sequence(files)
     old, new = rates["one context per slot"], rates["batched"]
@@ -171,11 +211,20 @@ async def run() -> str:
         f"{statistics.median(firsts['one context per slot']):.2f} s",
         f"- resident memory after one request, batched: {one_mb} MB with 1 sequence, {eight_mb} MB with 8 "
         f"({(eight_mb - one_mb) / 7:.0f} MB per extra sequence of {CONTEXT_TOKENS} tokens)",
+        "- one step of the batched engine, decoding one token in each of 1, 2, 4 and 8 sequences (median of "
+        f"{STEP_REPEATS} decodes, in a process of its own): "
+        + ", ".join(f"{steps[str(k)]:.1f}" for k in STREAMS)
+        + " ms; without the logits (the output layer left out) "
+        + ", ".join(f"{steps[f'{k}-']:.1f}" for k in STREAMS)
+        + " ms. Steps alone, with no prompt to evaluate, would give 4 streams "
+        f"{4000 / steps['4']:.0f} tokens/s, {4000 / steps['4'] / statistics.median(old[4]):.2f}x the old "
+        "engine's measured rate: the most batching can give here",
         "",
     ]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # one engine's round, for ``run``: "1" batched, "0" one context per slot
+if __name__ == "__main__":  # for ``run``: "1" the batched engine's round, "0" the old one's, "steps"
+    result = _step_costs() if sys.argv[1] == "steps" else asyncio.run(_measure(sys.argv[1] == "1"))
     with open(sys.argv[2], "w", encoding="utf-8") as fh:
-        json.dump(asyncio.run(_measure(sys.argv[1] == "1")), fh)
+        json.dump(result, fh)
